@@ -1,0 +1,45 @@
+"""A static KV cache: one preallocated slab per layer, one row per sequence, each row with its own length.
+
+Rows are independent, so sequences of different lengths decode together, a row can be reset and
+reused for a new request (continuous batching), and a stored prefix can be copied into a row
+(prefix reuse) without touching the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from palmchat.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        max_len = max_len or config.max_seq_len
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S_max, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens held per row
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """k, v: (B, Hkv, T, D) for the tokens at `positions` (B, T).
+        Returns every key and value up to the furthest written position: (B, Hkv, S, D)."""
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: position {end - 1} is past its {self.max_len} slots")
+        B, Hkv, T, D = k.shape
+        index = positions[:, None, :, None].expand(B, Hkv, T, D)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None):
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, dtype=torch.long)] = 0
