@@ -1,0 +1,179 @@
+"""Checkpoints are folders of safetensors and JSON; nothing is ever unpickled.
+
+A stage's output folder looks like::
+
+    runs/demo/pretrain/
+      latest                      -> text file naming the newest complete checkpoint ("step-000400")
+      step-000400/
+        model.safetensors         weights
+        config.json               {"model": ModelConfig, "train": training arguments, "step": ..., "stage": ...}
+        tokenizer.json
+        optimizer.safetensors     AdamW moments (kept apart: inference never reads them)
+        optimizer.json            param groups and step counts
+
+A checkpoint is written into a temporary folder and renamed into place, then `latest` is replaced
+atomically, so a crash at any moment leaves the previous checkpoint intact and `latest` valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from palmchat.config import ModelConfig
+
+MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+OPTIMIZER_FILE, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # tied embeddings share storage; safetensors refuses shared tensors, and the model has no duplicate anyway
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                meta["scalars"][f"{idx}.{key}"] = value
+    return tensors, meta
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, config: dict,
+                    tokenizer_path: str | os.PathLike | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2) -> Path:
+    """Write run_dir/step-XXXXXX atomically and point run_dir/latest at it. `config` must hold "model"."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}."))
+    try:
+        save_file(_state_dict_for_save(model), tmp / MODEL_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps({**config, "step": step}, indent=2, default=str))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        if optimizer is not None:
+            tensors, meta = _optimizer_to_files(optimizer)
+            save_file(tensors, tmp / OPTIMIZER_FILE)
+            (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = run_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / "latest", name + "\n")
+    old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
+    for stale in old[: max(0, len(old) - (keep_last - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder whose `latest` names one."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    if (path / "latest").is_file():
+        target = path / (path / "latest").read_text().strip()
+        if (target / MODEL_FILE).is_file():
+            return target
+        raise CheckpointError(f"{path / 'latest'} names {target.name}, which has no {MODEL_FILE}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    raise CheckpointError(f"{path} is not a checkpoint folder (no {MODEL_FILE} and no 'latest' file)")
+
+
+def read_config(ckpt: str | os.PathLike) -> dict:
+    ckpt = resolve(ckpt)
+    try:
+        config = json.loads((ckpt / CONFIG_FILE).read_text())
+        ModelConfig.from_dict(config["model"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: missing {CONFIG_FILE}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid checkpoint config ({e})") from None
+    return config
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike, strict: bool = True) -> None:
+    """Load model.safetensors into `model`, naming the first tensor whose shape differs."""
+    ckpt = resolve(ckpt)
+    try:
+        tensors = load_file(ckpt / MODEL_FILE)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: unreadable safetensors file ({e})") from None
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise CheckpointError(f"{ckpt}: tensor {name} has shape {tuple(tensor.shape)} but the model "
+                                  f"expects {tuple(expected[name].shape)} (checkpoint from another model shape)")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{ckpt}: weights do not match the model (missing: {missing[:3]}, "
+                              f"unexpected: {unexpected[:3]})")
+
+
+def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Rebuild the model a checkpoint folder describes. Returns (model, config dict, checkpoint path)."""
+    from palmchat.model.palm import PaLM
+
+    ckpt = resolve(ckpt)
+    config = read_config(ckpt)
+    model = PaLM(ModelConfig.from_dict(config["model"]))
+    load_weights(model, ckpt)
+    model.to(device=device, dtype=dtype)
+    return model, config, ckpt
+
+
+def load_tokenizer(ckpt: str | os.PathLike):
+    from palmchat.tokenizer import Tokenizer
+
+    ckpt = resolve(ckpt)
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: missing {TOKENIZER_FILE}")
+    return Tokenizer.load(ckpt / TOKENIZER_FILE)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: str | os.PathLike) -> None:
+    ckpt = resolve(ckpt)
+    if not (ckpt / OPTIMIZER_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: no optimizer state to resume from")
+    meta = json.loads((ckpt / OPTIMIZER_META).read_text())
+    optimizer.load_state_dict(_optimizer_from_files(load_file(ckpt / OPTIMIZER_FILE), meta))

@@ -1,0 +1,580 @@
+"""Loss functions for the palmchat PaLM + RLHF pipeline.
+
+Every loss here is a pure function: tensors in, tensors out, no ``nn.Module``
+state and no globals, so the same code serves pretraining, SFT, reward
+modelling, DPO/IPO, PPO and GRPO and can be unit-tested on hand-made tensors.
+
+Conventions
+-----------
+* ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``K`` responses per
+  prompt (best first), ``N`` flat number of samples.
+* Masks are boolean (or 0/1) tensors that mark *valid* positions. Masked-out
+  positions never influence a result or receive gradient, even when they hold
+  ``inf``/``nan`` garbage, because they are removed with ``torch.where``
+  rather than multiplied by zero.
+* Losses are computed in at least float32, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_whiten",
+    "cross_entropy",
+    "token_logprobs",
+    "ranking_loss",
+    "dpo_loss",
+    "dpo_ranking_loss",
+    "kl_penalty",
+    "gae",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "group_advantages",
+]
+
+IGNORE_INDEX = -100
+
+
+def _float(x: Tensor) -> Tensor:
+    """Upcast half-precision tensors to float32; keep float32/float64 as is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# --------------------------------------------------------------------------- #
+# Masked reductions
+# --------------------------------------------------------------------------- #
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Sum of ``x`` over positions where ``mask`` is true.
+
+    ``sum_i x_i * m_i`` over all elements (``dim=None``) or along ``dim``.
+
+    Args:
+        x (Tensor): values, any shape.
+        mask (Tensor): bool or 0/1 tensor broadcastable to ``x``.
+        dim (Optional[int]): reduction dim; ``None`` reduces everything.
+
+    Returns:
+        Tensor: scalar if ``dim`` is None, else ``x`` reduced along ``dim``.
+    """
+    x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Mean of ``x`` over valid positions: ``sum(x * m) / sum(m)``.
+
+    A reduction with no valid position returns 0 instead of NaN, so an
+    all-padding micro-batch contributes nothing rather than poisoning the step.
+
+    Args:
+        x (Tensor): values, any shape.
+        mask (Tensor): bool or 0/1 tensor broadcastable to ``x``.
+        dim (Optional[int]): reduction dim; ``None`` reduces everything.
+
+    Returns:
+        Tensor: scalar if ``dim`` is None, else ``x`` reduced along ``dim``.
+    """
+    mask = mask.bool().expand_as(x)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp_min(1).to(x.dtype)
+
+
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> Tensor:
+    """Whiten ``x`` using the statistics of valid positions only.
+
+    ``(x - mu) / sqrt(var + eps)`` with ``mu = masked_mean(x)`` and the biased
+    (``unbiased=False``) variance ``var = masked_mean((x - mu)^2)`` taken over
+    all valid elements of the batch. With ``shift_mean=False`` the mean is added
+    back (only the scale is normalised), as in TRL/OpenAI ``lm-human-preferences``.
+
+    Args:
+        x (Tensor): values, e.g. advantages of shape (B, T).
+        mask (Tensor): bool or 0/1 tensor of the same shape.
+        shift_mean (bool): if False, keep the original mean.
+        eps (float): added to the variance for stability.
+
+    Returns:
+        Tensor: same shape as ``x``; masked-out positions are 0.
+    """
+    mask = mask.bool()
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------- #
+# Language modelling
+# --------------------------------------------------------------------------- #
+
+
+def cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    loss_mask: Optional[Tensor] = None,
+    z_loss: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Token-mean next-token cross-entropy plus the PaLM z-loss.
+
+    With ``lse_t = logsumexp(logits_t)`` and valid tokens ``S``
+    (``loss_mask`` true and target != -100):
+
+        ce   = 1/|S| * sum_{t in S} (lse_t - logits_t[y_t])
+        z    = 1/|S| * sum_{t in S} lse_t^2
+        loss = ce + z_loss * z
+
+    The z-loss (PaLM, Chowdhery et al. 2022, §5, https://arxiv.org/abs/2204.02311,
+    coefficient 1e-4 there) pulls the softmax normaliser towards 1 for stability.
+    Computed in float32 even for bf16 logits.
+
+    Args:
+        logits (Tensor): (B, T, V) (any leading dims work).
+        targets (Tensor): (B, T) token ids; ``-100`` marks ignored tokens.
+        loss_mask (Optional[Tensor]): (B, T) bool/0-1 mask of tokens to train on.
+        z_loss (float): z-loss coefficient; 0 disables it.
+
+    Returns:
+        tuple[Tensor, Tensor]: scalar total loss (float32) and the detached mean
+        squared log-normaliser ``z`` for logging.
+    """
+    logits = _float(logits)
+    valid = targets != IGNORE_INDEX
+    if loss_mask is not None:
+        valid = valid & loss_mask.bool()
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ce = masked_mean(lse - target_logits, valid)
+    z = masked_mean(lse.pow(2), valid)
+    loss = ce + z_loss * z if z_loss else ce
+    return loss, z.detach()
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Log-probabilities of ``targets`` under ``logits``: ``logits[y] - logsumexp(logits)``.
+
+    Avoids materialising a (B, T, V) ``log_softmax``. For half-precision inputs
+    the float32 logsumexp is computed one batch row at a time, so the peak extra
+    memory is a single (T, V) float32 row rather than an upcast copy of the batch.
+
+    Args:
+        logits (Tensor): (B, T, V).
+        targets (Tensor): (B, T) token ids; negative ids (e.g. -100) give 0.
+
+    Returns:
+        Tensor: (B, T) log-probs in float32 (float64 if the logits are float64).
+    """
+    safe = targets.clamp_min(0)
+    picked = _float(logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    else:
+        lse = torch.logsumexp(logits, dim=-1)
+    out = picked - lse
+    return torch.where(targets < 0, torch.zeros_like(out), out)
+
+
+# --------------------------------------------------------------------------- #
+# Reward model
+# --------------------------------------------------------------------------- #
+
+
+def _pair_indices(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Indices (w, l) of all C(k, 2) pairs with w ranked above l (w < l)."""
+    idx = torch.triu_indices(k, k, offset=1, device=device)
+    return idx[0], idx[1]
+
+
+def _pair_valid(num_responses: Optional[Tensor], batch: int, k: int, loser: Tensor) -> Tensor:
+    """(B, P) mask of pairs whose both members exist (the loser index is the larger)."""
+    if num_responses is None:
+        return torch.ones(batch, loser.numel(), dtype=torch.bool, device=loser.device)
+    if num_responses.shape != (batch,):
+        raise ValueError(f"num_responses must have shape ({batch},), got {tuple(num_responses.shape)}")
+    if bool(((num_responses < 2) | (num_responses > k)).any()):
+        raise ValueError(f"num_responses must be in [2, {k}], got {num_responses.tolist()}")
+    return loser.unsqueeze(0) < num_responses.to(loser.device).unsqueeze(1)
+
+
+def ranking_loss(
+    rewards: Tensor, num_responses: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """InstructGPT K-wise ranking loss for the reward model.
+
+    For one prompt with K responses ranked best first (Ouyang et al. 2022,
+    eq. 1, https://arxiv.org/abs/2203.02155):
+
+        loss = -1/C(K,2) * sum_{w < l} log sigmoid(r_w - r_l)
+
+    All C(K,2) pairs of a prompt are kept together in one batch element (the
+    paper's fix for overfitting when pairs are shuffled independently). The
+    batch loss is the mean of per-prompt losses. For K=2 this is the usual
+    pairwise loss ``-log sigmoid(r_chosen - r_rejected)``.
+
+    Args:
+        rewards (Tensor): (B, K_max); column j is the reward of the response
+            ranked j-th (0 = best). Columns ``>= num_responses[b]`` are padding
+            and may hold anything.
+        num_responses (Optional[Tensor]): (B,) long, each row's K in
+            ``[2, K_max]``; ``None`` means every row has ``K_max`` responses.
+
+    Returns:
+        tuple[Tensor, Tensor]: scalar loss and the detached pairwise accuracy,
+        the fraction of valid pairs (over the batch) with ``r_w > r_l``.
+
+    Raises:
+        ValueError: if ``num_responses`` has the wrong shape or a value outside
+            ``[2, K_max]``.
+    """
+    batch, k = rewards.shape
+    win, lose = _pair_indices(k, rewards.device)
+    valid = _pair_valid(num_responses, batch, k, lose)
+    rewards = _float(rewards)
+    # Zero invalid pairs *before* softplus so nan/inf padding cannot leak into
+    # the forward value or the gradient.
+    diff = torch.where(valid, rewards[:, win] - rewards[:, lose], torch.zeros((), device=rewards.device))
+    per_prompt = masked_mean(F.softplus(-diff), valid, dim=1)  # -log sigmoid(d) = softplus(-d)
+    accuracy = masked_mean((diff > 0).float(), valid)
+    return per_prompt.mean(), accuracy.detach()
+
+
+# --------------------------------------------------------------------------- #
+# Direct preference optimisation
+# --------------------------------------------------------------------------- #
+
+
+def _preference_losses(
+    h: Tensor, beta: float, loss_type: str, label_smoothing: float
+) -> Tensor:
+    """Elementwise DPO/IPO loss of the log-ratio margin ``h``."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type == "sigmoid":
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        return (
+            -F.logsigmoid(beta * h) * (1.0 - label_smoothing)
+            - F.logsigmoid(-beta * h) * label_smoothing
+        )
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (sigmoid) or IPO preference loss.
+
+    With ``h = (pi_c - ref_c) - (pi_r - ref_r)``:
+
+    * ``"sigmoid"`` — DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290),
+      with conservative DPO label smoothing ``eps`` as in TRL:
+      ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+      Inputs are per-sequence **summed** token log-probs.
+    * ``"ipo"`` — IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036):
+      ``(h - 1/(2 beta))^2``. As in TRL the caller must pass the **average**
+      per-token log-prob of each sequence (sum / number of response tokens);
+      with sums the fixed target margin ``1/(2 beta)`` depends on length.
+
+    Implicit rewards are ``beta * (pi - ref)`` for chosen and rejected.
+
+    Args:
+        policy_chosen_logps (Tensor): (B,) policy log-probs of chosen responses.
+        policy_rejected_logps (Tensor): (B,) policy log-probs of rejected responses.
+        ref_chosen_logps (Tensor): (B,) reference log-probs of chosen responses.
+        ref_rejected_logps (Tensor): (B,) reference log-probs of rejected responses.
+        beta (float): KL-strength / inverse temperature, > 0.
+        loss_type (str): ``"sigmoid"`` or ``"ipo"``.
+        label_smoothing (float): assumed label-flip probability in [0, 0.5);
+            sigmoid loss only.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: scalar mean loss, detached chosen
+        rewards (B,), detached rejected rewards (B,).
+
+    Raises:
+        ValueError: unknown ``loss_type``, ``beta <= 0`` or bad ``label_smoothing``.
+    """
+    chosen_ratio = _float(policy_chosen_logps) - _float(ref_chosen_logps)
+    rejected_ratio = _float(policy_rejected_logps) - _float(ref_rejected_logps)
+    losses = _preference_losses(chosen_ratio - rejected_ratio, beta, loss_type, label_smoothing)
+    return losses.mean(), (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def dpo_ranking_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    num_responses: Optional[Tensor] = None,
+    beta: float = 0.1,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """All-pairs extension of :func:`dpo_loss` to K-wise rankings.
+
+    Each prompt's loss is the mean of the pairwise DPO/IPO loss over its
+    C(K,2) pairs (w ranked above l); the batch loss is the mean over prompts,
+    mirroring :func:`ranking_loss`. For K=2 this equals :func:`dpo_loss`. This
+    is the simple pairwise decomposition, not the full Plackett-Luce
+    likelihood of Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290, App. A.3).
+
+    Args:
+        policy_logps (Tensor): (B, K_max) policy log-probs, column j = rank j (0 best).
+        ref_logps (Tensor): (B, K_max) reference log-probs, same layout.
+        num_responses (Optional[Tensor]): (B,) long, each row's K in ``[2, K_max]``.
+        beta (float): see :func:`dpo_loss`.
+        loss_type (str): ``"sigmoid"`` or ``"ipo"`` (pass average log-probs for IPO).
+        label_smoothing (float): see :func:`dpo_loss`.
+
+    Returns:
+        tuple[Tensor, Tensor]: scalar loss and detached implicit rewards
+        ``beta * (policy - ref)`` of shape (B, K_max), 0 at padded columns.
+    """
+    batch, k = policy_logps.shape
+    win, lose = _pair_indices(k, policy_logps.device)
+    valid = _pair_valid(num_responses, batch, k, lose)
+    ratio = _float(policy_logps) - _float(ref_logps)
+    h = torch.where(valid, ratio[:, win] - ratio[:, lose], torch.zeros((), device=ratio.device))
+    losses = _preference_losses(h, beta, loss_type, label_smoothing)
+    loss = masked_mean(losses, valid, dim=1).mean()
+    cols = torch.arange(k, device=ratio.device).unsqueeze(0)
+    col_valid = cols < (num_responses.unsqueeze(1) if num_responses is not None else k)
+    rewards = torch.where(col_valid, beta * ratio, torch.zeros((), device=ratio.device))
+    return loss, rewards.detach()
+
+
+# --------------------------------------------------------------------------- #
+# Policy-gradient RLHF (PPO / GRPO)
+# --------------------------------------------------------------------------- #
+
+
+def kl_penalty(
+    logp: Tensor, ref_logp: Tensor, kind: Literal["k1", "k2", "k3"] = "k1"
+) -> Tensor:
+    """Per-token sample estimators of KL(pi || pi_ref) for tokens sampled from pi.
+
+    With ``r = log pi_ref(x) - log pi(x)`` (Schulman, "Approximating KL
+    Divergence", http://joschu.net/blog/kl-approx.html):
+
+    * ``k1 = -r``              unbiased, high variance, can be negative;
+    * ``k2 = r^2 / 2``         biased, low variance, >= 0;
+    * ``k3 = exp(r) - r - 1``  unbiased, low variance, >= 0.
+
+    Args:
+        logp (Tensor): (B, T) log-probs of the sampled tokens under the policy.
+        ref_logp (Tensor): (B, T) log-probs of the same tokens under the reference.
+        kind (str): ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        Tensor: (B, T) per-token KL estimates (mask them yourself).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    r = ref_logp - logp
+    if kind == "k1":
+        return -r
+    if kind == "k2":
+        return 0.5 * r**2
+    if kind == "k3":
+        # expm1 keeps precision when r ~ 0, where exp(r) - 1 would cancel.
+        return torch.expm1(r) - r
+    raise ValueError(f"Unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation over response tokens.
+
+    (Schulman et al. 2015, https://arxiv.org/abs/1506.02438):
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t
+
+    The episode ends after a row's last valid token: ``V`` and ``A`` past it
+    are 0 (terminal), whatever ``values``/``rewards`` hold in the padding. An
+    invalid position inside a row is likewise treated as an episode end.
+    Computed without gradient: advantages and returns are PPO targets.
+
+    Args:
+        rewards (Tensor): (B, T) per-token rewards (e.g. -beta * KL plus the
+            sequence reward on the last valid token).
+        values (Tensor): (B, T) value estimates.
+        mask (Tensor): (B, T) bool/0-1, true on valid response tokens.
+        gamma (float): discount.
+        lam (float): GAE lambda.
+
+    Returns:
+        tuple[Tensor, Tensor]: advantages (B, T) and returns (B, T), both 0 at
+        masked positions and detached.
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        zero = torch.zeros((), dtype=_float(values).dtype, device=values.device)
+        values = torch.where(m, _float(values), zero)
+        rewards = torch.where(m, _float(rewards), zero)
+        cont = m.to(values.dtype)  # 1 where the *next* step still belongs to the episode
+        T = rewards.shape[-1]
+        adv = torch.zeros_like(values)
+        last = torch.zeros_like(values[..., 0])
+        next_value = torch.zeros_like(last)
+        next_cont = torch.zeros_like(last)
+        for t in reversed(range(T)):
+            delta = rewards[..., t] + gamma * next_value * next_cont - values[..., t]
+            last = delta + gamma * lam * next_cont * last
+            adv[..., t] = last
+            next_value, next_cont = values[..., t], cont[..., t]
+        adv = torch.where(m, adv, zero)
+        return adv, adv + values
+
+
+def ppo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate policy loss.
+
+    (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), with
+    ``rho = exp(logp - old_logp)``:
+
+        loss = masked_mean(-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A))
+
+    ``old_logp`` and ``advantages`` are treated as constants (detached).
+
+    Args:
+        logp (Tensor): (B, T) log-probs of the taken tokens under the current policy.
+        old_logp (Tensor): (B, T) log-probs under the policy that sampled them.
+        advantages (Tensor): (B, T) advantages.
+        mask (Tensor): (B, T) bool/0-1, true on valid response tokens.
+        clip_eps (float): clipping range epsilon.
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: scalar loss and detached stats:
+        ``clipfrac`` (fraction of tokens where the clipped term is active),
+        ``approx_kl`` (masked mean of the k3 estimator of KL(pi_old || pi),
+        ``(rho - 1) - log rho``) and ``ratio`` (masked mean of ``rho``).
+    """
+    old_logp, advantages = old_logp.detach(), advantages.detach()
+    log_ratio = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[Tensor, Tensor]:
+    """PPO clipped value loss.
+
+    ``V_clip = V_old + clip(V - V_old, -eps, eps)``;
+    ``loss = 0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``
+    (Schulman et al. 2017, https://arxiv.org/abs/1707.06347; the OpenAI
+    baselines / TRL formulation).
+
+    Args:
+        values (Tensor): (B, T) current value predictions.
+        old_values (Tensor): (B, T) value predictions at rollout time.
+        returns (Tensor): (B, T) return targets (e.g. from :func:`gae`).
+        mask (Tensor): (B, T) bool/0-1, true on valid response tokens.
+        clip_eps (float): value clipping range.
+
+    Returns:
+        tuple[Tensor, Tensor]: scalar loss and detached clip fraction
+        (fraction of tokens where the clipped error is the larger one).
+    """
+    old_values, returns = old_values.detach(), returns.detach()
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    err = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    clipfrac = masked_mean((err_clipped > err).float(), mask).detach()
+    return loss, clipfrac
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    eps: float = 1e-6,
+    scale: bool = True,
+    unbiased: bool = False,
+) -> Tensor:
+    """GRPO group-relative advantages.
+
+    (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300):
+    ``rewards`` holds consecutive groups of G samples per prompt and
+
+        A_i = (r_i - mean(group)) / (std(group) + eps)
+
+    ``std`` is the population std (``unbiased=False``) by default, so each
+    non-degenerate group's advantages have unit variance and G=2 gives ±1;
+    TRL uses ``unbiased=True``, which shrinks advantages by sqrt((G-1)/G).
+    ``scale=False`` only centres (Dr. GRPO, Liu et al. 2025,
+    https://arxiv.org/abs/2503.20783). Groups whose rewards are all equal get
+    exactly 0.
+
+    Args:
+        rewards (Tensor): (N,) scalar rewards, N = num_prompts * G.
+        group_size (int): G, samples per prompt.
+        eps (float): added to the std.
+        scale (bool): divide by the group std.
+        unbiased (bool): use Bessel's correction for the std.
+
+    Returns:
+        Tensor: (N,) advantages in float32 (or float64 for float64 input).
+
+    Raises:
+        ValueError: if ``rewards`` is not 1-D, ``group_size < 1`` or N is not
+            divisible by ``group_size``.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
+    r = _float(rewards).view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        std = r.std(dim=1, keepdim=True, unbiased=unbiased) if group_size > 1 else torch.zeros_like(adv)
+        adv = adv / (std + eps)
+    # The float mean of identical values need not equal them exactly; force 0.
+    degenerate = (r == r[:, :1]).all(dim=1, keepdim=True)
+    adv = torch.where(degenerate, torch.zeros_like(adv), adv)
+    return adv.view(-1)
