@@ -1,0 +1,168 @@
+"""The `palmchat` command. Each stage is a plain script with a dataclass of arguments; this file only
+maps sub-commands to them and turns a user's mistake into a one-line error instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from palmchat.args import add_dataclass_arguments, arg, from_namespace
+
+
+@dataclass
+class GenerateArgs:
+    """Sample from a checkpoint."""
+
+    checkpoint: str = arg("", "checkpoint folder (or a run folder with a 'latest' file)", positional=True)
+    prompt: str = arg("", "the prompt")
+    chat: bool | None = arg(None, "wrap the prompt as a user turn (default: yes unless the checkpoint is pretrain-only)")
+    max_new_tokens: int = arg(128, "tokens to generate at most")
+    temperature: float = arg(0.8, "sampling temperature; 0 = greedy")
+    top_k: int = arg(0, "keep the k most likely tokens; 0 = off")
+    top_p: float = arg(0.95, "nucleus sampling mass; 1 = off")
+    seed: int | None = arg(None, "sampling seed")
+    stop: list[str] = arg([], "stop sequences (text)")
+    num_samples: int = arg(1, "independent samples, generated as one batch")
+    dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
+
+
+def _decode_dtype(setting: str):
+    import torch
+
+    from palmchat.train.common import autocast_dtype, pick_device
+
+    return autocast_dtype(setting, pick_device()) or torch.float32
+
+
+def _load_for_inference(path: str, dtype_setting: str):
+    from palmchat import checkpoint
+    from palmchat.inference.engine import Engine
+
+    model, config, ckpt = checkpoint.load_model(path)
+    model.eval()
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    return Engine(model, dtype=_decode_dtype(dtype_setting)), tokenizer, config
+
+
+def generate_main(args: GenerateArgs) -> None:
+    from palmchat.inference.engine import SamplingParams
+
+    if not args.prompt:
+        raise ValueError("--prompt is required")
+    engine, tokenizer, config = _load_for_inference(args.checkpoint, args.dtype)
+    chat = args.chat if args.chat is not None else config.get("stage") != "pretrain"
+    if chat:
+        prompt = tokenizer.render_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=(tokenizer.eot_id, tokenizer.bos_id),
+                            stop_sequences=tuple(tuple(tokenizer.encode(s)) for s in args.stop))
+    completions = engine.generate([prompt] * args.num_samples, params)
+    for i, c in enumerate(completions):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ({c.finish_reason}) ---")
+        print((args.prompt if not chat else "") + tokenizer.decode(c.tokens))
+
+
+@dataclass
+class ChatArgs:
+    """Chat with a checkpoint in the terminal. Commands: /reset, /system TEXT, /quit."""
+
+    checkpoint: str = arg("", "checkpoint folder", positional=True)
+    system: str = arg("", "system prompt")
+    max_new_tokens: int = arg(256, "tokens per reply at most")
+    temperature: float = arg(0.7, "sampling temperature; 0 = greedy")
+    top_p: float = arg(0.95, "nucleus sampling mass")
+    dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
+
+
+def chat_main(args: ChatArgs) -> None:
+    from palmchat.inference.engine import SamplingParams
+
+    engine, tokenizer, config = _load_for_inference(args.checkpoint, args.dtype)
+    context = engine.model.config.max_seq_len
+
+    def fresh(system: str) -> list[int]:
+        messages = [{"role": "system", "content": system}] if system else []
+        ids, _ = tokenizer.render_conversation(messages) if messages else ([tokenizer.bos_id], None)
+        return ids
+
+    system = args.system
+    history = fresh(system)  # token ids, only ever appended to (the KV prefix stays valid)
+    print("palmchat: type a message, /reset, /system TEXT or /quit")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset" or line.startswith("/system"):
+            system = line[len("/system"):].strip() if line.startswith("/system") else system
+            history = fresh(system)
+            print("(conversation reset)")
+            continue
+        prompt = history + tokenizer.render_turn({"role": "user", "content": line}) + [tokenizer.assistant_id]
+        room = context - len(prompt)
+        if room < 8:
+            print(f"(the conversation fills the {context}-token context; /reset to start over)")
+            continue
+        params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
+                                top_p=args.top_p, stop_token_ids=(tokenizer.eot_id, tokenizer.bos_id))
+        print("assistant> ", end="", flush=True)
+        reply: list[int] = []
+        try:
+            for step in engine.stream([prompt], params):
+                for _, token, _ in step:
+                    reply.append(token)
+                    if token not in (tokenizer.eot_id, tokenizer.bos_id):
+                        print(tokenizer.decode([token]), end="", flush=True)
+        except KeyboardInterrupt:
+            pass
+        print()
+        if not reply or reply[-1] != tokenizer.eot_id:
+            reply = [t for t in reply if t != tokenizer.bos_id] + [tokenizer.eot_id]
+        history = prompt + reply
+
+
+def _commands():
+    from palmchat.demo import DemoArgs
+    from palmchat.demo import main as demo_main
+    from palmchat.train.pretrain import PretrainArgs
+    from palmchat.train.pretrain import main as pretrain_main
+
+    return {
+        "demo": (DemoArgs, demo_main),
+        "pretrain": (PretrainArgs, pretrain_main),
+        "generate": (GenerateArgs, generate_main),
+        "chat": (ChatArgs, chat_main),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = _commands()
+    parser = argparse.ArgumentParser(prog="palmchat", description="Train, align and serve a PaLM-style assistant.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _) in commands.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        add_dataclass_arguments(sub.add_parser(name, help=doc, description=doc), cls)
+    namespace = parser.parse_args(argv)
+    cls, fn = commands[namespace.command]
+    try:
+        fn(from_namespace(cls, namespace))
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"palmchat {namespace.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from palmchat.config import ModelConfig, preset
+from palmchat.inference.kv_cache import KVCache
+from palmchat.model.palm import PaLM
+
+VARIANTS = [dict(block=b, n_kv_heads=kv, norm=n) for b in ("parallel", "sequential") for kv in (1, 2, 4)
+            for n in ("layernorm", "rmsnorm")]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_kv_cache_logits_equal_full_forward(overrides):
+    config = preset("tiny", vocab_size=97, **overrides)
+    model = PaLM(config).eval()
+    x = torch.randint(0, 97, (3, 24))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(config, batch_size=3)
+        pieces = [model(x[:, :9], cache=cache)]  # prefill, then one token at a time
+        pieces += [model(x[:, t : t + 1], cache=cache) for t in range(9, 24)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
+    assert cache.lengths.tolist() == [24, 24, 24]
+
+
+def test_rows_of_different_lengths_share_one_cache(tiny_config):
+    """Right-padded prefill, then each row continues from its own length (what the engine does)."""
+    model = PaLM(tiny_config).eval()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        cache = KVCache(tiny_config, batch_size=2)
+        padded = torch.zeros(2, 12, dtype=torch.long)
+        padded[0], padded[1, :5] = a[0], b[0]
+        model(padded, cache=cache)
+        cache.lengths = torch.tensor([12, 5])
+        nxt = torch.tensor([[7], [9]])
+        step = model(nxt, cache=cache)
+        ref_a = model(torch.cat([a, nxt[:1]], 1))[:, -1]
+        ref_b = model(torch.cat([b, nxt[1:]], 1))[:, -1]
+    torch.testing.assert_close(step[0, -1], ref_a[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step[1, -1], ref_b[0], atol=1e-5, rtol=1e-4)
+
+
+def test_left_padding_mask_gives_unpadded_logits(tiny_config):
+    model = PaLM(tiny_config).eval()
+    seq = torch.randint(1, 97, (1, 10))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), seq], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, padding_mask=mask)[:, 4:], model(seq), atol=1e-5, rtol=1e-4)
+
+
+def test_causality_future_tokens_do_not_change_past_logits(tiny_config):
+    model = PaLM(tiny_config).eval()
+    x = torch.randint(0, 97, (2, 16))
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :10], model(y)[:, :10])
+
+
+def test_context_overflow_is_a_clear_error(tiny_config):
+    model = PaLM(tiny_config)
+    with pytest.raises(ValueError, match="longer than the model's context of 128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_untied_embeddings_and_parameter_count():
+    for tie in (True, False):
+        config = preset("tiny", vocab_size=97, tie_embeddings=tie)
+        model = PaLM(config)
+        assert model.num_params() == config.num_params()
+        assert (model.lm_head is None) == tie
+
+
+def test_rope_scaling_interpolates_positions():
+    base = preset("tiny", vocab_size=97)
+    scaled = preset("tiny", vocab_size=97, rope_scaling=2.0)
+    m1, m2 = PaLM(base), PaLM(scaled)
+    # position 2p under scaling 2 rotates like position p without scaling
+    torch.testing.assert_close(m2.rope_cos[20], m1.rope_cos[10])
+    assert not torch.allclose(m2.rope_cos[20], m1.rope_cos[20])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(n_heads=4, n_kv_heads=3), "must divide n_heads"),
+    (dict(block="weird"), "parallel"),
+    (dict(dim=30, n_heads=4), "divisible"),
+])
+def test_config_errors_name_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**bad)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({"dim": 64, "colour": 3})
+
+
+def test_training_reduces_loss_on_a_repeated_batch(tiny_config):
+    model = PaLM(tiny_config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 97, (4, 33))
+    losses = []
+    for _ in range(30):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
