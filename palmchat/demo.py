@@ -27,7 +27,7 @@ def main(args: DemoArgs) -> None:
     import shutil
 
     from palmchat import checkpoint
-    from palmchat.data.world import World
+    from palmchat.data.world import write_bundle
     from palmchat.inference.engine import Engine, SamplingParams
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain
@@ -39,8 +39,7 @@ def main(args: DemoArgs) -> None:
     started = time.time()
 
     print(f"[1/2] bundled assistant world -> {out / 'data'}")
-    world = World(seed=args.seed)
-    world.write_bundle(out / "data", seed=args.seed) if hasattr(world, "write_bundle") else None
+    write_bundle(out / "data", seed=args.seed)
 
     print("[2/2] tokenizer + pretraining")
     steps = 30 if args.quick else args.pretrain_steps

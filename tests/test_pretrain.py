@@ -1,0 +1,138 @@
+"""End-to-end pretraining at toy size: the loss falls, resume equals an uninterrupted run,
+checkpoints are atomic safetensors + JSON, and mistakes get one-line errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from palmchat import checkpoint
+from palmchat.cli import main as cli
+from palmchat.config import preset
+from palmchat.data.world import World
+from palmchat.model.palm import PaLM
+from palmchat.train.common import read_jsonl
+from palmchat.train.pretrain import PretrainArgs
+from palmchat.train.pretrain import main as pretrain
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "world.txt"
+    path.write_text("\n\n".join(World(seed=0).pretraining_documents(600)))
+    return path
+
+
+def small_run(out, corpus, **kw):
+    args = dict(out=str(out), data=[str(corpus)], preset="tiny", vocab_size=320, seq_len=64, batch_size=8,
+                max_steps=80, warmup_steps=5, lr=1e-2, eval_every=20, eval_batches=4, save_every=40, keep_last=3,
+                dtype="fp32")
+    args.update(kw)
+    return pretrain(PretrainArgs(**args))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("run") / "pretrain"
+    small_run(out, corpus)
+    return out
+
+
+def test_loss_falls_on_the_bundled_world(run):
+    rows = read_jsonl(run / "metrics.jsonl")
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert rows[0]["loss"] > 5.0  # ~ln(320) at initialisation
+    assert val[-1] < rows[0]["loss"] - 2.0
+    assert val[-1] < val[0]
+    assert (run / "loss.png").stat().st_size > 1000
+
+
+def test_checkpoint_folder_is_safetensors_and_json_only(run):
+    ckpt = checkpoint.resolve(run)
+    assert ckpt.name == "step-000080"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "config.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "tokenizer.json"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["stage"] == "pretrain" and config["step"] == 80 and config["model"]["dim"] == 64
+    model, _, _ = checkpoint.load_model(run)
+    assert isinstance(model, PaLM)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, corpus, tmp_path):
+    # simulate a crash right after the step-20 checkpoint: keep only what existed then
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed)
+    shutil.rmtree(crashed / "step-000080")
+    (crashed / "latest").write_text("step-000040\n")
+    small_run(crashed, corpus, resume=True)
+    full = read_jsonl(run / "metrics.jsonl")
+    resumed = read_jsonl(crashed / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 81))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bit-identical
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in full]
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(run, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    model, config, _ = checkpoint.load_model(out)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(out, 120, model, config)
+    assert checkpoint.resolve(out).name == "step-000080"
+    assert not list(out.glob(".step-*"))  # no half-written folder left behind
+    checkpoint.load_model(out)
+
+
+def test_corrupt_weights_are_a_clear_error(run, tmp_path):
+    out = tmp_path / "bad"
+    shutil.copytree(checkpoint.resolve(run), out)
+    (out / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable safetensors"):
+        checkpoint.load_model(out)
+
+
+def test_checkpoint_from_another_model_shape(run):
+    other = PaLM(preset("tiny", vocab_size=320, dim=96))
+    with pytest.raises(checkpoint.CheckpointError, match="another model shape"):
+        checkpoint.load_weights(other, run)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--data", "/nonexistent/corpus.txt"], "not found: /nonexistent/corpus.txt"),
+    (["generate", "/nonexistent/ckpt", "--prompt", "hi"], "checkpoint not found: /nonexistent/ckpt"),
+    (["pretrain", "--preset", "huge"], "unknown model preset 'huge'"),
+    (["pretrain", "--model", "dim=65"], "dim=65"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys, tmp_path, corpus):
+    if argv[0] == "pretrain" and "--data" not in argv:
+        argv = argv + ["--data", str(corpus)]
+    argv = argv + (["--out", str(tmp_path / "o")] if argv[0] == "pretrain" else [])
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_empty_corpus_and_existing_run(capsys, tmp_path, run):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert cli(["pretrain", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "contains no documents" in capsys.readouterr().err
+    assert cli(["pretrain", "--data", str(empty), "--out", str(run)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_resume_with_a_different_shape_is_refused(run, tmp_path, corpus, capsys):
+    out = tmp_path / "r"
+    shutil.copytree(run, out)
+    # a checkpoint folder whose weights come from another model shape
+    other = PaLM(preset("tiny", vocab_size=320, dim=32))
+    config = checkpoint.read_config(out)
+    checkpoint.save_checkpoint(out, 80, other, config)
+    assert cli(["pretrain", "--resume", "--out", str(out), "--data", str(corpus), "--max-steps", "90"]) == 2
+    assert "another model shape" in capsys.readouterr().err
