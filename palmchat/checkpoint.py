@@ -30,6 +30,11 @@ from palmchat.config import ModelConfig
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 OPTIMIZER_FILE, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file()
 
 
 class CheckpointError(ValueError):
@@ -73,14 +78,23 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, config: dict,
                     tokenizer_path: str | os.PathLike | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2) -> Path:
-    """Write run_dir/step-XXXXXX atomically and point run_dir/latest at it. `config` must hold "model"."""
+                    optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2,
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, adapter: str | None = None) -> Path:
+    """Write run_dir/step-XXXXXX atomically and point run_dir/latest at it. `config` must hold "model".
+    `extra_tensors` {name: tensors} are written as <name>.safetensors inside the same atomic folder.
+    `adapter`: save only that LoRA adapter (adapter.safetensors) instead of the full weights; `config`
+    then holds "lora" and "base" (the checkpoint the adapter applies to)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}."))
     try:
-        save_file(_state_dict_for_save(model), tmp / MODEL_FILE)
+        if adapter is None:
+            save_file(_state_dict_for_save(model), tmp / MODEL_FILE)
+        else:
+            from palmchat.model.lora import adapter_state_dict
+
+            save_file(adapter_state_dict(model, adapter), tmp / ADAPTER_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps({**config, "step": step}, indent=2, default=str))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
@@ -88,6 +102,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             tensors, meta = _optimizer_to_files(optimizer)
             save_file(tensors, tmp / OPTIMIZER_FILE)
             (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
+        for extra_name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{extra_name}.safetensors")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -108,11 +124,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint folder, or a run folder whose `latest` names one."""
     path = Path(path)
-    if (path / MODEL_FILE).is_file():
+    if _is_checkpoint(path):
         return path
     if (path / "latest").is_file():
         target = path / (path / "latest").read_text().strip()
-        if (target / MODEL_FILE).is_file():
+        if _is_checkpoint(target):
             return target
         raise CheckpointError(f"{path / 'latest'} names {target.name}, which has no {MODEL_FILE}")
     if not path.exists():
@@ -150,14 +166,28 @@ def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike, strict: bool =
                               f"unexpected: {unexpected[:3]})")
 
 
-def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Rebuild the model a checkpoint folder describes. Returns (model, config dict, checkpoint path)."""
+def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               merge: bool = True):
+    """Rebuild the model a checkpoint folder describes. Returns (model, config dict, checkpoint path).
+    An adapter-only folder loads its base, adds the adapter, and (merge=True) folds it into the weights."""
     from palmchat.model.palm import PaLM
 
     ckpt = resolve(ckpt)
     config = read_config(ckpt)
-    model = PaLM(ModelConfig.from_dict(config["model"]))
-    load_weights(model, ckpt)
+    if (ckpt / MODEL_FILE).is_file():
+        model = PaLM(ModelConfig.from_dict(config["model"]))
+        load_weights(model, ckpt)
+    else:
+        from palmchat.model.lora import add_lora, load_adapter, merge_lora
+
+        if "base" not in config or "lora" not in config:
+            raise CheckpointError(f"{ckpt / CONFIG_FILE}: an adapter checkpoint needs 'base' and 'lora' entries")
+        model, _, _ = load_model(config["base"])
+        lora = config["lora"]
+        add_lora(model, lora["name"], rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+        load_adapter(ckpt, model, lora["name"])
+        if merge:
+            model = merge_lora(model, lora["name"], inplace=True)
     model.to(device=device, dtype=dtype)
     return model, config, ckpt
 

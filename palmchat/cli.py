@@ -135,10 +135,13 @@ def _commands():
     from palmchat.demo import main as demo_main
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain_main
+    from palmchat.train.sft import SFTArgs
+    from palmchat.train.sft import main as sft_main
 
     return {
         "demo": (DemoArgs, demo_main),
         "pretrain": (PretrainArgs, pretrain_main),
+        "sft": (SFTArgs, sft_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
     }

@@ -105,3 +105,30 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, k
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+def load_policy(base: str, lora_rank: int = 0, lora_alpha: float = 16.0, device: torch.device | str = "cpu",
+                adapter_name: str = "policy"):
+    """The model to fine-tune from a checkpoint: all weights trainable, or a fresh LoRA adapter on a frozen base.
+    Returns (model, tokenizer, checkpoint config)."""
+    from palmchat import checkpoint
+    from palmchat.model.lora import add_lora
+
+    model, config, ckpt = checkpoint.load_model(base, device=device)
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    if lora_rank:
+        add_lora(model, adapter_name, rank=lora_rank, alpha=lora_alpha)
+    return model.train(), tokenizer, config
+
+
+def save_policy(out, step: int, model, config: dict, base: str, lora_rank: int = 0, adapter_name: str = "policy",
+                **kw):
+    """Full weights, or (with LoRA) the adapter alone plus a pointer to its base checkpoint."""
+    from palmchat import checkpoint
+    from palmchat.model.lora import lora_config
+
+    base_ckpt = checkpoint.resolve(base)
+    if lora_rank:
+        config = {**config, "lora": lora_config(model, adapter_name), "base": str(base_ckpt.resolve())}
+    return checkpoint.save_checkpoint(out, step, model, config, base_ckpt / checkpoint.TOKENIZER_FILE,
+                                      adapter=adapter_name if lora_rank else None, **kw)

@@ -1,0 +1,497 @@
+"""Readers and collators for the alignment stages (SFT, reward model, DPO/IPO, PPO/GRPO).
+
+File formats (JSON Lines, one record per line, blank lines skipped, unknown keys ignored)
+-----------------------------------------------------------------------------------------
+* **Conversations** (SFT), the OpenAI fine-tuning format::
+
+      {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+
+  with at least one assistant message.  TRL's prompt-completion records
+  ``{"prompt": str | messages, "completion": str | [assistant message]}`` are read too.
+* **Rankings** (reward model, DPO)::
+
+      {"prompt": str | messages, "responses": [K strings], "ranking": [indices, best first]}
+
+  with 2 <= K <= 9 and ``ranking`` a permutation of ``0..K-1``; or the pairwise (K = 2) form
+  ``{"prompt", "chosen", "rejected"}``.  A prompt string is one user message; a list is a
+  conversation that ends with a user turn.  A response may also be given TRL-style as a list
+  holding one assistant message.
+* **Prompts** (RL, evaluation): ``{"prompt": str | messages}`` or ``{"messages": [...]}``,
+  ending with a user turn.
+
+Every malformed record raises :class:`DataError` with one line ``FILE:LINE: PROBLEM``.
+
+Token-level helpers (pure functions on token ids)
+-------------------------------------------------
+* :func:`encode_sft` -- ``(ids, targets)``: next-token labels, ``-100`` off assistant tokens.
+* :func:`encode_response` -- ``render_prompt(prompt) + encode(response) + [eot]``; too long
+  sequences lose the *prompt's* oldest tokens first (the reward is read at the eot).
+* :func:`pad_right` / :func:`pad_left` -- padding is always explicit.
+* :func:`ranking_batch` -- all K responses of B rankings, flattened for one forward pass;
+  :func:`group_by_ranking` turns per-response values back into the ``(B, K_max)`` layout of
+  :func:`palmchat.losses.ranking_loss` / :func:`palmchat.losses.dpo_ranking_loss`.
+* :func:`sequence_logprobs` -- summed (or mean) log-probs of the response tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from palmchat.losses import IGNORE_INDEX, masked_sum, token_logprobs
+from palmchat.tokenizer import EOT_ID, PAD_ID
+
+__all__ = [
+    "DataError",
+    "Ranking",
+    "MIN_RESPONSES",
+    "MAX_RESPONSES",
+    "load_conversations",
+    "load_rankings",
+    "load_prompts",
+    "EncodedSFT",
+    "EncodedResponse",
+    "encode_sft",
+    "encode_response",
+    "pad_right",
+    "pad_left",
+    "sft_batch",
+    "ranking_batch",
+    "group_by_ranking",
+    "sequence_logprobs",
+]
+
+ROLE_NAMES = ("system", "user", "assistant")
+MIN_RESPONSES, MAX_RESPONSES = 2, 9
+
+
+class DataError(ValueError):
+    """A data file is missing, empty or holds a malformed record (message: ``FILE:LINE: PROBLEM``)."""
+
+
+@dataclass
+class Ranking:
+    """One prompt with K >= 2 responses, ordered BEST FIRST."""
+
+    prompt_messages: list[dict]
+    responses: list[str]
+
+
+# =============================================================================================
+# Reading
+# =============================================================================================
+
+
+class _Bad(Exception):
+    """Internal: a problem with one record; the reader adds FILE:LINE."""
+
+
+def _jtype(value: object) -> str:
+    """JSON name of a Python value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
+    """Yield ``(file name, line number, record)`` for each non-blank line of a JSONL file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}" if not p.exists() else f"not a file: {p}")
+    name = str(path)
+    count = 0
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte {e.start + 1})") from None
+            if lineno == 1:
+                line = line.lstrip("\ufeff")  # tolerate a byte-order mark
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{name}:{lineno}: expected a JSON object, got {_jtype(record)}")
+            count += 1
+            yield name, lineno, record
+    if count == 0:
+        raise DataError(f"{name}: no records")
+
+
+def _read(path, parse) -> list:
+    out = []
+    for name, lineno, record in _records(path):
+        try:
+            out.append(parse(record))
+        except _Bad as e:
+            raise DataError(f"{name}:{lineno}: {e}") from None
+    return out
+
+
+def _messages(value: object, where: str) -> list[dict]:
+    """Validate a list of ``{"role", "content"}`` messages; returns clean copies."""
+    if not isinstance(value, list):
+        raise _Bad(f"{where} must be a list of {{\"role\", \"content\"}} objects, got {_jtype(value)}")
+    if not value:
+        raise _Bad(f"{where} is empty")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _Bad(f"{where}[{i}] must be an object with \"role\" and \"content\", got {_jtype(m)}")
+        if "role" not in m:
+            raise _Bad(f"{where}[{i}] has no \"role\"")
+        role = m["role"]
+        if role not in ROLE_NAMES:
+            raise _Bad(f"{where}[{i}].role {role!r} is not one of {', '.join(ROLE_NAMES)}")
+        if "content" not in m:
+            raise _Bad(f"{where}[{i}] has no \"content\"")
+        if not isinstance(m["content"], str):
+            raise _Bad(f"{where}[{i}].content must be a string, got {_jtype(m['content'])}")
+        out.append({"role": role, "content": m["content"]})
+    return out
+
+
+def _prompt(value: object, where: str) -> list[dict]:
+    """A prompt string (one user message) or a conversation ending with a user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise _Bad(f"\"{where}\" must be a string or a list of messages, got {_jtype(value)}")
+    messages = _messages(value, where)
+    if messages[-1]["role"] != "user":
+        raise _Bad(f"\"{where}\" must end with a user message, but the last one is {messages[-1]['role']!r}")
+    return messages
+
+
+def _response(value: object, where: str) -> str:
+    """A response string, or TRL's conversational form: a list holding one assistant message."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        messages = _messages(value, where)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise _Bad(f"{where} must be a string or a list of exactly one assistant message")
+        return messages[0]["content"]
+    raise _Bad(f"{where} must be a string, got {_jtype(value)}")
+
+
+def _parse_conversation(record: dict) -> list[dict]:
+    if "messages" in record:
+        messages = _messages(record["messages"], "messages")
+    elif "prompt" in record and "completion" in record:  # TRL prompt-completion format
+        messages = _prompt(record["prompt"], "prompt")
+        messages.append({"role": "assistant", "content": _response(record["completion"], "completion")})
+    else:
+        raise _Bad("missing \"messages\"")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Bad("no assistant message (nothing to train on)")
+    return messages
+
+
+def _parse_ranking(record: dict) -> Ranking:
+    if "prompt" not in record:
+        raise _Bad("missing \"prompt\"")
+    prompt = _prompt(record["prompt"], "prompt")
+    has_k, has_pair = "responses" in record or "ranking" in record, "chosen" in record or "rejected" in record
+    if has_k and has_pair:
+        raise _Bad("give either \"responses\" + \"ranking\" or \"chosen\" + \"rejected\", not both")
+    if has_pair:
+        for key in ("chosen", "rejected"):
+            if key not in record:
+                raise _Bad(f"missing \"{key}\"")
+        return Ranking(prompt, [_response(record["chosen"], "\"chosen\""),
+                                _response(record["rejected"], "\"rejected\"")])
+    if not has_k:
+        raise _Bad("missing \"responses\" + \"ranking\" (or \"chosen\" + \"rejected\")")
+    for key in ("responses", "ranking"):
+        if key not in record:
+            raise _Bad(f"missing \"{key}\"")
+    responses, ranking = record["responses"], record["ranking"]
+    if not isinstance(responses, list):
+        raise _Bad(f"\"responses\" must be a list of strings, got {_jtype(responses)}")
+    if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
+        raise _Bad(f"\"responses\" must hold {MIN_RESPONSES} to {MAX_RESPONSES} responses, got {len(responses)}")
+    responses = [_response(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    k = len(responses)
+    if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
+            or sorted(ranking) != list(range(k))):
+        raise _Bad(f"\"ranking\" must be a permutation of 0..{k - 1}, got {json.dumps(ranking)}")
+    return Ranking(prompt, [responses[i] for i in ranking])
+
+
+def _parse_prompt(record: dict) -> list[dict]:
+    if "prompt" in record:
+        return _prompt(record["prompt"], "prompt")
+    if "messages" in record:
+        return _prompt(record["messages"], "messages")
+    raise _Bad("missing \"prompt\" (or \"messages\")")
+
+
+def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """Read an SFT file: one ``{"messages": [...]}`` per line -> list of message lists.
+
+    Messages are returned as clean ``{"role", "content"}`` dicts (extra keys dropped).
+    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    """
+    return _read(path, _parse_conversation)
+
+
+def load_rankings(path: str | os.PathLike) -> list[Ranking]:
+    """Read K-wise rankings or chosen/rejected pairs -> :class:`Ranking` (responses best first).
+
+    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    """
+    return _read(path, _parse_ranking)
+
+
+def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
+    """Read prompts (``{"prompt": ...}`` or ``{"messages": [...]}``) -> message lists ending with a user turn.
+
+    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    """
+    return _read(path, _parse_prompt)
+
+
+# =============================================================================================
+# Tokenisation
+# =============================================================================================
+
+
+class EncodedSFT(tuple):
+    """``(ids, targets)``; unpacks as a pair.  ``truncated`` = tokens dropped from the right."""
+
+    def __new__(cls, ids: list[int], targets: list[int], truncated: int = 0):
+        self = super().__new__(cls, (ids, targets))
+        self.truncated = truncated
+        return self
+
+    ids = property(lambda self: self[0])
+    targets = property(lambda self: self[1])
+
+    def __getnewargs__(self):  # keep pickling / copying working
+        return (self[0], self[1], self.truncated)
+
+
+class EncodedResponse(tuple):
+    """``(ids, prompt_len)``; unpacks as a pair.
+
+    ``prompt_truncated``: prompt tokens dropped (from the left, after bos);
+    ``response_truncated``: response tokens dropped (only when the response alone does not fit).
+    """
+
+    def __new__(cls, ids: list[int], prompt_len: int, prompt_truncated: int = 0, response_truncated: int = 0):
+        self = super().__new__(cls, (ids, prompt_len))
+        self.prompt_truncated = prompt_truncated
+        self.response_truncated = response_truncated
+        return self
+
+    ids = property(lambda self: self[0])
+    prompt_len = property(lambda self: self[1])
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.prompt_truncated or self.response_truncated)
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.prompt_truncated, self.response_truncated)
+
+
+def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedSFT:
+    """Tokenise a conversation for SFT: ``(ids, targets)`` of equal length ``<= max_len``.
+
+    With ``full, mask = tokenizer.render_conversation(messages)``: ``ids = full[:-1]`` and
+    ``targets[t] = full[t + 1]`` where ``mask[t + 1]`` is 1 (assistant content and its eot),
+    else ``-100``.  So the model is trained to produce each assistant reply and to end it.
+
+    Conversations longer than ``max_len`` input tokens are cut on the right; the result's
+    ``.truncated`` says how many tokens were dropped.  A cut can remove every assistant token
+    (all targets ``-100``): callers should skip such examples.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    full, mask = tokenizer.render_conversation(messages)
+    dropped = max(0, len(full) - 1 - max_len)
+    if dropped:
+        full, mask = full[: max_len + 1], mask[: max_len + 1]
+    ids = full[:-1]
+    targets = [tok if m else IGNORE_INDEX for tok, m in zip(full[1:], mask[1:])]
+    return EncodedSFT(ids, targets, dropped)
+
+
+def encode_response(tokenizer, prompt_messages: Sequence[Mapping], response: str | Sequence[int],
+                    max_len: int) -> EncodedResponse:
+    """``render_prompt(prompt_messages) + encode(response) + [eot]`` -> ``(ids, prompt_len)``.
+
+    ``ids[:prompt_len]`` is the prompt (ending with the ``<|assistant|>`` token), ``ids[prompt_len:]``
+    the response, whose LAST token is always the eot (where a reward model reads its score).
+    ``response`` may be text or already-tokenised content ids (a trailing eot is not repeated).
+
+    Truncation to ``max_len`` (>= 3): the PROMPT loses its oldest tokens first, keeping bos and at
+    least the final ``<|assistant|>`` token (the cut may fall inside a message: the model then sees
+    a partial context, which is still better than a partial answer).  Only if the response alone
+    does not fit in ``max_len - 2`` tokens is its tail cut, and its eot re-appended.  Counts of
+    dropped tokens are on the result (``.prompt_truncated``, ``.response_truncated``).
+    """
+    if max_len < 3:
+        raise ValueError(f"max_len must be >= 3 (bos, assistant token, eot), got {max_len}")
+    prompt = tokenizer.render_prompt(prompt_messages)
+    if isinstance(response, str):
+        body = tokenizer.encode(response)
+    else:
+        body = [int(t) for t in response]
+        if body and body[-1] == EOT_ID:
+            body = body[:-1]
+    response_dropped = max(0, len(body) + 1 - (max_len - 2))
+    if response_dropped:
+        body = body[: len(body) - response_dropped]
+    reply = body + [EOT_ID]
+    budget = max_len - len(reply)  # room for the prompt, >= 2
+    prompt_dropped = max(0, len(prompt) - budget)
+    if prompt_dropped:
+        prompt = prompt[:1] + prompt[1 + prompt_dropped:]
+    return EncodedResponse(prompt + reply, len(prompt), prompt_dropped, response_dropped)
+
+
+# =============================================================================================
+# Collation
+# =============================================================================================
+
+
+def _as_lists(seqs) -> list[list[int]]:
+    if isinstance(seqs, Tensor) or not isinstance(seqs, Sequence) or len(seqs) == 0:
+        raise ValueError("expected a non-empty list of token-id sequences")
+    return [s.tolist() if isinstance(s, Tensor) else list(s) for s in seqs]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest sequence: ``ids (N, T)`` long and ``lengths (N,)`` long.
+
+    Real tokens of row ``i`` are ``ids[i, :lengths[i]]``.  A causal model needs no mask for right
+    padding: real tokens never attend to the pads after them.
+    """
+    seqs = _as_lists(seqs)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.full((len(seqs), max(1, int(lengths.max()))), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, lengths
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor]:
+    """Left-pad to the longest sequence: ``ids (N, T)`` long and ``padding_mask (N, T)`` bool,
+    True on real tokens.  Pass the mask to the model (``padding_mask=``) so positions start at 0
+    on each row's first real token and pads are never attended to."""
+    seqs = _as_lists(seqs)
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = True
+    return ids, mask
+
+
+def sft_batch(tokenizer, conversations: Sequence[Sequence[Mapping]], max_len: int) -> dict[str, Tensor]:
+    """Encode and right-pad conversations: ``ids``, ``targets`` (-100 on pads), ``lengths``,
+    ``truncated`` (tokens dropped per conversation), all ``(N, ...)`` long tensors."""
+    examples = [encode_sft(tokenizer, c, max_len) for c in conversations]
+    ids, lengths = pad_right([e[0] for e in examples], tokenizer.pad_id)
+    targets, _ = pad_right([e[1] for e in examples], IGNORE_INDEX)
+    truncated = torch.tensor([e.truncated for e in examples], dtype=torch.long)
+    return {"ids": ids, "targets": targets, "lengths": lengths, "truncated": truncated}
+
+
+def ranking_batch(tokenizer, rankings: Sequence[Ranking], max_len: int) -> dict[str, Tensor]:
+    """Flatten B rankings into N = sum(K_b) right-padded sequences for one forward pass.
+
+    Rows are ranking by ranking, each ranking's responses best first.  Returns long tensors:
+
+    * ``ids (N, T)`` right-padded with ``tokenizer.pad_id``; ``lengths (N,)``;
+    * ``eot_index (N,)`` = ``lengths - 1``: each response's end-of-turn token (read rewards here);
+    * ``prompt_lens (N,)``: the response is ``ids[i, prompt_lens[i]:lengths[i]]`` (eot included);
+    * ``group (N,)`` index of the ranking, ``rank (N,)`` position within it (0 = best);
+    * ``num_responses (B,)`` K of each ranking;
+    * ``truncated (N,)`` 1 where :func:`encode_response` had to cut the sequence.
+
+    :func:`group_by_ranking` maps any ``(N,)`` result (rewards, log-probs) to ``(B, K_max)``.
+    """
+    if len(rankings) == 0:
+        raise ValueError("ranking_batch: no rankings")
+    encoded, group, rank, num = [], [], [], []
+    for b, r in enumerate(rankings):
+        if len(r.responses) < MIN_RESPONSES:
+            raise ValueError(f"ranking {b} has {len(r.responses)} response(s); need at least {MIN_RESPONSES}")
+        num.append(len(r.responses))
+        for j, resp in enumerate(r.responses):
+            encoded.append(encode_response(tokenizer, r.prompt_messages, resp, max_len))
+            group.append(b)
+            rank.append(j)
+    ids, lengths = pad_right([e[0] for e in encoded], tokenizer.pad_id)
+    return {
+        "ids": ids,
+        "lengths": lengths,
+        "eot_index": lengths - 1,
+        "prompt_lens": torch.tensor([e[1] for e in encoded], dtype=torch.long),
+        "group": torch.tensor(group, dtype=torch.long),
+        "rank": torch.tensor(rank, dtype=torch.long),
+        "num_responses": torch.tensor(num, dtype=torch.long),
+        "truncated": torch.tensor([int(e.truncated) for e in encoded], dtype=torch.long),
+    }
+
+
+def group_by_ranking(values: Tensor, num_responses: Tensor, fill: float = 0.0) -> Tensor:
+    """``(N,)`` per-response values in :func:`ranking_batch` order -> ``(B, K_max)``, column j =
+    rank j, ``fill`` at padded columns.  Differentiable; feed to ``ranking_loss(x, num_responses)``."""
+    num_responses = num_responses.to(values.device)
+    if values.dim() != 1 or values.shape[0] != int(num_responses.sum()):
+        raise ValueError(f"values must have shape ({int(num_responses.sum())},), got {tuple(values.shape)}")
+    batch, k_max = num_responses.shape[0], int(num_responses.max())
+    group = torch.repeat_interleave(torch.arange(batch, device=values.device), num_responses)
+    starts = torch.cumsum(num_responses, 0) - num_responses
+    rank = torch.arange(values.shape[0], device=values.device) - starts[group]
+    out = values.new_full((batch, k_max), fill)
+    return out.index_put((group, rank), values)
+
+
+def sequence_logprobs(logits: Tensor, ids: Tensor, prompt_lens: Tensor, lengths: Tensor,
+                      mean: bool = False) -> Tensor:
+    """Log-probability of each row's response under ``logits`` (right-padded rows).
+
+    ``logits (N, T, V)`` are the model's outputs for ``ids (N, T)``; the response of row i is
+    ``ids[i, prompt_lens[i]:lengths[i]]`` (its eot included), each token scored by the logits one
+    position earlier.  Returns ``(N,)`` float32: the sum of the response tokens' log-probs, or
+    with ``mean=True`` their average (IPO uses length-normalised log-probs).
+    """
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}")
+    if bool((prompt_lens < 1).any()):
+        raise ValueError("prompt_lens must be >= 1 (the first token has no prediction)")
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (N, T-1): column j scores token j + 1
+    pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+    mask = (pos >= prompt_lens.to(ids.device)[:, None]) & (pos < lengths.to(ids.device)[:, None])
+    total = masked_sum(logp, mask, dim=1)
+    if mean:
+        total = total / mask.sum(1).clamp_min(1).to(total.dtype)
+    return total

@@ -1,0 +1,362 @@
+"""Token-id generation engine: batched prefill into a KV cache, then one token per step for every live row.
+
+There is no tokenizer in here (as in nanochat's engine.py): prompts and outputs are lists of token ids.
+
+    engine = Engine(model)                                  # or Engine(model, dtype=torch.bfloat16)
+    outs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=32, temperature=0.7, top_p=0.9))
+    outs[0].tokens, outs[0].logprobs, outs[0].finish_reason
+
+How a batch runs (B rows, prompts of different lengths):
+1. prefill: the prompts, right-padded to the longest one, go through the model in one forward call that writes
+   every position into a fresh KVCache; then `cache.lengths` is set to the true prompt lengths, so the padding
+   slots are never attended to and the next tokens overwrite them. Each row's first next-token distribution is
+   read at its last real token.
+2. decode: one token per step for every live row. When rows finish, the batch is compacted (their cache rows are
+   dropped), so the remaining rows run at the smaller batch size; the copy is cheap next to a decode step.
+
+Log-probabilities are those of the distribution the token is drawn from *before* top-k/top-p filtering: the
+log-softmax of the temperature-scaled logits (of the raw logits when greedy). At temperature 1 they equal what a
+plain forward pass over prompt + response gives, which is what PPO recomputes (tests/test_engine.py checks it).
+
+`dtype` (measured on 2 CPU cores, the `small` preset's shape, batch 1, see benchmarks/README.md):
+- None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
+  weight updates (a PPO loop) are seen at once.
+- torch.bfloat16 (or torch.float32): a private inference copy of the model in that dtype, whose linear layers
+  hold their weights pre-packed in oneDNN's blocked layout (CPU only). Decode on CPU is bound by reading the
+  weights once per token; bf16 halves those bytes and the packed kernels read them at close to copy bandwidth
+  (~2 ms/step vs ~8 ms for the plain fp32 model). Autocast was measured and rejected: it re-casts every fp32
+  weight to bf16 at every step, which reads more bytes than fp32 alone. The copy is rebuilt automatically when
+  the model's parameters change (their version counters move: optimizer steps, load_state_dict).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from palmchat.inference.kv_cache import KVCache
+
+# ---------------------------------------------------------------------------------------------
+# Requests and results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0  # nucleus; 1.0 -> off
+    stop_token_ids: tuple[int, ...] = ()  # e.g. end-of-turn; the stop token is included in the output tokens
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences; output is truncated before the sequence
+    seed: int | None = None  # per-request determinism
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"sampling params: {name}={getattr(self, name)!r} {why}")
+
+        if self.max_new_tokens < 0:
+            bad("max_new_tokens", "must be >= 0")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 is off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1] (1 is off)")
+        # accept lists from JSON callers; store tuples so the params stay hashable
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
+        if any(len(s) == 0 for s in self.stop_sequences):
+            bad("stop_sequences", "must not contain an empty sequence")
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0, top_p: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """logits: (B, V) -> (B, V), -inf outside each row's kept set.
+
+    A row keeps its top_k largest logits (0 keeps all), then, of those, the smallest set taken from the most
+    likely down whose probability mass is at least top_p (1.0 keeps all). As in Hugging Face transformers, top-p
+    measures mass after the top-k cut. top_k, top_p: scalars or (B,) tensors, one value per row.
+    """
+    B, V = logits.shape
+    top_k = torch.as_tensor(top_k, device=logits.device).expand(B)
+    top_p = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(B)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device)
+    keep = rank[None, :] < torch.where(top_k > 0, top_k, V)[:, None]  # (B, V), in sorted order
+    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+    # the most likely token always has mass_before 0 < top_p; `top_p >= 1` guards against cumsum rounding
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
+    filtered = sorted_logits.masked_fill(~keep, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, filtered)
+
+
+class _Sampler:
+    """Per-row sampling settings as (B,) tensors plus one torch.Generator per sampled row."""
+
+    def __init__(self, params: list[SamplingParams], device):
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.greedy = self.temperature == 0
+        self.generators = []
+        for p in params:
+            g = torch.Generator(device=device)
+            # unseeded rows draw their seed from torch's global RNG, so torch.manual_seed makes them repeatable
+            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ())))
+            self.generators.append(g)
+        self._refresh()
+
+    def _refresh(self):
+        self.all_greedy = bool(self.greedy.all())
+        self.any_filter = bool(((self.top_k > 0) | (self.top_p < 1)).any())
+
+    def keep(self, rows: list[int]):
+        """Keep only these batch rows, in this order (finished rows leave the batch)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
+        self.temperature, self.top_k, self.top_p, self.greedy = (
+            t[index] for t in (self.temperature, self.top_k, self.top_p, self.greedy))
+        self.generators = [self.generators[i] for i in rows]
+        self._refresh()
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: (B, V) float32 -> tokens (B,), logprobs (B,) of the unfiltered (temperature-scaled) distribution."""
+        if self.all_greedy:
+            tokens = logits.argmax(dim=-1)  # (B,)
+            return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+        scaled = logits / torch.where(self.greedy, 1.0, self.temperature)[:, None]  # (B, V)
+        logprobs = scaled.log_softmax(dim=-1)
+        filtered = filter_logits(scaled, self.top_k, self.top_p) if self.any_filter else scaled
+        probs = filtered.softmax(dim=-1)
+        tokens = scaled.argmax(dim=-1)  # greedy rows keep this
+        for i in torch.nonzero(~self.greedy).flatten().tolist():
+            tokens[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast CPU inference copy
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedLinear(nn.Module):
+    """A bias-free nn.Linear for CPU inference whose weight is pre-packed in oneDNN's blocked layout.
+
+    torch.ops.mkldnn._linear_pointwise is what torch.compile (inductor, with freezing) emits for CPU linears; on
+    one-token decode steps it reads bf16 weights ~2x faster than F.linear. The packed tensor is opaque (no
+    storage): this module cannot be saved, copied or moved to another device; rebuild it from the source weight.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)  # plain attribute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Replace every bias-free nn.Linear inside `module` by a PackedLinear (in place); returns `module`."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(parent, name, PackedLinear(child.weight))
+    return module
+
+
+def _can_pack(dtype: torch.dtype) -> bool:
+    """oneDNN packing works on this build and gives the same numbers as F.linear."""
+    try:
+        w, x = torch.randn(24, 16, dtype=dtype), torch.randn(3, 16, dtype=dtype)
+        return torch.allclose(PackedLinear(w)(x).float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One request's output so far. `released` tokens were already streamed; the rest may still turn out to be
+    the start of a stop sequence and are held back."""
+
+    params: SamplingParams
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    released: int = 0
+    finish_reason: str | None = None
+
+    def add(self, token: int, logprob: float) -> list[tuple[int, float]]:
+        """Append one sampled token; return the (token, logprob) pairs that are now final."""
+        p = self.params
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if token in p.stop_token_ids:
+            self.finish_reason = "stop"
+        else:
+            for seq in p.stop_sequences:
+                if len(self.tokens) >= len(seq) and tuple(self.tokens[-len(seq):]) == seq:
+                    del self.tokens[-len(seq):], self.logprobs[-len(seq):]
+                    self.finish_reason = "stop"
+                    break
+        if self.finish_reason is None and len(self.tokens) >= p.max_new_tokens:
+            self.finish_reason = "length"
+        end = len(self.tokens) if self.finish_reason else len(self.tokens) - self._held_back()
+        out = list(zip(self.tokens[self.released:end], self.logprobs[self.released:end]))
+        self.released = max(self.released, end)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the output that is a proper prefix of a stop sequence."""
+        best = 0
+        for seq in self.params.stop_sequences:
+            for n in range(min(len(seq) - 1, len(self.tokens)), best, -1):
+                if tuple(self.tokens[-n:]) == seq[:n]:
+                    best = n
+                    break
+        return best
+
+
+class Engine:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+        self.model = model
+        self.config = model.config
+        self.dtype = dtype
+        self._copy: nn.Module | None = None
+        self._copy_versions: list | None = None
+
+    # -- the module that runs --------------------------------------------------------------
+
+    def _source_versions(self) -> list:
+        return [(id(p), p._version) for p in self.model.parameters()]
+
+    def sync(self) -> nn.Module:
+        """The module used for decoding: the model itself (dtype=None) or its inference copy, rebuilt if stale."""
+        if self.dtype is None:
+            return self.model
+        versions = self._source_versions()
+        if self._copy is None or versions != self._copy_versions:
+            with torch.inference_mode():
+                runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
+                device = next(runner.parameters()).device
+                if device.type == "cpu" and _can_pack(self.dtype):
+                    pack_linears(runner)
+            self._copy, self._copy_versions = runner, versions
+        return self._copy
+
+    # -- context length ---------------------------------------------------------------------
+
+    def clamp_max_new_tokens(self, prompt: Sequence[int], params: SamplingParams) -> SamplingParams:
+        """params with max_new_tokens lowered so that prompt + response fit the model's context."""
+        room = self.config.max_seq_len - len(prompt)
+        if room < 0:
+            raise ValueError(f"prompt of {len(prompt)} tokens is longer than the model's context of "
+                             f"{self.config.max_seq_len} tokens")
+        return params if params.max_new_tokens <= room else dataclasses.replace(params, max_new_tokens=room)
+
+    def _check(self, prompt: Sequence[int], params: SamplingParams):
+        ctx, n = self.config.max_seq_len, len(prompt)
+        if n == 0:
+            raise ValueError("empty prompt: generation needs at least one prompt token")
+        if n > ctx:
+            raise ValueError(f"prompt of {n} tokens is longer than the model's context of {ctx} tokens")
+        if n + params.max_new_tokens > ctx:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens {params.max_new_tokens} = "
+                             f"{n + params.max_new_tokens} tokens is longer than the model's context of {ctx} "
+                             f"tokens (Engine.clamp_max_new_tokens fits it)")
+        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+
+    # -- generation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        rows = self._rows(prompts, params)
+        for _ in self._decode(prompts, rows):
+            pass
+        return [Completion(r.tokens, r.logprobs, r.finish_reason) for r in rows]
+
+    @torch.inference_mode()
+    def stream(self, prompts: list[list[int]],
+               params: SamplingParams | list[SamplingParams]) -> Iterator[list[tuple[int, int, float]]]:
+        """Per decode step, the newly final (row index, token id, logprob) of the rows still generating.
+
+        The tokens are exactly those `generate` returns. A token that may be the start of a stop sequence is
+        held back until it is known not to be, so a step can release several tokens of one row, or none.
+        """
+        yield from self._decode(prompts, self._rows(prompts, params))
+
+    def _rows(self, prompts, params) -> list[_Row]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        for prompt, p in zip(prompts, params):
+            self._check(prompt, p)
+        return [_Row(p) for p in params]
+
+    def _decode(self, prompts: list[list[int]], rows: list[_Row]) -> Iterator[list[tuple[int, int, float]]]:
+        for r in rows:
+            if r.params.max_new_tokens == 0:
+                r.finish_reason = "length"
+        live = [i for i, r in enumerate(rows) if r.finish_reason is None]  # batch slot -> row index
+        if not live:
+            return
+        runner = self.sync()
+        param = next(runner.parameters())
+        device, dtype = param.device, param.dtype
+
+        # prefill: right-padded prompts in one forward, then each row's cache length set to its real length
+        lengths = torch.tensor([len(prompts[i]) for i in live], device=device)  # (B,)
+        ids = torch.zeros(len(live), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
+        for b, i in enumerate(live):
+            ids[b, : len(prompts[i])] = torch.tensor(prompts[i], device=device)
+        max_len = max(len(prompts[i]) + rows[i].params.max_new_tokens for i in live)
+        cache = KVCache(self.config, len(live), max_len=max_len, dtype=dtype, device=device)
+        hidden = runner.hidden_states(ids, cache=cache)  # (B, T, C)
+        cache.lengths.copy_(lengths)
+        last = hidden[torch.arange(len(live), device=device), lengths - 1]  # (B, C), each row's last real token
+        logits = runner.logits(last).float()  # (B, V)
+
+        sampler = _Sampler([rows[i].params for i in live], device)
+        while True:
+            tokens, logprobs = sampler(logits)  # (B,), (B,)
+            events = []
+            for i, token, logprob in zip(live, tokens.tolist(), logprobs.tolist()):
+                events += [(i, t, lp) for t, lp in rows[i].add(token, logprob)]
+            if events:
+                yield events
+            still = [b for b, i in enumerate(live) if rows[i].finish_reason is None]
+            if not still:
+                return
+            if len(still) < len(live):  # compact: finished rows leave the batch
+                live = [live[b] for b in still]
+                cache.keep_rows(still)
+                sampler.keep(still)
+                tokens = tokens[still]
+            logits = runner(tokens[:, None], cache=cache)[:, -1].float()  # (B, V)
+
+
+__all__ = ["SamplingParams", "Completion", "Engine", "filter_logits", "PackedLinear", "pack_linears"]

@@ -1,0 +1,215 @@
+"""Scalar heads on the PaLM backbone: the reward model and the PPO value model (critic).
+
+Reward model (InstructGPT, Ouyang et al. 2022, https://arxiv.org/abs/2203.02155): the backbone's final
+hidden state at the response's END-OF-TURN token goes through a linear head to one scalar.  Reading at
+the explicit eot index (never "the last position", a pad, or a mean over tokens) makes the reward of a
+(prompt, response) independent of how it is batched:
+
+* right padding: the eot precedes the pads and attention is causal, so pads cannot influence it;
+* left padding: pass ``padding_mask`` so positions restart at each row's first real token and
+  pads are masked out as keys (see ``PaLM.hidden_states``).
+
+Checkpoints are ordinary PaLM checkpoint folders plus one file::
+
+    model.safetensors   the backbone's PaLM weights (same names as any PaLM checkpoint:
+                        ``checkpoint.load_model`` loads it as a language model)
+    head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
+    config.json         {"model": ..., "head": "reward" | "value", ...}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from palmchat import checkpoint
+from palmchat.config import ModelConfig
+from palmchat.model.palm import PaLM
+from palmchat.tokenizer import EOT_ID
+
+__all__ = [
+    "HEAD_FILE",
+    "end_of_turn_index",
+    "RewardModel",
+    "ValueModel",
+    "save_reward_model",
+    "save_value_model",
+    "load_reward_model",
+    "load_value_model",
+]
+
+HEAD_FILE = "head.safetensors"
+
+
+def end_of_turn_index(ids: Tensor, eot_id: int = EOT_ID, padding_mask: Tensor | None = None,
+                      start: Tensor | None = None) -> Tensor:
+    """Index of each row's LAST end-of-turn token among real tokens: ``(N,)`` long.
+
+    ``padding_mask`` (N, T) bool, True on real tokens (needed only if a pad could equal ``eot_id``).
+    ``start`` (N,) optional: ignore eots before this index, e.g. the response start, so that a
+    response that never ended is not silently scored at the end of the PROMPT's last turn.
+    Raises ValueError naming the first row without one.
+    """
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be (N, T), got shape {tuple(ids.shape)}")
+    is_eot = ids == eot_id
+    if padding_mask is not None:
+        is_eot &= padding_mask.bool()
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    if start is not None:
+        is_eot &= pos >= start.to(ids.device)[:, None]
+    index = torch.where(is_eot, pos, torch.full_like(pos, -1)).amax(dim=1)
+    missing = (index < 0).nonzero()
+    if missing.numel():
+        row = int(missing[0, 0])
+        where = "" if start is None else f" at or after index {int(start[row])}"
+        raise ValueError(f"row {row} has no end-of-turn token (id {eot_id}) among its real tokens{where}; "
+                         f"{missing.numel()} row(s) affected")
+    return index
+
+
+def _make_head(dim: int) -> nn.Linear:
+    head = nn.Linear(dim, 1)
+    # unit-scale scalars from unit-scale normed hidden states (as in OpenAI's lm-human-preferences)
+    nn.init.normal_(head.weight, std=1.0 / math.sqrt(dim + 1))
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class _ScalarHeadModel(nn.Module):
+    kind = ""
+
+    def __init__(self, backbone: PaLM | ModelConfig):
+        super().__init__()
+        self.backbone = backbone if isinstance(backbone, PaLM) else PaLM(backbone)
+        self.head = _make_head(self.backbone.config.dim)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backbone.config
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+
+
+class RewardModel(_ScalarHeadModel):
+    """PaLM backbone + ``Linear(dim, 1)``: a scalar reward read at the response's end-of-turn token."""
+
+    kind = "reward"
+    end_of_turn_index = staticmethod(end_of_turn_index)
+
+    def __init__(self, backbone: PaLM | ModelConfig, eot_id: int = EOT_ID):
+        super().__init__(backbone)
+        self.eot_id = eot_id
+
+    def forward(self, ids: Tensor, eot_index: Tensor, padding_mask: Tensor | None = None,
+                check: bool = True) -> Tensor:
+        """ids (N, T), eot_index (N,) -> (N,) float32 rewards, read at ``ids[i, eot_index[i]]``.
+
+        Right padding needs no mask; left padding needs ``padding_mask`` (True on real tokens).
+        ``check`` verifies that every ``eot_index`` points at a real end-of-turn token.
+        """
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        eot_index = eot_index.to(ids.device)
+        if check:
+            ok = ids[rows, eot_index] == self.eot_id
+            if padding_mask is not None:
+                ok &= padding_mask[rows, eot_index].bool()
+            if not bool(ok.all()):
+                row = int((~ok).nonzero()[0, 0])
+                raise ValueError(f"eot_index[{row}] = {int(eot_index[row])} does not point at a real "
+                                 f"end-of-turn token (id {self.eot_id}); found id {int(ids[row, eot_index[row]])}")
+        hidden = self.backbone.hidden_states(ids, padding_mask=padding_mask)  # (N, T, C)
+        return self.head(hidden[rows, eot_index]).squeeze(-1).float()
+
+    def score(self, ids: Tensor, padding_mask: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+        """Rewards read at each row's last real eot (see :func:`end_of_turn_index`)."""
+        index = end_of_turn_index(ids, self.eot_id, padding_mask, start)
+        return self(ids, index, padding_mask, check=False)
+
+
+class ValueModel(_ScalarHeadModel):
+    """PaLM backbone + ``Linear(dim, 1)``: a value estimate at every position (the PPO critic)."""
+
+    kind = "value"
+
+    def forward(self, ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """ids (N, T) -> (N, T) float32 values; entry t is V(state after token t)."""
+        hidden = self.backbone.hidden_states(ids, padding_mask=padding_mask)
+        return self.head(hidden).squeeze(-1).float()
+
+    @classmethod
+    def from_reward_model(cls, reward_model: RewardModel) -> "ValueModel":
+        """A critic initialised from a reward model (a copy of its backbone and head), as in InstructGPT."""
+        value = cls(reward_model.config)
+        value.backbone.load_state_dict(reward_model.backbone.state_dict())
+        value.head.load_state_dict(reward_model.head.state_dict())
+        p = next(reward_model.parameters())
+        return value.to(device=p.device, dtype=p.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _save(model: _ScalarHeadModel, run_dir, step, config, tokenizer_path, optimizer, keep_last) -> Path:
+    config = {**config, "model": model.config.to_dict(), "head": model.kind}
+    return checkpoint.save_checkpoint(run_dir, step, model.backbone, config, tokenizer_path=tokenizer_path,
+                                      optimizer=optimizer, keep_last=keep_last,
+                                      extra_tensors={HEAD_FILE.removesuffix(".safetensors"): model.head_state_dict()})
+
+
+def save_reward_model(model: RewardModel, run_dir: str | os.PathLike, step: int, config: dict,
+                      tokenizer_path: str | os.PathLike | None = None,
+                      optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2) -> Path:
+    """Atomically write run_dir/step-XXXXXX (backbone in model.safetensors, head in head.safetensors)."""
+    return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last)
+
+
+def save_value_model(model: ValueModel, run_dir: str | os.PathLike, step: int, config: dict,
+                     tokenizer_path: str | os.PathLike | None = None,
+                     optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2) -> Path:
+    """Like :func:`save_reward_model`, for the critic."""
+    return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last)
+
+
+def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
+    ckpt = checkpoint.resolve(path)
+    if not (ckpt / HEAD_FILE).is_file():
+        raise checkpoint.CheckpointError(f"{ckpt} is not a {what} checkpoint (no {HEAD_FILE})")
+    config = checkpoint.read_config(ckpt)
+    kind = config.get("head")
+    if kind is not None and kind not in accept:
+        raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
+    model = cls(ModelConfig.from_dict(config["model"]))
+    checkpoint.load_weights(model.backbone, ckpt)
+    try:
+        tensors = load_file(ckpt / HEAD_FILE)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: unreadable safetensors file ({e})") from None
+    expected = model.head.state_dict()
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        want = {k: tuple(v.shape) for k, v in expected.items()}
+        raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: head tensors {got} do not match the model's {want}")
+    model.head.load_state_dict(tensors)
+    model.to(device=device, dtype=dtype)
+    return model, config
+
+
+def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[RewardModel, dict]:
+    """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config)."""
+    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",))
+
+
+def load_value_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> tuple[ValueModel, dict]:
+    """Load a value-model checkpoint, or a reward-model one to initialise the critic from it."""
+    return _load(ValueModel, path, "value model", device, dtype, accept=("value", "reward"))

@@ -1,0 +1,477 @@
+"""LoRA: named low-rank adapters on a frozen base model.
+
+LoRA: Low-Rank Adaptation of Large Language Models, Hu et al. 2021, https://arxiv.org/abs/2106.09685
+In the spirit of lucidrains' named `LoRA` fine-tune scopes (palm-rlhf-pytorch) and litgpt's lora.py.
+
+A frozen linear layer W (out, in) gets a trainable update scale * B @ A with A (r, in), B (out, r),
+r << min(in, out), scale = alpha / r. B starts at zero, so a new adapter changes nothing until trained.
+
+Many adapters live side by side on one base, each under a name: the PPO actor, the critic and the
+reward model can share one frozen PaLM in memory, the frozen reference policy is "the same base with
+LoRA switched off", and the server decodes one batch whose rows each use a different fine-tune.
+
+Which adapter a `LoRALinear` applies is state on the module, set model-wide by the helpers below:
+
+    set_adapter(model, "actor")            # one adapter for the whole batch
+    set_adapter(model, None)               # base only
+    with use_adapter(model, "critic"): ... # temporarily, then the previous state is restored
+    set_row_adapters(model, ["a", None, "b", "a"])  # per row of the batch (serving)
+
+Typical use::
+
+    add_lora(model, "actor", rank=8, alpha=16)      # base frozen, only "actor" trainable
+    optimizer = torch.optim.AdamW(lora_parameters(model, "actor"), lr=1e-4)
+    ...
+    save_adapter(folder, model, "actor", lora_config(model, "actor"))   # adapter.safetensors only
+    plain = merge_lora(model, "actor")              # a plain PaLM with W + scale * B @ A
+
+Shapes: B batch, T tokens, I in features, O out features, r rank, N adapters used in a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER_FILE = "adapter.safetensors"
+DEFAULT_TARGETS = ("in_proj", "qkv", "attn_out", "gate_up", "ff_out")
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
+        raise AdapterError(f"cannot use {name!r} as an adapter name (it is an attribute of "
+                           "nn.ParameterDict/nn.Module, e.g. 'keys', 'copy', 'train'); pick another name")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (self.base, no bias) plus named low-rank adapters.
+
+    forward(x) = base(x) + delta, where delta is
+      - scale[n] * B[n] @ A[n] x      when one adapter n is active for the whole batch,
+      - nothing                       when no adapter is active (or the active one is not on this layer),
+      - per row b: that row's adapter when per-row slots are set (rows with slot -1 get base only).
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if base.bias is not None:
+            raise AdapterError("LoRALinear wraps linear layers without bias (PaLM has none)")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.ParameterDict()  # name -> (r, I)
+        self.lora_B = nn.ParameterDict()  # name -> (O, r)
+        self.lora_dropout = nn.ModuleDict()  # name -> Dropout or Identity
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}  # alpha / rank
+        # which adapter is applied (set through set_adapter / set_row_adapters, not by hand)
+        self.active_adapter: str | None = None
+        self.row_adapters: tuple[str, ...] | None = None  # slot -> adapter name, per-row mode only
+        self.row_slots: torch.Tensor | None = None  # (B,) long, index into row_adapters, -1 = none
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (O, I), for code that reads `.weight` of a linear layer."""
+        return self.base.weight
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        _check_name(name)
+        if name in self.lora_A:
+            raise AdapterError(f"adapter {name!r} already exists on this layer")
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"LoRA rank must be a positive integer, got {rank!r}")
+        w = self.base.weight
+        A = torch.empty(rank, self.in_features, device=w.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear initialises its weight (litgpt, peft)
+        B = torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype)  # zero: starts as no change
+        self.lora_A[name] = nn.Parameter(A.to(w.dtype))
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank[name], self.alpha[name], self.scaling[name] = rank, float(alpha), alpha / rank
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scale * B @ A: (O, I), computed in float32."""
+        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, ..., I) -> (B, ..., O)."""
+        y = self.base(x)
+        if self.row_slots is not None:
+            delta = self._per_row_delta(x)
+        elif self.active_adapter is not None and self.active_adapter in self.lora_A:
+            n = self.active_adapter
+            h = F.linear(self.lora_dropout[n](x), self.lora_A[n])  # (B, ..., r)
+            delta = F.linear(h, self.lora_B[n]) * self.scaling[n]  # (B, ..., O)
+        else:
+            delta = None
+        return y if delta is None else y + delta.to(y.dtype)
+
+    def _per_row_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row b gets its own adapter: gather the stacked A/B of the adapters used in this batch by
+        the row slots, then two batched matmuls (the BGMV idea of Punica / S-LoRA). No loop over rows.
+        Dropout is not applied in this mode (it is meant for serving)."""
+        names, slots = self.row_adapters, self.row_slots
+        if x.shape[0] != slots.shape[0]:
+            raise AdapterError(f"set_row_adapters gave {slots.shape[0]} rows but the batch has {x.shape[0]}")
+        present = [n for n in names if n in self.lora_A]
+        if not present:
+            return None
+        # adapters may differ in rank: pad each to the largest with zero rows of A / zero columns of B,
+        # which adds nothing to the product; the scale is folded into B
+        r = max(self.rank[n] for n in present)
+        ref = self.lora_A[present[0]]
+        zero_A = ref.new_zeros(r, self.in_features)  # (r, I)
+        zero_B = ref.new_zeros(self.out_features, r)  # (O, r)
+        As, Bs = [], []
+        for n in names:
+            if n in self.lora_A:
+                pad = r - self.rank[n]
+                As.append(F.pad(self.lora_A[n], (0, 0, 0, pad)))
+                Bs.append(F.pad(self.lora_B[n] * self.scaling[n], (0, pad)))
+            else:  # the adapter is in the batch but not on this layer
+                As.append(zero_A)
+                Bs.append(zero_B)
+        As.append(zero_A)  # the last slot means "no adapter" (slot -1)
+        Bs.append(zero_B)
+        A = torch.stack(As)  # (N+1, r, I)
+        Bm = torch.stack(Bs)  # (N+1, O, r)
+        slots = slots.to(x.device)
+        index = torch.where(slots >= 0, slots, len(names))  # (B,)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, I)
+        h = torch.einsum("bti,bri->btr", xb, A[index])  # (B, T, r)
+        delta = torch.einsum("btr,bor->bto", h, Bm[index])  # (B, T, O)
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={self.rank[n]}, alpha={self.alpha[n]:g})" for n in self.lora_A)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Adding adapters and choosing which one is active
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Adapter names present anywhere in the model, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, m in lora_layers(model):
+        names.update(dict.fromkeys(m.lora_A.keys()))
+    return list(names)
+
+
+def _require(model: nn.Module, name: str) -> None:
+    if name not in adapters(model):
+        have = adapters(model)
+        raise AdapterError(f"model has no adapter {name!r}" + (f" (it has: {', '.join(have)})" if have
+                                                                else " (it has no LoRA adapters)"))
+
+
+def _add_adapter(model: nn.Module, name: str, rank: int, alpha: float, targets, dropout: float) -> None:
+    """Wrap the target linear layers (matched by attribute name) and add adapter `name` to each."""
+    _check_name(name)
+    if name in adapters(model):
+        raise AdapterError(f"model already has an adapter named {name!r}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    found = 0
+    for full_name, module in list(model.named_modules()):
+        parent_name, _, attr = full_name.rpartition(".")
+        if attr not in targets:
+            continue
+        if isinstance(module, nn.Linear):
+            module = LoRALinear(module)
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+        elif not isinstance(module, LoRALinear):
+            continue
+        module.add_adapter(name, rank, alpha, dropout)
+        found += 1
+    if not found:
+        raise AdapterError(f"no linear layer named any of {', '.join(targets)} in the model")
+
+
+def add_lora(model: nn.Module, name: str = "default", rank: int = 8, alpha: float = 16,
+             targets=DEFAULT_TARGETS, dropout: float = 0.0) -> nn.Module:
+    """Add adapter `name` to the target linear layers (replacing them by LoRALinear the first time).
+
+    Afterwards every parameter of the model is frozen except this adapter's A and B, and the adapter is
+    active. Call it again with another name for a second adapter on the same frozen base.
+    Returns the model (modified in place)."""
+    _add_adapter(model, name, rank, alpha, targets, dropout)
+    mark_trainable(model, name)
+    set_adapter(model, name)
+    return model
+
+
+def mark_trainable(model: nn.Module, *names: str) -> nn.Module:
+    """Freeze everything except the named adapters (e.g. to train actor and critic adapters together)."""
+    for n in names:
+        _require(model, n)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        for p in lora_parameters(model, n):
+            p.requires_grad_(True)
+    return model
+
+
+def _set_state(model: nn.Module, active: str | None, row_adapters=None, row_slots=None) -> None:
+    for _, m in lora_layers(model):
+        m.active_adapter, m.row_adapters, m.row_slots = active, row_adapters, row_slots
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Apply adapter `name` to every row, or nothing (None: the plain base model)."""
+    if name is not None:
+        _require(model, name)
+    _set_state(model, name)
+
+
+def set_row_adapters(model: nn.Module, names: list[str | None]) -> None:
+    """Per-row adapters: row b of the next batches uses names[b] (None: base only for that row)."""
+    used = list(dict.fromkeys(n for n in names if n is not None))  # slot -> name, in first-use order
+    for n in used:
+        _require(model, n)
+    slot_of = {n: i for i, n in enumerate(used)}
+    device = next((m.base.weight.device for _, m in lora_layers(model)), None)
+    slots = torch.tensor([-1 if n is None else slot_of[n] for n in names], dtype=torch.long, device=device)
+    _set_state(model, None, tuple(used), slots)
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str | None | list[str | None]):
+    """Temporarily use adapter `name` (None: base only; a list: per-row adapters); the previous
+    state is restored on exit, even after an exception."""
+    saved = [(m, m.active_adapter, m.row_adapters, m.row_slots) for _, m in lora_layers(model)]
+    try:
+        if isinstance(name, (list, tuple)):
+            set_row_adapters(model, list(name))
+        else:
+            set_adapter(model, name)
+        yield model
+    finally:
+        for m, active, row_adapters, row_slots in saved:
+            m.active_adapter, m.row_adapters, m.row_slots = active, row_adapters, row_slots
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter `name` (e.g. the server unloading a fine-tune). Layers left without any adapter go
+    back to plain nn.Linear. If the adapter was in use, the model falls back to the base."""
+    _require(model, name)
+    for full, m in lora_layers(model):
+        if m.active_adapter == name or (m.row_adapters is not None and name in m.row_adapters):
+            m.active_adapter, m.row_adapters, m.row_slots = None, None, None
+        if name in m.lora_A:
+            del m.lora_A[name], m.lora_B[name], m.lora_dropout[name]
+            del m.rank[name], m.alpha[name], m.scaling[name]
+        if not m.lora_A:
+            parent_name, _, attr = full.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, m.base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and state dicts of one adapter
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """A and B of adapter `name` in every layer that has it (what the optimizer should see)."""
+    _require(model, name)
+    return [p for _, m in lora_layers(model) if name in m.lora_A for p in (m.lora_A[name], m.lora_B[name])]
+
+
+def lora_config(model: nn.Module, name: str) -> dict:
+    """{"name", "rank", "alpha", "targets"}: what a caller puts in config.json next to the adapter."""
+    _require(model, name)
+    layers = [(full, m) for full, m in lora_layers(model) if name in m.lora_A]
+    ranks = {m.rank[name] for _, m in layers}
+    alphas = {m.alpha[name] for _, m in layers}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise AdapterError(f"adapter {name!r} has different ranks/alphas on different layers")
+    targets = list(dict.fromkeys(full.rpartition(".")[2] for full, _ in layers))
+    return {"name": name, "rank": ranks.pop(), "alpha": alphas.pop(), "targets": targets}
+
+
+_lora_config_of = lora_config  # save_adapter's argument of the same name shadows it
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Only adapter `name`'s tensors, keyed like "blocks.0.in_proj.lora_A" (detached copies)."""
+    _require(model, name)
+    out = {}
+    for full, m in lora_layers(model):
+        if name in m.lora_A:
+            out[f"{full}.lora_A"] = m.lora_A[name].detach().clone()  # (r, I)
+            out[f"{full}.lora_B"] = m.lora_B[name].detach().clone()  # (O, r)
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` (as from adapter_state_dict) into the existing adapter `name`. Every key must
+    match a tensor of the adapter in shape; errors name the offending key."""
+    _require(model, name)
+    expected = {}
+    for full, m in lora_layers(model):
+        if name in m.lora_A:
+            expected[f"{full}.lora_A"] = m.lora_A[name]
+            expected[f"{full}.lora_B"] = m.lora_B[name]
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise AdapterError(f"adapter {name!r}: tensors do not match the model's layers "
+                           f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    for key, param in expected.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise AdapterError(f"adapter {name!r}: tensor {key} has shape {tuple(tensors[key].shape)} but the "
+                               f"model expects {tuple(param.shape)} (different rank or model shape?)")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging: W' = W + scale * B @ A, a plain model with no LoRA left
+# ---------------------------------------------------------------------------------------------
+
+
+def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model with adapter `name` merged (keys without `.base`, no LoRA)."""
+    _require(model, name)
+    out = dict(model.state_dict())
+    for full, m in lora_layers(model):
+        prefix = f"{full}." if full else ""
+        for key in [k for k in out if k.startswith(prefix + "lora_")]:
+            del out[key]
+        w = out.pop(prefix + "base.weight")
+        if name in m.lora_A:
+            w = (w.float() + m.delta_weight(name).detach()).to(w.dtype)
+        out[prefix + "weight"] = w
+    return out
+
+
+def merge_lora(model: nn.Module, name: str, inplace: bool = False) -> nn.Module:
+    """A plain model (LoRALinear -> nn.Linear holding W + scale * B @ A of adapter `name`), with every
+    parameter trainable again. By default the LoRA model is left untouched and a copy is returned."""
+    _require(model, name)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for full, m in lora_layers(model):
+        linear = m.base
+        if name in m.lora_A:
+            with torch.no_grad():
+                linear.weight.copy_((linear.weight.float() + m.delta_weight(name)).to(linear.weight.dtype))
+        parent_name, _, attr = full.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: <folder>/adapter.safetensors holds only the adapter; its lora config rides in the
+# safetensors metadata, so the file alone can recreate the adapter. Never pickle.
+# ---------------------------------------------------------------------------------------------
+
+
+def save_adapter(folder: str | os.PathLike, model: nn.Module, name: str, lora_config: dict | None = None) -> Path:
+    """Write folder/adapter.safetensors atomically (tmp file + os.replace). The caller writes config.json
+    (put `lora_config` there, e.g. under "lora"). lora_config defaults to `lora_config(model, name)`."""
+    from safetensors.torch import save_file
+
+    actual = _lora_config_of(model, name)
+    config = dict(actual if lora_config is None else lora_config)
+    for key in ("name", "rank", "alpha", "targets"):
+        if key not in config:
+            raise AdapterError(f"lora_config needs a {key!r} entry (got keys {sorted(config)})")
+    if config["rank"] != actual["rank"] or float(config["alpha"]) != actual["alpha"]:
+        raise AdapterError(f"lora_config says rank={config['rank']}, alpha={config['alpha']} but adapter "
+                           f"{name!r} has rank={actual['rank']}, alpha={actual['alpha']}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{ADAPTER_FILE}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "lora_config": json.dumps(config)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / ADAPTER_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / ADAPTER_FILE
+
+
+def read_adapter_file(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, lora config from the file's metadata or None)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise AdapterError(f"{path}: unreadable safetensors file ({e})") from None
+    config = json.loads(meta["lora_config"]) if "lora_config" in meta else None
+    return tensors, config
+
+
+def load_adapter(folder: str | os.PathLike, model: nn.Module, name: str | None = None,
+                 lora_config: dict | None = None) -> str:
+    """Load folder/adapter.safetensors into adapter `name` (default: the name saved in the file).
+
+    If the model does not have that adapter yet it is created from the lora config (argument, else the
+    file's metadata) and left frozen and inactive: call set_adapter / mark_trainable as needed.
+    Returns the adapter's name."""
+    tensors, saved = read_adapter_file(folder)
+    config = lora_config or saved
+    name = name or (config or {}).get("name")
+    if name is None:
+        raise AdapterError(f"{folder}: no adapter name given and none saved in {ADAPTER_FILE}")
+    created = name not in adapters(model)
+    if created:
+        if config is None:
+            raise AdapterError(f"{folder}: model has no adapter {name!r} and no lora config to create it")
+        _add_adapter(model, name, int(config["rank"]), float(config["alpha"]), config["targets"], 0.0)
+        for p in lora_parameters(model, name):
+            p.requires_grad_(False)
+    try:
+        load_adapter_state_dict(model, name, tensors)
+    except AdapterError as e:
+        if created:  # leave the model as it was
+            remove_adapter(model, name)
+        raise AdapterError(f"{Path(folder) / ADAPTER_FILE}: {e}") from None
+    return name
+
+
+__all__ = [
+    "ADAPTER_FILE", "DEFAULT_TARGETS", "AdapterError", "LoRALinear", "add_lora", "adapter_state_dict",
+    "adapters", "load_adapter", "load_adapter_state_dict", "lora_config", "lora_layers", "lora_parameters",
+    "mark_trainable", "merge_lora", "merged_state_dict", "read_adapter_file", "remove_adapter", "save_adapter",
+    "set_adapter", "set_row_adapters", "use_adapter",
+]

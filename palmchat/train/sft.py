@@ -1,0 +1,121 @@
+"""Supervised fine-tuning: `palmchat sft BASE --data conversations.jsonl --out runs/sft`.
+
+Conversations in the OpenAI fine-tuning format ({"messages": [{"role", "content"}, ...]}); the loss
+is on assistant tokens only (each reply and its end-of-turn token). Batches are right-padded and the
+padding carries no loss. Full fine-tuning, or LoRA with `--lora-rank`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from palmchat import checkpoint
+from palmchat.args import arg
+from palmchat.data.chat import encode_sft, load_conversations, pad_right
+from palmchat.losses import cross_entropy
+from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, load_policy, pick_device,
+                                   plot_metrics, save_policy)
+
+
+@dataclass
+class SFTArgs:
+    """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
+
+    base: str = arg("", "checkpoint to start from (usually the pretrained model)", positional=True)
+    data: list[str] = arg([], "JSONL conversations ({'messages': [...]}); default: the bundled world's demonstrations")
+    out: str = arg("runs/sft", "output folder")
+    epochs: float = arg(2.0, "passes over the data")
+    batch_size: int = arg(32, "conversations per step")
+    lr: float = arg(5e-4, "peak learning rate")
+    warmup_steps: int = arg(20, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    max_len: int = arg(0, "truncate conversations to this many tokens; 0 = the model's context")
+    val_fraction: float = arg(0.05, "conversations held out for the validation loss")
+    lora_rank: int = arg(0, "train a LoRA adapter of this rank instead of all weights; 0 = full fine-tuning")
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator (scale = alpha / rank)")
+    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def bundled_conversations(seed: int, n: int = 4000) -> list[list[dict]]:
+    from palmchat.data.world import World
+
+    return [c["messages"] for c in World(seed=seed).sft_conversations(n)]
+
+
+def batch_loss(model, examples, pad_id, device, dtype):
+    ids, _ = pad_right([e[0] for e in examples], pad_id)
+    targets, _ = pad_right([e[1] for e in examples], -100)
+    with autocast(device, dtype):
+        logits = model(ids.to(device))
+    return cross_entropy(logits, targets.to(device))[0]
+
+
+def main(args: SFTArgs) -> Path:
+    device = pick_device(args.device)
+    dtype = autocast_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    model, tokenizer, base_config = load_policy(args.base, args.lora_rank, args.lora_alpha, device)
+    max_len = args.max_len or model.config.max_seq_len
+    conversations = [c for path in args.data for c in load_conversations(path)] if args.data \
+        else bundled_conversations(args.seed)
+    examples = [encode_sft(tokenizer, c, max_len) for c in conversations]
+    examples = [e for e in examples if any(t != -100 for t in e[1])]  # truncation may drop every reply
+    if len(examples) < 2:
+        raise ValueError("SFT needs at least 2 conversations with an assistant reply inside --max-len")
+    random.Random(args.seed).shuffle(examples)
+    n_val = max(1, int(len(examples) * args.val_fraction))
+    val, train = examples[:n_val], examples[n_val:]
+
+    steps_per_epoch = max(1, len(train) // args.batch_size)
+    max_steps = max(1, int(args.epochs * steps_per_epoch))
+    optimizer = adamw(model, args.lr, args.weight_decay)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    print(f"sft: {len(train)} train / {len(val)} held-out conversations, {max_steps} steps, "
+          f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}")
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [batch_loss(model, val[i:i + args.batch_size], tokenizer.pad_id, device, dtype).item()
+                      for i in range(0, len(val), args.batch_size)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    metrics.write(step=0, val_loss=val_loss())
+    order = random.Random(args.seed + 1)
+    started = time.time()
+    for step in tqdm(range(max_steps), desc="sft", dynamic_ncols=True, mininterval=1.0):
+        epoch_pos = step % steps_per_epoch
+        if epoch_pos == 0:
+            order.shuffle(train)
+        batch = train[epoch_pos * args.batch_size:(epoch_pos + 1) * args.batch_size]
+        lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = batch_loss(model, batch, tokenizer.pad_id, device, dtype)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = dict(step=step + 1, loss=loss.item(), lr=lr)
+        if (step + 1) % max(1, max_steps // 5) == 0 or step + 1 == max_steps:
+            row["val_loss"] = val_loss()
+        metrics.write(**row)
+    plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "val_loss"], "SFT loss (assistant tokens)")
+    config = {"stage": "sft", "model": model.config.to_dict(), "train": dataclasses.asdict(args),
+              "minutes": (time.time() - started) / 60}
+    final = save_policy(out, max_steps, model, config, args.base, args.lora_rank)
+    print(f"sft done: {final}")
+    return final

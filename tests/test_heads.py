@@ -1,0 +1,196 @@
+import pytest
+import torch
+
+from palmchat import checkpoint
+from palmchat.config import preset
+from palmchat.data.chat import pad_left, pad_right
+from palmchat.model.heads import (
+    HEAD_FILE,
+    RewardModel,
+    ValueModel,
+    end_of_turn_index,
+    load_reward_model,
+    load_value_model,
+    save_reward_model,
+    save_value_model,
+)
+from palmchat.model.palm import PaLM
+from palmchat.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, USER_ID
+
+ATOL = 1e-5
+
+
+def conversation(prompt_len, response_len, seed):
+    """[bos, user, prompt..., eot, assistant, response..., eot] with ordinary ids in [6, 97)."""
+    g = torch.Generator().manual_seed(seed)
+    body = lambda n: torch.randint(6, 97, (n,), generator=g).tolist()  # noqa: E731
+    return [BOS_ID, USER_ID] + body(prompt_len) + [EOT_ID, ASSISTANT_ID] + body(response_len) + [EOT_ID]
+
+
+@pytest.fixture(params=["parallel", "sequential"])
+def reward_model(request):
+    config = preset("tiny", vocab_size=97, block=request.param)
+    return RewardModel(PaLM(config)).eval()
+
+
+@pytest.fixture
+def batch():
+    target = conversation(5, 4, seed=0)
+    longer = conversation(9, 11, seed=1)
+    shorter = conversation(2, 1, seed=2)
+    return target, [longer, target, shorter]
+
+
+# ============================================================================ the padding traps
+def test_same_reward_alone_right_padded_left_padded(reward_model, batch):
+    target, seqs = batch
+    with torch.no_grad():
+        alone = reward_model(torch.tensor([target]), torch.tensor([len(target) - 1]))
+
+        ids, lengths = pad_right(seqs, 0)
+        right = reward_model(ids, lengths - 1)
+        right_found = reward_model(ids, end_of_turn_index(ids))  # eot lookup agrees with lengths - 1
+        right_masked = reward_model(ids, lengths - 1, padding_mask=torch.arange(ids.shape[1]) < lengths[:, None])
+
+        ids_l, mask = pad_left(seqs, 0)
+        eot_l = end_of_turn_index(ids_l, EOT_ID, mask)
+        assert (eot_l == ids_l.shape[1] - 1).all()
+        left = reward_model(ids_l, eot_l, padding_mask=mask)
+
+    assert alone.shape == (1,) and right.shape == (3,) and right.dtype == torch.float32
+    for r in (right, right_found, right_masked, left):
+        torch.testing.assert_close(r[1:2], alone, atol=ATOL, rtol=0)
+    # every row agrees between the two paddings, not only the target
+    torch.testing.assert_close(right, left, atol=ATOL, rtol=0)
+    # and the test has teeth: reading at the last POSITION of a right-padded row (a pad) is wrong
+    with torch.no_grad():
+        at_pad = reward_model.head(reward_model.backbone.hidden_states(ids)[1, -1]).squeeze(-1)
+    assert (at_pad - alone[0]).abs() > 1e-3
+
+
+def test_tokens_after_eot_do_not_matter_response_tokens_do(reward_model, batch):
+    _, seqs = batch
+    ids, lengths = pad_right(seqs, 0)
+    eot = lengths - 1
+    with torch.no_grad():
+        base = reward_model(ids, eot)
+        garbage = ids.clone()
+        garbage[1, lengths[1]:] = torch.arange(50, 50 + ids.shape[1] - int(lengths[1]))  # junk in the padding
+        garbage[2, lengths[2]:] = EOT_ID  # even eot ids in the padding are ignored at an explicit index
+        torch.testing.assert_close(reward_model(garbage, eot), base, atol=ATOL, rtol=0)
+
+        changed = ids.clone()
+        changed[1, eot[1] - 1] = 7 if int(ids[1, eot[1] - 1]) != 7 else 8  # last response token
+        out = reward_model(changed, eot)
+        assert (out[1] - base[1]).abs() > 1e-4
+        torch.testing.assert_close(out[[0, 2]], base[[0, 2]], atol=ATOL, rtol=0)  # rows are independent
+
+        # left padding: junk in the pads (masked) changes nothing either
+        ids_l, mask = pad_left(seqs, 0)
+        eot_l = end_of_turn_index(ids_l, EOT_ID, mask)
+        base_l = reward_model(ids_l, eot_l, padding_mask=mask)
+        junk = ids_l.clone()
+        junk[~mask] = 42
+        torch.testing.assert_close(reward_model(junk, eot_l, padding_mask=mask), base_l, atol=ATOL, rtol=0)
+
+
+# ============================================================================ end_of_turn_index
+def test_end_of_turn_index_last_eot_among_real_tokens():
+    ids = torch.tensor([[1, 3, 9, 5, 4, 8, 5, 0, 0],
+                        [1, 3, 9, 5, 4, 8, 8, 8, 5]])
+    assert end_of_turn_index(ids, EOT_ID).tolist() == [6, 8]
+    # with a mask, an eot id sitting in the padding is not real
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 5:] = False
+    assert end_of_turn_index(ids, EOT_ID, mask).tolist() == [3, 8]
+    assert RewardModel.end_of_turn_index(ids).tolist() == [6, 8]
+
+
+def test_end_of_turn_index_errors_name_the_row():
+    ids = torch.tensor([[1, 3, 9, 5, 4, 8, 5], [1, 3, 9, 5, 4, 8, 8], [1, 3, 9, 9, 4, 8, 8]])
+    with pytest.raises(ValueError, match=r"row 2 has no end-of-turn token \(id 5\)"):
+        end_of_turn_index(ids, EOT_ID)
+    # a response that never ended must not be scored at the prompt's eot: pass the response start
+    with pytest.raises(ValueError, match=r"row 1 has no end-of-turn token .* at or after index 5"):
+        end_of_turn_index(ids[:2], EOT_ID, start=torch.tensor([5, 5]))
+    mask = torch.ones_like(ids[:1], dtype=torch.bool)
+    mask[0, 3:] = False
+    with pytest.raises(ValueError, match="row 0"):
+        end_of_turn_index(ids[:1], EOT_ID, mask)
+
+
+def test_forward_refuses_an_index_that_is_not_an_eot(tiny_config):
+    model = RewardModel(PaLM(tiny_config)).eval()
+    ids, lengths = pad_right([conversation(3, 3, 0), conversation(3, 1, 1)], 0)
+    with pytest.raises(ValueError, match=r"eot_index\[1\]"):
+        model(ids, torch.full((2,), ids.shape[1] - 1))  # the last position of row 1 is a pad
+
+
+# ============================================================================ value model
+def test_value_model_per_token_and_padding(tiny_config, batch):
+    _, seqs = batch
+    model = ValueModel(PaLM(tiny_config)).eval()
+    with torch.no_grad():
+        ids, lengths = pad_right(seqs, 0)
+        values = model(ids)
+        ids_l, mask = pad_left(seqs, 0)
+        values_l = model(ids_l, padding_mask=mask)
+        alone = model(torch.tensor([seqs[1]]))
+    assert values.shape == ids.shape and values.dtype == torch.float32
+    L = len(seqs[1])
+    torch.testing.assert_close(values[1, :L], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(values_l[1, -L:], alone[0], atol=ATOL, rtol=0)
+
+
+# ============================================================================ checkpoints
+def test_reward_model_save_load_round_trip(tmp_path, tiny_config, batch):
+    _, seqs = batch
+    model = RewardModel(PaLM(tiny_config)).eval()
+    with torch.no_grad():
+        model.head.bias.fill_(0.25)
+    ids, lengths = pad_right(seqs, 0)
+    with torch.no_grad():
+        before = model(ids, lengths - 1)
+    final = save_reward_model(model, tmp_path / "rm", 7, {"stage": "reward"})
+    assert (final / HEAD_FILE).is_file() and (final / checkpoint.MODEL_FILE).is_file()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "rm").iterdir() if p.is_dir())  # no temp left
+
+    loaded, config = load_reward_model(tmp_path / "rm")  # a run folder resolves through `latest`
+    assert config["stage"] == "reward" and config["head"] == "reward" and config["step"] == 7
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids, lengths - 1), before)
+
+    # model.safetensors is a plain PaLM checkpoint: same names, loads as a language model
+    lm, _, _ = checkpoint.load_model(final)
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(lm.state_dict()[name], tensor)
+
+    # the critic can start from the reward model
+    value, _ = load_value_model(final)
+    with torch.no_grad():
+        torch.testing.assert_close(value.eval()(ids)[torch.arange(3), lengths - 1], before, atol=ATOL, rtol=0)
+
+
+def test_load_errors(tmp_path, tiny_config):
+    lm = PaLM(tiny_config)
+    plain = checkpoint.save_checkpoint(tmp_path / "lm", 1, lm, {"model": tiny_config.to_dict()})
+    with pytest.raises(checkpoint.CheckpointError, match=r"is not a reward model checkpoint \(no head.safetensors\)"):
+        load_reward_model(plain)
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        load_reward_model(tmp_path / "missing")
+    value_ckpt = save_value_model(ValueModel(lm), tmp_path / "vm", 1, {})
+    with pytest.raises(checkpoint.CheckpointError, match="value model checkpoint, not a reward model"):
+        load_reward_model(value_ckpt)
+    assert isinstance(load_value_model(value_ckpt)[0], ValueModel)
+    (value_ckpt / HEAD_FILE).write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        load_value_model(value_ckpt)
+
+
+def test_value_from_reward_model(tiny_config):
+    rm = RewardModel(PaLM(tiny_config)).eval()
+    vm = ValueModel.from_reward_model(rm).eval()
+    ids = torch.tensor([conversation(3, 3, 0)])
+    with torch.no_grad():
+        torch.testing.assert_close(vm(ids)[:, -1], rm(ids, torch.tensor([ids.shape[1] - 1])))
+    assert vm.head.weight.data_ptr() != rm.head.weight.data_ptr()  # a copy, not shared
