@@ -135,6 +135,8 @@ def _commands():
     from palmchat.demo import main as demo_main
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain_main
+    from palmchat.train.reward import RewardArgs
+    from palmchat.train.reward import main as reward_main
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft_main
 
@@ -142,6 +144,7 @@ def _commands():
         "demo": (DemoArgs, demo_main),
         "pretrain": (PretrainArgs, pretrain_main),
         "sft": (SFTArgs, sft_main),
+        "reward": (RewardArgs, reward_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
     }

@@ -239,6 +239,14 @@ def _parse_ranking(record: dict) -> Ranking:
     return Ranking(prompt, [responses[i] for i in ranking])
 
 
+def parse_ranking(record: dict) -> Ranking:
+    """One ranking record (as found on a line of a rankings file) -> Ranking; DataError if malformed."""
+    try:
+        return _parse_ranking(record)
+    except _Bad as e:
+        raise DataError(f"ranking record: {e}") from None
+
+
 def _parse_prompt(record: dict) -> list[dict]:
     if "prompt" in record:
         return _prompt(record["prompt"], "prompt")

@@ -158,18 +158,20 @@ class ValueModel(_ScalarHeadModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def _save(model: _ScalarHeadModel, run_dir, step, config, tokenizer_path, optimizer, keep_last) -> Path:
+def _save(model: _ScalarHeadModel, run_dir, step, config, tokenizer_path, optimizer, keep_last, adapter=None) -> Path:
+    """adapter: save only that LoRA adapter of the backbone (config must then name "lora" and "base")."""
     config = {**config, "model": model.config.to_dict(), "head": model.kind}
     return checkpoint.save_checkpoint(run_dir, step, model.backbone, config, tokenizer_path=tokenizer_path,
-                                      optimizer=optimizer, keep_last=keep_last,
+                                      optimizer=optimizer, keep_last=keep_last, adapter=adapter,
                                       extra_tensors={HEAD_FILE.removesuffix(".safetensors"): model.head_state_dict()})
 
 
 def save_reward_model(model: RewardModel, run_dir: str | os.PathLike, step: int, config: dict,
                       tokenizer_path: str | os.PathLike | None = None,
-                      optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2) -> Path:
+                      optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2,
+                      adapter: str | None = None) -> Path:
     """Atomically write run_dir/step-XXXXXX (backbone in model.safetensors, head in head.safetensors)."""
-    return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last)
+    return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last, adapter)
 
 
 def save_value_model(model: ValueModel, run_dir: str | os.PathLike, step: int, config: dict,
@@ -187,8 +189,8 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
     kind = config.get("head")
     if kind is not None and kind not in accept:
         raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
-    model = cls(ModelConfig.from_dict(config["model"]))
-    checkpoint.load_weights(model.backbone, ckpt)
+    backbone, _, _ = checkpoint.load_model(ckpt)  # full weights, or a base with its LoRA adapter merged in
+    model = cls(backbone)
     try:
         tensors = load_file(ckpt / HEAD_FILE)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

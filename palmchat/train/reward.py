@@ -1,0 +1,153 @@
+"""Reward model: `palmchat reward SFT_CHECKPOINT --data rankings.jsonl --out runs/reward`.
+
+The LM backbone with a scalar head read at the response's explicit end-of-turn token. Trained on
+K-wise human rankings with the InstructGPT loss (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155,
+eq. 1): all C(K,2) pairs of one prompt in one batch element, -1/C(K,2) * sum log sigmoid(r_w - r_l).
+Pairwise files (prompt/chosen/rejected) are the K=2 case. Reports held-out pairwise accuracy and
+Kendall's tau between the model's order and the labelers' order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from palmchat import checkpoint
+from palmchat.args import arg
+from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch
+from palmchat.losses import ranking_loss
+from palmchat.model.heads import RewardModel, save_reward_model
+from palmchat.model.lora import lora_config
+from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, load_policy, pick_device,
+                                   plot_metrics)
+
+
+@dataclass
+class RewardArgs:
+    """Train a reward model on K-wise rankings (or chosen/rejected pairs)."""
+
+    base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
+    data: list[str] = arg([], "JSONL rankings {'prompt','responses','ranking'} or pairs {'prompt','chosen','rejected'}; "
+                              "default: the bundled world's rankings")
+    out: str = arg("runs/reward", "output folder")
+    epochs: float = arg(1.0, "passes over the data")
+    batch_size: int = arg(16, "rankings per step (each holds K responses)")
+    lr: float = arg(3e-4, "peak learning rate")
+    warmup_steps: int = arg(10, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
+    val_fraction: float = arg(0.1, "rankings held out for accuracy and Kendall tau")
+    lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator")
+    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def bundled_rankings(seed: int, n: int = 3000):
+    from palmchat.data.world import World
+
+    return [parse_ranking(r) for r in World(seed=seed).ranking_examples(n)]
+
+
+def ranking_metrics(rewards: torch.Tensor, num_responses: torch.Tensor) -> dict:
+    """rewards (B, K_max), column j = the response labelers ranked j-th. Pairwise accuracy and Kendall's tau,
+    averaged over prompts (ties count as half right)."""
+    accs, taus = [], []
+    for row, k in zip(rewards.tolist(), num_responses.tolist()):
+        score = 0.0
+        for i in range(k):
+            for j in range(i + 1, k):
+                score += 1.0 if row[i] > row[j] else (0.5 if row[i] == row[j] else 0.0)
+        pairs = k * (k - 1) / 2
+        accs.append(score / pairs)
+        taus.append(2 * score / pairs - 1)  # (concordant - discordant) / pairs
+    return {"pairwise_accuracy": sum(accs) / len(accs), "kendall_tau": sum(taus) / len(taus)}
+
+
+def score_rankings(model: RewardModel, tokenizer, rankings, max_len, batch_size, device, dtype):
+    """(B, K_max) rewards for a list of rankings, and their K."""
+    model.eval()
+    rows, ks = [], []
+    with torch.no_grad(), autocast(device, dtype):
+        for i in range(0, len(rankings), batch_size):
+            batch = ranking_batch(tokenizer, rankings[i:i + batch_size], max_len)
+            rewards = model(batch["ids"].to(device), batch["eot_index"].to(device))
+            rows.append(group_by_ranking(rewards.float().cpu(), batch["num_responses"], fill=float("nan")))
+            ks.append(batch["num_responses"])
+    model.train()
+    width = max(r.shape[1] for r in rows)
+    rows = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=float("nan")) for r in rows]
+    return torch.cat(rows), torch.cat(ks)
+
+
+def main(args: RewardArgs) -> Path:
+    device = pick_device(args.device)
+    dtype = autocast_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    backbone, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="reward")
+    model = RewardModel(backbone, eot_id=tokenizer.eot_id).to(device)  # the new head is trainable either way
+    max_len = args.max_len or backbone.config.max_seq_len
+    rankings = [r for path in args.data for r in load_rankings(path)] if args.data else bundled_rankings(args.seed)
+    if len(rankings) < 2:
+        raise ValueError("the reward model needs at least 2 rankings")
+    random.Random(args.seed).shuffle(rankings)
+    n_val = max(1, int(len(rankings) * args.val_fraction))
+    val, train = rankings[:n_val], rankings[n_val:]
+
+    steps_per_epoch = max(1, len(train) // args.batch_size)
+    max_steps = max(1, int(args.epochs * steps_per_epoch))
+    optimizer = adamw(model, args.lr, args.weight_decay)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    print(f"reward model: {len(train)} train / {len(val)} held-out rankings, {max_steps} steps")
+
+    def validate(step: int) -> dict:
+        rewards, ks = score_rankings(model, tokenizer, val, max_len, 2 * args.batch_size, device, dtype)
+        result = ranking_metrics(rewards, ks)
+        metrics.write(step=step, **{f"val_{k}": v for k, v in result.items()})
+        return result
+
+    first = validate(0)
+    order = random.Random(args.seed + 1)
+    started = time.time()
+    for step in tqdm(range(max_steps), desc="reward", dynamic_ncols=True, mininterval=1.0):
+        pos = step % steps_per_epoch
+        if pos == 0:
+            order.shuffle(train)
+        batch = ranking_batch(tokenizer, train[pos * args.batch_size:(pos + 1) * args.batch_size], max_len)
+        lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, dtype):
+            rewards = model(batch["ids"].to(device), batch["eot_index"].to(device))
+        loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
+                                      batch["num_responses"].to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics.write(step=step + 1, loss=loss.item(), accuracy=float(accuracy), lr=lr)
+        if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
+            validate(step + 1)
+    final_metrics = validate(max_steps)
+    plot_metrics(out / "metrics.jsonl", out / "accuracy.png", ["accuracy", "val_pairwise_accuracy", "val_kendall_tau"],
+                 "reward model")
+    config = {"stage": "reward", "train": dataclasses.asdict(args), "minutes": (time.time() - started) / 60,
+              "eval": {"before": first, "after": final_metrics}}
+    base_ckpt = checkpoint.resolve(args.base)
+    if args.lora_rank:
+        config.update(lora=lora_config(backbone, "reward"), base=str(base_ckpt.resolve()))
+    final = save_reward_model(model, out, max_steps, config, base_ckpt / checkpoint.TOKENIZER_FILE,
+                              adapter="reward" if args.lora_rank else None)
+    print(f"reward model done: {final}  held-out pairwise accuracy {final_metrics['pairwise_accuracy']:.3f}, "
+          f"Kendall tau {final_metrics['kendall_tau']:.3f} (before training: {first['pairwise_accuracy']:.3f})")
+    return final
