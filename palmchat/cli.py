@@ -133,6 +133,8 @@ def chat_main(args: ChatArgs) -> None:
 def _commands():
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
+    from palmchat.train.dpo import DPOArgs
+    from palmchat.train.dpo import main as dpo_main
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain_main
     from palmchat.train.reward import RewardArgs
@@ -145,6 +147,7 @@ def _commands():
         "pretrain": (PretrainArgs, pretrain_main),
         "sft": (SFTArgs, sft_main),
         "reward": (RewardArgs, reward_main),
+        "dpo": (DPOArgs, dpo_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
     }
