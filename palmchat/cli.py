@@ -135,6 +135,10 @@ def _commands():
     from palmchat.demo import main as demo_main
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo_main
+    from palmchat.train.grpo import GRPOArgs
+    from palmchat.train.grpo import main as grpo_main
+    from palmchat.train.ppo import PPOArgs
+    from palmchat.train.ppo import main as ppo_main
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain_main
     from palmchat.train.reward import RewardArgs
@@ -148,6 +152,8 @@ def _commands():
         "sft": (SFTArgs, sft_main),
         "reward": (RewardArgs, reward_main),
         "dpo": (DPOArgs, dpo_main),
+        "ppo": (PPOArgs, ppo_main),
+        "grpo": (GRPOArgs, grpo_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
     }

@@ -1,0 +1,150 @@
+"""What PPO and GRPO share: sampling responses with the engine, scoring them, and the per-token
+log-probs of those responses under a model, laid out response-aligned as (B, R).
+
+The traps handled here, each tested in tests/test_rl.py:
+- prompts are token ids rendered once and never re-tokenised; responses keep the sampled ids;
+- the log-probs recomputed by a training forward pass equal those the engine sampled with (temperature 1);
+- the reward is read at the response's own end-of-turn token (right-padded batch, index = length - 1);
+- a response that never ends gets its eot appended for scoring plus a penalty, rather than being scored at a pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from palmchat.data.chat import pad_right
+from palmchat.inference.engine import Engine, SamplingParams
+from palmchat.losses import token_logprobs
+from palmchat.train.common import autocast
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (B, T) prompt + response, right-padded
+    prompt_lens: torch.Tensor  # (B,)
+    response_lens: torch.Tensor  # (B,) response tokens, eot included when finished
+    finished: torch.Tensor  # (B,) bool: the response ended with eot
+    sample_logprobs: torch.Tensor  # (B, R) log-probs the engine sampled with, 0 past each response
+    prompts: list[str]  # prompt text (user message), for verifiers
+    responses: list[str]  # decoded response text
+
+    @property
+    def mask(self) -> torch.Tensor:  # (B, R) True on response tokens
+        R = self.sample_logprobs.shape[1]
+        return torch.arange(R)[None, :] < self.response_lens[:, None]
+
+    @property
+    def action_index(self) -> torch.Tensor:
+        """(B, R): the position whose logits predict each response token (one before it), clamped in range."""
+        R = self.sample_logprobs.shape[1]
+        index = self.prompt_lens[:, None] - 1 + torch.arange(R)[None, :]
+        return index.clamp(max=self.ids.shape[1] - 2)
+
+
+def sample(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+           temperature: float = 1.0) -> Rollout:
+    """One batched, KV-cached generation per prompt (repeat prompts for GRPO groups)."""
+    prompt_ids = [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 100_003 + i,
+                             stop_token_ids=(tokenizer.eot_id,)) for i in range(len(prompts))]
+    params = [engine.clamp_max_new_tokens(p, q) for p, q in zip(prompt_ids, params)]
+    completions = engine.generate(prompt_ids, params)
+    ids, _ = pad_right([p + c.tokens for p, c in zip(prompt_ids, completions)], tokenizer.pad_id)
+    R = max(len(c.tokens) for c in completions)
+    logprobs = torch.zeros(len(completions), R)
+    for row, c in enumerate(completions):
+        logprobs[row, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return Rollout(
+        ids=ids,
+        prompt_lens=torch.tensor([len(p) for p in prompt_ids]),
+        response_lens=torch.tensor([len(c.tokens) for c in completions]),
+        finished=torch.tensor([c.finish_reason == "stop" for c in completions]),
+        sample_logprobs=logprobs,
+        prompts=list(prompts),
+        responses=[tokenizer.decode_reply(c.tokens) for c in completions],
+    )
+
+
+def response_logprobs(model, rollout: Rollout, rows=slice(None), device="cpu", dtype=None,
+                      return_hidden: bool = False):
+    """(b, R) log-probs of each response token under `model` (0 past the response); optionally the
+    final hidden states (b, T, C) too, so a value head can share the forward pass."""
+    ids = rollout.ids[rows].to(device)
+    with autocast(torch.device(device), dtype):
+        hidden = model.hidden_states(ids)
+        logits = model.logits(hidden)
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (b, T-1): column j scores token j+1
+    logp = logp.gather(1, rollout.action_index[rows].to(device))
+    logp = torch.where(rollout.mask[rows].to(device), logp, torch.zeros((), device=device))
+    return (logp, hidden) if return_hidden else logp
+
+
+def gather_actions(per_position: torch.Tensor, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
+    """(b, T) values per sequence position -> (b, R) at the positions that choose each response token."""
+    index = rollout.action_index[rows].to(per_position.device)
+    out = per_position.gather(1, index)
+    return torch.where(rollout.mask[rows].to(out.device), out, torch.zeros((), device=out.device))
+
+
+def reward_model_scorer(reward_model, tokenizer, device="cpu", dtype=None) -> Callable[[Rollout], torch.Tensor]:
+    """Scores read at each response's own eot; an unfinished response is scored with an eot appended."""
+
+    @torch.no_grad()
+    def score(rollout: Rollout) -> torch.Tensor:
+        seqs = []
+        for row, (p, r) in enumerate(zip(rollout.prompt_lens.tolist(), rollout.response_lens.tolist())):
+            seq = rollout.ids[row, : p + r].tolist()
+            if not rollout.finished[row]:
+                seq.append(tokenizer.eot_id)
+            seqs.append(seq[-reward_model.config.max_seq_len:])
+        ids, lengths = pad_right(seqs, tokenizer.pad_id)
+        with autocast(torch.device(device), dtype):
+            return reward_model(ids.to(device), (lengths - 1).to(device)).float().cpu()
+
+    return score
+
+
+def verifier_scorer(world) -> Callable[[Rollout], torch.Tensor]:
+    """A Python function as the reward ("verifiable rewards"): the bundled world's verifier score."""
+
+    def score(rollout: Rollout) -> torch.Tensor:
+        return torch.tensor([world.verify(p, r).score for p, r in zip(rollout.prompts, rollout.responses)])
+
+    return score
+
+
+def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
+    """'verifier' or a reward-model checkpoint path -> (scorer, reward model or None)."""
+    if reward == "verifier":
+        from palmchat.data.world import World
+
+        return verifier_scorer(World(seed=seed)), None
+    from palmchat.model.heads import load_reward_model
+
+    reward_model, _ = load_reward_model(reward, device=device)
+    reward_model.eval().requires_grad_(False)
+    return reward_model_scorer(reward_model, tokenizer, device, dtype), reward_model
+
+
+def bundled_prompts(seed: int, n: int = 2000, split: str = "train") -> list[str]:
+    from palmchat.data.world import World
+
+    return World(seed=seed).prompts(n, split)
+
+
+def load_prompt_texts(paths: list[str], seed: int) -> list[str]:
+    """User prompts from JSONL files ({'prompt': str} or {'messages': [...]}: the last user turn), or the bundled ones."""
+    if not paths:
+        return bundled_prompts(seed)
+    from palmchat.data.chat import load_prompts
+
+    texts = []
+    for path in paths:
+        for messages in load_prompts(path):
+            texts.append(messages[-1]["content"])
+    if not texts:
+        raise ValueError("no prompts in " + ", ".join(paths))
+    return texts
