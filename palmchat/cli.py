@@ -59,6 +59,7 @@ def generate_main(args: GenerateArgs) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_token_ids=(tokenizer.eot_id, tokenizer.bos_id),
                             stop_sequences=tuple(tuple(tokenizer.encode(s)) for s in args.stop))
+    params = engine.clamp_max_new_tokens(prompt, params)  # a prompt longer than the context is an error
     completions = engine.generate([prompt] * args.num_samples, params)
     for i, c in enumerate(completions):
         if args.num_samples > 1:
@@ -130,6 +131,30 @@ def chat_main(args: ChatArgs) -> None:
         history = prompt + reply
 
 
+@dataclass
+class MergeArgs:
+    """Fold a LoRA adapter checkpoint into its base weights and save a full checkpoint."""
+
+    checkpoint: str = arg("", "an adapter checkpoint folder (adapter.safetensors + config.json naming its base)",
+                          positional=True)
+    out: str = arg("", "output folder for the merged checkpoint")
+
+
+def merge_main(args: MergeArgs) -> None:
+    from palmchat import checkpoint
+
+    if not args.out:
+        raise ValueError("--out is required")
+    ckpt = checkpoint.resolve(args.checkpoint)
+    if not (ckpt / checkpoint.ADAPTER_FILE).is_file():
+        raise ValueError(f"{ckpt} holds full weights already (no {checkpoint.ADAPTER_FILE})")
+    model, config, _ = checkpoint.load_model(ckpt, merge=True)
+    config = {k: v for k, v in config.items() if k not in ("lora", "base", "step")}
+    config["merged_from"] = str(ckpt)
+    final = checkpoint.save_checkpoint(args.out, 0, model, config, ckpt / checkpoint.TOKENIZER_FILE)
+    print(f"merged: {final}")
+
+
 def _commands():
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
@@ -154,6 +179,7 @@ def _commands():
         "dpo": (DPOArgs, dpo_main),
         "ppo": (PPOArgs, ppo_main),
         "grpo": (GRPOArgs, grpo_main),
+        "merge-lora": (MergeArgs, merge_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
     }

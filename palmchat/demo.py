@@ -1,10 +1,14 @@
 """`make demo`: the whole pipeline on the bundled assistant world, on a laptop CPU.
 
-Each step calls the same stage function a user would call from the command line, with small settings.
+    data -> tokenizer + pretraining -> SFT -> reward model -> PPO, DPO, GRPO -> evaluation -> report.md
+
+Each step calls the same stage function a user runs from the command line, with small settings.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,51 +18,136 @@ from palmchat.args import arg
 
 @dataclass
 class DemoArgs:
-    """Run the pipeline end to end on the bundled data."""
+    """Run the pipeline end to end on the bundled data and write report.md."""
 
     out: str = arg("runs/demo", "output folder")
     quick: bool = arg(False, "tiny settings for tests (seconds instead of minutes)")
     seed: int = arg(0, "random seed")
     pretrain_steps: int = arg(700, "pretraining steps")
+    eval_prompts: int = arg(300, "held-out prompts per evaluation")
     fresh: bool = arg(True, "delete earlier outputs in --out first")
 
 
-def main(args: DemoArgs) -> None:
-    import shutil
+@dataclass
+class Settings:
+    """Stage sizes: the demo's, or --quick's for tests."""
 
+    preset: str
+    pretrain_steps: int
+    vocab_size: int
+    seq_len: int
+    sft_epochs: float
+    reward_epochs: float
+    dpo_epochs: float
+    ppo_iterations: int
+    grpo_iterations: int
+    eval_prompts: int
+    best_of: tuple[int, ...]
+
+
+def settings(args: DemoArgs) -> Settings:
+    if args.quick:
+        return Settings("tiny", 30, 400, 128, 0.2, 0.1, 0.05, 2, 2, 16, (1, 2))
+    return Settings("mini", args.pretrain_steps, 2048, 256, 2.0, 1.0, 1.0, 30, 30, args.eval_prompts, (1, 4, 16))
+
+
+def run_pipeline(args: DemoArgs) -> dict:
     from palmchat import checkpoint
-    from palmchat.data.world import write_bundle
-    from palmchat.inference.engine import Engine, SamplingParams
+    from palmchat.data.world import World, write_bundle
+    from palmchat.eval import evaluate_best_of_n, evaluate_policy
+    from palmchat.model.heads import load_reward_model
+    from palmchat.report import write_report
+    from palmchat.train.dpo import DPOArgs
+    from palmchat.train.dpo import main as dpo
+    from palmchat.train.grpo import GRPOArgs
+    from palmchat.train.grpo import main as grpo
+    from palmchat.train.ppo import PPOArgs
+    from palmchat.train.ppo import main as ppo
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain
+    from palmchat.train.reward import RewardArgs
+    from palmchat.train.reward import main as reward
+    from palmchat.train.sft import SFTArgs
+    from palmchat.train.sft import main as sft
 
+    s = settings(args)
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    started, minutes = time.time(), {}
+    seed = args.seed
+
+    def timed(name, fn):
+        t0 = time.time()
+        print(f"\n=== {name} ===")
+        result = fn()
+        minutes[name] = (time.time() - t0) / 60
+        return result
+
+    data = out / "data"
+    timed("data", lambda: write_bundle(data, seed=seed))
+    pt = timed("pretrain", lambda: pretrain(PretrainArgs(
+        out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
+        vocab_size=s.vocab_size, seq_len=s.seq_len, eval_every=max(10, s.pretrain_steps // 7),
+        save_every=max(10, s.pretrain_steps // 2), warmup_steps=min(50, s.pretrain_steps // 5), seed=seed)))
+    sft_ckpt = timed("sft", lambda: sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(out / "sft"),
+                                               epochs=s.sft_epochs, seed=seed)))
+    rm_ckpt = timed("reward", lambda: reward(RewardArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
+                                                       out=str(out / "reward"), epochs=s.reward_epochs, seed=seed)))
+    dpo_ckpt = timed("dpo", lambda: dpo(DPOArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
+                                              out=str(out / "dpo"), epochs=s.dpo_epochs, seed=seed)))
+    ppo_ckpt = timed("ppo", lambda: ppo(PPOArgs(base=str(sft_ckpt), reward=str(rm_ckpt),
+                                              prompts=[str(data / "prompts_train.jsonl")], out=str(out / "ppo"),
+                                              iterations=s.ppo_iterations, seed=seed)))
+    grpo_ckpt = timed("grpo", lambda: grpo(GRPOArgs(base=str(sft_ckpt), reward="verifier",
+                                                 prompts=[str(data / "prompts_train.jsonl")], out=str(out / "grpo"),
+                                                 iterations=s.grpo_iterations, seed=seed)))
+
+    def evaluate():
+        world = World(seed=seed)
+        prompts = world.prompts(s.eval_prompts, "heldout")
+        reward_model, _ = load_reward_model(rm_ckpt)
+        reward_model.eval()
+        sft_model, _, _ = checkpoint.load_model(sft_ckpt)
+        tokenizer = checkpoint.load_tokenizer(sft_ckpt)
+        stages = {"sft": evaluate_policy(sft_model.eval(), tokenizer, world, prompts, reference=sft_model,
+                                         reward_model=reward_model, seed=seed)}
+        for name, ckpt in (("ppo", ppo_ckpt), ("dpo", dpo_ckpt), ("grpo", grpo_ckpt)):
+            model, _, _ = checkpoint.load_model(ckpt)
+            stages[name] = evaluate_policy(model.eval(), tokenizer, world, prompts, reference=sft_model,
+                                           reward_model=reward_model, baseline_scores=stages["sft"]["scores"],
+                                           seed=seed)
+        stages["sft"]["win_rate"] = 0.5
+        best = evaluate_best_of_n(sft_model, reward_model, tokenizer, world, prompts, ns=s.best_of, seed=seed)
+        return stages, best
+
+    stages, best = timed("evaluation", evaluate)
+    rm_config = checkpoint.read_config(rm_ckpt)
+    results = {
+        "stages": stages,
+        "reward_model": rm_config["eval"]["after"],
+        "best_of_n": best,
+        "plots": {"pretraining loss": "pretrain/loss.png", "SFT loss": "sft/loss.png",
+                  "reward model": "reward/accuracy.png", "DPO": "dpo/loss.png", "PPO": "ppo/reward.png",
+                  "GRPO": "grpo/reward.png"},
+        "settings": {"seed": seed, "quick": args.quick, **vars(s), "minutes": minutes,
+                     "total_minutes": (time.time() - started) / 60,
+                     "checkpoints": {k: str(v) for k, v in (("pretrain", pt), ("sft", sft_ckpt), ("reward", rm_ckpt),
+                                                           ("dpo", dpo_ckpt), ("ppo", ppo_ckpt), ("grpo", grpo_ckpt))}},
+    }
+    report = write_report(out, results)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return {"report": report, "results": results, "checkpoints": results["settings"]["checkpoints"]}
+
+
+def main(args: DemoArgs) -> None:
     started = time.time()
-
-    print(f"[1/2] bundled assistant world -> {out / 'data'}")
-    write_bundle(out / "data", seed=args.seed)
-
-    print("[2/2] tokenizer + pretraining")
-    steps = 30 if args.quick else args.pretrain_steps
-    pretrain(PretrainArgs(out=str(out / "pretrain"), preset="tiny" if args.quick else "mini",
-                          data=[str(out / "data" / "pretrain.txt")], max_steps=steps,
-                          vocab_size=512 if args.quick else 2048, seq_len=128 if args.quick else 256,
-                          eval_every=max(10, steps // 8), save_every=max(10, steps // 4), warmup_steps=min(50, steps // 5),
-                          seed=args.seed))
-
-    model, _, ckpt = checkpoint.load_model(out / "pretrain")
-    tokenizer = checkpoint.load_tokenizer(ckpt)
-    engine = Engine(model.eval())
-    print("\nsamples from the pretrained model (greedy):")
-    for text in ["Zorbo lives in", "12 plus 7 is", "The sorted list is"][: 1 if args.quick else 3]:
-        ids = [tokenizer.bos_id] + tokenizer.encode(text)
-        c = engine.generate([ids], SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=(tokenizer.bos_id,)))[0]
-        print(f"  {text!r} -> {tokenizer.decode(c.tokens)!r}")
-    print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min. outputs:")
-    print(f"  data:        {out / 'data'}")
-    print(f"  checkpoint:  {ckpt}")
-    print(f"  metrics:     {out / 'pretrain' / 'metrics.jsonl'}  plot: {out / 'pretrain' / 'loss.png'}")
-    print(f"  try:         palmchat generate {out / 'pretrain'} --prompt 'Zorbo lives in'")
+    run = run_pipeline(args)
+    stages = run["results"]["stages"]
+    print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min")
+    print("held-out verifier score: " + ", ".join(f"{k} {v['score']:.3f}" for k, v in stages.items()))
+    print(f"report:      {run['report']}")
+    for name, path in run["checkpoints"].items():
+        print(f"{name + ':':12} {path}")
+    print(f"try:         palmchat chat {run['checkpoints']['ppo']}")

@@ -17,7 +17,8 @@ How one call runs:
    A completion that does not end with eot -- it hit the length limit, or stopped on a stop *sequence* (which
    the engine strips) -- gets eot appended **for scoring only**: the reward model was trained on replies that end
    in eot and has no other place to read a score. ``Completion.tokens`` is returned unchanged; a truncated
-   reply is therefore scored as if it had ended there.
+   reply is therefore scored as if it had ended there. (``best_of_n`` leaves room for that eot; when
+   :func:`score_completions` is given a reply that fills the context, the eot replaces its last token.)
 3. The returned ``best`` is the first completion with the highest reward (``index`` = its position).
 
 The policy model runs inside ``engine`` (its dtype setting applies); the reward model runs in its own dtype under
@@ -78,6 +79,10 @@ def score_completions(reward_model, prompts: Sequence[Sequence[int]], completion
     if not seqs:
         return []
     ctx = reward_model.config.max_seq_len
+    for i, (s, c) in enumerate(zip(seqs, completions)):
+        tokens = c.tokens if isinstance(c, Completion) else c
+        if len(s) == ctx + 1 and len(tokens) > 0 and s[-2] != eot_id:  # the appended eot overflows the context:
+            seqs[i] = s[:-2] + [eot_id]  # it replaces the completion's last token instead
     too_long = [i for i, s in enumerate(seqs) if len(s) > ctx]
     if too_long:
         raise ValueError(f"sequence {too_long[0]} has {len(seqs[too_long[0]])} tokens (with eot), more than the "

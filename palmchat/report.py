@@ -1,0 +1,330 @@
+"""Write the end-of-pipeline report: ``report.md`` plus PNG plots, from one ``results`` dict.
+
+    path = write_report("runs/demo", results)   # -> runs/demo/report.md (+ stage_scores.png, best_of_n.png)
+
+The ``results`` schema (every key optional; missing values print as "n/a")::
+
+    {
+      "title": str,                       # heading; default "palmchat report"
+      "stages": {                         # one entry per evaluated policy; rows appear in the order
+        "sft":  STAGE, "ppo": STAGE,      # sft, ppo, dpo, grpo, then any other key in insertion order
+        "dpo":  STAGE, "grpo": STAGE, ...
+      },
+      "reward_model": {                   # held-out ranking metrics of the reward model
+        "pairwise_accuracy": float, "kendall_tau": float,
+        ...                               # any other scalars are listed too (e.g. "n_rankings")
+      },
+      "best_of_n": {n: BON, ...},         # n = 1, 4, 16 (int or str keys, as after a JSON round trip)
+      "best_of_n_policy": str,            # which policy best-of-n sampled from (e.g. "sft")
+      "plots": {caption: path, ...}       # training-curve PNGs, paths relative to out_dir
+               | [path, ...],             #   (absolute paths are rewritten relative to out_dir)
+      "settings": {key: value, ...},      # run settings, printed as a table (values JSON-encoded)
+      "wall_time_s": float,               # the whole run's wall time
+    }
+
+    STAGE = palmchat.eval.evaluate_policy(...) output: "correct", "style", "score", "reward", "win_rate"
+            (vs SFT's per-prompt scores), "kl" (to the reference), "length", "n", "per_task" {family: score},
+            "examples" [{"prompt", "reply", "verdict": {"task", "correct", "style", "score", ...}}, ...]
+    BON   = palmchat.eval.evaluate_best_of_n(...)[n]: "score", "correct", "style", "reward", "oracle_score"
+
+Written files (each written atomically: a temporary file in out_dir, then ``os.replace``):
+
+* ``report.md``       -- tables, embedded plots, examples, settings;
+* ``stage_scores.png`` -- verifier score and correctness per stage (when there are stages);
+* ``best_of_n.png``    -- best-of-n verifier score vs n (when best_of_n is given).
+
+The report prints measured numbers only; it draws no conclusions from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import unicodedata
+from pathlib import Path
+
+__all__ = ["write_report", "STAGE_ORDER", "STAGE_PLOT", "BEST_OF_N_PLOT", "REPORT_FILE"]
+
+STAGE_ORDER = ("sft", "ppo", "dpo", "grpo")
+REPORT_FILE = "report.md"
+STAGE_PLOT = "stage_scores.png"
+BEST_OF_N_PLOT = "best_of_n.png"
+N_EXAMPLES = 3
+
+# (column header, key in a STAGE dict, decimals)
+_STAGE_COLUMNS = (
+    ("correctness", "correct", 3),
+    ("style", "style", 3),
+    ("verifier score", "score", 3),
+    ("reward-model score", "reward", 3),
+    ("win rate vs SFT", "win_rate", 3),
+    ("KL to reference", "kl", 4),
+    ("mean length (tokens)", "length", 1),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(x, decimals: int = 3) -> str:
+    if isinstance(x, bool):
+        return str(x)
+    if not isinstance(x, (int, float)) or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{decimals}f}"
+
+
+def _cell(x) -> str:
+    text = x if isinstance(x, str) else json.dumps(x, default=str)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _printable(text: str) -> str:
+    """Control characters other than newline and tab (a random model emits any byte) as escapes."""
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode()
+                   for ch in text)
+
+
+def _fenced(text: str) -> list[str]:
+    text = _printable(text)
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", *text.split("\n"), fence]
+
+
+def _ordered_stages(stages: dict) -> list[str]:
+    return [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
+
+
+def _best_of_n_rows(bon: dict) -> list[tuple[int, dict]]:
+    rows = []
+    for k, v in bon.items():
+        try:
+            n = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"results['best_of_n'] keys must be sample counts n, got {k!r}") from None
+        rows.append((n, v if isinstance(v, dict) else {}))
+    return sorted(rows)
+
+
+def _relative(path, out_dir: Path) -> str:
+    p = Path(path)
+    if p.is_absolute():
+        return Path(os.path.relpath(p, out_dir)).as_posix()
+    return p.as_posix()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    return 0o644  # mkstemp creates files 0600; reading os.umask would mean changing it (process-wide)
+
+
+def _save_figure(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _figure(size=(7, 4)):
+    # a bare Figure on the Agg canvas: no pyplot, so no global backend state and nothing to close
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _value(d: dict, key: str) -> float:
+    x = d.get(key)
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float("nan")
+
+
+def _plot_stages(stages: dict, names: list[str], path: Path) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.38
+    xs = range(len(names))
+    for offset, key, label in ((-width / 2, "score", "verifier score"), (width / 2, "correct", "correctness")):
+        values = [_value(stages[s], key) for s in names]
+        bars = ax.bar([x + offset for x in xs], [0 if math.isnan(v) else v for v in values], width, label=label)
+        for bar, v in zip(bars, values):
+            ax.annotate(_num(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.25)  # room for the legend above bars near 1
+    ax.set_ylabel("mean over held-out prompts")
+    ax.set_title("verifier score and correctness per stage")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _plot_best_of_n(rows: list[tuple[int, dict]], policy: str | None, path: Path) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    ns = [n for n, _ in rows]
+    for key, label in (("score", "verifier score of the reward model's pick"), ("correct", "correctness"),
+                       ("oracle_score", "best verifier score among the n")):
+        values = [_value(d, key) for _, d in rows]
+        if not all(math.isnan(v) for v in values):
+            ax.plot(ns, values, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("n (samples per prompt)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("best-of-n" + (f" (samples from {policy})" if policy else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(out_dir, results: dict) -> Path:
+    """Write ``out_dir/report.md`` and its PNG plots from ``results`` (schema: module docstring); returns
+    the report's path."""
+    if not isinstance(results, dict):
+        raise TypeError(f"results must be a dict, got {type(results).__name__}")
+    stages = results.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise TypeError("results['stages'] must be a dict {stage name: evaluate_policy output}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _ordered_stages(stages)
+    lines = [f"# {results.get('title', 'palmchat report')}", ""]
+
+    wall = results.get("wall_time_s")
+    if isinstance(wall, (int, float)):
+        lines += [f"Wall time: {wall:.1f} s ({wall / 60:.1f} min).", ""]
+
+    # -- policies
+    lines += ["## Policies on held-out prompts", ""]
+    if names:
+        n_prompts = sorted({stages[s].get("n") for s in names if isinstance(stages[s].get("n"), int)})
+        temps = sorted({stages[s].get("temperature") for s in names if stages[s].get("temperature") is not None})
+        what = "Means over " + (f"{'/'.join(map(str, n_prompts))} " if n_prompts else "") + "held-out prompts"
+        what += f", one reply each sampled at temperature {'/'.join(map(str, temps))}." if temps else "."
+        lines += [what + " Correctness, style and verifier score come from the world's verifier; "
+                  "win rate vs SFT is per prompt (win 1, tie 0.5, loss 0) on the same prompts; "
+                  "KL to reference is the summed per-token log-ratio on the sampled replies (k1 estimator).", ""]
+        lines += _table(["stage"] + [c[0] for c in _STAGE_COLUMNS],
+                        [[s] + [_num(stages[s].get(key), d) for _, key, d in _STAGE_COLUMNS] for s in names])
+        families = sorted({f for s in names for f in (stages[s].get("per_task") or {})})
+        if families:
+            lines += ["Verifier score by task family:", ""]
+            lines += _table(["stage"] + families,
+                            [[s] + [_num((stages[s].get("per_task") or {}).get(f)) for f in families] for s in names])
+        _plot_stages(stages, names, out_dir / STAGE_PLOT)
+        lines += [f"![verifier score per stage]({STAGE_PLOT})", ""]
+    else:
+        lines += ["No stages were evaluated.", ""]
+
+    # -- reward model
+    rm = results.get("reward_model")
+    if rm:
+        lines += ["## Reward model", "", "Held-out rankings.", ""]
+        rows = [["pairwise accuracy", _num(rm.get("pairwise_accuracy"))], ["Kendall tau", _num(rm.get("kendall_tau"))]]
+        rows += [[k, _num(v) if isinstance(v, (int, float)) else v] for k, v in rm.items()
+                 if k not in ("pairwise_accuracy", "kendall_tau") and isinstance(v, (int, float, str))]
+        lines += _table(["metric", "value"], rows)
+
+    # -- best of n
+    bon = results.get("best_of_n")
+    if bon:
+        rows = _best_of_n_rows(bon)
+        policy = results.get("best_of_n_policy")
+        lines += ["## Best-of-n", "",
+                  f"n replies sampled per prompt{f' from {policy}' if policy else ''}; the reward model picks one. "
+                  "Oracle: the highest verifier score among the n.", ""]
+        lines += _table(["n", "verifier score", "correctness", "style", "reward-model score", "oracle score"],
+                        [[str(n), _num(d.get("score")), _num(d.get("correct")), _num(d.get("style")),
+                          _num(d.get("reward")), _num(d.get("oracle_score"))] for n, d in rows])
+        _plot_best_of_n(rows, policy, out_dir / BEST_OF_N_PLOT)
+        lines += [f"![best-of-n score vs n]({BEST_OF_N_PLOT})", ""]
+
+    # -- training curves
+    plots = results.get("plots")
+    if plots:
+        items = list(plots.items()) if isinstance(plots, dict) else [(Path(p).stem, p) for p in plots]
+        lines += ["## Training curves", ""]
+        for caption, p in items:
+            rel = _relative(p, out_dir)
+            missing = "" if (out_dir / rel).is_file() else " (file not found when the report was written)"
+            lines += [f"### {caption}", "", f"![{caption}]({rel})", "", f"[{rel}]({rel}){missing}", ""]
+
+    # -- examples
+    with_examples = [s for s in names if stages[s].get("examples")]
+    if with_examples:
+        lines += ["## Example replies", "", "The first prompts of the evaluation set, one sampled reply each.", ""]
+        for s in with_examples:
+            lines += [f"### {s}", ""]
+            for i, ex in enumerate(stages[s]["examples"][:N_EXAMPLES], 1):
+                v = ex.get("verdict") or {}
+                facts = [f"task {v.get('task', 'n/a')}", f"correct {_num(v.get('correct'), 0)}",
+                         f"style {_num(v.get('style'))}", f"score {_num(v.get('score'))}"]
+                if "reward" in ex:
+                    facts.append(f"reward {_num(ex['reward'])}")
+                if "finish_reason" in ex:
+                    facts.append(f"finish {ex['finish_reason']}")
+                lines += [f"{i}. " + ", ".join(facts), ""]
+                lines += ["   " + line for line in _fenced(f"user: {ex.get('prompt', '')}\nassistant: "
+                                                            f"{ex.get('reply', '')}")]
+                lines += [""]
+
+    # -- settings
+    settings = dict(results.get("settings") or {})
+    if settings or isinstance(wall, (int, float)):
+        lines += ["## Settings", ""]
+        rows = [[k, v if isinstance(v, str) else json.dumps(v, default=str)] for k, v in settings.items()]
+        if isinstance(wall, (int, float)):
+            rows.append(["wall time (s)", f"{wall:.1f}"])
+        lines += _table(["setting", "value"], rows)
+
+    path = out_dir / REPORT_FILE
+    _atomic_write(path, "\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,131 @@
+"""Alignment stages end to end at toy size, plus the RL traps: log-probs that match between rollout and
+training, rewards read at each response's own end-of-turn token, LoRA-only saves, clear data errors."""
+
+import json
+
+import pytest
+import torch
+
+from palmchat import checkpoint
+from palmchat.cli import main as cli
+from palmchat.data.world import write_bundle
+from palmchat.inference.engine import Engine
+from palmchat.model.heads import load_reward_model
+from palmchat.train.dpo import DPOArgs
+from palmchat.train.dpo import main as dpo
+from palmchat.train.grpo import GRPOArgs
+from palmchat.train.grpo import main as grpo
+from palmchat.train.ppo import PPOArgs
+from palmchat.train.ppo import main as ppo
+from palmchat.train.pretrain import PretrainArgs
+from palmchat.train.pretrain import main as pretrain
+from palmchat.train.reward import RewardArgs
+from palmchat.train.reward import main as reward
+from palmchat.train.rollout import response_logprobs, reward_model_scorer, sample
+from palmchat.train.sft import SFTArgs
+from palmchat.train.sft import main as sft
+
+SIZES = dict(pretrain=400, sft=200, rankings=120, pairs=60, prompts_train=64, prompts_heldout=32, moderation=20)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    data = root / "data"
+    write_bundle(data, seed=0, sizes=SIZES)
+    pt = pretrain(PretrainArgs(out=str(root / "pt"), data=[str(data / "pretrain.txt")], preset="tiny", vocab_size=320,
+                               seq_len=128, batch_size=8, max_steps=30, eval_every=15, save_every=30, dtype="fp32"))
+    sft_ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "sft"), epochs=1, batch_size=16,
+                           lr=1e-3, dtype="fp32"))
+    rm = reward(RewardArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")], out=str(root / "rm"), epochs=1,
+                           batch_size=16, dtype="fp32"))
+    return dict(root=root, data=data, pt=pt, sft=sft_ckpt, rm=rm)
+
+
+def test_sft_loss_falls_and_only_assistant_tokens_count(pipeline):
+    rows = [json.loads(line) for line in (pipeline["root"] / "sft" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[-1] < val[0]
+
+
+def test_engine_logprobs_match_training_forward(pipeline):
+    model, _, ckpt = checkpoint.load_model(pipeline["sft"])
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    model.eval()
+    prompts = ["What is 2 + 3?", "Sort these numbers: 5, 2, 9.", "Reverse the word 'lamp'."]
+    rollout = sample(Engine(model), tokenizer, prompts, max_new_tokens=12, seed=1, temperature=1.0)
+    assert len(set(rollout.response_lens.tolist())) > 1 or not rollout.finished.all()
+    with torch.no_grad():
+        recomputed = response_logprobs(model, rollout)
+    mask = rollout.mask
+    assert (recomputed[mask] - rollout.sample_logprobs[mask]).abs().max() < 1e-4
+    assert (recomputed[~mask] == 0).all()
+
+
+def test_reward_is_read_at_each_responses_own_end_of_turn(pipeline):
+    rm, _ = load_reward_model(pipeline["rm"])
+    rm.eval()
+    model, _, ckpt = checkpoint.load_model(pipeline["sft"])
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    rollout = sample(Engine(model.eval()), tokenizer, ["What is 2 + 3?", "How old is Zorbo?", "Hi"] * 2, 16, seed=3)
+    batch_scores = reward_model_scorer(rm, tokenizer)(rollout)
+    for row in range(len(rollout.prompts)):
+        n = int(rollout.prompt_lens[row] + rollout.response_lens[row])
+        seq = rollout.ids[row, :n].tolist() + ([] if rollout.finished[row] else [tokenizer.eot_id])
+        alone = rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]))
+        assert abs(alone.item() - batch_scores[row].item()) < 1e-4
+
+
+def test_reward_model_beats_chance_on_held_out_rankings(pipeline):
+    config = checkpoint.read_config(pipeline["rm"])
+    assert config["stage"] == "reward" and set(config["eval"]["after"]) == {"pairwise_accuracy", "kendall_tau"}
+    assert -1 <= config["eval"]["after"]["kendall_tau"] <= 1
+
+
+def test_dpo_with_lora_saves_only_the_adapter_and_merges(pipeline):
+    out = dpo(DPOArgs(base=str(pipeline["sft"]), data=[str(pipeline["data"] / "pairs.jsonl")],
+                      out=str(pipeline["root"] / "dpo"), epochs=1, batch_size=8, lora_rank=4, dtype="fp32", lr=1e-3))
+    assert (out / "adapter.safetensors").exists() and not (out / "model.safetensors").exists()
+    merged, config, _ = checkpoint.load_model(out)
+    base, _, _ = checkpoint.load_model(pipeline["sft"])
+    x = torch.randint(0, 320, (1, 20))
+    assert not torch.allclose(merged(x), base(x))  # the adapter learned something
+    from palmchat.model.lora import add_lora, load_adapter
+
+    add_lora(base, "policy", rank=4, alpha=16)
+    load_adapter(out, base, "policy")
+    torch.testing.assert_close(merged(x), base(x), atol=1e-5, rtol=1e-4)  # merged == unmerged
+
+
+def test_ppo_and_grpo_run_and_save(pipeline):
+    root = pipeline["root"]
+    out = ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / "ppo"), iterations=2,
+                      rollout_batch=8, minibatch=4, max_new_tokens=12, dtype="fp32", kl_target=1.0,
+                      prompts=[str(pipeline["data"] / "prompts_train.jsonl")]))
+    rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["logprob_mismatch"] < 1e-4  # fp32: sampling and training log-probs agree
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+    assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adaptive control moved
+    checkpoint.load_model(out)
+    out = ppo(PPOArgs(base=str(pipeline["sft"]), reward="verifier", out=str(root / "ppo_lora"), iterations=1,
+                      rollout_batch=8, minibatch=8, max_new_tokens=12, lora_rank=4))
+    assert (out / "adapter.safetensors").exists()
+    out = grpo(GRPOArgs(base=str(pipeline["sft"]), out=str(root / "grpo"), iterations=1, prompts_per_iteration=2,
+                        group_size=4, max_new_tokens=12, dtype="fp32"))
+    checkpoint.load_model(out)
+
+
+@pytest.mark.parametrize("stage,record,message", [
+    ("sft", {"messages": [{"role": "bot", "content": "hi"}]}, "line 2"),
+    ("reward", {"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 0]}, "permutation"),
+    ("dpo", {"prompt": "hi", "chosen": "a"}, 'missing "rejected"'),
+])
+def test_malformed_records_name_file_line_and_problem(pipeline, tmp_path, capsys, stage, record, message):
+    good = {"sft": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            "reward": {"prompt": "hi", "chosen": "a", "rejected": "b"},
+            "dpo": {"prompt": "hi", "chosen": "a", "rejected": "b"}}[stage]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    assert cli([stage, str(pipeline["sft"]), "--data", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.jsonl:2:" in err and (message in err or message == "line 2") and "\n" not in err

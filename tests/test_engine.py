@@ -1,0 +1,203 @@
+"""Tests for palmchat.inference.engine on tiny random models (each test runs in well under a second)."""
+
+import math
+
+import pytest
+import torch
+
+from palmchat.config import preset
+from palmchat.inference.engine import Completion, Engine, SamplingParams, filter_logits
+from palmchat.model.palm import PaLM
+
+VOCAB = 97
+# prompts of different lengths, one of a single token
+PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [int(t) for t in torch.arange(17) * 5 % VOCAB]]
+
+
+def make_model(**overrides) -> PaLM:
+    torch.manual_seed(0)
+    # a large init std makes the random model's distributions peaked, so greedy choices are never near-ties
+    config = preset("tiny", vocab_size=VOCAB, init_std=0.3, **overrides)
+    return PaLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model)
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+@torch.no_grad()
+def full_logprobs(model, prompt, tokens, temperature=1.0):
+    """log-probabilities of `tokens` after `prompt` from one plain forward pass, as PPO recomputes them."""
+    seq = torch.tensor([prompt + tokens])
+    logits = model(seq)[0, len(prompt) - 1 : -1] / temperature  # (n, V): position t predicts token t + 1
+    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+# ---- greedy decoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, {"block": "sequential", "n_kv_heads": 2}, {"n_kv_heads": 4}])
+def test_batched_greedy_equals_each_prompt_alone(overrides):
+    engine = Engine(make_model(**overrides))
+    batched = engine.generate(PROMPTS, greedy(12))
+    for prompt, out in zip(PROMPTS, batched):
+        alone = engine.generate([prompt], greedy(12))[0]
+        assert out.tokens == alone.tokens
+        assert out.finish_reason == "length" and len(out.tokens) == 12
+        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+
+
+def test_greedy_is_argmax_of_full_forward_at_every_step(model, engine):
+    outs = engine.generate(PROMPTS, greedy(10))
+    with torch.no_grad():
+        for prompt, out in zip(PROMPTS, outs):
+            for t in range(len(out.tokens)):
+                logits = model(torch.tensor([prompt + out.tokens[:t]]))[0, -1]
+                assert int(logits.argmax()) == out.tokens[t]
+                assert math.isclose(out.logprobs[t], float(logits.log_softmax(-1)[out.tokens[t]]), abs_tol=1e-5)
+
+
+def test_top_k_1_equals_greedy(engine):
+    ref = engine.generate(PROMPTS, greedy(10))
+    got = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.3, top_k=1, seed=3))
+    assert [c.tokens for c in got] == [c.tokens for c in ref]
+
+
+def test_zero_new_tokens(engine):
+    assert engine.generate([[1, 2]], greedy(0)) == [Completion([], [], "length")]
+
+
+# ---- stopping -------------------------------------------------------------------------------
+
+
+def test_stop_token_ends_one_row_while_another_continues(engine):
+    ref = engine.generate(PROMPTS[:2], greedy(16))
+    stop = ref[0].tokens[3]
+    cut = ref[0].tokens.index(stop) + 1  # the stop token is included
+    outs = engine.generate(PROMPTS[:2], [greedy(16, stop_token_ids=(stop,)), greedy(16)])
+    assert outs[0].tokens == ref[0].tokens[:cut] and outs[0].finish_reason == "stop"
+    assert outs[0].logprobs == pytest.approx(ref[0].logprobs[:cut], abs=1e-5)
+    assert outs[1].tokens == ref[1].tokens and outs[1].finish_reason == "length"
+
+
+def test_stop_sequence_truncates_before_the_sequence(engine):
+    ref = engine.generate([PROMPTS[1]], greedy(20))[0].tokens
+    seq = tuple(ref[6:9])
+    first = next(i for i in range(len(ref)) if tuple(ref[i : i + 3]) == seq)
+    out = engine.generate([PROMPTS[1]], greedy(20, stop_sequences=((VOCAB - 1, VOCAB - 1), seq)))[0]
+    assert out.tokens == ref[:first] and out.finish_reason == "stop"
+    assert len(out.logprobs) == first
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
+    params = SamplingParams(max_new_tokens=24, temperature=1.5, seed=123)
+    a = engine.generate(PROMPTS, params)
+    b = engine.generate(PROMPTS, params)
+    c = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.5, seed=124))
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+    # a seeded request does not depend on what else is in the batch
+    assert engine.generate([PROMPTS[2]], params)[0].tokens == a[2].tokens
+
+
+def test_filter_logits_top_p_keeps_smallest_set_with_enough_mass():
+    probs = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15])  # sorted: 0.5, 0.2, 0.15, 0.1, 0.05
+    logits = probs.log()[None]
+
+    def kept(**kw):
+        return set(torch.nonzero(filter_logits(logits, **kw)[0] > float("-inf")).flatten().tolist())
+
+    assert kept(top_p=0.3) == {1}  # 0.5 >= 0.3
+    assert kept(top_p=0.65) == {1, 3}  # 0.5 < 0.65 <= 0.7
+    assert kept(top_p=0.9) == {1, 3, 4, 0}  # 0.85 < 0.9 <= 0.95
+    assert kept(top_p=1.0) == {0, 1, 2, 3, 4}
+    assert kept(top_k=2) == {1, 3}
+    assert kept(top_k=3, top_p=0.6) == {1, 3}  # after top-3: 0.5/0.85 = 0.59 < 0.6, then + 0.2/0.85
+    # kept logits are unchanged; one setting per row
+    out = filter_logits(logits.expand(2, 5), top_k=torch.tensor([0, 1]), top_p=torch.tensor([0.65, 1.0]))
+    assert torch.equal(out[0, [1, 3]], logits[0, [1, 3]])
+    assert (out[0] > float("-inf")).sum() == 2 and (out[1] > float("-inf")).sum() == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_a_plain_forward_pass(model, engine, temperature):
+    """PPO recomputes log-probs with model(prompt + response); at temperature 1 they must match the engine's."""
+    params = SamplingParams(max_new_tokens=20, temperature=temperature, top_p=0.9, seed=7)
+    for prompt, out in zip(PROMPTS, engine.generate(PROMPTS, params)):
+        ref = full_logprobs(model, prompt, out.tokens, temperature)
+        torch.testing.assert_close(torch.tensor(out.logprobs), ref, atol=1e-4, rtol=0)
+
+
+# ---- streaming ------------------------------------------------------------------------------
+
+
+def test_stream_yields_the_same_tokens_as_generate(engine):
+    ref = engine.generate(PROMPTS, greedy(16))
+    params = [
+        greedy(16, stop_sequences=(tuple(ref[0].tokens[4:6]),)),
+        greedy(16, stop_token_ids=(ref[1].tokens[2],)),
+        SamplingParams(max_new_tokens=16, temperature=1.0, seed=5, stop_sequences=((1, 2, 3), (4,))),
+        greedy(5),
+    ]
+    outs = engine.generate(PROMPTS, params)
+    streamed = [[] for _ in PROMPTS]
+    for step in engine.stream(PROMPTS, params):
+        assert step, "a step with nothing released is not yielded"
+        for row, token, logprob in step:
+            streamed[row].append((token, logprob))
+    for out, got in zip(outs, streamed):
+        assert [t for t, _ in got] == out.tokens
+        assert [lp for _, lp in got] == pytest.approx(out.logprobs, abs=1e-6)
+
+
+# ---- context length -------------------------------------------------------------------------
+
+
+def test_context_overflow_raises_a_clear_error(engine):
+    ctx = engine.config.max_seq_len  # 128 for the tiny preset
+    with pytest.raises(ValueError, match=rf"120 tokens \+ max_new_tokens 20 = 140 .* context of {ctx}"):
+        engine.generate([[1] * 120], greedy(20))
+    with pytest.raises(ValueError, match=rf"prompt of {ctx + 2} tokens is longer than the model's context of {ctx}"):
+        engine.generate([[1] * (ctx + 2)], greedy(1))
+    fitted = engine.clamp_max_new_tokens([1] * 120, greedy(20))
+    assert fitted.max_new_tokens == ctx - 120
+    out = engine.generate([[1] * 120], fitted)[0]
+    assert len(out.tokens) == ctx - 120 and out.finish_reason == "length"
+
+
+# ---- inference copies -----------------------------------------------------------------------
+
+
+def test_packed_fp32_copy_matches_the_model(model, engine):
+    fast = Engine(model, dtype=torch.float32)
+    a, b = engine.generate(PROMPTS, greedy(12)), fast.generate(PROMPTS, greedy(12))
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    torch.testing.assert_close(torch.tensor([x.logprobs for x in a]), torch.tensor([x.logprobs for x in b]),
+                               atol=1e-4, rtol=0)
+
+
+def test_bf16_copy_follows_weight_updates():
+    model = make_model()
+    engine = Engine(model, dtype=torch.bfloat16)
+    before = engine.generate(PROMPTS, greedy(8))
+    assert all(len(c.tokens) == 8 for c in before)
+    # bf16 agrees with fp32 on these peaked distributions at least for the first token
+    assert [c.tokens[0] for c in before] == [c.tokens[0] for c in Engine(model).generate(PROMPTS, greedy(1))]
+    with torch.no_grad():
+        model.embed.weight.mul_(-1.0)  # an in-place update, as an optimizer step makes
+    after = engine.generate(PROMPTS, greedy(8))
+    fresh = Engine(model, dtype=torch.bfloat16).generate(PROMPTS, greedy(8))
+    assert [c.tokens for c in after] == [c.tokens for c in fresh] != [c.tokens for c in before]

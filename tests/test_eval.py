@@ -1,0 +1,223 @@
+"""Evaluation, best-of-n and the report, on tiny random models (random weights, a tokenizer trained inline)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from palmchat.config import preset
+from palmchat.data.world import World
+from palmchat.eval import evaluate_best_of_n, evaluate_policy, generate_replies, policy_kl, win_rate
+from palmchat.inference.best_of_n import best_of_n, best_of_n_batch, sample_seed, score_completions
+from palmchat.inference.engine import Completion, Engine, SamplingParams
+from palmchat.model.heads import RewardModel
+from palmchat.model.palm import PaLM
+from palmchat.report import BEST_OF_N_PLOT, STAGE_PLOT, write_report
+from palmchat.tokenizer import train_tokenizer
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return train_tokenizer(world.pretraining_documents(200), vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return PaLM(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+
+
+@pytest.fixture(scope="module")
+def reward_model(tokenizer):
+    torch.manual_seed(1)
+    rm = RewardModel(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # spread the rewards so the argmax is not a near-tie
+    return rm
+
+
+@pytest.fixture(scope="module")
+def prompts(world):
+    return world.prompts(6, "heldout")
+
+
+@pytest.fixture(scope="module")
+def policy_eval(model, tokenizer, world, prompts, reward_model):
+    return evaluate_policy(model, tokenizer, world, prompts, reference=model, reward_model=reward_model,
+                           max_new_tokens=MAX_NEW, seed=3)
+
+
+# ---- evaluate_policy -------------------------------------------------------------------------
+
+
+def test_evaluate_policy_keys_and_ranges(policy_eval, prompts):
+    r = policy_eval
+    for key in ("correct", "style", "score", "reward", "kl", "length", "scores", "per_task", "examples"):
+        assert key in r, key
+    for key in ("correct", "style", "score"):
+        assert 0.0 <= r[key] <= 1.0
+    assert math.isfinite(r["reward"])
+    assert 0 <= r["length"] <= MAX_NEW
+    assert len(r["scores"]) == len(prompts) and all(0 <= s <= 1 for s in r["scores"])
+    assert abs(sum(r["scores"]) / len(prompts) - r["score"]) < 1e-12
+    assert set(r["per_task"]) <= {"fact", "arithmetic", "list", "string", "unsafe"}
+    assert all(0 <= v <= 1 for v in r["per_task"].values())
+    ex = r["examples"][0]
+    assert ex["prompt"] == prompts[0] and isinstance(ex["reply"], str) and "score" in ex["verdict"]
+
+
+def test_kl_to_itself_is_zero(policy_eval):
+    assert abs(policy_eval["kl"]) < 1e-4
+
+
+def test_kl_matches_sampler_logprobs_against_each_reply_alone(model, tokenizer, prompts):
+    """Batched k1 KL = sum(engine logprobs at T=1) - reference log-prob of each reply scored alone."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=1, batch_size=4)
+    ids = [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    kls = policy_kl(model, reference, ids, [r.tokens for r in replies], batch_size=4)
+    for prompt, reply, kl in zip(ids, replies, kls):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + reply.tokens]))[0, len(prompt) - 1:-1]
+        ref = logits.log_softmax(-1).gather(-1, torch.tensor(reply.tokens)[:, None]).sum().item()
+        assert kl == pytest.approx(sum(reply.logprobs) - ref, abs=1e-3)
+    assert any(abs(k) > 1e-3 for k in kls)
+
+
+def test_replies_do_not_depend_on_batch_size(model, tokenizer, prompts):
+    a = generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=5, batch_size=64)
+    b = generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=5, batch_size=2)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert all(r.finish_reason in ("stop", "length") for r in a)
+
+
+def test_win_rate(policy_eval, model, tokenizer, world, prompts):
+    assert win_rate(policy_eval["scores"], policy_eval["scores"]) == 0.5
+    again = evaluate_policy(model, tokenizer, world, prompts, baseline_scores=policy_eval["scores"],
+                            max_new_tokens=MAX_NEW, seed=3)
+    assert again["win_rate"] == 0.5  # same model, same seed: every prompt ties
+    assert win_rate([1.0, 0.0, 0.5], [0.5, 0.0, 1.0]) == 0.5
+    assert win_rate([1.0, 1.0], [0.0, 0.3]) == 1.0
+    with pytest.raises(ValueError, match="same prompts"):
+        win_rate([1.0], [1.0, 0.0])
+
+
+# ---- best-of-n -------------------------------------------------------------------------------
+
+
+def test_best_of_n_picks_the_argmax_of_rewards_scored_alone(model, reward_model, tokenizer, prompts):
+    engine = Engine(model)
+    prompt = tokenizer.render_prompt([{"role": "user", "content": prompts[0]}])
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=7)
+    result = best_of_n(engine, reward_model, prompt, 8, params, tokenizer.eot_id)
+    assert len(result.completions) == len(result.rewards) == 8
+    assert result.index == max(range(8), key=lambda j: result.rewards[j])
+    assert result.best is result.completions[result.index]
+    assert len({tuple(c.tokens) for c in result.completions}) > 1  # distinct seeds -> distinct samples
+    for c, r in zip(result.completions, result.rewards):
+        seq = prompt + c.tokens + ([] if c.tokens and c.tokens[-1] == tokenizer.eot_id else [tokenizer.eot_id])
+        with torch.no_grad():
+            alone = reward_model(torch.tensor([seq]), torch.tensor([len(seq) - 1])).item()
+        assert r == pytest.approx(alone, abs=1e-5)
+    # sample j is the plain sample with seed sample_seed(7, j); n=1 is exactly engine.generate with the params
+    one = best_of_n(engine, reward_model, prompt, 1, params, tokenizer.eot_id)
+    plain = engine.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW, seed=7,
+                                                     stop_token_ids=(tokenizer.eot_id,)))[0]
+    assert one.index == 0 and one.best.tokens == plain.tokens == result.completions[0].tokens
+    third = engine.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW, seed=sample_seed(7, 2),
+                                                     stop_token_ids=(tokenizer.eot_id,)))[0]
+    assert third.tokens == result.completions[2].tokens
+
+
+def test_best_of_n_with_a_rigged_head_prefers_the_known_best(model, tokenizer, prompts):
+    """A head that reads one hidden unit: the reward of each completion is known from the backbone alone."""
+    rm = RewardModel(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    with torch.no_grad():
+        rm.head.weight.zero_()
+        rm.head.weight[0, 5] = 1.0
+        rm.head.bias.fill_(2.0)
+    engine = Engine(model)
+    prompt = tokenizer.render_prompt([{"role": "user", "content": prompts[1]}])
+    result = best_of_n(engine, rm, prompt, 6, SamplingParams(max_new_tokens=MAX_NEW, seed=0), tokenizer.eot_id)
+    expected = []
+    for c in result.completions:
+        seq = prompt + c.tokens + ([] if c.tokens and c.tokens[-1] == tokenizer.eot_id else [tokenizer.eot_id])
+        with torch.no_grad():
+            expected.append(rm.backbone.hidden_states(torch.tensor([seq]))[0, -1, 5].item() + 2.0)
+    assert result.rewards == pytest.approx(expected, abs=1e-5)
+    assert result.index == max(range(6), key=lambda j: expected[j])
+
+
+def test_best_of_n_batch_equals_each_prompt_alone(model, reward_model, tokenizer, prompts):
+    engine = Engine(model)
+    ids = [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts[:3]]
+    params = SamplingParams(max_new_tokens=MAX_NEW, seed=11)
+    batched = best_of_n_batch(engine, reward_model, ids, 4, params, tokenizer.eot_id)
+    for prompt, b in zip(ids, batched):
+        alone = best_of_n(engine, reward_model, prompt, 4, params, tokenizer.eot_id)
+        assert [c.tokens for c in b.completions] == [c.tokens for c in alone.completions]
+        assert b.rewards == pytest.approx(alone.rewards, abs=1e-5) and b.index == alone.index
+
+
+def test_length_limited_completion_is_scored_with_eot_appended(reward_model, tokenizer):
+    prompt = [tokenizer.bos_id, tokenizer.user_id, 100, 101, tokenizer.eot_id, tokenizer.assistant_id]
+    cut = Completion([120, 121], [0.0, 0.0], "length")
+    ended = Completion([120, 121, tokenizer.eot_id], [0.0, 0.0, 0.0], "stop")
+    a, b = score_completions(reward_model, [prompt, prompt], [cut, ended], tokenizer.eot_id)
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_evaluate_best_of_n(model, reward_model, tokenizer, world, prompts, policy_eval):
+    res = evaluate_best_of_n(model, reward_model, tokenizer, world, prompts, ns=(1, 4), seed=3,
+                             max_new_tokens=MAX_NEW)
+    assert sorted(res) == [1, 4]
+    for d in res.values():
+        assert set(d) >= {"score", "correct", "style", "reward"}
+        assert 0 <= d["score"] <= d["oracle_score"] <= 1
+    assert res[4]["reward"] >= res[1]["reward"]  # the max over a superset of samples
+    # best-of-1 is the plain sample evaluate_policy drew with the same seed
+    assert res[1]["score"] == pytest.approx(policy_eval["score"])
+    assert res[1]["reward"] == pytest.approx(policy_eval["reward"], abs=1e-5)
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def test_write_report(tmp_path, policy_eval):
+    curve = tmp_path / "sft" / "loss.png"
+    curve.parent.mkdir()
+    curve.write_bytes(b"\x89PNG\r\n\x1a\n")
+    stages = {name: dict(policy_eval, win_rate=0.5) for name in ("grpo", "sft", "ppo", "dpo", "rloo")}
+    results = {
+        "stages": stages,
+        "reward_model": {"pairwise_accuracy": 0.71, "kendall_tau": 0.42, "n_rankings": 300},
+        "best_of_n": {"1": {"score": 0.5, "correct": 0.6, "style": 0.7, "reward": 0.1, "oracle_score": 0.5},
+                      "4": {"score": 0.6, "correct": 0.7, "style": 0.7, "reward": 0.4, "oracle_score": 0.8},
+                      "16": {"score": 0.62, "correct": 0.7, "style": 0.8, "reward": 0.9, "oracle_score": 0.9}},
+        "plots": {"SFT loss": str(curve)},
+        "settings": {"preset": "tiny", "seed": 0, "prompts": 6},
+        "wall_time_s": 12.5,
+    }
+    path = write_report(tmp_path, results)
+    text = path.read_text()
+    assert path == tmp_path / "report.md"
+    for name in stages:
+        assert f"| {name} |" in text
+    assert text.index("| sft |") < text.index("| ppo |") < text.index("| dpo |") < text.index("| grpo |") \
+        < text.index("| rloo |")
+    for png in (STAGE_PLOT, BEST_OF_N_PLOT):
+        assert (tmp_path / png).stat().st_size > 1000
+        assert f"]({png})" in text
+    assert "](sft/loss.png)" in text
+    assert "0.710" in text and "0.420" in text and "12.5" in text
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
