@@ -86,7 +86,8 @@ def run_pipeline(args: DemoArgs) -> dict:
         return result
 
     data = out / "data"
-    timed("data", lambda: write_bundle(data, seed=seed))
+    quick_sizes = dict(pretrain=600, sft=300, rankings=150, pairs=60, prompts_train=64, prompts_heldout=32, moderation=20)
+    timed("data", lambda: write_bundle(data, seed=seed, sizes=quick_sizes if args.quick else None))
     pt = timed("pretrain", lambda: pretrain(PretrainArgs(
         out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
         vocab_size=s.vocab_size, seq_len=s.seq_len, eval_every=max(10, s.pretrain_steps // 7),
