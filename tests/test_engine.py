@@ -201,3 +201,42 @@ def test_bf16_copy_follows_weight_updates():
     after = engine.generate(PROMPTS, greedy(8))
     fresh = Engine(model, dtype=torch.bfloat16).generate(PROMPTS, greedy(8))
     assert [c.tokens for c in after] == [c.tokens for c in fresh] != [c.tokens for c in before]
+
+
+# ---- LoRA adapters (palmchat.model.lora) ------------------------------------------------------
+
+
+def test_per_row_adapters_follow_their_rows_and_copies_follow_the_active_adapter():
+    from palmchat.model.lora import add_lora, lora_layers, set_adapter, set_row_adapters, use_adapter
+
+    model = make_model()
+    add_lora(model, "a", rank=4, alpha=8)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["a"].normal_(std=0.5)  # a fresh adapter is a no-op: make it matter
+    engine = Engine(model)
+    prompts = PROMPTS[:3]
+    params = [greedy(3), greedy(12), greedy(7)]  # rows finish at different steps: the batch is compacted
+    set_row_adapters(model, ["a", None, "a"])
+    batched = engine.generate(prompts, params)
+    for prompt, p, name, out in zip(prompts, params, ["a", None, "a"], batched):
+        with use_adapter(model, name):
+            assert engine.generate([prompt], p)[0].tokens == out.tokens
+    assert [m.row_slots.tolist() for _, m in lora_layers(model)][0] == [0, -1, 0]  # restored afterwards
+    # an inference copy applies whichever adapter the model has active now
+    fast = Engine(model, dtype=torch.float32)
+    for name in ("a", None):
+        set_adapter(model, name)
+        assert [c.tokens for c in fast.generate(prompts, greedy(6))] == [c.tokens for c in engine.generate(prompts, greedy(6))]
+    set_adapter(model, "a")
+    with_a = engine.generate(prompts, greedy(6))
+    set_adapter(model, None)
+    assert [c.tokens for c in with_a] != [c.tokens for c in engine.generate(prompts, greedy(6))]
+
+
+@pytest.mark.parametrize("overrides", [{"tie_embeddings": False}, {"block": "sequential", "n_kv_heads": 2, "norm": "rmsnorm"}])
+def test_packed_copy_matches_other_model_variants(overrides):
+    model = make_model(**overrides)
+    a = Engine(model).generate(PROMPTS, greedy(10))
+    b = Engine(model, dtype=torch.float32).generate(PROMPTS, greedy(10))
+    assert [x.tokens for x in a] == [x.tokens for x in b]

@@ -174,11 +174,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
-def pack_linears(module: nn.Module) -> nn.Module:
-    """Replace every bias-free nn.Linear inside `module` by a PackedLinear (in place); returns `module`."""
+def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every bias-free nn.Linear inside `module`, except those named in `skip`, by a PackedLinear
+    (in place); returns `module`."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None:
+            if isinstance(child, nn.Linear) and child.bias is None and name not in skip:
                 setattr(parent, name, PackedLinear(child.weight))
     return module
 
@@ -246,6 +247,7 @@ class Engine:
         self.dtype = dtype
         self._copy: nn.Module | None = None
         self._copy_versions: list | None = None
+        self._head = None  # the copy's output projection, packed (its weight is the tied embedding or lm_head)
 
     # -- the module that runs --------------------------------------------------------------
 
@@ -260,10 +262,21 @@ class Engine:
         if self._copy is None or versions != self._copy_versions:
             with torch.inference_mode():
                 runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
-                device = next(runner.parameters()).device
-                if device.type == "cpu" and _can_pack(self.dtype):
-                    pack_linears(runner)
-            self._copy, self._copy_versions = runner, versions
+                head = None
+                if next(runner.parameters()).device.type == "cpu" and _can_pack(self.dtype):
+                    # PaLM.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects
+                    # its decode steps with a packed copy of the output weight instead
+                    lm_head = getattr(runner, "lm_head", None)
+                    head = PackedLinear(runner.embed.weight if lm_head is None else lm_head.weight)
+                    pack_linears(runner, skip=("lm_head",))
+            self._copy, self._copy_versions, self._head = runner, versions, head
+        # which LoRA adapter is active (palmchat.model.lora) is module state, not a parameter: mirror it
+        copies = dict(self._copy.named_modules())
+        for name, module in self.model.named_modules():
+            if hasattr(module, "row_slots"):
+                target = copies[name]
+                target.active_adapter, target.row_adapters, target.row_slots = (
+                    module.active_adapter, module.row_adapters, module.row_slots)
         return self._copy
 
     # -- context length ---------------------------------------------------------------------
@@ -325,38 +338,56 @@ class Engine:
         if not live:
             return
         runner = self.sync()
+        head = runner.logits if self._head is None else self._head  # (..., C) -> (..., V)
         param = next(runner.parameters())
         device, dtype = param.device, param.dtype
+        # Per-row LoRA adapters (palmchat.model.lora.set_row_adapters) index the batch, so they follow its rows
+        # when rows leave it; the caller's setting is restored at the end.
+        row_adapters = [(m, m.row_slots) for m in runner.modules() if getattr(m, "row_slots", None) is not None]
 
-        # prefill: right-padded prompts in one forward, then each row's cache length set to its real length
-        lengths = torch.tensor([len(prompts[i]) for i in live], device=device)  # (B,)
-        ids = torch.zeros(len(live), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
-        for b, i in enumerate(live):
-            ids[b, : len(prompts[i])] = torch.tensor(prompts[i], device=device)
-        max_len = max(len(prompts[i]) + rows[i].params.max_new_tokens for i in live)
-        cache = KVCache(self.config, len(live), max_len=max_len, dtype=dtype, device=device)
-        hidden = runner.hidden_states(ids, cache=cache)  # (B, T, C)
-        cache.lengths.copy_(lengths)
-        last = hidden[torch.arange(len(live), device=device), lengths - 1]  # (B, C), each row's last real token
-        logits = runner.logits(last).float()  # (B, V)
+        def keep_adapter_rows(batch: list[int]):
+            for module, _ in row_adapters:
+                module.row_slots = module.row_slots[torch.tensor(batch, device=module.row_slots.device)]
 
-        sampler = _Sampler([rows[i].params for i in live], device)
-        while True:
-            tokens, logprobs = sampler(logits)  # (B,), (B,)
-            events = []
-            for i, token, logprob in zip(live, tokens.tolist(), logprobs.tolist()):
-                events += [(i, t, lp) for t, lp in rows[i].add(token, logprob)]
-            if events:
-                yield events
-            still = [b for b, i in enumerate(live) if rows[i].finish_reason is None]
-            if not still:
-                return
-            if len(still) < len(live):  # compact: finished rows leave the batch
-                live = [live[b] for b in still]
-                cache.keep_rows(still)
-                sampler.keep(still)
-                tokens = tokens[still]
-            logits = runner(tokens[:, None], cache=cache)[:, -1].float()  # (B, V)
+        try:
+            if len(live) < len(rows):
+                keep_adapter_rows(live)
+
+            # prefill: right-padded prompts in one forward, then each row's cache length set to its real length
+            lengths = torch.tensor([len(prompts[i]) for i in live], device=device)  # (B,)
+            ids = torch.zeros(len(live), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
+            for b, i in enumerate(live):
+                ids[b, : len(prompts[i])] = torch.tensor(prompts[i], device=device)
+            max_len = max(len(prompts[i]) + rows[i].params.max_new_tokens for i in live)
+            cache = KVCache(self.config, len(live), max_len=max_len, dtype=dtype, device=device)
+            hidden = runner.hidden_states(ids, cache=cache)  # (B, T, C)
+            cache.lengths.copy_(lengths)
+            last = hidden[torch.arange(len(live), device=device), lengths - 1]  # (B, C): each row's last real token
+            logits = head(last).float()  # (B, V)
+
+            # decode: sample one token per live row, release what is final, feed the tokens back
+            sampler = _Sampler([rows[i].params for i in live], device)
+            while True:
+                tokens, logprobs = sampler(logits)  # (B,), (B,)
+                events = []
+                for i, token, logprob in zip(live, tokens.tolist(), logprobs.tolist()):
+                    events += [(i, t, lp) for t, lp in rows[i].add(token, logprob)]
+                if events:
+                    yield events
+                still = [b for b, i in enumerate(live) if rows[i].finish_reason is None]
+                if not still:
+                    return
+                if len(still) < len(live):  # compact: finished rows leave the batch
+                    live = [live[b] for b in still]
+                    cache.keep_rows(still)
+                    sampler.keep(still)
+                    keep_adapter_rows(still)
+                    tokens = tokens[still]
+                hidden = runner.hidden_states(tokens[:, None], cache=cache)  # (B, 1, C)
+                logits = head(hidden[:, -1]).float()  # (B, V)
+        finally:
+            for module, slots in row_adapters:
+                module.row_slots = slots
 
 
 __all__ = ["SamplingParams", "Completion", "Engine", "filter_logits", "PackedLinear", "pack_linears"]

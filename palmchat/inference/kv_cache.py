@@ -27,16 +27,22 @@ class KVCache:
         return self.k.shape[1]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """k, v: (B, Hkv, T, D) for the tokens at `positions` (B, T).
+        """k, v: (B, Hkv, T, D) for the tokens at `positions` (B, T), consecutive in each row (as the model
+        passes them: lengths[:, None] + arange(T)).
         Returns every key and value up to the furthest written position: (B, Hkv, S, D)."""
         end = int(positions.max()) + 1
         if end > self.max_len:
             raise ValueError(f"KV cache full: position {end - 1} is past its {self.max_len} slots")
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1), broadcast against positions (B, T)
-        # Advanced indices on both sides of a slice put their dims first, so the slots read as (B, T, Hkv, D).
-        # (An index_put_: several times faster than scatter_ with an expanded index for decode steps.)
-        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        B, _, T, _ = k.shape
+        if B == 1:  # one row: its slots are end - T .. end - 1, a plain slice (the fewest ops per decode step)
+            self.k[layer, :, :, end - T : end] = k
+            self.v[layer, :, :, end - T : end] = v
+        else:
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1), broadcast against positions (B, T)
+            # Advanced indices on both sides of a slice put their dims first: the slots read as (B, T, Hkv, D).
+            # (An index_put_: several times faster than scatter_ with an expanded index for decode steps.)
+            self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reset(self, rows: torch.Tensor | list[int] | None = None):

@@ -1,0 +1,250 @@
+"""Foundation benchmark: palmchat's PaLM against the reference palm-rlhf-pytorch, side by side in one run.
+
+    make bench                                   # installs palm-rlhf-pytorch (torch pinned), then runs this
+    .venv/bin/python benchmarks/bench_foundation.py [--steps 3] [--new-tokens 128] [--shapes enwik8 small]
+
+Measures, for two model shapes (see benchmarks/README.md):
+1. training tokens/s (forward + backward + AdamW step) for each side in fp32 and under bf16 autocast;
+2. batch-1 decode tokens/s: ours through palmchat.inference.Engine (KV cache; fp32 and bf16), the reference
+   through its own generate (no KV cache: a full forward over the whole sequence per new token);
+3. training model-FLOPs utilisation against this machine's measured matmul peak for the dtype;
+4. our decode as a fraction of the memory-bandwidth limit (bytes read per token / copy bandwidth).
+
+Timing: a warm-up, then the two sides' steps interleaved (ours, ref, ours, ref, ...) and the median of each taken,
+so that load from other processes on a shared machine hits both sides alike. Nothing is installed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from palm_rlhf_pytorch import PaLM as RefPaLM
+except ImportError:
+    print("the reference implementation palm-rlhf-pytorch is not importable: run `make bench`, which installs it\n"
+          '(pip install -q palm-rlhf-pytorch "torch==2.13.0") and then runs this script')
+    sys.exit(1)
+
+from palmchat.config import ModelConfig, preset
+from palmchat.inference.engine import Engine, SamplingParams
+from palmchat.model.palm import PaLM
+
+warnings.filterwarnings("ignore", message=".*sdp_kernel.*")  # the reference's flash path uses a deprecated API
+
+BATCH, SEQ = 8, 512  # training batch: 8 sequences of 512 tokens
+PROMPT = 64  # decode: tokens of prompt before the timed generation
+
+SHAPES = {
+    # the reference's enwik8 script shape: dim 512, depth 8, 8 heads x 64, multi-query, byte vocabulary
+    "enwik8": ModelConfig(vocab_size=256, dim=512, n_layers=8, n_heads=8, n_kv_heads=1, max_seq_len=512),
+    # our `small` preset with a 4096-token vocabulary
+    "small": preset("small", vocab_size=4096),
+}
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    return 2 * n**3 / median([timed(lambda: a @ b) for _ in range(reps)])
+
+
+def copy_bandwidth(mbytes: int = 256, reps: int = 5) -> float:
+    """bytes read + written per second by Tensor.copy_ of a buffer much larger than the caches."""
+    src = torch.ones(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() * 4 / median([timed(lambda: dst.copy_(src)) for _ in range(reps)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def reference(config: ModelConfig, flash: bool = False) -> torch.nn.Module:
+    assert config.block == "parallel" and config.n_kv_heads == 1 and config.ffn_hidden == 4 * config.dim
+    return RefPaLM(num_tokens=config.vocab_size, dim=config.dim, depth=config.n_layers, heads=config.n_heads,
+                   dim_head=config.head_dim, flash_attn=flash)
+
+
+def train_step(model, loss_fn, bf16: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_train(config: ModelConfig, steps: int) -> dict[str, float]:
+    """tokens/s per setting name, e.g. 'ours bf16', 'ref fp32'."""
+    data = torch.randint(1, config.vocab_size, (BATCH, SEQ + 1))  # the reference ignores token 0 in its loss
+
+    def ours_loss(m):
+        logits = m(data[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten())
+
+    def ref_loss(m):
+        return m(data, return_loss=True)
+
+    rates = {}
+    for dtype in ("fp32", "bf16"):
+        bf16 = dtype == "bf16"
+        torch.manual_seed(0)
+        sides = {f"ours {dtype}": train_step(PaLM(config), ours_loss, bf16),
+                 f"ref {dtype}": train_step(reference(config), ref_loss, bf16)}
+        if bf16:  # the reference's own enwik8 script turns on its flash-attention path
+            sides["ref bf16 flash"] = train_step(reference(config, flash=True), ref_loss, bf16)
+        for step in sides.values():
+            step()  # warm-up
+        times = {name: [] for name in sides}
+        for _ in range(steps):
+            for name, step in sides.items():
+                times[name].append(timed(step))
+        rates.update({name: BATCH * SEQ / median(t) for name, t in times.items()})
+        del sides
+    return rates
+
+
+def bench_decode(config: ModelConfig, new_tokens: int, reps: int) -> dict[str, dict]:
+    """Batch-1 generation of `new_tokens` after a PROMPT-token prompt.
+    Returns per setting: tokens/s of the whole generate call, and for ours the decode-step rate (prefill excluded)."""
+    torch.manual_seed(0)
+    model = PaLM(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, PROMPT))
+    results = {}
+
+    engines = {"ours fp32 (model as is)": Engine(model), "ours fp32": Engine(model, dtype=torch.float32),
+               "ours bf16": Engine(model, dtype=torch.bfloat16)}
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    one = SamplingParams(max_new_tokens=1, temperature=0.0)
+    for name, engine in engines.items():
+        engine.generate(prompt.tolist(), SamplingParams(max_new_tokens=8, temperature=0.0))  # warm-up, builds copies
+        full, first = [], []
+        for _ in range(reps):
+            full.append(timed(lambda: engine.generate(prompt.tolist(), greedy)))
+            first.append(timed(lambda: engine.generate(prompt.tolist(), one)))
+        t_full, t_first = median(full), median(first)
+        results[name] = {"tokens/s": new_tokens / t_full, "step/s": (new_tokens - 1) / max(t_full - t_first, 1e-9)}
+
+    ref = reference(config)  # random weights: speed only
+    for dtype in ("fp32", "bf16"):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                # cheapest settings its generate offers: no logit filter (it always adds gumbel noise)
+                ref.generate(PROMPT + new_tokens, prompt, filter_logits_fn=None, temperature=1.0)
+
+        ref.generate(PROMPT + 4, prompt, filter_logits_fn=None)  # warm-up
+        results[f"ref {dtype}"] = {"tokens/s": new_tokens / timed(run)}
+    return results
+
+
+def decode_bytes_per_token(config: ModelConfig, dtype: torch.dtype, avg_len: float) -> float:
+    """Bytes a batch-1 decode step must read: every weight once (the tied embedding as the output projection)
+    plus the K and V cache at the average sequence length."""
+    size = torch.finfo(dtype).bits // 8
+    weights = config.num_params(include_embedding=False) + config.vocab_size * config.dim
+    kv = config.n_layers * 2 * config.n_kv_heads * config.head_dim * avg_len
+    return (weights + kv) * size
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per setting (after one warm-up)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode benchmark")
+    ap.add_argument("--reps", type=int, default=3, help="timed generate calls per setting of ours")
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
+    bandwidth = copy_bandwidth()
+    print(f"machine: matmul 2048^3 fp32 {fmt(peak['fp32'] / 1e12)} TFLOP/s, bf16 {fmt(peak['bf16'] / 1e12)} TFLOP/s; "
+          f"copy bandwidth {fmt(bandwidth / 1e9)} GB/s (read + written)")
+
+    ratios = []
+    for shape in args.shapes:
+        config = SHAPES[shape]
+        flops = config.flops_per_token(SEQ)
+        print(f"\n== {shape}: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads x {config.head_dim}, "
+              f"{config.n_kv_heads} kv head(s), vocab {config.vocab_size}; "
+              f"{fmt(config.num_params() / 1e6)}M parameters, {fmt(flops / 1e6)} MFLOP/token (train, seq {SEQ})")
+
+        train = bench_train(config, args.steps)
+        print(f"training, batch {BATCH} x {SEQ} tokens, median of {args.steps} steps:")
+        print(f"  {'setting':<26}{'tokens/s':>10}{'s/step':>9}{'MFU':>8}")
+        for name, rate in train.items():
+            mfu = rate * flops / peak["bf16" if "bf16" in name else "fp32"]
+            print(f"  {name:<26}{fmt(rate):>10}{fmt(BATCH * SEQ / rate):>9}{mfu:>8.1%}")
+        best_ours = max((r, n) for n, r in train.items() if n.startswith("ours"))
+        best_ref = max((r, n) for n, r in train.items() if n.startswith("ref"))
+
+        decode = bench_decode(config, args.new_tokens, args.reps)
+        avg_len = PROMPT + args.new_tokens / 2
+        print(f"decode, batch 1, {PROMPT}-token prompt, {args.new_tokens} new tokens:")
+        print(f"  {'setting':<26}{'tokens/s':>10}{'steps/s':>9}{'bound':>8}{'of bound':>10}")
+        fraction = {}
+        for name, r in decode.items():
+            line = f"  {name:<26}{fmt(r['tokens/s']):>10}"
+            if "step/s" in r:
+                dtype = torch.bfloat16 if "bf16" in name else torch.float32
+                bound = bandwidth / decode_bytes_per_token(config, dtype, avg_len)
+                fraction[name] = r["step/s"] / bound
+                line += f"{fmt(r['step/s']):>9}{fmt(bound):>8}{fraction[name]:>10.2f}"
+            print(line)
+        dec_ours = max((r["tokens/s"], n) for n, r in decode.items() if n.startswith("ours"))
+        dec_ref = max((r["tokens/s"], n) for n, r in decode.items() if n.startswith("ref"))
+
+        ratios += [
+            f"train tokens/s ratio (ours/ref, best settings, {shape} shape): {best_ours[0] / best_ref[0]:.3g}x "
+            f"({best_ours[1]} vs {best_ref[1]})",
+            f"train tokens/s ratio (ours/ref, bf16 autocast, {shape} shape): "
+            f"{train['ours bf16'] / max(train['ref bf16'], train['ref bf16 flash']):.3g}x",
+            f"train tokens/s ratio (ours/ref, fp32, {shape} shape): {train['ours fp32'] / train['ref fp32']:.3g}x",
+            f"train MFU (ours, {shape} shape): fp32 {train['ours fp32'] * flops / peak['fp32']:.1%}, "
+            f"bf16 {train['ours bf16'] * flops / peak['bf16']:.1%}",
+            f"decode tokens/s ratio (ours/ref, best settings, batch 1, {shape} shape): "
+            f"{dec_ours[0] / dec_ref[0]:.3g}x ({dec_ours[1]} vs {dec_ref[1]})",
+            f"decode fraction of memory-bandwidth limit (ours, bf16, {shape} shape): {fraction['ours bf16']:.2f}",
+        ]
+
+    print("\n" + "\n".join(ratios))
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
