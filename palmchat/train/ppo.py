@@ -32,7 +32,7 @@ from palmchat.inference.engine import Engine
 from palmchat.losses import gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import (MetricsLog, adamw, autocast_dtype, load_policy, pick_device, plot_metrics,
+from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, load_policy, pick_device, plot_metrics,
                                    save_policy)
 from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, response_logprobs, sample
 
@@ -108,16 +108,15 @@ def main(args: PPOArgs) -> Path:
         return use_adapter(policy, "actor") if args.lora_rank else contextlib.nullcontext()
 
     def critic_values(ids):
-        if args.lora_rank:
-            with use_adapter(policy, "critic"):
-                return critic(ids)
-        return critic(ids)
+        with autocast(device, dtype), (use_adapter(policy, "critic") if args.lora_rank else contextlib.nullcontext()):
+            return critic(ids)
 
     actor_params = [p for n, p in policy.named_parameters() if p.requires_grad and "critic" not in n]
     critic_params = [p for n, p in critic.named_parameters() if p.requires_grad and "actor" not in n]
-    policy_opt = torch.optim.AdamW(actor_params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic_params, lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    engine = Engine(policy)  # samples with the very weights being trained, so log-probs match
+    policy_opt = torch.optim.AdamW(actor_params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    critic_opt = torch.optim.AdamW(critic_params, lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    # samples in the training precision; old log-probs are recomputed by the training forward pass anyway
+    engine = Engine(policy, dtype=dtype)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
