@@ -172,6 +172,8 @@ def test_context_overflow_raises_a_clear_error(engine):
         engine.generate([[1] * 120], greedy(20))
     with pytest.raises(ValueError, match=rf"prompt of {ctx + 2} tokens is longer than the model's context of {ctx}"):
         engine.generate([[1] * (ctx + 2)], greedy(1))
+    with pytest.raises(ValueError, match="context"):
+        engine.stream([[1] * 120], greedy(20))  # raised at the call, before iterating
     fitted = engine.clamp_max_new_tokens([1] * 120, greedy(20))
     assert fitted.max_new_tokens == ctx - 120
     out = engine.generate([[1] * 120], fitted)[0]

@@ -18,15 +18,16 @@ Log-probabilities are those of the distribution the token is drawn from *before*
 log-softmax of the temperature-scaled logits (of the raw logits when greedy). At temperature 1 they equal what a
 plain forward pass over prompt + response gives, which is what PPO recomputes (tests/test_engine.py checks it).
 
-`dtype` (measured on 2 CPU cores, the `small` preset's shape, batch 1, see benchmarks/README.md):
+`dtype` (decode steps measured on 2 CPU cores, dim 512 x 8 layers, batch 1; benchmarks/README.md):
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
-  weight updates (a PPO loop) are seen at once.
+  weight updates (a PPO loop) are seen at once. fp32: ~8.8 ms/step.
 - torch.bfloat16 (or torch.float32): a private inference copy of the model in that dtype, whose linear layers
-  hold their weights pre-packed in oneDNN's blocked layout (CPU only). Decode on CPU is bound by reading the
-  weights once per token; bf16 halves those bytes and the packed kernels read them at close to copy bandwidth
-  (~2 ms/step vs ~8 ms for the plain fp32 model). Autocast was measured and rejected: it re-casts every fp32
-  weight to bf16 at every step, which reads more bytes than fp32 alone. The copy is rebuilt automatically when
-  the model's parameters change (their version counters move: optimizer steps, load_state_dict).
+  hold their weights pre-packed in oneDNN's blocked layout (CPU only; see PackedLinear). Decode on CPU is bound
+  by reading every weight once per token: bf16 halves those bytes and the packed kernels read them at close to
+  copy bandwidth. bf16 copy ~2.1 ms/step, fp32 copy ~3.1 ms/step. Autocast (bf16 compute on the fp32 model) was
+  measured and not used: ~6.6 ms/step, as it re-casts every weight at every step. The copy is rebuilt when the
+  model's parameters change (their version counters move: optimizer steps, load_state_dict), and it follows
+  the model's active LoRA adapter.
 """
 
 from __future__ import annotations
@@ -117,11 +118,13 @@ class _Sampler:
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         self.greedy = self.temperature == 0
-        self.generators = []
+        self.generators: list[torch.Generator | None] = []  # None for greedy rows
         for p in params:
-            g = torch.Generator(device=device)
-            # unseeded rows draw their seed from torch's global RNG, so torch.manual_seed makes them repeatable
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ())))
+            g = None
+            if p.temperature > 0:
+                g = torch.Generator(device=device)
+                # unseeded rows draw their seed from torch's global RNG, so torch.manual_seed makes them repeatable
+                g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ())))
             self.generators.append(g)
         self._refresh()
 
@@ -311,15 +314,19 @@ class Engine:
             pass
         return [Completion(r.tokens, r.logprobs, r.finish_reason) for r in rows]
 
-    @torch.inference_mode()
     def stream(self, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams]) -> Iterator[list[tuple[int, int, float]]]:
         """Per decode step, the newly final (row index, token id, logprob) of the rows still generating.
 
         The tokens are exactly those `generate` returns. A token that may be the start of a stop sequence is
-        held back until it is known not to be, so a step can release several tokens of one row, or none.
+        held back until it is known not to be, so a step can release several tokens of one row, or none
+        (steps that release nothing are not yielded). Bad requests raise here, before the first step.
         """
-        yield from self._decode(prompts, self._rows(prompts, params))
+        return self._stream(prompts, self._rows(prompts, params))
+
+    @torch.inference_mode()
+    def _stream(self, prompts, rows) -> Iterator[list[tuple[int, int, float]]]:
+        yield from self._decode(prompts, rows)
 
     def _rows(self, prompts, params) -> list[_Row]:
         if isinstance(params, SamplingParams):
