@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from palmchat.atomic import atomic_write
 from palmchat.config import ModelConfig
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
@@ -39,16 +40,6 @@ def _is_checkpoint(path: Path) -> bool:
 
 class CheckpointError(ValueError):
     pass
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -114,7 +105,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(run_dir / "latest", name + "\n")
+    atomic_write(run_dir / "latest", name + "\n")
     old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
     for stale in old[: max(0, len(old) - (keep_last - 1))]:
         shutil.rmtree(stale, ignore_errors=True)

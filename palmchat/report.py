@@ -41,9 +41,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import unicodedata
 from pathlib import Path
+
+from palmchat.atomic import atomic_path, atomic_write
 
 __all__ = ["write_report", "STAGE_ORDER", "STAGE_PLOT", "BEST_OF_N_PLOT", "REPORT_FILE"]
 
@@ -134,20 +135,9 @@ def _relative(path, out_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _file_mode() -> int:
-    return 0o644  # mkstemp creates files 0600; reading os.umask would mean changing it (process-wide)
-
-
 def _save_figure(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _figure(size=(7, 4)):
@@ -312,19 +302,7 @@ def write_report(out_dir, results: dict) -> Path:
         lines += _table(["setting", "value"], rows)
 
     path = out_dir / REPORT_FILE
-    _atomic_write(path, "\n".join(lines).rstrip() + "\n")
+    atomic_write(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

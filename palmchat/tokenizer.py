@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from palmchat.atomic import atomic_write
 
 __all__ = [
     "PAD_TOKEN",
@@ -174,20 +175,7 @@ class Tokenizer:
         """
         p = _resolve_path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        data = self._tok.to_str(pretty=True)
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(p, self._tok.to_str(pretty=True))
         self.path = str(p)
         return str(p)
 

@@ -28,6 +28,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from palmchat.atomic import atomic_write
+
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "read_documents",
@@ -155,18 +157,6 @@ def _split_score(seed: int, doc: str) -> float:
                         key=str(int(seed)).encode())
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
 
 
 def _unlink_quiet(path) -> None:
@@ -298,7 +288,7 @@ def write_shards(documents: Iterable[str], tokenizer, out_dir, val_fraction: flo
         train.abort()
         val.abort()
         raise
-    _atomic_write_text(out / META_FILENAME, json.dumps(meta, indent=2) + "\n")
+    atomic_write(out / META_FILENAME, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

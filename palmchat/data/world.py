@@ -73,14 +73,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from palmchat.atomic import atomic_write
 
 __all__ = [
     "MODERATION_CATEGORIES",
@@ -941,19 +941,6 @@ class World:
 
 
 # --------------------------------------------------------------------------- bundle / CLI
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
 
 def _jsonl(records) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -988,7 +975,7 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
     paths = {}
     for name, (fname, text) in contents.items():
         paths[name] = out / fname
-        _atomic_write(paths[name], text)
+        atomic_write(paths[name], text)
     return paths
 
 

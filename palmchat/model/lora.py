@@ -35,12 +35,13 @@ import copy
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from palmchat.atomic import atomic_path
 
 ADAPTER_FILE = "adapter.safetensors"
 DEFAULT_TARGETS = ("in_proj", "qkv", "attn_out", "gate_up", "ff_out")
@@ -411,16 +412,8 @@ def save_adapter(folder: str | os.PathLike, model: nn.Module, name: str, lora_co
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{ADAPTER_FILE}.")
-    os.close(fd)
-    try:
+    with atomic_path(folder / ADAPTER_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "lora_config": json.dumps(config)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / ADAPTER_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return folder / ADAPTER_FILE
 
 
