@@ -46,7 +46,7 @@ from typing import Sequence
 
 import torch
 
-from palmchat.inference.best_of_n import best_of_n_batch, sample_seed, score_completions
+from palmchat.inference.best_of_n import best_of_n_batch, score_completions
 from palmchat.inference.engine import Engine, SamplingParams
 
 __all__ = ["Reply", "prompt_seed", "generate_replies", "evaluate_policy", "evaluate_best_of_n", "win_rate",

@@ -22,7 +22,7 @@ from palmchat.data.chat import (
 from palmchat.data.world import World, write_bundle
 from palmchat.losses import ranking_loss
 from palmchat.model.palm import PaLM
-from palmchat.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID, train_tokenizer
+from palmchat.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, train_tokenizer
 
 SIZES = dict(pretrain=20, sft=40, rankings=30, pairs=30, prompts_train=20, prompts_heldout=25, moderation=5)
 

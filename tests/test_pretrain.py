@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from palmchat import checkpoint
 from palmchat.cli import main as cli

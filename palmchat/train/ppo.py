@@ -32,7 +32,7 @@ from palmchat.inference.engine import Engine
 from palmchat.losses import gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, load_policy, pick_device, plot_metrics,
+from palmchat.train.common import (MetricsLog, autocast, autocast_dtype, load_policy, pick_device, plot_metrics,
                                    save_policy)
 from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, response_logprobs, sample
 

@@ -114,7 +114,8 @@ def main(args: PretrainArgs) -> Path:
     if args.resume and not has_checkpoint:
         raise ValueError(f"--resume: no checkpoint in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    device, dtype = pick_device(args.device), autocast_dtype(args.dtype, pick_device(args.device))
+    device = pick_device(args.device)
+    dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
 
     tokenizer, shard_dir = prepare_data(args, out)

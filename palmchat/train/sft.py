@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat import checkpoint
 from palmchat.args import arg
 from palmchat.data.chat import encode_sft, load_conversations, pad_right
 from palmchat.losses import cross_entropy
