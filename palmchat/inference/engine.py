@@ -113,15 +113,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0, top_p: to
 class _Sampler:
     """Per-row sampling settings as (B,) tensors plus one torch.Generator per sampled row."""
 
-    def __init__(self, params: list[SamplingParams], device):
+    def __init__(self, params: list[SamplingParams], device, generators: list[torch.Generator | None] | None = None):
+        """generators: the rows' random streams carried over from an earlier batch (None entries: new ones)."""
         self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         self.greedy = self.temperature == 0
         self.generators: list[torch.Generator | None] = []  # None for greedy rows
-        for p in params:
-            g = None
-            if p.temperature > 0:
+        for p, g in zip(params, generators or [None] * len(params)):
+            if g is None and p.temperature > 0:
                 g = torch.Generator(device=device)
                 # unseeded rows draw their seed from torch's global RNG, so torch.manual_seed makes them repeatable
                 g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ())))

@@ -1,0 +1,325 @@
+"""Continuous batching for a server: requests join and leave the decode batch at any step, and prompts reuse the
+K/V of earlier requests through a prefix cache.
+
+    scheduler = Scheduler(model, dtype=torch.bfloat16)
+    scheduler.start()                                     # a background thread owns the model from now on
+    async for event in scheduler.stream(prompt_ids, SamplingParams(max_new_tokens=64)):
+        event.tokens, event.logprobs, event.finished, event.request.cached_tokens
+
+Like the Engine (palmchat/inference/engine.py, whose sampler and inference copy it uses) it works on token ids.
+Orca (Yu et al. 2022, https://www.usenix.org/conference/osdi22/presentation/yu) introduced scheduling per
+iteration instead of per request; vLLM's chunked prefill is the same idea applied to prompts.
+
+One KV slab holds `max_batch` decode rows plus one spare row. The rows decoding now are always rows 0..n-1, so a
+decode step runs the model on a view of the slab with no copy. Each iteration of the loop:
+
+1. Cancelled requests leave; a finished or cancelled row is replaced by the last row (one row's K/V copied).
+2. Prefill, one chunk: a waiting request takes the spare row; its longest cached prefix is copied in and only
+   the rest of its prompt is computed, `prefill_chunk` tokens per iteration so that a long prompt does not
+   stall the streams already running. When its prompt is done its K/V is stored in the prefix cache (so its n
+   siblings and later turns hit it), its row is copied to row n, and it joins the batch.
+3. Decode: one token for every running row, sampled from its last logits; finished rows release their K/V to
+   the prefix cache and leave.
+
+Events (newly final tokens of one request) are passed to each request's `on_event` from the scheduler's thread;
+`stream` bridges them to asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+from torch import nn
+
+from palmchat.inference.engine import Engine, SamplingParams, _Row, _Sampler
+from palmchat.inference.kv_cache import KVCache
+from palmchat.inference.prefix_cache import PrefixCache
+from palmchat.model.lora import adapters, use_adapter
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[["Event"], None]
+    adapter: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache; set before the first event
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None  # perf_counter() when the first token was sampled
+    _row: _Row = field(init=False)
+    _cancelled: bool = False
+    _prefilled: int = 0  # prompt tokens in the row's cache so far
+    _sampled: list[int] = field(default_factory=list)  # every sampled token (the output may drop a stop sequence)
+    _generator: torch.Generator | None = None  # the row's random stream, kept when the batch around it changes
+
+    def __post_init__(self):
+        self._row = _Row(self.params)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._row.tokens
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self._row.logprobs
+
+    def cancel(self) -> None:
+        """Thread-safe: the request leaves the batch at the scheduler's next iteration."""
+        self._cancelled = True
+
+
+@dataclass
+class Event:
+    request: Request
+    tokens: list[int]
+    logprobs: list[float]
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, max_batch: int = 16,
+                 prefix_cache_tokens: int = 65536, prefill_chunk: int = 256):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1")
+        self.engine = Engine(model, dtype=dtype)
+        self.config = model.config
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self._wake = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # row b of the slab decodes _running[b]
+        self._prefilling: Request | None = None  # in the spare row, slab row max_batch
+        self._logits: torch.Tensor | None = None  # (n, V): the running rows' next-token logits
+        self._sampler: _Sampler | None = None  # rebuilt when the running set changes
+        self._slab: KVCache | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = dict(requests_total=0, prompt_tokens_total=0, cached_tokens_total=0,
+                             generated_tokens_total=0, decode_steps_total=0, decode_rows_total=0)
+
+    # -- the public side (any thread) -------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None],
+               adapter: str | None = None) -> Request:
+        """Queue a request; raises ValueError for one that can never run (see Engine._check)."""
+        self.engine._check(prompt, params)
+        if adapter is not None and adapter not in adapters(self.engine.model):
+            raise ValueError(f"unknown adapter {adapter!r}; loaded: {adapters(self.engine.model) or 'none'}")
+        request = Request(list(prompt), params, on_event, adapter)
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopped")
+            self._waiting.append(request)
+            self.counters["requests_total"] += 1
+            self._wake.notify()
+        return request
+
+    async def stream(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
+                     on_submit: Callable[[Request], None] | None = None) -> AsyncIterator[Event]:
+        """The request's events in an asyncio program. Closing the iterator early (a client that went away)
+        cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        request = self.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), adapter)
+        if on_submit is not None:
+            on_submit(request)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finished:
+                    return
+        finally:
+            if request.finish_reason is None:
+                request.cancel()
+
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="palmchat-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def stats(self) -> dict:
+        waiting = len(self._waiting) + (self._prefilling is not None)
+        return dict(self.counters, running=len(self._running), waiting=waiting,
+                    prefix_cache_tokens=self.prefix_cache.tokens, prefix_cache_entries=len(self.prefix_cache.entries))
+
+    # -- the scheduler's thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._running or self._prefilling):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as e:  # a bug must not hang every client: fail the requests in flight, go on
+                self._fail_all(f"{type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down", reason="cancelled")
+
+    def _iteration(self) -> None:
+        runner = self.engine.sync()
+        if self._slab is None:
+            param = next(runner.parameters())
+            self._slab = KVCache(self.config, self.max_batch + 1, dtype=param.dtype, device=param.device)
+        for b in reversed(range(len(self._running))):
+            if self._running[b]._cancelled:
+                self._finish(b, "cancelled")
+        if self._prefilling is not None and self._prefilling._cancelled:
+            self._emit(self._prefilling, [], finish="cancelled")
+            self._prefilling = None
+        if self._prefilling is None and len(self._running) < self.max_batch:
+            self._admit()
+        if self._prefilling is not None:
+            self._prefill_chunk(runner)
+        if self._running:
+            self._decode_step(runner)
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self._waiting:
+                request = self._waiting.popleft()
+                if request._cancelled:
+                    self._emit(request, [], finish="cancelled")
+                    continue
+                break
+            else:
+                return
+        prompt = torch.tensor(request.prompt, dtype=torch.long)
+        # at least the prompt's last token is computed: its logits give the first new token
+        entry, m = self.prefix_cache.lookup(request.adapter, prompt, limit=len(request.prompt) - 1)
+        row = self._slab.rows(self.max_batch, self.max_batch + 1)
+        if m:
+            row.k[:, 0, :, :m] = entry.k[:, :, :m]
+            row.v[:, 0, :, :m] = entry.v[:, :, :m]
+        row.lengths.fill_(m)
+        request.cached_tokens = request._prefilled = m
+        self.counters["prompt_tokens_total"] += len(request.prompt)
+        self.counters["cached_tokens_total"] += m
+        self._prefilling = request
+
+    def _prefill_chunk(self, runner: nn.Module) -> None:
+        request = self._prefilling
+        start = request._prefilled
+        stop = min(start + self.prefill_chunk, len(request.prompt))
+        row = self._slab.rows(self.max_batch, self.max_batch + 1)
+        ids = torch.tensor([request.prompt[start:stop]], dtype=torch.long, device=row.lengths.device)
+        with use_adapter(runner, request.adapter):
+            hidden = runner.hidden_states(ids, cache=row)  # (1, T, C)
+        request._prefilled = stop
+        if stop < len(request.prompt):
+            return
+        n = len(request.prompt)
+        self.prefix_cache.insert(request.adapter, torch.tensor(request.prompt),
+                                 row.k[:, 0, :, :n].clone(), row.v[:, 0, :, :n].clone())
+        logits = self._project(hidden[:, -1]).float()  # (1, V)
+        b = len(self._running)  # join the batch as row b
+        self._copy_row(self.max_batch, b, n)
+        self._running.append(request)
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._sampler = None
+        self._prefilling = None
+
+    def _decode_step(self, runner: nn.Module) -> None:
+        if self._sampler is None:
+            self._sampler = _Sampler([r.params for r in self._running], self._logits.device,
+                                     generators=[r._generator for r in self._running])
+            for r, g in zip(self._running, self._sampler.generators):
+                r._generator = g
+        tokens, logprobs = self._sampler(self._logits)  # (n,), (n,)
+        now = time.perf_counter()
+        for request, token, logprob in zip(self._running, tokens.tolist(), logprobs.tolist()):
+            request.first_token = request.first_token or now
+            request._sampled.append(token)
+            self._emit(request, request._row.add(token, logprob), finish=request._row.finish_reason)
+        self.counters["generated_tokens_total"] += len(self._running)
+        for b in reversed(range(len(self._running))):
+            if self._running[b]._row.finish_reason is not None:
+                self._finish(b, None)
+        if not self._running:
+            return
+        n = len(self._running)
+        batch = self._slab.rows(0, n)
+        # rows moved when others left: each row feeds back its own last sampled token
+        tokens = torch.tensor([[r._sampled[-1]] for r in self._running], device=batch.lengths.device)  # (n, 1)
+        names = [r.adapter for r in self._running]
+        with use_adapter(runner, names if any(names) else None):
+            hidden = runner.hidden_states(tokens, cache=batch)  # (n, 1, C)
+        self._logits = self._project(hidden[:, -1]).float()  # (n, V)
+        self.counters["decode_steps_total"] += 1
+        self.counters["decode_rows_total"] += n
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.engine._head
+        return self.engine.sync().logits(hidden) if head is None else head(hidden)
+
+    def _copy_row(self, src: int, dst: int, length: int) -> None:
+        if src != dst:
+            self._slab.k[:, dst, :, :length] = self._slab.k[:, src, :, :length]
+            self._slab.v[:, dst, :, :length] = self._slab.v[:, src, :, :length]
+        self._slab.lengths[dst] = length
+
+    def _finish(self, b: int, reason: str | None) -> None:
+        """Row b leaves the batch: its K/V goes to the prefix cache, the last row moves into its place."""
+        request = self._running[b]
+        if reason is not None:  # cancelled (a finished row has its reason and final event already)
+            request._row.finish_reason = reason
+            self._emit(request, [], finish=reason)
+        length = int(self._slab.lengths[b])  # prompt + the sampled tokens fed back (all but the last)
+        tokens = torch.tensor((request.prompt + request._sampled)[:length])
+        self.prefix_cache.insert(request.adapter, tokens, self._slab.k[:, b, :, :length].clone(),
+                                 self._slab.v[:, b, :, :length].clone())
+        last = len(self._running) - 1
+        if b != last:
+            self._copy_row(last, b, int(self._slab.lengths[last]))
+            self._running[b] = self._running[last]
+            self._logits[b] = self._logits[last]
+        self._running.pop()
+        self._logits = self._logits[: len(self._running)]
+        self._sampler = None
+
+    def _emit(self, request: Request, released: list[tuple[int, float]], finish: str | None) -> None:
+        if finish is not None:
+            request.finish_reason = finish
+        if not released and finish is None:
+            return
+        event = Event(request, [t for t, _ in released], [lp for _, lp in released], finish is not None)
+        try:
+            request.on_event(event)
+        except Exception:  # a consumer's bug (or a closed event loop) must not stop the batch
+            request.cancel()
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        with self._wake:
+            pending = list(self._waiting)
+            self._waiting.clear()
+        for request in self._running + ([self._prefilling] if self._prefilling else []) + pending:
+            if request.finish_reason is None:
+                request.error = message if reason == "error" else None
+                self._emit(request, [], finish=reason)
+        self._running, self._prefilling, self._logits, self._sampler = [], None, None, None
+
+
+__all__ = ["Scheduler", "Request", "Event"]
