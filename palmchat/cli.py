@@ -156,8 +156,13 @@ def merge_main(args: MergeArgs) -> None:
 
 
 def _commands():
+    """Sub-command name -> (argument dataclass, function), or -> {name: (...)} for a group (`palmchat keys create`).
+    Only argument dataclasses are imported here: the serving stack (FastAPI) loads when `serve` runs."""
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
+    from palmchat.moderation import ModerationTrainArgs
+    from palmchat.serve import keys
+    from palmchat.serve.run import ServeArgs
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo_main
     from palmchat.train.grpo import GRPOArgs
@@ -171,6 +176,16 @@ def _commands():
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft_main
 
+    def serve_main(args):
+        from palmchat.serve.run import main
+
+        main(args)
+
+    def moderation_train_main(args):
+        from palmchat.moderation import train_main
+
+        train_main(args)
+
     return {
         "demo": (DemoArgs, demo_main),
         "pretrain": (PretrainArgs, pretrain_main),
@@ -182,6 +197,10 @@ def _commands():
         "merge-lora": (MergeArgs, merge_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
+        "serve": (ServeArgs, serve_main),
+        "keys": {"create": (keys.KeysCreateArgs, keys.create_main), "list": (keys.KeysListArgs, keys.list_main),
+                 "revoke": (keys.KeysRevokeArgs, keys.revoke_main)},
+        "moderation": {"train": (ModerationTrainArgs, moderation_train_main)},
     }
 
 
@@ -189,15 +208,27 @@ def main(argv: list[str] | None = None) -> int:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="palmchat", description="Train, align and serve a PaLM-style assistant.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, _) in commands.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        add_dataclass_arguments(sub.add_parser(name, help=doc, description=doc), cls)
+
+    def first_line(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    for name, entry in commands.items():
+        if isinstance(entry, dict):
+            group = sub.add_parser(name, help=f"{name}: " + ", ".join(entry))
+            inner = group.add_subparsers(dest="action", required=True)
+            for action, (cls, _) in entry.items():
+                add_dataclass_arguments(inner.add_parser(action, help=first_line(cls), description=first_line(cls)), cls)
+        else:
+            add_dataclass_arguments(sub.add_parser(name, help=first_line(entry[0]), description=first_line(entry[0])),
+                                    entry[0])
     namespace = parser.parse_args(argv)
-    cls, fn = commands[namespace.command]
+    entry = commands[namespace.command]
+    cls, fn = entry[namespace.action] if isinstance(entry, dict) else entry
+    name = namespace.command + (f" {namespace.action}" if isinstance(entry, dict) else "")
     try:
         fn(from_namespace(cls, namespace))
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"palmchat {namespace.command}: error: {e}", file=sys.stderr)
+        print(f"palmchat {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

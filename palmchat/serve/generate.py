@@ -1,0 +1,180 @@
+"""From a prompt's token ids to the text of n replies, through the scheduler: what every generating endpoint
+shares (chat completions, completions, responses).
+
+    gen = Generation(state, prompt_ids, params, n=2, stops=["\\n\\n"], block_output=True)
+    async for index, delta, finish_reason in gen.deltas():   # closing the loop early cancels the requests
+        ...
+    gen.replies[0].text, gen.replies[0].context_tokens(), gen.cached_tokens, gen.completion_tokens
+
+Each reply's text is released only when it is final:
+- whole characters only: byte-level BPE splits multi-byte characters across tokens, so a tail that decodes to
+  U+FFFD waits for the next tokens (up to 4: a character has at most 4 bytes);
+- stop strings are matched on text, not tokens (a stop string need not start on a token boundary), and a tail
+  that may be the start of one is held back; the request is cancelled at the match;
+- with output moderation in block mode, text leaves only after the whole reply so far passed the moderator,
+  checked every `CHECK_EVERY` tokens and at the end; a flagged reply stops with finish_reason "content_filter"
+  and its unchecked tail is never sent.
+
+Sample j of a seeded request uses best_of_n.sample_seed(seed, j), as best-of-n does, so n > 1 samples differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+from palmchat.inference.best_of_n import sample_seed, score_completions
+from palmchat.inference.engine import SamplingParams
+from palmchat.serve.schemas import APIError
+
+CHECK_EVERY = 8  # tokens between output-moderation checks in block mode
+
+
+class GenerationError(RuntimeError):
+    """The scheduler failed a request (status 500) or is shutting down (503)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+class Reply:
+    """One sampled reply: token ids in, released text out."""
+
+    def __init__(self, tokenizer, stops: list[str], moderator=None):
+        self.tokenizer, self.stops, self.moderator = tokenizer, stops, moderator
+        self.tokens: list[int] = []  # content tokens: the sampled ids without end-of-turn / end-of-text
+        self.generated = 0  # every sampled id, for usage
+        self.decoded, self.decoded_upto = "", 0  # text of tokens[:decoded_upto], only ever appended to
+        self.text = ""  # released so far: a prefix of `decoded`
+        self.kept = 0  # content tokens whose text is all released (what a stored context keeps)
+        self.checked = 0  # len(tokens) at the last moderation check
+        self.finish_reason: str | None = None
+        self.moderation = None  # the last ModerationResult of the output (block mode)
+
+    def add(self, tokens: list[int], finish: str | None) -> str:
+        """Take newly sampled ids (finish: the scheduler's reason when this was the last event); return the text
+        that can now be released. Sets finish_reason when the reply ends (possibly before the scheduler's)."""
+        self.generated += len(tokens)
+        if finish in ("cancelled", "error"):
+            self.finish_reason = finish
+            return ""
+        special = (self.tokenizer.eot_id, self.tokenizer.bos_id)
+        self.tokens += [t for t in tokens if t not in special]
+        # A character's UTF-8 bytes may span tokens (at most 4): a tail that decodes to U+FFFD waits for the next
+        # token, unless 4 tokens did not complete it (then it is not a character: it is released as it is).
+        tail = self.tokenizer.decode(self.tokens[self.decoded_upto:])
+        if not tail.endswith("\ufffd") or finish is not None or len(self.tokens) - self.decoded_upto >= 4:
+            self.decoded, self.decoded_upto = self.decoded + tail, len(self.tokens)
+        full, reason, hold = self.decoded, finish, 0
+        hits = [i for i in (full.find(s, max(0, len(self.text) - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            full, reason = full[:min(hits)], "stop"
+        elif reason is None:  # hold back a tail that may be the start of a stop string
+            for s in self.stops:
+                hold = max([hold] + [n for n in range(1, min(len(s), len(full) + 1)) if full.endswith(s[:n])])
+        candidate = full[:len(full) - hold]
+        if self.moderator is not None:
+            if reason is None and len(self.tokens) - self.checked < CHECK_EVERY:
+                return ""
+            self.checked = len(self.tokens)
+            self.moderation = self.moderator.moderate([candidate])[0]
+            if self.moderation.flagged:
+                self.finish_reason = "content_filter"
+                return ""
+        delta = candidate[len(self.text):] if candidate.startswith(self.text) else ""
+        self.text += delta
+        if not hits and hold == 0 and self.decoded_upto == len(self.tokens):
+            self.kept = len(self.tokens)
+        self.finish_reason = reason
+        return delta
+
+    def context_tokens(self) -> list[int]:
+        """The reply as it enters a stored conversation: its released tokens, closed by end-of-turn."""
+        return self.tokens[:self.kept] + [self.tokenizer.eot_id]
+
+
+class Generation:
+    """n replies to one prompt, sampled concurrently in the scheduler's batch."""
+
+    def __init__(self, state, prompt: list[int], params: SamplingParams, n: int = 1, stops: list[str] | None = None,
+                 block_output: bool = False):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.prompt = prompt
+        moderator = state.moderator if block_output else None
+        self.replies = [Reply(state.tokenizer, stops or [], moderator) for _ in range(n)]
+        self.requests = []
+        try:
+            for j in range(n):
+                p = params if params.seed is None else dataclasses.replace(params, seed=sample_seed(params.seed, j))
+                self.requests.append(state.scheduler.submit(
+                    prompt, p, lambda event, j=j: loop.call_soon_threadsafe(self.queue.put_nowait, (j, event))))
+        except ValueError as e:  # the scheduler's checks: context length, token ids
+            self.cancel()
+            raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+        except RuntimeError as e:  # stopping
+            self.cancel()
+            raise APIError(503, str(e), type="server_error") from None
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.requests[0].cached_tokens if self.requests else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.generated for r in self.replies)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(reply index, released text, finish reason or None) until every reply has finished."""
+        remaining = len(self.replies)
+        try:
+            while remaining:
+                j, event = await self.queue.get()
+                reply = self.replies[j]
+                if reply.finish_reason is not None:
+                    continue  # ended early by a stop string or the filter; its request was cancelled
+                delta = reply.add(event.tokens, event.request.finish_reason if event.finished else None)
+                if reply.finish_reason == "error":
+                    raise GenerationError(event.request.error or "generation failed")
+                if reply.finish_reason == "cancelled":
+                    raise GenerationError("the server is shutting down", status=503)
+                if reply.finish_reason is not None:
+                    remaining -= 1
+                    if not event.finished:
+                        self.requests[j].cancel()
+                if delta or reply.finish_reason is not None:
+                    yield j, delta, reply.finish_reason
+        finally:
+            self.cancel()
+
+    async def run(self) -> list[Reply]:
+        async for _ in self.deltas():
+            pass
+        return self.replies
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            if r.finish_reason is None:
+                r.cancel()
+
+
+async def rank_best_of(state, prompt: list[int], params: SamplingParams, n: int, candidates: int,
+                       stops: list[str] | None = None, block_output: bool = False) -> tuple[Generation, list[int]]:
+    """Sample `candidates` replies, score each with the reward model (read at its end-of-turn token), and return
+    the generation and the indices of the n best, best first."""
+    if state.reward_model is None:
+        raise APIError(400, "best-of-n needs a reward model: start the server with --reward-model", param="best_of")
+    room = state.reward_model.config.max_seq_len - len(prompt) - 1  # one slot for the eot the score is read at
+    if room < 1:
+        raise APIError(400, f"prompt of {len(prompt)} tokens leaves no room for a reply in the reward model's "
+                            f"context of {state.reward_model.config.max_seq_len} tokens", param="messages",
+                       code="context_length_exceeded")
+    params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+    generation = Generation(state, prompt, params, candidates, stops, block_output)
+    replies = await generation.run()
+    scores = await asyncio.to_thread(score_completions, state.reward_model, [prompt] * candidates,
+                                     [r.context_tokens() for r in replies], state.tokenizer.eot_id)
+    ranked = sorted(range(candidates), key=lambda j: (replies[j].finish_reason == "content_filter", -scores[j], j))
+    return generation, ranked[:n]

@@ -1,0 +1,130 @@
+"""`palmchat serve CHECKPOINT`: load a checkpoint (and optionally a reward model and a moderator) and serve
+the OpenAI-compatible API (app.py) with uvicorn until Ctrl-C.
+
+This module imports neither FastAPI nor torch at import time: the `palmchat` command builds its parser from
+ServeArgs for every sub-command.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from palmchat.args import arg
+
+
+@dataclass
+class ServeArgs:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API."""
+
+    checkpoint: str = arg("", "checkpoint folder (or a run folder with a 'latest' file)", positional=True)
+    reward_model: str = arg("", "reward-model checkpoint: enables best_of and the ':best-of-N' model suffix")
+    db: str = arg("palmchat.db", "SQLite file for responses, conversations and API keys (created if missing)")
+    host: str = arg("127.0.0.1", "address to listen on; anything but loopback needs an API key in --db")
+    port: int = arg(8000, "port")
+    model_name: str = arg("", "model id clients use (default: the checkpoint folder's name)")
+    moderation: str = arg("default", "moderator folder (palmchat moderation train), 'default' (trained on the "
+                                     "bundled world at startup, a few seconds) or 'none'")
+    moderation_mode: str = arg("warn", "off: no checks; warn: report verdicts in replies; block: refuse flagged "
+                                       "input and stop flagged output (finish_reason content_filter)",
+                               choices=["off", "warn", "block"])
+    max_batch: int = arg(16, "requests decoded together at most")
+    prefix_cache_tokens: int = arg(65536, "tokens of K/V the prefix cache keeps (least recently used evicted)")
+    max_request_bytes: int = arg(1 << 20, "largest request body accepted (413 above)")
+    max_tokens_limit: int = arg(4096, "largest max_tokens / max_output_tokens a request may ask for (400 above)")
+    rate_limit: str = arg("600/min", "requests per key (one shared budget when there are no keys): N/s, N/min or "
+                                     "N/hour; 0 = none; `palmchat keys create --rate-limit` sets one key's")
+    dtype: str = arg("auto", "decode precision: auto (bf16 where the CPU has it), bf16 or fp32",
+                     choices=["auto", "bf16", "fp32"])
+    log_level: str = arg("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_state(args: ServeArgs, store):
+    """Model, tokenizer, scheduler, reward model and moderator for ServerState."""
+    import torch
+
+    from palmchat import checkpoint
+    from palmchat.cli import _decode_dtype
+    from palmchat.inference.scheduler import Scheduler
+    from palmchat.serve.app import ServerState
+    from palmchat.serve.keys import parse_rate
+
+    parse_rate(args.rate_limit)  # a typo fails here, not at the first request
+    if args.max_batch < 1 or args.max_tokens_limit < 1 or args.max_request_bytes < 1 or args.prefix_cache_tokens < 0:
+        raise ValueError("--max-batch, --max-tokens-limit and --max-request-bytes must be >= 1, "
+                         "--prefix-cache-tokens >= 0")
+    model, _, ckpt = checkpoint.load_model(args.checkpoint)
+    model.eval().requires_grad_(False)
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    reward_model = None
+    if args.reward_model:
+        from palmchat.model.heads import load_reward_model
+
+        reward_model, _ = load_reward_model(args.reward_model)
+        reward_model.eval().requires_grad_(False)
+        if reward_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--reward-model {args.reward_model}: vocabulary of {reward_model.config.vocab_size} "
+                             f"tokens, but the policy's has {model.config.vocab_size} (another tokenizer)")
+    moderator = None
+    if args.moderation not in ("none", ""):
+        from palmchat.moderation import Moderator, default_moderator
+
+        moderator = default_moderator() if args.moderation == "default" else Moderator.load(args.moderation)
+    dtype = _decode_dtype(args.dtype)
+    scheduler = Scheduler(model, dtype=None if dtype == torch.float32 and args.dtype == "auto" else dtype,
+                          max_batch=args.max_batch, prefix_cache_tokens=args.prefix_cache_tokens)
+    folder = Path(args.checkpoint).resolve()
+    name = args.model_name or (folder.parent.name if re.fullmatch(r"step-\d+", folder.name) else folder.name)
+    return ServerState(model_id=name, tokenizer=tokenizer, scheduler=scheduler, store=store,
+                       reward_model=reward_model, moderator=moderator,
+                       moderation_mode=args.moderation_mode if moderator is not None else "off",
+                       max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
+                       rate_limit=args.rate_limit, require_key=not is_loopback(args.host))
+
+
+def main(args: ServeArgs) -> None:
+    from palmchat.serve.store import Store
+
+    if not args.checkpoint:
+        raise ValueError("a checkpoint folder is required: palmchat serve CHECKPOINT")
+    store = Store(args.db)
+    try:
+        if not is_loopback(args.host) and store.active_key_count() == 0:
+            raise ValueError(f"refusing to listen on {args.host}: {args.db} holds no API key, so anyone who can "
+                             f"reach the port could use the server. Create one with `palmchat keys create --db "
+                             f"{args.db}`, or listen on 127.0.0.1")
+        state = load_state(args, store)
+        import uvicorn
+
+        from palmchat.serve.app import create_app
+
+        app = create_app(state)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        extras = ", ".join(x for x in (
+            f"best-of-n with {args.reward_model}" if state.reward_model is not None else "",
+            f"moderation {state.moderation_mode}" if state.moderator is not None else "moderation off",
+            f"{store.active_key_count()} API key(s)" if store.active_key_count() else "no API keys (loopback only)",
+        ) if x)
+        print(f"palmchat serve: model '{state.model_id}' at http://{host}:{args.port}/v1 ({extras}; db {args.db}). "
+              f"Ctrl-C stops.", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    from palmchat.args import parse_into
+
+    main(parse_into(ServeArgs, sys.argv[1:], prog="palmchat serve"))

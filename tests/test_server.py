@@ -1,0 +1,486 @@
+"""`palmchat serve`, driven through the official `openai` client against a real uvicorn subprocess on loopback.
+
+One server (module fixture) serves most tests: a tiny random-weight checkpoint (tests/server_fixtures.py), a
+reward model, a moderator trained by `palmchat moderation train`, three API keys. Its --max-tokens-limit is
+small so that the fuzz test's generations stay short. Crash recovery and client disconnects use a second
+server on a database of their own. Block-mode moderation and the reply text logic run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import httpx
+import openai
+import pytest
+from server_fixtures import Server, build_checkpoints, palmchat
+
+MODEL = "tiny-chat"
+FLAGGED = "How do I attack my sister with a crossbow?"
+HARMLESS = "What pet does Briruul have?"
+LIMIT = 48  # the main server's --max-tokens-limit
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    policy, reward = build_checkpoints(root)
+    result = palmchat("moderation", "train", "--out", str(root / "moderation"))
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "policy": policy, "reward": reward, "moderation": root / "moderation"}
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    from palmchat.serve.keys import create_key
+    from palmchat.serve.store import Store
+
+    db = artifacts["root"] / "main.db"
+    store = Store(db)
+    keys = {name: create_key(store, name, rate)[1]
+            for name, rate in (("alice", ""), ("bob", ""), ("limited", "3/min"), ("fuzz", "0"))}
+    store.close()
+    srv = Server(artifacts["policy"], db, "--reward-model", str(artifacts["reward"]), "--moderation",
+                 str(artifacts["moderation"]), "--max-tokens-limit", str(LIMIT), "--max-request-bytes", "65536",
+                 log=artifacts["root"] / "main.log").start()
+    srv.keys, srv.db = keys, db
+    yield srv
+    srv.stop()
+
+
+def client(server, key: str | None = "alice", **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.keys[key] if key else "none", max_retries=0,
+                         **kwargs)
+
+
+def auth(server, key: str = "alice") -> dict:
+    return {"authorization": f"Bearer {server.keys[key]}"}
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = "any") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param != "any":
+        assert error["param"] == param
+    return error
+
+
+# -- chat, completions, models -------------------------------------------------------------------------
+
+
+def test_models_health_metrics(server):
+    ids = [m.id for m in client(server).models.list()]
+    assert ids[0] == MODEL and f"{MODEL}:best-of-4" in ids
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in ("palmchat_requests_total", "palmchat_prompt_tokens_total", "palmchat_prefix_cache_hit_rate",
+                 "palmchat_batch_size", "palmchat_queue_length", 'palmchat_http_requests_total{route="/v1/chat/completions"'):
+        assert name in metrics
+
+
+def test_chat_plain_and_streamed(server):
+    c = client(server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": HARMLESS}]
+    reply = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0.7, seed=3)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == 12
+    assert reply.usage.prompt_tokens > 5 and reply.usage.prompt_tokens_details.cached_tokens >= 0
+
+    chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.completion_tokens == 12
+    # the same prompt again: all but its last token come from the prefix cache
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=auth(server), json={
+            "model": MODEL, "messages": messages, "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+    two = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, n=2, seed=1, stop=["\n\n", "zz"])
+    assert [ch.index for ch in two.choices] == [0, 1] and two.usage.completion_tokens <= 12
+
+
+def test_completions_and_best_of(server):
+    c = client(server)
+    done = c.completions.create(model=MODEL, prompt="Zorbo lives in", max_tokens=5)
+    assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 5
+    best = c.chat.completions.create(model=f"{MODEL}:best-of-4", messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=4, n=2, seed=0)
+    assert len(best.choices) == 2 and best.usage.completion_tokens == 16  # 4 candidates sampled
+    streamed = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, stream=True, extra_body={"best_of": 3}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3,
+                                  extra_body={"best_of": 2})
+
+
+# -- responses and conversations -----------------------------------------------------------------------
+
+
+def test_responses_chain_reuses_the_prefix_cache(server):
+    c = client(server)
+    r1 = c.responses.create(model=MODEL, input="Where does Zorbo live?", max_output_tokens=6)
+    r2 = c.responses.create(model=MODEL, input="And Briruul?", previous_response_id=r1.id, max_output_tokens=6)
+    events = list(c.responses.create(model=MODEL, input="Thanks.", previous_response_id=r2.id, max_output_tokens=6,
+                                     stream=True))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]  # incomplete: max_output_tokens reached
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    r3 = events[-1].response
+    assert r3.incomplete_details.reason == "max_output_tokens"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r3.output_text
+    assert r1.output_text == c.responses.retrieve(r1.id).output_text
+    for earlier, later in ((r1, r2), (r2, r3)):
+        # the follow-up's prompt is the previous context + the new turn: all of the previous prompt is cached
+        assert later.usage.input_tokens_details.cached_tokens >= earlier.usage.input_tokens
+        assert later.usage.input_tokens > earlier.usage.input_tokens + earlier.usage.output_tokens
+
+
+def test_instructions_apply_to_one_response_only(server, artifacts):
+    from palmchat import checkpoint
+
+    tokenizer = checkpoint.load_tokenizer(artifacts["policy"])
+    c = client(server)
+    instructions = "Answer in one word."
+    plain = c.responses.create(model=MODEL, input="hello", max_output_tokens=3)
+    told = c.responses.create(model=MODEL, input="hello", instructions=instructions, max_output_tokens=3)
+    assert told.instructions == instructions
+    system_turn = len(tokenizer.render_turn({"role": "system", "content": instructions}))
+    assert told.usage.input_tokens == plain.usage.input_tokens + system_turn
+    after = c.responses.create(model=MODEL, input="hello", previous_response_id=told.id, max_output_tokens=3)
+    assert after.instructions is None
+    # stored context: the first turn without the system turn, its reply + end-of-turn, the new turn, <|assistant|>
+    assert after.usage.input_tokens == 2 * plain.usage.input_tokens + told.usage.output_tokens
+
+
+def test_response_store_get_delete(server):
+    c = client(server)
+    kept = c.responses.create(model=MODEL, input="hi", max_output_tokens=2, metadata={"k": "v"})
+    assert c.responses.retrieve(kept.id).metadata == {"k": "v"}
+    items = httpx.get(f"{server.url}/v1/responses/{kept.id}/input_items", headers=auth(server)).json()
+    assert [i["content"][0]["text"] for i in items["data"]] == ["hi"]
+    c.responses.delete(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(kept.id)
+    unstored = c.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+
+
+def test_conversations(server):
+    c = client(server)
+    conv = c.conversations.create(metadata={"topic": "pets"},
+                                  items=[{"type": "message", "role": "user", "content": "My cat is Tom."}])
+    assert conv.object == "conversation" and conv.metadata == {"topic": "pets"}
+    first = c.responses.create(model=MODEL, input="What is my cat called?", conversation=conv.id, max_output_tokens=4)
+    second = c.responses.create(model=MODEL, input=[{"role": "user", "content": "Again?"}],
+                                conversation={"id": conv.id}, max_output_tokens=4)
+    assert first.conversation.id == conv.id
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+    items = list(c.conversations.items.list(conv.id, order="asc"))
+    assert [(i.role, i.content[0].type) for i in items] == [
+        ("user", "input_text"), ("user", "input_text"), ("assistant", "output_text"), ("user", "input_text"),
+        ("assistant", "output_text")]
+    assert items[2].content[0].text == first.output_text
+    page = c.conversations.items.list(conv.id, limit=2)
+    assert [i.id for i in page.data] == [items[4].id, items[3].id] and page.has_more
+    assert c.conversations.items.retrieve(items[1].id, conversation_id=conv.id).id == items[1].id
+    added = c.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "Bye."}])
+    assert added.data[0].content[0].text == "Bye."
+    c.conversations.items.delete(added.data[0].id, conversation_id=conv.id)
+    assert len(list(c.conversations.items.list(conv.id))) == 5
+    assert c.conversations.update(conv.id, metadata={"topic": "cats"}).metadata == {"topic": "cats"}
+    assert c.conversations.retrieve(conv.id).metadata == {"topic": "cats"}
+    assert c.conversations.delete(conv.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        c.conversations.retrieve(conv.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model=MODEL, input="hi", conversation=conv.id)
+
+
+# -- moderation ----------------------------------------------------------------------------------------
+
+
+def test_moderation(server):
+    c = client(server)
+    result = c.moderations.create(input=[FLAGGED, HARMLESS])
+    assert [r.flagged for r in result.results] == [True, False]
+    assert result.results[0].categories.violence and result.results[0].category_scores.violence > 0.5
+    # warn mode: the verdict rides along, the reply is generated
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": FLAGGED}], max_tokens=2)
+    assert chat.moderation.input.results[0].flagged and chat.choices[0].finish_reason == "length"
+    response = c.responses.create(model=MODEL, input=FLAGGED, max_output_tokens=2)
+    assert response.moderation.input.flagged and response.status == "incomplete"
+
+
+# -- security and bad inputs ---------------------------------------------------------------------------
+
+
+def test_keys_isolate_owners(server):
+    alice, bob = client(server, "alice"), client(server, "bob")
+    response = alice.responses.create(model=MODEL, input="secret", max_output_tokens=2)
+    conv = alice.conversations.create()
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.create(model=MODEL, input="hi", previous_response_id=response.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.conversations.items.list(conv.id)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, None).models.list()
+    assert_openai_error(httpx.get(server.url + "/v1/models"), 401)
+    assert alice.responses.retrieve(response.id).id == response.id
+
+
+def test_keys_cli_create_list_revoke(server):
+    created = palmchat("keys", "create", "--db", str(server.db), "--name", "carol")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert httpx.get(server.url + "/v1/models", headers={"authorization": f"Bearer {secret}"}).status_code == 200
+    listed = palmchat("keys", "list", "--db", str(server.db)).stdout
+    assert "carol" in listed and secret not in listed
+    revoked = palmchat("keys", "revoke", "carol", "--db", str(server.db))
+    assert revoked.returncode == 0, revoked.stderr
+    assert_openai_error(httpx.get(server.url + "/v1/models", headers={"authorization": f"Bearer {secret}"}), 401)
+    with sqlite3.connect(server.db) as db:
+        assert secret not in json.dumps(db.execute("SELECT * FROM api_keys").fetchall())
+
+
+def test_bad_requests_get_openai_errors(server):
+    c, url, headers = client(server), server.url + "/v1", auth(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=LIMIT + 1)
+    assert e.value.param == "max_tokens" and str(LIMIT) in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        c.responses.create(model=MODEL, input="hi", previous_response_id="resp_missing")
+    assert e.value.param == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    post = {"headers": {**headers, "content-type": "application/json"}}
+    assert_openai_error(httpx.post(url + "/chat/completions", content=b'{"model": ', **post), 400)
+    error = assert_openai_error(httpx.post(url + "/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "tool", "content": "x"}]}, headers=headers), 400)
+    assert error["param"] == "messages.0.role"
+    assert_openai_error(httpx.post(url + "/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "user", "content": "x"}], "temperature": -1}, headers=headers), 400, "temperature")
+    assert_openai_error(httpx.post(url + "/responses", json={"model": MODEL, "input": "x" * 70000},
+                                   headers=headers), 413)
+    assert_openai_error(httpx.post(url + "/responses", json={"model": MODEL, "input": "a " * 3000},
+                                   headers=headers), 400, "input")  # longer than the context
+    assert_openai_error(httpx.get(url + "/no-such-thing", headers=headers), 404)
+    assert_openai_error(httpx.put(url + "/models", headers=headers), 405)
+    assert_openai_error(httpx.post(url + "/moderations", json={"input": []}, headers=headers), 400, "input")
+
+
+def test_rate_limit_answers_429_with_retry_after(server):
+    statuses = [httpx.get(server.url + "/v1/models", headers=auth(server, "limited")) for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert int(statuses[-1].headers["retry-after"]) >= 1
+    assert statuses[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert httpx.get(server.url + "/v1/models", headers=auth(server, "bob")).status_code == 200  # per key
+
+
+def test_refuses_a_public_address_without_keys(artifacts, tmp_path):
+    result = palmchat("serve", str(artifacts["policy"]), "--db", str(tmp_path / "empty.db"), "--host", "0.0.0.0")
+    assert result.returncode == 2 and "no API key" in result.stderr and "0.0.0.0" in result.stderr
+
+
+# -- fuzzing -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_fuzz_openapi_schema_finds_no_server_error(server):
+    """schemathesis: valid and invalid requests for every operation of /openapi.json, bounded in count and time."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    headers, failures, started = auth(server, "fuzz"), [], time.monotonic()
+
+    def fuzz(operation, mode):
+        @settings(max_examples=12, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case):
+            if mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
+                case.body["model"] = MODEL  # reach past the model check
+            response = case.call(base_url=server.url, headers=headers, timeout=60)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.path} {case.body!r:.300} -> "
+                                f"{response.status_code} {response.text[:300]}")
+            elif response.status_code >= 400:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+        try:
+            check()
+        except Unsatisfiable:  # e.g. no invalid request exists for GET /health
+            pass
+
+    for result in schema.get_all_operations():
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if time.monotonic() - started < 60:
+                fuzz(result.ok(), mode)
+    assert not failures, "\n".join(failures[:10])
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# -- crash recovery and disconnects (a server of their own) --------------------------------------------
+
+
+@pytest.fixture
+def crash_server(artifacts, tmp_path):
+    srv = Server(artifacts["policy"], tmp_path / "crash.db", "--moderation", "none", log=tmp_path / "crash.log")
+    srv.db = tmp_path / "crash.db"
+    yield srv
+    srv.stop()
+
+
+def test_sigkill_mid_stream_loses_nothing_committed(crash_server):
+    srv = crash_server.start()
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    r1 = c.responses.create(model=MODEL, input="First turn.", max_output_tokens=5)
+    r2 = c.responses.create(model=MODEL, input="Second turn.", previous_response_id=r1.id, max_output_tokens=5)
+    conv = c.conversations.create()
+    c.responses.create(model=MODEL, input="In a conversation.", conversation=conv.id, max_output_tokens=5)
+    stream = c.responses.create(model=MODEL, input="A long story, please.", previous_response_id=r2.id,
+                                max_output_tokens=1500, stream=True)
+    killed_id, deltas = None, 0
+    for event in stream:
+        if event.type == "response.created":
+            killed_id = event.response.id
+        deltas += event.type == "response.output_text.delta"
+        if deltas == 3:
+            srv.kill()
+            break
+    stream.close()
+    assert killed_id and deltas == 3
+
+    srv.start()
+    with sqlite3.connect(srv.db) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    assert c.responses.retrieve(r1.id).output_text == r1.output_text
+    assert c.responses.retrieve(r2.id).output_text == r2.output_text
+    assert len(list(c.conversations.items.list(conv.id))) == 2
+    with pytest.raises(openai.NotFoundError):  # the interrupted turn was never committed
+        c.responses.retrieve(killed_id)
+    r3 = c.responses.create(model=MODEL, input="Third turn.", previous_response_id=r2.id, max_output_tokens=5)
+    assert r3.usage.input_tokens > r2.usage.input_tokens + r2.usage.output_tokens
+    c.responses.create(model=MODEL, input="Still here?", conversation=conv.id, max_output_tokens=5)
+    assert len(list(c.conversations.items.list(conv.id))) == 4
+
+
+def test_client_disconnect_cancels_generation(crash_server):
+    srv = crash_server.start()
+    before = httpx.get(srv.url + "/health").json()["generated_tokens_total"]
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 2000,
+            "stream": True}) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks == 5:
+                break
+    deadline = time.monotonic() + 5
+    while httpx.get(srv.url + "/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = httpx.get(srv.url + "/health").json()
+    assert health["running"] == 0
+    assert health["generated_tokens_total"] - before < 2000  # stopped early: the reply was never finished
+
+
+# -- in-process: block-mode moderation, reply text -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_app(artifacts, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from palmchat import checkpoint
+    from palmchat.inference.scheduler import Scheduler
+    from palmchat.moderation import Moderator
+    from palmchat.serve.app import ServerState, create_app
+    from palmchat.serve.store import Store
+
+    model, _, ckpt = checkpoint.load_model(artifacts["policy"])
+    store = Store(tmp_path_factory.mktemp("block") / "block.db")
+    state = ServerState(model_id=MODEL, tokenizer=checkpoint.load_tokenizer(ckpt), scheduler=Scheduler(model.eval()),
+                        store=store, moderator=Moderator.load(artifacts["moderation"]), moderation_mode="block")
+    with TestClient(create_app(state)) as test_client:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client, max_retries=0)
+    store.close()
+
+
+def test_block_mode_refuses_flagged_input(block_app):
+    chat = block_app.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": FLAGGED}])
+    assert chat.choices[0].finish_reason == "content_filter" and chat.choices[0].message.refusal
+    ok = block_app.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": HARMLESS}], max_tokens=3)
+    assert ok.choices[0].finish_reason == "length"
+
+    first = block_app.responses.create(model=MODEL, input=HARMLESS, max_output_tokens=3)
+    refused = block_app.responses.create(model=MODEL, input=FLAGGED, previous_response_id=first.id)
+    assert refused.status == "incomplete" and refused.incomplete_details.reason == "content_filter"
+    assert refused.output[0].content[0].type == "refusal"
+    # the flagged turn never entered the token history: continuing from it is continuing from `first`
+    after_refused = block_app.responses.create(model=MODEL, input="ok", previous_response_id=refused.id,
+                                               max_output_tokens=2)
+    after_first = block_app.responses.create(model=MODEL, input="ok", previous_response_id=first.id,
+                                             max_output_tokens=2)
+    assert after_refused.usage.input_tokens == after_first.usage.input_tokens
+
+
+class _Moderator:
+    """Flags any text containing 'bad'."""
+
+    def moderate(self, texts):
+        from palmchat.moderation import ModerationResult
+
+        return [ModerationResult("bad" in t, {"harassment": "bad" in t}, {"harassment": float("bad" in t)})
+                for t in texts]
+
+
+def test_reply_text_stops_and_filters(artifacts):
+    from palmchat import checkpoint
+    from palmchat.serve.generate import Reply
+
+    tok = checkpoint.load_tokenizer(artifacts["policy"])
+
+    def run(text, stops=(), moderator=None, finish="length"):
+        reply, released = Reply(tok, list(stops), moderator), []
+        ids = tok.encode(text)
+        for i, t in enumerate(ids):
+            released.append(reply.add([t], finish if i == len(ids) - 1 else None))
+            if reply.finish_reason:
+                break
+        return reply, released
+
+    reply, released = run("héllo wörld, this is fine")
+    assert "".join(released) == "héllo wörld, this is fine" and reply.finish_reason == "length"
+    assert all("\ufffd" not in part for part in released)
+    reply, released = run("one two\n\nthree", stops=["\n\n"])
+    assert reply.text == "one two" and reply.finish_reason == "stop"
+    reply, released = run("good good good good good good good good good good bad words follow here", moderator=_Moderator())
+    assert reply.finish_reason == "content_filter" and "bad" not in reply.text
+    assert reply.context_tokens()[-1] == tok.eot_id and len(reply.context_tokens()) <= len(reply.tokens) + 1
+    eot = Reply(tok, [])
+    assert eot.add(tok.encode("Hi") + [tok.eot_id], "stop") == "Hi" and eot.context_tokens() == tok.encode("Hi") + [tok.eot_id]
