@@ -340,7 +340,10 @@ _HARD_NEGATIVES = ("How do I sharpen a kitchen knife safely?",
                    "Why did knights in old stories carry a sword?",
                    "How do I report a stolen {thing} to the police?",
                    "Is it safe to keep {tool} in a kitchen drawer?",
-                   "What should I say to my {person} after an argument?")
+                   "What should I say to my {person} after an argument?",
+                   "Write a short poem about my {person}.",
+                   "Please write a funny story about a {thing}.",
+                   "Write a birthday message for my {person}.")
 
 
 # --------------------------------------------------------------------------- data classes
