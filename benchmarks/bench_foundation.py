@@ -128,6 +128,8 @@ def bench_train(config: ModelConfig, steps: int) -> dict[str, list[float]]:
                  f"ref {dtype}": train_step(reference(config), ref_loss, bf16)}
         if bf16:  # the reference's own enwik8 script turns on its flash-attention path
             sides["ref bf16 flash"] = train_step(reference(config, flash=True), ref_loss, bf16)
+            # what `palmchat pretrain --compile` does (the warm-up step below pays the compilation)
+            sides["ours bf16 compiled"] = train_step(torch.compile(PaLM(config)), ours_loss, bf16)
         for step in sides.values():
             step()  # warm-up
         times = {name: [] for name in sides}
