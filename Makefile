@@ -8,13 +8,17 @@ STAMP  := $(VENV)/.installed
 # would pull a multi-GB CUDA build. The package itself only asks for torch>=2.4.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench screenshots install clean
 
+# Debian's chromium is for the browser tests (tests/test_web.py drives it with the playwright package, no
+# browser download); they are skipped where it cannot be installed (not root, not Debian).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,serve]"
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "warning: could not install chromium: the browser tests will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+screenshots: $(STAMP)  # the README's docs/*.png, taken by the browser tests
+	PALMCHAT_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q tests/test_web.py
 
 bench: $(STAMP)
 	$(PIP) install -q palm-rlhf-pytorch "$(TORCH)"

@@ -82,7 +82,7 @@ class ChatArgs:
 def chat_main(args: ChatArgs) -> None:
     from palmchat.inference.engine import SamplingParams
 
-    engine, tokenizer, config = _load_for_inference(args.checkpoint, args.dtype)
+    engine, tokenizer, _ = _load_for_inference(args.checkpoint, args.dtype)
     context = engine.model.config.max_seq_len
 
     def fresh(system: str) -> list[int]:
@@ -160,6 +160,8 @@ def _commands():
     Only argument dataclasses are imported here: the serving stack (FastAPI) loads when `serve` runs."""
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
+    from palmchat.feedback import FeedbackExportArgs, FeedbackImportArgs
+    from palmchat.loop import LoopArgs
     from palmchat.moderation import ModerationTrainArgs
     from palmchat.serve import keys
     from palmchat.serve.run import ServeArgs
@@ -186,6 +188,21 @@ def _commands():
 
         train_main(args)
 
+    def feedback_import_main(args):
+        from palmchat.feedback import import_main
+
+        import_main(args)
+
+    def feedback_export_main(args):
+        from palmchat.feedback import export_main
+
+        export_main(args)
+
+    def loop_main(args):
+        from palmchat.loop import main
+
+        main(args)
+
     return {
         "demo": (DemoArgs, demo_main),
         "pretrain": (PretrainArgs, pretrain_main),
@@ -201,6 +218,9 @@ def _commands():
         "keys": {"create": (keys.KeysCreateArgs, keys.create_main), "list": (keys.KeysListArgs, keys.list_main),
                  "revoke": (keys.KeysRevokeArgs, keys.revoke_main)},
         "moderation": {"train": (ModerationTrainArgs, moderation_train_main)},
+        "feedback": {"import": (FeedbackImportArgs, feedback_import_main),
+                     "export": (FeedbackExportArgs, feedback_export_main)},
+        "loop": (LoopArgs, loop_main),
     }
 
 

@@ -5,9 +5,12 @@
     POST /v1/completions                plain text: bos + the prompt's tokens
     POST /v1/responses                  stateful: previous_response_id / conversation, instructions, store
     GET|DELETE /v1/responses/{id}       (+ GET .../input_items)
-    /v1/conversations[/{id}[/items[/{item_id}]]]
+    /v1/conversations[/{id}[/items[/{item_id}]]]   (+ GET /v1/conversations: the caller's, an extension)
     POST /v1/moderations
     GET  /health, /metrics              (no key needed)
+    GET  /, /label, /static/...         the chat and labelling pages (static files, no key needed to load them)
+    feedback.py: /v1/feedback, /v1/conversations/{id}/compare, /v1/comparisons/{id}/ranking, /v1/label/*,
+                 /v1/admin/reload       (extensions: OpenAI's API has no feedback endpoints)
 
 How a stateful turn is built (see store.py): the conversation so far is a list of token ids, only ever
 appended to. A follow-up's prompt is `history + new turns + <|assistant|>`, so it starts with the very tokens
@@ -26,6 +29,11 @@ and their items are appended in the order they finish.
 A turn is committed to the database before its reply completes (before the final SSE event, or before the
 non-streamed response is sent), so a client that saw a response finish can always continue from it, even
 after the server was killed.
+
+A streamed reply whose client goes away (the page's Stop button aborts the request) is committed as it stood:
+the input and the text released so far, as an assistant item with status `incomplete`, in a stored response
+with status `cancelled`; the conversation continues from those tokens. A killed server commits nothing of the
+turn it was generating.
 """
 
 from __future__ import annotations
@@ -35,11 +43,18 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from palmchat.inference.engine import SamplingParams
@@ -50,6 +65,7 @@ from palmchat.serve.schemas import APIError
 
 REFUSAL = "I can't help with that request."
 MODERATION_MODEL = "palmchat-moderation"
+STATIC = Path(__file__).parent / "static"
 
 
 @dataclass
@@ -61,6 +77,7 @@ class ServerState:
     scheduler: object  # palmchat.inference.scheduler.Scheduler (started by the app's lifespan)
     store: object  # palmchat.serve.store.Store
     reward_model: object | None = None
+    reward_model_path: str = ""  # what /v1/admin/reload swapped in last, for /health
     moderator: object | None = None
     moderation_mode: str = "warn"  # off | warn | block
     max_tokens_limit: int = 4096
@@ -300,9 +317,23 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+class _ClosingStream(StreamingResponse):
+    """Closes its generator as soon as the response ends, also when the client went away mid-stream, so the
+    generator's cleanup (cancel the generation, commit a stopped reply) runs now rather than at garbage
+    collection."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            if hasattr(self.body_iterator, "aclose"):
+                with anyio.CancelScope(shield=True):
+                    await self.body_iterator.aclose()
+
+
 def stream_response(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return _ClosingStream(events, media_type="text/event-stream",
+                          headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 def error_event(exc: Exception) -> dict:
@@ -336,7 +367,20 @@ open_routes = APIRouter()
 @open_routes.get("/health")
 async def health(request: Request):
     state = _state(request)
-    return {"status": "ok", "model": state.model_id, **state.scheduler.stats()}
+    return {"status": "ok", "model": state.model_id, "reward_model": state.reward_model_path or None,
+            "limits": {"max_request_bytes": state.max_request_bytes, "max_output_tokens": state.max_tokens_limit,
+                       "context_tokens": state.context},
+            **state.scheduler.stats()}
+
+
+@open_routes.get("/", include_in_schema=False)
+async def chat_page():
+    return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+
+@open_routes.get("/label", include_in_schema=False)
+async def label_page():
+    return FileResponse(STATIC / "label.html", headers={"cache-control": "no-cache"})
 
 
 @open_routes.get("/metrics", response_class=PlainTextResponse)
@@ -627,9 +671,26 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
 
     if not blocked and not candidates:
         generation = Generation(state, turn.prompt, params, 1, [], block_output)
+    settled = False  # committed, or failed: a disconnect from then on stores nothing
+
+    def commit_stopped() -> None:
+        """The client went away mid-reply: keep what was released so far (synchronously: this runs while the
+        request is being torn down, where nothing may be awaited)."""
+        if settled or generation is None or candidates:
+            return
+        reply = generation.replies[0]
+        item = S.message_item(item_id, "assistant", reply.text, status="incomplete")
+        final = response("cancelled", [item], S.response_usage(len(turn.prompt), generation.completion_tokens,
+                                                                generation.cached_tokens))
+        items = list(zip(turn.input_items, turn.turn_tokens)) + [(item, [turn.prompt[-1]] + reply.context_tokens())]
+        try:
+            state.store.commit_turn(owner, final if body.store else None, turn.input_items,
+                                    turn.context + reply.context_tokens(), turn.conversation_id, items)
+        except KeyError:  # the conversation was deleted meanwhile: nothing to continue
+            pass
 
     async def events():
-        nonlocal generation
+        nonlocal generation, settled
         sequence = iter(range(1 << 62))
 
         def event(type: str, **data) -> str:
@@ -637,9 +698,9 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
 
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
         started = response("in_progress", [], None)
-        yield event("response.created", response=started)
-        yield event("response.in_progress", response=started)
         try:
+            yield event("response.created", response=started)
+            yield event("response.in_progress", response=started)
             if blocked:
                 item = final["output"][0]
                 yield event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
@@ -670,11 +731,16 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
             yield event("response.output_text.done", **where, text=reply.text, logprobs=[])
             yield event("response.content_part.done", **where, part=item["content"][0])
             yield event("response.output_item.done", output_index=0, item=item)
+            settled = True
             await commit(result, reply.context_tokens())
             yield event(f"response.{result['status']}", response=result)
         except (APIError, GenerationError) as e:
+            settled = True
             error = error_event(e)["error"]
             yield event("error", code=error["code"], message=error["message"], param=error["param"])
+        except (asyncio.CancelledError, GeneratorExit):
+            commit_stopped()
+            raise
         finally:
             if generation is not None:
                 generation.cancel()
@@ -746,6 +812,14 @@ async def create_conversation(request: Request, body: S.ConversationCreateReques
                     "metadata": body.metadata or {}}
     await asyncio.to_thread(state.store.create_conversation, owner, conversation, _items(state, body.items or []))
     return conversation
+
+
+@v1.get("/conversations")
+async def list_conversations(request: Request, owner: str = Depends(caller), limit: int = Query(20, ge=1, le=100),
+                             order: Literal["asc", "desc"] = "desc", after: str | None = None):
+    """An extension (OpenAI's API cannot list conversations): the caller's conversations, newest first by default.
+    The chat page keeps each one's title in `metadata.title`."""
+    return _page(_state(request).store.list_conversations(owner), limit, order, after)
 
 
 @v1.get("/conversations/{conversation_id}")
@@ -876,9 +950,16 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan, default_response_class=ASCIIJSONResponse,
                   description="An OpenAI-compatible API serving a palmchat checkpoint.")
     app.state.palmchat = state
+    app.state.label_locks = {}  # task id -> asyncio.Lock while its candidates are sampled (feedback.py)
     app.state.registry, counter = _metrics_registry(state)
+    from fastapi.staticfiles import StaticFiles
+
+    from palmchat.serve.feedback import router as feedback_routes
+
     app.include_router(open_routes)
     app.include_router(v1)
+    app.include_router(feedback_routes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,6 +1,7 @@
 """API keys and per-key rate limits.
 
     palmchat keys create --db palmchat.db --name alice      # prints the secret once: pc-...
+    palmchat keys create --db palmchat.db --name loop --admin   # may also call /v1/admin/reload
     palmchat keys list --db palmchat.db
     palmchat keys revoke --db palmchat.db alice             # by name or id; takes effect at the next request
 
@@ -77,6 +78,7 @@ class KeysCreateArgs:
     name: str = arg("", "a name to recognise the key by (default: its id)")
     db: str = arg("palmchat.db", "the server's database file")
     rate_limit: str = arg("", "this key's rate limit, e.g. 60/min (default: the server's --rate-limit)")
+    admin: bool = arg(False, "may also call the admin endpoints (POST /v1/admin/reload, used by palmchat loop)")
 
 
 @dataclass
@@ -94,13 +96,13 @@ class KeysRevokeArgs:
     db: str = arg("palmchat.db", "the server's database file")
 
 
-def create_key(store, name: str = "", rate_limit: str = "") -> tuple[str, str]:
+def create_key(store, name: str = "", rate_limit: str = "", admin: bool = False) -> tuple[str, str]:
     """Add a key to `store`; returns (key id, secret)."""
     if rate_limit:
         parse_rate(rate_limit)  # fail now, not at the first request
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(6)
-    store.add_key(key_id, name or key_id, hash_secret(secret), secret[:8], rate_limit or None)
+    store.add_key(key_id, name or key_id, hash_secret(secret), secret[:8], rate_limit or None, admin)
     return key_id, secret
 
 
@@ -109,10 +111,10 @@ def create_main(args: KeysCreateArgs) -> None:
 
     store = Store(args.db)
     try:
-        key_id, secret = create_key(store, args.name, args.rate_limit)
+        key_id, secret = create_key(store, args.name, args.rate_limit, args.admin)
     finally:
         store.close()
-    print(f"created {key_id} ({args.name or key_id}); the secret is shown only now:")
+    print(f"created {'admin ' if args.admin else ''}{key_id} ({args.name or key_id}); the secret is shown only now:")
     print(secret)
 
 
@@ -131,7 +133,8 @@ def list_main(args: KeysListArgs) -> None:
         state = "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(k["revoked_at"])) if k["revoked_at"] else "active"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
         limit = k["rate_limit"] or "server default"
-        print(f"{k['id']}  {k['name']:<20} {k['prefix']}...  created {created}  rate {limit}  {state}")
+        print(f"{k['id']}  {k['name']:<20} {k['prefix']}...  created {created}  rate {limit}  {state}"
+              + ("  admin" if k["admin"] else ""))
 
 
 def revoke_main(args: KeysRevokeArgs) -> None:

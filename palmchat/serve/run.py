@@ -88,7 +88,7 @@ def load_state(args: ServeArgs, store):
     folder = Path(args.checkpoint).resolve()
     name = args.model_name or (folder.parent.name if re.fullmatch(r"step-\d+", folder.name) else folder.name)
     return ServerState(model_id=name, tokenizer=tokenizer, scheduler=scheduler, store=store,
-                       reward_model=reward_model, moderator=moderator,
+                       reward_model=reward_model, reward_model_path=args.reward_model, moderator=moderator,
                        moderation_mode=args.moderation_mode if moderator is not None else "off",
                        max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
                        rate_limit=args.rate_limit, require_key=not is_loopback(args.host))

@@ -8,16 +8,23 @@ What is stored, and why in this form:
 - a conversation is an ordered list of items; each item keeps the token ids it contributes (a user turn, or
   `<|assistant|>` + the sampled reply + `<|end|>`), so the conversation's context is bos + their concatenation;
 - an API key is kept only as the sha256 of its secret (keys are 256-bit random, so no salt or slow hash is
-  needed: there is nothing to brute-force), with a short prefix to recognise it by in `palmchat keys list`.
+  needed: there is nothing to brute-force), with a short prefix to recognise it by in `palmchat keys list`;
+- human feedback (schema v2, palmchat/feedback.py reads it back for export): `feedback` holds thumbs up/down on
+  a reply, `tasks` a prompt with 2-4 candidate replies to rank (kind 'label': the labelling queue; kind
+  'compare': candidates the chat page asked for), `rankings` one ranking of a task per labeller. Feedback rows
+  keep a copy of the prompt and reply text: they are training examples, and stay when the conversation they
+  came from is deleted.
 
 Durability: WAL journal, `synchronous=FULL` (each commit is fsynced: one fsync per turn is nothing next to
 generating the turn, and a turn the client was told about then survives a power cut, not only a killed server),
 every write in one transaction. One connection shared by the event loop and worker threads, behind a lock.
-The schema is versioned with `PRAGMA user_version`.
+The schema is versioned with `PRAGMA user_version`; an older database is upgraded in place when opened
+(`_MIGRATIONS[v]` takes v-1 to v, all in one transaction).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -27,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE api_keys (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -64,6 +71,42 @@ CREATE TABLE responses (
 );
 """
 
+_SCHEMA_V2 = """
+ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;   -- may call /v1/admin/*
+CREATE TABLE feedback (
+    id              TEXT PRIMARY KEY,
+    owner           TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,     -- no foreign key: feedback outlives the conversation
+    item_id         TEXT NOT NULL,     -- the assistant item rated
+    rating          INTEGER NOT NULL,  -- 1 (thumbs up) or -1 (thumbs down)
+    comment         TEXT NOT NULL,
+    prompt          TEXT NOT NULL,     -- JSON messages the reply answered (ends with a user message)
+    reply           TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    UNIQUE (owner, item_id)
+);
+CREATE TABLE tasks (
+    id              TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL,     -- 'label' (imported queue) or 'compare' (from the chat page)
+    owner           TEXT NOT NULL,     -- compare: who asked, label: ''
+    conversation_id TEXT,              -- compare: the conversation the chosen reply continues
+    prompt          TEXT NOT NULL,     -- JSON messages, ending with a user message
+    candidates      TEXT,              -- JSON [{"id", "text"}], NULL until generated (label tasks)
+    params          TEXT NOT NULL,     -- JSON: label: {"k", "max_tokens", "temperature"}, compare: what commits
+    created_at      REAL NOT NULL
+);
+CREATE INDEX tasks_kind ON tasks (kind, created_at);
+CREATE TABLE rankings (
+    task_id         TEXT NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+    labeller        TEXT NOT NULL,     -- api_keys.id, or a name on a server without keys
+    ranking         TEXT NOT NULL,     -- JSON candidate ids, best first
+    created_at      REAL NOT NULL,
+    PRIMARY KEY (task_id, labeller)
+)
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
 
 def pack_ids(ids) -> bytes:
     return np.asarray(ids, dtype="<u4").tobytes()
@@ -95,16 +138,16 @@ class Store:
     def _migrate(self) -> None:
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-                if tables:
-                    raise StoreError(f"{self.path}: an SQLite file that is not a palmchat database")
-                for statement in _SCHEMA.split(";"):  # executescript() would commit halfway
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: database schema v{version} is newer than this palmchat (v{SCHEMA_VERSION})")
+            if version == 0 and db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
+                raise StoreError(f"{self.path}: an SQLite file that is not a palmchat database")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step].split(";"):  # executescript() would commit halfway
                     if statement.strip():
                         db.execute(statement)
+            if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: database schema v{version} is newer than this palmchat (v{SCHEMA_VERSION})")
 
     @contextmanager
     def transaction(self):
@@ -131,21 +174,28 @@ class Store:
 
     # -- API keys -----------------------------------------------------------------------------------
 
-    def add_key(self, key_id: str, name: str, secret_hash: str, prefix: str, rate_limit: str | None) -> None:
+    def add_key(self, key_id: str, name: str, secret_hash: str, prefix: str, rate_limit: str | None,
+                admin: bool = False) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                       (key_id, name, secret_hash, prefix, rate_limit, int(time.time())))
+            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                       (key_id, name, secret_hash, prefix, rate_limit, int(time.time()), int(admin)))
 
     def keys(self) -> list[dict]:
-        rows = self._read("SELECT id, name, prefix, rate_limit, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
-        return [dict(zip(("id", "name", "prefix", "rate_limit", "created_at", "revoked_at"), r)) for r in rows]
+        fields = ("id", "name", "prefix", "rate_limit", "created_at", "revoked_at", "admin")
+        rows = self._read(f"SELECT {', '.join(fields)} FROM api_keys ORDER BY created_at, id")
+        return [dict(zip(fields, r)) for r in rows]
 
     def active_key_count(self) -> int:
         return self._read("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")[0][0]
 
     def key_by_hash(self, secret_hash: str) -> dict | None:
-        rows = self._read("SELECT id, rate_limit FROM api_keys WHERE hash = ? AND revoked_at IS NULL", (secret_hash,))
-        return {"id": rows[0][0], "rate_limit": rows[0][1]} if rows else None
+        rows = self._read("SELECT id, rate_limit, admin, name FROM api_keys WHERE hash = ? AND revoked_at IS NULL",
+                          (secret_hash,))
+        return dict(zip(("id", "rate_limit", "admin", "name"), rows[0])) if rows else None
+
+    def is_admin(self, key_id: str) -> bool:
+        rows = self._read("SELECT admin FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,))
+        return bool(rows and rows[0][0])
 
     def revoke_key(self, key_id_or_name: str) -> list[str]:
         with self.transaction() as db:
@@ -181,6 +231,19 @@ class Store:
             if conversation_id is not None and new_items:
                 self._append_items(db, owner, conversation_id, new_items)
 
+    def instructions_of_item(self, owner: str, conversation_id: str, item_id: str) -> str | None:
+        """The `instructions` the assistant item was generated with (they are not in the conversation itself): from
+        the stored response that output it, or the comparison it was chosen from."""
+        rows = self._read("SELECT body FROM responses WHERE owner = ? AND conversation_id = ? AND body LIKE ?",
+                          (owner, conversation_id, f'%"{item_id}"%'))
+        for (body,) in rows:
+            response = json.loads(body)
+            if any(o.get("id") == item_id for o in response["output"]):
+                return response.get("instructions")
+        rows = self._read("SELECT params FROM tasks WHERE kind = 'compare' AND owner = ? AND conversation_id = ? "
+                          "AND candidates LIKE ?", (owner, conversation_id, f'%"{item_id}"%'))
+        return json.loads(rows[0][0]).get("instructions") if rows else None
+
     # -- conversations --------------------------------------------------------------------------------
 
     def create_conversation(self, owner: str, conversation: dict, items: list[tuple[dict, list[int]]]) -> None:
@@ -196,6 +259,12 @@ class Store:
             return None
         return {"id": conversation_id, "object": "conversation", "created_at": rows[0][0],
                 "metadata": json.loads(rows[0][1])}
+
+    def list_conversations(self, owner: str) -> list[dict]:
+        """`owner`'s conversations, oldest first."""
+        rows = self._read("SELECT id, created_at, metadata FROM conversations WHERE owner = ? ORDER BY created_at, rowid",
+                          (owner,))
+        return [{"id": i, "object": "conversation", "created_at": c, "metadata": json.loads(m)} for i, c, m in rows]
 
     def update_conversation(self, owner: str, conversation_id: str, metadata: dict) -> bool:
         with self.transaction() as db:
@@ -225,6 +294,11 @@ class Store:
         rows = self._read("SELECT body FROM items WHERE conversation_id = ? ORDER BY position", (conversation_id,))
         return [json.loads(r[0]) for r in rows]
 
+    def items_with_tokens(self, conversation_id: str) -> list[tuple[dict, list[int]]]:
+        rows = self._read("SELECT body, tokens FROM items WHERE conversation_id = ? ORDER BY position",
+                          (conversation_id,))
+        return [(json.loads(b), unpack_ids(t)) for b, t in rows]
+
     def get_item(self, conversation_id: str, item_id: str) -> dict | None:
         rows = self._read("SELECT body FROM items WHERE conversation_id = ? AND id = ?", (conversation_id, item_id))
         return json.loads(rows[0][0]) if rows else None
@@ -238,3 +312,130 @@ class Store:
         """The conversation's token ids without the leading bos: its items' tokens, in order."""
         rows = self._read("SELECT tokens FROM items WHERE conversation_id = ? ORDER BY position", (conversation_id,))
         return [t for r in rows for t in unpack_ids(r[0])]
+
+    # -- feedback: thumbs, comparisons, the labelling queue (schema v2) -----------------------------------
+
+    def put_feedback(self, row: dict) -> dict:
+        """Insert a thumbs up/down, or replace `owner`'s earlier rating of the same item; returns the row."""
+        with self.transaction() as db:
+            old = db.execute("SELECT id FROM feedback WHERE owner = ? AND item_id = ?",
+                             (row["owner"], row["item_id"])).fetchone()
+            row = {**row, "id": old[0]} if old else row
+            db.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (row["id"], row["owner"], row["conversation_id"], row["item_id"], row["rating"], row["comment"],
+                        json.dumps(row["prompt"]), row["reply"], row["created_at"]))
+        return row
+
+    def feedback(self, owner: str | None = None, conversation_id: str | None = None) -> list[dict]:
+        """Thumbs rows (all owners when owner is None), oldest first."""
+        where, args = [], []
+        for column, value in (("owner", owner), ("conversation_id", conversation_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        fields = ("id", "owner", "conversation_id", "item_id", "rating", "comment", "prompt", "reply", "created_at")
+        rows = self._read(f"SELECT {', '.join(fields)} FROM feedback {'WHERE ' + ' AND '.join(where) if where else ''} "
+                          f"ORDER BY created_at, rowid", args)
+        return [{**dict(zip(fields, r)), "prompt": json.loads(r[6])} for r in rows]
+
+    def add_task(self, task: dict) -> None:
+        with self.transaction() as db:
+            self._insert_task(db, task)
+
+    @staticmethod
+    def _insert_task(db, task: dict) -> None:
+        candidates = task.get("candidates")
+        db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (task["id"], task["kind"], task.get("owner", ""), task.get("conversation_id"),
+                    json.dumps(task["prompt"]), None if candidates is None else json.dumps(candidates),
+                    json.dumps(task.get("params", {})), task.get("created_at", time.time())))
+
+    def queue_prompts(self, prompts: list[list[dict]], params: dict, new_id) -> int:
+        """Add label tasks for prompts not queued yet (same messages); returns how many were added."""
+        with self.transaction() as db:
+            queued = {r[0] for r in db.execute("SELECT prompt FROM tasks WHERE kind = 'label'")}
+            added, now = 0, time.time()
+            for prompt in prompts:
+                if json.dumps(prompt) in queued:
+                    continue
+                queued.add(json.dumps(prompt))
+                self._insert_task(db, {"id": new_id(), "kind": "label", "prompt": prompt, "params": params,
+                                       "created_at": now + added * 1e-6})
+                added += 1
+        return added
+
+    _TASK_FIELDS = ("id", "kind", "owner", "conversation_id", "prompt", "candidates", "params", "created_at")
+
+    def _task(self, row) -> dict:
+        task = dict(zip(self._TASK_FIELDS, row))
+        for key in ("prompt", "candidates", "params"):
+            task[key] = None if task[key] is None else json.loads(task[key])
+        return task
+
+    def get_task(self, task_id: str) -> dict | None:
+        rows = self._read(f"SELECT {', '.join(self._TASK_FIELDS)} FROM tasks WHERE id = ?", (task_id,))
+        return self._task(rows[0]) if rows else None
+
+    def tasks(self, kind: str | None = None) -> list[dict]:
+        where = "WHERE kind = ?" if kind else ""
+        rows = self._read(f"SELECT {', '.join(self._TASK_FIELDS)} FROM tasks {where} ORDER BY created_at, rowid",
+                          (kind,) if kind else ())
+        return [self._task(r) for r in rows]
+
+    def task_count(self, kind: str) -> int:
+        return self._read("SELECT count(*) FROM tasks WHERE kind = ?", (kind,))[0][0]
+
+    def next_label_task(self, labeller: str) -> dict | None:
+        """The label task `labeller` has not ranked with the fewest rankings so far (the oldest among those).
+        Tasks whose candidates are an empty list (the prompt left no room for a reply) are skipped."""
+        rows = self._read(f"""SELECT {', '.join('t.' + f for f in self._TASK_FIELDS)} FROM tasks t
+            WHERE t.kind = 'label' AND coalesce(t.candidates, '') != '[]' AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.labeller = ?)
+            ORDER BY (SELECT count(*) FROM rankings r WHERE r.task_id = t.id), t.created_at, t.rowid LIMIT 1""",
+                          (labeller,))
+        return self._task(rows[0]) if rows else None
+
+    def set_candidates(self, task_id: str, candidates: list[dict]) -> dict:
+        """Store a task's candidates unless another request stored them first; returns the task as stored."""
+        with self.transaction() as db:
+            db.execute("UPDATE tasks SET candidates = ? WHERE id = ? AND candidates IS NULL",
+                       (json.dumps(candidates), task_id))
+        return self.get_task(task_id)
+
+    def add_ranking(self, task_id: str, labeller: str, ranking: list[str], replace: bool = True) -> bool:
+        """Store (or replace) `labeller`'s ranking of a task; False when one exists and replace is False."""
+        with self.transaction() as db:
+            if not replace and db.execute("SELECT 1 FROM rankings WHERE task_id = ? AND labeller = ?",
+                                          (task_id, labeller)).fetchone():
+                return False
+            db.execute("INSERT OR REPLACE INTO rankings VALUES (?, ?, ?, ?)",
+                       (task_id, labeller, json.dumps(ranking), time.time()))
+        return True
+
+    def commit_comparison(self, owner: str, task: dict, labeller: str, ranking: list[str],
+                          items: list[tuple[dict, list[int]]]) -> None:
+        """One transaction: the ranking of a compare task and the turn it adds to its conversation. KeyError if
+        the conversation is gone, StoreError if it changed since the candidates were sampled or was ranked."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM rankings WHERE task_id = ?", (task["id"],)).fetchone():
+                raise StoreError("this comparison was ranked already")
+            if not db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
+                              (task["conversation_id"], owner)).fetchone():
+                raise KeyError(task["conversation_id"])
+            tokens = [t for r in db.execute("SELECT tokens FROM items WHERE conversation_id = ? ORDER BY position",
+                                            (task["conversation_id"],)) for t in unpack_ids(r[0])]
+            if context_digest(tokens) != task["params"]["context_digest"]:
+                raise StoreError("the conversation changed after these candidates were generated; compare again")
+            db.execute("INSERT INTO rankings VALUES (?, ?, ?, ?)", (task["id"], labeller, json.dumps(ranking), time.time()))
+            self._append_items(db, owner, task["conversation_id"], items)
+
+    def rankings(self, kind: str | None = None) -> list[dict]:
+        """{"task_id", "labeller", "ranking", "created_at"} of every ranking (of `kind` tasks), oldest first."""
+        join = "JOIN tasks t ON t.id = r.task_id WHERE t.kind = ?" if kind else ""
+        rows = self._read(f"SELECT r.task_id, r.labeller, r.ranking, r.created_at FROM rankings r {join} "
+                          f"ORDER BY r.created_at, r.rowid", (kind,) if kind else ())
+        return [{"task_id": t, "labeller": lab, "ranking": json.loads(rk), "created_at": c} for t, lab, rk, c in rows]
+
+
+def context_digest(tokens: list[int]) -> str:
+    """A short fingerprint of a conversation's token ids (a comparison checks the conversation did not change)."""
+    return hashlib.sha256(pack_ids(tokens)).hexdigest()[:32]

@@ -1,0 +1,392 @@
+// The chat page. Conversations live on the server (POST /v1/conversations, /v1/responses with `conversation`),
+// so a reload, another tab or another device shows the same thing; the page keeps only settings locally.
+// After every turn (finished, stopped or failed) the page redraws the conversation from the server, so what it
+// shows is what was stored.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const REQUEST_ROOM = 4096;  // bytes of a request that are not the message: settings, system prompt, JSON
+const state = { conversation: null, conversations: [], streaming: null, model: null, busy: false };
+
+// ---- conversations list -------------------------------------------------------------------------------
+
+async function loadConversations() {
+  const list = await apiJSON("GET", "/v1/conversations?limit=100&order=desc");
+  state.conversations = list.data;
+  const ul = $("conversations");
+  ul.replaceChildren();
+  for (const c of list.data) {
+    const title = c.metadata?.title || "Untitled";
+    const li = el("li", { class: c.id === state.conversation ? "active" : "", "data-id": c.id },
+      el("button", { class: "open", title, onclick: () => openConversation(c.id) }, title),
+      el("button", { class: "icon", "aria-label": "Rename", title: "Rename", onclick: () => rename(c) }, "✎"),
+      el("button", { class: "icon", "aria-label": "Delete", title: "Delete", onclick: () => remove(c) }, icon("trash")));
+    ul.append(li);
+  }
+}
+
+async function rename(c) {
+  const title = prompt("New name", c.metadata?.title || "");
+  if (title === null) return;
+  const clean = title.trim().slice(0, 200);
+  if (!clean) return showError("A conversation name cannot be empty.");
+  await guarded(async () => {
+    await apiJSON("POST", `/v1/conversations/${c.id}`, { metadata: { ...(c.metadata || {}), title: clean } });
+    await loadConversations();
+    if (c.id === state.conversation) $("title").textContent = clean;
+  });
+}
+
+async function remove(c) {
+  if (!confirm(`Delete “${c.metadata?.title || "Untitled"}”?`)) return;
+  await guarded(async () => {
+    await api("DELETE", `/v1/conversations/${c.id}`);
+    if (c.id === state.conversation) newChat();
+    await loadConversations();
+  });
+}
+
+function newChat() {
+  if (state.busy) return;
+  state.conversation = null;
+  history.replaceState(null, "", "/");
+  $("title").textContent = "New chat";
+  $("messages").replaceChildren();
+  $("input").focus();
+  document.querySelectorAll("#conversations li").forEach((li) => li.classList.remove("active"));
+  document.body.classList.remove("sidebar-open");
+}
+
+// Redraw a conversation from the server: its items and the caller's thumbs on them.
+async function allItems(id) {
+  const items = [];
+  for (let page = null; !page || page.has_more;) {
+    const after = page ? `&after=${page.last_id}` : "";
+    page = await apiJSON("GET", `/v1/conversations/${id}/items?limit=100&order=asc${after}`);
+    items.push(...page.data);
+  }
+  return { data: items };
+}
+
+async function showConversation(id) {
+  const [items, ratings] = await Promise.all([
+    allItems(id), apiJSON("GET", `/v1/feedback?conversation_id=${encodeURIComponent(id)}`)]);
+  state.conversation = id;
+  history.replaceState(null, "", "/?c=" + id);
+  const meta = state.conversations.find((c) => c.id === id);
+  $("title").textContent = meta?.metadata?.title || "Untitled";
+  $("messages").replaceChildren();
+  const rated = Object.fromEntries(ratings.data.map((f) => [f.item_id, f.rating]));
+  for (const item of items.data) {
+    if (item.type !== "message") continue;
+    const parts = item.content || [];
+    const text = parts.map((part) => part.text || part.refusal || "").join("");
+    const msg = addMessage(item.role, text, item.id, rated[item.id]);
+    if (item.role === "assistant" && item.status === "incomplete") {
+      msg.querySelector(".body").append(el("p", { class: "note" }, "(incomplete: stopped, or cut at the length limit)"));
+    }
+  }
+  document.querySelectorAll("#conversations li").forEach((li) => li.classList.toggle("active", li.dataset.id === id));
+  document.body.classList.remove("sidebar-open");
+  markLastAssistant();
+}
+
+async function openConversation(id) {
+  if (state.busy) return;
+  await guarded(() => showConversation(id));
+}
+
+// ---- messages -------------------------------------------------------------------------------------------
+
+function addMessage(role, text, itemId, rating) {
+  const body = el("div", { class: "body" });
+  const msg = el("article", { class: "message " + role, "data-item": itemId || "" }, el("div", { class: "role" }, role), body);
+  if (role === "assistant") renderMarkdown(body, text); else body.textContent = text;
+  if (role === "assistant" && itemId) msg.append(feedbackBar(itemId, rating));
+  $("messages").append(msg);
+  msg.scrollIntoView({ block: "end" });
+  return msg;
+}
+
+function feedbackBar(itemId, rating) {
+  const bar = el("div", { class: "actions" });
+  const rate = (value) => guarded(async () => {
+    const comment = prompt(value > 0 ? "What was good? (optional)" : "What was wrong? (optional)");
+    if (comment === null) return;  // cancelled
+    await apiJSON("POST", "/v1/feedback", { item_id: itemId, conversation_id: state.conversation, rating: value, comment });
+    bar.querySelectorAll(".rate").forEach((b) => b.classList.remove("chosen"));
+    bar.querySelector(value > 0 ? ".up" : ".down").classList.add("chosen");
+  });
+  bar.append(
+    el("button", { class: "icon rate up" + (rating > 0 ? " chosen" : ""), "aria-label": "Good reply", title: "Good reply", onclick: () => rate(1) }, icon("up")),
+    el("button", { class: "icon rate down" + (rating < 0 ? " chosen" : ""), "aria-label": "Bad reply", title: "Bad reply", onclick: () => rate(-1) }, icon("up", true)),
+    el("button", { class: "icon regenerate", "aria-label": "Regenerate", title: "Regenerate", onclick: regenerate }, "↻"));
+  return bar;
+}
+
+function markLastAssistant() {
+  const all = document.querySelectorAll("#messages .message.assistant");
+  all.forEach((m, i) => m.classList.toggle("last", i === all.length - 1));
+}
+
+// ---- sending ----------------------------------------------------------------------------------------------
+
+function requestSettings() {
+  return {
+    model: $("model").value || state.model,
+    temperature: Number($("temperature").value),
+    max_output_tokens: Number($("max-tokens").value),
+    instructions: $("system").value.trim() || undefined,
+  };
+}
+
+// Why a message cannot be sent, or null. The server enforces its own limits too (413, context length): their
+// messages are shown the same way.
+async function problemWith(text) {
+  if (!text) return "Type a message first.";
+  const limit = (await limits()).max_request_bytes - REQUEST_ROOM;
+  const size = bytesOf(text);
+  if (size > limit) return `The message is ${kb(size)}; this server takes at most ${kb(limit)} per message. Shorten it (nothing was sent).`;
+  return null;
+}
+
+async function ensureConversation(firstMessage) {
+  if (state.conversation) return state.conversation;
+  const title = firstMessage.replace(/\s+/g, " ").slice(0, 60);
+  const c = await apiJSON("POST", "/v1/conversations", { metadata: { title } });
+  state.conversation = c.id;
+  history.replaceState(null, "", "/?c=" + c.id);
+  $("title").textContent = title;
+  await loadConversations().catch(() => {});
+  return c.id;
+}
+
+async function send(raw) {
+  if (state.busy) return;
+  const text = raw.trim();
+  const problem = await problemWith(text);
+  if (problem) return showError(problem);
+  showError(null);
+  setBusy(true);
+  let conversation = null;
+  const fresh = !state.conversation;
+  const ok = await guarded(async () => {
+    conversation = await ensureConversation(text);
+    $("input").value = "";
+    updateHint();
+    addMessage("user", text);
+    if ($("compare").checked) await compare(conversation, text);
+    else await stream(conversation, { input: text });
+  });
+  setBusy(false);
+  if (!ok) {
+    if (!$("input").value) $("input").value = text;  // nothing is lost: the text comes back for another try
+    if (conversation) await afterFailure(conversation, fresh);
+  }
+}
+
+// Show what the server kept after a failed send; a conversation created for this message that holds nothing
+// is deleted again, so that failures leave no empty conversations behind.
+async function afterFailure(conversation, fresh) {
+  try {
+    const items = await apiJSON("GET", `/v1/conversations/${conversation}/items?limit=1`);
+    if (fresh && !items.data.length) {
+      await api("DELETE", `/v1/conversations/${conversation}`);
+      const message = $("error").textContent;
+      newChat();
+      showError(message);
+      await loadConversations();
+    } else {
+      await showConversation(conversation);
+    }
+  } catch { /* the message shown already says what went wrong */ }
+}
+
+async function stream(conversation, body) {
+  const msg = addMessage("assistant", "");
+  msg.classList.add("pending");
+  const content = msg.querySelector(".body");
+  const controller = new AbortController();
+  state.streaming = controller;
+  $("stop").hidden = false;
+  $("send").hidden = true;
+  let text = "", itemId = null, stopped = false, drawing = 0;
+  const draw = () => {  // every 40 ms at most: markdown is rendered from the whole text so far
+    drawing = 0;
+    renderMarkdown(content, text);
+    msg.scrollIntoView({ block: "end" });
+  };
+  try {
+    const response = await api("POST", "/v1/responses",
+      { ...requestSettings(), ...body, conversation, stream: true }, controller.signal);
+    for await (const { data } of sse(response)) {
+      if (data.type === "response.output_item.added") {
+        itemId = data.item?.id;
+      } else if (data.type === "response.output_text.delta") {
+        text += data.delta;
+        drawing ||= setTimeout(draw, 40);
+      } else if (data.type === "error" || data.type === "response.failed") {
+        throw new ApiError(500, data.message || data.response?.error?.message || "generation failed");
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") throw e;
+    stopped = true;
+  } finally {
+    if (drawing) { clearTimeout(drawing); draw(); }
+    state.streaming = null;
+    $("stop").hidden = true;
+    $("send").hidden = false;
+    msg.classList.remove("pending");
+  }
+  // A stopped reply is stored by the server as it stood when the request went away: wait until it is there.
+  if (stopped && itemId) await waitForItem(conversation, itemId);
+  await showConversation(conversation);
+}
+
+async function waitForItem(conversation, itemId) {
+  for (let i = 0; i < 30; i++) {
+    const items = await apiJSON("GET", `/v1/conversations/${conversation}/items?limit=5&order=desc`);
+    if (items.data.some((item) => item.id === itemId)) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+async function regenerate() {
+  if (state.busy || !state.conversation) return;
+  setBusy(true);
+  const conversation = state.conversation;
+  const ok = await guarded(async () => {
+    const items = (await apiJSON("GET", `/v1/conversations/${conversation}/items?limit=100&order=desc`)).data;
+    const lastAssistant = items.find((i) => i.type === "message" && i.role === "assistant");
+    const lastUser = items.find((i) => i.type === "message" && i.role === "user");
+    if (!lastAssistant || !lastUser) return;
+    const text = (lastUser.content || []).map((p) => p.text || "").join("");
+    // The conversation's tokens are its items' tokens: without these two, the next prompt ends where they began.
+    await api("DELETE", `/v1/conversations/${conversation}/items/${lastAssistant.id}`);
+    await api("DELETE", `/v1/conversations/${conversation}/items/${lastUser.id}`);
+    await showConversation(conversation);
+    addMessage("user", text);
+    await stream(conversation, { input: text });
+  });
+  setBusy(false);
+  if (!ok) await showConversation(conversation).catch(() => {});
+}
+
+// ---- compare: n candidates side by side, ranked by clicks ------------------------------------------------
+
+async function compare(conversation, text) {
+  const n = Number($("compare-n").value);
+  const waiting = el("p", { class: "note" }, `Generating ${n} candidates…`);
+  $("messages").append(waiting);
+  let result;
+  try {
+    result = await apiJSON("POST", `/v1/conversations/${conversation}/compare`, { ...requestSettings(), input: text, n });
+  } finally {
+    waiting.remove();
+  }
+  const order = [];
+  const cards = el("div", { class: "candidates" });
+  const submit = el("button", { class: "primary submit-ranking", disabled: true }, "Submit ranking");
+  const panel = el("section", { class: "compare" },
+    el("p", { class: "hint" }, "Click the replies from best to worst (click again to undo), then submit. " +
+      "The best one continues the conversation."), cards, submit);
+  for (const cand of result.candidates) {
+    const body = el("div", { class: "body" });
+    renderMarkdown(body, cand.text);
+    cards.append(el("button", { class: "candidate", "data-id": cand.id, onclick: () => {
+      const at = order.indexOf(cand.id);
+      if (at >= 0) order.splice(at, 1); else order.push(cand.id);
+      cards.querySelectorAll(".candidate").forEach((c) => {
+        const r = order.indexOf(c.dataset.id);
+        c.querySelector(".rank").textContent = r >= 0 ? "#" + (r + 1) : "";
+        c.classList.toggle("ranked", r >= 0);
+      });
+      submit.disabled = order.length < result.candidates.length - 1;
+    } }, el("span", { class: "rank" }, ""), body));
+  }
+  submit.addEventListener("click", async () => {
+    submit.disabled = true;
+    const rest = result.candidates.map((c) => c.id).filter((id) => !order.includes(id));
+    const ok = await guarded(() => apiJSON("POST", `/v1/comparisons/${result.id}/ranking`, { ranking: [...order, ...rest] }));
+    panel.remove();
+    if (ok) return showConversation(conversation).catch((e) => showError(e.message));
+    // Not stored (e.g. the conversation was deleted meanwhile): show what exists now, keep the message.
+    await loadConversations().catch(() => {});
+    if (state.conversations.some((c) => c.id === conversation)) await showConversation(conversation).catch(() => {});
+    else { const message = $("error").textContent; newChat(); showError(message); }
+  });
+  $("messages").append(panel);
+  panel.scrollIntoView({ block: "end" });
+}
+
+// ---- wiring ----------------------------------------------------------------------------------------------
+
+function setBusy(busy) {
+  state.busy = busy;
+  $("send").disabled = busy;
+}
+
+async function guarded(fn) {
+  try {
+    await fn();
+    return true;
+  } catch (e) {
+    showError(e.message || String(e));
+    return false;
+  }
+}
+
+async function updateHint() {
+  const limit = (await limits()).max_request_bytes - REQUEST_ROOM;
+  const size = bytesOf($("input").value);
+  const hint = $("limit");
+  hint.textContent = size > limit ? `${kb(size)} of at most ${kb(limit)}: too long to send`
+    : size > limit * 0.8 ? `${kb(size)} of at most ${kb(limit)}` : "";
+  hint.classList.toggle("over", size > limit);
+}
+
+$("composer").addEventListener("submit", (e) => { e.preventDefault(); send($("input").value); });
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send($("input").value); }
+});
+$("input").addEventListener("input", updateHint);
+$("stop").addEventListener("click", () => state.streaming?.abort());
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && state.streaming) state.streaming.abort();
+  if (e.ctrlKey && e.shiftKey && e.key.toLowerCase() === "o") { e.preventDefault(); newChat(); }
+});
+$("new-chat").addEventListener("click", newChat);
+$("open-sidebar").addEventListener("click", () => document.body.classList.add("sidebar-open"));
+$("close-sidebar").addEventListener("click", () => document.body.classList.remove("sidebar-open"));
+$("open-settings").addEventListener("click", () => $("settings").showModal());
+$("settings").addEventListener("close", () => {
+  settings.set("apiKey", $("api-key").value.trim());
+  settings.set("temperature", $("temperature").value);
+  settings.set("maxTokens", $("max-tokens").value);
+  settings.set("model", $("model").value);
+  boot();
+});
+$("system").addEventListener("change", () => settings.set("system", $("system").value));
+
+async function boot() {
+  $("api-key").value = settings.get("apiKey", "");
+  $("temperature").value = settings.get("temperature", "0.7");
+  $("max-tokens").value = settings.get("maxTokens", "256");
+  $("system").value = settings.get("system", "");
+  showError(null);
+  await guarded(async () => {
+    const models = (await apiJSON("GET", "/v1/models")).data.filter((m) => !m.id.includes(":"));
+    $("model").replaceChildren(...models.map((m) => el("option", { value: m.id }, m.id)));
+    state.model = settings.get("model", models[0]?.id);
+    if (models.some((m) => m.id === state.model)) $("model").value = state.model;
+    $("max-tokens").max = (await limits()).max_output_tokens;
+    await loadConversations();
+    const wanted = new URLSearchParams(location.search).get("c");
+    if (wanted && state.conversations.some((c) => c.id === wanted)) await showConversation(wanted);
+    else if (wanted) { newChat(); showError("That conversation no longer exists (it was deleted)."); }
+  });
+  $("input").focus();
+}
+
+boot();
