@@ -26,8 +26,8 @@ plain forward pass over prompt + response gives, which is what PPO recomputes (t
   by reading every weight once per token: bf16 halves those bytes and the packed kernels read them at close to
   copy bandwidth. bf16 copy ~2.1 ms/step, fp32 copy ~3.1 ms/step. Autocast (bf16 compute on the fp32 model) was
   measured and not used: ~6.6 ms/step, as it re-casts every weight at every step. The copy is rebuilt when the
-  model's parameters change (their version counters move: optimizer steps, load_state_dict), and it follows
-  the model's active LoRA adapter.
+  model's parameters change (their version counters move, as in load_state_dict, or any optimizer steps: fused
+  AdamW does not move the counters), and it follows the model's active LoRA adapter.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from palmchat.inference.kv_cache import KVCache
 
@@ -201,6 +202,17 @@ def _can_pack(dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 @dataclass
 class _Row:
     """One request's output so far. `released` tokens were already streamed; the rest may still turn out to be
@@ -254,8 +266,10 @@ class Engine:
 
     # -- the module that runs --------------------------------------------------------------
 
-    def _source_versions(self) -> list:
-        return [(id(p), p._version) for p in self.model.parameters()]
+    def _source_versions(self) -> tuple:
+        # fused optimizers (AdamW(fused=True)) update parameters without bumping their version counters, so
+        # every optimizer step anywhere in the process also counts as a change
+        return _optimizer_steps, [(id(p), p._version) for p in self.model.parameters()]
 
     def sync(self) -> nn.Module:
         """The module used for decoding: the model itself (dtype=None) or its inference copy, rebuilt if stale."""
