@@ -33,7 +33,8 @@ def main() -> None:
         if (out / "results.json").exists():  # resume a partly finished benchmark
             per_seed[seed] = json.loads((out / "results.json").read_text())
             continue
-        per_seed[seed] = run_pipeline(DemoArgs(out=str(out), seed=seed, quick=args.quick))["results"]
+        # fresh=False: a finished pretraining run already in the seed's folder is reused
+        per_seed[seed] = run_pipeline(DemoArgs(out=str(out), seed=seed, quick=args.quick, fresh=False))["results"]
 
     stages = ["sft", "ppo", "dpo", "grpo"]
     print(f"\nheld-out verifier score over seeds {args.seeds} (mean, std, min..max)")

@@ -11,6 +11,11 @@ Both sides run their own, unmodified PPO loop in this one process, one after the
   forwards per sample), with its `learn` wrapped only to record when each update starts and ends.
   Rollout = time between updates, update = time inside `learn`.
 
+palmchat runs twice (`--critic both`): with a separate critic backbone (`--critic separate`, the layout the
+reference has: actor and critic are two PaLMs, two forward + backward passes per minibatch) and with a value
+head on the policy's hidden states (`--critic shared`: one forward + backward per minibatch, and one forward
+for old log-probs and values per rollout). The reference's `ActorCritic` has no shared-trunk mode.
+
 Matched: the prompts (the same token ids, all exactly --prompt-len tokens), the response length (fixed:
 the reference gets no eos token; palmchat stops only at its end-of-turn token, which random weights
 almost never sample: the `finished` column shows whether any response ended early), samples per update,
@@ -18,6 +23,11 @@ PPO epochs and minibatch size, full fine-tuning of actor and critic (or LoRA of 
 Each side runs in its fastest precision: palmchat `--dtype auto` (bf16 autocast on CPUs with bf16
 matmuls), the reference under `torch.autocast("cpu", torch.bfloat16)` or fp32, whichever a short probe
 finds faster (`--ref-dtype auto`).
+
+Not matched (each side's own algorithm): palmchat's rollout also runs the frozen reference policy for the KL
+penalty (the reference has no reference model: its KL term is to the old action probabilities, inside the
+update) and values at every token (the reference pools one value per sequence, trained with an HL-Gauss
+loss); the reference's update computes full-vocabulary entropies and KL(old || new) that palmchat's does not.
 
     .venv/bin/python benchmarks/bench_ppo.py            # ~5 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_ppo.py --quick    # tiny smoke run
@@ -159,7 +169,7 @@ class OtherLoad:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str]) -> dict:
+def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str], critic: str) -> dict:
     from palmchat.train.ppo import PPOArgs
     from palmchat.train.ppo import main as ppo_main
 
@@ -171,12 +181,12 @@ def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str]
     prompts_file = work / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts))
     ppo_args = PPOArgs(base=str(work / "policy"), reward=str(work / "rm"), prompts=[str(prompts_file)],
-                       out=str(work / "ppo"), iterations=args.warmup + args.iters, rollout_batch=args.batch,
+                       out=str(work / f"ppo_{critic}"), iterations=args.warmup + args.iters, critic=critic, rollout_batch=args.batch,
                        minibatch=args.minibatch, ppo_epochs=args.epochs, max_new_tokens=args.new_tokens,
                        lora_rank=args.lora, dtype=args.ours_dtype, seed=args.seed, device="cpu")
     with contextlib.redirect_stdout(io.StringIO()):
         ppo_main(ppo_args)
-    rows = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (work / f"ppo_{critic}" / "metrics.jsonl").read_text().splitlines()]
     rows = rows[args.warmup:]
     iteration = sum(r["iteration_s"] for r in rows) / len(rows)
     rollout = sum(r["rollout_s"] for r in rows) / len(rows)
@@ -293,6 +303,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank for actor and critic on both sides (0 = full)")
+    parser.add_argument("--critic", default="both", choices=["separate", "shared", "both"],
+                        help="palmchat's critic: its own backbone (as the reference's), a value head on the policy, or both")
     parser.add_argument("--ours-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--ref-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--seed", type=int, default=0)
@@ -317,8 +329,10 @@ def main() -> None:
         tokenizer = make_tokenizer(args.vocab, args.seed)
         tokenizer.save(work / "tokenizer.json")
         texts, ids = make_prompts(tokenizer, args.prompt_len, 64, args.seed)
-        sides = [("palmchat", "palmchat", lambda: run_palmchat(args, work, work / "tokenizer.json", texts)),
-                 ("palm-rlhf-pytorch", "reference", lambda: run_reference(args, ids))]
+        critics = ["separate", "shared"] if args.critic == "both" else [args.critic]
+        sides = [(f"palmchat {c}", "palmchat", lambda c=c: run_palmchat(args, work, work / "tokenizer.json", texts, c))
+                 for c in critics]
+        sides.append(("palm-rlhf-pytorch", "reference", lambda: run_reference(args, ids)))
         for name, key, run in sides:
             if args.only and args.only != key:
                 continue
@@ -328,17 +342,18 @@ def main() -> None:
             results[name]["wall_s"] = time.time() - t0
             print(f"{name}: done in {results[name]['wall_s']:.0f}s; {load.report()}", flush=True)
 
-    print(f"\n{'side':18} {'samples/s':>9} {'s/iter':>7} {'rollout s':>9} {'update s':>8} {'resp len':>8} "
+    print(f"\n{'side':19} {'samples/s':>9} {'s/iter':>7} {'rollout s':>9} {'update s':>8} {'resp len':>8} "
           f"{'ended early':>11}  precision")
     for name, r in results.items():
-        print(f"{name:18} {r['samples_per_s']:9.2f} {r['iteration_s']:7.2f} {r['rollout_s']:9.2f} {r['update_s']:8.2f} "
+        print(f"{name:19} {r['samples_per_s']:9.2f} {r['iteration_s']:7.2f} {r['rollout_s']:9.2f} {r['update_s']:8.2f} "
               f"{r['length']:8.1f} {r['finished']:11.0%}  {r['precision']}")
-    if len(results) == 2:
-        ours, ref = results["palmchat"], results["palm-rlhf-pytorch"]
-        print(f"rollout speedup {ref['rollout_s'] / ours['rollout_s']:.1f}x, update speedup "
-              f"{ref['update_s'] / ours['update_s']:.1f}x")
-        print(f"PPO samples/s ratio (palmchat / palm-rlhf-pytorch): {ours['samples_per_s'] / ref['samples_per_s']:.1f}x")
-
+    ref = results.get("palm-rlhf-pytorch")
+    for name, ours in results.items():
+        if ref is None or name == "palm-rlhf-pytorch":
+            continue
+        print(f"{name}: rollout speedup {ref['rollout_s'] / ours['rollout_s']:.1f}x, update speedup "
+              f"{ref['update_s'] / ours['update_s']:.1f}x; PPO samples/s ratio (palmchat / palm-rlhf-pytorch): "
+              f"{ours['samples_per_s'] / ref['samples_per_s']:.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ class DemoArgs:
     quick: bool = arg(False, "tiny settings for tests (seconds instead of minutes)")
     seed: int = arg(0, "random seed")
     pretrain_steps: int = arg(700, "pretraining steps")
-    eval_prompts: int = arg(300, "held-out prompts per evaluation")
+    eval_prompts: int = arg(500, "held-out prompts per evaluation")
     fresh: bool = arg(True, "delete earlier outputs in --out first")
 
 
@@ -88,19 +88,30 @@ def run_pipeline(args: DemoArgs) -> dict:
     data = out / "data"
     quick_sizes = dict(pretrain=600, sft=300, rankings=150, pairs=60, prompts_train=64, prompts_heldout=32, moderation=20)
     timed("data", lambda: write_bundle(data, seed=seed, sizes=quick_sizes if args.quick else None))
-    pt = timed("pretrain", lambda: pretrain(PretrainArgs(
-        out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
-        vocab_size=s.vocab_size, seq_len=s.seq_len, eval_every=max(10, s.pretrain_steps // 7),
-        save_every=max(10, s.pretrain_steps // 2), warmup_steps=min(50, s.pretrain_steps // 5), seed=seed)))
+
+    def pretrained():
+        """Pretrain, or with --no-fresh reuse a finished pretraining run in --out (the slowest stage)."""
+        if not args.fresh and (out / "pretrain" / "latest").exists() \
+                and checkpoint.read_config(out / "pretrain")["step"] >= s.pretrain_steps:
+            print(f"reusing the finished pretraining run in {out / 'pretrain'}")
+            return checkpoint.resolve(out / "pretrain")
+        return pretrain(PretrainArgs(
+            out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
+            vocab_size=s.vocab_size, seq_len=s.seq_len, eval_every=max(10, s.pretrain_steps // 7),
+            save_every=max(10, s.pretrain_steps // 2), warmup_steps=min(50, s.pretrain_steps // 5), seed=seed))
+
+    pt = timed("pretrain", pretrained)
     sft_ckpt = timed("sft", lambda: sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(out / "sft"),
                                                epochs=s.sft_epochs, seed=seed)))
     rm_ckpt = timed("reward", lambda: reward(RewardArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
                                                        out=str(out / "reward"), epochs=s.reward_epochs, seed=seed)))
     dpo_ckpt = timed("dpo", lambda: dpo(DPOArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
                                               out=str(out / "dpo"), epochs=s.dpo_epochs, seed=seed)))
+    # kl_coef 0.2: with 0.05 the policy learned the reward model's taste for short polite template answers and
+    # forgot facts (held-out fact correctness 0.42 -> 0.13, seed 0); 0.2 keeps correctness at the SFT level
     ppo_ckpt = timed("ppo", lambda: ppo(PPOArgs(base=str(sft_ckpt), reward=str(rm_ckpt),
                                               prompts=[str(data / "prompts_train.jsonl")], out=str(out / "ppo"),
-                                              iterations=s.ppo_iterations, seed=seed)))
+                                              iterations=s.ppo_iterations, kl_coef=0.2, seed=seed)))
     grpo_ckpt = timed("grpo", lambda: grpo(GRPOArgs(base=str(sft_ckpt), reward="verifier",
                                                  prompts=[str(data / "prompts_train.jsonl")], out=str(out / "grpo"),
                                                  iterations=s.grpo_iterations, seed=seed)))

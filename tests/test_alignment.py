@@ -107,9 +107,23 @@ def test_ppo_and_grpo_run_and_save(pipeline):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
     assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adaptive control moved
     checkpoint.load_model(out)
+    # bf16 rollouts come from the engine's packed inference copy: it must follow every update (fused AdamW
+    # does not bump the version counters the engine checks), else PPO keeps sampling from the start policy
+    ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / "ppo_bf16"), iterations=3,
+                rollout_batch=8, minibatch=4, max_new_tokens=12, dtype="bf16", lr=3e-3))
+    rows = [json.loads(line) for line in (root / "ppo_bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["logprob_mismatch"] for r in rows) < 0.25  # a stale copy: > 1 here
     out = ppo(PPOArgs(base=str(pipeline["sft"]), reward="verifier", out=str(root / "ppo_lora"), iterations=1,
                       rollout_batch=8, minibatch=8, max_new_tokens=12, lora_rank=4))
     assert (out / "adapter.safetensors").exists()
+    for lora_rank in (0, 4):  # the separate critic (a backbone of its own, or a critic adapter on the shared base)
+        out = ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / f"ppo_sep{lora_rank}"),
+                          iterations=2, rollout_batch=8, minibatch=4, max_new_tokens=12, dtype="fp32",
+                          critic="separate", lora_rank=lora_rank))
+        rows = [json.loads(line) for line in (root / f"ppo_sep{lora_rank}" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["logprob_mismatch"] < 1e-4 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+        assert all(r["value_loss"] > 0 for r in rows)
+        checkpoint.load_model(out)
     out = grpo(GRPOArgs(base=str(pipeline["sft"]), out=str(root / "grpo"), iterations=1, prompts_per_iteration=2,
                         group_size=4, max_new_tokens=12, dtype="fp32"))
     checkpoint.load_model(out)

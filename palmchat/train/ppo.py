@@ -12,6 +12,12 @@ https://arxiv.org/abs/1909.08593) with PPO (Schulman et al. 2017, https://arxiv.
         adapt kl_coef toward a target KL (or keep it fixed)
 
 The frozen reference is a copy of the starting policy, or with LoRA the same base with the adapter off.
+
+The critic (`--critic`): `separate` is InstructGPT's, a second backbone initialised from the reward model
+(or a copy of the policy), so every rollout and every minibatch costs a policy pass and a critic pass;
+`shared` puts a linear value head on the policy's own final hidden states (as TRL's and trlx's
+`...WithValueHead` models do), so one forward pass gives both the log-probs and the values and the update
+costs half as much. The value loss then also trains the policy's trunk, weighted by --vf-coef.
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ class PPOArgs:
     max_new_tokens: int = arg(48, "response length limit")
     temperature: float = arg(1.0, "sampling temperature of the rollouts")
     lr: float = arg(5e-5, "policy learning rate")
-    critic_lr: float = arg(2e-4, "critic learning rate")
+    critic: str = arg("shared", "separate: its own backbone (from the reward model when there is one); shared: a "
+                                  "value head on the policy's hidden states (one forward pass for both)",
+                      choices=["separate", "shared"])
+    critic_lr: float = arg(2e-4, "critic learning rate (the value head's alone with --critic shared)")
     clip: float = arg(0.2, "PPO ratio clip epsilon")
     value_clip: float = arg(0.2, "value clip epsilon")
     vf_coef: float = arg(0.5, "value loss weight")
@@ -92,31 +101,47 @@ def main(args: PPOArgs) -> Path:
     score_fn, reward_model = make_scorer(args.reward, tokenizer, device, dtype, args.seed)
     prompts = load_prompt_texts(args.prompts, args.seed)
 
+    shared = args.critic == "shared"
     if args.lora_rank:  # one frozen base: actor adapter, critic adapter, reference = adapters off
         from palmchat.model.lora import add_lora, mark_trainable
 
-        add_lora(policy, "critic", rank=args.lora_rank, alpha=args.lora_alpha)
-        mark_trainable(policy, "actor", "critic")
-        critic = ValueModel(policy)
+        if not shared:
+            add_lora(policy, "critic", rank=args.lora_rank, alpha=args.lora_alpha)
+        mark_trainable(policy, "actor", *(() if shared else ("critic",)))
         reference = None
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if shared:  # a value head on the actor's final hidden states; starts at 0
+        value_head = torch.nn.Linear(policy.config.dim, 1).to(device)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+        critic = value_head
+    elif args.lora_rank:
+        critic = ValueModel(policy)
+    else:
         critic = ValueModel.from_reward_model(reward_model) if reward_model is not None else ValueModel(copy.deepcopy(policy))
     critic.to(device).train()
 
     def actor_mode():
         return use_adapter(policy, "actor") if args.lora_rank else contextlib.nullcontext()
 
-    def critic_values(ids):
+    def logprobs_and_values(rollout, rows=slice(None)):
+        """(b, R) log-probs of the response tokens under the actor and (b, R) values at the same positions."""
+        if shared:
+            with actor_mode():
+                logp, hidden = response_logprobs(policy, rollout, rows, device=device, dtype=dtype, return_hidden=True)
+            return logp, gather_actions(value_head(hidden.float()).squeeze(-1), rollout, rows)
+        with actor_mode():
+            logp = response_logprobs(policy, rollout, rows, device=device, dtype=dtype)
+        ids = rollout.ids[rows].to(device)
         with autocast(device, dtype), (use_adapter(policy, "critic") if args.lora_rank else contextlib.nullcontext()):
-            return critic(ids)
+            values = critic(ids).float()
+        return logp, gather_actions(values, rollout, rows)
 
     actor_params = [p for n, p in policy.named_parameters() if p.requires_grad and "critic" not in n]
     critic_params = [p for n, p in critic.named_parameters() if p.requires_grad and "actor" not in n]
     policy_opt = torch.optim.AdamW(actor_params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     critic_opt = torch.optim.AdamW(critic_params, lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    # samples in the training precision; old log-probs are recomputed by the training forward pass anyway
-    engine = Engine(policy, dtype=dtype)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,20 +153,23 @@ def main(args: PPOArgs) -> Path:
         t0 = time.time()
         policy.eval()
         batch_prompts = [rng.choice(prompts) for _ in range(args.rollout_batch)]
+        # sample in the training precision (old log-probs are recomputed by the training forward pass anyway)
+        # from a fresh inference copy of the current weights: the engine notices changed weights by their
+        # version counters, which fused AdamW does not bump, so a long-lived engine would keep sampling from
+        # the starting policy
+        engine = Engine(policy, dtype=dtype)
         with actor_mode():
             rollout = sample(engine, tokenizer, batch_prompts, args.max_new_tokens, seed=args.seed * 7919 + it,
                              temperature=args.temperature)
         scores = score_fn(rollout) - args.missing_eot_penalty * (~rollout.finished).float()
         mask = rollout.mask.to(device)
         with torch.no_grad():
-            with actor_mode():
-                old_logp = response_logprobs(policy, rollout, device=device, dtype=dtype)
+            old_logp, old_values = logprobs_and_values(rollout)
             if args.lora_rank:
                 with use_adapter(policy, None):
                     ref_logp = response_logprobs(policy, rollout, device=device, dtype=dtype)
             else:
                 ref_logp = response_logprobs(reference, rollout, device=device, dtype=dtype)
-            old_values = gather_actions(critic_values(rollout.ids.to(device)).float(), rollout)
             kl = kl_penalty(old_logp, ref_logp, args.kl_estimator)  # (B, R)
             rewards = torch.where(mask, -kl_ctl.coef * kl, torch.zeros((), device=device))
             last = (rollout.response_lens - 1).clamp(min=0).to(device)
@@ -160,10 +188,8 @@ def main(args: PPOArgs) -> Path:
             for i in range(0, args.rollout_batch, args.minibatch):
                 rows = torch.tensor(order[i:i + args.minibatch])
                 m = mask[rows]
-                with actor_mode():
-                    logp = response_logprobs(policy, rollout, rows, device=device, dtype=dtype)
+                logp, values = logprobs_and_values(rollout, rows)
                 policy_loss, pstats = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, args.clip)
-                values = gather_actions(critic_values(rollout.ids[rows].to(device)).float(), rollout, rows)
                 value_loss, vclip = ppo_value_loss(values, old_values[rows], returns[rows], m, args.value_clip)
                 (policy_loss + args.vf_coef * value_loss).backward()
                 torch.nn.utils.clip_grad_norm_(actor_params, args.grad_clip)
