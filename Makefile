@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/palmchat demo --out runs/demo
+	$(VENV)/bin/palmchat demo --out runs/demo --serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

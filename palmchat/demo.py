@@ -26,6 +26,9 @@ class DemoArgs:
     pretrain_steps: int = arg(700, "pretraining steps")
     eval_prompts: int = arg(500, "held-out prompts per evaluation")
     fresh: bool = arg(True, "delete earlier outputs in --out first")
+    serve: bool = arg(False, "after the report: start the server with the best aligned policy and the reward "
+                             "model, run one feedback round with simulated labellers, then keep serving until Ctrl-C")
+    port: int = arg(8000, "port for --serve (on 127.0.0.1)")
 
 
 @dataclass
@@ -163,3 +166,64 @@ def main(args: DemoArgs) -> None:
     for name, path in run["checkpoints"].items():
         print(f"{name + ':':12} {path}")
     print(f"try:         palmchat chat {run['checkpoints']['ppo']}")
+    if args.serve:
+        serve_with_feedback_round(args, run)
+
+
+def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
+    """Serve the aligned policy with the best held-out verifier score, run one round of the human-feedback
+    loop against it (simulated labellers rank queued prompts on the label API; a reward model retrained on the
+    demo's rankings plus theirs replaces the served one only if it ranks their held-out prompts better), add
+    the round to report.md, then keep serving until Ctrl-C."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from palmchat.atomic import atomic_write
+    from palmchat.loop import demo_round
+
+    out, ckpts = Path(args.out), run["checkpoints"]
+    stages = run["results"]["stages"]
+    best = max(("ppo", "dpo", "grpo"), key=lambda name: stages[name]["score"])
+    url = f"http://127.0.0.1:{args.port}"
+    db = out / "palmchat.db"
+    command = [sys.executable, "-m", "palmchat.cli", "serve", ckpts[best], "--reward-model", ckpts["reward"],
+               "--db", str(db), "--port", str(args.port), "--model-name", best, "--log-level", "warning"]
+    server = subprocess.Popen(command)
+    try:
+        for _ in range(300):
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited (code {server.returncode}); is port {args.port} in use? "
+                                   f"(--port picks another)")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        print(f"\nfeedback round: simulated labellers rank prompts on {url}/label ...", flush=True)
+        round_ = demo_round(url, db, out / "loop", base=ckpts["sft"], reward_model=ckpts["reward"], prompts=100,
+                            labellers=3, extra_data=[str(out / "data" / "rankings.jsonl")], epochs=1.0,
+                            seed=args.seed)
+        previous = round_["previous_accuracy"]
+        summary = (f"\n## One round of the human-feedback loop\n\n"
+                   f"Served `{best}` (the best held-out verifier score) with the reward model on {url}. Three "
+                   f"simulated labellers (the verifier plus noise) made {round_['labelled']['rankings']} rankings of queued candidates "
+                   f"through the label API (agreement {round_['agreement'] or 0:.2f}); `palmchat loop` exported "
+                   f"{round_['rankings']} merged rankings ({round_['train']} to train on, {round_['heldout']} held "
+                   f"out), retrained the reward model on the demo's rankings plus these with LoRA, and measured "
+                   f"held-out pairwise accuracy {round_['new_accuracy']:.3f} for the new model against "
+                   f"{previous:.3f} for the served one: "
+                   + ("**promoted** and hot-swapped into the server." if round_["promoted"]
+                      else "**kept the served one** (the new one is not better).") + "\n")
+        report = Path(run["report"])
+        atomic_write(report, report.read_text() + summary)
+        print(summary.strip())
+        print(f"\nserving {best} on {url}  (chat page: {url}/ , labelling: {url}/label , API: {url}/v1)")
+        print("Ctrl-C to stop", flush=True)
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)

@@ -264,7 +264,9 @@ def demo_round(url: str, db: str | Path, out: str | Path, base: str, reward_mode
     """The demo's round against a running server (`url`, serving `db`): queue world prompts, let simulated
     labellers rank them over HTTP, then run `main`. Returns main's report plus the labelling counts."""
     queue_world_prompts(db, prompts, seed=seed, k=k, max_tokens=max_tokens)
-    labelled = simulated_labellers(url, labellers, seed=seed)
+    from palmchat.data.world import World
+
+    labelled = simulated_labellers(url, labellers, seed=seed, world=World(seed=seed))
     stats = http_json("GET", url.rstrip("/") + "/v1/label/stats")
     report = main(LoopArgs(db=str(db), out=str(out), base=base, reward_model=reward_model, server=url,
                            api_key=api_key, extra_data=list(extra_data or []), seed=seed, **loop_args))

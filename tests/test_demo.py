@@ -1,6 +1,14 @@
 """`make demo` at toy size: every stage runs in order and report.md states the measured numbers."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
 
 from palmchat.demo import DemoArgs, run_pipeline
 
@@ -16,3 +24,38 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert 0.0 <= metrics["score"] <= 1.0 and 0.0 <= metrics["win_rate"] <= 1.0
     assert (tmp_path / "demo" / "stage_scores.png").stat().st_size > 1000
     assert set(results["best_of_n"]) == {"1", "2"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path):
+    """`make demo` ends by serving: the report (with the feedback round) is written first, the server answers,
+    and Ctrl-C stops everything cleanly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "palmchat.cli", "demo", "--quick", "--serve", "--port", str(port),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C to stop" in line and "serving" in lines[-2]:
+                break
+        else:
+            pytest.fail("the demo ended before serving:\n" + "".join(lines[-30:]))
+        report = (out / "report.md").read_text()
+        assert "One round of the human-feedback loop" in report and "rankings of queued candidates" in report
+        round_ = json.loads(next((out / "loop").glob("round-*/round.json")).read_text())
+        assert round_["rankings"] > 0 and 0 <= round_["new_accuracy"] <= 1
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+        assert health["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        with pytest.raises(OSError):  # the server went with it
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
