@@ -266,6 +266,7 @@ def test_bad_input_gets_a_clear_message_and_never_a_broken_state(web):
     p.page.wait_for_selector("#limit.over")
     assert "too long to send" in p.page.inner_text("#limit")
     p.page.press("#input", "Enter")
+    p.page.wait_for_function("() => document.getElementById('error').textContent.includes('Shorten it')")
     message = p.error_text()
     assert "Shorten it (nothing was sent)" in message and "at most 60.0 KB" in message
     assert p.page.input_value("#input") == huge

@@ -285,30 +285,14 @@ async function compare(conversation, text) {
   } finally {
     waiting.remove();
   }
-  const order = [];
-  const cards = el("div", { class: "candidates" });
   const submit = el("button", { class: "primary submit-ranking", disabled: true }, "Submit ranking");
+  const { cards, ranking } = rankingCards(result.candidates, (complete) => { submit.disabled = !complete; });
   const panel = el("section", { class: "compare" },
     el("p", { class: "hint" }, "Click the replies from best to worst (click again to undo), then submit. " +
       "The best one continues the conversation."), cards, submit);
-  for (const cand of result.candidates) {
-    const body = el("div", { class: "body" });
-    renderMarkdown(body, cand.text);
-    cards.append(el("button", { class: "candidate", "data-id": cand.id, onclick: () => {
-      const at = order.indexOf(cand.id);
-      if (at >= 0) order.splice(at, 1); else order.push(cand.id);
-      cards.querySelectorAll(".candidate").forEach((c) => {
-        const r = order.indexOf(c.dataset.id);
-        c.querySelector(".rank").textContent = r >= 0 ? "#" + (r + 1) : "";
-        c.classList.toggle("ranked", r >= 0);
-      });
-      submit.disabled = order.length < result.candidates.length - 1;
-    } }, el("span", { class: "rank" }, ""), body));
-  }
   submit.addEventListener("click", async () => {
     submit.disabled = true;
-    const rest = result.candidates.map((c) => c.id).filter((id) => !order.includes(id));
-    const ok = await guarded(() => apiJSON("POST", `/v1/comparisons/${result.id}/ranking`, { ranking: [...order, ...rest] }));
+    const ok = await guarded(() => apiJSON("POST", `/v1/comparisons/${result.id}/ranking`, { ranking: ranking() }));
     panel.remove();
     if (ok) return showConversation(conversation).catch((e) => showError(e.message));
     // Not stored (e.g. the conversation was deleted meanwhile): show what exists now, keep the message.

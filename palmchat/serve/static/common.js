@@ -123,3 +123,26 @@ function showError(message) {
 
 document.getElementById("theme")?.addEventListener("click", () =>
   applyTheme(document.documentElement.dataset.theme === "dark" ? "light" : "dark"));
+
+// Candidate replies side by side, ranked by clicking them from best to worst (click again to undo).
+// `onChange(complete)` runs after each click; `ranking()` is every candidate id, the unclicked ones last.
+function rankingCards(candidates, onChange) {
+  const order = [];
+  const cards = el("div", { class: "candidates" });
+  for (const cand of candidates) {
+    const body = el("div", { class: "body" });
+    renderMarkdown(body, cand.text || "*(empty reply)*");
+    cards.append(el("button", { class: "candidate", "data-id": cand.id, onclick: () => {
+      const at = order.indexOf(cand.id);
+      if (at >= 0) order.splice(at, 1); else order.push(cand.id);
+      cards.querySelectorAll(".candidate").forEach((c) => {
+        const r = order.indexOf(c.dataset.id);
+        c.querySelector(".rank").textContent = r >= 0 ? "#" + (r + 1) : "";
+        c.classList.toggle("ranked", r >= 0);
+      });
+      onChange(order.length >= candidates.length - 1);
+    } }, el("span", { class: "rank" }, ""), body));
+  }
+  const ranking = () => [...order, ...candidates.map((c) => c.id).filter((id) => !order.includes(id))];
+  return { cards, ranking };
+}

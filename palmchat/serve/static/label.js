@@ -32,28 +32,12 @@ async function next() {
       box.append(el("p", { class: "note", id: "queue-empty" }, "Nothing left to rank. Thank you!"));
       return;
     }
-    const order = [];
-    const cards = el("div", { class: "candidates" });
     const submit = el("button", { class: "primary", id: "submit-ranking", disabled: true }, "Submit ranking");
-    for (const cand of task.candidates) {
-      const body = el("div", { class: "body" });
-      renderMarkdown(body, cand.text || "*(empty reply)*");
-      cards.append(el("button", { class: "candidate", "data-id": cand.id, onclick: () => {
-        const at = order.indexOf(cand.id);
-        if (at >= 0) order.splice(at, 1); else order.push(cand.id);
-        cards.querySelectorAll(".candidate").forEach((c) => {
-          const r = order.indexOf(c.dataset.id);
-          c.querySelector(".rank").textContent = r >= 0 ? "#" + (r + 1) : "";
-          c.classList.toggle("ranked", r >= 0);
-        });
-        submit.disabled = order.length < task.candidates.length - 1;
-      } }, el("span", { class: "rank" }, ""), body));
-    }
+    const { cards, ranking } = rankingCards(task.candidates, (complete) => { submit.disabled = !complete; });
     submit.addEventListener("click", async () => {
       submit.disabled = true;
       try {
-        const rest = task.candidates.map((c) => c.id).filter((id) => !order.includes(id));
-        await apiJSON("POST", `/v1/label/tasks/${task.id}/ranking`, { ranking: [...order, ...rest] });
+        await apiJSON("POST", `/v1/label/tasks/${task.id}/ranking`, { ranking: ranking() });
         await next();
       } catch (e) { showError(e.message); submit.disabled = false; }
     });
