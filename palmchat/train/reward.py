@@ -10,6 +10,7 @@ Kendall's tau between the model's order and the labelers' order.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ class RewardArgs:
     grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
     val_fraction: float = arg(0.1, "rankings held out for accuracy and Kendall tau")
+    normalize: str = arg("none", "after training, shift (center) or shift and scale (standardize) the head so the "
+                                 "held-out responses' rewards have mean 0 (and std 1): an offset the PPO critic would "
+                                 "have to learn is removed, and a fixed KL coefficient means the same across runs",
+                         choices=["none", "center", "standardize"])
     lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
@@ -110,10 +115,14 @@ def main(args: RewardArgs) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl")
     print(f"reward model: {len(train)} train / {len(val)} held-out rankings, {max_steps} steps")
 
+    reward_stats = {}  # mean and std of the held-out responses' rewards at the last validation
+
     def validate(step: int) -> dict:
         rewards, ks = score_rankings(model, tokenizer, val, max_len, 2 * args.batch_size, device, dtype)
         result = ranking_metrics(rewards, ks)
         metrics.write(step=step, **{f"val_{k}": v for k, v in result.items()})
+        values = rewards[~rewards.isnan()]
+        reward_stats.update(mean=values.mean().item(), std=values.std().item())
         return result
 
     first = validate(0)
@@ -139,10 +148,23 @@ def main(args: RewardArgs) -> Path:
         if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
             validate(step + 1)
     final_metrics = validate(max_steps)
+    if args.normalize != "none":
+        # InstructGPT normalises its reward model so that a reference set scores 0 on average before RL; the
+        # ranking loss only sees differences, so the offset (and the scale) is arbitrary until fixed here
+        raw = dict(reward_stats)
+        scale = raw["std"] if args.normalize == "standardize" and math.isfinite(raw["std"]) and raw["std"] > 1e-6 else 1.0
+        with torch.no_grad():
+            model.head.bias.sub_(raw["mean"]).div_(scale)
+            model.head.weight.div_(scale)
+        final_metrics = validate(max_steps)  # same order, so the same accuracy; mean 0 (std 1)
+        normalization = {"mode": args.normalize, "raw_mean": raw["mean"], "raw_std": raw["std"], "scale": scale}
+    else:
+        normalization = {"mode": "none"}
+    normalization.update(heldout_mean=reward_stats["mean"], heldout_std=reward_stats["std"])
     plot_metrics(out / "metrics.jsonl", out / "accuracy.png", ["accuracy", "val_pairwise_accuracy", "val_kendall_tau"],
                  "reward model")
     config = {"stage": "reward", "train": dataclasses.asdict(args), "minutes": (time.time() - started) / 60,
-              "eval": {"before": first, "after": final_metrics}}
+              "eval": {"before": first, "after": final_metrics}, "normalization": normalization}
     base_ckpt = checkpoint.resolve(args.base)
     if args.lora_rank:
         config.update(lora=lora_config(backbone, "reward"), base=str(base_ckpt.resolve()))
