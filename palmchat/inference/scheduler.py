@@ -232,7 +232,7 @@ class Scheduler:
         n = len(request.prompt)
         self.prefix_cache.insert(request.adapter, torch.tensor(request.prompt),
                                  row.k[:, 0, :, :n].clone(), row.v[:, 0, :, :n].clone())
-        logits = self._project(hidden[:, -1]).float()  # (1, V)
+        logits = self._project(runner, hidden[:, -1]).float()  # (1, V)
         b = len(self._running)  # join the batch as row b
         self._copy_row(self.max_batch, b, n)
         self._running.append(request)
@@ -265,15 +265,15 @@ class Scheduler:
         names = [r.adapter for r in self._running]
         with use_adapter(runner, names if any(names) else None):
             hidden = runner.hidden_states(tokens, cache=batch)  # (n, 1, C)
-        self._logits = self._project(hidden[:, -1]).float()  # (n, V)
+        self._logits = self._project(runner, hidden[:, -1]).float()  # (n, V)
         self.counters["decode_steps_total"] += 1
         self.counters["decode_rows_total"] += n
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.engine._head
-        return self.engine.sync().logits(hidden) if head is None else head(hidden)
+    def _project(self, runner: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.engine._head  # the packed output projection of the runner, when there is one
+        return runner.logits(hidden) if head is None else head(hidden)
 
     def _copy_row(self, src: int, dst: int, length: int) -> None:
         if src != dst:

