@@ -3,12 +3,12 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
+from server_fixtures import free_port
 
 from palmchat.demo import DemoArgs, run_pipeline
 
@@ -31,9 +31,7 @@ def test_quick_demo_writes_the_report(tmp_path):
 def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path):
     """`make demo` ends by serving: the report (with the feedback round) is written first, the server answers,
     and Ctrl-C stops everything cleanly."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "palmchat.cli", "demo", "--quick", "--serve", "--port", str(port),
