@@ -71,10 +71,19 @@ def median(xs):
 # Peaks are the best of several repeats: load from other processes can only make a repeat slower.
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_flops(dtype: torch.dtype, m: int = 2048, k: int = 2048, n: int = 2048, reps: int = 8) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(reps))
+    return 2 * m * k * n / min(timed(lambda: a @ b) for _ in range(reps))
+
+
+def model_matmul_flops(config: ModelConfig, dtype: torch.dtype) -> float:
+    """The best rate of the shape's own training matmuls (batch x seq tokens through the fused input projection
+    and the two output projections): on this CPU they run a little faster than 2048^3."""
+    tokens, widths = BATCH * SEQ, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim + 2 * config.ffn_hidden
+    return max(matmul_flops(dtype, tokens, config.dim, widths, reps=4),
+               matmul_flops(dtype, tokens, config.ffn_hidden, config.dim, reps=4),
+               matmul_flops(dtype, tokens, config.dim, config.dim, reps=4))
 
 
 def copy_bandwidth(mbytes: int = 256, reps: int = 10) -> float:
@@ -227,6 +236,12 @@ def main():
             print(f"  {name:<28}{fmt(rate):>10}{fmt(BATCH * SEQ / rate):>9}{fmt(min(steps[name])):>9}{mfu:>8.1%}")
         best_ours = max((r, n) for n, r in train.items() if n.startswith("ours"))
         best_ref = max((r, n) for n, r in train.items() if n.startswith("ref"))
+        # roofline: every counted FLOP at the best matmul rate this machine reaches on the shape's own matmuls,
+        # with zero time for everything else -- no implementation of this model trains faster than that
+        best_rate = max(peak["bf16"], model_matmul_flops(config, torch.bfloat16))
+        ceiling = best_rate / flops
+        print(f"  roofline: all {fmt(flops / 1e6)} MFLOP/token at {fmt(best_rate / 1e12)} TFLOP/s (best bf16 matmul "
+              f"rate on this shape) = {fmt(ceiling)} tokens/s = {ceiling / best_ref[0]:.2f}x the reference's best")
 
         # the memory bandwidth this VM gets drifts over minutes: measure it right before and after the decode runs
         before = copy_bandwidth()
@@ -251,7 +266,7 @@ def main():
 
         ratios += [
             f"train tokens/s ratio (ours/ref, best settings, {shape} shape): {best_ours[0] / best_ref[0]:.3g}x "
-            f"({best_ours[1]} vs {best_ref[1]})",
+            f"({best_ours[1]} vs {best_ref[1]}); roofline ceiling for any implementation {ceiling / best_ref[0]:.2f}x",
             f"train tokens/s ratio (ours/ref, bf16 autocast, {shape} shape): "
             f"{train['ours bf16'] / max(train['ref bf16'], train['ref bf16 flash']):.3g}x",
             f"train tokens/s ratio (ours/ref, fp32, {shape} shape): {train['ours fp32'] / train['ref fp32']:.3g}x",

@@ -111,7 +111,7 @@ def simulated_labellers(url: str, labellers: int | list[str] = 3, *, api_keys: l
 
     Each labeller takes GET /v1/label/next until nothing is left for them (or `max_rankings`), sorts the
     candidates by the bundled world's verifier score plus Gaussian noise (the labeller model of
-    World.ranking_examples; prompts the world does not know score 0, so noise decides) and POSTs the ranking.
+    World.rank) and POSTs the ranking.
     Labellers are API keys (`api_keys`, one labeller each) or, on a server without keys, names sent in the
     X-Palmchat-Labeller header (`labellers`: a count or the names). They label one after the other.
     Returns {"rankings": total, "per_labeller": {name: count}}.
@@ -132,13 +132,36 @@ def simulated_labellers(url: str, labellers: int | list[str] = 3, *, api_keys: l
             task = http_json("GET", base + "/next", headers=headers)["task"]
             if task is None:
                 break
-            prompt = task["prompt"]
-            noisy = {c["id"]: world.verify(prompt, c["text"]).score + rng.gauss(0.0, noise) for c in task["candidates"]}
-            ranking = sorted(noisy, key=lambda cid: -noisy[cid])
+            candidates = task["candidates"]
+            order = world.rank(task["prompt"], [c["text"] for c in candidates], rng, noise)
+            ranking = [candidates[i]["id"] for i in order]
             http_json("POST", f"{base}/tasks/{task['id']}/ranking", {"ranking": ranking}, headers)
             done += 1
         counts[name] = done
     return {"rankings": sum(counts.values()), "per_labeller": counts}
+
+
+def rank_policy_samples(model, tokenizer, prompts: list[str], k: int = 4, *, world=None, seed: int = 0,
+                        noise: float | None = None, max_new_tokens: int = 48, dtype=None) -> list[dict]:
+    """Rankings of the policy's own samples, offline: k replies per prompt at temperature 1, ranked by a
+    simulated labeller (World.rank). InstructGPT's labellers ranked the SFT model's outputs (Ouyang et al. 2022
+    §3.4): a reward model that has seen the policy's own mistakes judges PPO's rollouts better than one trained
+    only on curated candidates. Prompts whose k replies are all the same are skipped (nothing to rank).
+    dtype: the generation engine's (palmchat.eval.generate_replies)."""
+    from palmchat.data.world import DEFAULT_NOISE, World
+    from palmchat.eval import generate_replies
+
+    world = world or World(seed=seed)
+    rng = random.Random(f"policy-rankings:{seed}")
+    samples = [generate_replies(model, tokenizer, prompts, temperature=1.0, max_new_tokens=max_new_tokens,
+                                seed=seed * 1000 + j, dtype=dtype) for j in range(k)]
+    records = []
+    for i, prompt in enumerate(prompts):
+        responses = list(dict.fromkeys(replies[i].text for replies in samples))
+        if len(responses) >= 2:
+            ranking = world.rank(prompt, responses, rng, DEFAULT_NOISE if noise is None else noise)
+            records.append({"prompt": prompt, "responses": responses, "ranking": ranking})
+    return records
 
 
 def queue_world_prompts(db: str | Path, n: int, seed: int = 0, k: int = 4, max_tokens: int = 64,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,19 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert 0.0 <= metrics["score"] <= 1.0 and 0.0 <= metrics["win_rate"] <= 1.0
     assert (tmp_path / "demo" / "stage_scores.png").stat().st_size > 1000
     assert set(results["best_of_n"]) == {"1", "2"}
+    # the reward model's data includes the SFT model's own samples, ranked by simulated labellers
+    sft_rankings = [json.loads(line) for line in (tmp_path / "demo" / "data" / "sft_rankings.jsonl").open()]
+    assert sft_rankings and all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in sft_rankings)
+
+    # --no-fresh resumes: finished stages trained with the same arguments are reused; a stage whose checkpoint
+    # is gone is retrained, and so is everything trained from it, but nothing else
+    checkpoints = run["checkpoints"]
+    shutil.rmtree(tmp_path / "demo" / "reward")
+    rerun = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, fresh=False))
+    minutes = rerun["results"]["settings"]["minutes"]
+    for stage in ("sft", "dpo", "grpo"):
+        assert rerun["checkpoints"][stage] == checkpoints[stage]
+    assert minutes["sft"] < minutes["reward"] and minutes["dpo"] < minutes["ppo"]
 
 
 @pytest.mark.slow

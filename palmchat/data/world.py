@@ -722,7 +722,7 @@ class World:
                          noise: float = DEFAULT_NOISE) -> list[dict]:
         """K distinct graded responses per prompt, ranked best-first by simulated labelers.
 
-        A labeler sorts by ``verify(...).score + N(0, noise)``; ties keep candidate order.
+        A labeler sorts by ``verify(...).score + N(0, noise)`` (``rank``); ties keep candidate order.
         The candidates do not depend on ``noise`` (separate random stream), only the ranking.
         Extra keys: ``qualities`` and ``scores`` (verifier scores) per response.
         """
@@ -744,11 +744,16 @@ class World:
             if len(responses) < k:
                 raise RuntimeError(f"could not build {k} distinct responses for {task.prompt!r}")
             scores = [self.verify(task.prompt, r).score for r in responses]
-            noisy = [s + (noise_rng.gauss(0.0, noise) if noise > 0 else 0.0) for s in scores]
-            ranking = sorted(range(k), key=lambda i: -noisy[i])
-            out.append({"prompt": task.prompt, "responses": responses, "ranking": ranking,
+            out.append({"prompt": task.prompt, "responses": responses,
+                        "ranking": self.rank(task.prompt, responses, noise_rng, noise),
                         "qualities": qualities, "scores": [round(s, 4) for s in scores]})
         return out
+
+    def rank(self, prompt: str, responses: list[str], rng: random.Random, noise: float = DEFAULT_NOISE) -> list[int]:
+        """A simulated labeller's ranking of ``responses``, best first: by verifier score plus N(0, noise),
+        ties in candidate order. Prompts the world does not know score 0, so noise alone decides."""
+        noisy = [self.verify(prompt, r).score + (rng.gauss(0.0, noise) if noise > 0 else 0.0) for r in responses]
+        return sorted(range(len(responses)), key=lambda i: -noisy[i])
 
     def pairs(self, n: int, split: str = "train", noise: float = DEFAULT_NOISE) -> list[dict]:
         """``n`` preference pairs ``{"prompt", "chosen", "rejected"}`` (K=2 rankings)."""
