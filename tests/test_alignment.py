@@ -129,6 +129,38 @@ def test_ppo_and_grpo_run_and_save(pipeline):
     checkpoint.load_model(out)
 
 
+def test_reward_lm_regulariser_is_the_top_responses_own_next_token_loss(pipeline):
+    from palmchat.data.chat import load_rankings, ranking_batch
+    from palmchat.train.reward import best_response_nll
+
+    model, _, ckpt = checkpoint.load_model(pipeline["sft"])
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    rankings = load_rankings(pipeline["data"] / "rankings.jsonl")[:3]
+    batch = ranking_batch(tokenizer, rankings, 128)
+    with torch.no_grad():
+        got = best_response_nll(model, model.hidden_states(batch["ids"]), batch, "cpu")
+        losses = []
+        for row in torch.nonzero(batch["rank"] == 0).flatten().tolist():  # one top response at a time, unpadded
+            n, p = int(batch["lengths"][row]), int(batch["prompt_lens"][row])
+            ids = batch["ids"][row, :n]
+            logp = model(ids[None, :-1])[0].log_softmax(-1)
+            losses += [-logp[t - 1, ids[t]] for t in range(p, n)]  # every response token, the eot included
+        want = torch.stack(losses).mean()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_ptx_learns_the_pretraining_text(pipeline):
+    """PPO-ptx: the language-model loss on --ptx-data is part of every minibatch, so it falls."""
+    root = pipeline["root"]
+    with pytest.raises(ValueError, match="--ptx-data"):
+        ppo(PPOArgs(base=str(pipeline["sft"]), out=str(root / "ptx_bad"), ptx_coef=1.0))
+    ppo(PPOArgs(base=str(pipeline["sft"]), reward="verifier", out=str(root / "ptx"), iterations=4, rollout_batch=8,
+                minibatch=4, max_new_tokens=8, dtype="fp32", lr=3e-3, ptx_coef=5.0, ptx_seq_len=64,
+                ptx_data=[str(pipeline["data"] / "pretrain.txt")]))
+    rows = [json.loads(line) for line in (root / "ptx" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["ptx_loss"] < rows[0]["ptx_loss"] - 0.05
+
+
 @pytest.mark.parametrize("stage,record,message", [
     ("sft", {"messages": [{"role": "bot", "content": "hi"}]}, "line 2"),
     ("reward", {"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 0]}, "permutation"),

@@ -108,11 +108,12 @@ class RewardModel(_ScalarHeadModel):
         self.eot_id = eot_id
 
     def forward(self, ids: Tensor, eot_index: Tensor, padding_mask: Tensor | None = None,
-                check: bool = True) -> Tensor:
+                check: bool = True, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """ids (N, T), eot_index (N,) -> (N,) float32 rewards, read at ``ids[i, eot_index[i]]``.
 
         Right padding needs no mask; left padding needs ``padding_mask`` (True on real tokens).
         ``check`` verifies that every ``eot_index`` points at a real end-of-turn token.
+        ``return_hidden`` also returns the backbone's (N, T, C) final hidden states.
         """
         rows = torch.arange(ids.shape[0], device=ids.device)
         eot_index = eot_index.to(ids.device)
@@ -125,7 +126,8 @@ class RewardModel(_ScalarHeadModel):
                 raise ValueError(f"eot_index[{row}] = {int(eot_index[row])} does not point at a real "
                                  f"end-of-turn token (id {self.eot_id}); found id {int(ids[row, eot_index[row]])}")
         hidden = self.backbone.hidden_states(ids, padding_mask=padding_mask)  # (N, T, C)
-        return self.head(hidden[rows, eot_index]).squeeze(-1).float()
+        rewards = self.head(hidden[rows, eot_index]).squeeze(-1).float()
+        return (rewards, hidden) if return_hidden else rewards
 
     def score(self, ids: Tensor, padding_mask: Tensor | None = None, start: Tensor | None = None) -> Tensor:
         """Rewards read at each row's last real eot (see :func:`end_of_turn_index`)."""

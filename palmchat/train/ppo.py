@@ -9,6 +9,7 @@ https://arxiv.org/abs/1909.08593) with PPO (Schulman et al. 2017, https://arxiv.
         per-token reward = -kl_coef * KL_t(policy || reference), + score on the last token
         advantages by GAE over the critic's values, whitened
         several epochs of minibatch updates: clipped policy loss + clipped value loss
+            (+ with --ptx-coef, a language-model loss on pretraining text: PPO-ptx, InstructGPT eq. 2)
         adapt kl_coef toward a target KL (or keep it fixed)
 
 The frozen reference is a copy of the starting policy, or with LoRA the same base with the adapter off.
@@ -31,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from palmchat.args import arg
+from palmchat.data.shards import read_documents
 from palmchat.inference.engine import Engine
 from palmchat.losses import gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from palmchat.model.heads import ValueModel
@@ -72,6 +75,11 @@ class PPOArgs:
     kl_horizon: int = arg(10000, "adaptive KL control horizon (samples)")
     kl_estimator: str = arg("k1", "per-token KL estimator in the reward: k1 or k3", choices=["k1", "k3"])
     missing_eot_penalty: float = arg(1.0, "subtracted from the score of a response that never ends")
+    ptx_coef: float = arg(0.0, "PPO-ptx: weight of a language-model loss on --ptx-data added to every minibatch, so "
+                               "that RL does not erode what pretraining taught (InstructGPT's alignment tax)")
+    ptx_data: list[str] = arg([], "text/JSONL documents for --ptx-coef (usually the pretraining corpus)")
+    ptx_batch: int = arg(4, "PPO-ptx sequences per minibatch")
+    ptx_seq_len: int = arg(256, "PPO-ptx tokens per sequence")
     whiten_advantages: bool = arg(True, "normalise advantages over each rollout batch")
     grad_clip: float = arg(1.0, "gradient norm clip")
     lora_rank: int = arg(0, "train LoRA adapters (actor and critic on one shared base) instead of all weights")
@@ -79,6 +87,24 @@ class PPOArgs:
     dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto, cpu or cuda")
+
+
+def pretraining_tokens(paths: list[str], tokenizer) -> torch.Tensor:
+    """Every document of `paths` as [bos] + its tokens, concatenated: (N,) int64."""
+    ids = [[tokenizer.bos_id] + doc for doc in tokenizer.encode_batch(list(read_documents(paths)))]
+    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+
+
+def ptx_batch(tokens: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator, device) -> torch.Tensor:
+    """(batch, seq_len + 1) random windows of the token stream."""
+    seq_len = min(seq_len, len(tokens) - 1)
+    starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).to(device)
+
+
+def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
 class AdaptiveKLController:
@@ -100,6 +126,11 @@ def main(args: PPOArgs) -> Path:
     policy, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="actor")
     score_fn, reward_model = make_scorer(args.reward, tokenizer, device, dtype, args.seed)
     prompts = load_prompt_texts(args.prompts, args.seed)
+
+    if args.ptx_coef > 0 and not args.ptx_data:
+        raise ValueError("--ptx-coef needs --ptx-data (text or JSONL documents, e.g. the pretraining corpus)")
+    ptx_tokens = pretraining_tokens(args.ptx_data, tokenizer) if args.ptx_coef > 0 else None
+    ptx_rng = torch.Generator().manual_seed(args.seed)
 
     shared = args.critic == "shared"
     if args.lora_rank:  # one frozen base: actor adapter, critic adapter, reference = adapters off
@@ -189,21 +220,28 @@ def main(args: PPOArgs) -> Path:
                 logp, values = logprobs_and_values(rollout, rows)
                 policy_loss, pstats = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, args.clip)
                 value_loss, vclip = ppo_value_loss(values, old_values[rows], returns[rows], m, args.value_clip)
-                (policy_loss + args.vf_coef * value_loss).backward()
+                loss, ptx_loss = policy_loss + args.vf_coef * value_loss, torch.zeros(())
+                if ptx_tokens is not None:
+                    with actor_mode(), autocast(device, dtype):
+                        ptx_loss = lm_loss(policy, ptx_batch(ptx_tokens, args.ptx_batch, args.ptx_seq_len, ptx_rng,
+                                                             device))
+                    loss = loss + args.ptx_coef * ptx_loss
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(actor_params, args.grad_clip)
                 torch.nn.utils.clip_grad_norm_(critic_params, args.grad_clip)
                 policy_opt.step()
                 critic_opt.step()
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                stats.append([policy_loss.item(), value_loss.item(), float(pstats["clipfrac"]), float(pstats["approx_kl"])])
+                stats.append([policy_loss.item(), value_loss.item(), float(pstats["clipfrac"]), float(pstats["approx_kl"]),
+                              ptx_loss.item()])
 
         mean_kl = masked_mean(kl, mask).item() * mask.sum(1).float().mean().item()  # nats per response
         kl_ctl.update(mean_kl, args.rollout_batch)
         s = torch.tensor(stats).mean(0).tolist()
         metrics.write(step=it + 1, score=scores.mean().item(), kl=mean_kl, kl_coef=kl_ctl.coef,
                       length=rollout.response_lens.float().mean().item(), finished=rollout.finished.float().mean().item(),
-                      policy_loss=s[0], value_loss=s[1], clipfrac=s[2], approx_kl=s[3],
+                      policy_loss=s[0], value_loss=s[1], clipfrac=s[2], approx_kl=s[3], ptx_loss=s[4],
                       logprob_mismatch=float(sample_mismatch), rollout_s=rollout_time, iteration_s=time.time() - t0,
                       samples_per_s=args.rollout_batch / (time.time() - t0))
     plot_metrics(out / "metrics.jsonl", out / "reward.png", ["score", "kl"], "PPO: score and KL per iteration")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from palmchat import checkpoint
@@ -45,6 +46,8 @@ class RewardArgs:
     grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
     val_fraction: float = arg(0.1, "rankings held out for accuracy and Kendall tau")
+    lm_coef: float = arg(0.0, "weight of a language-model loss on each ranking's top response through the backbone "
+                               "(a regulariser, as in Yang et al. 2024, https://arxiv.org/abs/2406.10216)")
     normalize: str = arg("none", "after training, shift (center) or shift and scale (standardize) the head so the "
                                  "held-out responses' rewards have mean 0 (and std 1): an offset the PPO critic would "
                                  "have to learn is removed, and a fixed KL coefficient means the same across runs",
@@ -93,6 +96,18 @@ def score_rankings(model: RewardModel, tokenizer, rankings, max_len, batch_size,
     return torch.cat(rows), torch.cat(ks)
 
 
+def best_response_nll(backbone, hidden: torch.Tensor, batch: dict, device) -> torch.Tensor:
+    """Mean next-token loss of each ranking's top response (its tokens and end-of-turn) given its prompt, read
+    from the reward model's own hidden states through the backbone's output projection."""
+    best = (batch["rank"] == 0).to(device)
+    ids, prompt_lens, lengths = (batch[k].to(device)[best] for k in ("ids", "prompt_lens", "lengths"))
+    logits = backbone.logits(hidden[best][:, :-1]).float()  # (B, T-1, V): position t predicts token t+1
+    targets = torch.arange(1, ids.shape[1], device=device)[None, :]
+    mask = (targets >= prompt_lens[:, None]) & (targets < lengths[:, None])
+    nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(mask)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
 def main(args: RewardArgs) -> Path:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
@@ -137,14 +152,16 @@ def main(args: RewardArgs) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, dtype):
-            rewards = model(batch["ids"].to(device), batch["eot_index"].to(device))
-        loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
-                                      batch["num_responses"].to(device))
+            rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
+            loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
+                                          batch["num_responses"].to(device))
+            lm_loss = best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0 else torch.zeros((), device=device)
+        loss = loss + args.lm_coef * lm_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics.write(step=step + 1, loss=loss.item(), accuracy=float(accuracy), lr=lr)
+        metrics.write(step=step + 1, loss=loss.item(), accuracy=float(accuracy), lm_loss=lm_loss.item(), lr=lr)
         if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
             validate(step + 1)
     final_metrics = validate(max_steps)
