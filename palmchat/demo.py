@@ -222,6 +222,7 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     loop against it (simulated labellers rank queued prompts on the label API; a reward model retrained on the
     demo's rankings plus theirs replaces the served one only if it ranks their held-out prompts better), add
     the round to report.md, then keep serving until Ctrl-C."""
+    import signal
     import subprocess
     import sys
     import urllib.request
@@ -237,6 +238,11 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     command = [sys.executable, "-m", "palmchat.cli", "serve", ckpts[best], "--reward-model", ckpts["reward"],
                "--db", str(db), "--port", str(args.port), "--model-name", best, "--log-level", "warning"]
     server = subprocess.Popen(command)
+
+    def stop(signum, frame):  # `kill` (SIGTERM) stops the demo as Ctrl-C does: the server never outlives it
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         for _ in range(300):
             if server.poll() is not None:

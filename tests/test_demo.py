@@ -42,9 +42,10 @@ def test_quick_demo_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path, stop):
     """`make demo` ends by serving: the report (with the feedback round) is written first, the server answers,
-    and Ctrl-C stops everything cleanly."""
+    and Ctrl-C (or `kill`) stops everything cleanly, the server included."""
     port = free_port()
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -64,7 +65,7 @@ def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path):
         assert round_["rankings"] > 0 and 0 <= round_["new_accuracy"] <= 1
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
         assert health["status"] == "ok"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(60) == 0
         with pytest.raises(OSError):  # the server went with it
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
