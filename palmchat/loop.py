@@ -145,8 +145,8 @@ def rank_policy_samples(model, tokenizer, prompts: list[str], k: int = 4, *, wor
                         noise: float | None = None, max_new_tokens: int = 48, dtype=None) -> list[dict]:
     """Rankings of the policy's own samples, offline: k replies per prompt at temperature 1, ranked by a
     simulated labeller (World.rank). InstructGPT's labellers ranked the SFT model's outputs (Ouyang et al. 2022
-    §3.4): a reward model that has seen the policy's own mistakes judges PPO's rollouts better than one trained
-    only on curated candidates. Prompts whose k replies are all the same are skipped (nothing to rank).
+    §3.4), so the reward model also sees the kind of replies PPO will ask it to judge, not only curated
+    candidates. Prompts whose k replies are all the same are skipped (nothing to rank).
     dtype: the generation engine's (palmchat.eval.generate_replies)."""
     from palmchat.data.world import DEFAULT_NOISE, World
     from palmchat.eval import generate_replies
