@@ -58,7 +58,7 @@ def settings(args: DemoArgs) -> Settings:
     # reward model: 3 epochs instead of 1 (held-out pairwise accuracy 0.642/0.709/0.671 -> 0.690/0.738/0.722,
     # seeds 0/1/2), standardised so the PPO KL coefficient means the same whatever the reward scale (3 epochs
     # grow it: std 1.1 -> 2.3 on seed 0, which at kl_coef 0.2 over-optimised the reward model, KL 2.9 nats).
-    # PPO: kl_coef 0.4 against the unit-std reward, 60 iterations.  See runs/rmexp/NOTES.md.
+    # PPO: kl_coef 0.4 against the unit-std reward, 60 iterations.  See benchmarks/experiments/NOTES.md.
     return Settings("mini", args.pretrain_steps, 2048, 256, 2.0, 3.0, 1.0, 60, 30, args.eval_prompts, (1, 4, 16))
 
 
@@ -139,7 +139,7 @@ def run_pipeline(args: DemoArgs) -> dict:
     def rank_sft_samples():
         """Simulated labellers rank the SFT model's own samples (InstructGPT's reward-model data), added to the
         bundled rankings. PPO's held-out gain on seed 2 went from +0.021 to +0.021..+0.044 depending on which
-        samples were ranked: within eval noise (runs/rmexp/NOTES.md); kept as the faithful recipe."""
+        samples were ranked: within eval noise (benchmarks/experiments/NOTES.md); kept as the faithful recipe."""
         from palmchat.loop import rank_policy_samples
 
         model, _, _ = checkpoint.load_model(sft_ckpt)
