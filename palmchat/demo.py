@@ -141,10 +141,11 @@ def run_pipeline(args: DemoArgs) -> dict:
         bundled rankings. PPO's held-out gain on seed 2 went from +0.021 to +0.021..+0.044 depending on which
         samples were ranked: within eval noise (benchmarks/experiments/NOTES.md); kept as the faithful recipe."""
         from palmchat.loop import rank_policy_samples
+        from palmchat.train.rollout import load_prompt_texts
 
         model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
-        prompts = [json.loads(line)["prompt"] for line in (data / "prompts_train.jsonl").read_text().splitlines()]
+        prompts = load_prompt_texts([str(data / "prompts_train.jsonl")], seed)
         records = rank_policy_samples(model.eval(), tokenizer, prompts[:s.policy_rankings], k=4, seed=seed,
                                       dtype=torch.bfloat16 if pick_device("auto").type == "cpu" else None)
         atomic_write(data / "sft_rankings.jsonl", "".join(json.dumps(r) + "\n" for r in records))

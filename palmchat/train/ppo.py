@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from palmchat.args import arg
 from palmchat.data.shards import read_documents
 from palmchat.inference.engine import Engine
-from palmchat.losses import gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from palmchat.losses import (cross_entropy, gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
+                             ppo_value_loss)
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
 from palmchat.train.common import (MetricsLog, autocast, autocast_dtype, load_policy, pick_device, plot_metrics,
@@ -100,11 +100,6 @@ def ptx_batch(tokens: torch.Tensor, batch: int, seq_len: int, generator: torch.G
     seq_len = min(seq_len, len(tokens) - 1)
     starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=generator)
     return torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).to(device)
-
-
-def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    logits = model(windows[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
 class AdaptiveKLController:
@@ -223,8 +218,8 @@ def main(args: PPOArgs) -> Path:
                 loss, ptx_loss = policy_loss + args.vf_coef * value_loss, torch.zeros(())
                 if ptx_tokens is not None:
                     with actor_mode(), autocast(device, dtype):
-                        ptx_loss = lm_loss(policy, ptx_batch(ptx_tokens, args.ptx_batch, args.ptx_seq_len, ptx_rng,
-                                                             device))
+                        windows = ptx_batch(ptx_tokens, args.ptx_batch, args.ptx_seq_len, ptx_rng, device)
+                        ptx_loss, _ = cross_entropy(policy(windows[:, :-1]), windows[:, 1:])  # pretraining's loss
                     loss = loss + args.ptx_coef * ptx_loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(actor_params, args.grad_clip)

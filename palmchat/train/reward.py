@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from palmchat import checkpoint
 from palmchat.args import arg
-from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch
+from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch, sequence_logprobs
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.lora import lora_config
@@ -101,11 +100,8 @@ def best_response_nll(backbone, hidden: torch.Tensor, batch: dict, device) -> to
     from the reward model's own hidden states through the backbone's output projection."""
     best = (batch["rank"] == 0).to(device)
     ids, prompt_lens, lengths = (batch[k].to(device)[best] for k in ("ids", "prompt_lens", "lengths"))
-    logits = backbone.logits(hidden[best][:, :-1]).float()  # (B, T-1, V): position t predicts token t+1
-    targets = torch.arange(1, ids.shape[1], device=device)[None, :]
-    mask = (targets >= prompt_lens[:, None]) & (targets < lengths[:, None])
-    nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(mask)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+    logp = sequence_logprobs(backbone.logits(hidden[best]).float(), ids, prompt_lens, lengths)  # (B,) summed
+    return -logp.sum() / (lengths - prompt_lens).sum().clamp(min=1)
 
 
 def main(args: RewardArgs) -> Path:
