@@ -3,6 +3,7 @@ import torch
 
 from palmchat.config import ModelConfig, preset
 from palmchat.inference.kv_cache import KVCache
+from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
 from palmchat.model.palm import PaLM
 
 VARIANTS = [dict(block=b, n_kv_heads=kv, norm=n) for b in ("parallel", "sequential") for kv in (1, 2, 4)
@@ -21,6 +22,33 @@ def test_kv_cache_logits_equal_full_forward(overrides):
         pieces += [model(x[:, t : t + 1], cache=cache) for t in range(9, 24)]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
     assert cache.lengths.tolist() == [24, 24, 24]
+
+
+@pytest.mark.parametrize("heads, kv_heads, length", [(8, 1, ROWS_PER_BLOCK // 8 * 3 + 5), (4, 2, 70), (3, 3, 300)])
+def test_blocked_attention_equals_sdpa_values_and_gradients(heads, kv_heads, length):
+    """The CPU training kernel against PyTorch's causal SDPA, in float64: outputs and all three gradients,
+    with a sequence that is not a whole number of blocks."""
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, length, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, heads, length, 8, dtype=torch.float64)
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), is_causal=True)
+    out = blocked_causal_attention(q, k, v)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_blocked_attention_under_bf16_autocast_and_compile_matches_float32():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
+    exact = blocked_causal_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = torch.compile(blocked_causal_attention)(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), exact, atol=3e-2, rtol=3e-2)
 
 
 def test_rows_of_different_lengths_share_one_cache(tiny_config):
