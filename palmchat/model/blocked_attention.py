@@ -5,7 +5,7 @@ log-sum-exp; the backward recomputes the scores block by block).
 
 Why not F.scaled_dot_product_attention here: on CPU its flash kernel takes ~94 ms forward + backward per layer
 at batch 8 x 512 tokens, 8 query heads x 64 on one K/V head, where these FLOPs take ~10 ms at the bf16 matmul
-rate; this file takes ~51 ms eager and ~28 ms under torch.compile (benchmarks/README.md). Two things make it
+rate; this file takes ~51 ms eager and ~30 ms under torch.compile (benchmarks/README.md). Two things make it
 faster: the G query heads that share one K/V head are folded into the rows of one matmul (K and V are never
 repeated), and the block of scores is small enough to stay in cache. Memory is O(T x block), never (T, T).
 GPUs keep the fused SDPA kernels (palm.attention).
