@@ -37,20 +37,18 @@ from palmchat.model.blocked_attention import blocked_causal_attention
 
 
 def rotary_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (length, D) tables apply_rotary takes: [cos, cos] and [-sin, sin] of each position's angles.
+    Built full width once, so that a decode step only indexes them."""
     half = config.head_dim // 2
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
     positions = torch.arange(length, dtype=torch.float64) / config.rope_scaling
     angles = torch.outer(positions, inv_freq)  # (length, D/2)
-    return angles.cos().float(), angles.sin().float()
-
-
-def full_width(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half-width tables (..., D/2) -> the (..., D) tables apply_rotary takes: [cos, cos] and [-sin, sin]."""
+    cos, sin = angles.cos().float(), angles.sin().float()
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, D); cos, sin: (B or 1, 1, T, D) from `full_width`.
+    """x: (B, heads, T, D); cos, sin: (B or 1, 1, T, D) rows of `rotary_tables`.
 
     Rotate-half rotation of x = [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin], written as
     x * [cos, cos] + [x2, x1] * [-sin, sin]: three element-wise ops instead of eight (split, four products,
@@ -189,7 +187,7 @@ class PaLM(nn.Module):
         self.norm = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         cos, sin = rotary_tables(config, config.max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
@@ -221,9 +219,9 @@ class PaLM(nn.Module):
         if limit > self.config.max_seq_len:
             raise ValueError(f"sequence of {limit} tokens is longer than the model's context of {self.config.max_seq_len}")
         if positions is None:
-            rope = full_width(self.rope_cos[None, None, :T], self.rope_sin[None, None, :T])  # (1, 1, T, D)
+            rope = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]  # (1, 1, T, D)
         else:
-            rope = full_width(self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B, 1, T, D)
+            rope = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
 
         x = self.embed(idx)
         for layer, block in enumerate(self.blocks):
