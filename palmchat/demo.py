@@ -24,7 +24,8 @@ class DemoArgs:
     out: str = arg("runs/demo", "output folder")
     quick: bool = arg(False, "tiny settings for tests (seconds instead of minutes)")
     seed: int = arg(0, "random seed")
-    pretrain_steps: int = arg(1100, "pretraining steps (1100 instead of 700: SFT spread over seeds 0.070 -> 0.010, PPO gains +0.053..+0.077; benchmarks/experiments/NOTES.md)")
+    # 1100, not 700: the SFT score's spread over seeds fell from 0.070 to 0.010 (benchmarks/experiments/NOTES.md)
+    pretrain_steps: int = arg(1100, "pretraining steps")
     eval_prompts: int = arg(500, "held-out prompts per evaluation")
     fresh: bool = arg(True, "delete earlier outputs in --out first")
     serve: bool = arg(False, "after the report: start the server with the best aligned policy and the reward "
