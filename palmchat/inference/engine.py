@@ -22,9 +22,10 @@ plain forward pass over prompt + response gives, which is what PPO recomputes (t
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
   weight updates (a PPO loop) are seen at once. fp32: ~8.8 ms/step.
 - torch.bfloat16 (or torch.float32): a private inference copy of the model in that dtype, whose linear layers
-  hold their weights pre-packed in oneDNN's blocked layout (CPU only; see PackedLinear). Decode on CPU is bound
-  by reading every weight once per token: bf16 halves those bytes and the packed kernels read them at close to
-  copy bandwidth. bf16 copy ~2.1 ms/step, fp32 copy ~3.1 ms/step. Autocast (bf16 compute on the fp32 model) was
+  are palmchat.inference.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel, and for decode steps of up
+  to 4 rows in bf16 palmchat's own streaming kernel). Decode on CPU is bound by reading every weight once per
+  token: bf16 halves those bytes. bf16 copy ~2.1 ms/step on a CPU with 70 GB/s of copy bandwidth, ~4.8 ms/step
+  on one with 35 GB/s; fp32 copy ~3.1 ms/step on the first. Autocast (bf16 compute on the fp32 model) was
   measured and not used: ~6.6 ms/step, as it re-casts every weight at every step. The copy is rebuilt when the
   model's parameters change (their version counters move, as in load_state_dict, or any optimizer steps: fused
   AdamW does not move the counters), and it follows the model's active LoRA adapter.
@@ -38,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from palmchat.inference.cpu_linear import PackedLinear, can_pack, pack_linears
 from palmchat.inference.kv_cache import KVCache
 
 # ---------------------------------------------------------------------------------------------
@@ -157,47 +158,6 @@ class _Sampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast CPU inference copy
-# ---------------------------------------------------------------------------------------------
-
-
-class PackedLinear(nn.Module):
-    """A bias-free nn.Linear for CPU inference whose weight is pre-packed in oneDNN's blocked layout.
-
-    torch.ops.mkldnn._linear_pointwise is what torch.compile (inductor, with freezing) emits for CPU linears; on
-    one-token decode steps it reads bf16 weights ~2x faster than F.linear. The packed tensor is opaque (no
-    storage): this module cannot be saved, copied or moved to another device; rebuild it from the source weight.
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)  # plain attribute
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every bias-free nn.Linear inside `module`, except those named in `skip`, by a PackedLinear
-    (in place); returns `module`."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and name not in skip:
-                setattr(parent, name, PackedLinear(child.weight))
-    return module
-
-
-def _can_pack(dtype: torch.dtype) -> bool:
-    """oneDNN packing works on this build and gives the same numbers as F.linear."""
-    try:
-        w, x = torch.randn(24, 16, dtype=dtype), torch.randn(3, 16, dtype=dtype)
-        return torch.allclose(PackedLinear(w)(x).float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2)
-    except (RuntimeError, AttributeError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
 
@@ -280,7 +240,7 @@ class Engine:
             with torch.inference_mode():
                 runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
                 head = None
-                if next(runner.parameters()).device.type == "cpu" and _can_pack(self.dtype):
+                if next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
                     # PaLM.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects
                     # its decode steps with a packed copy of the output weight instead
                     lm_head = getattr(runner, "lm_head", None)
@@ -411,4 +371,4 @@ class Engine:
                 module.row_slots = slots
 
 
-__all__ = ["SamplingParams", "Completion", "Engine", "filter_logits", "PackedLinear", "pack_linears"]
+__all__ = ["SamplingParams", "Completion", "Engine", "filter_logits"]

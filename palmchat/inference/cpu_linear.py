@@ -1,0 +1,92 @@
+"""Linear layers for fast CPU inference: the engine's inference copy swaps its nn.Linear layers for these.
+
+A decode step reads every weight once per token, so on a CPU it is bound by how fast the linears stream their
+weights from memory. Two kernels, picked per call by the number of rows (tokens) in it:
+- prefill and batches of more than 4 rows: oneDNN with the weight pre-packed in its blocked layout
+  (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing);
+- 1 to 4 rows of bf16 (decode steps): palmchat's own kernel, linear_bf16.c, on CPUs with AVX512-BF16. It reads
+  each thread's rows of W as one stream in memory order: ~30 GB/s from DRAM against oneDNN's ~17 GB/s on a 2-core
+  AMD EPYC (benchmarks/README.md). It is built by setup.py where possible; without it oneDNN serves every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_KERNEL_ROWS = 4  # linear_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
+
+
+@functools.cache
+def bf16_kernel() -> ctypes.CDLL | None:
+    """The compiled linear_bf16.c, or None where it was not built or this CPU lacks AVX512-BF16."""
+    spec = importlib.util.find_spec("palmchat.inference._linear_bf16")
+    if spec is None or spec.origin is None:
+        return None
+    library = ctypes.CDLL(spec.origin)
+    if not library.palmchat_linear_bf16_supported():
+        return None
+    library.palmchat_linear_bf16.restype = None
+    library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                             ctypes.c_int64, ctypes.c_int64]
+    return library
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) with at most MAX_KERNEL_ROWS rows, weight (N, K), both bf16 on CPU -> (..., N): F.linear(x, weight)
+    through linear_bf16.c. Callers check bf16_kernel() first."""
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
+    if not 1 <= rows <= MAX_KERNEL_ROWS or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+        raise ValueError(f"linear_bf16: takes 1..{MAX_KERNEL_ROWS} rows and a contiguous bf16 weight, got {rows} rows "
+                         f"and a {weight.dtype} weight")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    bf16_kernel().palmchat_linear_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features)
+    return y
+
+
+class PackedLinear(nn.Module):
+    """A bias-free nn.Linear for CPU inference (see the module docstring for its two kernels).
+
+    The packed tensor is opaque (no storage): this module cannot be saved, copied or moved to another device;
+    rebuild it from the source weight.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        weight = weight.detach().contiguous()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # plain attributes, not parameters
+        self.plain = weight if weight.dtype == torch.bfloat16 and bf16_kernel() is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None and x.dtype == torch.bfloat16 and x.numel() <= MAX_KERNEL_ROWS * self.in_features:
+            return linear_bf16(x, self.plain)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every bias-free nn.Linear inside `module`, except those named in `skip`, by a PackedLinear
+    (in place); returns `module`."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None and name not in skip:
+                setattr(parent, name, PackedLinear(child.weight))
+    return module
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """oneDNN packing works on this build and gives the same numbers as F.linear."""
+    try:
+        w, x = torch.randn(24, 16, dtype=dtype), torch.randn(8, 16, dtype=dtype)
+        return torch.allclose(PackedLinear(w)(x).float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+__all__ = ["PackedLinear", "pack_linears", "can_pack", "bf16_kernel", "linear_bf16", "MAX_KERNEL_ROWS"]
