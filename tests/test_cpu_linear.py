@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from palmchat.config import preset
-from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, linear_bf16
+from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, linear_bf16, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.model.palm import PaLM
 
@@ -87,10 +87,8 @@ def test_batch_one_decode_through_the_kernel_equals_onednn():
     kernel = Engine(model, dtype=torch.bfloat16)
     onednn = Engine(model, dtype=torch.bfloat16)
     onednn.sync()
-    switched_off = [m for m in onednn._copy.modules() if isinstance(m, PackedLinear) and m.plain is not None]
-    assert switched_off
-    for module in switched_off + [onednn._head]:
-        module.plain = None
+    assert any(m.plain is not None for m in onednn._copy.modules() if isinstance(m, PackedLinear))
+    onednn_only(onednn._copy, onednn._head)
     a, b = kernel.generate(prompt, params)[0], onednn.generate(prompt, params)[0]
     assert a.tokens == b.tokens
     torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.05, rtol=0)

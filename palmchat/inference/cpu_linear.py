@@ -80,6 +80,15 @@ def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     return module
 
 
+def onednn_only(*modules: nn.Module) -> None:
+    """Switch the streaming kernel off in these modules' PackedLinears (in place): every call goes to oneDNN.
+    For measuring and testing one kernel against the other."""
+    for module in modules:
+        for child in module.modules():
+            if isinstance(child, PackedLinear):
+                child.plain = None
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     """oneDNN packing works on this build and gives the same numbers as F.linear."""
     try:
@@ -89,4 +98,4 @@ def can_pack(dtype: torch.dtype) -> bool:
         return False
 
 
-__all__ = ["PackedLinear", "pack_linears", "can_pack", "bf16_kernel", "linear_bf16", "MAX_KERNEL_ROWS"]
+__all__ = ["PackedLinear", "pack_linears", "onednn_only", "can_pack", "bf16_kernel", "linear_bf16", "MAX_KERNEL_ROWS"]
