@@ -4,7 +4,7 @@ import torch
 from palmchat.config import ModelConfig, preset
 from palmchat.inference.kv_cache import KVCache
 from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
-from palmchat.model.palm import PaLM
+from palmchat.model.palm import PaLM, apply_rotary, rotary_tables
 
 VARIANTS = [dict(block=b, n_kv_heads=kv, norm=n) for b in ("parallel", "sequential") for kv in (1, 2, 4)
             for n in ("layernorm", "rmsnorm")]
@@ -108,6 +108,22 @@ def test_rope_scaling_interpolates_positions():
     # position 2p under scaling 2 rotates like position p without scaling
     torch.testing.assert_close(m2.rope_cos[20], m1.rope_cos[10])
     assert not torch.allclose(m2.rope_cos[20], m1.rope_cos[20])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_rotate_half_formula_bit_for_bit(dtype):
+    """apply_rotary's x * [cos, cos] + [x2, x1] * [-sin, sin] is RoFormer's rotation in the rotate-half layout of
+    GPT-NeoX / Llama: [x1 cos - x2 sin, x2 cos + x1 sin] for angle position * theta^(-i / (D/2))."""
+    config = preset("tiny", vocab_size=97, head_dim=8, rope_theta=100.0)
+    cos_table, sin_table = rotary_tables(config, 12)
+    x = torch.randn(2, 3, 12, 8, dtype=dtype)  # (B, heads, T, D)
+    got = apply_rotary(x, cos_table[None, None], sin_table[None, None])
+    inv_freq = 1.0 / 100.0 ** (torch.arange(4, dtype=torch.float64) / 4)
+    angle = torch.arange(12, dtype=torch.float64)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = angle.cos().float().to(dtype), angle.sin().float().to(dtype)
+    x1, x2 = x[..., :4], x[..., 4:]
+    expected = torch.cat((x1 * cos + (-x2) * sin, x2 * cos + x1 * sin), dim=-1)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -28,7 +28,10 @@ def bf16_kernel() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("palmchat.inference._linear_bf16")
     if spec is None or spec.origin is None:
         return None
-    library = ctypes.CDLL(spec.origin)
+    try:
+        library = ctypes.CDLL(spec.origin)
+    except OSError:  # e.g. built for another machine
+        return None
     if not library.palmchat_linear_bf16_supported():
         return None
     library.palmchat_linear_bf16.restype = None

@@ -51,10 +51,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: (B, heads, T, D); cos, sin: (B or 1, 1, T, D) rows of `rotary_tables`.
 
     Rotate-half rotation of x = [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin], written as
-    x * [cos, cos] + [x2, x1] * [-sin, sin]: three element-wise ops instead of eight (split, four products,
-    two sums, concatenation), with bit-identical results. The op count matters for one-token decode steps."""
+    x * [cos, cos] + [x2, x1] * [-sin, sin]: four ops instead of eight (split, four products, two sums,
+    concatenation), with bit-identical results. [x2, x1] is one flip of x seen as (..., 2, D/2) (a roll does the
+    same in several internal ops). The op count matters for one-token decode steps."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    return x * cos + swapped * sin
 
 
 def rotary_qk(qk: torch.Tensor, rope, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
