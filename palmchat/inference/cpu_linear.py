@@ -68,7 +68,8 @@ class PackedLinear(nn.Module):
         self.plain = weight if weight.dtype == torch.bfloat16 and bf16_kernel() is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is not None and x.dtype == torch.bfloat16 and 0 < x.numel() <= MAX_KERNEL_ROWS * self.in_features:
+        few_rows = 0 < x.numel() <= MAX_KERNEL_ROWS * self.in_features
+        if self.plain is not None and x.dtype == torch.bfloat16 and few_rows:
             return linear_bf16(x, self.plain)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
