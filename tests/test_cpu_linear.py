@@ -10,7 +10,8 @@ from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_ke
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.model.palm import PaLM
 
-needs_kernel = pytest.mark.skipif(bf16_kernel() is None, reason="linear_bf16.c is not built or the CPU lacks AVX512-BF16")
+needs_kernel = pytest.mark.skipif(bf16_kernel() is None,
+                                  reason="linear_bf16.c is not built or the CPU lacks AVX512-BF16")
 
 
 def cpu_flags() -> set[str]:
@@ -22,8 +23,8 @@ def cpu_flags() -> set[str]:
 
 
 def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-    """y is x @ w.T rounded once to bf16: within half a bf16 step (at most 2^-8 relative) of the exact product, plus room
-    for fp32 accumulation order."""
+    """y is x @ w.T rounded once to bf16: within half a bf16 step (at most 2^-8 relative) of the exact product,
+    plus room for fp32 accumulation order."""
     exact = F.linear(x.double(), w.double())
     slack = 2**-8 * exact.abs() + 1e-5 * F.linear(x.double().abs(), w.double().abs())
     assert ((y.double() - exact).abs() <= slack).all(), (y.double() - exact).abs().max()
@@ -37,7 +38,8 @@ def test_the_kernel_is_built_where_the_cpu_can_run_it():
 
 @needs_kernel
 @pytest.mark.parametrize("rows", range(1, MAX_KERNEL_ROWS + 1))
-@pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 16), (33, 100), (300, 64), (96, 512), (5, 31), (64, 4)])
+@pytest.mark.parametrize("out_features, in_features",
+                         [(1, 32), (7, 16), (33, 100), (300, 64), (96, 512), (5, 31), (64, 4)])
 def test_linear_bf16_equals_the_exact_product_rounded_to_bf16(rows, out_features, in_features):
     x = torch.randn(rows, in_features).bfloat16()
     w = torch.randn(out_features, in_features).bfloat16()
