@@ -9,7 +9,7 @@ import sys
 from setuptools import Extension, setup
 
 kernels = []
-if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
+if sys.platform.startswith("linux") and platform.machine() == "x86_64":
     kernels.append(Extension("palmchat.inference._linear_bf16", ["palmchat/inference/linear_bf16.c"],
                              extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"], optional=True))
 

@@ -1,5 +1,4 @@
 import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,17 +8,10 @@ from palmchat.config import preset
 from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, linear_bf16, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.model.palm import PaLM
+from palmchat.train.common import cpu_has_bf16
 
 needs_kernel = pytest.mark.skipif(bf16_kernel() is None,
                                   reason="linear_bf16.c is not built or the CPU lacks AVX512-BF16")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
@@ -31,7 +23,7 @@ def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 
 
 def test_the_kernel_is_built_where_the_cpu_can_run_it():
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512_bf16" not in cpu_flags():
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not cpu_has_bf16():
         pytest.skip("linear_bf16.c is only built and used on x86-64 Linux with AVX512-BF16")
     assert bf16_kernel() is not None, "linear_bf16.c was not built: run `pip install -e .` with a C compiler"
 
