@@ -35,6 +35,7 @@ except ImportError:
 from palmchat.config import ModelConfig, preset
 from palmchat.inference.cpu_linear import bf16_kernel, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
+from palmchat.inference.fused_block import unfuse_blocks
 from palmchat.model.palm import PaLM
 
 warnings.filterwarnings("ignore", message=".*sdp_kernel.*")  # the reference's flash path uses a deprecated API
@@ -166,11 +167,14 @@ def bench_decode(config: ModelConfig, new_tokens: int, reps: int) -> dict[str, d
         "ours bf16 autocast": (Engine(model), True, None),  # re-casts every weight at every step
         "ours fp32 packed copy": (Engine(model, dtype=torch.float32), False, torch.float32),
         "ours bf16 packed copy": (Engine(model, dtype=torch.bfloat16), False, torch.bfloat16),
+        "ours bf16, blocks op by op": (Engine(model, dtype=torch.bfloat16), False, torch.bfloat16),
         "ours bf16, oneDNN only": (Engine(model, dtype=torch.bfloat16), False, torch.bfloat16),
     }
+    # the same copy with its blocks run op by op in PyTorch (linears still through decode_bf16.c's gemv) ...
+    unfuse_blocks(engines["ours bf16, blocks op by op"][0].sync())
     onednn = engines["ours bf16, oneDNN only"][0]
     onednn.sync()
-    onednn_only(onednn._copy, onednn._head)  # the same copy without the streaming kernel of linear_bf16.c
+    onednn_only(onednn._copy, onednn._head)  # ... and with no C kernel at all
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     one = SamplingParams(max_new_tokens=1, temperature=0.0)
     for name, (engine, autocast, dtype) in engines.items():
@@ -220,8 +224,8 @@ def main():
     args = ap.parse_args()
 
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernel "
-          f"(linear_bf16.c): {'on' if bf16_kernel() else 'not available'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernels "
+          f"(decode_bf16.c): {'on' if bf16_kernel() else 'not available'}")
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     print(f"machine: matmul 2048^3 fp32 {fmt(peak['fp32'] / 1e12)} TFLOP/s, bf16 {fmt(peak['bf16'] / 1e12)} TFLOP/s; "
           f"copy bandwidth {fmt(copy_bandwidth() / 1e9)} GB/s (read + written)")
@@ -282,8 +286,10 @@ def main():
             f"decode tokens/s ratio (ours/ref, best settings, batch 1, {shape} shape): "
             f"{dec_ours[0] / dec_ref[0]:.3g}x ({dec_ours[1]} vs {dec_ref[1]})",
             f"decode fraction of memory-bandwidth limit (ours, bf16, {shape} shape): {fraction['ours bf16 packed copy']:.2f}",
-            f"decode steps/s, bf16 copy with linear_bf16.c vs oneDNN only ({shape} shape): "
-            f"{decode['ours bf16 packed copy']['step/s'] / decode['ours bf16, oneDNN only']['step/s']:.2f}x",
+            f"decode steps/s, bf16 copy with decode_bf16.c vs oneDNN only ({shape} shape): "
+            f"{decode['ours bf16 packed copy']['step/s'] / decode['ours bf16, oneDNN only']['step/s']:.2f}x; "
+            f"fused blocks vs op by op: "
+            f"{decode['ours bf16 packed copy']['step/s'] / decode['ours bf16, blocks op by op']['step/s']:.2f}x",
         ]
 
     print("\n" + "\n".join(ratios))

@@ -11,7 +11,7 @@ from palmchat.model.palm import PaLM
 from palmchat.train.common import cpu_has_bf16
 
 needs_kernel = pytest.mark.skipif(bf16_kernel() is None,
-                                  reason="linear_bf16.c is not built or the CPU lacks AVX512-BF16")
+                                  reason="decode_bf16.c is not built or the CPU lacks AVX512-BF16")
 
 
 def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
@@ -24,8 +24,8 @@ def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 
 def test_the_kernel_is_built_where_the_cpu_can_run_it():
     if platform.system() != "Linux" or platform.machine() != "x86_64" or not cpu_has_bf16():
-        pytest.skip("linear_bf16.c is only built and used on x86-64 Linux with AVX512-BF16")
-    assert bf16_kernel() is not None, "linear_bf16.c was not built: run `pip install -e .` with a C compiler"
+        pytest.skip("decode_bf16.c is only built and used on x86-64 Linux with AVX512-BF16")
+    assert bf16_kernel() is not None, "decode_bf16.c was not built: run `pip install -e .` with a C compiler"
 
 
 @needs_kernel
@@ -71,7 +71,7 @@ def test_packed_linear_equals_f_linear_for_few_rows_and_many(rows):
 
 @needs_kernel
 def test_batch_one_decode_through_the_kernel_equals_onednn():
-    """The engine's bf16 copy decodes one row through linear_bf16.c; with the kernel switched off (every linear on
+    """The engine's bf16 copy decodes one row through decode_bf16.c; with the kernel switched off (every linear on
     oneDNN) the greedy tokens are the same and the log-probs agree to bf16 precision."""
     torch.manual_seed(0)
     model = PaLM(preset("tiny", vocab_size=97, dim=128, max_seq_len=96)).eval()

@@ -4,7 +4,7 @@ A decode step reads every weight once per token, so on a CPU it is bound by how 
 weights from memory. Two kernels, picked per call by the number of rows (tokens) in it:
 - prefill and batches of more than 4 rows: oneDNN with the weight pre-packed in its blocked layout
   (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing);
-- 1 to 4 rows of bf16 (decode steps): palmchat's own kernel, linear_bf16.c, on CPUs with AVX512-BF16. It reads
+- 1 to 4 rows of bf16 (decode steps): palmchat's own kernel (decode_bf16.c), on CPUs with AVX512-BF16. It reads
   each thread's rows of W as one stream in memory order: ~30 GB/s from DRAM against oneDNN's ~17 GB/s on a 2-core
   AMD EPYC (benchmarks/README.md). It is built by setup.py where possible; without it oneDNN serves every call.
 """
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_KERNEL_ROWS = 4  # linear_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
+MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
 
 
 @functools.cache
 def bf16_kernel() -> ctypes.CDLL | None:
-    """The compiled linear_bf16.c, or None where it was not built or this CPU lacks AVX512-BF16."""
-    spec = importlib.util.find_spec("palmchat.inference._linear_bf16")
+    """The compiled decode_bf16.c, or None where it was not built or this CPU lacks AVX512-BF16."""
+    spec = importlib.util.find_spec("palmchat.inference._decode_bf16")
     if spec is None or spec.origin is None:
         return None
     try:
@@ -37,12 +37,14 @@ def bf16_kernel() -> ctypes.CDLL | None:
     library.palmchat_linear_bf16.restype = None
     library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                              ctypes.c_int64, ctypes.c_int64]
+    library.palmchat_block_bf16.restype = None
+    library.palmchat_block_bf16.argtypes = [ctypes.c_void_p]  # a pointer to fused_block.BlockCall
     return library
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) with at most MAX_KERNEL_ROWS rows, weight (N, K), both bf16 on CPU -> (..., N): F.linear(x, weight)
-    through linear_bf16.c. Callers check bf16_kernel() first."""
+    through decode_bf16.c. Callers check bf16_kernel() first."""
     x = x.contiguous()
     rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
     if not 1 <= rows <= MAX_KERNEL_ROWS or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
@@ -85,8 +87,8 @@ def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
 
 
 def onednn_only(*modules: nn.Module) -> None:
-    """Switch the streaming kernel off in these modules' PackedLinears (in place): every call goes to oneDNN.
-    For measuring and testing one kernel against the other."""
+    """Switch the C kernels off in these modules (in place): every linear goes to oneDNN, and fused blocks
+    (fused_block.py) run op by op. For measuring and testing one kernel against the other."""
     for module in modules:
         for child in module.modules():
             if isinstance(child, PackedLinear):

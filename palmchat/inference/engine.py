@@ -43,6 +43,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from palmchat.inference.cpu_linear import PackedLinear, can_pack, pack_linears
+from palmchat.inference.fused_block import fuse_blocks
 from palmchat.inference.kv_cache import KVCache
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ class Engine:
                     lm_head = getattr(runner, "lm_head", None)
                     head = PackedLinear(runner.embed.weight if lm_head is None else lm_head.weight)
                     pack_linears(runner, skip=("lm_head",))
+                    fuse_blocks(runner)
             self._copy, self._copy_versions, self._head = runner, versions, head
         # which LoRA adapter is active (palmchat.model.lora) is module state, not a parameter: mirror it
         copies = dict(self._copy.named_modules())

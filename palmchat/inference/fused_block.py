@@ -1,0 +1,105 @@
+"""Decode steps through a whole transformer block in one C call (decode_bf16.c's palmchat_block_bf16).
+
+A decode step of the PaLM block in PyTorch is ~25 small ops (norm, projection, split, rotary, cache write,
+attention, SwiGLU, two projections, residual sums); at one token per row each op costs more in dispatch than in
+arithmetic, and on 2 CPU cores they took more time than streaming the weights (benchmarks/README.md). The engine's
+bf16 inference copy wraps each block in a FusedBlock: decode steps of 1-4 rows (one new token each, into a KV
+cache) run in C, with the numerics of the PyTorch bf16 path up to the order of fp32 additions; every other call
+(prefill, training, LoRA, fp32) runs the block itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel
+from palmchat.model.palm import ParallelBlock, SequentialBlock
+
+
+class BlockCall(ctypes.Structure):
+    """decode_bf16.c's Block: the shapes and pointers of one call."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("rows", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "sequential", "rmsnorm")]
+    _fields_ += [("eps", ctypes.c_float)]
+    _fields_ += [(name, ctypes.c_void_p) for name in
+                 ("x", "y", "norm", "ff_norm", "w_in", "w_gate_up", "w_attn_out", "w_ff_out", "k_cache", "v_cache")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("row_stride", "head_stride", "slot_stride")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("positions", "cos", "sin")]
+
+
+def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
+    """The bf16 weight the C kernel reads, when `linear` is a PackedLinear that has one (not a LoRA layer)."""
+    return linear.plain if isinstance(linear, PackedLinear) else None
+
+
+class FusedBlock(nn.Module):
+    def __init__(self, block: ParallelBlock | SequentialBlock):
+        super().__init__()
+        self.block = block
+        c = block.config
+        sequential = isinstance(block, SequentialBlock)
+        norms = (block.attn_norm, block.ff_norm) if sequential else (block.norm, block.norm)
+        linears = (block.qkv, block.gate_up) if sequential else (block.in_proj, block.in_proj)
+        self._weights = [n.weight for n in norms] + [_plain_weight(m) for m in (*linears, block.attn_out, block.ff_out)]
+        self.call = BlockCall(dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                              ffn_hidden=c.ffn_hidden, sequential=sequential, rmsnorm=c.norm == "rmsnorm",
+                              eps=c.norm_eps)
+        (self.call.norm, self.call.ff_norm, self.call.w_in, self.call.w_gate_up, self.call.w_attn_out,
+         self.call.w_ff_out) = (w.data_ptr() for w in self._weights)
+
+    @staticmethod
+    def fusable(block: nn.Module) -> bool:
+        """Every weight of the block is in bf16 and every linear has a plain weight for the kernel."""
+        if not isinstance(block, (ParallelBlock, SequentialBlock)) or bf16_kernel() is None:
+            return False
+        sequential = isinstance(block, SequentialBlock)
+        linears = (block.qkv, block.gate_up) if sequential else (block.in_proj,)
+        norms = (block.attn_norm, block.ff_norm) if sequential else (block.norm,)
+        return (all(_plain_weight(m) is not None for m in (*linears, block.attn_out, block.ff_out))
+                and all(n.weight is not None and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
+                        for n in norms))
+
+    def forward(self, x, rope, positions, cache, layer, padding_mask):
+        B, T, _ = x.shape
+        cos, sin = rope  # (B, 1, 1, D) rows of the model's tables, in the copy's dtype
+        if (cache is None or padding_mask is not None or T != 1 or not 1 <= B <= MAX_KERNEL_ROWS
+                or self.block.attn_out.plain is None  # cpu_linear.onednn_only switched the C kernels off
+                or x.dtype != torch.bfloat16 or cache.k.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16
+                or cache.k.stride() != cache.v.stride() or cache.k.stride(-1) != 1):
+            return self.block(x, rope, positions, cache, layer, padding_mask)
+        if layer == 0 and int(positions.max()) >= cache.max_len:  # every layer writes the same positions
+            raise ValueError(f"KV cache full: position {int(positions.max())} is past its {cache.max_len} slots")
+        x, cos, sin, positions = x.contiguous(), cos.contiguous(), sin.contiguous(), positions.contiguous()
+        y = torch.empty_like(x)
+        # cache.k[layer] and cache.v[layer] (B, Hkv, S_max, D), addressed without making views (one op each)
+        layer_offset = layer * cache.k.stride(0) * cache.k.element_size()
+        call = self.call
+        call.rows, call.x, call.y, call.positions, call.cos, call.sin = (
+            B, x.data_ptr(), y.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr())
+        call.k_cache, call.v_cache = cache.k.data_ptr() + layer_offset, cache.v.data_ptr() + layer_offset
+        call.row_stride, call.head_stride, call.slot_stride = cache.k.stride()[1:4]
+        bf16_kernel().palmchat_block_bf16(ctypes.byref(call))
+        return y
+
+
+def fuse_blocks(model: nn.Module) -> nn.Module:
+    """Wrap every fusable block of `model.blocks` in a FusedBlock (in place); returns `model`."""
+    for i, block in enumerate(model.blocks):
+        if FusedBlock.fusable(block):
+            model.blocks[i] = FusedBlock(block)
+    return model
+
+
+def unfuse_blocks(model: nn.Module) -> nn.Module:
+    """Undo fuse_blocks (in place): every decode step runs op by op again. For measuring and testing."""
+    for i, block in enumerate(model.blocks):
+        if isinstance(block, FusedBlock):
+            model.blocks[i] = block.block
+    return model
+
+
+__all__ = ["FusedBlock", "fuse_blocks", "unfuse_blocks"]
