@@ -166,6 +166,11 @@ def test_stream_yields_the_same_tokens_as_generate(engine):
 # ---- context length -------------------------------------------------------------------------
 
 
+def test_a_flat_list_of_ids_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match=r"prompts must be a list of prompts, each a list of token ids .* got int 5"):
+        engine.generate([5, 17, 42], greedy(4))
+
+
 def test_context_overflow_raises_a_clear_error(engine):
     ctx = engine.config.max_seq_len  # 128 for the tiny preset
     with pytest.raises(ValueError, match=rf"120 tokens \+ max_new_tokens 20 = 140 .* context of {ctx}"):

@@ -37,7 +37,7 @@ def bf16_kernel() -> ctypes.CDLL | None:
     library.palmchat_linear_bf16.restype = None
     library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                              ctypes.c_int64, ctypes.c_int64]
-    library.palmchat_block_bf16.restype = None
+    library.palmchat_block_bf16.restype = ctypes.c_int
     library.palmchat_block_bf16.argtypes = [ctypes.c_void_p]  # a pointer to fused_block.BlockCall
     return library
 

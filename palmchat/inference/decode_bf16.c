@@ -199,7 +199,8 @@ BF16_KERNEL static void attend(const Block *p, int64_t m, const bf16 *q, int64_t
 /* y = x @ W^T for this thread's band, y rounded to bf16 (the M rows of x contiguous, K wide). */
 #define GEMV(x, W, y, N, K) gemv_band((x), (W), (y), (int)M, (N), (K))
 
-BF16_KERNEL void palmchat_block_bf16(const Block *p) {
+/* Returns 0, or 1 when out of memory (nothing written then). */
+BF16_KERNEL int palmchat_block_bf16(const Block *p) {
     const int64_t M = p->rows, C = p->dim, H = p->n_heads, Hkv = p->n_kv_heads, D = p->head_dim, F = p->ffn_hidden;
     const int64_t HD = H * D, QKV = (H + 2 * Hkv) * D, IN = p->sequential ? QKV : QKV + 2 * F;
     int64_t longest = 0;  /* keys in the longest row: the size of the score buffers */
@@ -211,10 +212,15 @@ BF16_KERNEL void palmchat_block_bf16(const Block *p) {
     bf16 *normed = scratch, *projected = normed + M * C, *attn = projected + M * IN, *swiglu = attn + M * HD;
     bf16 *attn_proj = swiglu + M * F, *ff_proj = attn_proj + M * C, *residual = ff_proj + M * C;
     bf16 *gate_up = p->sequential ? malloc(sizeof(bf16) * M * 2 * F) : NULL;
+    float *scores = malloc(sizeof(float) * longest * omp_get_max_threads());  /* one row of scores per thread */
+    if (!scratch || (p->sequential && !gate_up) || !scores) {
+        free(scratch), free(gate_up), free(scores);
+        return 1;
+    }
 
     #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * longest);
+        float *my_scores = scores + longest * omp_get_thread_num();
         bf16 q[D];
 
         #pragma omp for
@@ -237,7 +243,7 @@ BF16_KERNEL void palmchat_block_bf16(const Block *p) {
         for (int64_t i = 0; i < M * H; i++) {
             const int64_t m = i / H, h = i % H;
             rotary(projected + m * IN + h * D, p->cos + m * D, p->sin + m * D, D, q);
-            attend(p, m, q, h / (H / Hkv), scores, attn + m * HD + h * D);
+            attend(p, m, q, h / (H / Hkv), my_scores, attn + m * HD + h * D);
         }
 
         if (!p->sequential) {  /* y = x + attn_out(attention) + ff_out(silu(gate) * up) */
@@ -273,8 +279,7 @@ BF16_KERNEL void palmchat_block_bf16(const Block *p) {
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) p->y[i] = to_bf16(to_f32(residual[i]) + to_f32(ff_proj[i]));
         }
-        free(scores);
     }
-    free(gate_up);
-    free(scratch);
+    free(scratch), free(gate_up), free(scores);
+    return 0;
 }

@@ -269,6 +269,9 @@ class Engine:
         return params if params.max_new_tokens <= room else dataclasses.replace(params, max_new_tokens=room)
 
     def _check(self, prompt: Sequence[int], params: SamplingParams):
+        if isinstance(prompt, (int, str)):  # a flat list of ids passed as the batch
+            raise ValueError("prompts must be a list of prompts, each a list of token ids (e.g. [[1, 2, 3]]), got "
+                             f"{type(prompt).__name__} {prompt!r:.40} as a prompt")
         ctx, n = self.config.max_seq_len, len(prompt)
         if n == 0:
             raise ValueError("empty prompt: generation needs at least one prompt token")

@@ -77,12 +77,13 @@ class FusedBlock(nn.Module):
         y = torch.empty_like(x)
         # cache.k[layer] and cache.v[layer] (B, Hkv, S_max, D), addressed without making views (one op each)
         layer_offset = layer * cache.k.stride(0) * cache.k.element_size()
-        call = self.call
+        call = BlockCall.from_buffer_copy(self.call)  # a copy per call: the module stays safe to share across threads
         call.rows, call.x, call.y, call.positions, call.cos, call.sin = (
             B, x.data_ptr(), y.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr())
         call.k_cache, call.v_cache = cache.k.data_ptr() + layer_offset, cache.v.data_ptr() + layer_offset
         call.row_stride, call.head_stride, call.slot_stride = cache.k.stride()[1:4]
-        bf16_kernel().palmchat_block_bf16(ctypes.byref(call))
+        if bf16_kernel().palmchat_block_bf16(ctypes.byref(call)) != 0:
+            raise MemoryError("palmchat_block_bf16: out of memory for its scratch buffers")
         return y
 
 
