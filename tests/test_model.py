@@ -4,6 +4,7 @@ import torch
 from palmchat.config import ModelConfig, preset
 from palmchat.inference.kv_cache import KVCache
 from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
+from palmchat.model import palm
 from palmchat.model.palm import PaLM, apply_rotary, rotary_tables
 
 VARIANTS = [dict(block=b, n_kv_heads=kv, norm=n) for b in ("parallel", "sequential") for kv in (1, 2, 4)
@@ -38,6 +39,24 @@ def test_blocked_attention_equals_sdpa_values_and_gradients(heads, kv_heads, len
     out = blocked_causal_attention(q, k, v)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_the_two_cpu_training_kernels_give_the_same_loss_and_gradients(monkeypatch, kv_heads):
+    """The training path takes SDPA on CPUs with AMX and the blocked kernel elsewhere: whichever this CPU
+    takes, the other must agree with it (float64, whole model: loss and every parameter's gradient)."""
+    config = preset("tiny", vocab_size=97, n_kv_heads=kv_heads)
+    model = PaLM(config).double()
+    x = torch.randint(0, 97, (2, 40))
+    results = []
+    for use_sdpa in (True, False):
+        monkeypatch.setattr(palm, "SDPA_IS_FASTER_ON_THIS_CPU", use_sdpa)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_sdpa, grads_sdpa), (loss_blocked, grads_blocked) = results
+    torch.testing.assert_close(loss_sdpa, loss_blocked, atol=1e-12, rtol=1e-10)
+    for got, want in zip(grads_sdpa, grads_blocked):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 

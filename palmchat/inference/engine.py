@@ -22,10 +22,10 @@ plain forward pass over prompt + response gives, which is what PPO recomputes (t
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
   weight updates (a PPO loop) are seen at once. fp32: ~8.8 ms/step.
 - torch.bfloat16 (or torch.float32): a private inference copy of the model in that dtype, whose linear layers
-  are palmchat.inference.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel, and for decode steps of up
-  to 4 rows in bf16 palmchat's own streaming kernel). Decode on CPU is bound by reading every weight once per
-  token: bf16 halves those bytes. bf16 copy ~2.1 ms/step on a CPU with 70 GB/s of copy bandwidth, ~4.8 ms/step
-  on one with 35 GB/s; fp32 copy ~3.1 ms/step on the first. Autocast (bf16 compute on the fp32 model) was
+  are palmchat.inference.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel), and whose blocks, for
+  decode steps of 1-4 rows in bf16, each run as one C call (palmchat.inference.fused_block). Decode on CPU is
+  bound by reading every weight once per token: bf16 halves those bytes. bf16 copy ~2.0-2.6 ms/step on the CPUs
+  measured so far (25-45 GB/s of copy bandwidth); fp32 copy ~3.1 ms/step on a 70 GB/s one. Autocast (bf16 compute on the fp32 model) was
   measured and not used: ~6.6 ms/step, as it re-casts every weight at every step. The copy is rebuilt when the
   model's parameters change (their version counters move, as in load_state_dict, or any optimizer steps: fused
   AdamW does not move the counters), and it follows the model's active LoRA adapter.

@@ -8,7 +8,9 @@ at batch 8 x 512 tokens, 8 query heads x 64 on one K/V head, where these FLOPs t
 rate; this file takes ~51 ms eager and ~30 ms under torch.compile (benchmarks/README.md). Two things make it
 faster: the G query heads that share one K/V head are folded into the rows of one matmul (K and V are never
 repeated), and the block of scores is small enough to stay in cache. Memory is O(T x block), never (T, T).
-GPUs keep the fused SDPA kernels (palm.attention).
+GPUs keep the fused SDPA kernels (palm.attention), and so do CPUs with AMX: there PyTorch's flash kernel runs
+its block matmuls on AMX tiles (oneDNN brgemm) and is faster than this file at every shape measured
+(`SDPA_IS_FASTER_ON_THIS_CPU`; benchmarks/README.md, sessions 6 and 9).
 
 Shapes: B batch, H query heads, Hkv K/V heads, G = H // Hkv, T tokens, D head dim, R query rows per block.
 """
@@ -17,6 +19,13 @@ from __future__ import annotations
 
 import torch
 
+def _sdpa_is_faster_on_this_cpu() -> bool:
+    """AMX tiles, and SDPA's enable_gqa (torch >= 2.5) so that K/V are not repeated per query head."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return has_amx and tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+SDPA_IS_FASTER_ON_THIS_CPU = _sdpa_is_faster_on_this_cpu()
 ROWS_PER_BLOCK = 256  # G x query positions per block; fastest measured for G = 8 at T = 512 (eager and compiled)
 
 

@@ -9,8 +9,8 @@ Notable features (each switchable in `ModelConfig`):
 - rotary position embeddings with a configurable base and linear position interpolation;
 - SwiGLU feed-forward; LayerNorm without bias or RMSNorm; no biases in any linear layer;
 - tied or untied input/output embeddings;
-- attention through F.scaled_dot_product_attention (on CPU, training uses the faster blocked kernel of
-  blocked_attention.py): the training path never materialises a (T, T) score matrix;
+- attention through F.scaled_dot_product_attention (on a CPU without AMX, training uses the faster blocked
+  kernel of blocked_attention.py): the training path never materialises a (T, T) score matrix;
 - a KV-cache hook for incremental decoding (see palmchat/inference/kv_cache.py), and a padding mask
   so that left-padded batches get the right positions.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palmchat.config import ModelConfig
-from palmchat.model.blocked_attention import blocked_causal_attention
+from palmchat.model.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU, blocked_causal_attention
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding. RoFormer, Su et al. 2021, https://arxiv.org/abs/2104.09864
@@ -90,7 +90,10 @@ def attention(q, k, v, config: ModelConfig, positions, cache, layer: int, paddin
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     if cache is None and padding_mask is None:
-        # training path: a blocked causal kernel, no (T, T) matrix in memory
+        # training path: a fused or blocked causal kernel, no (T, T) matrix in memory
+        if q.device.type == "cpu" and SDPA_IS_FASTER_ON_THIS_CPU:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2).reshape(B, T, H * D)
         if q.device.type == "cpu":
             return blocked_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, H * D)
         if Hkv != H:
