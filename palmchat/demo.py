@@ -244,6 +244,8 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     def stop(signum, frame):  # `kill` (SIGTERM) stops the demo as Ctrl-C does: the server never outlives it
         raise KeyboardInterrupt
 
+    # SIGINT too: a process started in the background by a script inherits SIGINT ignored, and Python keeps it so
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
         for _ in range(300):

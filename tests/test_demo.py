@@ -49,8 +49,10 @@ def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path, sto
     port = free_port()
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # its own process group, so that a failing test can still kill the server the demo started
     proc = subprocess.Popen([sys.executable, "-m", "palmchat.cli", "demo", "--quick", "--serve", "--port", str(port),
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:
@@ -70,5 +72,8 @@ def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path, sto
         with pytest.raises(OSError):  # the server went with it
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the demo and its server are gone already
+            pass
+        proc.wait()
