@@ -25,10 +25,10 @@ plain forward pass over prompt + response gives, which is what PPO recomputes (t
   are palmchat.inference.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel), and whose blocks, for
   decode steps of 1-4 rows in bf16, each run as one C call (palmchat.inference.fused_block). Decode on CPU is
   bound by reading every weight once per token: bf16 halves those bytes. bf16 copy ~2.0-2.6 ms/step on the CPUs
-  measured so far (25-45 GB/s of copy bandwidth); fp32 copy ~3.1 ms/step on a 70 GB/s one. Autocast (bf16 compute on the fp32 model) was
-  measured and not used: ~6.6 ms/step, as it re-casts every weight at every step. The copy is rebuilt when the
-  model's parameters change (their version counters move, as in load_state_dict, or any optimizer steps: fused
-  AdamW does not move the counters), and it follows the model's active LoRA adapter.
+  measured so far (25-45 GB/s of copy bandwidth); fp32 copy ~3.1 ms/step on a 70 GB/s one. Autocast (bf16
+  compute on the fp32 model) was measured and not used: ~6.6 ms/step, as it re-casts every weight at every step.
+  The copy is rebuilt when the model's parameters change (their version counters move, as in load_state_dict, or
+  any optimizer steps: fused AdamW does not move the counters), and it follows the model's active LoRA adapter.
 """
 
 from __future__ import annotations

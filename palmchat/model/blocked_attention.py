@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _sdpa_is_faster_on_this_cpu() -> bool:
     """AMX tiles, and SDPA's enable_gqa (torch >= 2.5) so that K/V are not repeated per query head."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
