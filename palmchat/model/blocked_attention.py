@@ -23,7 +23,7 @@ import torch
 def _sdpa_is_faster_on_this_cpu() -> bool:
     """AMX tiles, and SDPA's enable_gqa (torch >= 2.5) so that K/V are not repeated per query head."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return has_amx and tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
+    return has_amx and torch.__version__ >= (2, 5)  # a TorchVersion: compares with tuples
 
 
 SDPA_IS_FASTER_ON_THIS_CPU = _sdpa_is_faster_on_this_cpu()

@@ -91,11 +91,12 @@ def attention(q, k, v, config: ModelConfig, positions, cache, layer: int, paddin
     Hkv = k.shape[1]
     if cache is None and padding_mask is None:
         # training path: a fused or blocked causal kernel, no (T, T) matrix in memory
-        if q.device.type == "cpu" and SDPA_IS_FASTER_ON_THIS_CPU:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2).reshape(B, T, H * D)
         if q.device.type == "cpu":
-            return blocked_causal_attention(q, k, v).transpose(1, 2).reshape(B, T, H * D)
+            if SDPA_IS_FASTER_ON_THIS_CPU:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                out = blocked_causal_attention(q, k, v)
+            return out.transpose(1, 2).reshape(B, T, H * D)
         if Hkv != H:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
