@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 
 # Debian's chromium is for the browser tests (tests/test_web.py drives it with the playwright package, no
 # browser download); they are skipped where it cannot be installed (not root, not Debian).
-$(STAMP): pyproject.toml setup.py palmchat/inference/decode_bf16.c Makefile
+$(STAMP): pyproject.toml setup.py palmchat/inference/decode_bf16.c palmchat/model/attention_bf16.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"

@@ -1,7 +1,8 @@
-"""palmchat's one optional C file of kernels (palmchat/inference/decode_bf16.c); everything else is in pyproject.toml.
+"""palmchat's two optional C files of kernels; everything else is in pyproject.toml.
 
-It is built where it can run (Linux on x86-64) and is optional: without a C compiler the install goes on without
-it, and oneDNN serves every linear layer."""
+- palmchat/inference/decode_bf16.c: bf16 decode steps (without it oneDNN serves every linear layer);
+- palmchat/model/attention_bf16.c: the attention backward for bf16 training (without it PyTorch's SDPA does).
+They are built where they can run (Linux on x86-64) and are optional: without a C compiler the install goes on."""
 
 import platform
 import sys
@@ -10,7 +11,9 @@ from setuptools import Extension, setup
 
 kernels = []
 if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-    kernels.append(Extension("palmchat.inference._decode_bf16", ["palmchat/inference/decode_bf16.c"],
-                             extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"], optional=True))
+    for name, source in [("palmchat.inference._decode_bf16", "palmchat/inference/decode_bf16.c"),
+                         ("palmchat.model._attention_bf16", "palmchat/model/attention_bf16.c")]:
+        kernels.append(Extension(name, [source], extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"],
+                                 optional=True))
 
 setup(ext_modules=kernels)

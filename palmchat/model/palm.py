@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palmchat.config import ModelConfig
+from palmchat.model import cpu_attention
 from palmchat.model.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU, blocked_causal_attention
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +93,9 @@ def attention(q, k, v, config: ModelConfig, positions, cache, layer: int, paddin
     if cache is None and padding_mask is None:
         # training path: a fused or blocked causal kernel, no (T, T) matrix in memory
         if q.device.type == "cpu":
-            if SDPA_IS_FASTER_ON_THIS_CPU:
+            if cpu_attention.available(q):
+                out = cpu_attention.causal_attention(q, k, v)
+            elif SDPA_IS_FASTER_ON_THIS_CPU:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
                 out = blocked_causal_attention(q, k, v)

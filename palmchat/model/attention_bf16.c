@@ -1,0 +1,354 @@
+/* The backward of causal attention for bf16 training on a CPU with AVX512-BF16.
+
+   FlashAttention-2, Dao 2023, https://arxiv.org/abs/2307.08691, Algorithm 2: the forward kept only each query
+   row's log-sum-exp; here the scores are recomputed one (query block, key block) tile at a time, so memory stays
+   O(T x D), never (T, T). PyTorch's CPU flash backward takes ~37 ms per layer at batch 8 x 512 tokens, 8 query
+   heads x 64 on one K/V head, six times its forward; its tiles are many small oneDNN calls. Here every tile stays
+   in L1/L2 and the five products of a tile run through one register-blocked VDPBF16PS kernel.
+
+   One unit of work is one (batch row, K/V head): the G query heads that share the K/V head loop inside it, so K
+   and V are packed once and their gradients are summed over the G heads without a reduction pass. Units run in
+   parallel (OpenMP). Numerics: scores, softmax and every sum in fp32; the probabilities P and the score gradients
+   dS are rounded to bf16 for the products, as in PyTorch's CPU kernel and FlashAttention on GPUs.
+
+   Shapes: B batch, H query heads, Hkv K/V heads, G = H / Hkv, T tokens (padded to TP, a multiple of BLOCK),
+   D head dim (a multiple of 16). Used by palmchat/model/cpu_attention.py; built by setup.py (optional). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define BLOCK 32  /* query rows and keys per tile */
+#define ROWS 4    /* rows of the output a micro-kernel call keeps in registers */
+#define BF16_KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define AMX_KERNEL __attribute__((target("amx-tile,amx-bf16,avx512f")))
+
+typedef uint16_t bf16;
+
+int palmchat_attention_bf16_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* AMX tiles need the kernel's permission once per process (Linux >= 5.16); PyTorch's oneDNN asks for it too. */
+int palmchat_attention_amx_supported(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+static inline float to_f32(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16 to_bf16(float f) {  /* round to nearest even, as c10::BFloat16 */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   C (M, N) fp32 (+)= A (M, K) bf16 row-major  @  B given as pairs: Bp[k/2][n][2] = (B[k][n], B[k+1][n])
+   VDPBF16PS multiplies one pair of A's row by the same pair of 16 columns of B and adds both products into 16 fp32
+   lanes, so B is packed with consecutive k side by side ("VNNI" layout) and A's pair is broadcast. N is a multiple
+   of 16, K is even.
+   ------------------------------------------------------------------------------------------------------------ */
+
+BF16_KERNEL static inline __attribute__((always_inline)) void
+tile_kernel(int rows, int nz, int64_t K, const bf16 *A, int64_t lda, const bf16 *Bp, int64_t ldb,
+            float *C, int64_t ldc, int accumulate) {
+    __m512 acc[ROWS][4];
+    for (int r = 0; r < rows; r++)
+        for (int z = 0; z < nz; z++)
+            acc[r][z] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * z) : _mm512_setzero_ps();
+    for (int64_t p = 0; p < K / 2; p++) {
+        __m512i b[4];
+        for (int z = 0; z < nz; z++) b[z] = _mm512_loadu_si512(Bp + p * 2 * ldb + 32 * z);
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, A + r * lda + 2 * p, sizeof pair);
+            __m512i a = _mm512_set1_epi32(pair);
+            for (int z = 0; z < nz; z++) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], (__m512bh)a, (__m512bh)b[z]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int z = 0; z < nz; z++) _mm512_storeu_ps(C + r * ldc + 16 * z, acc[r][z]);
+}
+
+/* ldb counts pairs per packed row: Bp[p][n] is at Bp + (p * ldb + n) * 2. */
+BF16_KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const bf16 *A, int64_t lda, const bf16 *Bp,
+                             int64_t ldb, float *C, int64_t ldc, int accumulate) {
+    for (int64_t n = 0; n < N; n += 64) {
+        int nz = (int)((N - n) / 16 < 4 ? (N - n) / 16 : 4);
+        int64_t m = 0;
+        for (; m + ROWS <= M; m += ROWS) {  /* constant row and column counts: the accumulators stay in registers */
+            if (nz == 4) tile_kernel(ROWS, 4, K, A + m * lda, lda, Bp + 2 * n, ldb, C + m * ldc + n, ldc, accumulate);
+            else if (nz == 2) tile_kernel(ROWS, 2, K, A + m * lda, lda, Bp + 2 * n, ldb, C + m * ldc + n, ldc, accumulate);
+            else for (int z = 0; z < nz; z++)
+                tile_kernel(ROWS, 1, K, A + m * lda, lda, Bp + 2 * (n + 16 * z), ldb, C + m * ldc + n + 16 * z, ldc,
+                            accumulate);
+        }
+        for (; m < M; m++)
+            for (int z = 0; z < nz; z++)
+                tile_kernel(1, 1, K, A + m * lda, lda, Bp + 2 * (n + 16 * z), ldb, C + m * ldc + n + 16 * z, ldc,
+                            accumulate);
+    }
+}
+
+/* The same product on AMX tiles (Intel since Sapphire Rapids): one TDPBF16PS multiplies a 16 x 32 tile of A by a
+   32 x 16 tile of B (the same pairs layout) into a 16 x 16 fp32 tile of C. Each step here computes a 32 x 32 block
+   of C in tiles 0-3 from two tiles of A (4, 5) and two of B (6, 7). M, N and K are multiples of 32. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Tiles 0-7: 16 rows of 64 bytes. A constant in memory: GCC 12 drops stores to a local config before LDTILECFG. */
+static const TileConfig TILES = {.palette = 1, .bytes_per_row = {64, 64, 64, 64, 64, 64, 64, 64},
+                                 .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+AMX_KERNEL static void amx_configure(void) { _tile_loadconfig(&TILES); }
+
+AMX_KERNEL static void amx_release(void) { _tile_release(); }
+
+AMX_KERNEL static void amx_gemm(int64_t M, int64_t N, int64_t K, const bf16 *A, int64_t lda, const bf16 *Bp,
+                                int64_t ldb, float *C, int64_t ldc, int accumulate) {
+    for (int64_t m = 0; m < M; m += 32)
+        for (int64_t n = 0; n < N; n += 32) {
+            float *c = C + m * ldc + n;
+            if (accumulate) {
+                _tile_loadd(0, c, ldc * 4);
+                _tile_loadd(1, c + 16, ldc * 4);
+                _tile_loadd(2, c + 16 * ldc, ldc * 4);
+                _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+            } else {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (int64_t k = 0; k < K; k += 32) {
+                _tile_loadd(4, A + m * lda + k, lda * 2);
+                _tile_loadd(5, A + (m + 16) * lda + k, lda * 2);
+                _tile_loadd(6, Bp + (k / 2 * ldb + n) * 2, ldb * 4);
+                _tile_loadd(7, Bp + (k / 2 * ldb + n + 16) * 2, ldb * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c, ldc * 4);
+            _tile_stored(1, c + 16, ldc * 4);
+            _tile_stored(2, c + 16 * ldc, ldc * 4);
+            _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+        }
+}
+
+/* X (T, D) with row stride ld -> pairs over D: out[d/2][t][2] = (X[t][d], X[t][d+1]), t padded to TP with zeros. */
+static void pack_pairs_over_d(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t D, bf16 *out) {
+    memset(out, 0, sizeof(bf16) * TP * D);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t d = 0; d < D; d += 2) memcpy(out + ((d / 2) * TP + t) * 2, X + t * ld + d, 2 * sizeof(bf16));
+}
+
+/* X (T, D) -> pairs over T: out[t/2][d][2] = (X[t][d], X[t+1][d]), t padded to TP with zeros. */
+static void pack_pairs_over_t(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t D, bf16 *out) {
+    memset(out, 0, sizeof(bf16) * TP * D);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t d = 0; d < D; d++) out[((t / 2) * D + d) * 2 + (t & 1)] = X[t * ld + d];
+}
+
+/* X (T, D) with row stride ld -> a contiguous (TP, D) copy, padded with zero rows. */
+static void copy_rows(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t D, bf16 *out) {
+    memset(out + T * D, 0, sizeof(bf16) * (TP - T) * D);
+    for (int64_t t = 0; t < T; t++) memcpy(out + t * D, X + t * ld, sizeof(bf16) * D);
+}
+
+/* X (T, D) -> X^T (D, TP), t padded with zeros: row d holds pairs over T, an A operand of gemm. In blocks of 32
+   rows, so that the writes go along a row of X^T (rows of X^T are a multiple of 1 KB apart: written one element
+   at a time they all fall in the same few L1 sets). */
+static void transpose(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t D, bf16 *out) {
+    memset(out, 0, sizeof(bf16) * TP * D);
+    for (int64_t t0 = 0; t0 < T; t0 += 32) {
+        int64_t t1 = t0 + 32 < T ? t0 + 32 : T;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t t = t0; t < t1; t++) out[d * TP + t] = X[t * ld + d];
+    }
+}
+
+BF16_KERNEL static inline __m512 load_bf16(const bf16 *x) {  /* 16 bf16 -> 16 fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+BF16_KERNEL static inline void store_bf16(bf16 *out, __m512 x) {
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+/* exp for 16 lanes: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error ~2e-7, far
+   below the bf16 rounding that follows). */
+BF16_KERNEL static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Rows r and r+1 of an fp32 tile (BLOCK columns) -> pairs over rows, bf16: out[c][2] = (X[r][c], X[r+1][c]). */
+BF16_KERNEL static inline void pack_two_rows(const float *row, const float *next_row, bf16 *out) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int half = 0; half < BLOCK / 16; half++) {
+        __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 16 * half));
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(next_row + 16 * half));
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        _mm512_storeu_si512(out + 32 * half, _mm512_permutexvar_epi16(interleave, both));
+    }
+}
+
+typedef struct {
+    int64_t batch, n_heads, n_kv_heads, seq, head_dim;
+    float scale;
+    const bf16 *q, *k, *v, *out, *grad_out;  /* (B, H or Hkv, T, D), D contiguous; strides below */
+    int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3], grad_out_strides[3];  /* batch, head, token */
+    const float *lse;                        /* (B, H, T): log-sum-exp of each row's scaled scores */
+    int64_t lse_strides[3];
+    int64_t use_amx;                         /* AMX tiles for the products: needs D % 32 == 0 */
+    bf16 *grad_q, *grad_k, *grad_v;          /* (B, H or Hkv, T, D) contiguous */
+} Backward;
+
+#define AT(x, s, b, h, t) ((x) + (b) * (s)[0] + (h) * (s)[1] + (t) * (s)[2])
+
+/* One (batch row b, K/V head kh). Returns 1 when out of memory. */
+BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
+    const int64_t T = a->seq, D = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const int64_t TP = (T + BLOCK - 1) / BLOCK * BLOCK;
+    const float scale = a->scale;
+    const size_t packed = sizeof(bf16) * TP * D;
+    /* K and V packed for the tile products, Q^T and dO^T of each query head, fp32 gradient accumulators
+       (dK^T and dV^T transposed, (D, TP), because they are produced as dO^T P and Q^T dS) */
+    bf16 *k_over_d = malloc(packed), *v_over_d = malloc(packed), *k_over_t = malloc(packed);
+    bf16 *q_t = malloc(packed * G), *grad_out_t = malloc(packed * G);
+    bf16 *q_rows = malloc(packed * G), *grad_out_rows = malloc(packed * G);  /* (G, TP, D): rows padded */
+    /* P and dS of one key block against every query row after it: (TP, BLOCK) */
+    bf16 *p_pairs = malloc(sizeof(bf16) * TP * BLOCK), *grad_s_pairs = malloc(sizeof(bf16) * TP * BLOCK);
+    bf16 *grad_s_rows = malloc(sizeof(bf16) * TP * BLOCK);
+    float *grad_q = calloc(G * TP * D, sizeof(float)), *grad_k_t = calloc(TP * D, sizeof(float));
+    float *grad_v_t = calloc(TP * D, sizeof(float)), *delta = calloc(G * TP, sizeof(float));
+    int failed = !k_over_d || !v_over_d || !k_over_t || !q_t || !grad_out_t || !q_rows || !grad_out_rows || !p_pairs
+                 || !grad_s_pairs || !grad_s_rows || !grad_q || !grad_k_t || !grad_v_t || !delta;
+    void (*product)(int64_t, int64_t, int64_t, const bf16 *, int64_t, const bf16 *, int64_t, float *, int64_t, int)
+        = a->use_amx ? amx_gemm : gemm;
+    if (!failed) {
+        if (a->use_amx) amx_configure();
+        pack_pairs_over_d(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, TP, D, k_over_d);
+        pack_pairs_over_d(AT(a->v, a->v_strides, b, kh, 0), a->v_strides[2], T, TP, D, v_over_d);
+        pack_pairs_over_t(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, TP, D, k_over_t);
+        for (int64_t g = 0; g < G; g++) {
+            int64_t h = kh * G + g;
+            transpose(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, TP, D, q_t + g * TP * D);
+            copy_rows(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, TP, D, q_rows + g * TP * D);
+            copy_rows(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, TP, D,
+                      grad_out_rows + g * TP * D);
+            transpose(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, TP, D,
+                      grad_out_t + g * TP * D);
+            for (int64_t t = 0; t < T; t++) {  /* delta = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4) */
+                const bf16 *o = AT(a->out, a->out_strides, b, h, t);
+                const bf16 *dout = AT(a->grad_out, a->grad_out_strides, b, h, t);
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 16) sum = _mm512_fmadd_ps(load_bf16(o + d), load_bf16(dout + d), sum);
+                delta[g * TP + t] = _mm512_reduce_add_ps(sum);
+            }
+        }
+        float scores[BLOCK * BLOCK], grad_p[BLOCK * BLOCK], p[BLOCK * BLOCK], grad_s[BLOCK * BLOCK];
+        for (int64_t c0 = 0; c0 < T; c0 += BLOCK) {           /* key block: keys c0..c0+BLOCK-1 */
+            const int64_t n = TP - c0;                        /* causal: the query rows from the key block on */
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kh * G + g;
+                const float *lse = AT(a->lse, a->lse_strides, b, h, 0);
+                const int64_t lse_stride = a->lse_strides[2];
+                for (int64_t r0 = c0; r0 < T; r0 += BLOCK) {
+                    const int64_t rows = T - r0 < BLOCK ? T - r0 : BLOCK;
+                    /* S = Q K^T and dP = dO V^T, (BLOCK rows, BLOCK keys) */
+                    product(BLOCK, BLOCK, D, q_rows + (g * TP + r0) * D, D, k_over_d + 2 * c0, TP, scores, BLOCK, 0);
+                    product(BLOCK, BLOCK, D, grad_out_rows + (g * TP + r0) * D, D, v_over_d + 2 * c0, TP, grad_p,
+                            BLOCK, 0);
+                    /* P = exp(scale S - lse) where the key is visible, dS = P (dP - delta) */
+                    for (int64_t r = 0; r < BLOCK; r++) {
+                        int64_t visible = r < rows ? r0 + r - c0 + 1 : 0;  /* keys c0..r0+r */
+                        if (visible > T - c0) visible = T - c0;
+                        __m512 row_lse = _mm512_set1_ps(r < rows ? lse[(r0 + r) * lse_stride] : 0.f);
+                        __m512 row_delta = _mm512_set1_ps(r < rows ? delta[g * TP + r0 + r] : 0.f);
+                        for (int half = 0; half < BLOCK / 16; half++) {
+                            int64_t lanes = visible - 16 * half;
+                            __mmask16 mask = lanes >= 16 ? 0xffff : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+                            int64_t i = r * BLOCK + 16 * half;
+                            __m512 s = _mm512_fmsub_ps(_mm512_loadu_ps(scores + i), _mm512_set1_ps(scale), row_lse);
+                            __m512 pv = _mm512_maskz_mov_ps(mask, exp16(s));
+                            __m512 ds = _mm512_maskz_mul_ps(mask, pv,
+                                                            _mm512_sub_ps(_mm512_loadu_ps(grad_p + i), row_delta));
+                            _mm512_storeu_ps(p + i, pv);
+                            _mm512_storeu_ps(grad_s + i, ds);
+                            _mm256_storeu_si256((__m256i *)(grad_s_rows + (r0 - c0) * BLOCK + i),
+                                                (__m256i)_mm512_cvtneps_pbh(ds));
+                        }
+                    }
+                    for (int64_t r = 0; r < BLOCK; r += 2) {
+                        pack_two_rows(p + r * BLOCK, p + (r + 1) * BLOCK, p_pairs + (r0 - c0 + r) * BLOCK);
+                        pack_two_rows(grad_s + r * BLOCK, grad_s + (r + 1) * BLOCK, grad_s_pairs + (r0 - c0 + r) * BLOCK);
+                    }
+                }
+                /* over all n query rows at once: dV^T += dO^T P and dK^T += Q^T dS, (D, BLOCK keys); dQ += dS K */
+                product(D, BLOCK, n, grad_out_t + g * TP * D + c0, TP, p_pairs, BLOCK, grad_v_t + c0, TP, 1);
+                product(D, BLOCK, n, q_t + g * TP * D + c0, TP, grad_s_pairs, BLOCK, grad_k_t + c0, TP, 1);
+                product(n, D, BLOCK, grad_s_rows, BLOCK, k_over_t + c0 * D, D, grad_q + (g * TP + c0) * D, D, 1);
+            }
+        }
+        bf16 *out_k = a->grad_k + (b * a->n_kv_heads + kh) * T * D;
+        bf16 *out_v = a->grad_v + (b * a->n_kv_heads + kh) * T * D;
+        for (int64_t t0 = 0; t0 < T; t0 += 32)  /* dK^T and dV^T back to (T, D), in blocks as in transpose() */
+            for (int64_t d = 0; d < D; d++)
+                for (int64_t t = t0; t < t0 + 32 && t < T; t++) {
+                    out_k[t * D + d] = to_bf16(grad_k_t[d * TP + t] * scale);
+                    out_v[t * D + d] = to_bf16(grad_v_t[d * TP + t]);
+                }
+        for (int64_t g = 0; g < G; g++) {
+            bf16 *out_q = a->grad_q + (b * a->n_heads + kh * G + g) * T * D;
+            for (int64_t i = 0; i < T * D; i += 16)
+                store_bf16(out_q + i, _mm512_mul_ps(_mm512_loadu_ps(grad_q + g * TP * D + i), _mm512_set1_ps(scale)));
+        }
+    }
+    if (!failed && a->use_amx) amx_release();
+    free(k_over_d); free(v_over_d); free(k_over_t); free(q_t); free(grad_out_t); free(q_rows); free(grad_out_rows);
+    free(p_pairs); free(grad_s_pairs); free(grad_s_rows);
+    free(grad_q); free(grad_k_t); free(grad_v_t); free(delta);
+    return failed;
+}
+
+/* Returns 0, or 1 when out of memory. */
+int palmchat_attention_backward_bf16(const Backward *a) {
+    int failed = 0;
+    const int64_t units = a->batch * a->n_kv_heads;
+    #pragma omp parallel for schedule(dynamic) reduction(|: failed)
+    for (int64_t u = 0; u < units; u++) failed |= backward_unit(a, u / a->n_kv_heads, u % a->n_kv_heads);
+    return failed;
+}

@@ -1,0 +1,117 @@
+"""Causal attention for bf16 training on CPUs with AMX: PyTorch's flash forward, palmchat's C backward.
+
+On CPUs with AMX tiles PyTorch's CPU flash kernel runs its forward fast (~6 ms per layer at batch 8 x 512 tokens,
+8 query heads x 64 on one K/V head) but its backward takes ~37 ms, a third of a whole training step. The backward
+here (attention_bf16.c, FlashAttention-2's Algorithm 2 on AMX tiles) takes ~11 ms at the same shape, with the
+same numerics up to the order of fp32 sums (benchmarks/README.md, "Session 10"). It is a torch.library custom op,
+so torch.compile keeps it as one call in the compiled graph.
+
+Used by palm.attention where `available(q)`; elsewhere SDPA or blocked_attention.py serve the training path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+import torch
+
+from palmchat.model.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU
+
+
+class Backward(ctypes.Structure):
+    """attention_bf16.c's Backward: the shapes, pointers and strides of one call."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "n_heads", "n_kv_heads", "seq", "head_dim")]
+    _fields_ += [("scale", ctypes.c_float)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("q", "k", "v", "out", "grad_out")]
+    _fields_ += [(name, ctypes.c_int64 * 3) for name in
+                 ("q_strides", "k_strides", "v_strides", "out_strides", "grad_out_strides")]
+    _fields_ += [("lse", ctypes.c_void_p), ("lse_strides", ctypes.c_int64 * 3), ("use_amx", ctypes.c_int64)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("grad_q", "grad_k", "grad_v")]
+
+
+def _load_kernel() -> tuple[ctypes.CDLL, bool] | None:
+    """(the compiled attention_bf16.c, whether it may use AMX tiles), or None where it was not built or this CPU
+    lacks AVX512-BF16."""
+    spec = importlib.util.find_spec("palmchat.model._attention_bf16")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        library = ctypes.CDLL(spec.origin)
+    except OSError:  # e.g. built for another machine
+        return None
+    if not library.palmchat_attention_bf16_supported():
+        return None
+    library.palmchat_attention_backward_bf16.restype = ctypes.c_int
+    library.palmchat_attention_backward_bf16.argtypes = [ctypes.c_void_p]
+    return library, bool(library.palmchat_attention_amx_supported())
+
+
+# Loaded at import, not on first use: torch.compile traces palm.attention and cannot trace ctypes.
+KERNEL = _load_kernel()
+ON_THIS_CPU = KERNEL is not None and KERNEL[1] and SDPA_IS_FASTER_ON_THIS_CPU
+
+
+def available(q: torch.Tensor) -> bool:
+    """Whether the training path should take causal_attention for q (B, H, T, D): bf16 on a CPU with AMX tiles
+    (where PyTorch's flash forward is fast too) and a head dim the kernel takes."""
+    return ON_THIS_CPU and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
+
+
+def _strides(x: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+
+@torch.library.custom_op("palmchat::causal_attention_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return out.contiguous(), lse.contiguous()  # contiguous, as the fake outputs below say
+
+
+@_forward.register_fake
+def _(q, k, v):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("palmchat::causal_attention_backward", mutates_args=())
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    library, has_amx = KERNEL
+    q, k, v, out, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, grad_out))
+    (B, H, T, D), Hkv = q.shape, k.shape[1]
+    grad_q, grad_k, grad_v = torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), \
+        v.new_empty(v.shape)
+    call = Backward(batch=B, n_heads=H, n_kv_heads=Hkv, seq=T, head_dim=D, scale=D ** -0.5,
+                    q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), grad_out=grad_out.data_ptr(),
+                    q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), out_strides=_strides(out),
+                    grad_out_strides=_strides(grad_out), lse=lse.data_ptr(), lse_strides=_strides(lse),
+                    use_amx=has_amx and D % 32 == 0,
+                    grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr())
+    if library.palmchat_attention_backward_bf16(ctypes.byref(call)):
+        raise MemoryError(f"attention backward: out of memory for {B} x {T} tokens, {H} heads of {D}")
+    return grad_q, grad_k, grad_v
+
+
+@_backward.register_fake
+def _(q, k, v, out, lse, grad_out):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _autograd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return _backward(q, k, v, out, lse, grad_out)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: (B, H, T, D), k and v: (B, Hkv, T, D), all bf16 on CPU -> (B, H, T, D): causal softmax attention, scale
+    1/sqrt(D). Callers check `available(q)` first."""
+    return _forward(q, k, v)[0]
