@@ -155,11 +155,11 @@ AMX_KERNEL static void amx_gemm(int64_t M, int64_t N, int64_t K, const bf16 *A, 
         }
 }
 
-/* X (T, D) with row stride ld -> pairs over D: out[d/2][t][2] = (X[t][d], X[t][d+1]), t padded to TP with zeros. */
-static void pack_pairs_over_d(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t D, bf16 *out) {
-    memset(out, 0, sizeof(bf16) * TP * D);
+/* X (T, D) with row stride ld -> pairs over D: out[d/2][t][2] = (X[t][d], X[t][d+1]), t < width, zero beyond T. */
+static void pack_pairs_over_d(const bf16 *X, int64_t ld, int64_t T, int64_t width, int64_t D, bf16 *out) {
+    memset(out, 0, sizeof(bf16) * width * D);
     for (int64_t t = 0; t < T; t++)
-        for (int64_t d = 0; d < D; d += 2) memcpy(out + ((d / 2) * TP + t) * 2, X + t * ld + d, 2 * sizeof(bf16));
+        for (int64_t d = 0; d < D; d += 2) memcpy(out + ((d / 2) * width + t) * 2, X + t * ld + d, 2 * sizeof(bf16));
 }
 
 /* X (T, D) -> pairs over T: out[t/2][d][2] = (X[t][d], X[t+1][d]), t padded to TP with zeros. */
@@ -175,15 +175,14 @@ static void copy_rows(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t 
     for (int64_t t = 0; t < T; t++) memcpy(out + t * D, X + t * ld, sizeof(bf16) * D);
 }
 
-/* X (T, D) -> X^T (D, TP), t padded with zeros: row d holds pairs over T, an A operand of gemm. In blocks of 32
-   rows, so that the writes go along a row of X^T (rows of X^T are a multiple of 1 KB apart: written one element
-   at a time they all fall in the same few L1 sets). */
-static void transpose(const bf16 *X, int64_t ld, int64_t T, int64_t TP, int64_t D, bf16 *out) {
-    memset(out, 0, sizeof(bf16) * TP * D);
+/* X (T, D) -> X^T (D, width), zero beyond T: row d holds pairs over T, an A operand of gemm. In blocks of 32
+   rows, so that the writes go along a row of X^T. */
+static void transpose(const bf16 *X, int64_t ld, int64_t T, int64_t width, int64_t D, bf16 *out) {
+    memset(out, 0, sizeof(bf16) * width * D);
     for (int64_t t0 = 0; t0 < T; t0 += 32) {
         int64_t t1 = t0 + 32 < T ? t0 + 32 : T;
         for (int64_t d = 0; d < D; d++)
-            for (int64_t t = t0; t < t1; t++) out[d * TP + t] = X[t * ld + d];
+            for (int64_t t = t0; t < t1; t++) out[d * width + t] = X[t * ld + d];
     }
 }
 
@@ -236,41 +235,69 @@ typedef struct {
     bf16 *grad_q, *grad_k, *grad_v;          /* (B, H or Hkv, T, D) contiguous */
 } Backward;
 
+/* Each thread's scratch memory, kept between calls: fresh pages from the kernel cost more than the products
+   (measured: a third of the backward at batch 8 x 512 tokens). OpenMP's threads persist, and so does this. */
+static __thread char *scratch;
+static __thread size_t scratch_size;
+
+/* Points parts[i] at sizes[i] bytes of this thread's scratch, each 64-byte aligned. Returns 0 when out of memory. */
+static int reserve(const size_t *sizes, int count, char **parts) {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (sizes[i] + 63) / 64 * 64;
+    if (total > scratch_size) {
+        free(scratch);
+        scratch = aligned_alloc(64, total);
+        scratch_size = scratch ? total : 0;
+        if (!scratch) return 0;
+    }
+    for (size_t i = 0, offset = 0; i < (size_t)count; offset += (sizes[i] + 63) / 64 * 64, i++) parts[i] = scratch + offset;
+    return 1;
+}
+
 #define AT(x, s, b, h, t) ((x) + (b) * (s)[0] + (h) * (s)[1] + (t) * (s)[2])
 
 /* One (batch row b, K/V head kh). Returns 1 when out of memory. */
 BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
     const int64_t T = a->seq, D = a->head_dim, G = a->n_heads / a->n_kv_heads;
     const int64_t TP = (T + BLOCK - 1) / BLOCK * BLOCK;
+    /* the row length of buffers read along T in tiles of 16 rows: not a power of two, since rows a multiple of
+       1 KB apart fall in the same few L1 sets */
+    const int64_t LD = TP + 32;
     const float scale = a->scale;
-    const size_t packed = sizeof(bf16) * TP * D;
-    /* K and V packed for the tile products, Q^T and dO^T of each query head, fp32 gradient accumulators
-       (dK^T and dV^T transposed, (D, TP), because they are produced as dO^T P and Q^T dS) */
-    bf16 *k_over_d = malloc(packed), *v_over_d = malloc(packed), *k_over_t = malloc(packed);
-    bf16 *q_t = malloc(packed * G), *grad_out_t = malloc(packed * G);
-    bf16 *q_rows = malloc(packed * G), *grad_out_rows = malloc(packed * G);  /* (G, TP, D): rows padded */
-    /* P and dS of one key block against every query row after it: (TP, BLOCK) */
-    bf16 *p_pairs = malloc(sizeof(bf16) * TP * BLOCK), *grad_s_pairs = malloc(sizeof(bf16) * TP * BLOCK);
-    bf16 *grad_s_rows = malloc(sizeof(bf16) * TP * BLOCK);
-    float *grad_q = calloc(G * TP * D, sizeof(float)), *grad_k_t = calloc(TP * D, sizeof(float));
-    float *grad_v_t = calloc(TP * D, sizeof(float)), *delta = calloc(G * TP, sizeof(float));
-    int failed = !k_over_d || !v_over_d || !k_over_t || !q_t || !grad_out_t || !q_rows || !grad_out_rows || !p_pairs
-                 || !grad_s_pairs || !grad_s_rows || !grad_q || !grad_k_t || !grad_v_t || !delta;
+    const size_t packed = sizeof(bf16) * TP * D, wide = sizeof(bf16) * LD * D;
+    /* K and V packed for the tile products; Q^T, dO^T and Q, dO with padded rows for each query head; P and dS of
+       one key block against every query row after it; fp32 gradient accumulators (dK^T and dV^T transposed,
+       (D, LD), because they are produced as dO^T P and Q^T dS) */
+    const size_t sizes[] = {wide, wide, packed, wide * G, wide * G, packed * G, packed * G,
+                            sizeof(bf16) * TP * BLOCK, sizeof(bf16) * TP * BLOCK, sizeof(bf16) * TP * BLOCK,
+                            sizeof(float) * G * TP * D, sizeof(float) * LD * D, sizeof(float) * LD * D,
+                            sizeof(float) * G * TP};
+    char *parts[14];
+    if (!reserve(sizes, 14, parts)) return 1;
+    bf16 *k_over_d = (bf16 *)parts[0], *v_over_d = (bf16 *)parts[1], *k_over_t = (bf16 *)parts[2];
+    bf16 *q_t = (bf16 *)parts[3], *grad_out_t = (bf16 *)parts[4], *q_rows = (bf16 *)parts[5];
+    bf16 *grad_out_rows = (bf16 *)parts[6], *p_pairs = (bf16 *)parts[7], *grad_s_pairs = (bf16 *)parts[8];
+    bf16 *grad_s_rows = (bf16 *)parts[9];
+    float *grad_q = (float *)parts[10], *grad_k_t = (float *)parts[11], *grad_v_t = (float *)parts[12];
+    float *delta = (float *)parts[13];
+    memset(grad_q, 0, sizes[10]);
+    memset(grad_k_t, 0, sizes[11]);
+    memset(grad_v_t, 0, sizes[12]);
     void (*product)(int64_t, int64_t, int64_t, const bf16 *, int64_t, const bf16 *, int64_t, float *, int64_t, int)
         = a->use_amx ? amx_gemm : gemm;
-    if (!failed) {
+    {
         if (a->use_amx) amx_configure();
-        pack_pairs_over_d(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, TP, D, k_over_d);
-        pack_pairs_over_d(AT(a->v, a->v_strides, b, kh, 0), a->v_strides[2], T, TP, D, v_over_d);
+        pack_pairs_over_d(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, LD, D, k_over_d);
+        pack_pairs_over_d(AT(a->v, a->v_strides, b, kh, 0), a->v_strides[2], T, LD, D, v_over_d);
         pack_pairs_over_t(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, TP, D, k_over_t);
         for (int64_t g = 0; g < G; g++) {
             int64_t h = kh * G + g;
-            transpose(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, TP, D, q_t + g * TP * D);
+            transpose(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, LD, D, q_t + g * LD * D);
             copy_rows(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, TP, D, q_rows + g * TP * D);
             copy_rows(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, TP, D,
                       grad_out_rows + g * TP * D);
-            transpose(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, TP, D,
-                      grad_out_t + g * TP * D);
+            transpose(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, LD, D,
+                      grad_out_t + g * LD * D);
             for (int64_t t = 0; t < T; t++) {  /* delta = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4) */
                 const bf16 *o = AT(a->out, a->out_strides, b, h, t);
                 const bf16 *dout = AT(a->grad_out, a->grad_out_strides, b, h, t);
@@ -289,8 +316,8 @@ BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
                 for (int64_t r0 = c0; r0 < T; r0 += BLOCK) {
                     const int64_t rows = T - r0 < BLOCK ? T - r0 : BLOCK;
                     /* S = Q K^T and dP = dO V^T, (BLOCK rows, BLOCK keys) */
-                    product(BLOCK, BLOCK, D, q_rows + (g * TP + r0) * D, D, k_over_d + 2 * c0, TP, scores, BLOCK, 0);
-                    product(BLOCK, BLOCK, D, grad_out_rows + (g * TP + r0) * D, D, v_over_d + 2 * c0, TP, grad_p,
+                    product(BLOCK, BLOCK, D, q_rows + (g * TP + r0) * D, D, k_over_d + 2 * c0, LD, scores, BLOCK, 0);
+                    product(BLOCK, BLOCK, D, grad_out_rows + (g * TP + r0) * D, D, v_over_d + 2 * c0, LD, grad_p,
                             BLOCK, 0);
                     /* P = exp(scale S - lse) where the key is visible, dS = P (dP - delta) */
                     for (int64_t r = 0; r < BLOCK; r++) {
@@ -318,8 +345,8 @@ BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
                     }
                 }
                 /* over all n query rows at once: dV^T += dO^T P and dK^T += Q^T dS, (D, BLOCK keys); dQ += dS K */
-                product(D, BLOCK, n, grad_out_t + g * TP * D + c0, TP, p_pairs, BLOCK, grad_v_t + c0, TP, 1);
-                product(D, BLOCK, n, q_t + g * TP * D + c0, TP, grad_s_pairs, BLOCK, grad_k_t + c0, TP, 1);
+                product(D, BLOCK, n, grad_out_t + g * LD * D + c0, LD, p_pairs, BLOCK, grad_v_t + c0, LD, 1);
+                product(D, BLOCK, n, q_t + g * LD * D + c0, LD, grad_s_pairs, BLOCK, grad_k_t + c0, LD, 1);
                 product(n, D, BLOCK, grad_s_rows, BLOCK, k_over_t + c0 * D, D, grad_q + (g * TP + c0) * D, D, 1);
             }
         }
@@ -328,8 +355,8 @@ BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
         for (int64_t t0 = 0; t0 < T; t0 += 32)  /* dK^T and dV^T back to (T, D), in blocks as in transpose() */
             for (int64_t d = 0; d < D; d++)
                 for (int64_t t = t0; t < t0 + 32 && t < T; t++) {
-                    out_k[t * D + d] = to_bf16(grad_k_t[d * TP + t] * scale);
-                    out_v[t * D + d] = to_bf16(grad_v_t[d * TP + t]);
+                    out_k[t * D + d] = to_bf16(grad_k_t[d * LD + t] * scale);
+                    out_v[t * D + d] = to_bf16(grad_v_t[d * LD + t]);
                 }
         for (int64_t g = 0; g < G; g++) {
             bf16 *out_q = a->grad_q + (b * a->n_heads + kh * G + g) * T * D;
@@ -337,11 +364,8 @@ BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
                 store_bf16(out_q + i, _mm512_mul_ps(_mm512_loadu_ps(grad_q + g * TP * D + i), _mm512_set1_ps(scale)));
         }
     }
-    if (!failed && a->use_amx) amx_release();
-    free(k_over_d); free(v_over_d); free(k_over_t); free(q_t); free(grad_out_t); free(q_rows); free(grad_out_rows);
-    free(p_pairs); free(grad_s_pairs); free(grad_s_rows);
-    free(grad_q); free(grad_k_t); free(grad_v_t); free(delta);
-    return failed;
+    if (a->use_amx) amx_release();
+    return 0;
 }
 
 /* Returns 0, or 1 when out of memory. */
