@@ -1,10 +1,10 @@
-"""Causal attention for bf16 training on CPUs with AMX: PyTorch's flash forward, palmchat's C backward.
+"""Causal attention for bf16 training on CPUs with AMX tiles, in C (attention_bf16.c).
 
-On CPUs with AMX tiles PyTorch's CPU flash kernel runs its forward fast (~6 ms per layer at batch 8 x 512 tokens,
-8 query heads x 64 on one K/V head) but its backward takes ~37 ms, a third of a whole training step. The backward
-here (attention_bf16.c, FlashAttention-2's Algorithm 2 on AMX tiles) takes ~11 ms at the same shape, with the
-same numerics up to the order of fp32 sums (benchmarks/README.md, "Session 10"). It is a torch.library custom op,
-so torch.compile keeps it as one call in the compiled graph.
+PyTorch's CPU flash kernel takes ~6.5 ms forward and ~37 ms backward per layer at batch 8 x 512 tokens, 8 query
+heads x 64 on one K/V head: its backward alone was a third of a whole training step. attention_bf16.c runs the
+tile products of FlashAttention-2 on AMX tiles (~3.5 ms forward, ~8.5 ms backward at that shape), with the same
+numerics up to the order of fp32 sums (benchmarks/README.md, "Session 10"). Forward and backward are
+torch.library custom ops, so torch.compile keeps each as one call in the compiled graph.
 
 Used by palm.attention where `available(q)`; elsewhere SDPA or blocked_attention.py serve the training path.
 """
@@ -16,7 +16,16 @@ import importlib.util
 
 import torch
 
-from palmchat.model.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU
+
+
+class Forward(ctypes.Structure):
+    """attention_bf16.c's Forward: the shapes, pointers and strides of one call."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "n_heads", "n_kv_heads", "seq", "head_dim")]
+    _fields_ += [("scale", ctypes.c_float)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("q", "k", "v")]
+    _fields_ += [(name, ctypes.c_int64 * 3) for name in ("q_strides", "k_strides", "v_strides")]
+    _fields_ += [("use_amx", ctypes.c_int64), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p)]
 
 
 class Backward(ctypes.Structure):
@@ -43,19 +52,22 @@ def _load_kernel() -> tuple[ctypes.CDLL, bool] | None:
         return None
     if not library.palmchat_attention_bf16_supported():
         return None
-    library.palmchat_attention_backward_bf16.restype = ctypes.c_int
-    library.palmchat_attention_backward_bf16.argtypes = [ctypes.c_void_p]
+    for function in (library.palmchat_attention_forward_bf16, library.palmchat_attention_backward_bf16):
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p]
     return library, bool(library.palmchat_attention_amx_supported())
 
 
 # Loaded at import, not on first use: torch.compile traces palm.attention and cannot trace ctypes.
 KERNEL = _load_kernel()
-ON_THIS_CPU = KERNEL is not None and KERNEL[1] and SDPA_IS_FASTER_ON_THIS_CPU
+# Without AMX the products run on AVX512-BF16, ~4x slower (35 ms backward at the shape above, measured): no faster
+# than blocked_attention.py there.
+ON_THIS_CPU = KERNEL is not None and KERNEL[1]
 
 
 def available(q: torch.Tensor) -> bool:
     """Whether the training path should take causal_attention for q (B, H, T, D): bf16 on a CPU with AMX tiles
-    (where PyTorch's flash forward is fast too) and a head dim the kernel takes."""
+    and a head dim the kernel takes."""
     return ON_THIS_CPU and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
 
 
@@ -63,10 +75,27 @@ def _strides(x: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
+def _use_amx(head_dim: int) -> bool:
+    return KERNEL[1] and head_dim % 32 == 0
+
+
+def _out_of_memory(what: str, q: torch.Tensor) -> MemoryError:
+    B, H, T, D = q.shape
+    return MemoryError(f"attention {what}: out of memory for {B} x {T} tokens, {H} heads of {D}")
+
+
 @torch.library.custom_op("palmchat::causal_attention_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-    return out.contiguous(), lse.contiguous()  # contiguous, as the fake outputs below say
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    (B, H, T, D), Hkv = q.shape, k.shape[1]
+    out, lse = torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, T, dtype=torch.float32)
+    call = Forward(batch=B, n_heads=H, n_kv_heads=Hkv, seq=T, head_dim=D, scale=D ** -0.5,
+                   q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                   q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+                   use_amx=_use_amx(D), out=out.data_ptr(), lse=lse.data_ptr())
+    if KERNEL[0].palmchat_attention_forward_bf16(ctypes.byref(call)):
+        raise _out_of_memory("forward", q)
+    return out, lse
 
 
 @_forward.register_fake
@@ -78,7 +107,6 @@ def _(q, k, v):
 @torch.library.custom_op("palmchat::causal_attention_backward", mutates_args=())
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
               grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    library, has_amx = KERNEL
     q, k, v, out, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, grad_out))
     (B, H, T, D), Hkv = q.shape, k.shape[1]
     grad_q, grad_k, grad_v = torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), \
@@ -87,10 +115,10 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
                     q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), grad_out=grad_out.data_ptr(),
                     q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), out_strides=_strides(out),
                     grad_out_strides=_strides(grad_out), lse=lse.data_ptr(), lse_strides=_strides(lse),
-                    use_amx=has_amx and D % 32 == 0,
+                    use_amx=_use_amx(D),
                     grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr())
-    if library.palmchat_attention_backward_bf16(ctypes.byref(call)):
-        raise MemoryError(f"attention backward: out of memory for {B} x {T} tokens, {H} heads of {D}")
+    if KERNEL[0].palmchat_attention_backward_bf16(ctypes.byref(call)):
+        raise _out_of_memory("backward", q)
     return grad_q, grad_k, grad_v
 
 
