@@ -224,6 +224,9 @@ def _commands():
     }
 
 
+TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "loop"}
+
+
 def main(argv: list[str] | None = None) -> int:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="palmchat", description="Train, align and serve a PaLM-style assistant.")
@@ -245,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     entry = commands[namespace.command]
     cls, fn = entry[namespace.action] if isinstance(entry, dict) else entry
     name = namespace.command + (f" {namespace.action}" if isinstance(entry, dict) else "")
+    if namespace.command in TRAINING_COMMANDS:
+        from palmchat.train.common import keep_freed_memory
+
+        keep_freed_memory()
     try:
         fn(from_namespace(cls, namespace))
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
