@@ -10,7 +10,8 @@ faster: the G query heads that share one K/V head are folded into the rows of on
 repeated), and the block of scores is small enough to stay in cache. Memory is O(T x block), never (T, T).
 GPUs keep the fused SDPA kernels (palm.attention), and so do CPUs with AMX: there PyTorch's flash kernel runs
 its block matmuls on AMX tiles (oneDNN brgemm) and is faster than this file at every shape measured
-(`SDPA_IS_FASTER_ON_THIS_CPU`; benchmarks/README.md, sessions 6 and 9).
+(`SDPA_IS_FASTER_ON_THIS_CPU`; benchmarks/README.md, sessions 6 and 9), and in bf16 palmchat's C kernel on AMX
+tiles (cpu_attention.py) is faster still.
 
 Shapes: B batch, H query heads, Hkv K/V heads, G = H // Hkv, T tokens, D head dim, R query rows per block.
 """
