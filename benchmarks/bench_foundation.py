@@ -36,6 +36,8 @@ from palmchat.config import ModelConfig, preset
 from palmchat.inference.cpu_linear import bf16_kernel, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.fused_block import unfuse_blocks
+from palmchat.model import cpu_attention
+from palmchat.model.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU
 from palmchat.model.palm import PaLM
 
 warnings.filterwarnings("ignore", message=".*sdp_kernel.*")  # the reference's flash path uses a deprecated API
@@ -224,8 +226,10 @@ def main():
     args = ap.parse_args()
 
     start = time.perf_counter()
+    attention = ("attention_bf16.c on AMX tiles" if cpu_attention.ON_THIS_CPU
+                 else "PyTorch's SDPA" if SDPA_IS_FASTER_ON_THIS_CPU else "blocked_attention.py")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernels "
-          f"(decode_bf16.c): {'on' if bf16_kernel() else 'not available'}")
+          f"(decode_bf16.c): {'on' if bf16_kernel() else 'not available'}; bf16 training attention: {attention}")
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     print(f"machine: matmul 2048^3 fp32 {fmt(peak['fp32'] / 1e12)} TFLOP/s, bf16 {fmt(peak['bf16'] / 1e12)} TFLOP/s; "
           f"copy bandwidth {fmt(copy_bandwidth() / 1e9)} GB/s (read + written)")
