@@ -79,7 +79,7 @@ def test_the_custom_ops_pass_torch_library_opcheck():
 
 @pytest.mark.skipif(not cpu_attention.ON_THIS_CPU, reason="the training path takes this kernel on CPUs with AMX")
 def test_a_bf16_training_step_takes_the_kernel_and_matches_sdpa(monkeypatch):
-    """Whole model under bf16 autocast: the loss and every gradient with the C backward and with SDPA's."""
+    """Whole model under bf16 autocast: the loss and every gradient with the C kernel and with SDPA."""
     config = preset("tiny", vocab_size=97, head_dim=32)
     model = PaLM(config)
     x = torch.randint(0, 97, (2, 70))
@@ -97,3 +97,23 @@ def test_a_bf16_training_step_takes_the_kernel_and_matches_sdpa(monkeypatch):
     torch.testing.assert_close(loss_kernel, loss_sdpa, atol=0, rtol=1e-3)
     for got, want in zip(grads_kernel, grads_sdpa):
         assert relative_error(got, want.double()) < 2e-2
+
+
+@pytest.mark.skipif(not cpu_attention.ON_THIS_CPU, reason="the training path takes this kernel on CPUs with AMX")
+def test_torch_compile_traces_the_kernel_without_a_graph_break():
+    """fullgraph=True fails on any graph break (loading the library on first use was one); aot_eager runs the
+    traced forward and backward graphs, with the custom ops' fake tensors and autograd formula, without codegen."""
+    config = preset("tiny", vocab_size=97, head_dim=32)
+    model = PaLM(config)
+    x = torch.randint(0, 97, (2, 40))
+
+    def loss_and_grads(forward):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(forward(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)

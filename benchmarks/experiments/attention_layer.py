@@ -1,7 +1,8 @@
 """One layer's causal attention, forward and backward, bf16 on CPU: PyTorch's SDPA, blocked_attention.py and
 attention_bf16.c (cpu_attention.py) side by side, at the enwik8 shape by default (benchmarks/README.md, session 10):
 
-    .venv/bin/python benchmarks/experiments/attention_layer.py [--batch 8] [--seq 512] [--heads 8] [--kv-heads 1] [--head-dim 64]
+    .venv/bin/python benchmarks/experiments/attention_layer.py [--batch 8] [--seq 512] [--heads 8] [--kv-heads 1]
+        [--head-dim 64]
 """
 
 import argparse

@@ -87,16 +87,18 @@ BF16_KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const bf16 *A, int
         int nz = (int)((N - n) / 16 < 4 ? (N - n) / 16 : 4);
         int64_t m = 0;
         for (; m + ROWS <= M; m += ROWS) {  /* constant row and column counts: the accumulators stay in registers */
-            if (nz == 4) dpbf16_kernel(ROWS, 4, K, A + m * lda, lda, Bp + 2 * n, ldb, C + m * ldc + n, ldc, accumulate);
-            else if (nz == 2) dpbf16_kernel(ROWS, 2, K, A + m * lda, lda, Bp + 2 * n, ldb, C + m * ldc + n, ldc, accumulate);
-            else for (int z = 0; z < nz; z++)
-                dpbf16_kernel(ROWS, 1, K, A + m * lda, lda, Bp + 2 * (n + 16 * z), ldb, C + m * ldc + n + 16 * z, ldc,
-                            accumulate);
+            const bf16 *a = A + m * lda, *b = Bp + 2 * n;
+            float *c = C + m * ldc + n;
+            if (nz == 4) dpbf16_kernel(ROWS, 4, K, a, lda, b, ldb, c, ldc, accumulate);
+            else if (nz == 2) dpbf16_kernel(ROWS, 2, K, a, lda, b, ldb, c, ldc, accumulate);
+            else
+                for (int z = 0; z < nz; z++)
+                    dpbf16_kernel(ROWS, 1, K, a, lda, b + 32 * z, ldb, c + 16 * z, ldc, accumulate);
         }
-        for (; m < M; m++)
+        for (; m < M; m++)  /* the last rows, one at a time */
             for (int z = 0; z < nz; z++)
                 dpbf16_kernel(1, 1, K, A + m * lda, lda, Bp + 2 * (n + 16 * z), ldb, C + m * ldc + n + 16 * z, ldc,
-                            accumulate);
+                              accumulate);
     }
 }
 
@@ -230,8 +232,9 @@ typedef struct {
     bf16 *grad_q, *grad_k, *grad_v;          /* (B, H or Hkv, T, D) contiguous */
 } Backward;
 
-/* Each thread's scratch memory, kept between calls: fresh pages from the kernel cost more than the products
-   (measured: a third of the backward at batch 8 x 512 tokens). OpenMP's threads persist, and so does this. */
+/* Each thread's scratch memory, kept between calls, since fresh pages from the kernel are slow to fault in
+   (measured: the backward at batch 8 x 512 tokens 9.8 -> 8.5 ms). OpenMP's threads persist, and so does this:
+   ~5 MB per thread at that shape, held until the thread exits. */
 static __thread char *scratch;
 static __thread size_t scratch_size;
 
@@ -245,7 +248,8 @@ static int reserve(const size_t *sizes, int count, char **parts) {
         scratch_size = scratch ? total : 0;
         if (!scratch) return 0;
     }
-    for (size_t i = 0, offset = 0; i < (size_t)count; offset += (sizes[i] + 63) / 64 * 64, i++) parts[i] = scratch + offset;
+    for (size_t i = 0, offset = 0; i < (size_t)count; offset += (sizes[i] + 63) / 64 * 64, i++)
+        parts[i] = scratch + offset;
     return 1;
 }
 
@@ -280,84 +284,83 @@ BF16_KERNEL static int backward_unit(const Backward *a, int64_t b, int64_t kh) {
     memset(grad_v_t, 0, sizes[12]);
     void (*product)(int64_t, int64_t, int64_t, const bf16 *, int64_t, const bf16 *, int64_t, float *, int64_t, int)
         = a->use_amx ? amx_gemm : gemm;
-    {
-        if (a->use_amx) amx_configure();
-        pack_pairs_over_d(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, LD, D, k_over_d);
-        pack_pairs_over_d(AT(a->v, a->v_strides, b, kh, 0), a->v_strides[2], T, LD, D, v_over_d);
-        pack_pairs_over_t(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, TP, D, k_over_t);
-        for (int64_t g = 0; g < G; g++) {
-            int64_t h = kh * G + g;
-            transpose(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, LD, D, q_t + g * LD * D);
-            copy_rows(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, TP, D, q_rows + g * TP * D);
-            copy_rows(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, TP, D,
-                      grad_out_rows + g * TP * D);
-            transpose(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, LD, D,
-                      grad_out_t + g * LD * D);
-            for (int64_t t = 0; t < T; t++) {  /* delta = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4) */
-                const bf16 *o = AT(a->out, a->out_strides, b, h, t);
-                const bf16 *dout = AT(a->grad_out, a->grad_out_strides, b, h, t);
-                __m512 sum = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 16) sum = _mm512_fmadd_ps(load_bf16(o + d), load_bf16(dout + d), sum);
-                delta[g * TP + t] = _mm512_reduce_add_ps(sum);
-            }
+    if (a->use_amx) amx_configure();
+    pack_pairs_over_d(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, LD, D, k_over_d);
+    pack_pairs_over_d(AT(a->v, a->v_strides, b, kh, 0), a->v_strides[2], T, LD, D, v_over_d);
+    pack_pairs_over_t(AT(a->k, a->k_strides, b, kh, 0), a->k_strides[2], T, TP, D, k_over_t);
+    for (int64_t g = 0; g < G; g++) {
+        int64_t h = kh * G + g;
+        transpose(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, LD, D, q_t + g * LD * D);
+        copy_rows(AT(a->q, a->q_strides, b, h, 0), a->q_strides[2], T, TP, D, q_rows + g * TP * D);
+        copy_rows(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, TP, D,
+                  grad_out_rows + g * TP * D);
+        transpose(AT(a->grad_out, a->grad_out_strides, b, h, 0), a->grad_out_strides[2], T, LD, D,
+                  grad_out_t + g * LD * D);
+        for (int64_t t = 0; t < T; t++) {  /* delta = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4) */
+            const bf16 *o = AT(a->out, a->out_strides, b, h, t);
+            const bf16 *dout = AT(a->grad_out, a->grad_out_strides, b, h, t);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) sum = _mm512_fmadd_ps(load_bf16(o + d), load_bf16(dout + d), sum);
+            delta[g * TP + t] = _mm512_reduce_add_ps(sum);
         }
-        float scores[BLOCK * BLOCK], grad_p[BLOCK * BLOCK], p[BLOCK * BLOCK], grad_s[BLOCK * BLOCK];
-        for (int64_t c0 = 0; c0 < T; c0 += BLOCK) {           /* key block: keys c0..c0+BLOCK-1 */
-            const int64_t n = TP - c0;                        /* causal: the query rows from the key block on */
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t h = kh * G + g;
-                const float *lse = AT(a->lse, a->lse_strides, b, h, 0);
-                const int64_t lse_stride = a->lse_strides[2];
-                for (int64_t r0 = c0; r0 < T; r0 += BLOCK) {
-                    const int64_t rows = T - r0 < BLOCK ? T - r0 : BLOCK;
-                    /* S = Q K^T and dP = dO V^T, (BLOCK rows, BLOCK keys) */
-                    product(BLOCK, BLOCK, D, q_rows + (g * TP + r0) * D, D, k_over_d + 2 * c0, LD, scores, BLOCK, 0);
-                    product(BLOCK, BLOCK, D, grad_out_rows + (g * TP + r0) * D, D, v_over_d + 2 * c0, LD, grad_p,
-                            BLOCK, 0);
-                    /* P = exp(scale S - lse) where the key is visible, dS = P (dP - delta) */
-                    for (int64_t r = 0; r < BLOCK; r++) {
-                        int64_t visible = r < rows ? r0 + r - c0 + 1 : 0;  /* keys c0..r0+r */
-                        if (visible > T - c0) visible = T - c0;
-                        __m512 row_lse = _mm512_set1_ps(r < rows ? lse[(r0 + r) * lse_stride] : 0.f);
-                        __m512 row_delta = _mm512_set1_ps(r < rows ? delta[g * TP + r0 + r] : 0.f);
-                        for (int half = 0; half < BLOCK / 16; half++) {
-                            int64_t lanes = visible - 16 * half;
-                            __mmask16 mask = lanes >= 16 ? 0xffff : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
-                            int64_t i = r * BLOCK + 16 * half;
-                            __m512 s = _mm512_fmsub_ps(_mm512_loadu_ps(scores + i), _mm512_set1_ps(scale), row_lse);
-                            __m512 pv = _mm512_maskz_mov_ps(mask, exp16(s));
-                            __m512 ds = _mm512_maskz_mul_ps(mask, pv,
-                                                            _mm512_sub_ps(_mm512_loadu_ps(grad_p + i), row_delta));
-                            _mm512_storeu_ps(p + i, pv);
-                            _mm512_storeu_ps(grad_s + i, ds);
-                            _mm256_storeu_si256((__m256i *)(grad_s_rows + (r0 - c0) * BLOCK + i),
-                                                (__m256i)_mm512_cvtneps_pbh(ds));
-                        }
-                    }
-                    for (int64_t r = 0; r < BLOCK; r += 2) {
-                        pack_two_rows(p + r * BLOCK, p + (r + 1) * BLOCK, p_pairs + (r0 - c0 + r) * BLOCK);
-                        pack_two_rows(grad_s + r * BLOCK, grad_s + (r + 1) * BLOCK, grad_s_pairs + (r0 - c0 + r) * BLOCK);
+    }
+    float scores[BLOCK * BLOCK], grad_p[BLOCK * BLOCK], p[BLOCK * BLOCK], grad_s[BLOCK * BLOCK];
+    for (int64_t c0 = 0; c0 < T; c0 += BLOCK) {           /* key block: keys c0..c0+BLOCK-1 */
+        const int64_t n = TP - c0;                        /* causal: the query rows from the key block on */
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t h = kh * G + g;
+            const float *lse = AT(a->lse, a->lse_strides, b, h, 0);
+            const int64_t lse_stride = a->lse_strides[2];
+            for (int64_t r0 = c0; r0 < T; r0 += BLOCK) {
+                const int64_t rows = T - r0 < BLOCK ? T - r0 : BLOCK;
+                /* S = Q K^T and dP = dO V^T, (BLOCK rows, BLOCK keys) */
+                product(BLOCK, BLOCK, D, q_rows + (g * TP + r0) * D, D, k_over_d + 2 * c0, LD, scores, BLOCK, 0);
+                product(BLOCK, BLOCK, D, grad_out_rows + (g * TP + r0) * D, D, v_over_d + 2 * c0, LD, grad_p,
+                        BLOCK, 0);
+                /* P = exp(scale S - lse) where the key is visible, dS = P (dP - delta) */
+                for (int64_t r = 0; r < BLOCK; r++) {
+                    int64_t visible = r < rows ? r0 + r - c0 + 1 : 0;  /* keys c0..r0+r */
+                    if (visible > T - c0) visible = T - c0;
+                    __m512 row_lse = _mm512_set1_ps(r < rows ? lse[(r0 + r) * lse_stride] : 0.f);
+                    __m512 row_delta = _mm512_set1_ps(r < rows ? delta[g * TP + r0 + r] : 0.f);
+                    for (int half = 0; half < BLOCK / 16; half++) {
+                        int64_t lanes = visible - 16 * half;
+                        __mmask16 mask = lanes >= 16 ? 0xffff : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+                        int64_t i = r * BLOCK + 16 * half;
+                        __m512 s = _mm512_fmsub_ps(_mm512_loadu_ps(scores + i), _mm512_set1_ps(scale), row_lse);
+                        __m512 pv = _mm512_maskz_mov_ps(mask, exp16(s));
+                        __m512 ds = _mm512_maskz_mul_ps(mask, pv,
+                                                        _mm512_sub_ps(_mm512_loadu_ps(grad_p + i), row_delta));
+                        _mm512_storeu_ps(p + i, pv);
+                        _mm512_storeu_ps(grad_s + i, ds);
+                        _mm256_storeu_si256((__m256i *)(grad_s_rows + (r0 - c0) * BLOCK + i),
+                                            (__m256i)_mm512_cvtneps_pbh(ds));
                     }
                 }
-                /* over all n query rows at once: dV^T += dO^T P and dK^T += Q^T dS, (D, BLOCK keys); dQ += dS K */
-                product(D, BLOCK, n, grad_out_t + g * LD * D + c0, LD, p_pairs, BLOCK, grad_v_t + c0, LD, 1);
-                product(D, BLOCK, n, q_t + g * LD * D + c0, LD, grad_s_pairs, BLOCK, grad_k_t + c0, LD, 1);
-                product(n, D, BLOCK, grad_s_rows, BLOCK, k_over_t + c0 * D, D, grad_q + (g * TP + c0) * D, D, 1);
-            }
-        }
-        bf16 *out_k = a->grad_k + (b * a->n_kv_heads + kh) * T * D;
-        bf16 *out_v = a->grad_v + (b * a->n_kv_heads + kh) * T * D;
-        for (int64_t t0 = 0; t0 < T; t0 += 32)  /* dK^T and dV^T back to (T, D), in blocks as in transpose() */
-            for (int64_t d = 0; d < D; d++)
-                for (int64_t t = t0; t < t0 + 32 && t < T; t++) {
-                    out_k[t * D + d] = to_bf16(grad_k_t[d * LD + t] * scale);
-                    out_v[t * D + d] = to_bf16(grad_v_t[d * LD + t]);
+                for (int64_t r = 0; r < BLOCK; r += 2) {
+                    pack_two_rows(p + r * BLOCK, p + (r + 1) * BLOCK, p_pairs + (r0 - c0 + r) * BLOCK);
+                    pack_two_rows(grad_s + r * BLOCK, grad_s + (r + 1) * BLOCK,
+                                  grad_s_pairs + (r0 - c0 + r) * BLOCK);
                 }
-        for (int64_t g = 0; g < G; g++) {
-            bf16 *out_q = a->grad_q + (b * a->n_heads + kh * G + g) * T * D;
-            for (int64_t i = 0; i < T * D; i += 16)
-                store_bf16(out_q + i, _mm512_mul_ps(_mm512_loadu_ps(grad_q + g * TP * D + i), _mm512_set1_ps(scale)));
+            }
+            /* over all n query rows at once: dV^T += dO^T P and dK^T += Q^T dS, (D, BLOCK keys); dQ += dS K */
+            product(D, BLOCK, n, grad_out_t + g * LD * D + c0, LD, p_pairs, BLOCK, grad_v_t + c0, LD, 1);
+            product(D, BLOCK, n, q_t + g * LD * D + c0, LD, grad_s_pairs, BLOCK, grad_k_t + c0, LD, 1);
+            product(n, D, BLOCK, grad_s_rows, BLOCK, k_over_t + c0 * D, D, grad_q + (g * TP + c0) * D, D, 1);
         }
+    }
+    bf16 *out_k = a->grad_k + (b * a->n_kv_heads + kh) * T * D;
+    bf16 *out_v = a->grad_v + (b * a->n_kv_heads + kh) * T * D;
+    for (int64_t t0 = 0; t0 < T; t0 += 32)  /* dK^T and dV^T back to (T, D), in blocks as in transpose() */
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t t = t0; t < t0 + 32 && t < T; t++) {
+                out_k[t * D + d] = to_bf16(grad_k_t[d * LD + t] * scale);
+                out_v[t * D + d] = to_bf16(grad_v_t[d * LD + t]);
+            }
+    for (int64_t g = 0; g < G; g++) {
+        bf16 *out_q = a->grad_q + (b * a->n_heads + kh * G + g) * T * D;
+        for (int64_t i = 0; i < T * D; i += 16)
+            store_bf16(out_q + i, _mm512_mul_ps(_mm512_loadu_ps(grad_q + g * TP * D + i), _mm512_set1_ps(scale)));
     }
     if (a->use_amx) amx_release();
     return 0;

@@ -1,10 +1,11 @@
 """Causal attention for bf16 training on CPUs with AMX tiles, in C (attention_bf16.c).
 
-PyTorch's CPU flash kernel takes ~6.5 ms forward and ~37 ms backward per layer at batch 8 x 512 tokens, 8 query
+PyTorch's CPU flash kernel takes 6.7 ms forward and 38 ms backward per layer at batch 8 x 512 tokens, 8 query
 heads x 64 on one K/V head: its backward alone was a third of a whole training step. attention_bf16.c runs the
-tile products of FlashAttention-2 on AMX tiles (~3.5 ms forward, ~8.5 ms backward at that shape), with the same
-numerics up to the order of fp32 sums (benchmarks/README.md, "Session 10"). Forward and backward are
-torch.library custom ops, so torch.compile keeps each as one call in the compiled graph.
+tile products of FlashAttention-2 on AMX tiles: 4.1 ms forward and 10.8 ms backward at that shape
+(benchmarks/experiments/attention_layer.py; benchmarks/README.md, "Session 10"), with the same numerics up to
+the order of fp32 sums. Forward and backward are torch.library custom ops, so torch.compile keeps each as one
+call in the compiled graph.
 
 Used by palm.attention where `available(q)`; elsewhere SDPA or blocked_attention.py serve the training path.
 """
@@ -15,7 +16,6 @@ import ctypes
 import importlib.util
 
 import torch
-
 
 
 class Forward(ctypes.Structure):
