@@ -1,7 +1,7 @@
 """palmchat's two optional C files of kernels; everything else is in pyproject.toml.
 
 - palmchat/inference/decode_bf16.c: bf16 decode steps (without it oneDNN serves every linear layer);
-- palmchat/model/attention_bf16.c: the attention backward for bf16 training (without it PyTorch's SDPA does).
+- palmchat/model/attention_bf16.c: causal attention for bf16 training on AMX (without it SDPA or the blocked kernel).
 They are built where they can run (Linux on x86-64) and are optional: without a C compiler the install goes on."""
 
 import platform
