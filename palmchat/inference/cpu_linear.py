@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from palmchat import kernels
 
 MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
 
@@ -25,14 +26,8 @@ MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up 
 @functools.cache
 def bf16_kernel() -> ctypes.CDLL | None:
     """The compiled decode_bf16.c, or None where it was not built or this CPU lacks AVX512-BF16."""
-    spec = importlib.util.find_spec("palmchat.inference._decode_bf16")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        library = ctypes.CDLL(spec.origin)
-    except OSError:  # e.g. built for another machine
-        return None
-    if not library.palmchat_linear_bf16_supported():
+    library = kernels.load("palmchat.inference._decode_bf16", "palmchat_linear_bf16_supported")
+    if library is None:
         return None
     library.palmchat_linear_bf16.restype = None
     library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,

@@ -13,9 +13,10 @@ Used by palm.attention where `available(q)`; elsewhere SDPA or blocked_attention
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 
 import torch
+
+from palmchat import kernels
 
 
 class Forward(ctypes.Structure):
@@ -43,14 +44,8 @@ class Backward(ctypes.Structure):
 def _load_kernel() -> tuple[ctypes.CDLL, bool] | None:
     """(the compiled attention_bf16.c, whether it may use AMX tiles), or None where it was not built or this CPU
     lacks AVX512-BF16."""
-    spec = importlib.util.find_spec("palmchat.model._attention_bf16")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        library = ctypes.CDLL(spec.origin)
-    except OSError:  # e.g. built for another machine
-        return None
-    if not library.palmchat_attention_bf16_supported():
+    library = kernels.load("palmchat.model._attention_bf16", "palmchat_attention_bf16_supported")
+    if library is None:
         return None
     for function in (library.palmchat_attention_forward_bf16, library.palmchat_attention_backward_bf16):
         function.restype = ctypes.c_int

@@ -9,8 +9,9 @@ Notable features (each switchable in `ModelConfig`):
 - rotary position embeddings with a configurable base and linear position interpolation;
 - SwiGLU feed-forward; LayerNorm without bias or RMSNorm; no biases in any linear layer;
 - tied or untied input/output embeddings;
-- attention through F.scaled_dot_product_attention (on a CPU without AMX, training uses the faster blocked
-  kernel of blocked_attention.py): the training path never materialises a (T, T) score matrix;
+- attention through F.scaled_dot_product_attention (CPU training in bf16 on AMX uses palmchat's C kernel of
+  cpu_attention.py, and on a CPU without AMX the faster blocked kernel of blocked_attention.py): the training
+  path never materialises a (T, T) score matrix;
 - a KV-cache hook for incremental decoding (see palmchat/inference/kv_cache.py), and a padding mask
   so that left-padded batches get the right positions.
 

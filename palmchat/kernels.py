@@ -1,0 +1,20 @@
+"""Loading palmchat's optional C kernels (built by setup.py where a compiler is found; see decode_bf16.c and
+attention_bf16.c). Each is a plain shared library called through ctypes, so nothing here imports torch."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+
+def load(module: str, supported: str) -> ctypes.CDLL | None:
+    """The compiled extension `module` (e.g. "palmchat.model._attention_bf16"), or None where it was not built,
+    does not load, or its function `supported` says this CPU cannot run it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        library = ctypes.CDLL(spec.origin)
+    except OSError:  # e.g. built for another machine
+        return None
+    return library if getattr(library, supported)() else None
