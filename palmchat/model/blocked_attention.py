@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import torch
 
+from palmchat import kernels
+
 
 def _sdpa_is_faster_on_this_cpu() -> bool:
-    """AMX tiles, and SDPA's enable_gqa (torch >= 2.5) so that K/V are not repeated per query head."""
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return has_amx and torch.__version__ >= (2, 5)  # a TorchVersion: compares with tuples
+    """AMX tiles (as palmchat sees the CPU, under PALMCHAT_MAX_CPU_ISA, and as PyTorch can use them), and SDPA's
+    enable_gqa (torch >= 2.5) so that K/V are not repeated per query head."""
+    pytorch_has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    new_enough = torch.__version__ >= (2, 5)  # a TorchVersion: compares with tuples
+    return kernels.cpu_supports("amx") and pytorch_has_amx() and new_enough
 
 
 SDPA_IS_FASTER_ON_THIS_CPU = _sdpa_is_faster_on_this_cpu()
