@@ -8,7 +8,10 @@ from palmchat.config import preset
 from palmchat.model import cpu_attention, palm
 from palmchat.model.palm import PaLM
 
-pytestmark = pytest.mark.skipif(cpu_attention.KERNEL is None, reason="attention_bf16.c not built or no AVX512-BF16")
+pytestmark = [pytest.mark.kernels, pytest.mark.skipif(
+    cpu_attention.KERNEL is None, reason="needs AVX512-BF16 (attention_bf16.c, built by setup.py)")]
+needs_amx = pytest.mark.skipif(not cpu_attention.ON_THIS_CPU,
+                               reason="needs AMX (the training path takes attention_bf16.c on AMX tiles only)")
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -77,7 +80,7 @@ def test_the_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(cpu_attention._backward, (q.detach(), k.detach(), v.detach(), out, lse, grad_out))
 
 
-@pytest.mark.skipif(not cpu_attention.ON_THIS_CPU, reason="the training path takes this kernel on CPUs with AMX")
+@needs_amx
 def test_a_bf16_training_step_takes_the_kernel_and_matches_sdpa(monkeypatch):
     """Whole model under bf16 autocast: the loss and every gradient with the C kernel and with SDPA."""
     config = preset("tiny", vocab_size=97, head_dim=32)
@@ -99,7 +102,7 @@ def test_a_bf16_training_step_takes_the_kernel_and_matches_sdpa(monkeypatch):
         assert relative_error(got, want.double()) < 2e-2
 
 
-@pytest.mark.skipif(not cpu_attention.ON_THIS_CPU, reason="the training path takes this kernel on CPUs with AMX")
+@needs_amx
 def test_torch_compile_traces_the_kernel_without_a_graph_break():
     """fullgraph=True fails on any graph break (loading the library on first use was one); aot_eager runs the
     traced forward and backward graphs, with the custom ops' fake tensors and autograd formula, without codegen."""

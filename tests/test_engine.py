@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from palmchat.config import preset
+from palmchat.inference.cpu_linear import PackedLinear
 from palmchat.inference.engine import Completion, Engine, SamplingParams, filter_logits
 from palmchat.model.palm import PaLM
+
+pytestmark = pytest.mark.kernels  # the inference copies: packed linears, C kernels
 
 VOCAB = 97
 # prompts of different lengths, one of a single token
@@ -189,7 +192,10 @@ def test_context_overflow_raises_a_clear_error(engine):
 
 
 def test_packed_fp32_copy_matches_the_model(model, engine):
+    """The fp32 copy's linears are packed for oneDNN on every CPU (with AVX2 as without it) and decode as the
+    plain model does."""
     fast = Engine(model, dtype=torch.float32)
+    assert any(isinstance(m, PackedLinear) for m in fast.sync().modules())
     a, b = engine.generate(PROMPTS, greedy(12)), fast.generate(PROMPTS, greedy(12))
     assert [x.tokens for x in a] == [x.tokens for x in b]
     torch.testing.assert_close(torch.tensor([x.logprobs for x in a]), torch.tensor([x.logprobs for x in b]),

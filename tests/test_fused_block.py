@@ -10,7 +10,8 @@ from palmchat.inference.fused_block import FusedBlock, unfuse_blocks
 from palmchat.inference.kv_cache import KVCache
 from palmchat.model.palm import PaLM
 
-pytestmark = pytest.mark.skipif(bf16_kernel() is None, reason="decode_bf16.c is not built or the CPU lacks AVX512-BF16")
+pytestmark = [pytest.mark.kernels,
+              pytest.mark.skipif(bf16_kernel() is None, reason="needs AVX512-BF16 (decode_bf16.c, built by setup.py)")]
 
 SHAPES = {
     "parallel, multi-query": dict(),

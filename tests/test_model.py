@@ -7,6 +7,8 @@ from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_atte
 from palmchat.model import palm
 from palmchat.model.palm import PaLM, apply_rotary, rotary_tables
 
+pytestmark = pytest.mark.kernels  # the CPU training attention: SDPA or the blocked kernel
+
 VARIANTS = [dict(block=b, n_kv_heads=kv, norm=n) for b in ("parallel", "sequential") for kv in (1, 2, 4)
             for n in ("layernorm", "rmsnorm")]
 

@@ -14,6 +14,8 @@ from palmchat.inference.scheduler import Scheduler
 from palmchat.model.lora import add_lora, use_adapter
 from palmchat.model.palm import PaLM
 
+pytestmark = pytest.mark.kernels  # the bf16 inference copies: packed linears, C kernels
+
 VOCAB = 97
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [int(t) for t in torch.arange(17) * 5 % VOCAB],
            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]  # the last shares 9 tokens with the second
