@@ -26,8 +26,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/palmchat demo --out runs/demo --serve
 
+# The second run takes the CPU-dependent tests (marker `kernels`) again as on an AVX2-only CPU: palmchat's own
+# choices capped by PALMCHAT_MAX_CPU_ISA (palmchat/kernels.py), ATen's and oneDNN's by their variables (with its own
+# torch.compile cache: tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	PALMCHAT_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m kernels tests
 
 screenshots: $(STAMP)  # the README's docs/*.png, taken by the browser tests
 	PALMCHAT_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q tests/test_web.py

@@ -32,6 +32,7 @@ except ImportError:
           '(pip install -q palm-rlhf-pytorch "torch==2.13.0") and then runs this script')
     sys.exit(1)
 
+from palmchat import kernels
 from palmchat.config import ModelConfig, preset
 from palmchat.inference.cpu_linear import bf16_kernel, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
@@ -228,6 +229,8 @@ def main():
     start = time.perf_counter()
     attention = ("attention_bf16.c on AMX tiles" if cpu_attention.ON_THIS_CPU
                  else "PyTorch's SDPA" if SDPA_IS_FASTER_ON_THIS_CPU else "blocked_attention.py")
+    cap = f" (capped by {kernels.MAX_ISA_VARIABLE}; the CPU has {kernels.detected_isa()})" if kernels.max_isa() else ""
+    print(f"CPU level palmchat uses: {kernels.cpu_isa()}{cap}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernels "
           f"(decode_bf16.c): {'on' if bf16_kernel() else 'not available'}; bf16 training attention: {attention}")
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
