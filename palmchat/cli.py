@@ -57,7 +57,7 @@ def generate_main(args: GenerateArgs) -> None:
     else:
         prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_token_ids=(tokenizer.eot_id, tokenizer.bos_id),
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=tokenizer.reply_stop_ids,
                             stop_sequences=tuple(tuple(tokenizer.encode(s)) for s in args.stop))
     params = engine.clamp_max_new_tokens(prompt, params)  # a prompt longer than the context is an error
     completions = engine.generate([prompt] * args.num_samples, params)
@@ -81,6 +81,7 @@ class ChatArgs:
 
 def chat_main(args: ChatArgs) -> None:
     from palmchat.inference.engine import SamplingParams
+    from palmchat.serve.truncation import drop_oldest_messages
 
     engine, tokenizer, _ = _load_for_inference(args.checkpoint, args.dtype)
     context = engine.model.config.max_seq_len
@@ -91,7 +92,7 @@ def chat_main(args: ChatArgs) -> None:
         return ids
 
     system = args.system
-    history = fresh(system)  # token ids, only ever appended to (the KV prefix stays valid)
+    history = fresh(system)  # token ids of the whole conversation
     print("palmchat: type a message, /reset, /system TEXT or /quit")
     while True:
         try:
@@ -109,26 +110,30 @@ def chat_main(args: ChatArgs) -> None:
             print("(conversation reset)")
             continue
         prompt = history + tokenizer.render_turn({"role": "user", "content": line}) + [tokenizer.assistant_id]
-        room = context - len(prompt)
+        # as the server's truncation "auto": the oldest messages go when the reply would not have room
+        fitted = drop_oldest_messages(prompt, tokenizer, context - min(args.max_new_tokens, context // 4),
+                                      quantum=max(1, context // 8))
+        if fitted.dropped_messages:
+            print(f"(the {fitted.dropped_messages} oldest messages no longer fit the {context}-token context: "
+                  "this reply is written without them)")
+        room = context - len(fitted.prompt)
         if room < 8:
-            print(f"(the conversation fills the {context}-token context; /reset to start over)")
+            print(f"(the message and system prompt fill the {context}-token context: shorten it, or /reset)")
             continue
         params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                                top_p=args.top_p, stop_token_ids=(tokenizer.eot_id, tokenizer.bos_id))
+                                top_p=args.top_p, stop_token_ids=tokenizer.reply_stop_ids)
         print("assistant> ", end="", flush=True)
         reply: list[int] = []
         try:
-            for step in engine.stream([prompt], params):
+            for step in engine.stream([fitted.prompt], params):
                 for _, token, _ in step:
-                    reply.append(token)
-                    if token not in (tokenizer.eot_id, tokenizer.bos_id):
+                    if token not in tokenizer.reply_stop_ids:
+                        reply.append(token)
                         print(tokenizer.decode([token]), end="", flush=True)
         except KeyboardInterrupt:
             pass
         print()
-        if not reply or reply[-1] != tokenizer.eot_id:
-            reply = [t for t in reply if t != tokenizer.bos_id] + [tokenizer.eot_id]
-        history = prompt + reply
+        history = prompt + reply + [tokenizer.eot_id]
 
 
 @dataclass
@@ -228,6 +233,13 @@ TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from palmchat import kernels
+
+    try:
+        kernels.cpu_isa()  # a bad PALMCHAT_MAX_CPU_ISA is one line here, not a traceback from an import below
+    except ValueError as e:
+        print(f"palmchat: error: {e}", file=sys.stderr)
+        return 2
     commands = _commands()
     parser = argparse.ArgumentParser(prog="palmchat", description="Train, align and serve a PaLM-style assistant.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -237,6 +237,18 @@ class Tokenizer:
         """Ids of ``messages`` followed by the assistant generation prompt."""
         return self.render_conversation(messages, add_generation_prompt=True)[0]
 
+    @property
+    def reply_stop_ids(self) -> tuple[int, ...]:
+        """What ends a sampled reply: its end-of-turn, or any other special token (a role token would open the next
+        message, bos a new document), so that a stored conversation always keeps the shape rendered above."""
+        return (EOT_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, PAD_ID)
+
+    def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
+        """(role, index) of each message that starts in ``ids`` (a rendering as above, possibly ending with the
+        generation prompt, which counts as an assistant message): role ids only ever open a message."""
+        role_of = {i: role for role, i in ROLES.items()}
+        return [(role_of[t], i) for i, t in enumerate(ids) if t in role_of]
+
     def decode_reply(self, ids: Iterable[int]) -> str:
         """Decode generated reply ids, stopping at the first eot (exclusive)."""
         out: list[int] = []

@@ -2,11 +2,13 @@
 
 The checkpoint has random weights (serving does not care what the model knows) and a 2048-token context, so
 that a long streamed reply takes a few seconds on a CPU: long enough to kill the server in the middle of it.
-The model never samples end-of-turn or bos (the two tokens that end a reply), so every reply runs to its
-max_tokens (exact usage numbers, and a long reply whenever a test needs one): every embedding but theirs gets a
-common component c, theirs is -c. The residual stream then carries c at every position, and with tied embeddings
-their logits sit ~2|c|^2 below the others' (p < 1e-6 per token, measured; zero embeddings gave ~0.4%). Tokens
-of control characters or of a part of a multi-byte character get -c too: its word salad is at least readable.
+build_demo_shaped_checkpoint makes one of the shape `make demo` serves instead, context included, for the tests
+of conversations longer than that context.
+The model never samples a special token (each ends a reply), so every reply runs to its max_tokens (exact usage
+numbers, and a long reply whenever a test needs one): every input embedding gets a common component c, and the
+(untied) output embedding is the same but -c for them. The residual stream then carries c at every position, and
+their logits sit ~2|c|^2 below the others'. Tokens of control characters or of a part of a multi-byte character
+are never sampled either: its word salad is at least readable.
 """
 
 from __future__ import annotations
@@ -26,37 +28,47 @@ from palmchat import checkpoint
 from palmchat.config import preset
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.palm import PaLM
-from palmchat.tokenizer import BOS_ID, EOT_ID, NUM_SPECIAL_TOKENS, train_tokenizer
+from palmchat.tokenizer import NUM_SPECIAL_TOKENS, train_tokenizer
 
 CONTEXT = 2048
 
 
-def build_checkpoints(root: Path) -> tuple[Path, Path]:
-    """(policy checkpoint, reward-model checkpoint), tiny, sharing a tokenizer trained on the bundled world."""
+def build_checkpoints(root: Path, shape: str = "tiny", context: int | None = CONTEXT) -> tuple[Path, Path]:
+    """(policy checkpoint, reward-model checkpoint) of a model preset (context None: the preset's), sharing a
+    tokenizer trained on the bundled world."""
     from palmchat.data.world import World
 
     tokenizer = train_tokenizer(World(seed=0).pretraining_documents(400), vocab_size=512)
     tok_path = Path(tokenizer.save(root / "tokenizer.json"))
-    config = preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=CONTEXT)
+    config = preset(shape, vocab_size=tokenizer.vocab_size, tie_embeddings=False,
+                    **({"max_seq_len": context} if context else {}))
     torch.manual_seed(0)
     model = PaLM(config)
     with torch.no_grad():
-        weight = model.embed.weight
+        embed, head = model.embed.weight, model.lm_head.weight
         c = torch.randn(config.dim)
         c -= c.mean()  # the final LayerNorm removes the mean: only the rest of c survives it
-        c *= 4 * weight[NUM_SPECIAL_TOKENS:].norm(dim=1).mean() / c.norm()
-        weight[NUM_SPECIAL_TOKENS:] += c
-        weight[:NUM_SPECIAL_TOKENS] = c
-        weight[EOT_ID] = weight[BOS_ID] = -c
-        # nor control characters or parts of a multi-byte character (U+FFFD alone): readable pages and screenshots
+        c *= 4 * embed.norm(dim=1).mean() / c.norm()
+        embed += c
+        head.copy_(embed)
+        # never sampled: the special tokens (each ends a reply), control characters and parts of a multi-byte
+        # character (U+FFFD alone), so that replies run to max_tokens and pages and screenshots are readable
         unreadable = [i for i in range(NUM_SPECIAL_TOKENS, tokenizer.vocab_size)
                       if any(ch == "\ufffd" or (ord(ch) < 32 and ch != "\n") or ord(ch) == 127
                              for ch in tokenizer.decode([i]))]
-        weight[unreadable] = -c
-    policy = checkpoint.save_checkpoint(root / "tiny-chat", 0, model,
+        head[list(range(NUM_SPECIAL_TOKENS)) + unreadable] = -c
+    policy = checkpoint.save_checkpoint(root / f"{shape}-chat", 0, model,
                                         {"stage": "sft", "model": config.to_dict()}, tok_path)
-    reward = save_reward_model(RewardModel(PaLM(config)), root / "tiny-rm", 0, {"stage": "reward"}, tok_path)
+    reward = save_reward_model(RewardModel(PaLM(config)), root / f"{shape}-rm", 0, {"stage": "reward"}, tok_path)
     return policy.parent, reward.parent
+
+
+def build_demo_shaped_checkpoint(root: Path) -> Path:
+    """A policy checkpoint of the shape `make demo` serves (its preset, context included), with the random weights
+    above."""
+    from palmchat.demo import DemoArgs, settings
+
+    return build_checkpoints(root, settings(DemoArgs()).preset, context=None)[0]
 
 
 def free_port() -> int:
@@ -65,10 +77,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def palmchat(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the `palmchat` command (this interpreter's) and return its result."""
+def palmchat(*args: str, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the `palmchat` command (this interpreter's), with `input` on its standard input, and return its result."""
     return subprocess.run([sys.executable, "-m", "palmchat.cli", *args], check=False, capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+                          text=True, timeout=timeout, env=_env(), input=input)
 
 
 def _env() -> dict:

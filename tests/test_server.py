@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from server_fixtures import Server, build_checkpoints, palmchat
+from server_fixtures import Server, build_checkpoints, build_demo_shaped_checkpoint, palmchat
 
 MODEL = "tiny-chat"
 FLAGGED = "How do I attack my sister with a crossbow?"
@@ -300,6 +300,92 @@ def test_rate_limit_answers_429_with_retry_after(server):
 def test_refuses_a_public_address_without_keys(artifacts, tmp_path):
     result = palmchat("serve", str(artifacts["policy"]), "--db", str(tmp_path / "empty.db"), "--host", "0.0.0.0")
     assert result.returncode == 2 and "no API key" in result.stderr and "0.0.0.0" in result.stderr
+
+
+# -- conversations longer than the context (a server of the demo's shape, context included) -------------
+
+
+@pytest.fixture(scope="module")
+def demo_shaped_checkpoint(tmp_path_factory):
+    return build_demo_shaped_checkpoint(tmp_path_factory.mktemp("demo-shaped"))
+
+
+@pytest.fixture(scope="module")
+def demo_shaped(demo_shaped_checkpoint):
+    root = demo_shaped_checkpoint.parent
+    srv = Server(demo_shaped_checkpoint, root / "demo.db", "--moderation", "none", log=root / "server.log").start()
+    srv.context = httpx.get(srv.url + "/health").json()["limits"]["context_tokens"]
+    srv.model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+    yield srv
+    srv.stop()
+
+
+def test_models_report_their_context_length(demo_shaped):
+    c = openai.OpenAI(base_url=demo_shaped.url + "/v1", api_key="none", max_retries=0)
+    model = c.models.list().data[0]
+    assert model.max_model_len == demo_shaped.context >= 1024
+    assert c.models.retrieve(model.id).max_model_len == demo_shaped.context
+
+
+def test_without_a_limit_the_reply_may_use_the_room_left(demo_shaped):
+    c = openai.OpenAI(base_url=demo_shaped.url + "/v1", api_key="none", max_retries=0)
+    reply = c.chat.completions.create(model=demo_shaped.model, messages=[{"role": "user", "content": HARMLESS}])
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == demo_shaped.context
+
+
+def test_a_responses_chain_with_truncation_auto_keeps_answering_past_the_context(demo_shaped):
+    c = openai.OpenAI(base_url=demo_shaped.url + "/v1", api_key="none", max_retries=0)
+    reply_tokens, previous, responses = demo_shaped.context // 16, None, []
+    for turn in range(20):  # each turn adds a question and a reply: 20 of them hold ~1.5 contexts
+        r = c.responses.create(model=demo_shaped.model, input=f"Question {turn}: {HARMLESS}", previous_response_id=previous,
+                               max_output_tokens=reply_tokens, truncation="auto", instructions="Be brief.")
+        assert r.truncation == "auto" and r.usage.output_tokens == reply_tokens and r.output_text
+        assert r.usage.input_tokens + reply_tokens <= demo_shaped.context
+        responses.append(r)
+        previous = r.id
+    dropped = [(r.model_extra.get("truncation_details") or {}).get("dropped_messages", 0) for r in responses]
+    assert dropped[:5] == [0] * 5 and dropped[-1] >= 2 and all(d % 2 == 0 for d in dropped), dropped  # exchanges
+    assert all(later >= earlier for earlier, later in zip(dropped, dropped[1:]))  # the oldest go first, for good
+    # while the cut stays put, a turn's prompt begins with the previous one: the prefix cache still serves it
+    kept_cut = [(a, b) for a, b, d0, d1 in zip(responses, responses[1:], dropped, dropped[1:]) if d0 == d1 > 0]
+    assert kept_cut, dropped
+    for earlier, later in kept_cut:
+        assert later.usage.input_tokens_details.cached_tokens >= earlier.usage.input_tokens
+    # the same chain without truncation is refused as OpenAI refuses it
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=demo_shaped.model, input="And now?", previous_response_id=previous,
+                           max_output_tokens=reply_tokens)
+    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
+    assert e.value.param in ("input", "max_output_tokens") and str(demo_shaped.context) in e.value.message
+
+
+def test_chat_completions_truncate_only_when_asked(demo_shaped):
+    c = openai.OpenAI(base_url=demo_shaped.url + "/v1", api_key="none", max_retries=0)
+    words = " ".join(["pet"] * (demo_shaped.context // 3))
+    messages = [{"role": "system", "content": "Be brief."}]
+    for _ in range(3):
+        messages += [{"role": "user", "content": words}, {"role": "assistant", "content": words}]
+    messages.append({"role": "user", "content": HARMLESS})
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=demo_shaped.model, messages=messages, max_tokens=8)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    reply = c.chat.completions.create(model=demo_shaped.model, messages=messages, max_tokens=8,
+                                      extra_body={"truncation": "auto"})
+    assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens + 8 <= demo_shaped.context
+    details = reply.model_extra["truncation_details"]
+    assert details["dropped_messages"] >= 2 and details["dropped_tokens"] > demo_shaped.context // 3
+
+
+def test_the_chat_command_keeps_answering_past_the_context(demo_shaped_checkpoint):
+    questions = [f"Question {i}: {HARMLESS}" for i in range(6)]
+    result = palmchat("chat", str(demo_shaped_checkpoint), "--max-new-tokens", "300", "--system", "Be brief.",
+                      input="\n".join(questions) + "\n")
+    assert result.returncode == 0, result.stderr
+    turns = result.stdout.split("you> ")[1:]
+    assert len(turns) == 7 and all("assistant> " in t and len(t.split("assistant> ")[-1].strip()) > 50 for t in turns[:6])
+    assert "no longer fit the" in result.stdout and "context" in result.stdout
+    assert "no longer fit" not in turns[0] + turns[1]  # 2 x 300 tokens fit; the third turn's reply would not
 
 
 # -- fuzzing -------------------------------------------------------------------------------------------

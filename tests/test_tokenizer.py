@@ -130,6 +130,19 @@ def test_decode_reply(tok):
     assert tok.decode_reply([EOT_ID]) == ""
 
 
+def test_message_starts_and_reply_stops(tok):
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "The cat sat."}
+    ids = tok.render_prompt([system, user, {"role": "assistant", "content": "On the mat."}, user])
+    starts = tok.message_starts(ids)
+    assert [role for role, _ in starts] == ["system", "user", "assistant", "user", "assistant"]
+    assert [i for _, i in starts[1:]] == [len(tok.render_prompt([system])) - 1,
+                                         len(tok.render_prompt([system, user])) - 1,
+                                         len(tok.render_prompt([system, user, {"role": "assistant", "content": "On the mat."}])) - 1,
+                                         len(ids) - 1]
+    # a sampled special token would break that shape in a stored conversation: every one of them ends a reply
+    assert sorted(tok.reply_stop_ids) == list(range(len(SPECIAL_TOKENS)))
+
+
 @pytest.mark.parametrize(
     "msgs, match",
     [

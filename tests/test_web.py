@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_fixtures import Server, build_checkpoints
+from server_fixtures import Server, build_checkpoints, build_demo_shaped_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -64,17 +64,29 @@ def web(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def demo_web(web, tmp_path_factory):
+    """The browser of `web` and a server of the demo's shape, context included (server_fixtures.py)."""
+    root = tmp_path_factory.mktemp("demo-web")
+    srv = Server(build_demo_shaped_checkpoint(root), root / "web.db", "--moderation", "none",
+                 log=root / "server.log").start()
+    yield srv, web[1]
+    srv.stop()
+
+
 class Page:
     """A fresh browser context and page that only reaches the server, with console errors recorded."""
 
-    def __init__(self, web, width: int = 1280, height: int = 800, answers: list[str] | None = None):
+    def __init__(self, web, width: int = 1280, height: int = 800, answers: list[str] | None = None,
+                 page_defaults: bool = False):
         srv, browser = web
         self.url = srv.url
         self.context = browser.new_context(viewport={"width": width, "height": height})
-        # short replies by default (a test that needs a long one sets #max-tokens)
-        self.context.add_init_script("if (!localStorage.getItem('palmchat.maxTokens')) {"
-                                     " localStorage.setItem('palmchat.maxTokens', '24');"
-                                     " localStorage.setItem('palmchat.theme', 'light'); }")
+        # short replies unless the page's own defaults are under test (a test that needs a long one sets #max-tokens)
+        if not page_defaults:
+            self.context.add_init_script("if (!localStorage.getItem('palmchat.maxTokens')) {"
+                                         " localStorage.setItem('palmchat.maxTokens', '24');"
+                                         " localStorage.setItem('palmchat.theme', 'light'); }")
         self.page = self.context.new_page()
         self.errors, self.blocked, self.answers = [], [], list(answers or [])
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
@@ -195,6 +207,40 @@ def test_chat_streams_survives_reload_stop_thumbs_regenerate(web):
     assert p.page.evaluate("document.documentElement.dataset.theme") == "dark"
     p.page.screenshot(path=str(DOCS / "chat-dark.png"))
     p.page.click("#theme")
+    p.close()
+
+
+def test_the_demos_model_with_the_pages_defaults_keeps_chatting_past_its_context(demo_web):
+    """No settings touched: the first message gets a streamed reply, and a conversation longer than the model's
+    context keeps getting replies, with a line where the messages the last reply could not see end."""
+    p = Page(demo_web, page_defaults=True)
+    p.goto("/")
+    context = httpx.get(p.url + "/v1/models").json()["data"][0]["max_model_len"]
+    assert context >= 1024 and p.page.input_value("#max-tokens") == ""  # auto: the reply may use the room left
+    p.page.evaluate("""() => { window.partials = new Set(); new MutationObserver(() => {
+        const text = document.querySelector('.message.assistant.pending .body')?.textContent;
+        if (text) window.partials.add(text.length); })
+        .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
+    questions = ["Where does Zorbo live?", "And Briruul?", "What is 17 + 25?"]
+    for turn, question in enumerate(questions, 1):
+        p.send(question)
+        p.page.wait_for_function(f"() => document.querySelectorAll('.message.assistant .actions').length == {turn}")
+        p.idle(timeout=60_000)
+        assert p.page.is_hidden("#error"), p.page.inner_text("#error")
+        shown = p.messages()
+        assert len(shown) == 2 * turn and shown[-2] == ("user", question) and shown[-1][1]
+    assert p.page.evaluate("window.partials.size") >= 2  # replies stream in
+    # each reply filled the room its prompt left: every later turn had to leave the earlier ones out
+    note = p.page.inner_text(".note.truncated")
+    assert f"no longer in the model's context ({context} tokens)" in note
+    # the line sits after the last message left out: at least the first exchange, never the newest question
+    position = p.page.evaluate("() => [...document.querySelectorAll('#messages > *')]"
+                               ".findIndex((e) => e.classList.contains('truncated'))")
+    assert 2 <= position <= 4
+    p.page.locator(".note.truncated").scroll_into_view_if_needed()
+    p.page.screenshot(path=str(DOCS / "long-chat.png"))
+    p.page.reload()
+    p.page.wait_for_selector(".note.truncated")  # still said after a reload
     p.close()
 
 

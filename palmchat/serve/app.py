@@ -62,6 +62,7 @@ from palmchat.serve import schemas as S
 from palmchat.serve.generate import Generation, GenerationError, rank_best_of
 from palmchat.serve.keys import RateLimiter, hash_secret, parse_rate, retry_after_header
 from palmchat.serve.schemas import APIError
+from palmchat.serve.truncation import Fitted, drop_oldest_messages
 
 REFUSAL = "I can't help with that request."
 MODERATION_MODEL = "palmchat-moderation"
@@ -268,7 +269,16 @@ def sampling(state: ServerState, body, prompt_len: int, max_tokens: int | None, 
     seed = body.seed if "seed" in type(body).model_fields else None  # not an extra field a client made up
     return SamplingParams(max_new_tokens=max_tokens or min(room, limit, default_max or room), temperature=temperature,
                           top_p=top_p, seed=None if seed is None else seed % 2**62,
-                          stop_token_ids=(state.tokenizer.eot_id, state.tokenizer.bos_id))
+                          stop_token_ids=state.tokenizer.reply_stop_ids)
+
+
+def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, truncation: str | None) -> Fitted:
+    """The prompt as it will run. With truncation "auto" its oldest messages are left out until the reply has room
+    for `max_tokens`, or when that is unset for a quarter of the context (then it may use all the room left)."""
+    if truncation != "auto":
+        return Fitted(prompt)
+    reserve = max_tokens or min(state.max_tokens_limit, state.context // 4)
+    return drop_oldest_messages(prompt, state.tokenizer, state.context - reserve, quantum=max(1, state.context // 8))
 
 
 def stops_of(stop) -> list[str]:
@@ -394,13 +404,18 @@ async def metrics(request: Request):
 async def list_models(request: Request):
     state = _state(request)
     ids = [state.model_id] + ([f"{state.model_id}:best-of-{n}" for n in (4, 8)] if state.reward_model else [])
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "palmchat"} for i in ids]}
+    return {"object": "list", "data": [model_card(state, i) for i in ids]}
 
 
 @v1.get("/models/{model}")
 async def get_model(model: str, request: Request):
     model_candidates(_state(request), model)
-    return {"id": model, "object": "model", "created": 0, "owned_by": "palmchat"}
+    return model_card(_state(request), model)
+
+
+def model_card(state: ServerState, model: str) -> dict:
+    """OpenAI's model object plus its context length under vLLM's name for it."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "palmchat", "max_model_len": state.context}
 
 
 # -- chat completions ----------------------------------------------------------------------------------
@@ -411,20 +426,24 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     state = _state(request)
     n, candidates = choice_counts(state, body)
     messages = [{"role": S.role_of(m.role), "content": S.text_of(m.content)} for m in body.messages]
-    prompt = state.tokenizer.render_prompt(messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = sampling(state, body, len(prompt), body.max_completion_tokens or body.max_tokens, param, "messages")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    fitted = fit_prompt(state, state.tokenizer.render_prompt(messages), max_tokens, body.truncation)
+    prompt = fitted.prompt
+    params = sampling(state, body, len(prompt), max_tokens, param, "messages")
     stops = stops_of(body.stop)
     flagged_in = await moderate_input(state, [m["content"] for m in messages if m["role"] != "assistant"])
     id, created = S.new_id("chatcmpl-"), int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def extra(outputs=()) -> dict:
-        """`moderation` as on OpenAI's chat completions: the input's verdict and one per choice."""
+        """`moderation` as on OpenAI's chat completions (the input's verdict and one per choice), and what
+        truncation left out."""
+        more = {"truncation_details": fitted.details()} if fitted.details() else {}
         if flagged_in is None:
-            return {}
-        return {"moderation": {"input": moderation_results([flagged_in]),
-                               "output": moderation_results([o for o in outputs if o is not None])}}
+            return more
+        return {**more, "moderation": {"input": moderation_results([flagged_in]),
+                                       "output": moderation_results([o for o in outputs if o is not None])}}
 
     if flagged_in is not None and flagged_in.flagged and state.moderation_mode == "block":
         choices = [S.chat_choice(i, None, "content_filter", refusal=REFUSAL) for i in range(n)]
@@ -571,8 +590,9 @@ class Turn:
     texts: list[tuple[str, str]]  # (role, text) of each input message
     turn_tokens: list[list[int]]  # each input message rendered
     input_items: list[dict]
-    prompt: list[int]
+    prompt: list[int]  # what runs: the context, or with truncation "auto" what is left of it
     conversation_id: str | None
+    truncation_details: dict | None = None
 
     @property
     def context(self) -> list[int]:
@@ -608,7 +628,8 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
     prompt = history + [t for turn in turn_tokens for t in turn] + [tok.assistant_id]
     if body.instructions:
         prompt = [tok.bos_id] + tok.render_turn({"role": "system", "content": S.clean_text(body.instructions)}) + prompt[1:]
-    return Turn(history, texts, turn_tokens, input_items, prompt, conversation_id)
+    fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
+    return Turn(history, texts, turn_tokens, input_items, fitted.prompt, conversation_id, fitted.details())
 
 
 @v1.post("/responses")
@@ -633,7 +654,9 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                                  instructions=body.instructions, previous_response_id=body.previous_response_id,
                                  conversation_id=turn.conversation_id, max_output_tokens=body.max_output_tokens,
                                  temperature=body.temperature, top_p=body.top_p, metadata=body.metadata,
-                                 store=body.store, usage=usage, incomplete_reason=reason, moderation=moderation)
+                                 store=body.store, usage=usage, incomplete_reason=reason, moderation=moderation,
+                                 truncation=body.truncation or "disabled",
+                                 truncation_details=turn.truncation_details)
 
     async def commit(final: dict, reply_tokens: list[int] | None) -> None:
         """Store the turn. A blocked input never enters the token history: its items are kept with no tokens."""

@@ -66,6 +66,7 @@ class CompareRequest(S._Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    truncation: S.Truncation = Field(None, description="as on /v1/responses")
 
 
 class RankingRequest(S._Body):
@@ -150,7 +151,8 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
         raise APIError(400, "compare samples plain candidates: use the model id without a ':best-of-N' suffix",
                        param="model")
     turn = prepare_turn(state, owner, S.ResponseRequest(model=body.model, input=body.input, conversation=conversation_id,
-                                                        instructions=body.instructions))
+                                                        instructions=body.instructions, truncation=body.truncation,
+                                                        max_output_tokens=body.max_output_tokens))
     params = sampling(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
     flagged = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"])
     if flagged is not None and flagged.flagged and state.moderation_mode == "block":
@@ -175,6 +177,7 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
     }
     await asyncio.to_thread(state.store.add_task, task)
     return {"id": task["id"], "object": "comparison", "conversation_id": conversation_id, "candidates": candidates,
+            **({"truncation_details": turn.truncation_details} if turn.truncation_details else {}),
             "usage": S.response_usage(len(turn.prompt), generation.completion_tokens, generation.cached_tokens)}
 
 
@@ -218,7 +221,7 @@ async def with_candidates(state: ServerState, locks: dict, task: dict) -> dict:
             candidates = []  # a prompt that leaves no room for a reply stays unrankable and is skipped
             if room >= 1:
                 params = SamplingParams(max_new_tokens=room, temperature=p["temperature"],
-                                        stop_token_ids=(tok.eot_id, tok.bos_id))
+                                        stop_token_ids=tok.reply_stop_ids)
                 _, replies = await generate_replies(state, prompt, params, p["k"], None, [])
                 candidates = [{"id": S.new_id("cand_"), "text": r.text} for r in replies]
             task = await asyncio.to_thread(state.store.set_candidates, task["id"], candidates)

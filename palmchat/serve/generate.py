@@ -60,7 +60,7 @@ class Reply:
         if finish in ("cancelled", "error"):
             self.finish_reason = finish
             return ""
-        special = (self.tokenizer.eot_id, self.tokenizer.bos_id)
+        special = self.tokenizer.reply_stop_ids
         self.tokens += [t for t in tokens if t not in special]
         # A character's UTF-8 bytes may span tokens (at most 4): a tail that decodes to U+FFFD waits for the next
         # token, unless 4 tokens did not complete it (then it is not a character: it is released as it is).

@@ -99,10 +99,16 @@ class _Sampling(_Body):
         return value
 
 
+Truncation = Literal["auto", "disabled"] | None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    truncation: Truncation = Field(None, description='palmchat extension: "auto" leaves out the oldest messages '
+                                   "(never the leading system ones or the last) when the conversation does not fit "
+                                   "the context; by default such a request fails with a 400, as on OpenAI")
 
 
 class CompletionRequest(_Sampling):
@@ -132,6 +138,9 @@ class ResponseRequest(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     metadata: Metadata | None = None
+    truncation: Truncation = Field(None, description='"auto" leaves out the oldest messages (never the leading '
+                                   "system ones, the instructions or the newest) when the conversation does not fit "
+                                   'the context; "disabled" (default) fails such a request with a 400')
 
 
 class ConversationCreateRequest(_Body):
@@ -211,7 +220,8 @@ def response_object(id: str, model: str, created_at: float, status: str, output:
                     instructions: str | None, previous_response_id: str | None, conversation_id: str | None,
                     max_output_tokens: int | None, temperature: float | None, top_p: float | None,
                     metadata: dict | None, store: bool, usage: dict | None, incomplete_reason: str | None = None,
-                    moderation: dict | None = None) -> dict:
+                    moderation: dict | None = None, truncation: str = "disabled",
+                    truncation_details: dict | None = None) -> dict:
     return {
         "id": id, "object": "response", "created_at": created_at, "status": status, "model": model,
         "output": output, "error": None,
@@ -220,9 +230,10 @@ def response_object(id: str, model: str, created_at: float, status: str, output:
         "conversation": {"id": conversation_id} if conversation_id else None,
         "max_output_tokens": max_output_tokens, "temperature": temperature, "top_p": top_p,
         "metadata": metadata or {}, "store": store, "usage": usage, "parallel_tool_calls": False,
-        "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
+        "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "truncation": truncation,
         "completed_at": time.time() if status in ("completed", "incomplete") else None,
         **({"moderation": moderation} if moderation else {}),
+        **({"truncation_details": truncation_details} if truncation_details else {}),
     }
 
 

@@ -6,7 +6,7 @@
 
 const $ = (id) => document.getElementById(id);
 const REQUEST_ROOM = 4096;  // bytes of a request that are not the message: settings, system prompt, JSON
-const state = { conversation: null, conversations: [], streaming: null, model: null, busy: false };
+const state = { conversation: null, conversations: [], streaming: null, model: null, busy: false, context: null };
 
 // ---- conversations list -------------------------------------------------------------------------------
 
@@ -41,6 +41,7 @@ async function remove(c) {
   if (!confirm(`Delete “${c.metadata?.title || "Untitled"}”?`)) return;
   await guarded(async () => {
     await api("DELETE", `/v1/conversations/${c.id}`);
+    rememberTruncation(c.id, null);
     if (c.id === state.conversation) newChat();
     await loadConversations();
   });
@@ -86,9 +87,27 @@ async function showConversation(id) {
       msg.querySelector(".body").append(el("p", { class: "note" }, "(incomplete: stopped, or cut at the length limit)"));
     }
   }
+  showTruncation(id);
   document.querySelectorAll("#conversations li").forEach((li) => li.classList.toggle("active", li.dataset.id === id));
   document.body.classList.remove("sidebar-open");
   markLastAssistant();
+}
+
+// What the last reply's prompt left out to fit the model's context (the server's `truncation_details`), kept per
+// conversation and shown as a line after the last message left out.
+function rememberTruncation(conversation, details) {
+  if (details) settings.set("truncated." + conversation, JSON.stringify(details));
+  else settings.remove("truncated." + conversation);
+}
+
+function showTruncation(id) {
+  const details = JSON.parse(settings.get("truncated." + id, "") || "null");
+  const messages = [...document.querySelectorAll("#messages .message")];
+  if (!details || !details.dropped_messages || details.dropped_messages >= messages.length) return;
+  const context = state.context ? ` (${state.context} tokens)` : "";
+  const count = details.dropped_messages === 1 ? "The message above is" : `The ${details.dropped_messages} messages above are`;
+  messages[details.dropped_messages - 1].after(el("p", { class: "note truncated", role: "note" },
+    `${count} no longer in the model's context${context}: the last reply was written without them.`));
 }
 
 async function openConversation(id) {
@@ -135,8 +154,9 @@ function requestSettings() {
   return {
     model: $("model").value || state.model,
     temperature: Number($("temperature").value),
-    max_output_tokens: Number($("max-tokens").value),
+    max_output_tokens: Number($("max-tokens").value) || undefined,  // unset: the reply may use the room left
     instructions: $("system").value.trim() || undefined,
+    truncation: "auto",  // a long conversation leaves out its oldest messages instead of failing
   };
 }
 
@@ -220,7 +240,9 @@ async function stream(conversation, body) {
     const response = await api("POST", "/v1/responses",
       { ...requestSettings(), ...body, conversation, stream: true }, controller.signal);
     for await (const { data } of sse(response)) {
-      if (data.type === "response.output_item.added") {
+      if (data.type === "response.created") {
+        rememberTruncation(conversation, data.response?.truncation_details);
+      } else if (data.type === "response.output_item.added") {
         itemId = data.item?.id;
       } else if (data.type === "response.output_text.delta") {
         text += data.delta;
@@ -285,6 +307,7 @@ async function compare(conversation, text) {
   } finally {
     waiting.remove();
   }
+  rememberTruncation(conversation, result.truncation_details);
   const submit = el("button", { class: "primary submit-ranking", disabled: true }, "Submit ranking");
   const { cards, ranking } = rankingCards(result.candidates, (complete) => { submit.disabled = !complete; });
   const panel = el("section", { class: "compare" },
@@ -356,7 +379,7 @@ $("system").addEventListener("change", () => settings.set("system", $("system").
 async function boot() {
   $("api-key").value = settings.get("apiKey", "");
   $("temperature").value = settings.get("temperature", "0.7");
-  $("max-tokens").value = settings.get("maxTokens", "256");
+  $("max-tokens").value = settings.get("maxTokens", "");
   $("system").value = settings.get("system", "");
   showError(null);
   await guarded(async () => {
@@ -364,7 +387,13 @@ async function boot() {
     $("model").replaceChildren(...models.map((m) => el("option", { value: m.id }, m.id)));
     state.model = settings.get("model", models[0]?.id);
     if (models.some((m) => m.id === state.model)) $("model").value = state.model;
-    $("max-tokens").max = (await limits()).max_output_tokens;
+    state.context = models.find((m) => m.id === $("model").value)?.max_model_len || null;
+    // a reply longer than the context minus the smallest prompt (bos, a role, one token, end, assistant) never fits
+    const most = Math.min((await limits()).max_output_tokens, state.context ? state.context - 5 : Infinity);
+    $("max-tokens").max = most;
+    $("max-tokens").placeholder = `auto (up to ${most})`;
+    $("context").textContent = state.context ? `The model's context holds ${state.context} tokens: a reply and ` +
+      "the conversation before it. Older messages are left out when a conversation grows longer." : "";
     await loadConversations();
     const wanted = new URLSearchParams(location.search).get("c");
     if (wanted && state.conversations.some((c) => c.id === wanted)) await showConversation(wanted);

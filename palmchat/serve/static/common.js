@@ -5,6 +5,7 @@
 const settings = {
   get(name, fallback) { return localStorage.getItem("palmchat." + name) ?? fallback; },
   set(name, value) { localStorage.setItem("palmchat." + name, value); },
+  remove(name) { localStorage.removeItem("palmchat." + name); },
 };
 
 function applyTheme(theme) {
