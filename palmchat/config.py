@@ -86,7 +86,7 @@ PRESETS: dict[str, dict] = {
     # for tests: builds and runs in milliseconds
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=128),
     # the CPU demo: trains in minutes on 2 cores
-    "mini": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=1, max_seq_len=256),
+    "mini": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=1, max_seq_len=1024),
     # the shape of palm-rlhf-pytorch's enwik8 example (dim 512, depth 8, 8 heads of 64, multi-query)
     "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=1, max_seq_len=512),
     # a GPU-sized model (~110M parameters with a 32k vocabulary)

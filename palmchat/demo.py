@@ -41,6 +41,7 @@ class Settings:
     pretrain_steps: int
     vocab_size: int
     seq_len: int
+    context_steps: int  # the last pretraining steps, on sequences of the model's whole context
     sft_epochs: float
     reward_epochs: float
     dpo_epochs: float
@@ -55,12 +56,13 @@ class Settings:
 
 def settings(args: DemoArgs) -> Settings:
     if args.quick:
-        return Settings("tiny", 30, 400, 128, 0.2, 0.1, 0.05, 2, 2, 16, (1, 2), policy_rankings=16)
+        return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 16, (1, 2), policy_rankings=16)
     # reward model: 3 epochs instead of 1 (held-out pairwise accuracy 0.642/0.709/0.671 -> 0.690/0.738/0.722,
     # seeds 0/1/2), standardised so the PPO KL coefficient means the same whatever the reward scale (3 epochs
     # grow it: std 1.1 -> 2.3 on seed 0, which at kl_coef 0.2 over-optimised the reward model, KL 2.9 nats).
     # PPO: kl_coef 0.4 against the unit-std reward, 60 iterations.  See benchmarks/experiments/NOTES.md.
-    return Settings("mini", args.pretrain_steps, 2048, 256, 2.0, 3.0, 1.0, 60, 30, args.eval_prompts, (1, 4, 16))
+    # pretraining: sequences of 256 tokens, then 100 steps of whole 1024-token contexts (docs/decisions.md)
+    return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 3.0, 1.0, 60, 30, args.eval_prompts, (1, 4, 16))
 
 
 def run_pipeline(args: DemoArgs) -> dict:
@@ -82,7 +84,7 @@ def run_pipeline(args: DemoArgs) -> dict:
     from palmchat.train.pretrain import main as pretrain
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as reward
-    from palmchat.train.common import pick_device
+    from palmchat.train.common import autocast_dtype, pick_device
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft
 
@@ -116,7 +118,7 @@ def run_pipeline(args: DemoArgs) -> dict:
             return checkpoint.resolve(out / "pretrain")
         return pretrain(PretrainArgs(
             out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
-            vocab_size=s.vocab_size, seq_len=s.seq_len, eval_every=max(10, s.pretrain_steps // 7),
+            vocab_size=s.vocab_size, seq_len=s.seq_len, context_steps=s.context_steps, eval_every=max(10, s.pretrain_steps // 7),
             save_every=max(10, s.pretrain_steps // 2), warmup_steps=min(50, s.pretrain_steps // 5), seed=seed))
 
     def stage(name, main, stage_args, inputs: tuple[str, ...]):
@@ -148,7 +150,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         prompts = load_prompt_texts([str(data / "prompts_train.jsonl")], seed)
         records = rank_policy_samples(model.eval(), tokenizer, prompts[:s.policy_rankings], k=4, seed=seed,
-                                      dtype=torch.bfloat16 if pick_device("auto").type == "cpu" else None)
+                                      dtype=autocast_dtype("auto", pick_device("auto")))
         atomic_write(data / "sft_rankings.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     timed("rank SFT samples", rank_sft_samples)

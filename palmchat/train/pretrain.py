@@ -41,6 +41,9 @@ class PretrainArgs:
     preset: str = arg("mini", "model preset: tiny, mini, small or base")
     model: str = arg("", "model config overrides, e.g. 'block=sequential,n_kv_heads=2,norm=rmsnorm'")
     seq_len: int = arg(0, "training sequence length; 0 = the model's context length")
+    context_steps: int = arg(0, "the last N steps train on sequences of the model's whole context length, with the "
+                                "same tokens per step (fewer sequences), after --seq-len for the rest: long "
+                                "positions are learnt at a fraction of the cost of training on them throughout")
     batch_size: int = arg(16, "sequences per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(800, "optimizer steps")
@@ -108,6 +111,17 @@ def evaluate(model, batches: PackedBatches, n: int, device, dtype) -> float:
     return sum(losses) / max(1, len(losses))
 
 
+def context_phase_batches(args: PretrainArgs, seq_len: int, context: int, shard: Path) -> PackedBatches | None:
+    """Batches of whole-context sequences for the last --context-steps steps, as many tokens as a step before."""
+    if not args.context_steps:
+        return None
+    tokens = args.batch_size * seq_len
+    if seq_len >= context or tokens % context:
+        raise ValueError(f"--context-steps: needs --seq-len shorter than the model's context ({context}) and "
+                         f"--batch-size x --seq-len ({tokens}) a multiple of it, to keep the tokens per step")
+    return PackedBatches(shard, context, tokens // context, seed=args.seed)
+
+
 def main(args: PretrainArgs) -> Path:
     out = Path(args.out)
     has_checkpoint = (out / "latest").exists()
@@ -132,6 +146,7 @@ def main(args: PretrainArgs) -> Path:
     if seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} is longer than the model's context ({config.max_seq_len})")
     train_batches = PackedBatches(shard_dir / "train.bin", seq_len, args.batch_size, seed=args.seed)
+    context_batches = context_phase_batches(args, seq_len, config.max_seq_len, shard_dir / "train.bin")
     val_batches = PackedBatches(shard_dir / "val.bin", seq_len, args.batch_size, seed=args.seed)
     meta = load_meta(shard_dir)
 
@@ -159,7 +174,8 @@ def main(args: PretrainArgs) -> Path:
         t0 = time.time()
         loss_sum = 0.0
         for micro in range(args.grad_accum):
-            x, y = train_batches.get_batch(step * args.grad_accum + micro)
+            batches = context_batches if step >= args.max_steps - args.context_steps else train_batches
+            x, y = batches.get_batch(step * args.grad_accum + micro)
             with autocast(device, dtype):
                 logits = forward(x.to(device))
             loss, _ = cross_entropy(logits, y.to(device), z_loss=args.z_loss)
