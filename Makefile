@@ -8,18 +8,20 @@ STAMP  := $(VENV)/.installed
 # would pull a multi-GB CUDA build. The package itself only asks for torch>=2.4.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench screenshots install clean
+.PHONY: demo test bench screenshots install browser clean
 
-# Debian's chromium is for the browser tests (tests/test_web.py drives it with the playwright package, no
-# browser download); they are skipped where it cannot be installed (not root, not Debian).
 $(STAMP): pyproject.toml setup.py palmchat/inference/decode_bf16.c palmchat/model/attention_bf16.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,serve]"
+	touch $(STAMP)
+
+# Debian's chromium, for the browser tests only (tests/test_web.py drives it with the playwright package, no
+# browser download); they are skipped where it cannot be installed (not root, not Debian), except under CI.
+browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: could not install chromium: the browser tests will be skipped"
-	touch $(STAMP)
 
 install: $(STAMP)
 
@@ -29,11 +31,11 @@ demo: $(STAMP)
 # The second run takes the CPU-dependent tests (marker `kernels`) again as on an AVX2-only CPU: palmchat's own
 # choices capped by PALMCHAT_MAX_CPU_ISA (palmchat/kernels.py), ATen's and oneDNN's by their variables (with its own
 # torch.compile cache: tests/conftest.py).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 	PALMCHAT_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m kernels tests
 
-screenshots: $(STAMP)  # the README's docs/*.png, taken by the browser tests
+screenshots: $(STAMP) browser  # the README's docs/*.png, taken by the browser tests
 	PALMCHAT_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q tests/test_web.py
 
 bench: $(STAMP)
