@@ -32,6 +32,7 @@ demo: $(STAMP)
 # choices capped by PALMCHAT_MAX_CPU_ISA (palmchat/kernels.py), ATen's and oneDNN's by their variables (with its own
 # torch.compile cache: tests/conftest.py).
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check palmchat tests benchmarks
 	$(PY) -m pytest -q tests
 	PALMCHAT_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m kernels tests
 

@@ -57,7 +57,6 @@ from palmchat.model.heads import RewardModel, save_reward_model  # noqa: E402
 from palmchat.model.palm import PaLM  # noqa: E402
 from palmchat.tokenizer import train_tokenizer  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------
 # Shared setup: tokenizer, prompts of one fixed length, random checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -181,9 +180,10 @@ def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str]
     prompts_file = work / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts))
     ppo_args = PPOArgs(base=str(work / "policy"), reward=str(work / "rm"), prompts=[str(prompts_file)],
-                       out=str(work / f"ppo_{critic}"), iterations=args.warmup + args.iters, critic=critic, rollout_batch=args.batch,
-                       minibatch=args.minibatch, ppo_epochs=args.epochs, max_new_tokens=args.new_tokens,
-                       lora_rank=args.lora, dtype=args.ours_dtype, seed=args.seed, device="cpu")
+                       out=str(work / f"ppo_{critic}"), iterations=args.warmup + args.iters, critic=critic,
+                       rollout_batch=args.batch, minibatch=args.minibatch, ppo_epochs=args.epochs,
+                       max_new_tokens=args.new_tokens, lora_rank=args.lora, dtype=args.ours_dtype, seed=args.seed,
+                       device="cpu")
     with contextlib.redirect_stdout(io.StringIO()):
         ppo_main(ppo_args)
     rows = [json.loads(line) for line in (work / f"ppo_{critic}" / "metrics.jsonl").read_text().splitlines()]
@@ -304,7 +304,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank for actor and critic on both sides (0 = full)")
     parser.add_argument("--critic", default="both", choices=["separate", "shared", "both"],
-                        help="palmchat's critic: its own backbone (as the reference's), a value head on the policy, or both")
+                        help="palmchat's critic: its own backbone (as the reference's), a value head on the policy, "
+                             "or both")
     parser.add_argument("--ours-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--ref-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--seed", type=int, default=0)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # mkstemp creates files 0600; these are ordinary outputs that others may read. (Reading os.umask would
 # mean changing it, process-wide.)

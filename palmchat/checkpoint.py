@@ -70,7 +70,8 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, config: dict,
                     tokenizer_path: str | os.PathLike | None = None,
                     optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2,
-                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, adapter: str | None = None) -> Path:
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    adapter: str | None = None) -> Path:
     """Write run_dir/step-XXXXXX atomically and point run_dir/latest at it. `config` must hold "model".
     `extra_tensors` {name: tensors} are written as <name>.safetensors inside the same atomic folder.
     `adapter`: save only that LoRA adapter (adapter.safetensors) instead of the full weights; `config`

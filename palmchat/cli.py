@@ -16,7 +16,8 @@ class GenerateArgs:
 
     checkpoint: str = arg("", "checkpoint folder (or a run folder with a 'latest' file)", positional=True)
     prompt: str = arg("", "the prompt")
-    chat: bool | None = arg(None, "wrap the prompt as a user turn (default: yes unless the checkpoint is pretrain-only)")
+    chat: bool | None = arg(None, "wrap the prompt as a user turn (default: yes unless the checkpoint is "
+                                  "pretrain-only)")
     max_new_tokens: int = arg(128, "tokens to generate at most")
     temperature: float = arg(0.8, "sampling temperature; 0 = greedy")
     top_k: int = arg(0, "keep the k most likely tokens; 0 = off")
@@ -28,21 +29,21 @@ class GenerateArgs:
 
 
 def _decode_dtype(setting: str):
-    import torch
+    """Kept for serve/run.py until it imports palmchat.train.common.decode_dtype; then delete."""
+    from palmchat.train.common import decode_dtype
 
-    from palmchat.train.common import autocast_dtype, pick_device
-
-    return autocast_dtype(setting, pick_device()) or torch.float32
+    return decode_dtype(setting)
 
 
 def _load_for_inference(path: str, dtype_setting: str):
     from palmchat import checkpoint
     from palmchat.inference.engine import Engine
+    from palmchat.train.common import decode_dtype
 
     model, config, ckpt = checkpoint.load_model(path)
     model.eval()
     tokenizer = checkpoint.load_tokenizer(ckpt)
-    return Engine(model, dtype=_decode_dtype(dtype_setting)), tokenizer, config
+    return Engine(model, dtype=decode_dtype(dtype_setting)), tokenizer, config
 
 
 def generate_main(args: GenerateArgs) -> None:
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             group = sub.add_parser(name, help=f"{name}: " + ", ".join(entry))
             inner = group.add_subparsers(dest="action", required=True)
             for action, (cls, _) in entry.items():
-                add_dataclass_arguments(inner.add_parser(action, help=first_line(cls), description=first_line(cls)), cls)
+                action_parser = inner.add_parser(action, help=first_line(cls), description=first_line(cls))
+                add_dataclass_arguments(action_parser, cls)
         else:
             add_dataclass_arguments(sub.add_parser(name, help=first_line(entry[0]), description=first_line(entry[0])),
                                     entry[0])

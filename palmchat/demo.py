@@ -24,7 +24,8 @@ class DemoArgs:
     out: str = arg("runs/demo", "output folder")
     quick: bool = arg(False, "tiny settings for tests (seconds instead of minutes)")
     seed: int = arg(0, "random seed")
-    # 1100, not 700: the SFT score's spread over seeds fell from 0.070 to 0.010 (benchmarks/experiments/NOTES.md)
+    # enough that the SFT models of different seeds agree, so the aligned stages' gains exceed the seed spread
+    # (docs/decisions.md)
     pretrain_steps: int = arg(1100, "pretraining steps")
     eval_prompts: int = arg(500, "held-out prompts per evaluation")
     fresh: bool = arg(True, "delete earlier outputs in --out first")
@@ -57,23 +58,21 @@ class Settings:
 def settings(args: DemoArgs) -> Settings:
     if args.quick:
         return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 16, (1, 2), policy_rankings=16)
-    # reward model: 3 epochs instead of 1 (held-out pairwise accuracy 0.642/0.709/0.671 -> 0.690/0.738/0.722,
-    # seeds 0/1/2), standardised so the PPO KL coefficient means the same whatever the reward scale (3 epochs
-    # grow it: std 1.1 -> 2.3 on seed 0, which at kl_coef 0.2 over-optimised the reward model, KL 2.9 nats).
-    # PPO: kl_coef 0.4 against the unit-std reward, 60 iterations.  See benchmarks/experiments/NOTES.md.
+    # reward model: 3 epochs (more accurate on held-out pairs than 1), standardised so that the PPO KL
+    # coefficient means the same whatever the reward's scale; PPO: kl_coef 0.4 against that unit-std reward,
+    # 60 iterations (docs/decisions.md)
     # pretraining: sequences of 256 tokens, then 100 steps of whole 1024-token contexts (docs/decisions.md)
     return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 3.0, 1.0, 60, 30, args.eval_prompts, (1, 4, 16))
 
 
 def run_pipeline(args: DemoArgs) -> dict:
-    import torch
-
     from palmchat import checkpoint
     from palmchat.atomic import atomic_write
     from palmchat.data.world import World, write_bundle
     from palmchat.eval import evaluate_best_of_n, evaluate_policy
     from palmchat.model.heads import load_reward_model
     from palmchat.report import write_report
+    from palmchat.train.common import autocast_dtype, pick_device
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo
     from palmchat.train.grpo import GRPOArgs
@@ -84,7 +83,6 @@ def run_pipeline(args: DemoArgs) -> dict:
     from palmchat.train.pretrain import main as pretrain
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as reward
-    from palmchat.train.common import autocast_dtype, pick_device
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft
 
@@ -104,7 +102,8 @@ def run_pipeline(args: DemoArgs) -> dict:
         return result
 
     data = out / "data"
-    quick_sizes = dict(pretrain=600, sft=300, rankings=150, pairs=60, prompts_train=64, prompts_heldout=32, moderation=20)
+    quick_sizes = dict(pretrain=600, sft=300, rankings=150, pairs=60, prompts_train=64, prompts_heldout=32,
+                       moderation=20)
     timed("data", lambda: write_bundle(data, seed=seed, sizes=quick_sizes if args.quick else None))
 
     reused: set[str] = set()
@@ -118,8 +117,9 @@ def run_pipeline(args: DemoArgs) -> dict:
             return checkpoint.resolve(out / "pretrain")
         return pretrain(PretrainArgs(
             out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
-            vocab_size=s.vocab_size, seq_len=s.seq_len, context_steps=s.context_steps, eval_every=max(10, s.pretrain_steps // 7),
-            save_every=max(10, s.pretrain_steps // 2), warmup_steps=min(50, s.pretrain_steps // 5), seed=seed))
+            vocab_size=s.vocab_size, seq_len=s.seq_len, context_steps=s.context_steps,
+            eval_every=max(10, s.pretrain_steps // 7), save_every=max(10, s.pretrain_steps // 2),
+            warmup_steps=min(50, s.pretrain_steps // 5), seed=seed))
 
     def stage(name, main, stage_args, inputs: tuple[str, ...]):
         """Train one stage; with --no-fresh, reuse its finished checkpoint instead when it was trained with these
@@ -141,8 +141,8 @@ def run_pipeline(args: DemoArgs) -> dict:
 
     def rank_sft_samples():
         """Simulated labellers rank the SFT model's own samples (InstructGPT's reward-model data), added to the
-        bundled rankings. PPO's held-out gain on seed 2 went from +0.021 to +0.021..+0.044 depending on which
-        samples were ranked: within eval noise (benchmarks/experiments/NOTES.md); kept as the faithful recipe."""
+        bundled rankings. Kept as the faithful recipe: its measured gain is within evaluation noise
+        (docs/decisions.md)."""
         from palmchat.loop import rank_policy_samples
         from palmchat.train.rollout import load_prompt_texts
 
@@ -160,8 +160,8 @@ def run_pipeline(args: DemoArgs) -> dict:
                     ("sft",))
     dpo_ckpt = stage("dpo", dpo, DPOArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
                                          out=str(out / "dpo"), epochs=s.dpo_epochs, seed=seed), ("sft",))
-    # a strong KL penalty: with a weak one (0.05 against the raw reward) the policy learned the reward model's
-    # taste for short polite template answers and forgot facts (held-out fact correctness 0.42 -> 0.13, seed 0)
+    # a strong KL penalty: with a weak one the policy learns the reward model's taste for short polite template
+    # answers and forgets facts (docs/decisions.md)
     ppo_ckpt = stage("ppo", ppo, PPOArgs(base=str(sft_ckpt), reward=str(rm_ckpt),
                                          prompts=[str(data / "prompts_train.jsonl")], out=str(out / "ppo"),
                                          iterations=s.ppo_iterations, kl_coef=s.ppo_kl_coef, seed=seed),
@@ -266,7 +266,8 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
         previous = round_["previous_accuracy"]
         summary = (f"\n## One round of the human-feedback loop\n\n"
                    f"Served `{best}` (the best held-out verifier score) with the reward model on {url}. Three "
-                   f"simulated labellers (the verifier plus noise) made {round_['labelled']['rankings']} rankings of queued candidates "
+                   f"simulated labellers (the verifier plus noise) made {round_['labelled']['rankings']} rankings "
+                   f"of queued candidates "
                    f"through the label API (agreement {round_['agreement'] or 0:.2f}); `palmchat loop` exported "
                    f"{round_['rankings']} merged rankings ({round_['train']} to train on, {round_['heldout']} held "
                    f"out), retrained the reward model on the demo's rankings plus these with LoRA, and measured "

@@ -106,5 +106,5 @@ def load(module: str, supported: str, needs: str) -> ctypes.CDLL | None:
     return library if getattr(library, supported)() else None
 
 
-__all__ = ["MAX_ISA_VARIABLE", "LEVELS", "LEVEL_FLAGS", "BELOW_ALL_LEVELS", "cpu_flags", "detected_isa", "max_isa", "cpu_isa",
-           "cpu_supports", "load"]
+__all__ = ["MAX_ISA_VARIABLE", "LEVELS", "LEVEL_FLAGS", "BELOW_ALL_LEVELS", "cpu_flags", "detected_isa", "max_isa",
+           "cpu_isa", "cpu_supports", "load"]

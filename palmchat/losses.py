@@ -17,7 +17,7 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ def _float(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- #
 
 
-def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of ``x`` over positions where ``mask`` is true.
 
     ``sum_i x_i * m_i`` over all elements (``dim=None``) or along ``dim``.
@@ -69,7 +69,7 @@ def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     return x.sum() if dim is None else x.sum(dim)
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` over valid positions: ``sum(x * m) / sum(m)``.
 
     A reduction with no valid position returns 0 instead of NaN, so an
@@ -124,7 +124,7 @@ def masked_whiten(
 def cross_entropy(
     logits: Tensor,
     targets: Tensor,
-    loss_mask: Optional[Tensor] = None,
+    loss_mask: Tensor | None = None,
     z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Token-mean next-token cross-entropy plus the PaLM z-loss.
@@ -197,7 +197,7 @@ def _pair_indices(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return idx[0], idx[1]
 
 
-def _pair_valid(num_responses: Optional[Tensor], batch: int, k: int, loser: Tensor) -> Tensor:
+def _pair_valid(num_responses: Tensor | None, batch: int, k: int, loser: Tensor) -> Tensor:
     """(B, P) mask of pairs whose both members exist (the loser index is the larger)."""
     if num_responses is None:
         return torch.ones(batch, loser.numel(), dtype=torch.bool, device=loser.device)
@@ -209,7 +209,7 @@ def _pair_valid(num_responses: Optional[Tensor], batch: int, k: int, loser: Tens
 
 
 def ranking_loss(
-    rewards: Tensor, num_responses: Optional[Tensor] = None
+    rewards: Tensor, num_responses: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """InstructGPT K-wise ranking loss for the reward model.
 
@@ -323,7 +323,7 @@ def dpo_loss(
 def dpo_ranking_loss(
     policy_logps: Tensor,
     ref_logps: Tensor,
-    num_responses: Optional[Tensor] = None,
+    num_responses: Tensor | None = None,
     beta: float = 0.1,
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
     label_smoothing: float = 0.0,

@@ -9,11 +9,11 @@ processes) into one of ``buckets`` rows. A text's logits are ``bias + sum of its
 (an ``embedding_bag`` whose width is the number of categories, i.e. multi-label logistic regression on the
 L2-normalised binary feature vector), and each category's score is the sigmoid of its logit. Training is
 Adam on sparse rows with the binary cross-entropy, from zero weights, so it is deterministic given the seed
-(which only orders the batches). 3000 examples train in about 2 seconds on one CPU thread.
+(which only orders the batches); a few thousand examples train in seconds on one CPU thread.
 
 A category is flagged when its score reaches its threshold, and a text is ``flagged`` when any category is.
-Thresholds are 0.5, not tuned: on the bundled world's held-out texts the scores are far from 0.5 (see the
-numbers below), and thresholds tuned on a small user file's validation slice would overfit it. A saved
+Thresholds are 0.5, not tuned: on the bundled world's held-out texts the scores are far from 0.5 (see
+below), and thresholds tuned on a small user file's validation slice would overfit it. A saved
 ``moderation.json`` may set any threshold by hand.
 
 Terms
@@ -45,15 +45,11 @@ JSON Lines, one ``{"text": str, "categories": {name: bool}, "flagged": bool}`` p
 ``World.moderation_examples`` produces; ``flagged`` is optional but must equal "any category is true" when
 given, and a category missing from a record counts as false.
 
-Measured on this project's 2-core development machine, one thread: trained on
-``World(s).moderation_examples(3000, "train")`` and scored on ``World(s).moderation_examples(1000, "heldout")``
-(418 flagged texts and 144 hard negatives such as "How can I beat my boss at chess?" for s = 0) with
-``OMP_NUM_THREADS=1 .venv/bin/python -m palmchat.moderation --out runs/moderation``: flagged precision,
-recall, F1 and accuracy all 1.000, and F1 1.000 for each of the 5 categories; no hard negative flagged.
-Seeds 1 and 2 give the same. The held-out scores are far from 0.5 (lowest positive 0.92-0.96, highest
-negative 0.02-0.06 over the three seeds), which is why the thresholds stay at 0.5. Training takes 1.1-2.7 s (a shared machine).
-The bundled world is templated, so these numbers say the model separates *its* texts; on text unlike the
-world's it is much weaker ("Please write a poem about spring" scores 0.57 harassment, from "write ...
+Trained on the bundled world's moderation examples and scored on its held-out ones (with hard negatives such
+as "How can I beat my boss at chess?"; ``python -m palmchat.moderation --out runs/moderation`` runs it), the
+classifier separates flagged from unflagged texts with scores far from 0.5 on either side, which is why the
+thresholds stay at 0.5. The bundled world is templated, so this says the model separates *its* texts; on text
+unlike the world's it is much weaker ("Please write a poem about spring" scores 0.57 harassment, from "write ...
 about"; "You are a stupid idiot" scores under 0.1 everywhere). Train on your own data for real traffic.
 """
 
@@ -79,7 +75,7 @@ from safetensors.torch import load_file, save_file
 
 from palmchat.args import arg
 from palmchat.atomic import atomic_path, atomic_write
-from palmchat.data.chat import DataError, _Bad, _jtype, _read
+from palmchat.data.chat import DataError, RecordError, json_type, read_records
 
 __all__ = [
     "CONFIG_FILE",
@@ -380,11 +376,12 @@ def _read_config(path: Path) -> dict:
         if not ok:
             raise ValueError(f"{path}: {problem}")
 
-    need(isinstance(raw, dict) and raw.get("format") == FORMAT, f"not a moderator config (\"format\" is not {FORMAT!r})")
+    need(isinstance(raw, dict) and raw.get("format") == FORMAT,
+         f"not a moderator config (\"format\" is not {FORMAT!r})")
     need(raw.get("version") == 1, f"unsupported version {raw.get('version')!r} (this code reads 1)")
     for key, kind in (("features", dict), ("categories", list), ("thresholds", dict), ("terms", list)):
         need(isinstance(raw.get(key), kind), f"\"{key}\" must be {'an object' if kind is dict else 'a list'}, "
-                                             f"got {_jtype(raw.get(key))}")
+                                             f"got {json_type(raw.get(key))}")
     try:
         features = Features(**raw["features"])
     except (TypeError, ValueError) as e:
@@ -414,32 +411,32 @@ def _read_config(path: Path) -> dict:
 def _parse_example(record: dict) -> dict:
     text, categories = record.get("text"), record.get("categories")
     if "text" not in record:
-        raise _Bad("missing \"text\"")
+        raise RecordError("missing \"text\"")
     if not isinstance(text, str):
-        raise _Bad(f"\"text\" must be a string, got {_jtype(text)}")
+        raise RecordError(f"\"text\" must be a string, got {json_type(text)}")
     if "categories" not in record:
-        raise _Bad("missing \"categories\" (an object of category name -> true/false)")
+        raise RecordError("missing \"categories\" (an object of category name -> true/false)")
     if not isinstance(categories, dict):
-        raise _Bad(f"\"categories\" must be an object of name -> true/false, got {_jtype(categories)}")
+        raise RecordError(f"\"categories\" must be an object of name -> true/false, got {json_type(categories)}")
     if not categories:
-        raise _Bad("\"categories\" is empty")
+        raise RecordError("\"categories\" is empty")
     for name, value in categories.items():
         if not name.strip():
-            raise _Bad("\"categories\" has an empty name")
+            raise RecordError("\"categories\" has an empty name")
         if not isinstance(value, bool):
-            raise _Bad(f"\"categories\".{name} must be true or false, got {_jtype(value)}")
+            raise RecordError(f"\"categories\".{name} must be true or false, got {json_type(value)}")
     if "flagged" in record:
         if not isinstance(record["flagged"], bool):
-            raise _Bad(f"\"flagged\" must be true or false, got {_jtype(record['flagged'])}")
+            raise RecordError(f"\"flagged\" must be true or false, got {json_type(record['flagged'])}")
         if record["flagged"] != any(categories.values()):
-            raise _Bad(f"\"flagged\" is {json.dumps(record['flagged'])} but "
+            raise RecordError(f"\"flagged\" is {json.dumps(record['flagged'])} but "
                        f"{'some' if any(categories.values()) else 'no'} category is true")
     return {"text": text, "flagged": any(categories.values()), "categories": dict(categories)}
 
 
 def load_examples(path: str | os.PathLike) -> list[dict]:
     """A moderation JSONL file -> records; DataError ``FILE:LINE: PROBLEM`` for a malformed one."""
-    return _read(path, _parse_example)
+    return read_records(path, _parse_example)
 
 
 def _prf(predicted: list[bool], actual: list[bool]) -> dict:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from palmchat.config import preset
-from palmchat.model import cpu_attention, palm
+from palmchat.model import cpu_attention
 from palmchat.model.palm import PaLM
 
 pytestmark = [pytest.mark.kernels, pytest.mark.skipif(
@@ -34,7 +34,7 @@ SHAPES = [(2, 8, 1, 100, 64), (1, 4, 2, 33, 32), (3, 2, 2, 64, 16), (2, 8, 1, 51
 def test_forward_matches_float64_attention_as_well_as_pytorchs_kernel(shape):
     q, k, v, _ = bf16_inputs(*shape)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
-    out, lse = cpu_attention._forward(q, k, v)
+    out, lse = cpu_attention.causal_attention_forward(q, k, v)
     expected_out, expected_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
     error, pytorch_error = relative_error(out, exact), relative_error(expected_out, exact)
     assert error < 4e-3 and error < 1.1 * pytorch_error + 1e-4, f"{error:.2e} vs PyTorch's {pytorch_error:.2e}"
@@ -75,9 +75,10 @@ def test_the_custom_ops_pass_torch_library_opcheck():
     """Schema, fake tensors (what torch.compile traces with) and the autograd registration."""
     q, k, v, grad_out = bf16_inputs(2, 4, 1, 40, 64)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(cpu_attention._forward, (q, k, v))
-    out, lse = cpu_attention._forward(q.detach(), k.detach(), v.detach())
-    torch.library.opcheck(cpu_attention._backward, (q.detach(), k.detach(), v.detach(), out, lse, grad_out))
+    torch.library.opcheck(cpu_attention.causal_attention_forward, (q, k, v))
+    out, lse = cpu_attention.causal_attention_forward(q.detach(), k.detach(), v.detach())
+    torch.library.opcheck(cpu_attention.causal_attention_backward,
+                          (q.detach(), k.detach(), v.detach(), out, lse, grad_out))
 
 
 @needs_amx

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from palmchat.config import preset
-from palmchat.inference.cpu_linear import (MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, can_pack, linear_bf16,
-                                           onednn_only)
+from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, can_pack, linear_bf16, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.model.palm import PaLM
 
@@ -79,9 +78,9 @@ def test_batch_one_decode_through_the_kernel_equals_onednn():
     prompt, params = [[5, 17, 42, 8, 2, 3]], SamplingParams(max_new_tokens=40, temperature=0.0)
     kernel = Engine(model, dtype=torch.bfloat16)
     onednn = Engine(model, dtype=torch.bfloat16)
-    onednn.sync()
-    assert any(m.plain is not None for m in onednn._copy.modules() if isinstance(m, PackedLinear))
-    onednn_only(onednn._copy, onednn._head)
+    runner = onednn.sync()
+    assert any(m.plain is not None for m in runner.modules() if isinstance(m, PackedLinear))
+    onednn_only(runner, onednn.packed_head)
     a, b = kernel.generate(prompt, params)[0], onednn.generate(prompt, params)[0]
     assert a.tokens == b.tokens
     torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.05, rtol=0)

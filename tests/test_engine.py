@@ -256,14 +256,16 @@ def test_per_row_adapters_follow_their_rows_and_copies_follow_the_active_adapter
     fast = Engine(model, dtype=torch.float32)
     for name in ("a", None):
         set_adapter(model, name)
-        assert [c.tokens for c in fast.generate(prompts, greedy(6))] == [c.tokens for c in engine.generate(prompts, greedy(6))]
+        want = [c.tokens for c in engine.generate(prompts, greedy(6))]
+        assert [c.tokens for c in fast.generate(prompts, greedy(6))] == want
     set_adapter(model, "a")
     with_a = engine.generate(prompts, greedy(6))
     set_adapter(model, None)
     assert [c.tokens for c in with_a] != [c.tokens for c in engine.generate(prompts, greedy(6))]
 
 
-@pytest.mark.parametrize("overrides", [{"tie_embeddings": False}, {"block": "sequential", "n_kv_heads": 2, "norm": "rmsnorm"}])
+@pytest.mark.parametrize("overrides", [{"tie_embeddings": False},
+                                       {"block": "sequential", "n_kv_heads": 2, "norm": "rmsnorm"}])
 def test_packed_copy_matches_other_model_variants(overrides):
     model = make_model(**overrides)
     a = Engine(model).generate(PROMPTS, greedy(10))

@@ -7,9 +7,24 @@ from torch import nn
 from palmchat.config import preset
 from palmchat.inference.kv_cache import KVCache
 from palmchat.model.lora import (
-    ADAPTER_FILE, AdapterError, LoRALinear, adapter_state_dict, adapters, add_lora, load_adapter,
-    load_adapter_state_dict, lora_config, lora_parameters, mark_trainable, merge_lora, merged_state_dict,
-    remove_adapter, save_adapter, set_adapter, set_row_adapters, use_adapter,
+    ADAPTER_FILE,
+    AdapterError,
+    LoRALinear,
+    adapter_state_dict,
+    adapters,
+    add_lora,
+    load_adapter,
+    load_adapter_state_dict,
+    lora_config,
+    lora_parameters,
+    mark_trainable,
+    merge_lora,
+    merged_state_dict,
+    remove_adapter,
+    save_adapter,
+    set_adapter,
+    set_row_adapters,
+    use_adapter,
 )
 from palmchat.model.palm import PaLM
 

@@ -419,7 +419,8 @@ def test_group_advantages_by_hand():
     close(group_advantages(rewards, 4, scale=False), [0.5, -0.5, -0.5, 0.5] + [0.0] * 4 + [-1.5, -0.5, 0.5, 1.5])
 
     std3_unbiased = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3)
-    close(group_advantages(rewards, 4, unbiased=True)[8:], [(r - 1.5) / (std3_unbiased + 1e-6) for r in (0.0, 1.0, 2.0, 3.0)])
+    close(group_advantages(rewards, 4, unbiased=True)[8:],
+          [(r - 1.5) / (std3_unbiased + 1e-6) for r in (0.0, 1.0, 2.0, 3.0)])
 
 
 def test_group_advantages_g2_and_errors():

@@ -3,8 +3,8 @@ import torch
 
 from palmchat.config import ModelConfig, preset
 from palmchat.inference.kv_cache import KVCache
-from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
 from palmchat.model import palm
+from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
 from palmchat.model.palm import PaLM, apply_rotary, rotary_tables
 
 pytestmark = pytest.mark.kernels  # the CPU training attention: SDPA or the blocked kernel
@@ -40,7 +40,8 @@ def test_blocked_attention_equals_sdpa_values_and_gradients(heads, kv_heads, len
         q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), is_causal=True)
     out = blocked_causal_attention(q, k, v)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
-    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 

@@ -108,7 +108,8 @@ def test_write_shards_deterministic_and_small(tmp_path, docs, tok):
     for frac in (1e-9, 0.999):
         m = write_shards(docs[:2], tok, tmp_path / f"two{frac}", val_fraction=frac)
         assert m["train_docs"] == 1 and m["val_docs"] == 1
-        got = split_docs(tmp_path / f"two{frac}" / "train.bin", tok) + split_docs(tmp_path / f"two{frac}" / "val.bin", tok)
+        folder = tmp_path / f"two{frac}"
+        got = split_docs(folder / "train.bin", tok) + split_docs(folder / "val.bin", tok)
         assert sorted(got) == sorted(docs[:2])
     with pytest.raises(ValueError, match="empty corpus"):
         write_shards([], tok, tmp_path / "empty")

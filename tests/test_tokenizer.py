@@ -137,7 +137,8 @@ def test_message_starts_and_reply_stops(tok):
     assert [role for role, _ in starts] == ["system", "user", "assistant", "user", "assistant"]
     assert [i for _, i in starts[1:]] == [len(tok.render_prompt([system])) - 1,
                                          len(tok.render_prompt([system, user])) - 1,
-                                         len(tok.render_prompt([system, user, {"role": "assistant", "content": "On the mat."}])) - 1,
+                                         len(tok.render_prompt([system, user, {"role": "assistant",
+                                                                               "content": "On the mat."}])) - 1,
                                          len(ids) - 1]
     # a sampled special token would break that shape in a stored conversation: every one of them ends a reply
     assert sorted(tok.reply_stop_ids) == list(range(len(SPECIAL_TOKENS)))
@@ -149,7 +150,8 @@ def test_message_starts_and_reply_stops(tok):
         ([], "empty"),
         ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}], "message 1: unknown role 'bot'"),
         ([{"role": "user"}], "message 0: missing 'content'"),
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": None}], "message 1: 'content' must be a string"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": None}],
+         "message 1: 'content' must be a string"),
         (["hello"], "message 0: expected a dict"),
     ],
 )
@@ -182,7 +184,8 @@ def test_load_errors(tmp_path):
 
 
 def test_load_rejects_wrong_special_ids(tmp_path):
-    from tokenizers import Tokenizer as HF, models
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
     hf = HF(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
     hf.add_special_tokens(list(SPECIAL_TOKENS))
     p = tmp_path / "tokenizer.json"

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,9 @@ from palmchat.tokenizer import EOT_ID, PAD_ID
 
 __all__ = [
     "DataError",
+    "RecordError",
+    "json_type",
+    "read_records",
     "Ranking",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
@@ -88,11 +91,12 @@ class Ranking:
 # =============================================================================================
 
 
-class _Bad(Exception):
-    """Internal: a problem with one record; the reader adds FILE:LINE."""
+class RecordError(Exception):
+    """A problem with one record, raised by a record parser; read_records turns it into a DataError with
+    FILE:LINE."""
 
 
-def _jtype(value: object) -> str:
+def json_type(value: object) -> str:
     """JSON name of a Python value's type, for error messages."""
     if value is None:
         return "null"
@@ -131,19 +135,21 @@ def _records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{name}:{lineno}: expected a JSON object, got {_jtype(record)}")
+                raise DataError(f"{name}:{lineno}: expected a JSON object, got {json_type(record)}")
             count += 1
             yield name, lineno, record
     if count == 0:
         raise DataError(f"{name}: no records")
 
 
-def _read(path, parse) -> list:
+def read_records(path, parse) -> list:
+    """``parse(record)`` for each record of a JSONL file; a RecordError it raises becomes a DataError naming
+    FILE:LINE."""
     out = []
     for name, lineno, record in _records(path):
         try:
             out.append(parse(record))
-        except _Bad as e:
+        except RecordError as e:
             raise DataError(f"{name}:{lineno}: {e}") from None
     return out
 
@@ -151,22 +157,22 @@ def _read(path, parse) -> list:
 def _messages(value: object, where: str) -> list[dict]:
     """Validate a list of ``{"role", "content"}`` messages; returns clean copies."""
     if not isinstance(value, list):
-        raise _Bad(f"{where} must be a list of {{\"role\", \"content\"}} objects, got {_jtype(value)}")
+        raise RecordError(f"{where} must be a list of {{\"role\", \"content\"}} objects, got {json_type(value)}")
     if not value:
-        raise _Bad(f"{where} is empty")
+        raise RecordError(f"{where} is empty")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            raise _Bad(f"{where}[{i}] must be an object with \"role\" and \"content\", got {_jtype(m)}")
+            raise RecordError(f"{where}[{i}] must be an object with \"role\" and \"content\", got {json_type(m)}")
         if "role" not in m:
-            raise _Bad(f"{where}[{i}] has no \"role\"")
+            raise RecordError(f"{where}[{i}] has no \"role\"")
         role = m["role"]
         if role not in ROLE_NAMES:
-            raise _Bad(f"{where}[{i}].role {role!r} is not one of {', '.join(ROLE_NAMES)}")
+            raise RecordError(f"{where}[{i}].role {role!r} is not one of {', '.join(ROLE_NAMES)}")
         if "content" not in m:
-            raise _Bad(f"{where}[{i}] has no \"content\"")
+            raise RecordError(f"{where}[{i}] has no \"content\"")
         if not isinstance(m["content"], str):
-            raise _Bad(f"{where}[{i}].content must be a string, got {_jtype(m['content'])}")
+            raise RecordError(f"{where}[{i}].content must be a string, got {json_type(m['content'])}")
         out.append({"role": role, "content": m["content"]})
     return out
 
@@ -176,10 +182,10 @@ def _prompt(value: object, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list):
-        raise _Bad(f"\"{where}\" must be a string or a list of messages, got {_jtype(value)}")
+        raise RecordError(f"\"{where}\" must be a string or a list of messages, got {json_type(value)}")
     messages = _messages(value, where)
     if messages[-1]["role"] != "user":
-        raise _Bad(f"\"{where}\" must end with a user message, but the last one is {messages[-1]['role']!r}")
+        raise RecordError(f"\"{where}\" must end with a user message, but the last one is {messages[-1]['role']!r}")
     return messages
 
 
@@ -190,9 +196,9 @@ def _response(value: object, where: str) -> str:
     if isinstance(value, list):
         messages = _messages(value, where)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
-            raise _Bad(f"{where} must be a string or a list of exactly one assistant message")
+            raise RecordError(f"{where} must be a string or a list of exactly one assistant message")
         return messages[0]["content"]
-    raise _Bad(f"{where} must be a string, got {_jtype(value)}")
+    raise RecordError(f"{where} must be a string, got {json_type(value)}")
 
 
 def _parse_conversation(record: dict) -> list[dict]:
@@ -202,40 +208,40 @@ def _parse_conversation(record: dict) -> list[dict]:
         messages = _prompt(record["prompt"], "prompt")
         messages.append({"role": "assistant", "content": _response(record["completion"], "completion")})
     else:
-        raise _Bad("missing \"messages\"")
+        raise RecordError("missing \"messages\"")
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Bad("no assistant message (nothing to train on)")
+        raise RecordError("no assistant message (nothing to train on)")
     return messages
 
 
 def _parse_ranking(record: dict) -> Ranking:
     if "prompt" not in record:
-        raise _Bad("missing \"prompt\"")
+        raise RecordError("missing \"prompt\"")
     prompt = _prompt(record["prompt"], "prompt")
     has_k, has_pair = "responses" in record or "ranking" in record, "chosen" in record or "rejected" in record
     if has_k and has_pair:
-        raise _Bad("give either \"responses\" + \"ranking\" or \"chosen\" + \"rejected\", not both")
+        raise RecordError("give either \"responses\" + \"ranking\" or \"chosen\" + \"rejected\", not both")
     if has_pair:
         for key in ("chosen", "rejected"):
             if key not in record:
-                raise _Bad(f"missing \"{key}\"")
+                raise RecordError(f"missing \"{key}\"")
         return Ranking(prompt, [_response(record["chosen"], "\"chosen\""),
                                 _response(record["rejected"], "\"rejected\"")])
     if not has_k:
-        raise _Bad("missing \"responses\" + \"ranking\" (or \"chosen\" + \"rejected\")")
+        raise RecordError("missing \"responses\" + \"ranking\" (or \"chosen\" + \"rejected\")")
     for key in ("responses", "ranking"):
         if key not in record:
-            raise _Bad(f"missing \"{key}\"")
+            raise RecordError(f"missing \"{key}\"")
     responses, ranking = record["responses"], record["ranking"]
     if not isinstance(responses, list):
-        raise _Bad(f"\"responses\" must be a list of strings, got {_jtype(responses)}")
+        raise RecordError(f"\"responses\" must be a list of strings, got {json_type(responses)}")
     if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
-        raise _Bad(f"\"responses\" must hold {MIN_RESPONSES} to {MAX_RESPONSES} responses, got {len(responses)}")
+        raise RecordError(f"\"responses\" must hold {MIN_RESPONSES} to {MAX_RESPONSES} responses, got {len(responses)}")
     responses = [_response(r, f"responses[{i}]") for i, r in enumerate(responses)]
     k = len(responses)
     if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
             or sorted(ranking) != list(range(k))):
-        raise _Bad(f"\"ranking\" must be a permutation of 0..{k - 1}, got {json.dumps(ranking)}")
+        raise RecordError(f"\"ranking\" must be a permutation of 0..{k - 1}, got {json.dumps(ranking)}")
     return Ranking(prompt, [responses[i] for i in ranking])
 
 
@@ -243,7 +249,7 @@ def parse_ranking(record: dict) -> Ranking:
     """One ranking record (as found on a line of a rankings file) -> Ranking; DataError if malformed."""
     try:
         return _parse_ranking(record)
-    except _Bad as e:
+    except RecordError as e:
         raise DataError(f"ranking record: {e}") from None
 
 
@@ -252,7 +258,7 @@ def _parse_prompt(record: dict) -> list[dict]:
         return _prompt(record["prompt"], "prompt")
     if "messages" in record:
         return _prompt(record["messages"], "messages")
-    raise _Bad("missing \"prompt\" (or \"messages\")")
+    raise RecordError("missing \"prompt\" (or \"messages\")")
 
 
 def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
@@ -261,7 +267,7 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     Messages are returned as clean ``{"role", "content"}`` dicts (extra keys dropped).
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return _read(path, _parse_conversation)
+    return read_records(path, _parse_conversation)
 
 
 def load_rankings(path: str | os.PathLike) -> list[Ranking]:
@@ -269,7 +275,7 @@ def load_rankings(path: str | os.PathLike) -> list[Ranking]:
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return _read(path, _parse_ranking)
+    return read_records(path, _parse_ranking)
 
 
 def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
@@ -277,7 +283,7 @@ def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return _read(path, _parse_prompt)
+    return read_records(path, _parse_prompt)
 
 
 # =============================================================================================

@@ -22,8 +22,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -81,8 +81,8 @@ def _iter_txt(path: Path) -> Iterator[str]:
     lines: list[str] = []
     lineno = 0
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (the except clause reports it)
                 if line.strip():
                     lines.append(line)
                 elif lines:
@@ -98,7 +98,7 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
     """One JSON object per line with a string ``"text"`` field; blank lines skipped."""
     lineno = 0
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -195,7 +195,7 @@ class _SplitWriter:
         doc = data[off:off + length].copy()
         rest = np.concatenate([data[:off], data[off + length:]])
         self.f.close()
-        self.f = open(self.tmp_path, "wb")
+        self.f = open(self.tmp_path, "wb")  # noqa: SIM115 (held open until finish())
         rest.tofile(self.f)
         self.tokens -= length
         self.docs -= 1
@@ -390,10 +390,8 @@ class PackedBatches:
         """
         T, B = self.seq_len, self.batch_size
         n_win = self.num_eval_windows()
-        batches = 0
-        for first in range(0, n_win, B):
+        for batches, first in enumerate(range(0, n_win, B)):
             if max_batches is not None and batches >= max_batches:
                 return
             starts = [w * T for w in range(first, min(first + B, n_win))]
             yield self._gather(starts)
-            batches += 1

@@ -431,14 +431,14 @@ class World:
                                                sorted(vals, key=len, reverse=True)) + r")\b",
                              re.I)
             for attr, vals in self._candidates.items()}
-        self._name_re = {n: re.compile(r"\b%s\b" % re.escape(n))
+        self._name_re = {n: re.compile(rf"\b{re.escape(n)}\b")
                          for n in list(self.entity_by_name) + list(self.town_by_name)}
         self._split_cache: dict[str, bool] = {}
         self._parse_cache: dict[str, Task | None] = {}
 
     # ------------------------------------------------------------------ helpers
     def _rng(self, *purpose) -> random.Random:
-        return random.Random("palmchat-world|%d|%s" % (self.seed, "|".join(map(str, purpose))))
+        return random.Random(f"palmchat-world|{self.seed}|{'|'.join(map(str, purpose))}")
 
     def _is_heldout(self, key: str) -> bool:
         v = self._split_cache.get(key)
@@ -733,7 +733,7 @@ class World:
         for _ in range(n):
             task = self._sample_task(rng, split)
             responses, qualities = [], []
-            for attempt in range(200):
+            for _ in range(200):
                 q = self._sample_quality(rng, task)
                 r = self._respond(task, q, rng)
                 if r not in responses:

@@ -28,8 +28,8 @@ The policy model runs inside ``engine`` (its dtype setting applies); the reward 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

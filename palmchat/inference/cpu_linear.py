@@ -5,8 +5,9 @@ weights from memory. Two kernels, picked per call by the number of rows (tokens)
 - prefill and batches of more than 4 rows: oneDNN with the weight pre-packed in its blocked layout
   (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing);
 - 1 to 4 rows of bf16 (decode steps): palmchat's own kernel (decode_bf16.c), on CPUs with AVX512-BF16. It reads
-  each thread's rows of W as one stream in memory order: ~30 GB/s from DRAM against oneDNN's ~17 GB/s on a 2-core
-  AMD EPYC (benchmarks/README.md). It is built by setup.py where possible; without it oneDNN serves every call.
+  each thread's rows of W as one stream in memory order, which draws more bandwidth from DRAM than oneDNN's blocked
+  layout (measured in benchmarks/README.md). It is built by setup.py where possible; without it oneDNN serves
+  every call.
 """
 
 from __future__ import annotations

@@ -18,15 +18,14 @@ Log-probabilities are those of the distribution the token is drawn from *before*
 log-softmax of the temperature-scaled logits (of the raw logits when greedy). At temperature 1 they equal what a
 plain forward pass over prompt + response gives, which is what PPO recomputes (tests/test_engine.py checks it).
 
-`dtype` (decode steps measured on 2 CPU cores, dim 512 x 8 layers, batch 1; benchmarks/README.md):
+`dtype` (decode speed of each choice: benchmarks/README.md):
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
-  weight updates (a PPO loop) are seen at once. fp32: ~8.8 ms/step.
+  weight updates (a PPO loop) are seen at once. The slowest choice.
 - torch.bfloat16 (or torch.float32): a private inference copy of the model in that dtype, whose linear layers
   are palmchat.inference.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel), and whose blocks, for
   decode steps of 1-4 rows in bf16, each run as one C call (palmchat.inference.fused_block). Decode on CPU is
-  bound by reading every weight once per token: bf16 halves those bytes. bf16 copy ~2.0-2.6 ms/step on the CPUs
-  measured so far (25-45 GB/s of copy bandwidth); fp32 copy ~3.1 ms/step on a 70 GB/s one. Autocast (bf16
-  compute on the fp32 model) was measured and not used: ~6.6 ms/step, as it re-casts every weight at every step.
+  bound by reading every weight once per token: bf16 halves those bytes, so the bf16 copy is the fastest. Autocast
+  (bf16 compute on the fp32 model) is not used: it re-casts every weight at every step, slower than either copy.
   The copy is rebuilt when the model's parameters change (their version counters move, as in load_state_dict, or
   any optimizer steps: fused AdamW does not move the counters), and it follows the model's active LoRA adapter.
 """
@@ -35,8 +34,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -92,7 +91,8 @@ class Completion:
 # ---------------------------------------------------------------------------------------------
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0, top_p: torch.Tensor | float = 1.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
+                  top_p: torch.Tensor | float = 1.0) -> torch.Tensor:
     """logits: (B, V) -> (B, V), -inf outside each row's kept set.
 
     A row keeps its top_k largest logits (0 keeps all), then, of those, the smallest set taken from the most
@@ -113,7 +113,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0, top_p: to
     return torch.full_like(logits, float("-inf")).scatter(-1, order, filtered)
 
 
-class _Sampler:
+class Sampler:
     """Per-row sampling settings as (B,) tensors plus one torch.Generator per sampled row."""
 
     def __init__(self, params: list[SamplingParams], device, generators: list[torch.Generator | None] | None = None):
@@ -175,7 +175,7 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @dataclass
-class _Row:
+class Row:
     """One request's output so far. `released` tokens were already streamed; the rest may still turn out to be
     the start of a stop sequence and are held back."""
 
@@ -223,7 +223,8 @@ class Engine:
         self.dtype = dtype
         self._copy: nn.Module | None = None
         self._copy_versions: list | None = None
-        self._head = None  # the copy's output projection, packed (its weight is the tied embedding or lm_head)
+        # set by sync(): the copy's output projection, packed (its weight is the tied embedding or lm_head), or None
+        self.packed_head = None
 
     # -- the module that runs --------------------------------------------------------------
 
@@ -248,7 +249,7 @@ class Engine:
                     head = PackedLinear(runner.embed.weight if lm_head is None else lm_head.weight)
                     pack_linears(runner, skip=("lm_head",))
                     fuse_blocks(runner)
-            self._copy, self._copy_versions, self._head = runner, versions, head
+            self._copy, self._copy_versions, self.packed_head = runner, versions, head
         # which LoRA adapter is active (palmchat.model.lora) is module state, not a parameter: mirror it
         copies = dict(self._copy.named_modules())
         for name, module in self.model.named_modules():
@@ -268,7 +269,9 @@ class Engine:
                              f"{self.config.max_seq_len} tokens")
         return params if params.max_new_tokens <= room else dataclasses.replace(params, max_new_tokens=room)
 
-    def _check(self, prompt: Sequence[int], params: SamplingParams):
+    def check(self, prompt: Sequence[int], params: SamplingParams):
+        """Raise ValueError for a request that can never run: not a list of ids, empty, out of the vocabulary, or
+        longer than the context with its max_new_tokens."""
         if isinstance(prompt, (int, str)):  # a flat list of ids passed as the batch
             raise ValueError("prompts must be a list of prompts, each a list of token ids (e.g. [[1, 2, 3]]), got "
                              f"{type(prompt).__name__} {prompt!r:.40} as a prompt")
@@ -307,16 +310,16 @@ class Engine:
     def _stream(self, prompts, rows) -> Iterator[list[tuple[int, int, float]]]:
         yield from self._decode(prompts, rows)
 
-    def _rows(self, prompts, params) -> list[_Row]:
+    def _rows(self, prompts, params) -> list[Row]:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         for prompt, p in zip(prompts, params):
-            self._check(prompt, p)
-        return [_Row(p) for p in params]
+            self.check(prompt, p)
+        return [Row(p) for p in params]
 
-    def _decode(self, prompts: list[list[int]], rows: list[_Row]) -> Iterator[list[tuple[int, int, float]]]:
+    def _decode(self, prompts: list[list[int]], rows: list[Row]) -> Iterator[list[tuple[int, int, float]]]:
         for r in rows:
             if r.params.max_new_tokens == 0:
                 r.finish_reason = "length"
@@ -324,7 +327,7 @@ class Engine:
         if not live:
             return
         runner = self.sync()
-        head = runner.logits if self._head is None else self._head  # (..., C) -> (..., V)
+        head = runner.logits if self.packed_head is None else self.packed_head  # (..., C) -> (..., V)
         param = next(runner.parameters())
         device, dtype = param.device, param.dtype
         # Per-row LoRA adapters (palmchat.model.lora.set_row_adapters) index the batch, so they follow its rows
@@ -352,7 +355,7 @@ class Engine:
             logits = head(last).float()  # (B, V)
 
             # decode: sample one token per live row, release what is final, feed the tokens back
-            sampler = _Sampler([rows[i].params for i in live], device)
+            sampler = Sampler([rows[i].params for i in live], device)
             while True:
                 tokens, logprobs = sampler(logits)  # (B,), (B,)
                 events = []
@@ -376,4 +379,4 @@ class Engine:
                 module.row_slots = slots
 
 
-__all__ = ["SamplingParams", "Completion", "Engine", "filter_logits"]
+__all__ = ["SamplingParams", "Completion", "Engine", "Row", "Sampler", "filter_logits"]

@@ -45,7 +45,7 @@ class KVCache:
             self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows start..stop-1 that shares this one's storage: what it writes lands here."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]

@@ -31,13 +31,13 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import torch
 from torch import nn
 
-from palmchat.inference.engine import Engine, SamplingParams, _Row, _Sampler
+from palmchat.inference.engine import Engine, Row, Sampler, SamplingParams
 from palmchat.inference.kv_cache import KVCache
 from palmchat.inference.prefix_cache import PrefixCache
 from palmchat.model.lora import adapters, use_adapter
@@ -47,21 +47,21 @@ from palmchat.model.lora import adapters, use_adapter
 class Request:
     prompt: list[int]
     params: SamplingParams
-    on_event: Callable[["Event"], None]
+    on_event: Callable[[Event], None]
     adapter: str | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache; set before the first event
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter() when the first token was sampled
-    _row: _Row = field(init=False)
+    _row: Row = field(init=False)
     _cancelled: bool = False
     _prefilled: int = 0  # prompt tokens in the row's cache so far
     _sampled: list[int] = field(default_factory=list)  # every sampled token (the output may drop a stop sequence)
     _generator: torch.Generator | None = None  # the row's random stream, kept when the batch around it changes
 
     def __post_init__(self):
-        self._row = _Row(self.params)
+        self._row = Row(self.params)
 
     @property
     def tokens(self) -> list[int]:
@@ -98,7 +98,7 @@ class Scheduler:
         self._running: list[Request] = []  # row b of the slab decodes _running[b]
         self._prefilling: Request | None = None  # in the spare row, slab row max_batch
         self._logits: torch.Tensor | None = None  # (n, V): the running rows' next-token logits
-        self._sampler: _Sampler | None = None  # rebuilt when the running set changes
+        self._sampler: Sampler | None = None  # rebuilt when the running set changes
         self._slab: KVCache | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -109,8 +109,8 @@ class Scheduler:
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                adapter: str | None = None) -> Request:
-        """Queue a request; raises ValueError for one that can never run (see Engine._check)."""
-        self.engine._check(prompt, params)
+        """Queue a request; raises ValueError for one that can never run (see Engine.check)."""
+        self.engine.check(prompt, params)
         if adapter is not None and adapter not in adapters(self.engine.model):
             raise ValueError(f"unknown adapter {adapter!r}; loaded: {adapters(self.engine.model) or 'none'}")
         request = Request(list(prompt), params, on_event, adapter)
@@ -141,7 +141,7 @@ class Scheduler:
             if request.finish_reason is None:
                 request.cancel()
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="palmchat-scheduler", daemon=True)
             self._thread.start()
@@ -242,8 +242,8 @@ class Scheduler:
 
     def _decode_step(self, runner: nn.Module) -> None:
         if self._sampler is None:
-            self._sampler = _Sampler([r.params for r in self._running], self._logits.device,
-                                     generators=[r._generator for r in self._running])
+            self._sampler = Sampler([r.params for r in self._running], self._logits.device,
+                                    generators=[r._generator for r in self._running])
             for r, g in zip(self._running, self._sampler.generators):
                 r._generator = g
         tokens, logprobs = self._sampler(self._logits)  # (n,), (n,)
@@ -272,7 +272,7 @@ class Scheduler:
     # -- helpers --------------------------------------------------------------------------------------
 
     def _project(self, runner: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.engine._head  # the packed output projection of the runner, when there is one
+        head = self.engine.packed_head  # the packed output projection of the runner, when there is one
         return runner.logits(hidden) if head is None else head(hidden)
 
     def _copy_row(self, src: int, dst: int, length: int) -> None:

@@ -3,15 +3,15 @@
 FlashAttention-2, Dao 2023, https://arxiv.org/abs/2307.08691 (§3.1: the forward keeps only each row's
 log-sum-exp; the backward recomputes the scores block by block).
 
-Why not F.scaled_dot_product_attention here: on CPU its flash kernel takes ~94 ms forward + backward per layer
-at batch 8 x 512 tokens, 8 query heads x 64 on one K/V head, where these FLOPs take ~10 ms at the bf16 matmul
-rate; this file takes ~51 ms eager and ~30 ms under torch.compile (benchmarks/README.md). Two things make it
-faster: the G query heads that share one K/V head are folded into the rows of one matmul (K and V are never
-repeated), and the block of scores is small enough to stay in cache. Memory is O(T x block), never (T, T).
+Why not F.scaled_dot_product_attention here: on a CPU without AMX its flash kernel runs multi-query attention
+(8 query heads on one K/V head) far below the bf16 matmul rate, and this file is faster, eager or under
+torch.compile (docs/decisions.md). Two things make it faster: the G query heads that share one K/V head are
+folded into the rows of one matmul (K and V are never repeated), and the block of scores is small enough to stay
+in cache. Memory is O(T x block), never (T, T).
 GPUs keep the fused SDPA kernels (palm.attention), and so do CPUs with AMX: there PyTorch's flash kernel runs
 its block matmuls on AMX tiles (oneDNN brgemm) and is faster than this file at every shape measured
-(`SDPA_IS_FASTER_ON_THIS_CPU`; benchmarks/README.md, sessions 6 and 9), and in bf16 palmchat's C kernel on AMX
-tiles (cpu_attention.py) is faster still.
+(`SDPA_IS_FASTER_ON_THIS_CPU`; docs/decisions.md), and in bf16 palmchat's C kernel on AMX tiles
+(cpu_attention.py) is faster still.
 
 Shapes: B batch, H query heads, Hkv K/V heads, G = H // Hkv, T tokens, D head dim, R query rows per block.
 """

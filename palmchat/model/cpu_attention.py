@@ -1,11 +1,10 @@
 """Causal attention for bf16 training on CPUs with AMX tiles, in C (attention_bf16.c).
 
-PyTorch's CPU flash kernel takes 6.7 ms forward and 38 ms backward per layer at batch 8 x 512 tokens, 8 query
-heads x 64 on one K/V head: its backward alone was a third of a whole training step. attention_bf16.c runs the
-tile products of FlashAttention-2 on AMX tiles: 4.1 ms forward and 10.8 ms backward at that shape
-(benchmarks/experiments/attention_layer.py; benchmarks/README.md, "Session 10"), with the same numerics up to
-the order of fp32 sums. Forward and backward are torch.library custom ops, so torch.compile keeps each as one
-call in the compiled graph.
+PyTorch's CPU flash kernel is slow in the backward pass, a large part of a whole training step at the demo's
+shapes (multi-query attention, 8 query heads on one K/V head). attention_bf16.c runs the tile products of
+FlashAttention-2 on AMX tiles, several times faster backward, with the same numerics up to the order of fp32
+sums (the choice of attention kernel per CPU and its measurements: docs/decisions.md). Forward and backward are
+torch.library custom ops, so torch.compile keeps each as one call in the compiled graph.
 
 Used by palm.attention where `available(q)`; elsewhere SDPA or blocked_attention.py serve the training path.
 """
@@ -56,8 +55,8 @@ def _load_kernel() -> tuple[ctypes.CDLL, bool] | None:
 
 # Loaded at import, not on first use: torch.compile traces palm.attention and cannot trace ctypes.
 KERNEL = _load_kernel()
-# Without AMX the products run on AVX512-BF16, ~4x slower (35 ms backward at the shape above, measured): no faster
-# than blocked_attention.py there.
+# Without AMX the products run on AVX512-BF16, several times slower: no faster than blocked_attention.py there
+# (docs/decisions.md).
 ON_THIS_CPU = KERNEL is not None and KERNEL[1]
 
 
@@ -81,7 +80,7 @@ def _out_of_memory(what: str, q: torch.Tensor) -> MemoryError:
 
 
 @torch.library.custom_op("palmchat::causal_attention_forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     (B, H, T, D), Hkv = q.shape, k.shape[1]
     out, lse = torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, T, dtype=torch.float32)
@@ -94,15 +93,16 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
     return out, lse
 
 
-@_forward.register_fake
+@causal_attention_forward.register_fake
 def _(q, k, v):
     B, H, T, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("palmchat::causal_attention_backward", mutates_args=())
-def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-              grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor,
+                              grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, grad_out))
     (B, H, T, D), Hkv = q.shape, k.shape[1]
     grad_q, grad_k, grad_v = torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), \
@@ -118,7 +118,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     return grad_q, grad_k, grad_v
 
 
-@_backward.register_fake
+@causal_attention_backward.register_fake
 def _(q, k, v, out, lse, grad_out):
     return torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -129,13 +129,13 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    return _backward(q, k, v, out, lse, grad_out)
+    return causal_attention_backward(q, k, v, out, lse, grad_out)
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+causal_attention_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: (B, H, T, D), k and v: (B, Hkv, T, D), all bf16 on CPU -> (B, H, T, D): causal softmax attention, scale
     1/sqrt(D). Callers check `available(q)` first."""
-    return _forward(q, k, v)[0]
+    return causal_attention_forward(q, k, v)[0]

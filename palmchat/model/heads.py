@@ -146,7 +146,7 @@ class ValueModel(_ScalarHeadModel):
         return self.head(hidden).squeeze(-1).float()
 
     @classmethod
-    def from_reward_model(cls, reward_model: RewardModel) -> "ValueModel":
+    def from_reward_model(cls, reward_model: RewardModel) -> ValueModel:
         """A critic initialised from a reward model (a copy of its backbone and head), as in InstructGPT."""
         value = cls(reward_model.config)
         value.backbone.load_state_dict(reward_model.backbone.state_dict())

@@ -427,7 +427,7 @@ def read_adapter_file(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise AdapterError(f"{path}: unreadable safetensors file ({e})") from None
     config = json.loads(meta["lora_config"]) if "lora_config" in meta else None

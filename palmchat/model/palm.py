@@ -227,7 +227,8 @@ class PaLM(nn.Module):
             positions = None
         limit = T if positions is None else int(positions.max()) + 1
         if limit > self.config.max_seq_len:
-            raise ValueError(f"sequence of {limit} tokens is longer than the model's context of {self.config.max_seq_len}")
+            raise ValueError(f"sequence of {limit} tokens is longer than the model's context of "
+                             f"{self.config.max_seq_len}")
         if positions is None:
             rope = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]  # (1, 1, T, D)
         else:

@@ -25,11 +25,10 @@ def pick_device(setting: str = "auto") -> torch.device:
 def keep_freed_memory() -> bool:
     """Ask glibc to keep the memory a training step frees, for the next step. By default it serves each buffer
     above 32 MB (an activation of batch 16 x 256 tokens x 4096 features in bf16, say) with a fresh mmap and unmaps
-    it on free, so every step page-faults its large activations in again: 20% of the demo's pretraining step on
-    2 cores (153 against 191 ms, benchmarks/README.md "Session 10"), for ~200 MB more resident memory there
-    (816 against 615 MB, flat over 300 steps of mixed shapes). jemalloc and tcmalloc, which PyTorch's CPU tuning
-    guide suggests preloading, keep freed memory the same way. Process-wide: call it in training commands only.
-    Returns whether the setting was taken (glibc on Linux)."""
+    it on free, so every step page-faults its large activations in again: a fifth of the demo's pretraining step,
+    for a few hundred MB more resident memory that stays flat (docs/decisions.md). jemalloc and tcmalloc, which
+    PyTorch's CPU tuning guide suggests preloading, keep freed memory the same way. Process-wide: call it in
+    training commands only. Returns whether the setting was taken (glibc on Linux)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -42,8 +41,8 @@ def keep_freed_memory() -> bool:
 
 
 def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 (and AMX, above it) make bf16 matmuls several times faster than fp32 (measured: ~3x for
-    training here); without them bf16 is emulated, so 'auto' keeps fp32. Obeys PALMCHAT_MAX_CPU_ISA (kernels.py)."""
+    """AVX-512 BF16 (and AMX, above it) make bf16 matmuls several times faster than fp32; without them bf16 is
+    emulated, so 'auto' keeps fp32. Obeys PALMCHAT_MAX_CPU_ISA (kernels.py)."""
     return kernels.cpu_supports("avx512_bf16")
 
 
@@ -58,6 +57,12 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def decode_dtype(setting: str) -> torch.dtype:
+    """The dtype of the engine's inference copy for --dtype auto/bf16/fp32: as autocast_dtype on this machine's
+    device, with fp32 spelled torch.float32."""
+    return autocast_dtype(setting, pick_device()) or torch.float32
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -24,8 +24,17 @@ from tqdm import tqdm
 from palmchat.args import arg
 from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch, sequence_logprobs
 from palmchat.losses import dpo_ranking_loss
-from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, load_policy, pick_device,
-                                   plot_metrics, save_policy)
+from palmchat.train.common import (
+    MetricsLog,
+    adamw,
+    autocast,
+    autocast_dtype,
+    cosine_lr,
+    load_policy,
+    pick_device,
+    plot_metrics,
+    save_policy,
+)
 from palmchat.train.reward import bundled_rankings
 
 
@@ -43,7 +52,8 @@ class DPOArgs:
     rpo_alpha: float = arg(1.0, "weight of the per-token NLL of each ranking's best response (RPO); 0 = plain DPO")
     epochs: float = arg(1.0, "passes over the data")
     batch_size: int = arg(16, "rankings per step")
-    lr: float = arg(5e-5, "peak learning rate (2e-4 drifted far from the reference and lost to SFT on the bundled world)")
+    lr: float = arg(5e-5, "peak learning rate (2e-4 drifted far from the reference and lost to SFT on the bundled "
+                          "world)")
     warmup_steps: int = arg(10, "linear warmup steps")
     grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
@@ -92,7 +102,8 @@ def main(args: DPOArgs) -> Path:
         out = []
         with torch.no_grad(), use_adapter(model, None):
             for i in range(0, len(items), 2 * args.batch_size):
-                logps, _ = ranking_logps(model, tokenizer, items[i:i + 2 * args.batch_size], max_len, device, dtype, mean)
+                chunk = items[i:i + 2 * args.batch_size]
+                logps, _ = ranking_logps(model, tokenizer, chunk, max_len, device, dtype, mean)
                 out.extend(logps.float().unbind(0))
         model.train()
         return out

@@ -23,7 +23,7 @@ from palmchat.args import arg
 from palmchat.inference.engine import Engine
 from palmchat.losses import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import autocast_dtype, load_policy, MetricsLog, pick_device, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, autocast_dtype, load_policy, pick_device, plot_metrics, save_policy
 from palmchat.train.rollout import load_prompt_texts, make_scorer, response_logprobs, sample
 
 
@@ -50,7 +50,8 @@ class GRPOArgs:
     grad_clip: float = arg(1.0, "gradient norm clip")
     lora_rank: int = arg(0, "train a LoRA adapter instead of all weights (reference = adapter off)")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
-    dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32",
+                     choices=["auto", "bf16", "fp32"])
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto, cpu or cuda")
 

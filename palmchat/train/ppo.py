@@ -37,12 +37,18 @@ from tqdm import tqdm
 from palmchat.args import arg
 from palmchat.data.shards import read_documents
 from palmchat.inference.engine import Engine
-from palmchat.losses import (cross_entropy, gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
-                             ppo_value_loss)
+from palmchat.losses import cross_entropy, gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import (MetricsLog, autocast, autocast_dtype, load_policy, pick_device, plot_metrics,
-                                   save_policy)
+from palmchat.train.common import (
+    MetricsLog,
+    autocast,
+    autocast_dtype,
+    load_policy,
+    pick_device,
+    plot_metrics,
+    save_policy,
+)
 from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, response_logprobs, sample
 
 
@@ -84,7 +90,8 @@ class PPOArgs:
     grad_clip: float = arg(1.0, "gradient norm clip")
     lora_rank: int = arg(0, "train LoRA adapters (actor and critic on one shared base) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
-    dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32",
+                     choices=["auto", "bf16", "fp32"])
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -145,7 +152,8 @@ def main(args: PPOArgs) -> Path:
     elif args.lora_rank:
         critic = ValueModel(policy)
     else:
-        critic = ValueModel.from_reward_model(reward_model) if reward_model is not None else ValueModel(copy.deepcopy(policy))
+        critic = (ValueModel.from_reward_model(reward_model) if reward_model is not None
+                  else ValueModel(copy.deepcopy(policy)))
     critic.to(device).train()
 
     def actor_mode():
@@ -228,14 +236,15 @@ def main(args: PPOArgs) -> Path:
                 critic_opt.step()
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                stats.append([policy_loss.item(), value_loss.item(), float(pstats["clipfrac"]), float(pstats["approx_kl"]),
-                              ptx_loss.item()])
+                stats.append([policy_loss.item(), value_loss.item(), float(pstats["clipfrac"]),
+                              float(pstats["approx_kl"]), ptx_loss.item()])
 
         mean_kl = masked_mean(kl, mask).item() * mask.sum(1).float().mean().item()  # nats per response
         kl_ctl.update(mean_kl, args.rollout_batch)
         s = torch.tensor(stats).mean(0).tolist()
         metrics.write(step=it + 1, score=scores.mean().item(), kl=mean_kl, kl_coef=kl_ctl.coef,
-                      length=rollout.response_lens.float().mean().item(), finished=rollout.finished.float().mean().item(),
+                      length=rollout.response_lens.float().mean().item(),
+                      finished=rollout.finished.float().mean().item(),
                       policy_loss=s[0], value_loss=s[1], clipfrac=s[2], approx_kl=s[3], ptx_loss=s[4],
                       logprob_mismatch=float(sample_mismatch), rollout_s=rollout_time, iteration_s=time.time() - t0,
                       samples_per_s=args.rollout_batch / (time.time() - t0))

@@ -25,8 +25,7 @@ from palmchat.data.shards import PackedBatches, load_meta, read_documents, write
 from palmchat.losses import cross_entropy
 from palmchat.model.palm import PaLM
 from palmchat.tokenizer import Tokenizer, train_tokenizer
-from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, pick_device,
-                                   plot_metrics)
+from palmchat.train.common import MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, pick_device, plot_metrics
 
 
 @dataclass
@@ -55,7 +54,7 @@ class PretrainArgs:
     grad_clip: float = arg(1.0, "clip the gradient norm to this; 0 = off")
     z_loss: float = arg(1e-4, "PaLM z-loss weight (keeps the softmax normaliser near 1)")
     dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    compile: bool = arg(False, "torch.compile the model: ~1.4x faster steps on CPU after ~1 minute of compiling "
+    compile: bool = arg(False, "torch.compile the model: faster steps on CPU after a minute or so of compiling "
                                "(benchmarks/bench_foundation.py); worth it for runs longer than a few minutes")
     eval_every: int = arg(100, "held-out loss every this many steps")
     eval_batches: int = arg(8, "held-out batches per evaluation")
@@ -191,7 +190,8 @@ def main(args: PretrainArgs) -> Path:
         if done % args.eval_every == 0 or last:
             row["val_loss"] = evaluate(model, val_batches, args.eval_batches, device, dtype)
         metrics.write(**row)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+        val = {"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", **val)
         if done % args.save_every == 0 or last:
             checkpoint.save_checkpoint(out, done, model, ckpt_config, out / "tokenizer.json", optimizer, args.keep_last)
         if last:

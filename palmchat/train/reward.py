@@ -25,8 +25,16 @@ from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, r
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.lora import lora_config
-from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, load_policy, pick_device,
-                                   plot_metrics)
+from palmchat.train.common import (
+    MetricsLog,
+    adamw,
+    autocast,
+    autocast_dtype,
+    cosine_lr,
+    load_policy,
+    pick_device,
+    plot_metrics,
+)
 
 
 @dataclass
@@ -34,8 +42,8 @@ class RewardArgs:
     """Train a reward model on K-wise rankings (or chosen/rejected pairs)."""
 
     base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
-    data: list[str] = arg([], "JSONL rankings {'prompt','responses','ranking'} or pairs {'prompt','chosen','rejected'}; "
-                              "default: the bundled world's rankings")
+    data: list[str] = arg([], "JSONL rankings {'prompt','responses','ranking'} or pairs "
+                              "{'prompt','chosen','rejected'}; default: the bundled world's rankings")
     out: str = arg("runs/reward", "output folder")
     epochs: float = arg(1.0, "passes over the data")
     batch_size: int = arg(16, "rankings per step (each holds K responses)")
@@ -151,7 +159,8 @@ def main(args: RewardArgs) -> Path:
             rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
             loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
                                           batch["num_responses"].to(device))
-            lm_loss = best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0 else torch.zeros((), device=device)
+            lm_loss = (best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0
+                       else torch.zeros((), device=device))
         loss = loss + args.lm_coef * lm_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -165,7 +174,8 @@ def main(args: RewardArgs) -> Path:
         # InstructGPT normalises its reward model so that a reference set scores 0 on average before RL; the
         # ranking loss only sees differences, so the offset (and the scale) is arbitrary until fixed here
         raw = dict(reward_stats)
-        scale = raw["std"] if args.normalize == "standardize" and math.isfinite(raw["std"]) and raw["std"] > 1e-6 else 1.0
+        usable = math.isfinite(raw["std"]) and raw["std"] > 1e-6
+        scale = raw["std"] if args.normalize == "standardize" and usable else 1.0
         with torch.no_grad():
             model.head.bias.sub_(raw["mean"]).div_(scale)
             model.head.weight.div_(scale)

@@ -10,8 +10,8 @@ The traps handled here, each tested in tests/test_rl.py:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -136,7 +136,8 @@ def bundled_prompts(seed: int, n: int = 2000, split: str = "train") -> list[str]
 
 
 def load_prompt_texts(paths: list[str], seed: int) -> list[str]:
-    """User prompts from JSONL files ({'prompt': str} or {'messages': [...]}: the last user turn), or the bundled ones."""
+    """User prompts from JSONL files ({'prompt': str} or {'messages': [...]}: the last user turn), or the bundled
+    ones."""
     if not paths:
         return bundled_prompts(seed)
     from palmchat.data.chat import load_prompts

@@ -19,8 +19,17 @@ from tqdm import tqdm
 from palmchat.args import arg
 from palmchat.data.chat import encode_sft, load_conversations, pad_right
 from palmchat.losses import cross_entropy
-from palmchat.train.common import (MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, load_policy, pick_device,
-                                   plot_metrics, save_policy)
+from palmchat.train.common import (
+    MetricsLog,
+    adamw,
+    autocast,
+    autocast_dtype,
+    cosine_lr,
+    load_policy,
+    pick_device,
+    plot_metrics,
+    save_policy,
+)
 
 
 @dataclass
