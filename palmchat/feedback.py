@@ -6,7 +6,7 @@ export` turns what people gave into the files the trainers read.
     palmchat feedback export --db palmchat.db --format pairs --out pairs.jsonl        # palmchat dpo / reward
     palmchat feedback export --db palmchat.db --format sft --out liked.jsonl          # palmchat sft
 
-Where feedback comes from (all of it in the server's database, see palmchat/serve/store.py):
+Where feedback comes from (all of it in the server's database, see palmchat/store.py):
 - the labelling page (/label): a queued prompt's K candidate replies, sampled once by the server when the first
   labeller asks for the task and stored, so that every labeller ranks the same replies;
 - the chat page's compare view: 2-4 candidates for the next turn, ranked by the person chatting;
@@ -183,7 +183,8 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
 class FeedbackImportArgs:
     """Queue prompts for the labelling page (/label) from a JSONL file: {"prompt": ...} per line."""
 
-    file: str = arg("", "JSONL file: {\"prompt\": str or messages} (or {\"messages\": [...]}) per line", positional=True)
+    file: str = arg("", "JSONL file: {\"prompt\": str or messages} (or {\"messages\": [...]}) per line",
+                    positional=True)
     db: str = arg("palmchat.db", "the server's database file")
     k: int = arg(4, "candidate replies per prompt (2 to 4), sampled once by the server and ranked by every labeller")
     max_tokens: int = arg(128, "tokens per candidate reply at most")
@@ -204,7 +205,8 @@ def new_task_id() -> str:
     return "task_" + secrets.token_hex(12)
 
 
-def import_prompts(store, path: str | Path, k: int = 4, max_tokens: int = 128, temperature: float = 1.0) -> tuple[int, int]:
+def import_prompts(store, path: str | Path, k: int = 4, max_tokens: int = 128,
+                   temperature: float = 1.0) -> tuple[int, int]:
     """Queue the prompts of a JSONL file (DataError `FILE:LINE: problem` on a bad line); returns (added, read).
     A prompt already in the queue is not added again."""
     from palmchat.data.chat import load_prompts
@@ -221,7 +223,7 @@ def import_prompts(store, path: str | Path, k: int = 4, max_tokens: int = 128, t
 
 
 def import_main(args: FeedbackImportArgs) -> None:
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     if not args.file:
         raise ValueError("a JSONL file of prompts is required: palmchat feedback import FILE --db DB")
@@ -236,7 +238,7 @@ def import_main(args: FeedbackImportArgs) -> None:
 
 
 def export_main(args: FeedbackExportArgs) -> Path:
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     if not args.out:
         raise ValueError("--out is required")

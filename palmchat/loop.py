@@ -169,7 +169,7 @@ def queue_world_prompts(db: str | Path, n: int, seed: int = 0, k: int = 4, max_t
     """Put n of the bundled world's prompts in a database's labelling queue; returns how many were new."""
     from palmchat.data.world import World
     from palmchat.feedback import new_task_id
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     prompts = [[{"role": "user", "content": p}] for p in World(seed=seed).prompts(n, split)]
     store = Store(db)
@@ -228,7 +228,7 @@ def main(args: LoopArgs) -> dict:
     from palmchat.atomic import atomic_write
     from palmchat.data.chat import load_rankings
     from palmchat.feedback import export_records, write_jsonl
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as train_reward
 
@@ -255,7 +255,8 @@ def main(args: LoopArgs) -> dict:
     number = 1 + len(list(out.glob("round-*")))
     round_dir = out / f"round-{number:03d}"
     round_dir.mkdir()
-    train_path, heldout_path = write_jsonl(round_dir / "train.jsonl", train), write_jsonl(round_dir / "heldout.jsonl", heldout)
+    train_path = write_jsonl(round_dir / "train.jsonl", train)
+    heldout_path = write_jsonl(round_dir / "heldout.jsonl", heldout)
     print(f"loop round {number}: {len(records)} rankings from {args.db}: {len(train)} to train on, "
           f"{len(heldout)} held out", flush=True)
 
@@ -276,7 +277,8 @@ def main(args: LoopArgs) -> dict:
             report["reloaded"] = True
     atomic_write(round_dir / "round.json", json.dumps(report, indent=2))
     old = "none" if old_accuracy is None else f"{old_accuracy:.3f}"
-    verdict = ("promoted" + (f", now served by {args.server}" if args.server else "")) if promoted else "kept the current one"
+    served = f", now served by {args.server}" if args.server else ""
+    verdict = f"promoted{served}" if promoted else "kept the current one"
     print(f"loop round {number}: held-out pairwise accuracy new {new_accuracy:.3f} vs current {old}: {verdict}")
     return report
 

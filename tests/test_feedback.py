@@ -40,8 +40,9 @@ def artifacts(tmp_path_factory):
 def make_app(artifacts, db, **state_args):
     from palmchat import checkpoint
     from palmchat.inference.scheduler import Scheduler
-    from palmchat.serve.app import ServerState, create_app
-    from palmchat.serve.store import Store
+    from palmchat.serve.app import create_app
+    from palmchat.serve.state import ServerState
+    from palmchat.store import Store
 
     model, _, ckpt = checkpoint.load_model(artifacts["policy"])
     store = Store(db)
@@ -290,7 +291,7 @@ def test_export_cli_files_read_back_through_the_trainers_readers(app, tmp_path, 
             assert {"prompt", "chosen", "rejected"} <= set(records[0])
     assert "wrote" in capsys.readouterr().out
     empty = tmp_path / "empty.db"
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     Store(empty).close()
     assert main(["feedback", "export", "--db", str(empty), "--format", "sft", "--out", str(tmp_path / "x")]) == 2
@@ -319,11 +320,11 @@ def test_import_cli_reports_bad_lines(tmp_path, capsys):
 
 
 def test_a_v1_database_is_upgraded_in_place(tmp_path):
-    from palmchat.serve.store import _SCHEMA_V1, SCHEMA_VERSION, Store
+    from palmchat.store import SCHEMA_V1, SCHEMA_VERSION, Store
 
     path = tmp_path / "v1.db"
     with sqlite3.connect(path) as db:
-        for statement in _SCHEMA_V1.split(";"):
+        for statement in SCHEMA_V1.split(";"):
             if statement.strip():
                 db.execute(statement)
         db.execute("INSERT INTO api_keys VALUES ('key_1', 'alice', 'hash', 'pc-abc', NULL, 0, NULL)")
@@ -352,7 +353,7 @@ def test_admin_reload_needs_an_admin_key(artifacts, tmp_path, capsys):
 
     from palmchat.cli import main
     from palmchat.serve.keys import create_key
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     db = tmp_path / "admin.db"
     store = Store(db)

@@ -28,7 +28,7 @@ def test_split_keeps_a_prompt_on_one_side():
 
 def test_a_round_needs_enough_rankings(tmp_path, capsys):
     from palmchat.cli import main
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     Store(tmp_path / "empty.db").close()
     assert main(["loop", "--db", str(tmp_path / "empty.db"), "--base", "runs/sft", "--out", str(tmp_path / "l")]) == 2

@@ -37,7 +37,7 @@ def artifacts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(artifacts):
     from palmchat.serve.keys import create_key
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     db = artifacts["root"] / "main.db"
     store = Store(db)
@@ -80,7 +80,8 @@ def test_models_health_metrics(server):
     client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     metrics = httpx.get(server.url + "/metrics").text
     for name in ("palmchat_requests_total", "palmchat_prompt_tokens_total", "palmchat_prefix_cache_hit_rate",
-                 "palmchat_batch_size", "palmchat_queue_length", 'palmchat_http_requests_total{route="/v1/chat/completions"'):
+                 "palmchat_batch_size", "palmchat_queue_length",
+                 'palmchat_http_requests_total{route="/v1/chat/completions"'):
         assert name in metrics
 
 
@@ -338,8 +339,9 @@ def test_a_responses_chain_with_truncation_auto_keeps_answering_past_the_context
     c = openai.OpenAI(base_url=demo_shaped.url + "/v1", api_key="none", max_retries=0)
     reply_tokens, previous, responses = demo_shaped.context // 16, None, []
     for turn in range(20):  # each turn adds a question and a reply: 20 of them hold ~1.5 contexts
-        r = c.responses.create(model=demo_shaped.model, input=f"Question {turn}: {HARMLESS}", previous_response_id=previous,
-                               max_output_tokens=reply_tokens, truncation="auto", instructions="Be brief.")
+        r = c.responses.create(model=demo_shaped.model, input=f"Question {turn}: {HARMLESS}",
+                               previous_response_id=previous, max_output_tokens=reply_tokens, truncation="auto",
+                               instructions="Be brief.")
         assert r.truncation == "auto" and r.usage.output_tokens == reply_tokens and r.output_text
         assert r.usage.input_tokens + reply_tokens <= demo_shaped.context
         responses.append(r)
@@ -383,7 +385,8 @@ def test_the_chat_command_keeps_answering_past_the_context(demo_shaped_checkpoin
                       input="\n".join(questions) + "\n")
     assert result.returncode == 0, result.stderr
     turns = result.stdout.split("you> ")[1:]
-    assert len(turns) == 7 and all("assistant> " in t and len(t.split("assistant> ")[-1].strip()) > 50 for t in turns[:6])
+    assert len(turns) == 7 and all("assistant> " in t and len(t.split("assistant> ")[-1].strip()) > 50
+                                   for t in turns[:6])
     assert "no longer fit the" in result.stdout and "context" in result.stdout
     assert "no longer fit" not in turns[0] + turns[1]  # 2 x 300 tokens fit; the third turn's reply would not
 
@@ -505,8 +508,9 @@ def block_app(artifacts, tmp_path_factory):
     from palmchat import checkpoint
     from palmchat.inference.scheduler import Scheduler
     from palmchat.moderation import Moderator
-    from palmchat.serve.app import ServerState, create_app
-    from palmchat.serve.store import Store
+    from palmchat.serve.app import create_app
+    from palmchat.serve.state import ServerState
+    from palmchat.store import Store
 
     model, _, ckpt = checkpoint.load_model(artifacts["policy"])
     store = Store(tmp_path_factory.mktemp("block") / "block.db")
@@ -565,8 +569,10 @@ def test_reply_text_stops_and_filters(artifacts):
     assert all("\ufffd" not in part for part in released)
     reply, released = run("one two\n\nthree", stops=["\n\n"])
     assert reply.text == "one two" and reply.finish_reason == "stop"
-    reply, released = run("good good good good good good good good good good bad words follow here", moderator=_Moderator())
+    reply, released = run("good good good good good good good good good good bad words follow here",
+                          moderator=_Moderator())
     assert reply.finish_reason == "content_filter" and "bad" not in reply.text
     assert reply.context_tokens()[-1] == tok.eot_id and len(reply.context_tokens()) <= len(reply.tokens) + 1
     eot = Reply(tok, [])
-    assert eot.add(tok.encode("Hi") + [tok.eot_id], "stop") == "Hi" and eot.context_tokens() == tok.encode("Hi") + [tok.eot_id]
+    assert (eot.add(tok.encode("Hi") + [tok.eot_id], "stop") == "Hi"
+            and eot.context_tokens() == tok.encode("Hi") + [tok.eot_id])

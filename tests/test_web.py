@@ -40,7 +40,7 @@ def web(tmp_path_factory):
         pytest.skip("Debian's chromium is not installed (`make test` installs it: apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the dev extra")
     from palmchat.feedback import import_prompts
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     root = tmp_path_factory.mktemp("web")
     policy, _ = build_checkpoints(root)
@@ -366,7 +366,7 @@ def test_markdown_is_rendered_and_sanitised_and_shift_enter_is_a_newline(web):
     p.goto("/")
     html = p.page.evaluate("""() => { const d = document.createElement('div');
         renderMarkdown(d, '**bold** and `code`\\n\\n```\\nx = 1\\n```\\n<b onclick="window.hit=1">b</b><script>window.hit=1</script>');
-        return d.innerHTML; }""")
+        return d.innerHTML; }""")  # noqa: E501
     assert "<strong>bold</strong>" in html and "<code>code</code>" in html and "<pre><code>x = 1" in html
     assert "onclick" not in html and "<script" not in html and p.page.evaluate("window.hit") is None
     p.page.fill("#input", "line one")

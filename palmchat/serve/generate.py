@@ -1,5 +1,5 @@
-"""From a prompt's token ids to the text of n replies, through the scheduler: what every generating endpoint
-shares (chat completions, completions, responses).
+"""From a prompt's token ids to the text of n replies, through the scheduler, and the moderation of what goes in
+and comes out: what every generating endpoint shares (chat completions, completions, responses, compare).
 
     gen = Generation(state, prompt_ids, params, n=2, stops=["\\n\\n"], block_output=True)
     async for index, delta, finish_reason in gen.deltas():   # closing the loop early cancels the requests
@@ -26,9 +26,12 @@ from collections.abc import AsyncIterator
 
 from palmchat.inference.best_of_n import sample_seed, score_completions
 from palmchat.inference.engine import SamplingParams
-from palmchat.serve.schemas import APIError
+from palmchat.serve.errors import APIError
+from palmchat.serve.state import ServerState
 
 CHECK_EVERY = 8  # tokens between output-moderation checks in block mode
+REFUSAL = "I can't help with that request."
+MODERATION_MODEL = "palmchat-moderation"
 
 
 class GenerationError(RuntimeError):
@@ -178,3 +181,45 @@ async def rank_best_of(state, prompt: list[int], params: SamplingParams, n: int,
                                      [r.context_tokens() for r in replies], state.tokenizer.eot_id)
     ranked = sorted(range(candidates), key=lambda j: (replies[j].finish_reason == "content_filter", -scores[j], j))
     return generation, ranked[:n]
+
+
+async def generate_replies(state: ServerState, prompt: list[int], params: SamplingParams, n: int,
+                           candidates: int | None, stops: list[str]) -> tuple[Generation, list]:
+    """Non-streamed: the n replies (the reward model's n best of `candidates` when set)."""
+    block = state.moderation_mode == "block"
+    try:
+        if candidates:
+            generation, order = await rank_best_of(state, prompt, params, n, candidates, stops, block)
+            return generation, [generation.replies[j] for j in order]
+        generation = Generation(state, prompt, params, n, stops, block)
+        return generation, await generation.run()
+    except GenerationError as e:
+        raise APIError(e.status, str(e), type="server_error") from None
+
+
+# -- moderation ------------------------------------------------------------------------------------------
+
+
+def moderation_result(result) -> dict:
+    """A ModerationResult as the `moderation.input`/`.output` of a response (and of a chat completion here)."""
+    return {"type": "moderation_result", "model": MODERATION_MODEL, **result.to_openai(),
+            "category_applied_input_types": {c: ["text"] for c in result.categories}}
+
+
+def moderation_results(results: list) -> dict:
+    return {"type": "moderation_results", "model": MODERATION_MODEL, "results": [moderation_result(r) for r in results]}
+
+
+async def moderate_input(state: ServerState, texts: list[str]):
+    """The moderator's verdict on the request's text (all of it as one), or None when moderation is off."""
+    if state.moderator is None or state.moderation_mode == "off" or not any(texts):
+        return None
+    return (await asyncio.to_thread(state.moderator.moderate, ["\n".join(texts)]))[0]
+
+
+def moderate_output(state: ServerState, reply):
+    """The moderator's verdict on a finished reply: checked now (warn), or the last check while generating
+    (block); None when moderation is off."""
+    if state.moderator is None or state.moderation_mode == "off":
+        return None
+    return reply.moderation if state.moderation_mode == "block" else state.moderator.moderate([reply.text])[0]

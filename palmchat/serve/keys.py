@@ -107,7 +107,7 @@ def create_key(store, name: str = "", rate_limit: str = "", admin: bool = False)
 
 
 def create_main(args: KeysCreateArgs) -> None:
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     store = Store(args.db)
     try:
@@ -119,7 +119,7 @@ def create_main(args: KeysCreateArgs) -> None:
 
 
 def list_main(args: KeysListArgs) -> None:
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     store = Store(args.db)
     try:
@@ -130,7 +130,8 @@ def list_main(args: KeysListArgs) -> None:
         print(f"no API keys in {args.db}: the server accepts requests without a key, on loopback only")
         return
     for k in keys:
-        state = "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(k["revoked_at"])) if k["revoked_at"] else "active"
+        revoked = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["revoked_at"])) if k["revoked_at"] else ""
+        state = f"revoked {revoked}" if revoked else "active"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
         limit = k["rate_limit"] or "server default"
         print(f"{k['id']}  {k['name']:<20} {k['prefix']}...  created {created}  rate {limit}  {state}"
@@ -138,7 +139,7 @@ def list_main(args: KeysListArgs) -> None:
 
 
 def revoke_main(args: KeysRevokeArgs) -> None:
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     store = Store(args.db)
     try:

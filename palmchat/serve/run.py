@@ -56,10 +56,10 @@ def load_state(args: ServeArgs, store):
     import torch
 
     from palmchat import checkpoint
-    from palmchat.cli import _decode_dtype
     from palmchat.inference.scheduler import Scheduler
-    from palmchat.serve.app import ServerState
     from palmchat.serve.keys import parse_rate
+    from palmchat.serve.state import ServerState
+    from palmchat.train.common import decode_dtype
 
     parse_rate(args.rate_limit)  # a typo fails here, not at the first request
     if args.max_batch < 1 or args.max_tokens_limit < 1 or args.max_request_bytes < 1 or args.prefix_cache_tokens < 0:
@@ -82,7 +82,7 @@ def load_state(args: ServeArgs, store):
         from palmchat.moderation import Moderator, default_moderator
 
         moderator = default_moderator() if args.moderation == "default" else Moderator.load(args.moderation)
-    dtype = _decode_dtype(args.dtype)
+    dtype = decode_dtype(args.dtype)
     scheduler = Scheduler(model, dtype=None if dtype == torch.float32 and args.dtype == "auto" else dtype,
                           max_batch=args.max_batch, prefix_cache_tokens=args.prefix_cache_tokens)
     folder = Path(args.checkpoint).resolve()
@@ -95,7 +95,7 @@ def load_state(args: ServeArgs, store):
 
 
 def main(args: ServeArgs) -> None:
-    from palmchat.serve.store import Store
+    from palmchat.store import Store
 
     if not args.checkpoint:
         raise ValueError("a checkpoint folder is required: palmchat serve CHECKPOINT")

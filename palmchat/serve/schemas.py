@@ -1,5 +1,5 @@
 """What goes over the wire: request bodies (pydantic, so FastAPI validates them and publishes them in
-/openapi.json), OpenAI-shaped errors, and builders of the OpenAI objects the server returns.
+/openapi.json) and builders of the OpenAI objects the server returns (errors: errors.py).
 
 The shapes follow what the official `openai` Python client parses (ChatCompletion, ChatCompletionChunk,
 Completion, Response and its stream events, Conversation, ConversationItem, ModerationCreateResponse). Unknown
@@ -15,29 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from palmchat.serve.errors import APIError
+
 MAX_CHOICES = 16  # n and best_of, each
-
-
-class APIError(Exception):
-    """An error answered as {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def not_found(what: str, id: str) -> APIError:
-    return APIError(404, f"{what} with id '{id}' not found.", param=None, code="not_found")
 
 
 def new_id(prefix: str) -> str:
@@ -47,8 +27,8 @@ def new_id(prefix: str) -> str:
 # -- requests --------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields a body does not declare are accepted and ignored
 
 
 def _check_metadata(value: dict[str, str]) -> dict[str, str]:
@@ -62,21 +42,21 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
 Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text", "input_text", "output_text"] = "text"
     text: str
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class _Sampling(Body):
     model: str
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
     top_p: float | None = Field(None, ge=0, le=1)
@@ -116,17 +96,17 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1, description="default 16, as in OpenAI's API")
 
 
-class InputMessage(_Body):
+class InputMessage(Body):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
 
-class ConversationRef(_Body):
+class ConversationRef(Body):
     id: str
 
 
-class ResponseRequest(_Body):
+class ResponseRequest(Body):
     model: str
     input: str | list[InputMessage]
     instructions: str | None = Field(None, description="a system message for this response only (not carried over)")
@@ -143,20 +123,20 @@ class ResponseRequest(_Body):
                                    'the context; "disabled" (default) fails such a request with a 400')
 
 
-class ConversationCreateRequest(_Body):
+class ConversationCreateRequest(Body):
     items: list[InputMessage] | None = Field(None, max_length=20)
     metadata: Metadata | None = None
 
 
-class ConversationUpdateRequest(_Body):
+class ConversationUpdateRequest(Body):
     metadata: Metadata
 
 
-class ItemsCreateRequest(_Body):
+class ItemsCreateRequest(Body):
     items: list[InputMessage] = Field(min_length=1, max_length=20)
 
 
-class ModerationRequest(_Body):
+class ModerationRequest(Body):
     input: str | list[str]
     model: str | None = None
 
@@ -246,3 +226,14 @@ def response_usage(input_tokens: int, output_tokens: int, cached_tokens: int) ->
 def item_list(items: list[dict], has_more: bool = False) -> dict:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+def item_page(items: list[dict], limit: int, order: str, after: str | None) -> dict:
+    """One page of a list endpoint: `items` oldest first, turned to `order`, from the one after `after`."""
+    items = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise APIError(400, f"after: no item with id '{after}'", param="after")
+        items = items[ids.index(after) + 1:]
+    return item_list(items[:limit], has_more=len(items) > limit)

@@ -32,32 +32,25 @@ from pydantic import Field
 from palmchat.feedback import agreement
 from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
-from palmchat.serve.app import (
-    ServerState,
-    _conversation,
-    _state,
-    caller,
-    generate_replies,
-    model_candidates,
-    moderate_input,
-    prepare_turn,
-    sampling,
-)
-from palmchat.serve.schemas import APIError
-from palmchat.serve.store import StoreError
+from palmchat.serve.errors import APIError, not_found
+from palmchat.serve.generate import generate_replies, moderate_input
+from palmchat.serve.routes.responses import prepare_turn
+from palmchat.serve.sampling import model_candidates, sampling_params
+from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
+from palmchat.store import StoreError, context_digest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 LABELLER_HEADER = "x-palmchat-labeller"
 
 
-class FeedbackRequest(S._Body):
+class FeedbackRequest(S.Body):
     item_id: str = Field(min_length=1, max_length=200, description="an assistant item of the conversation")
     conversation_id: str = Field(min_length=1, max_length=200)
     rating: Literal[1, -1] = Field(description="1: thumbs up, -1: thumbs down")
     comment: str = Field("", max_length=4000)
 
 
-class CompareRequest(S._Body):
+class CompareRequest(S.Body):
     model: str
     input: str | list[S.InputMessage]
     instructions: str | None = Field(None, description="a system message for these candidates (as on /v1/responses)")
@@ -69,11 +62,11 @@ class CompareRequest(S._Body):
     truncation: S.Truncation = Field(None, description="as on /v1/responses")
 
 
-class RankingRequest(S._Body):
+class RankingRequest(S.Body):
     ranking: list[str] = Field(min_length=2, max_length=S.MAX_CHOICES, description="candidate ids, best first")
 
 
-class ReloadRequest(S._Body):
+class ReloadRequest(S.Body):
     reward_model: str = Field(min_length=1, max_length=4096, description="a reward-model checkpoint folder")
 
 
@@ -105,8 +98,8 @@ def check_ranking(ranking: list[str], candidate_ids: list[str]) -> None:
 
 @router.post("/feedback")
 async def give_feedback(body: FeedbackRequest, request: Request, owner: str = Depends(caller)):
-    state = _state(request)
-    _conversation(state, owner, body.conversation_id)
+    state = server_state(request)
+    owned_conversation(state, owner, body.conversation_id)
     items = state.store.items_with_tokens(body.conversation_id)
     at = next((i for i, (item, _) in enumerate(items) if item["id"] == body.item_id), None)
     if at is None:
@@ -137,7 +130,7 @@ def _feedback_object(row: dict) -> dict:
 
 @router.get("/feedback")
 async def list_feedback(request: Request, conversation_id: str, owner: str = Depends(caller)):
-    rows = _state(request).store.feedback(owner=owner, conversation_id=conversation_id)
+    rows = server_state(request).store.feedback(owner=owner, conversation_id=conversation_id)
     return {"object": "list", "data": [_feedback_object(r) for r in rows]}
 
 
@@ -146,14 +139,14 @@ async def list_feedback(request: Request, conversation_id: str, owner: str = Dep
 
 @router.post("/conversations/{conversation_id}/compare")
 async def compare(conversation_id: str, body: CompareRequest, request: Request, owner: str = Depends(caller)):
-    state = _state(request)
+    state = server_state(request)
     if model_candidates(state, body.model) is not None:
         raise APIError(400, "compare samples plain candidates: use the model id without a ':best-of-N' suffix",
                        param="model")
-    turn = prepare_turn(state, owner, S.ResponseRequest(model=body.model, input=body.input, conversation=conversation_id,
-                                                        instructions=body.instructions, truncation=body.truncation,
-                                                        max_output_tokens=body.max_output_tokens))
-    params = sampling(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
+    turn = prepare_turn(state, owner, S.ResponseRequest(
+        model=body.model, input=body.input, conversation=conversation_id, instructions=body.instructions,
+        truncation=body.truncation, max_output_tokens=body.max_output_tokens))
+    params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
     flagged = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"])
     if flagged is not None and flagged.flagged and state.moderation_mode == "block":
         raise APIError(400, "The input was flagged by moderation; no candidates were generated.", param="input",
@@ -162,8 +155,6 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
     generation, replies = await generate_replies(state, turn.prompt, params, body.n, None, [])
     system = [{"role": "system", "content": S.clean_text(body.instructions)}] if body.instructions else []
     candidates = [{"id": S.new_id("msg_"), "text": r.text} for r in replies]
-    from palmchat.serve.store import context_digest
-
     task = {
         "id": S.new_id("cmp_"), "kind": "compare", "owner": owner, "conversation_id": conversation_id,
         "prompt": system + history + [{"role": S.role_of(role), "content": text} for role, text in turn.texts],
@@ -183,10 +174,10 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
 
 @router.post("/comparisons/{comparison_id}/ranking")
 async def rank_comparison(comparison_id: str, body: RankingRequest, request: Request, owner: str = Depends(caller)):
-    state = _state(request)
+    state = server_state(request)
     task = state.store.get_task(comparison_id)
     if task is None or task["kind"] != "compare" or task["owner"] != owner:
-        raise S.not_found("Comparison", comparison_id)
+        raise not_found("Comparison", comparison_id)
     check_ranking(body.ranking, [c["id"] for c in task["candidates"]])
     p, best = task["params"], body.ranking[0]
     text = next(c["text"] for c in task["candidates"] if c["id"] == best)
@@ -231,7 +222,7 @@ async def with_candidates(state: ServerState, locks: dict, task: dict) -> dict:
 
 @router.get("/label/next")
 async def next_task(request: Request, owner: str = Depends(caller)):
-    state, who = _state(request), labeller_of(request, owner)
+    state, who = server_state(request), labeller_of(request, owner)
     locks = request.app.state.label_locks
     while True:
         task = state.store.next_label_task(who)
@@ -249,10 +240,10 @@ async def next_task(request: Request, owner: str = Depends(caller)):
 
 @router.post("/label/tasks/{task_id}/ranking")
 async def rank_task(task_id: str, body: RankingRequest, request: Request, owner: str = Depends(caller)):
-    state, who = _state(request), labeller_of(request, owner)
+    state, who = server_state(request), labeller_of(request, owner)
     task = state.store.get_task(task_id)
     if task is None or task["kind"] != "label":
-        raise S.not_found("Labelling task", task_id)
+        raise not_found("Labelling task", task_id)
     if not task["candidates"]:
         raise APIError(409, "this task has no candidates yet: take it from GET /v1/label/next first", code="conflict")
     check_ranking(body.ranking, [c["id"] for c in task["candidates"]])
@@ -262,7 +253,7 @@ async def rank_task(task_id: str, body: RankingRequest, request: Request, owner:
 
 @router.get("/label/stats")
 async def label_stats(request: Request, owner: str = Depends(caller)):
-    state, who = _state(request), labeller_of(request, owner)
+    state, who = server_state(request), labeller_of(request, owner)
     rankings = state.store.rankings("label")
     by_task: dict[str, list[list[str]]] = {}
     for r in rankings:
@@ -291,7 +282,7 @@ def _load_reward_model(path: str, state: ServerState):
 async def reload_reward_model(body: ReloadRequest, request: Request, owner: str = Depends(caller)):
     """Swap the reward model (best-of-n) for another checkpoint without a restart. Needs an admin key
     (`palmchat keys create --admin`); a server without keys (loopback only) lets any caller."""
-    state = _state(request)
+    state = server_state(request)
     if (owner or state.require_key) and not state.store.is_admin(owner):
         raise APIError(403, "This endpoint needs an admin API key (palmchat keys create --admin).",
                        type="permission_error", code="forbidden")

@@ -36,7 +36,7 @@ import numpy as np
 
 SCHEMA_VERSION = 2
 
-_SCHEMA_V1 = """
+SCHEMA_V1 = """
 CREATE TABLE api_keys (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -71,7 +71,7 @@ CREATE TABLE responses (
 );
 """
 
-_SCHEMA_V2 = """
+SCHEMA_V2 = """
 ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;   -- may call /v1/admin/*
 CREATE TABLE feedback (
     id              TEXT PRIMARY KEY,
@@ -105,7 +105,7 @@ CREATE TABLE rankings (
 )
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}
 
 
 def pack_ids(ids) -> bytes:
@@ -139,7 +139,8 @@ class Store:
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: database schema v{version} is newer than this palmchat (v{SCHEMA_VERSION})")
+                raise StoreError(f"{self.path}: database schema v{version} is newer than this palmchat "
+                                 f"(v{SCHEMA_VERSION})")
             if version == 0 and db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
                 raise StoreError(f"{self.path}: an SQLite file that is not a palmchat database")
             for step in range(version + 1, SCHEMA_VERSION + 1):
@@ -208,8 +209,8 @@ class Store:
 
     def get_response(self, owner: str, response_id: str) -> dict | None:
         """{"body", "input_items", "context", "conversation_id"} of one of `owner`'s responses, or None."""
-        rows = self._read("SELECT body, input_items, context, conversation_id FROM responses WHERE id = ? AND owner = ?",
-                          (response_id, owner))
+        rows = self._read("SELECT body, input_items, context, conversation_id FROM responses "
+                          "WHERE id = ? AND owner = ?", (response_id, owner))
         if not rows:
             return None
         body, items, context, conversation_id = rows[0]
@@ -262,8 +263,8 @@ class Store:
 
     def list_conversations(self, owner: str) -> list[dict]:
         """`owner`'s conversations, oldest first."""
-        rows = self._read("SELECT id, created_at, metadata FROM conversations WHERE owner = ? ORDER BY created_at, rowid",
-                          (owner,))
+        rows = self._read("SELECT id, created_at, metadata FROM conversations WHERE owner = ? "
+                          "ORDER BY created_at, rowid", (owner,))
         return [{"id": i, "object": "conversation", "created_at": c, "metadata": json.loads(m)} for i, c, m in rows]
 
     def update_conversation(self, owner: str, conversation_id: str, metadata: dict) -> bool:
@@ -277,7 +278,8 @@ class Store:
                               (conversation_id, owner)).rowcount > 0
 
     def _append_items(self, db, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]]) -> None:
-        if not db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)).fetchone():
+        owned = db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner))
+        if not owned.fetchone():
             raise KeyError(conversation_id)  # deleted while the turn was generated
         last = db.execute("SELECT coalesce(max(position), -1) FROM items WHERE conversation_id = ?",
                           (conversation_id,)).fetchone()[0]
@@ -389,7 +391,8 @@ class Store:
         """The label task `labeller` has not ranked with the fewest rankings so far (the oldest among those).
         Tasks whose candidates are an empty list (the prompt left no room for a reply) are skipped."""
         rows = self._read(f"""SELECT {', '.join('t.' + f for f in self._TASK_FIELDS)} FROM tasks t
-            WHERE t.kind = 'label' AND coalesce(t.candidates, '') != '[]' AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.labeller = ?)
+            WHERE t.kind = 'label' AND coalesce(t.candidates, '') != '[]'
+              AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.labeller = ?)
             ORDER BY (SELECT count(*) FROM rankings r WHERE r.task_id = t.id), t.created_at, t.rowid LIMIT 1""",
                           (labeller,))
         return self._task(rows[0]) if rows else None
@@ -425,7 +428,8 @@ class Store:
                                             (task["conversation_id"],)) for t in unpack_ids(r[0])]
             if context_digest(tokens) != task["params"]["context_digest"]:
                 raise StoreError("the conversation changed after these candidates were generated; compare again")
-            db.execute("INSERT INTO rankings VALUES (?, ?, ?, ?)", (task["id"], labeller, json.dumps(ranking), time.time()))
+            db.execute("INSERT INTO rankings VALUES (?, ?, ?, ?)",
+                       (task["id"], labeller, json.dumps(ranking), time.time()))
             self._append_items(db, owner, task["conversation_id"], items)
 
     def rankings(self, kind: str | None = None) -> list[dict]:

@@ -1,0 +1,1 @@
+"""One module per endpoint family, each with its `router`; app.py includes them all."""

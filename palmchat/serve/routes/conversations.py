@@ -1,0 +1,106 @@
+"""/v1/conversations[/{id}[/items[/{item_id}]]]: create, read, update and delete conversations and their
+items, as in OpenAI's Conversations API; GET /v1/conversations (the caller's, newest first) is an extension."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from palmchat.serve import schemas as S
+from palmchat.serve.errors import not_found
+from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
+
+
+def new_items(state: ServerState, messages: list[S.InputMessage]) -> list[tuple[dict, list[int]]]:
+    """Each input message as a new item, with the token ids it adds to the conversation's context."""
+    out = []
+    for m in messages:
+        text = S.text_of(m.content)
+        out.append((S.message_item(S.new_id("msg_"), m.role, text),
+                    state.tokenizer.render_turn({"role": S.role_of(m.role), "content": text})))
+    return out
+
+
+@router.post("/conversations")
+async def create_conversation(request: Request, body: S.ConversationCreateRequest | None = None,
+                              owner: str = Depends(caller)):
+    state = server_state(request)
+    body = body or S.ConversationCreateRequest()
+    conversation = {"id": S.new_id("conv_"), "object": "conversation", "created_at": int(time.time()),
+                    "metadata": body.metadata or {}}
+    await asyncio.to_thread(state.store.create_conversation, owner, conversation, new_items(state, body.items or []))
+    return conversation
+
+
+@router.get("/conversations")
+async def list_conversations(request: Request, owner: str = Depends(caller), limit: int = Query(20, ge=1, le=100),
+                             order: Literal["asc", "desc"] = "desc", after: str | None = None):
+    """An extension (OpenAI's API cannot list conversations): the caller's conversations, newest first by default.
+    The chat page keeps each one's title in `metadata.title`."""
+    return S.item_page(server_state(request).store.list_conversations(owner), limit, order, after)
+
+
+@router.get("/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, request: Request, owner: str = Depends(caller)):
+    return owned_conversation(server_state(request), owner, conversation_id)
+
+
+@router.post("/conversations/{conversation_id}")
+async def update_conversation(conversation_id: str, body: S.ConversationUpdateRequest, request: Request,
+                              owner: str = Depends(caller)):
+    state = server_state(request)
+    if not await asyncio.to_thread(state.store.update_conversation, owner, conversation_id, body.metadata):
+        raise not_found("Conversation", conversation_id)
+    return owned_conversation(state, owner, conversation_id)
+
+
+@router.delete("/conversations/{conversation_id}")
+async def delete_conversation(conversation_id: str, request: Request, owner: str = Depends(caller)):
+    if not await asyncio.to_thread(server_state(request).store.delete_conversation, owner, conversation_id):
+        raise not_found("Conversation", conversation_id)
+    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+@router.get("/conversations/{conversation_id}/items")
+async def list_items(conversation_id: str, request: Request, owner: str = Depends(caller),
+                     limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc",
+                     after: str | None = None):
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    return S.item_page(state.store.items(conversation_id), limit, order, after)
+
+
+@router.post("/conversations/{conversation_id}/items")
+async def add_items(conversation_id: str, body: S.ItemsCreateRequest, request: Request, owner: str = Depends(caller)):
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    items = new_items(state, body.items)
+    try:
+        await asyncio.to_thread(state.store.add_items, owner, conversation_id, items)
+    except KeyError:
+        raise not_found("Conversation", conversation_id) from None
+    return S.item_list([item for item, _ in items])
+
+
+@router.get("/conversations/{conversation_id}/items/{item_id}")
+async def get_item(conversation_id: str, item_id: str, request: Request, owner: str = Depends(caller)):
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    item = state.store.get_item(conversation_id, item_id)
+    if item is None:
+        raise not_found("Item", item_id)
+    return item
+
+
+@router.delete("/conversations/{conversation_id}/items/{item_id}")
+async def delete_item(conversation_id: str, item_id: str, request: Request, owner: str = Depends(caller)):
+    state = server_state(request)
+    conversation = owned_conversation(state, owner, conversation_id)
+    if not await asyncio.to_thread(state.store.delete_item, conversation_id, item_id):
+        raise not_found("Item", item_id)
+    return conversation

@@ -1,0 +1,272 @@
+"""POST /v1/responses (stateful: previous_response_id / conversation, instructions, store, truncation),
+GET|DELETE /v1/responses/{id} and GET /v1/responses/{id}/input_items.
+
+How a stateful turn is built (see palmchat/store.py): the conversation so far is a list of token ids, only ever
+appended to. A follow-up's prompt is `history + new turns + <|assistant|>`, so it starts with the very tokens
+of the previous prompt and reply, whose K/V the scheduler's prefix cache holds: only the new turn is computed,
+and `usage.input_tokens_details.cached_tokens` says how many were not.
+
+`instructions` apply to one response only, as in OpenAI's API: they are rendered as a system turn at the front
+of that response's prompt, `[bos, system(instructions)] + history[1:] + new turns`, and are not stored. The
+cache consequence: a turn with instructions shares only `bos` with a prompt built without them (and vice
+versa), so switching instructions on or off costs one full prefill; a client that sends the same instructions
+every turn (the usual pattern) still hits the cache, since each such prompt extends the one before.
+
+Concurrent responses in one conversation are not serialised: each sees the items committed when it started,
+and their items are appended in the order they finish.
+
+A turn is committed to the database before its reply completes (before the final SSE event, or before the
+non-streamed response is sent), so a client that saw a response finish can always continue from it, even
+after the server was killed.
+
+A streamed reply whose client goes away (the page's Stop button aborts the request) is committed as it stood:
+the input and the text released so far, as an assistant item with status `incomplete`, in a stored response
+with status `cancelled`; the conversation continues from those tokens. A killed server commits nothing of the
+turn it was generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from palmchat.serve import schemas as S
+from palmchat.serve.errors import APIError, not_found
+from palmchat.serve.generate import (
+    REFUSAL,
+    Generation,
+    GenerationError,
+    generate_replies,
+    moderate_input,
+    moderate_output,
+    moderation_result,
+)
+from palmchat.serve.sampling import fit_prompt, model_candidates, sampling_params
+from palmchat.serve.state import ServerState, caller, server_state
+from palmchat.serve.streaming import error_event, sse, stream_response
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
+
+
+@dataclass
+class Turn:
+    """One /v1/responses call, prepared: where its history comes from, what it adds, and its prompt."""
+
+    history: list[int]  # the stored context it continues (starts with bos)
+    texts: list[tuple[str, str]]  # (role, text) of each input message
+    turn_tokens: list[list[int]]  # each input message rendered
+    input_items: list[dict]
+    prompt: list[int]  # what runs: the context, or with truncation "auto" what is left of it
+    conversation_id: str | None
+    truncation_details: dict | None = None
+
+    @property
+    def context(self) -> list[int]:
+        """The context without instructions, up to and including the <|assistant|> that opens the reply."""
+        return self.history + [t for turn in self.turn_tokens for t in turn] + [self.prompt[-1]]
+
+
+def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Turn:
+    tok = state.tokenizer
+    if body.previous_response_id and body.conversation:
+        raise APIError(400, "previous_response_id and conversation cannot be used together", param="conversation")
+    conversation_id = None
+    if body.previous_response_id:
+        previous = state.store.get_response(owner, body.previous_response_id)
+        if previous is None:
+            raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        history = previous["context"]
+    elif body.conversation:
+        conversation_id = body.conversation if isinstance(body.conversation, str) else body.conversation.id
+        if state.store.get_conversation(owner, conversation_id) is None:
+            raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation",
+                           code="not_found")
+        history = [tok.bos_id] + state.store.context(conversation_id)
+    else:
+        history = [tok.bos_id]
+    messages = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+    if not messages:
+        raise APIError(400, "input must hold at least one message", param="input")
+    texts = [(m.role, S.text_of(m.content)) for m in messages]
+    turn_tokens = [tok.render_turn({"role": S.role_of(role), "content": text}) for role, text in texts]
+    input_items = [S.message_item(S.new_id("msg_"), role, text) for role, text in texts]
+    prompt = history + [t for turn in turn_tokens for t in turn] + [tok.assistant_id]
+    if body.instructions:
+        system = tok.render_turn({"role": "system", "content": S.clean_text(body.instructions)})
+        prompt = [tok.bos_id] + system + prompt[1:]
+    fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
+    return Turn(history, texts, turn_tokens, input_items, fitted.prompt, conversation_id, fitted.details())
+
+
+@router.post("/responses")
+async def create_response(body: S.ResponseRequest, request: Request, owner: str = Depends(caller)):
+    state = server_state(request)
+    candidates = model_candidates(state, body.model)
+    turn = prepare_turn(state, owner, body)
+    params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
+    flagged_in = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"]
+                                      + [S.clean_text(body.instructions or "")])
+    blocked = flagged_in is not None and flagged_in.flagged and state.moderation_mode == "block"
+    response_id, item_id, created_at = S.new_id("resp_"), S.new_id("msg_"), time.time()
+    block_output = state.moderation_mode == "block"
+
+    def response(status: str, output: list[dict], usage: dict | None, reason: str | None = None,
+                 output_moderation=None) -> dict:
+        moderation = None
+        if flagged_in is not None or output_moderation is not None:
+            moderation = {"input": moderation_result(flagged_in) if flagged_in else None,
+                          "output": moderation_result(output_moderation) if output_moderation else None}
+        return S.response_object(response_id, body.model, created_at, status, output,
+                                 instructions=body.instructions, previous_response_id=body.previous_response_id,
+                                 conversation_id=turn.conversation_id, max_output_tokens=body.max_output_tokens,
+                                 temperature=body.temperature, top_p=body.top_p, metadata=body.metadata,
+                                 store=body.store, usage=usage, incomplete_reason=reason, moderation=moderation,
+                                 truncation=body.truncation or "disabled",
+                                 truncation_details=turn.truncation_details)
+
+    async def commit(final: dict, reply_tokens: list[int] | None) -> None:
+        """Store the turn. A blocked input never enters the token history: its items are kept with no tokens."""
+        if reply_tokens is None:
+            context, items = turn.history, [(item, []) for item in turn.input_items + final["output"]]
+        else:
+            context = turn.context + reply_tokens
+            reply = (final["output"][0], [turn.prompt[-1]] + reply_tokens)
+            items = list(zip(turn.input_items, turn.turn_tokens)) + [reply]
+        try:
+            await asyncio.to_thread(state.store.commit_turn, owner, final if body.store else None, turn.input_items,
+                                    context, turn.conversation_id, items)
+        except KeyError:
+            raise APIError(404, f"Conversation with id '{turn.conversation_id}' was deleted during this response.",
+                           param="conversation") from None
+
+    def finished(reply, output_moderation) -> dict:
+        status, reason = {"stop": ("completed", None), "length": ("incomplete", "max_output_tokens"),
+                          "content_filter": ("incomplete", "content_filter")}[reply.finish_reason]
+        item = S.message_item(item_id, "assistant", reply.text,
+                              status="completed" if status == "completed" else "incomplete")
+        usage = S.response_usage(len(turn.prompt), generation.completion_tokens, generation.cached_tokens)
+        return response(status, [item], usage, reason, output_moderation)
+
+    if blocked:
+        final = response("incomplete", [S.message_item(item_id, "assistant", "", refusal=REFUSAL)],
+                         S.response_usage(len(turn.prompt), 0, 0), "content_filter")
+    generation = None
+    if not body.stream:
+        if blocked:
+            await commit(final, None)
+            return final
+        generation, replies = await generate_replies(state, turn.prompt, params, 1, candidates, [])
+        final = finished(replies[0], moderate_output(state, replies[0]))
+        await commit(final, replies[0].context_tokens())
+        return final
+
+    if not blocked and not candidates:
+        generation = Generation(state, turn.prompt, params, 1, [], block_output)
+    settled = False  # committed, or failed: a disconnect from then on stores nothing
+
+    def commit_stopped() -> None:
+        """The client went away mid-reply: keep what was released so far (synchronously: this runs while the
+        request is being torn down, where nothing may be awaited)."""
+        if settled or generation is None or candidates:
+            return
+        reply = generation.replies[0]
+        item = S.message_item(item_id, "assistant", reply.text, status="incomplete")
+        final = response("cancelled", [item], S.response_usage(len(turn.prompt), generation.completion_tokens,
+                                                                generation.cached_tokens))
+        items = list(zip(turn.input_items, turn.turn_tokens)) + [(item, [turn.prompt[-1]] + reply.context_tokens())]
+        try:
+            state.store.commit_turn(owner, final if body.store else None, turn.input_items,
+                                    turn.context + reply.context_tokens(), turn.conversation_id, items)
+        except KeyError:  # the conversation was deleted meanwhile: nothing to continue
+            pass
+
+    async def events():
+        nonlocal generation, settled
+        sequence = iter(range(1 << 62))
+
+        def event(type: str, **data) -> str:
+            return f"event: {type}\n" + sse({"type": type, "sequence_number": next(sequence), **data})
+
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        started = response("in_progress", [], None)
+        try:
+            yield event("response.created", response=started)
+            yield event("response.in_progress", response=started)
+            if blocked:
+                item = final["output"][0]
+                yield event("response.output_item.added", output_index=0,
+                            item={**item, "status": "in_progress", "content": []})
+                yield event("response.content_part.added", **where, part={"type": "refusal", "refusal": ""})
+                yield event("response.refusal.delta", **where, delta=REFUSAL)
+                yield event("response.refusal.done", **where, refusal=REFUSAL)
+                yield event("response.content_part.done", **where, part=item["content"][0])
+                yield event("response.output_item.done", output_index=0, item=item)
+                await commit(final, None)
+                yield event("response.incomplete", response=final)
+                return
+            yield event("response.output_item.added", output_index=0,
+                        item={"id": item_id, "type": "message", "role": "assistant", "status": "in_progress",
+                              "content": []})
+            yield event("response.content_part.added", **where,
+                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            if generation is None:
+                generation, replies = await generate_replies(state, turn.prompt, params, 1, candidates, [])
+                reply = replies[0]
+                if reply.text:
+                    yield event("response.output_text.delta", **where, delta=reply.text, logprobs=[])
+            else:
+                async for _, delta, _ in generation.deltas():
+                    if delta:
+                        yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                reply = generation.replies[0]
+            result = finished(reply, moderate_output(state, reply))
+            item = result["output"][0]
+            yield event("response.output_text.done", **where, text=reply.text, logprobs=[])
+            yield event("response.content_part.done", **where, part=item["content"][0])
+            yield event("response.output_item.done", output_index=0, item=item)
+            settled = True
+            await commit(result, reply.context_tokens())
+            yield event(f"response.{result['status']}", response=result)
+        except (APIError, GenerationError) as e:
+            settled = True
+            error = error_event(e)["error"]
+            yield event("error", code=error["code"], message=error["message"], param=error["param"])
+        except (asyncio.CancelledError, GeneratorExit):
+            commit_stopped()
+            raise
+        finally:
+            if generation is not None:
+                generation.cancel()
+
+    return stream_response(events())
+
+
+def _stored_response(state: ServerState, owner: str, response_id: str) -> dict:
+    stored = state.store.get_response(owner, response_id)
+    if stored is None:
+        raise not_found("Response", response_id)
+    return stored
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, request: Request, owner: str = Depends(caller)):
+    return _stored_response(server_state(request), owner, response_id)["body"]
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request, owner: str = Depends(caller)):
+    if not await asyncio.to_thread(server_state(request).store.delete_response, owner, response_id):
+        raise not_found("Response", response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.get("/responses/{response_id}/input_items")
+async def response_input_items(response_id: str, request: Request, owner: str = Depends(caller),
+                               limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc",
+                               after: str | None = None):
+    return S.item_page(_stored_response(server_state(request), owner, response_id)["input_items"], limit, order, after)

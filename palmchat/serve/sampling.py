@@ -1,0 +1,80 @@
+"""From a request body to what generation runs: the model it names (and its ':best-of-N' suffix), how many
+choices and best-of candidates, the sampling parameters within this server's limits, and the prompt fitted to
+the context."""
+
+from __future__ import annotations
+
+import re
+
+from palmchat.inference.engine import SamplingParams
+from palmchat.serve import schemas as S
+from palmchat.serve.errors import APIError
+from palmchat.serve.state import ServerState
+from palmchat.serve.truncation import Fitted, drop_oldest_messages
+
+
+def model_candidates(state: ServerState, model: str) -> int | None:
+    """Check `model` names this server's model; returns N of a ':best-of-N' suffix."""
+    base, _, suffix = model.partition(":")
+    if base != state.model_id:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{state.model_id}'",
+                       param="model", code="model_not_found")
+    if not suffix:
+        return None
+    m = re.fullmatch(r"best-of-(\d{1,3})", suffix)
+    if not m or not 1 <= int(m.group(1)) <= S.MAX_CHOICES:
+        raise APIError(400, f"model '{model}': the only suffix is ':best-of-N' with N from 1 to {S.MAX_CHOICES}",
+                       param="model")
+    if state.reward_model is None:
+        raise APIError(400, f"model '{model}': best-of-n needs a reward model; start the server with --reward-model",
+                       param="model")
+    return int(m.group(1))
+
+
+def choice_counts(state: ServerState, body) -> tuple[int, int | None]:
+    """(n, candidates): candidates is the best-of count (the body's best_of, else the model suffix) or None."""
+    suffix = model_candidates(state, body.model)
+    candidates = body.best_of or suffix
+    if body.best_of and state.reward_model is None:
+        raise APIError(400, "best_of needs a reward model; start the server with --reward-model", param="best_of")
+    if candidates is not None and candidates < body.n:
+        raise APIError(400, f"best_of ({candidates}) must be at least n ({body.n})", param="best_of")
+    if candidates == 1 and body.n == 1:
+        candidates = None  # best of one is a plain sample
+    return body.n, candidates
+
+
+def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int | None, param: str, input_param: str,
+                    default_max: int | None = None) -> SamplingParams:
+    """The body's sampling settings, with the reply length checked against the server's limit and the context."""
+    limit, ctx = state.max_tokens_limit, state.context
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"{param} is {max_tokens}, more than this server's limit of {limit}", param=param,
+                       code="integer_above_max_value")
+    room = ctx - prompt_len
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens, and the input has {prompt_len} "
+                            f"tokens: no room is left for a reply", param=input_param, code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the input, {max_tokens} in {param})",
+                       param=param, code="context_length_exceeded")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else max(body.top_p, 1e-6)  # 0 keeps the single most likely token
+    seed = body.seed if "seed" in type(body).model_fields else None  # not an extra field a client made up
+    return SamplingParams(max_new_tokens=max_tokens or min(room, limit, default_max or room), temperature=temperature,
+                          top_p=top_p, seed=None if seed is None else seed % 2**62,
+                          stop_token_ids=state.tokenizer.reply_stop_ids)
+
+
+def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, truncation: str | None) -> Fitted:
+    """The prompt as it will run. With truncation "auto" its oldest messages are left out until the reply has room
+    for `max_tokens`, or when that is unset for a quarter of the context (then it may use all the room left)."""
+    if truncation != "auto":
+        return Fitted(prompt)
+    reserve = max_tokens or min(state.max_tokens_limit, state.context // 4)
+    return drop_oldest_messages(prompt, state.tokenizer, state.context - reserve, quantum=max(1, state.context // 8))
+
+
+def stops_of(stop) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
