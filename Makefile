@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test bench screenshots install browser clean
 
-$(STAMP): pyproject.toml setup.py palmchat/inference/decode_bf16.c palmchat/model/attention_bf16.c Makefile
+$(STAMP): pyproject.toml setup.py palmchat/kernels/decode_bf16.c palmchat/kernels/attention_bf16.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/palmchat demo --out runs/demo --serve
 
 # The second run takes the CPU-dependent tests (marker `kernels`) again as on an AVX2-only CPU: palmchat's own
-# choices capped by PALMCHAT_MAX_CPU_ISA (palmchat/kernels.py), ATen's and oneDNN's by their variables (with its own
+# choices capped by PALMCHAT_MAX_CPU_ISA (palmchat/utils/cpu.py), ATen's and oneDNN's by their variables (with its own
 # torch.compile cache: tests/conftest.py).
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check palmchat tests benchmarks

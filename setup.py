@@ -1,7 +1,7 @@
 """palmchat's two optional C files of kernels; everything else is in pyproject.toml.
 
-- palmchat/inference/decode_bf16.c: bf16 decode steps (without it oneDNN serves every linear layer);
-- palmchat/model/attention_bf16.c: causal attention for bf16 training on AMX (without it SDPA or the blocked kernel).
+- palmchat/kernels/decode_bf16.c: bf16 decode steps (without it oneDNN serves every linear layer);
+- palmchat/kernels/attention_bf16.c: causal attention for bf16 training on AMX (without it SDPA or the blocked kernel).
 They are built where they can run (Linux on x86-64) and are optional: without a C compiler the install goes on."""
 
 import platform
@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 
 kernels = []
 if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-    for name, source in [("palmchat.inference._decode_bf16", "palmchat/inference/decode_bf16.c"),
-                         ("palmchat.model._attention_bf16", "palmchat/model/attention_bf16.c")]:
+    for name, source in [("palmchat.kernels._decode_bf16", "palmchat/kernels/decode_bf16.c"),
+                         ("palmchat.kernels._attention_bf16", "palmchat/kernels/attention_bf16.c")]:
         kernels.append(Extension(name, [source], extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"],
                                  optional=True))
 

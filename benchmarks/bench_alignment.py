@@ -27,10 +27,10 @@ def ppo_with_verifier(out: Path, seed: int, results: dict, quick: bool) -> dict:
     import torch
 
     from palmchat import checkpoint
-    from palmchat.data.world import World
-    from palmchat.eval import evaluate_policy
+    from palmchat.eval.policy import evaluate_policy
     from palmchat.train.ppo import PPOArgs
     from palmchat.train.ppo import main as ppo
+    from palmchat.world.synthetic import World
 
     saved = out / "ppo_verifier.json"
     if saved.exists():

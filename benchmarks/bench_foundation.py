@@ -32,14 +32,14 @@ except ImportError:
           '(pip install -q palm-rlhf-pytorch "torch==2.13.0") and then runs this script')
     sys.exit(1)
 
-from palmchat import kernels
-from palmchat.config import ModelConfig, preset
-from palmchat.inference.cpu_linear import bf16_kernel, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.fused_block import unfuse_blocks
-from palmchat.model import cpu_attention
-from palmchat.model.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU
-from palmchat.model.palm import PaLM
+from palmchat.kernels import cpu_attention
+from palmchat.kernels.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU
+from palmchat.kernels.cpu_linear import bf16_kernel, onednn_only
+from palmchat.model.config import ModelConfig, preset
+from palmchat.model.transformer import Transformer
+from palmchat.utils import cpu
 
 warnings.filterwarnings("ignore", message=".*sdp_kernel.*")  # the reference's flash path uses a deprecated API
 
@@ -139,12 +139,12 @@ def bench_train(config: ModelConfig, steps: int) -> dict[str, list[float]]:
     for dtype in ("fp32", "bf16"):
         bf16 = dtype == "bf16"
         torch.manual_seed(0)
-        sides = {f"ours {dtype}": train_step(PaLM(config), ours_loss, bf16),
+        sides = {f"ours {dtype}": train_step(Transformer(config), ours_loss, bf16),
                  f"ref {dtype}": train_step(reference(config), ref_loss, bf16)}
         if bf16:  # the reference's own enwik8 script turns on its flash-attention path
             sides["ref bf16 flash"] = train_step(reference(config, flash=True), ref_loss, bf16)
             # what `palmchat pretrain --compile` does (the warm-up step below pays the compilation)
-            sides["ours bf16 compiled"] = train_step(torch.compile(PaLM(config)), ours_loss, bf16)
+            sides["ours bf16 compiled"] = train_step(torch.compile(Transformer(config)), ours_loss, bf16)
         for step in sides.values():
             step()  # warm-up
         times = {name: [] for name in sides}
@@ -160,7 +160,7 @@ def bench_decode(config: ModelConfig, new_tokens: int, reps: int) -> dict[str, d
     """Batch-1 generation of `new_tokens` after a PROMPT-token prompt.
     Returns per setting: tokens/s of the whole generate call, and for ours the decode-step rate (prefill excluded)."""
     torch.manual_seed(0)
-    model = PaLM(config).eval()
+    model = Transformer(config).eval()
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT))
     results = {}
 
@@ -228,8 +228,8 @@ def main():
     start = time.perf_counter()
     attention = ("attention_bf16.c on AMX tiles" if cpu_attention.ON_THIS_CPU
                  else "PyTorch's SDPA" if SDPA_IS_FASTER_ON_THIS_CPU else "blocked_attention.py")
-    cap = f" (capped by {kernels.MAX_ISA_VARIABLE}; the CPU has {kernels.detected_isa()})" if kernels.max_isa() else ""
-    print(f"CPU level palmchat uses: {kernels.cpu_isa()}{cap}")
+    cap = f" (capped by {cpu.MAX_ISA_VARIABLE}; the CPU has {cpu.detected_isa()})" if cpu.max_isa() else ""
+    print(f"CPU level palmchat uses: {cpu.cpu_isa()}{cap}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernels "
           f"(decode_bf16.c): {'on' if bf16_kernel() else 'not available'}; bf16 training attention: {attention}")
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}

@@ -52,10 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from palmchat import checkpoint  # noqa: E402
-from palmchat.config import ModelConfig, preset  # noqa: E402
+from palmchat.model.config import ModelConfig, preset  # noqa: E402
 from palmchat.model.heads import RewardModel, save_reward_model  # noqa: E402
-from palmchat.model.palm import PaLM  # noqa: E402
-from palmchat.tokenizer import train_tokenizer  # noqa: E402
+from palmchat.model.transformer import Transformer  # noqa: E402
+from palmchat.tokenizer.bpe import train_tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Shared setup: tokenizer, prompts of one fixed length, random checkpoints
@@ -64,7 +64,7 @@ from palmchat.tokenizer import train_tokenizer  # noqa: E402
 
 def make_tokenizer(vocab_size: int, seed: int):
     """BPE on the bundled world's documents plus random syllable words (the world alone gives ~2.8k merges)."""
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     rng = random.Random(seed)
     syllables = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]
@@ -78,7 +78,7 @@ def make_tokenizer(vocab_size: int, seed: int):
 
 def make_prompts(tokenizer, length: int, n: int, seed: int) -> tuple[list[str], list[list[int]]]:
     """n user prompts whose rendered chat prompt (bos, user, text, eot, assistant) is exactly `length` ids."""
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     world = World(seed=seed)
     words = " ".join(world.prompts(400) + world.pretraining_documents(200)).split()
@@ -174,9 +174,9 @@ def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str]
 
     config = model_config(args)
     torch.manual_seed(args.seed)
-    checkpoint.save_checkpoint(work / "policy", 0, PaLM(config), {"model": config.to_dict(), "stage": "sft"},
+    checkpoint.save_checkpoint(work / "policy", 0, Transformer(config), {"model": config.to_dict(), "stage": "sft"},
                                tokenizer_path)
-    save_reward_model(RewardModel(PaLM(config)), work / "rm", 0, {"stage": "reward"}, tokenizer_path)
+    save_reward_model(RewardModel(Transformer(config)), work / "rm", 0, {"stage": "reward"}, tokenizer_path)
     prompts_file = work / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts))
     ppo_args = PPOArgs(base=str(work / "policy"), reward=str(work / "rm"), prompts=[str(prompts_file)],
@@ -190,7 +190,7 @@ def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str]
     rows = rows[args.warmup:]
     iteration = sum(r["iteration_s"] for r in rows) / len(rows)
     rollout = sum(r["rollout_s"] for r in rows) / len(rows)
-    from palmchat.train.common import autocast_dtype
+    from palmchat.utils.device import autocast_dtype
 
     dtype = autocast_dtype(args.ours_dtype, torch.device("cpu"))
     return dict(samples_per_s=args.batch / iteration, iteration_s=iteration, rollout_s=rollout,

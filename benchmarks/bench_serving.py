@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palmchat.checkpoint import save_checkpoint  # noqa: E402
-from palmchat.config import preset  # noqa: E402
-from palmchat.data.world import World  # noqa: E402
-from palmchat.model.palm import PaLM  # noqa: E402
-from palmchat.tokenizer import train_tokenizer  # noqa: E402
+from palmchat.checkpoint.native import save_checkpoint  # noqa: E402
+from palmchat.model.config import preset  # noqa: E402
+from palmchat.model.transformer import Transformer  # noqa: E402
+from palmchat.tokenizer.bpe import train_tokenizer  # noqa: E402
+from palmchat.world.synthetic import World  # noqa: E402
 
 
 def build_checkpoint(folder: Path) -> Path:
@@ -46,7 +46,7 @@ def build_checkpoint(folder: Path) -> Path:
     tokenizer.save(folder / "tokenizer.json")
     torch.manual_seed(0)
     config = preset("small", vocab_size=tokenizer.vocab_size, max_seq_len=2048)
-    model = PaLM(config)
+    model = Transformer(config)
     return save_checkpoint(folder / "model", 0, model, {"model": config.to_dict(), "stage": "sft"},
                            folder / "tokenizer.json")
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from palmchat.args import add_dataclass_arguments, arg, from_namespace
+from palmchat.utils.args import add_dataclass_arguments, arg, from_namespace
 
 
 @dataclass
@@ -28,17 +28,10 @@ class GenerateArgs:
     dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
 
 
-def _decode_dtype(setting: str):
-    """Kept for serve/run.py until it imports palmchat.train.common.decode_dtype; then delete."""
-    from palmchat.train.common import decode_dtype
-
-    return decode_dtype(setting)
-
-
 def _load_for_inference(path: str, dtype_setting: str):
     from palmchat import checkpoint
     from palmchat.inference.engine import Engine
-    from palmchat.train.common import decode_dtype
+    from palmchat.utils.device import decode_dtype
 
     model, config, ckpt = checkpoint.load_model(path)
     model.eval()
@@ -166,9 +159,9 @@ def _commands():
     Only argument dataclasses are imported here: the serving stack (FastAPI) loads when `serve` runs."""
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
-    from palmchat.feedback import FeedbackExportArgs, FeedbackImportArgs
-    from palmchat.loop import LoopArgs
-    from palmchat.moderation import ModerationTrainArgs
+    from palmchat.feedback.exchange import FeedbackExportArgs, FeedbackImportArgs
+    from palmchat.feedback.round import LoopArgs
+    from palmchat.moderation.classifier import ModerationTrainArgs
     from palmchat.serve import keys
     from palmchat.serve.run import ServeArgs
     from palmchat.train.dpo import DPOArgs
@@ -190,22 +183,22 @@ def _commands():
         main(args)
 
     def moderation_train_main(args):
-        from palmchat.moderation import train_main
+        from palmchat.moderation.classifier import train_main
 
         train_main(args)
 
     def feedback_import_main(args):
-        from palmchat.feedback import import_main
+        from palmchat.feedback.exchange import import_main
 
         import_main(args)
 
     def feedback_export_main(args):
-        from palmchat.feedback import export_main
+        from palmchat.feedback.exchange import export_main
 
         export_main(args)
 
     def loop_main(args):
-        from palmchat.loop import main
+        from palmchat.feedback.round import main
 
         main(args)
 
@@ -234,10 +227,10 @@ TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palmchat import kernels
+    from palmchat.utils import cpu
 
     try:
-        kernels.cpu_isa()  # a bad PALMCHAT_MAX_CPU_ISA is one line here, not a traceback from an import below
+        cpu.cpu_isa()  # a bad PALMCHAT_MAX_CPU_ISA is one line here, not a traceback from an import below
     except ValueError as e:
         print(f"palmchat: error: {e}", file=sys.stderr)
         return 2
@@ -263,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     cls, fn = entry[namespace.action] if isinstance(entry, dict) else entry
     name = namespace.command + (f" {namespace.action}" if isinstance(entry, dict) else "")
     if namespace.command in TRAINING_COMMANDS:
-        from palmchat.train.common import keep_freed_memory
+        from palmchat.utils.device import keep_freed_memory
 
         keep_freed_memory()
     try:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from palmchat.args import arg
+from palmchat.utils.args import arg
 
 
 @dataclass
@@ -67,12 +67,9 @@ def settings(args: DemoArgs) -> Settings:
 
 def run_pipeline(args: DemoArgs) -> dict:
     from palmchat import checkpoint
-    from palmchat.atomic import atomic_write
-    from palmchat.data.world import World, write_bundle
-    from palmchat.eval import evaluate_best_of_n, evaluate_policy
+    from palmchat.eval.policy import evaluate_best_of_n, evaluate_policy
+    from palmchat.eval.report import write_report
     from palmchat.model.heads import load_reward_model
-    from palmchat.report import write_report
-    from palmchat.train.common import autocast_dtype, pick_device
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo
     from palmchat.train.grpo import GRPOArgs
@@ -85,6 +82,9 @@ def run_pipeline(args: DemoArgs) -> dict:
     from palmchat.train.reward import main as reward
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft
+    from palmchat.utils.atomic import atomic_write
+    from palmchat.utils.device import autocast_dtype, pick_device
+    from palmchat.world.synthetic import World, write_bundle
 
     s = settings(args)
     out = Path(args.out)
@@ -143,7 +143,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         """Simulated labellers rank the SFT model's own samples (InstructGPT's reward-model data), added to the
         bundled rankings. Kept as the faithful recipe: its measured gain is within evaluation noise
         (docs/decisions.md)."""
-        from palmchat.loop import rank_policy_samples
+        from palmchat.feedback.round import rank_policy_samples
         from palmchat.train.rollout import load_prompt_texts
 
         model, _, _ = checkpoint.load_model(sft_ckpt)
@@ -231,8 +231,8 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     import sys
     import urllib.request
 
-    from palmchat.atomic import atomic_write
-    from palmchat.loop import demo_round
+    from palmchat.feedback.round import demo_round
+    from palmchat.utils.atomic import atomic_write
 
     out, ckpts = Path(args.out), run["checkpoints"]
     stages = run["results"]["stages"]

@@ -5,7 +5,7 @@ import tempfile
 import pytest
 import torch
 
-from palmchat.config import preset
+from palmchat.model.config import preset
 
 # torch.compile's cache does not tell ATEN_CPU_CAPABILITY settings apart (torch 2.13): code compiled under one and
 # loaded under another gave NaN or crashed. A run emulating another CPU (`make test`'s second pass) keeps its own.

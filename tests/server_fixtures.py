@@ -25,10 +25,10 @@ import httpx
 import torch
 
 from palmchat import checkpoint
-from palmchat.config import preset
+from palmchat.model.config import preset
 from palmchat.model.heads import RewardModel, save_reward_model
-from palmchat.model.palm import PaLM
-from palmchat.tokenizer import NUM_SPECIAL_TOKENS, train_tokenizer
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import NUM_SPECIAL_TOKENS, train_tokenizer
 
 CONTEXT = 2048
 
@@ -36,14 +36,14 @@ CONTEXT = 2048
 def build_checkpoints(root: Path, shape: str = "tiny", context: int | None = CONTEXT) -> tuple[Path, Path]:
     """(policy checkpoint, reward-model checkpoint) of a model preset (context None: the preset's), sharing a
     tokenizer trained on the bundled world."""
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     tokenizer = train_tokenizer(World(seed=0).pretraining_documents(400), vocab_size=512)
     tok_path = Path(tokenizer.save(root / "tokenizer.json"))
     config = preset(shape, vocab_size=tokenizer.vocab_size, tie_embeddings=False,
                     **({"max_seq_len": context} if context else {}))
     torch.manual_seed(0)
-    model = PaLM(config)
+    model = Transformer(config)
     with torch.no_grad():
         embed, head = model.embed.weight, model.lm_head.weight
         c = torch.randn(config.dim)
@@ -59,7 +59,7 @@ def build_checkpoints(root: Path, shape: str = "tiny", context: int | None = CON
         head[list(range(NUM_SPECIAL_TOKENS)) + unreadable] = -c
     policy = checkpoint.save_checkpoint(root / f"{shape}-chat", 0, model,
                                         {"stage": "sft", "model": config.to_dict()}, tok_path)
-    reward = save_reward_model(RewardModel(PaLM(config)), root / f"{shape}-rm", 0, {"stage": "reward"}, tok_path)
+    reward = save_reward_model(RewardModel(Transformer(config)), root / f"{shape}-rm", 0, {"stage": "reward"}, tok_path)
     return policy.parent, reward.parent
 
 

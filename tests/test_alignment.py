@@ -8,7 +8,6 @@ import torch
 
 from palmchat import checkpoint
 from palmchat.cli import main as cli
-from palmchat.data.world import write_bundle
 from palmchat.inference.engine import Engine
 from palmchat.model.heads import load_reward_model
 from palmchat.train.dpo import DPOArgs
@@ -24,6 +23,7 @@ from palmchat.train.reward import main as reward
 from palmchat.train.rollout import response_logprobs, reward_model_scorer, sample
 from palmchat.train.sft import SFTArgs
 from palmchat.train.sft import main as sft
+from palmchat.world.synthetic import write_bundle
 
 SIZES = dict(pretrain=400, sft=200, rankings=120, pairs=60, prompts_train=64, prompts_heldout=32, moderation=20)
 

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from palmchat.config import preset
 from palmchat.data.chat import (
     DataError,
     Ranking,
@@ -19,10 +18,11 @@ from palmchat.data.chat import (
     sequence_logprobs,
     sft_batch,
 )
-from palmchat.data.world import World, write_bundle
 from palmchat.losses import ranking_loss
-from palmchat.model.palm import PaLM
-from palmchat.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, train_tokenizer
+from palmchat.model.config import preset
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, train_tokenizer
+from palmchat.world.synthetic import World, write_bundle
 
 SIZES = dict(pretrain=20, sft=40, rankings=30, pairs=30, prompts_train=20, prompts_heldout=25, moderation=5)
 
@@ -289,7 +289,7 @@ def test_ranking_batch_flattens_best_first(tok):
 
 # ============================================================================ sequence log-probs
 def test_sequence_logprobs_equals_hand_loop(tiny_config):
-    model = PaLM(tiny_config).eval()
+    model = Transformer(tiny_config).eval()
     seqs = [[1, 3, 40, 41, 5, 4, 50, 51, 52, 5], [1, 3, 60, 5, 4, 70, 5], [1, 3, 20, 21, 22, 5, 4, 5]]
     prompt_lens = torch.tensor([6, 5, 7])
     ids, lengths = pad_right(seqs, 0)
@@ -318,7 +318,7 @@ def test_sequence_logprobs_ignores_padding_garbage(tiny_config):
 
 def test_ranking_batch_with_model_end_to_end(tok):
     config = preset("tiny", vocab_size=tok.vocab_size)
-    model = PaLM(config).eval()
+    model = Transformer(config).eval()
     rankings = [Ranking([{"role": "user", "content": "What is 2 + 3?"}], ["2 + 3 = 5.", "It is 6."])]
     b = ranking_batch(tok, rankings, max_len=64)
     with torch.no_grad():

@@ -1,12 +1,12 @@
-"""The C attention backward for bf16 CPU training (palmchat/model/attention_bf16.c via cpu_attention.py)."""
+"""The C attention backward for bf16 CPU training (palmchat/kernels/attention_bf16.c via cpu_attention.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from palmchat.config import preset
-from palmchat.model import cpu_attention
-from palmchat.model.palm import PaLM
+from palmchat.kernels import cpu_attention
+from palmchat.model.config import preset
+from palmchat.model.transformer import Transformer
 
 pytestmark = [pytest.mark.kernels, pytest.mark.skipif(
     cpu_attention.KERNEL is None, reason="needs AVX512-BF16 (attention_bf16.c, built by setup.py)")]
@@ -85,7 +85,7 @@ def test_the_custom_ops_pass_torch_library_opcheck():
 def test_a_bf16_training_step_takes_the_kernel_and_matches_sdpa(monkeypatch):
     """Whole model under bf16 autocast: the loss and every gradient with the C kernel and with SDPA."""
     config = preset("tiny", vocab_size=97, head_dim=32)
-    model = PaLM(config)
+    model = Transformer(config)
     x = torch.randint(0, 97, (2, 70))
     calls = []
     attention = cpu_attention.causal_attention
@@ -108,7 +108,7 @@ def test_torch_compile_traces_the_kernel_without_a_graph_break():
     """fullgraph=True fails on any graph break (loading the library on first use was one); aot_eager runs the
     traced forward and backward graphs, with the custom ops' fake tensors and autograd formula, without codegen."""
     config = preset("tiny", vocab_size=97, head_dim=32)
-    model = PaLM(config)
+    model = Transformer(config)
     x = torch.randint(0, 97, (2, 40))
 
     def loss_and_grads(forward):

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palmchat.config import preset
-from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, can_pack, linear_bf16, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
-from palmchat.model.palm import PaLM
+from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, can_pack, linear_bf16, onednn_only
+from palmchat.model.config import preset
+from palmchat.model.transformer import Transformer
 
 pytestmark = pytest.mark.kernels
 needs_kernel = pytest.mark.skipif(bf16_kernel() is None, reason="needs AVX512-BF16 (decode_bf16.c, built by setup.py)")
@@ -72,7 +72,7 @@ def test_batch_one_decode_through_the_kernel_equals_onednn():
     """The engine's bf16 copy decodes one row through decode_bf16.c; with the kernel switched off (every linear on
     oneDNN) the greedy tokens are the same and the log-probs agree to bf16 precision."""
     torch.manual_seed(0)
-    model = PaLM(preset("tiny", vocab_size=97, dim=128, max_seq_len=96)).eval()
+    model = Transformer(preset("tiny", vocab_size=97, dim=128, max_seq_len=96)).eval()
     with torch.no_grad():
         model.embed.weight.mul_(8.0)  # peaked distributions: greedy choices are not decided by rounding
     prompt, params = [[5, 17, 42, 8, 2, 3]], SamplingParams(max_new_tokens=40, temperature=0.0)

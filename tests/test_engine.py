@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from palmchat.config import preset
-from palmchat.inference.cpu_linear import PackedLinear
 from palmchat.inference.engine import Completion, Engine, SamplingParams, filter_logits
-from palmchat.model.palm import PaLM
+from palmchat.kernels.cpu_linear import PackedLinear
+from palmchat.model.config import preset
+from palmchat.model.transformer import Transformer
 
 pytestmark = pytest.mark.kernels  # the inference copies: packed linears, C kernels
 
@@ -17,11 +17,11 @@ VOCAB = 97
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [int(t) for t in torch.arange(17) * 5 % VOCAB]]
 
 
-def make_model(**overrides) -> PaLM:
+def make_model(**overrides) -> Transformer:
     torch.manual_seed(0)
     # a large init std makes the random model's distributions peaked, so greedy choices are never near-ties
     config = preset("tiny", vocab_size=VOCAB, init_std=0.3, **overrides)
-    return PaLM(config).eval()
+    return Transformer(config).eval()
 
 
 @pytest.fixture(scope="module")

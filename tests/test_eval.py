@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-from palmchat.config import preset
-from palmchat.data.world import World
-from palmchat.eval import evaluate_best_of_n, evaluate_policy, generate_replies, policy_kl, win_rate
+from palmchat.eval.policy import evaluate_best_of_n, evaluate_policy, generate_replies, policy_kl, win_rate
+from palmchat.eval.report import BEST_OF_N_PLOT, STAGE_PLOT, write_report
 from palmchat.inference.best_of_n import best_of_n, best_of_n_batch, sample_seed, score_completions
 from palmchat.inference.engine import Completion, Engine, SamplingParams
+from palmchat.model.config import preset
 from palmchat.model.heads import RewardModel
-from palmchat.model.palm import PaLM
-from palmchat.report import BEST_OF_N_PLOT, STAGE_PLOT, write_report
-from palmchat.tokenizer import train_tokenizer
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.world.synthetic import World
 
 MAX_NEW = 12
 
@@ -32,7 +32,7 @@ def tokenizer(world):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    return PaLM(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    return Transformer(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from server_fixtures import Server, build_checkpoints
 
 from palmchat.data.chat import load_conversations, load_rankings
-from palmchat.feedback import (
+from palmchat.feedback.exchange import (
     agreement,
     borda,
     export_records,
@@ -267,7 +267,7 @@ def test_labelling_queue_several_labellers_stats_and_export(app, tmp_path):
     assert len(labelled) == 3 and all(r["labellers"] == 2 for r in labelled)
     # ann [a, b, c] and bob [b, a, c]: Borda points a = 2 + 1, b = 1 + 2, c = 0; first places a 1, b 1: the tie
     # goes to sampling order
-    from palmchat.feedback import merged_rankings
+    from palmchat.feedback.exchange import merged_rankings
 
     merged = {r["task_id"]: r for r in merged_rankings(store)}[task_id]
     a, b, c = seen[task_id]

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from palmchat.config import preset
-from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, bf16_kernel, onednn_only
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.fused_block import FusedBlock, unfuse_blocks
 from palmchat.inference.kv_cache import KVCache
-from palmchat.model.palm import PaLM
+from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, bf16_kernel, onednn_only
+from palmchat.model.config import preset
+from palmchat.model.transformer import Transformer
 
 pytestmark = [pytest.mark.kernels,
               pytest.mark.skipif(bf16_kernel() is None, reason="needs AVX512-BF16 (decode_bf16.c, built by setup.py)")]
@@ -24,7 +24,7 @@ SHAPES = {
 def bf16_copy(**overrides):
     torch.manual_seed(0)
     config = preset("tiny", **overrides)
-    engine = Engine(PaLM(config).eval(), dtype=torch.bfloat16)
+    engine = Engine(Transformer(config).eval(), dtype=torch.bfloat16)
     return config, engine.sync()
 
 
@@ -74,7 +74,7 @@ def test_fused_greedy_decoding_equals_op_by_op(shape):
     """Whole generations: the fused engine against the same copy unfused, two prompts of different lengths."""
     config, _ = bf16_copy(**SHAPES[shape])
     torch.manual_seed(0)
-    model = PaLM(config).eval()
+    model = Transformer(config).eval()
     with torch.no_grad():
         model.embed.weight.mul_(8.0)  # peaked distributions: greedy choices are not decided by a rounding
     prompts, params = [[5, 17, 42, 8, 2, 3], [9, 1]], SamplingParams(max_new_tokens=40, temperature=0.0)
@@ -120,7 +120,7 @@ def test_lora_and_fp32_copies_are_not_fused():
     from palmchat.model.lora import add_lora
 
     config = preset("tiny")
-    model = PaLM(config).eval()
+    model = Transformer(config).eval()
     assert not any(isinstance(b, FusedBlock) for b in Engine(model, dtype=torch.float32).sync().blocks)
     add_lora(model, "a", rank=2, targets=("attn_out",))
     assert not any(isinstance(b, FusedBlock) for b in Engine(model, dtype=torch.bfloat16).sync().blocks)

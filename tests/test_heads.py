@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from palmchat import checkpoint
-from palmchat.config import preset
 from palmchat.data.chat import pad_left, pad_right
+from palmchat.model.config import preset
 from palmchat.model.heads import (
     HEAD_FILE,
     RewardModel,
@@ -14,8 +14,8 @@ from palmchat.model.heads import (
     save_reward_model,
     save_value_model,
 )
-from palmchat.model.palm import PaLM
-from palmchat.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, USER_ID
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, USER_ID
 
 ATOL = 1e-5
 
@@ -30,7 +30,7 @@ def conversation(prompt_len, response_len, seed):
 @pytest.fixture(params=["parallel", "sequential"])
 def reward_model(request):
     config = preset("tiny", vocab_size=97, block=request.param)
-    return RewardModel(PaLM(config)).eval()
+    return RewardModel(Transformer(config)).eval()
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_end_of_turn_index_errors_name_the_row():
 
 
 def test_forward_refuses_an_index_that_is_not_an_eot(tiny_config):
-    model = RewardModel(PaLM(tiny_config)).eval()
+    model = RewardModel(Transformer(tiny_config)).eval()
     ids, lengths = pad_right([conversation(3, 3, 0), conversation(3, 1, 1)], 0)
     with pytest.raises(ValueError, match=r"eot_index\[1\]"):
         model(ids, torch.full((2,), ids.shape[1] - 1))  # the last position of row 1 is a pad
@@ -129,7 +129,7 @@ def test_forward_refuses_an_index_that_is_not_an_eot(tiny_config):
 # ============================================================================ value model
 def test_value_model_per_token_and_padding(tiny_config, batch):
     _, seqs = batch
-    model = ValueModel(PaLM(tiny_config)).eval()
+    model = ValueModel(Transformer(tiny_config)).eval()
     with torch.no_grad():
         ids, lengths = pad_right(seqs, 0)
         values = model(ids)
@@ -145,7 +145,7 @@ def test_value_model_per_token_and_padding(tiny_config, batch):
 # ============================================================================ checkpoints
 def test_reward_model_save_load_round_trip(tmp_path, tiny_config, batch):
     _, seqs = batch
-    model = RewardModel(PaLM(tiny_config)).eval()
+    model = RewardModel(Transformer(tiny_config)).eval()
     with torch.no_grad():
         model.head.bias.fill_(0.25)
     ids, lengths = pad_right(seqs, 0)
@@ -172,7 +172,7 @@ def test_reward_model_save_load_round_trip(tmp_path, tiny_config, batch):
 
 
 def test_load_errors(tmp_path, tiny_config):
-    lm = PaLM(tiny_config)
+    lm = Transformer(tiny_config)
     plain = checkpoint.save_checkpoint(tmp_path / "lm", 1, lm, {"model": tiny_config.to_dict()})
     with pytest.raises(checkpoint.CheckpointError, match=r"is not a reward model checkpoint \(no head.safetensors\)"):
         load_reward_model(plain)
@@ -188,7 +188,7 @@ def test_load_errors(tmp_path, tiny_config):
 
 
 def test_value_from_reward_model(tiny_config):
-    rm = RewardModel(PaLM(tiny_config)).eval()
+    rm = RewardModel(Transformer(tiny_config)).eval()
     vm = ValueModel.from_reward_model(rm).eval()
     ids = torch.tensor([conversation(3, 3, 0)])
     with torch.no_grad():

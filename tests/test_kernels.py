@@ -1,4 +1,4 @@
-"""CPU detection and the PALMCHAT_MAX_CPU_ISA cap (palmchat/kernels.py): every CPU-dependent choice follows them.
+"""CPU detection and the PALMCHAT_MAX_CPU_ISA cap (palmchat/utils/cpu.py): every CPU-dependent choice follows them.
 
 Detection is read once per process and the kernels load at import, so what a cap changes is checked in a
 subprocess started with the variable set."""
@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from palmchat import kernels
+from palmchat.kernels.loader import load
+from palmchat.utils import cpu
 
 pytestmark = pytest.mark.kernels
 
@@ -22,16 +23,16 @@ AVX2_EPYC = AVX_ONLY + " fma f16c avx2 bmi1 bmi2 sha_ni"  # AMD EPYC Zen 2/3: no
 SKYLAKE_SP = AVX2_EPYC + " avx512f avx512dq avx512cd avx512bw avx512vl"
 ZEN4 = SKYLAKE_SP + " avx512_bf16 avx512_vnni"
 SAPPHIRE_RAPIDS = ZEN4 + " avx512_fp16 amx_bf16 amx_tile amx_int8"
-RANK = {kernels.BELOW_ALL_LEVELS: -1} | {level: i for i, level in enumerate(kernels.LEVELS)}
+RANK = {cpu.BELOW_ALL_LEVELS: -1} | {level: i for i, level in enumerate(cpu.LEVELS)}
 
 
 @pytest.fixture
 def fresh_detection(monkeypatch):
     """Forget the cached level before and after the test, which sets its own flags and cap."""
-    kernels.cpu_isa.cache_clear()
-    monkeypatch.delenv(kernels.MAX_ISA_VARIABLE, raising=False)
+    cpu.cpu_isa.cache_clear()
+    monkeypatch.delenv(cpu.MAX_ISA_VARIABLE, raising=False)
     yield
-    kernels.cpu_isa.cache_clear()
+    cpu.cpu_isa.cache_clear()
 
 
 @pytest.mark.parametrize("flags, level", [
@@ -46,43 +47,43 @@ def fresh_detection(monkeypatch):
 ])
 def test_the_level_is_the_highest_whose_flags_and_those_below_are_all_present(flags, level, monkeypatch,
                                                                               fresh_detection):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags.split()))
-    assert kernels.detected_isa() == level
-    assert kernels.cpu_isa() == level
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags.split()))
+    assert cpu.detected_isa() == level
+    assert cpu.cpu_isa() == level
 
 
 @pytest.mark.parametrize("cap, level", [("avx2", "avx2"), ("avx512", "avx512"), ("AVX512_BF16", "avx512_bf16"),
                                         ("amx", "amx"), ("", "amx")])
 def test_the_cap_lowers_the_level(cap, level, monkeypatch, fresh_detection):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(SAPPHIRE_RAPIDS.split()))
-    monkeypatch.setenv(kernels.MAX_ISA_VARIABLE, cap)
-    assert kernels.cpu_isa() == level
-    assert [kernels.cpu_supports(x) for x in kernels.LEVELS] == [RANK[x] <= RANK[level] for x in kernels.LEVELS]
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(SAPPHIRE_RAPIDS.split()))
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, cap)
+    assert cpu.cpu_isa() == level
+    assert [cpu.cpu_supports(x) for x in cpu.LEVELS] == [RANK[x] <= RANK[level] for x in cpu.LEVELS]
 
 
 def test_the_cap_never_raises_the_level_above_what_the_cpu_has(monkeypatch, fresh_detection):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(AVX2_EPYC.split()))
-    monkeypatch.setenv(kernels.MAX_ISA_VARIABLE, "amx")
-    assert kernels.cpu_isa() == "avx2" and not kernels.cpu_supports("avx512")
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset())
-    kernels.cpu_isa.cache_clear()
-    assert kernels.cpu_isa() == "baseline" and not kernels.cpu_supports("avx2")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(AVX2_EPYC.split()))
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, "amx")
+    assert cpu.cpu_isa() == "avx2" and not cpu.cpu_supports("avx512")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset())
+    cpu.cpu_isa.cache_clear()
+    assert cpu.cpu_isa() == "baseline" and not cpu.cpu_supports("avx2")
 
 
 def test_an_unknown_cap_is_a_one_line_error_naming_the_variable_and_the_levels(monkeypatch, fresh_detection):
-    monkeypatch.setenv(kernels.MAX_ISA_VARIABLE, "avx512bf16")
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, "avx512bf16")
     with pytest.raises(ValueError) as error:
-        kernels.cpu_isa()
+        cpu.cpu_isa()
     message = str(error.value)
     assert "\n" not in message and "PALMCHAT_MAX_CPU_ISA='avx512bf16'" in message
     assert "avx2, avx512, avx512_bf16, amx" in message
     with pytest.raises(ValueError, match="unknown CPU level 'avx512bf16'"):
-        kernels.cpu_supports("avx512bf16")
+        cpu.cpu_supports("avx512bf16")
 
 
 def test_an_unknown_cap_stops_a_process_at_import_with_that_message():
-    result = subprocess.run([sys.executable, "-c", "import palmchat.model.palm"], capture_output=True, text=True,
-                            env={**os.environ, kernels.MAX_ISA_VARIABLE: "sse4"})
+    result = subprocess.run([sys.executable, "-c", "import palmchat.model.transformer"], capture_output=True, text=True,
+                            env={**os.environ, cpu.MAX_ISA_VARIABLE: "sse4"})
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "ValueError: PALMCHAT_MAX_CPU_ISA='sse4' is not one of avx2, avx512, avx512_bf16, amx (lowest first), "
@@ -92,19 +93,20 @@ def test_an_unknown_cap_stops_a_process_at_import_with_that_message():
 # What palmchat chooses, printed as JSON by a fresh process.
 CHOICES = """
 import json, torch
-from palmchat import kernels
-from palmchat.config import preset
-from palmchat.inference.cpu_linear import bf16_kernel, can_pack
+from palmchat.kernels.loader import load
+from palmchat.utils import cpu
+from palmchat.model.config import preset
+from palmchat.kernels.cpu_linear import bf16_kernel, can_pack
 from palmchat.inference.engine import Engine
-from palmchat.model import blocked_attention, cpu_attention
-from palmchat.model.palm import PaLM
-from palmchat.train.common import autocast_dtype
+from palmchat.kernels import blocked_attention, cpu_attention
+from palmchat.model.transformer import Transformer
+from palmchat.utils.device import autocast_dtype
 
-model = PaLM(preset("tiny", vocab_size=97)).eval()
+model = Transformer(preset("tiny", vocab_size=97)).eval()
 modules = {str(dtype): [type(m).__name__ for m in Engine(model, dtype=dtype).sync().modules()]
            for dtype in (torch.float32, torch.bfloat16)}
 print(json.dumps({
-    "level": kernels.cpu_isa(),
+    "level": cpu.cpu_isa(),
     "decode_bf16.c": bf16_kernel() is not None,
     "attention_bf16.c": cpu_attention.KERNEL is not None,
     "attention_bf16.c on AMX": bool(cpu_attention.KERNEL and cpu_attention.KERNEL[1]),
@@ -126,7 +128,7 @@ def choices_under(cap: str) -> dict:
     pytorch_switches = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
     env = {k: v for k, v in os.environ.items() if k not in pytorch_switches}
     result = subprocess.run([sys.executable, "-c", CHOICES], capture_output=True, text=True, check=True,
-                            env={**env, kernels.MAX_ISA_VARIABLE: cap})
+                            env={**env, cpu.MAX_ISA_VARIABLE: cap})
     return json.loads(result.stdout)
 
 
@@ -138,12 +140,12 @@ def built(module: str) -> bool:
 def test_under_a_cap_palmchat_takes_what_a_cpu_of_that_level_takes(cap):
     """Below AVX512-BF16: no C kernel, fp32 by default; below AVX-512: no packed bf16 (oneDNN's reorder would raise
     on such a CPU); below AMX: the blocked kernel (or SDPA's fallback), never the AMX tiles. fp32 packs everywhere."""
-    level = min(kernels.detected_isa(), cap, key=RANK.get)
-    has = {name: RANK[level] >= RANK[name] for name in kernels.LEVELS}
+    level = min(cpu.detected_isa(), cap, key=RANK.get)
+    has = {name: RANK[level] >= RANK[name] for name in cpu.LEVELS}
     got = choices_under(cap)
     assert got["level"] == level
-    assert got["decode_bf16.c"] == (has["avx512_bf16"] and built("palmchat.inference._decode_bf16"))
-    assert got["attention_bf16.c"] == (has["avx512_bf16"] and built("palmchat.model._attention_bf16"))
+    assert got["decode_bf16.c"] == (has["avx512_bf16"] and built("palmchat.kernels._decode_bf16"))
+    assert got["attention_bf16.c"] == (has["avx512_bf16"] and built("palmchat.kernels._attention_bf16"))
     assert not got["attention_bf16.c on AMX"] and not got["attention_bf16.c in training"]
     assert not got["SDPA in training"]
     assert got["autocast auto"] == ("torch.bfloat16" if has["avx512_bf16"] else "None")
@@ -156,7 +158,7 @@ def test_under_a_cap_palmchat_takes_what_a_cpu_of_that_level_takes(cap):
 
 def test_the_avx2_cap_switches_every_fast_path_off():
     """What `make test`'s second pass relies on: on any CPU with AVX2, the cap leaves only the fallbacks."""
-    if kernels.detected_isa() == kernels.BELOW_ALL_LEVELS:
+    if cpu.detected_isa() == cpu.BELOW_ALL_LEVELS:
         pytest.skip("needs AVX2 (this CPU is below every level palmchat distinguishes)")
     assert choices_under("avx2") == {
         "level": "avx2", "decode_bf16.c": False, "attention_bf16.c": False, "attention_bf16.c on AMX": False,
@@ -164,11 +166,13 @@ def test_the_avx2_cap_switches_every_fast_path_off():
         "autocast auto": "None", "fp32 copy packed": True, "bf16 copy packed": False, "bf16 copy fused": False}
 
 
-@pytest.mark.parametrize("module, supported", [("palmchat.inference._decode_bf16", "palmchat_linear_bf16_supported"),
-                                               ("palmchat.model._attention_bf16", "palmchat_attention_bf16_supported")])
+@pytest.mark.parametrize("module, supported", [
+    ("palmchat.kernels._decode_bf16", "palmchat_linear_bf16_supported"),
+    ("palmchat.kernels._attention_bf16", "palmchat_attention_bf16_supported"),
+])
 def test_the_c_kernels_are_built_and_load_where_the_cpu_can_run_them(module, supported):
     source = module.rsplit(".", 1)[1].lstrip("_") + ".c"
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or not kernels.cpu_supports("avx512_bf16"):
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not cpu.cpu_supports("avx512_bf16"):
         pytest.skip(f"needs AVX512-BF16 ({source}) on x86-64 Linux")
     assert built(module), f"{source} was not built: run `pip install -e .` with a C compiler"
-    assert kernels.load(module, supported, "avx512_bf16") is not None
+    assert load(module, supported, "avx512_bf16") is not None

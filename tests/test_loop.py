@@ -11,7 +11,7 @@ import pytest
 from server_fixtures import Server, build_checkpoints
 
 from palmchat.data.chat import load_rankings
-from palmchat.loop import demo_round, split_rankings
+from palmchat.feedback.round import demo_round, split_rankings
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from palmchat.config import preset
 from palmchat.inference.kv_cache import KVCache
+from palmchat.model.config import preset
 from palmchat.model.lora import (
     ADAPTER_FILE,
     AdapterError,
@@ -26,14 +26,14 @@ from palmchat.model.lora import (
     set_row_adapters,
     use_adapter,
 )
-from palmchat.model.palm import PaLM
+from palmchat.model.transformer import Transformer
 
 BLOCKS = ["parallel", "sequential"]
 
 
 def make(block="parallel", **overrides):
     config = preset("tiny", vocab_size=97, block=block, **overrides)
-    return PaLM(config).eval(), config
+    return Transformer(config).eval(), config
 
 
 def randomize(model, name, std=0.05):
@@ -118,7 +118,7 @@ def test_merge_equals_unmerged(block):
         assert not any(isinstance(m, LoRALinear) for m in merged.modules())
         assert all(p.requires_grad for p in merged.parameters())
         torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=0)
-        plain = PaLM(config).eval()
+        plain = Transformer(config).eval()
         plain.load_state_dict(merged_state_dict(model, "a"))  # strict: plain keys, nothing extra
         torch.testing.assert_close(plain(x), want, atol=1e-5, rtol=0)
         # the LoRA model is untouched by a (default, copying) merge
@@ -244,7 +244,7 @@ def test_save_load_round_trip(tmp_path):
     assert saved["blocks.1.ff_out.lora_B"].shape == (config.dim, 4)
 
     # into a fresh copy of the base: the file alone recreates the adapter (frozen, inactive)
-    fresh = PaLM(config).eval()
+    fresh = Transformer(config).eval()
     fresh.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
     assert load_adapter(tmp_path / "sft", fresh) == "a"
     assert lora_config(fresh, "a") == cfg

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from palmchat.config import ModelConfig, preset
 from palmchat.inference.kv_cache import KVCache
-from palmchat.model import palm
-from palmchat.model.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
-from palmchat.model.palm import PaLM, apply_rotary, rotary_tables
+from palmchat.kernels.blocked_attention import ROWS_PER_BLOCK, blocked_causal_attention
+from palmchat.model import attention
+from palmchat.model.config import ModelConfig, preset
+from palmchat.model.rope import apply_rotary, rotary_tables
+from palmchat.model.transformer import Transformer
 
 pytestmark = pytest.mark.kernels  # the CPU training attention: SDPA or the blocked kernel
 
@@ -16,7 +17,7 @@ VARIANTS = [dict(block=b, n_kv_heads=kv, norm=n) for b in ("parallel", "sequenti
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_kv_cache_logits_equal_full_forward(overrides):
     config = preset("tiny", vocab_size=97, **overrides)
-    model = PaLM(config).eval()
+    model = Transformer(config).eval()
     x = torch.randint(0, 97, (3, 24))
     with torch.no_grad():
         full = model(x)
@@ -50,11 +51,11 @@ def test_the_two_cpu_training_kernels_give_the_same_loss_and_gradients(monkeypat
     """The training path takes SDPA on CPUs with AMX and the blocked kernel elsewhere: whichever this CPU
     takes, the other must agree with it (float64, whole model: loss and every parameter's gradient)."""
     config = preset("tiny", vocab_size=97, n_kv_heads=kv_heads)
-    model = PaLM(config).double()
+    model = Transformer(config).double()
     x = torch.randint(0, 97, (2, 40))
     results = []
     for use_sdpa in (True, False):
-        monkeypatch.setattr(palm, "SDPA_IS_FASTER_ON_THIS_CPU", use_sdpa)
+        monkeypatch.setattr(attention, "SDPA_IS_FASTER_ON_THIS_CPU", use_sdpa)
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     (loss_sdpa, grads_sdpa), (loss_blocked, grads_blocked) = results
@@ -75,7 +76,7 @@ def test_blocked_attention_under_bf16_autocast_and_compile_matches_float32():
 
 def test_rows_of_different_lengths_share_one_cache(tiny_config):
     """Right-padded prefill, then each row continues from its own length (what the engine does)."""
-    model = PaLM(tiny_config).eval()
+    model = Transformer(tiny_config).eval()
     a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         cache = KVCache(tiny_config, batch_size=2)
@@ -92,7 +93,7 @@ def test_rows_of_different_lengths_share_one_cache(tiny_config):
 
 
 def test_left_padding_mask_gives_unpadded_logits(tiny_config):
-    model = PaLM(tiny_config).eval()
+    model = Transformer(tiny_config).eval()
     seq = torch.randint(1, 97, (1, 10))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), seq], 1)
     mask = torch.cat([torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)], 1)
@@ -101,7 +102,7 @@ def test_left_padding_mask_gives_unpadded_logits(tiny_config):
 
 
 def test_causality_future_tokens_do_not_change_past_logits(tiny_config):
-    model = PaLM(tiny_config).eval()
+    model = Transformer(tiny_config).eval()
     x = torch.randint(0, 97, (2, 16))
     y = x.clone()
     y[:, 10:] = torch.randint(0, 97, (2, 6))
@@ -110,7 +111,7 @@ def test_causality_future_tokens_do_not_change_past_logits(tiny_config):
 
 
 def test_context_overflow_is_a_clear_error(tiny_config):
-    model = PaLM(tiny_config)
+    model = Transformer(tiny_config)
     with pytest.raises(ValueError, match="longer than the model's context of 128"):
         model(torch.zeros(1, 129, dtype=torch.long))
 
@@ -118,7 +119,7 @@ def test_context_overflow_is_a_clear_error(tiny_config):
 def test_untied_embeddings_and_parameter_count():
     for tie in (True, False):
         config = preset("tiny", vocab_size=97, tie_embeddings=tie)
-        model = PaLM(config)
+        model = Transformer(config)
         assert model.num_params() == config.num_params()
         assert (model.lm_head is None) == tie
 
@@ -126,7 +127,7 @@ def test_untied_embeddings_and_parameter_count():
 def test_rope_scaling_interpolates_positions():
     base = preset("tiny", vocab_size=97)
     scaled = preset("tiny", vocab_size=97, rope_scaling=2.0)
-    m1, m2 = PaLM(base), PaLM(scaled)
+    m1, m2 = Transformer(base), Transformer(scaled)
     # position 2p under scaling 2 rotates like position p without scaling
     torch.testing.assert_close(m2.rope_cos[20], m1.rope_cos[10])
     assert not torch.allclose(m2.rope_cos[20], m1.rope_cos[20])
@@ -166,7 +167,7 @@ def test_unknown_preset_and_field():
 
 
 def test_training_reduces_loss_on_a_repeated_batch(tiny_config):
-    model = PaLM(tiny_config)
+    model = Transformer(tiny_config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 97, (4, 33))
     losses = []

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from palmchat.data.chat import DataError
-from palmchat.data.world import MODERATION_CATEGORIES, World
-from palmchat.moderation import (
+from palmchat.moderation.classifier import (
     CONFIG_FILE,
     DEFAULT_TERM_CATEGORY,
     OPENAI_CATEGORIES,
@@ -20,6 +19,7 @@ from palmchat.moderation import (
     read_terms,
     train_main,
 )
+from palmchat.world.synthetic import MODERATION_CATEGORIES, World
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 
-from palmchat.config import preset
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.prefix_cache import PrefixCache
 from palmchat.inference.scheduler import Scheduler
+from palmchat.model.config import preset
 from palmchat.model.lora import add_lora, use_adapter
-from palmchat.model.palm import PaLM
+from palmchat.model.transformer import Transformer
 
 pytestmark = pytest.mark.kernels  # the bf16 inference copies: packed linears, C kernels
 
@@ -21,9 +21,9 @@ PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [int(t) for t in torch
            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]  # the last shares 9 tokens with the second
 
 
-def make_model(**overrides) -> PaLM:
+def make_model(**overrides) -> Transformer:
     torch.manual_seed(0)
-    return PaLM(preset("tiny", vocab_size=VOCAB, init_std=0.3, **overrides)).eval()
+    return Transformer(preset("tiny", vocab_size=VOCAB, init_std=0.3, **overrides)).eval()
 
 
 def greedy(n: int, **kw) -> SamplingParams:

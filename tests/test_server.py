@@ -507,7 +507,7 @@ def block_app(artifacts, tmp_path_factory):
 
     from palmchat import checkpoint
     from palmchat.inference.scheduler import Scheduler
-    from palmchat.moderation import Moderator
+    from palmchat.moderation.classifier import Moderator
     from palmchat.serve.app import create_app
     from palmchat.serve.state import ServerState
     from palmchat.store import Store
@@ -543,7 +543,7 @@ class _Moderator:
     """Flags any text containing 'bad'."""
 
     def moderate(self, texts):
-        from palmchat.moderation import ModerationResult
+        from palmchat.moderation.classifier import ModerationResult
 
         return [ModerationResult("bad" in t, {"harassment": "bad" in t}, {"harassment": float("bad" in t)})
                 for t in texts]

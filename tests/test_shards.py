@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from palmchat.data.shards import PackedBatches, TokenShard, read_documents, write_shards
-from palmchat.tokenizer import BOS_ID, train_tokenizer
+from palmchat.tokenizer.bpe import BOS_ID, train_tokenizer
 
 WORDS = ("alpha beta gamma delta river stone cloud light dark north south east west "
          "small large quick slow red blue green one two three").split()

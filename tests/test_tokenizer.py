@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from palmchat.tokenizer import (
+from palmchat.tokenizer.bpe import (
     ASSISTANT_ID,
     BOS_ID,
     EOT_ID,

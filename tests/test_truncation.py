@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from palmchat.serve.truncation import drop_oldest_messages
-from palmchat.tokenizer import ASSISTANT_ID, BOS_ID, EOT_ID, SYSTEM_ID, USER_ID, train_tokenizer
+from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, SYSTEM_ID, USER_ID, train_tokenizer
 
 W = 10  # any content token
 

@@ -39,7 +39,7 @@ def web(tmp_path_factory):
             pytest.fail("Debian's chromium is not installed (`make test` installs it: apt-get install chromium)")
         pytest.skip("Debian's chromium is not installed (`make test` installs it: apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the dev extra")
-    from palmchat.feedback import import_prompts
+    from palmchat.feedback.exchange import import_prompts
     from palmchat.store import Store
 
     root = tmp_path_factory.mktemp("web")

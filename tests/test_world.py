@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from palmchat.data.world import (
+from palmchat.world.synthetic import (
     DEFAULT_SIZES,
     FAMILIES,
     MODERATION_CATEGORIES,

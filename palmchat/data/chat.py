@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from palmchat.losses import IGNORE_INDEX, masked_sum, token_logprobs
-from palmchat.tokenizer import EOT_ID, PAD_ID
+from palmchat.tokenizer.bpe import EOT_ID, PAD_ID
 
 __all__ = [
     "DataError",

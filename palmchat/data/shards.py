@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palmchat.atomic import atomic_write
+from palmchat.utils.atomic import atomic_write
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",

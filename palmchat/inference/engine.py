@@ -22,7 +22,7 @@ plain forward pass over prompt + response gives, which is what PPO recomputes (t
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
   weight updates (a PPO loop) are seen at once. The slowest choice.
 - torch.bfloat16 (or torch.float32): a private inference copy of the model in that dtype, whose linear layers
-  are palmchat.inference.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel), and whose blocks, for
+  are palmchat.kernels.cpu_linear.PackedLinear on CPU (oneDNN's pre-packed kernel), and whose blocks, for
   decode steps of 1-4 rows in bf16, each run as one C call (palmchat.inference.fused_block). Decode on CPU is
   bound by reading every weight once per token: bf16 halves those bytes, so the bf16 copy is the fastest. Autocast
   (bf16 compute on the fp32 model) is not used: it re-casts every weight at every step, slower than either copy.
@@ -41,9 +41,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from palmchat.inference.cpu_linear import PackedLinear, can_pack, pack_linears
 from palmchat.inference.fused_block import fuse_blocks
 from palmchat.inference.kv_cache import KVCache
+from palmchat.kernels.cpu_linear import PackedLinear, can_pack, pack_linears
 
 # ---------------------------------------------------------------------------------------------
 # Requests and results
@@ -243,7 +243,7 @@ class Engine:
                 runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
                 head = None
                 if next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
-                    # PaLM.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects
+                    # Transformer.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects
                     # its decode steps with a packed copy of the output weight instead
                     lm_head = getattr(runner, "lm_head", None)
                     head = PackedLinear(runner.embed.weight if lm_head is None else lm_head.weight)

@@ -15,8 +15,8 @@ import ctypes
 import torch
 from torch import nn
 
-from palmchat.inference.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel
-from palmchat.model.palm import ParallelBlock, SequentialBlock
+from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel
+from palmchat.model.transformer import ParallelBlock, SequentialBlock
 
 
 class BlockCall(ctypes.Structure):

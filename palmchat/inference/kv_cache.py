@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from palmchat.config import ModelConfig
+from palmchat.model.config import ModelConfig
 
 
 class KVCache:

@@ -7,11 +7,11 @@ the explicit eot index (never "the last position", a pad, or a mean over tokens)
 
 * right padding: the eot precedes the pads and attention is causal, so pads cannot influence it;
 * left padding: pass ``padding_mask`` so positions restart at each row's first real token and
-  pads are masked out as keys (see ``PaLM.hidden_states``).
+  pads are masked out as keys (see ``Transformer.hidden_states``).
 
-Checkpoints are ordinary PaLM checkpoint folders plus one file::
+Checkpoints are ordinary model checkpoint folders plus one file::
 
-    model.safetensors   the backbone's PaLM weights (same names as any PaLM checkpoint:
+    model.safetensors   the backbone's weights (same names as any model checkpoint:
                         ``checkpoint.load_model`` loads it as a language model)
     head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
     config.json         {"model": ..., "head": "reward" | "value", ...}
@@ -28,9 +28,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from palmchat import checkpoint
-from palmchat.config import ModelConfig
-from palmchat.model.palm import PaLM
-from palmchat.tokenizer import EOT_ID
+from palmchat.model.config import ModelConfig
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import EOT_ID
 
 __all__ = [
     "HEAD_FILE",
@@ -84,9 +84,9 @@ def _make_head(dim: int) -> nn.Linear:
 class _ScalarHeadModel(nn.Module):
     kind = ""
 
-    def __init__(self, backbone: PaLM | ModelConfig):
+    def __init__(self, backbone: Transformer | ModelConfig):
         super().__init__()
-        self.backbone = backbone if isinstance(backbone, PaLM) else PaLM(backbone)
+        self.backbone = backbone if isinstance(backbone, Transformer) else Transformer(backbone)
         self.head = _make_head(self.backbone.config.dim)
 
     @property
@@ -103,7 +103,7 @@ class RewardModel(_ScalarHeadModel):
     kind = "reward"
     end_of_turn_index = staticmethod(end_of_turn_index)
 
-    def __init__(self, backbone: PaLM | ModelConfig, eot_id: int = EOT_ID):
+    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int = EOT_ID):
         super().__init__(backbone)
         self.eot_id = eot_id
 

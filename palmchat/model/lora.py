@@ -7,7 +7,7 @@ A frozen linear layer W (out, in) gets a trainable update scale * B @ A with A (
 r << min(in, out), scale = alpha / r. B starts at zero, so a new adapter changes nothing until trained.
 
 Many adapters live side by side on one base, each under a name: the PPO actor, the critic and the
-reward model can share one frozen PaLM in memory, the frozen reference policy is "the same base with
+reward model can share one frozen Transformer in memory, the frozen reference policy is "the same base with
 LoRA switched off", and the server decodes one batch whose rows each use a different fine-tune.
 
 Which adapter a `LoRALinear` applies is state on the module, set model-wide by the helpers below:
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from palmchat.atomic import atomic_path
+from palmchat.utils.atomic import atomic_path
 
 ADAPTER_FILE = "adapter.safetensors"
 DEFAULT_TARGETS = ("in_proj", "qkv", "attn_out", "gate_up", "ff_out")
@@ -71,7 +71,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         if base.bias is not None:
-            raise AdapterError("LoRALinear wraps linear layers without bias (PaLM has none)")
+            raise AdapterError("LoRALinear wraps linear layers without bias (the Transformer has none)")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.ParameterDict()  # name -> (r, I)

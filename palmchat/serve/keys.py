@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from palmchat.args import arg
+from palmchat.utils.args import arg
 
 KEY_PREFIX = "pc-"
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from palmchat.args import arg
+from palmchat.utils.args import arg
 
 
 @dataclass
@@ -59,7 +59,7 @@ def load_state(args: ServeArgs, store):
     from palmchat.inference.scheduler import Scheduler
     from palmchat.serve.keys import parse_rate
     from palmchat.serve.state import ServerState
-    from palmchat.train.common import decode_dtype
+    from palmchat.utils.device import decode_dtype
 
     parse_rate(args.rate_limit)  # a typo fails here, not at the first request
     if args.max_batch < 1 or args.max_tokens_limit < 1 or args.max_request_bytes < 1 or args.prefix_cache_tokens < 0:
@@ -79,7 +79,7 @@ def load_state(args: ServeArgs, store):
                              f"tokens, but the policy's has {model.config.vocab_size} (another tokenizer)")
     moderator = None
     if args.moderation not in ("none", ""):
-        from palmchat.moderation import Moderator, default_moderator
+        from palmchat.moderation.classifier import Moderator, default_moderator
 
         moderator = default_moderator() if args.moderation == "default" else Moderator.load(args.moderation)
     dtype = decode_dtype(args.dtype)
@@ -125,6 +125,6 @@ def main(args: ServeArgs) -> None:
 
 
 if __name__ == "__main__":
-    from palmchat.args import parse_into
+    from palmchat.utils.args import parse_into
 
     main(parse_into(ServeArgs, sys.argv[1:], prog="palmchat serve"))

@@ -21,21 +21,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.args import arg
 from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch, sequence_logprobs
 from palmchat.losses import dpo_ranking_loss
-from palmchat.train.common import (
-    MetricsLog,
-    adamw,
-    autocast,
-    autocast_dtype,
-    cosine_lr,
-    load_policy,
-    pick_device,
-    plot_metrics,
-    save_policy,
-)
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
 from palmchat.train.reward import bundled_rankings
+from palmchat.utils.args import arg
+from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.args import arg
 from palmchat.inference.engine import Engine
 from palmchat.losses import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import MetricsLog, autocast_dtype, load_policy, pick_device, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, load_policy, plot_metrics, save_policy
 from palmchat.train.rollout import load_prompt_texts, make_scorer, response_logprobs, sample
+from palmchat.utils.args import arg
+from palmchat.utils.device import autocast_dtype, pick_device
 
 
 @dataclass

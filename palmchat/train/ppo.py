@@ -34,22 +34,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.args import arg
 from palmchat.data.shards import read_documents
 from palmchat.inference.engine import Engine
 from palmchat.losses import cross_entropy, gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import (
-    MetricsLog,
-    autocast,
-    autocast_dtype,
-    load_policy,
-    pick_device,
-    plot_metrics,
-    save_policy,
-)
+from palmchat.train.common import MetricsLog, load_policy, plot_metrics, save_policy
 from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, response_logprobs, sample
+from palmchat.utils.args import arg
+from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass

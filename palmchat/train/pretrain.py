@@ -19,13 +19,14 @@ import torch
 from tqdm import tqdm
 
 from palmchat import checkpoint
-from palmchat.args import arg
-from palmchat.config import ModelConfig, preset
 from palmchat.data.shards import PackedBatches, load_meta, read_documents, write_shards
 from palmchat.losses import cross_entropy
-from palmchat.model.palm import PaLM
-from palmchat.tokenizer import Tokenizer, train_tokenizer
-from palmchat.train.common import MetricsLog, adamw, autocast, autocast_dtype, cosine_lr, pick_device, plot_metrics
+from palmchat.model.config import ModelConfig, preset
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import Tokenizer, train_tokenizer
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, plot_metrics
+from palmchat.utils.args import arg
+from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
@@ -80,7 +81,7 @@ def parse_overrides(text: str) -> dict:
 
 
 def bundled_documents(seed: int) -> list[str]:
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     return World(seed=seed).pretraining_documents()
 
@@ -149,7 +150,7 @@ def main(args: PretrainArgs) -> Path:
     val_batches = PackedBatches(shard_dir / "val.bin", seq_len, args.batch_size, seed=args.seed)
     meta = load_meta(shard_dir)
 
-    model = PaLM(config).to(device)
+    model = Transformer(config).to(device)
     optimizer = adamw(model, args.lr, args.weight_decay)
     if args.resume:
         checkpoint.load_weights(model, out)

@@ -20,21 +20,13 @@ import torch
 from tqdm import tqdm
 
 from palmchat import checkpoint
-from palmchat.args import arg
 from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch, sequence_logprobs
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.lora import lora_config
-from palmchat.train.common import (
-    MetricsLog,
-    adamw,
-    autocast,
-    autocast_dtype,
-    cosine_lr,
-    load_policy,
-    pick_device,
-    plot_metrics,
-)
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics
+from palmchat.utils.args import arg
+from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
@@ -67,7 +59,7 @@ class RewardArgs:
 
 
 def bundled_rankings(seed: int, n: int = 3000):
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     return [parse_ranking(r) for r in World(seed=seed).ranking_examples(n)]
 

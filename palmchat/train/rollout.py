@@ -18,7 +18,7 @@ import torch
 from palmchat.data.chat import pad_right
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.losses import token_logprobs
-from palmchat.train.common import autocast
+from palmchat.utils.device import autocast
 
 
 @dataclass
@@ -119,7 +119,7 @@ def verifier_scorer(world) -> Callable[[Rollout], torch.Tensor]:
 def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
     """'verifier' or a reward-model checkpoint path -> (scorer, reward model or None)."""
     if reward == "verifier":
-        from palmchat.data.world import World
+        from palmchat.world.synthetic import World
 
         return verifier_scorer(World(seed=seed)), None
     from palmchat.model.heads import load_reward_model
@@ -130,7 +130,7 @@ def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
 
 
 def bundled_prompts(seed: int, n: int = 2000, split: str = "train") -> list[str]:
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     return World(seed=seed).prompts(n, split)
 

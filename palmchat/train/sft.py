@@ -16,20 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.args import arg
 from palmchat.data.chat import encode_sft, load_conversations, pad_right
 from palmchat.losses import cross_entropy
-from palmchat.train.common import (
-    MetricsLog,
-    adamw,
-    autocast,
-    autocast_dtype,
-    cosine_lr,
-    load_policy,
-    pick_device,
-    plot_metrics,
-    save_policy,
-)
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
+from palmchat.utils.args import arg
+from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
@@ -55,7 +46,7 @@ class SFTArgs:
 
 
 def bundled_conversations(seed: int, n: int = 4000) -> list[list[dict]]:
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     return [c["messages"] for c in World(seed=seed).sft_conversations(n)]
 

@@ -29,7 +29,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
-from palmchat.feedback import agreement
+from palmchat.feedback.exchange import agreement
 from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError, not_found

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from palmchat import kernels
+from palmchat.kernels.loader import load
+from palmchat.utils import cpu
 
 MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
 
@@ -27,8 +28,8 @@ MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up 
 @functools.cache
 def bf16_kernel() -> ctypes.CDLL | None:
     """The compiled decode_bf16.c, or None where it was not built or this CPU lacks AVX512-BF16 (as
-    kernels.cpu_supports sees it, under PALMCHAT_MAX_CPU_ISA)."""
-    library = kernels.load("palmchat.inference._decode_bf16", "palmchat_linear_bf16_supported", "avx512_bf16")
+    cpu.cpu_supports sees it, under PALMCHAT_MAX_CPU_ISA)."""
+    library = load("palmchat.kernels._decode_bf16", "palmchat_linear_bf16_supported", "avx512_bf16")
     if library is None:
         return None
     library.palmchat_linear_bf16.restype = None
@@ -95,9 +96,9 @@ def onednn_only(*modules: nn.Module) -> None:
 def can_pack(dtype: torch.dtype) -> bool:
     """oneDNN packing works on this build and CPU and gives the same numbers as F.linear. oneDNN reorders bf16
     weights only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT and raises elsewhere; palmchat packs bf16 from the
-    `avx512` level up (kernels.cpu_supports, under PALMCHAT_MAX_CPU_ISA), so below it (the rare AVX2 CPUs with
+    `avx512` level up (cpu.cpu_supports, under PALMCHAT_MAX_CPU_ISA), so below it (the rare AVX2 CPUs with
     AVX-NE-CONVERT included, which decode in fp32 by default) a bf16 inference copy keeps plain nn.Linear layers."""
-    if dtype == torch.bfloat16 and not kernels.cpu_supports("avx512"):
+    if dtype == torch.bfloat16 and not cpu.cpu_supports("avx512"):
         return False
     try:
         w, x = torch.randn(24, 16, dtype=dtype), torch.randn(8, 16, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Evaluate a chat policy on held-out prompts of the bundled world (``palmchat.data.world``).
+"""Evaluate a chat policy on held-out prompts of the bundled world (``palmchat.world``).
 
     world = World(seed)
     prompts = world.prompts(200, "heldout")
@@ -83,7 +83,7 @@ def _eval_mode(*models):
 
 
 def _autocast(model, dtype):
-    from palmchat.train.common import autocast
+    from palmchat.utils.device import autocast
 
     if dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()

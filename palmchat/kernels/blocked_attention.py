@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from palmchat import kernels
+from palmchat.utils import cpu
 
 
 def _sdpa_is_faster_on_this_cpu() -> bool:
@@ -28,7 +28,7 @@ def _sdpa_is_faster_on_this_cpu() -> bool:
     enable_gqa (torch >= 2.5) so that K/V are not repeated per query head."""
     pytorch_has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     new_enough = torch.__version__ >= (2, 5)  # a TorchVersion: compares with tuples
-    return kernels.cpu_supports("amx") and pytorch_has_amx() and new_enough
+    return cpu.cpu_supports("amx") and pytorch_has_amx() and new_enough
 
 
 SDPA_IS_FASTER_ON_THIS_CPU = _sdpa_is_faster_on_this_cpu()

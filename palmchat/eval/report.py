@@ -44,7 +44,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from palmchat.atomic import atomic_path, atomic_write
+from palmchat.utils.atomic import atomic_path, atomic_write
 
 __all__ = ["write_report", "STAGE_ORDER", "STAGE_PLOT", "BEST_OF_N_PLOT", "REPORT_FILE"]
 

@@ -80,7 +80,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palmchat.atomic import atomic_write
+from palmchat.utils.atomic import atomic_write
 
 __all__ = [
     "MODERATION_CATEGORIES",

@@ -15,7 +15,8 @@ import ctypes
 
 import torch
 
-from palmchat import kernels
+from palmchat.kernels.loader import load
+from palmchat.utils import cpu
 
 
 class Forward(ctypes.Structure):
@@ -42,15 +43,15 @@ class Backward(ctypes.Structure):
 
 def _load_kernel() -> tuple[ctypes.CDLL, bool] | None:
     """(the compiled attention_bf16.c, whether it may use AMX tiles), or None where it was not built or this CPU
-    lacks AVX512-BF16 (both as kernels.cpu_supports sees it, under PALMCHAT_MAX_CPU_ISA)."""
-    library = kernels.load("palmchat.model._attention_bf16", "palmchat_attention_bf16_supported", "avx512_bf16")
+    lacks AVX512-BF16 (both as cpu.cpu_supports sees it, under PALMCHAT_MAX_CPU_ISA)."""
+    library = load("palmchat.kernels._attention_bf16", "palmchat_attention_bf16_supported", "avx512_bf16")
     if library is None:
         return None
     for function in (library.palmchat_attention_forward_bf16, library.palmchat_attention_backward_bf16):
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p]
     # the C check also asks Linux for the AMX tile state, so it runs only where the cap allows AMX
-    return library, kernels.cpu_supports("amx") and bool(library.palmchat_attention_amx_supported())
+    return library, cpu.cpu_supports("amx") and bool(library.palmchat_attention_amx_supported())
 
 
 # Loaded at import, not on first use: torch.compile traces palm.attention and cannot trace ctypes.

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from palmchat.args import arg
+from palmchat.utils.args import arg
 
 FORMATS = ("rankings", "pairs", "sft")
 
@@ -165,7 +165,7 @@ def export_records(store, fmt: str) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    from palmchat.atomic import atomic_write
+    from palmchat.utils.atomic import atomic_write
 
     path = Path(path)
     if path.parent and not path.parent.exists():

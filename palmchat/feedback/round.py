@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from palmchat.args import arg
+from palmchat.utils.args import arg
 
 
 @dataclass
@@ -116,7 +116,7 @@ def simulated_labellers(url: str, labellers: int | list[str] = 3, *, api_keys: l
     X-Palmchat-Labeller header (`labellers`: a count or the names). They label one after the other.
     Returns {"rankings": total, "per_labeller": {name: count}}.
     """
-    from palmchat.data.world import DEFAULT_NOISE, World
+    from palmchat.world.synthetic import DEFAULT_NOISE, World
 
     world = world or World(seed=0)
     noise = DEFAULT_NOISE if noise is None else noise
@@ -148,8 +148,8 @@ def rank_policy_samples(model, tokenizer, prompts: list[str], k: int = 4, *, wor
     §3.4), so the reward model also sees the kind of replies PPO will ask it to judge, not only curated
     candidates. Prompts whose k replies are all the same are skipped (nothing to rank).
     dtype: the generation engine's (palmchat.eval.generate_replies)."""
-    from palmchat.data.world import DEFAULT_NOISE, World
-    from palmchat.eval import generate_replies
+    from palmchat.eval.policy import generate_replies
+    from palmchat.world.synthetic import DEFAULT_NOISE, World
 
     world = world or World(seed=seed)
     rng = random.Random(f"policy-rankings:{seed}")
@@ -167,9 +167,9 @@ def rank_policy_samples(model, tokenizer, prompts: list[str], k: int = 4, *, wor
 def queue_world_prompts(db: str | Path, n: int, seed: int = 0, k: int = 4, max_tokens: int = 64,
                         split: str = "train") -> int:
     """Put n of the bundled world's prompts in a database's labelling queue; returns how many were new."""
-    from palmchat.data.world import World
-    from palmchat.feedback import new_task_id
+    from palmchat.feedback.exchange import new_task_id
     from palmchat.store import Store
+    from palmchat.world.synthetic import World
 
     prompts = [[{"role": "user", "content": p}] for p in World(seed=seed).prompts(n, split)]
     store = Store(db)
@@ -203,8 +203,8 @@ def pairwise_accuracy(reward_model_path: str | Path, rankings: list, dtype_setti
     """Held-out pairwise accuracy of a reward-model checkpoint on Ranking objects (palmchat.data.chat)."""
     from palmchat import checkpoint
     from palmchat.model.heads import load_reward_model
-    from palmchat.train.common import autocast_dtype, pick_device
     from palmchat.train.reward import ranking_metrics, score_rankings
+    from palmchat.utils.device import autocast_dtype, pick_device
 
     device = pick_device("auto")
     model, _ = load_reward_model(reward_model_path, device=device)
@@ -225,12 +225,12 @@ def _base_of(reward_model: str) -> str:
 
 
 def main(args: LoopArgs) -> dict:
-    from palmchat.atomic import atomic_write
     from palmchat.data.chat import load_rankings
-    from palmchat.feedback import export_records, write_jsonl
+    from palmchat.feedback.exchange import export_records, write_jsonl
     from palmchat.store import Store
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as train_reward
+    from palmchat.utils.atomic import atomic_write
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"--db: {args.db} does not exist")
@@ -289,7 +289,7 @@ def demo_round(url: str, db: str | Path, out: str | Path, base: str, reward_mode
     """The demo's round against a running server (`url`, serving `db`): queue world prompts, let simulated
     labellers rank them over HTTP, then run `main`. Returns main's report plus the labelling counts."""
     queue_world_prompts(db, prompts, seed=seed, k=k, max_tokens=max_tokens)
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     labelled = simulated_labellers(url, labellers, seed=seed, world=World(seed=seed))
     stats = http_json("GET", url.rstrip("/") + "/v1/label/stats")
@@ -299,6 +299,6 @@ def demo_round(url: str, db: str | Path, out: str | Path, base: str, reward_mode
 
 
 if __name__ == "__main__":
-    from palmchat.args import parse_into
+    from palmchat.utils.args import parse_into
 
     main(parse_into(LoopArgs, sys.argv[1:], prog="palmchat loop"))

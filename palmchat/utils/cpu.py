@@ -1,6 +1,4 @@
-"""What this CPU can run, and loading palmchat's optional C kernels (built by setup.py where a compiler is found;
-see decode_bf16.c and attention_bf16.c). Each kernel is a plain shared library called through ctypes, so nothing
-here imports torch.
+"""What this CPU can run (palmchat/kernels/loader.py loads the C kernels that need it). Nothing here imports torch.
 
 Every CPU-dependent choice in palmchat asks `cpu_supports(level)`: its own C kernels, bf16 autocast and the
 inference dtype, SDPA against the blocked attention kernel, oneDNN's packed bf16 linears. The levels, lowest first:
@@ -17,9 +15,7 @@ AVX2-only CPU takes, so those paths can be tested anywhere. The flags and the va
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
@@ -90,21 +86,5 @@ def _rank(level: str) -> int:
     return -1 if level == BELOW_ALL_LEVELS else LEVELS.index(level)
 
 
-def load(module: str, supported: str, needs: str) -> ctypes.CDLL | None:
-    """The compiled extension `module` (e.g. "palmchat.model._attention_bf16"), or None where the CPU (under the
-    cap) lacks level `needs`, the extension was not built or does not load, or its own function `supported` says
-    this CPU cannot run it."""
-    if not cpu_supports(needs):
-        return None
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        library = ctypes.CDLL(spec.origin)
-    except OSError:  # e.g. built for another machine
-        return None
-    return library if getattr(library, supported)() else None
-
-
 __all__ = ["MAX_ISA_VARIABLE", "LEVELS", "LEVEL_FLAGS", "BELOW_ALL_LEVELS", "cpu_flags", "detected_isa", "max_isa",
-           "cpu_isa", "cpu_supports", "load"]
+           "cpu_isa", "cpu_supports"]

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from palmchat.atomic import atomic_write
-from palmchat.config import ModelConfig
+from palmchat.model.config import ModelConfig
+from palmchat.utils.atomic import atomic_write
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 OPTIMIZER_FILE, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
@@ -162,12 +162,12 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
                merge: bool = True):
     """Rebuild the model a checkpoint folder describes. Returns (model, config dict, checkpoint path).
     An adapter-only folder loads its base, adds the adapter, and (merge=True) folds it into the weights."""
-    from palmchat.model.palm import PaLM
+    from palmchat.model.transformer import Transformer
 
     ckpt = resolve(ckpt)
     config = read_config(ckpt)
     if (ckpt / MODEL_FILE).is_file():
-        model = PaLM(ModelConfig.from_dict(config["model"]))
+        model = Transformer(ModelConfig.from_dict(config["model"]))
         load_weights(model, ckpt)
     else:
         from palmchat.model.lora import add_lora, load_adapter, merge_lora
@@ -185,7 +185,7 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
 
 def load_tokenizer(ckpt: str | os.PathLike):
-    from palmchat.tokenizer import Tokenizer
+    from palmchat.tokenizer.bpe import Tokenizer
 
     ckpt = resolve(ckpt)
     if not (ckpt / TOKENIZER_FILE).is_file():

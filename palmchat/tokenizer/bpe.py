@@ -31,7 +31,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from palmchat.atomic import atomic_write
+from palmchat.utils.atomic import atomic_write
 
 __all__ = [
     "PAD_TOKEN",

@@ -73,9 +73,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from palmchat.args import arg
-from palmchat.atomic import atomic_path, atomic_write
 from palmchat.data.chat import DataError, RecordError, json_type, read_records
+from palmchat.utils.args import arg
+from palmchat.utils.atomic import atomic_path, atomic_write
 
 __all__ = [
     "CONFIG_FILE",
@@ -472,7 +472,7 @@ def format_metrics(metrics: dict[str, dict]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _world_moderator(seed: int) -> Moderator:
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     return Moderator.train(World(seed).moderation_examples(WORLD_TRAIN_SIZE, "train"), seed=seed)
 
@@ -502,7 +502,7 @@ class ModerationTrainArgs:
 
 
 def train_main(args: ModerationTrainArgs) -> Path:
-    from palmchat.data.world import World
+    from palmchat.world.synthetic import World
 
     terms = read_terms(args.terms) if args.terms else []
     if args.data:
@@ -535,6 +535,6 @@ def train_main(args: ModerationTrainArgs) -> Path:
 
 
 if __name__ == "__main__":
-    from palmchat.args import parse_into
+    from palmchat.utils.args import parse_into
 
     train_main(parse_into(ModerationTrainArgs, prog="python -m palmchat.moderation"))
