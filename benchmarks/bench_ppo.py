@@ -52,8 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from palmchat import checkpoint  # noqa: E402
+from palmchat.checkpoint.heads import save_reward_model
 from palmchat.model.config import ModelConfig, preset  # noqa: E402
-from palmchat.model.heads import RewardModel, save_reward_model  # noqa: E402
+from palmchat.model.heads import RewardModel  # noqa: E402
 from palmchat.model.transformer import Transformer  # noqa: E402
 from palmchat.tokenizer.bpe import train_tokenizer  # noqa: E402
 

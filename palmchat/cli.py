@@ -161,7 +161,7 @@ def _commands():
     from palmchat.demo import main as demo_main
     from palmchat.feedback.exchange import FeedbackExportArgs, FeedbackImportArgs
     from palmchat.feedback.round import LoopArgs
-    from palmchat.moderation.classifier import ModerationTrainArgs
+    from palmchat.moderation.train import ModerationTrainArgs
     from palmchat.serve import keys
     from palmchat.serve.run import ServeArgs
     from palmchat.train.dpo import DPOArgs
@@ -183,7 +183,7 @@ def _commands():
         main(args)
 
     def moderation_train_main(args):
-        from palmchat.moderation.classifier import train_main
+        from palmchat.moderation.train import train_main
 
         train_main(args)
 

@@ -67,9 +67,9 @@ def settings(args: DemoArgs) -> Settings:
 
 def run_pipeline(args: DemoArgs) -> dict:
     from palmchat import checkpoint
+    from palmchat.checkpoint.heads import load_reward_model
     from palmchat.eval.policy import evaluate_best_of_n, evaluate_policy
     from palmchat.eval.report import write_report
-    from palmchat.model.heads import load_reward_model
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo
     from palmchat.train.grpo import GRPOArgs
@@ -143,7 +143,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         """Simulated labellers rank the SFT model's own samples (InstructGPT's reward-model data), added to the
         bundled rankings. Kept as the faithful recipe: its measured gain is within evaluation noise
         (docs/decisions.md)."""
-        from palmchat.feedback.round import rank_policy_samples
+        from palmchat.feedback.simulated import rank_policy_samples
         from palmchat.train.rollout import load_prompt_texts
 
         model, _, _ = checkpoint.load_model(sft_ckpt)
@@ -231,7 +231,7 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     import sys
     import urllib.request
 
-    from palmchat.feedback.round import demo_round
+    from palmchat.feedback.simulated import demo_round
     from palmchat.utils.atomic import atomic_write
 
     out, ckpts = Path(args.out), run["checkpoints"]

@@ -25,8 +25,9 @@ import httpx
 import torch
 
 from palmchat import checkpoint
+from palmchat.checkpoint.heads import save_reward_model
 from palmchat.model.config import preset
-from palmchat.model.heads import RewardModel, save_reward_model
+from palmchat.model.heads import RewardModel
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import NUM_SPECIAL_TOKENS, train_tokenizer
 

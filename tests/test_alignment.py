@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from palmchat import checkpoint
+from palmchat.checkpoint.heads import load_reward_model
 from palmchat.cli import main as cli
 from palmchat.inference.engine import Engine
-from palmchat.model.heads import load_reward_model
 from palmchat.train.dpo import DPOArgs
 from palmchat.train.dpo import main as dpo
 from palmchat.train.grpo import GRPOArgs

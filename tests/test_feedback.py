@@ -17,13 +17,8 @@ import pytest
 from server_fixtures import Server, build_checkpoints
 
 from palmchat.data.chat import load_conversations, load_rankings
-from palmchat.feedback.exchange import (
-    agreement,
-    borda,
-    export_records,
-    import_prompts,
-    pair_agreement,
-)
+from palmchat.feedback.exchange import export_records, import_prompts
+from palmchat.feedback.rankings import agreement, borda, pair_agreement
 
 MODEL = "tiny-chat"
 

@@ -2,18 +2,16 @@ import pytest
 import torch
 
 from palmchat import checkpoint
-from palmchat.data.chat import pad_left, pad_right
-from palmchat.model.config import preset
-from palmchat.model.heads import (
+from palmchat.checkpoint.heads import (
     HEAD_FILE,
-    RewardModel,
-    ValueModel,
-    end_of_turn_index,
     load_reward_model,
     load_value_model,
     save_reward_model,
     save_value_model,
 )
+from palmchat.data.chat import pad_left, pad_right
+from palmchat.model.config import preset
+from palmchat.model.heads import RewardModel, ValueModel, end_of_turn_index
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, USER_ID
 

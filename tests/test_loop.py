@@ -11,7 +11,8 @@ import pytest
 from server_fixtures import Server, build_checkpoints
 
 from palmchat.data.chat import load_rankings
-from palmchat.feedback.round import demo_round, split_rankings
+from palmchat.feedback.round import split_rankings
+from palmchat.feedback.simulated import demo_round
 
 pytestmark = pytest.mark.timeout(240)
 

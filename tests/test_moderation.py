@@ -11,14 +11,10 @@ from palmchat.moderation.classifier import (
     OPENAI_CATEGORIES,
     WEIGHTS_FILE,
     Features,
-    ModerationTrainArgs,
     Moderator,
-    default_moderator,
-    evaluate,
-    load_examples,
     read_terms,
-    train_main,
 )
+from palmchat.moderation.train import ModerationTrainArgs, default_moderator, evaluate, load_examples, train_main
 from palmchat.world.synthetic import MODERATION_CATEGORIES, World
 
 

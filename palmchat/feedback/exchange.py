@@ -28,11 +28,6 @@ What each format holds:
 A prompt is written as a string when it is one user message, else as its list of messages: the system
 prompt the page sent, the conversation so far, the new user message. palmchat/data/chat.py reads both, and
 renders the list exactly as the server rendered the conversation.
-
-Agreement (`GET /v1/label/stats`) is the **mean pairwise agreement**: for every task ranked by two or more
-labellers, and every two of its labellers, the fraction of candidate pairs both order the same way;
-averaged over the labeller pairs of a task, then over tasks. 1 means identical rankings; two independent
-random rankings agree on 0.5 on average.
 """
 
 from __future__ import annotations
@@ -44,49 +39,10 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
+from palmchat.feedback.rankings import borda
 from palmchat.utils.args import arg
 
 FORMATS = ("rankings", "pairs", "sft")
-
-
-# =============================================================================================
-# Merging rankings, agreement
-# =============================================================================================
-
-
-def borda(rankings: list[list[str]], candidates: list[str]) -> list[str]:
-    """Merge rankings (lists of candidate ids, best first) into one order, best first (see the module docstring).
-    A ranking that leaves candidates out gives them no points."""
-    points, firsts = defaultdict(float), defaultdict(int)
-    for ranking in rankings:
-        k = len(ranking)
-        for position, candidate in enumerate(ranking):
-            points[candidate] += k - 1 - position
-        if ranking:
-            firsts[ranking[0]] += 1
-    order = {c: i for i, c in enumerate(candidates)}
-    return sorted(candidates, key=lambda c: (-points[c], -firsts[c], order[c]))
-
-
-def pair_agreement(a: list[str], b: list[str]) -> float:
-    """Fraction of the candidate pairs (of the candidates both rankings hold) that a and b order the same way."""
-    pos_a, pos_b = {c: i for i, c in enumerate(a)}, {c: i for i, c in enumerate(b)}
-    common = [c for c in a if c in pos_b]
-    pairs = list(combinations(common, 2))
-    if not pairs:
-        return 1.0
-    same = sum((pos_a[x] < pos_a[y]) == (pos_b[x] < pos_b[y]) for x, y in pairs)
-    return same / len(pairs)
-
-
-def agreement(rankings_by_task: dict[str, list[list[str]]]) -> tuple[float | None, int]:
-    """(mean pairwise agreement, number of tasks it is measured on); None when no task has two labellers."""
-    per_task = []
-    for rankings in rankings_by_task.values():
-        if len(rankings) >= 2:
-            scores = [pair_agreement(a, b) for a, b in combinations(rankings, 2)]
-            per_task.append(sum(scores) / len(scores))
-    return (sum(per_task) / len(per_task) if per_task else None), len(per_task)
 
 
 # =============================================================================================

@@ -70,7 +70,7 @@ def load_state(args: ServeArgs, store):
     tokenizer = checkpoint.load_tokenizer(ckpt)
     reward_model = None
     if args.reward_model:
-        from palmchat.model.heads import load_reward_model
+        from palmchat.checkpoint.heads import load_reward_model
 
         reward_model, _ = load_reward_model(args.reward_model)
         reward_model.eval().requires_grad_(False)
@@ -79,7 +79,8 @@ def load_state(args: ServeArgs, store):
                              f"tokens, but the policy's has {model.config.vocab_size} (another tokenizer)")
     moderator = None
     if args.moderation not in ("none", ""):
-        from palmchat.moderation.classifier import Moderator, default_moderator
+        from palmchat.moderation.classifier import Moderator
+        from palmchat.moderation.train import default_moderator
 
         moderator = default_moderator() if args.moderation == "default" else Moderator.load(args.moderation)
     dtype = decode_dtype(args.dtype)

@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from palmchat import checkpoint
+from palmchat.checkpoint.heads import save_reward_model
 from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch, sequence_logprobs
 from palmchat.losses import ranking_loss
-from palmchat.model.heads import RewardModel, save_reward_model
+from palmchat.model.heads import RewardModel
 from palmchat.model.lora import lora_config
 from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics
 from palmchat.utils.args import arg

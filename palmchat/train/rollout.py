@@ -122,7 +122,7 @@ def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
         from palmchat.world.synthetic import World
 
         return verifier_scorer(World(seed=seed)), None
-    from palmchat.model.heads import load_reward_model
+    from palmchat.checkpoint.heads import load_reward_model
 
     reward_model, _ = load_reward_model(reward, device=device)
     reward_model.eval().requires_grad_(False)

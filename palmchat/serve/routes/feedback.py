@@ -29,7 +29,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
-from palmchat.feedback.exchange import agreement
+from palmchat.feedback.rankings import agreement
 from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError, not_found
@@ -268,7 +268,7 @@ async def label_stats(request: Request, owner: str = Depends(caller)):
 
 
 def _load_reward_model(path: str, state: ServerState):
-    from palmchat.model.heads import load_reward_model
+    from palmchat.checkpoint.heads import load_reward_model
 
     model, _ = load_reward_model(path)
     model.eval().requires_grad_(False)

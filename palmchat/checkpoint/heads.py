@@ -1,0 +1,79 @@
+"""Reward and value model checkpoints: ordinary model checkpoint folders plus one file::
+
+    model.safetensors   the backbone's weights (same names as any model checkpoint:
+                        ``checkpoint.load_model`` loads it as a language model)
+    head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
+    config.json         {"model": ..., "head": "reward" | "value", ...}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from palmchat.checkpoint import native as checkpoint
+from palmchat.model.heads import RewardModel, ScalarHeadModel, ValueModel
+
+HEAD_FILE = "head.safetensors"
+
+
+def _save(model: ScalarHeadModel, run_dir, step, config, tokenizer_path, optimizer, keep_last, adapter=None) -> Path:
+    """adapter: save only that LoRA adapter of the backbone (config must then name "lora" and "base")."""
+    config = {**config, "model": model.config.to_dict(), "head": model.kind}
+    return checkpoint.save_checkpoint(run_dir, step, model.backbone, config, tokenizer_path=tokenizer_path,
+                                      optimizer=optimizer, keep_last=keep_last, adapter=adapter,
+                                      extra_tensors={HEAD_FILE.removesuffix(".safetensors"): model.head_state_dict()})
+
+
+def save_reward_model(model: RewardModel, run_dir: str | os.PathLike, step: int, config: dict,
+                      tokenizer_path: str | os.PathLike | None = None,
+                      optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2,
+                      adapter: str | None = None) -> Path:
+    """Atomically write run_dir/step-XXXXXX (backbone in model.safetensors, head in head.safetensors)."""
+    return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last, adapter)
+
+
+def save_value_model(model: ValueModel, run_dir: str | os.PathLike, step: int, config: dict,
+                     tokenizer_path: str | os.PathLike | None = None,
+                     optimizer: torch.optim.Optimizer | None = None, keep_last: int = 2) -> Path:
+    """Like :func:`save_reward_model`, for the critic."""
+    return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last)
+
+
+def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
+    ckpt = checkpoint.resolve(path)
+    if not (ckpt / HEAD_FILE).is_file():
+        raise checkpoint.CheckpointError(f"{ckpt} is not a {what} checkpoint (no {HEAD_FILE})")
+    config = checkpoint.read_config(ckpt)
+    kind = config.get("head")
+    if kind is not None and kind not in accept:
+        raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
+    backbone, _, _ = checkpoint.load_model(ckpt)  # full weights, or a base with its LoRA adapter merged in
+    model = cls(backbone)
+    try:
+        tensors = load_file(ckpt / HEAD_FILE)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: unreadable safetensors file ({e})") from None
+    expected = model.head.state_dict()
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        want = {k: tuple(v.shape) for k, v in expected.items()}
+        raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: head tensors {got} do not match the model's {want}")
+    model.head.load_state_dict(tensors)
+    model.to(device=device, dtype=dtype)
+    return model, config
+
+
+def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[RewardModel, dict]:
+    """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config)."""
+    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",))
+
+
+def load_value_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> tuple[ValueModel, dict]:
+    """Load a value-model checkpoint, or a reward-model one to initialise the critic from it."""
+    return _load(ValueModel, path, "value model", device, dtype, accept=("value", "reward"))
