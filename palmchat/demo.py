@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from palmchat.utils.args import arg
+from palmchat.utils.jsonl import write_jsonl
 
 
 @dataclass
@@ -82,7 +83,6 @@ def run_pipeline(args: DemoArgs) -> dict:
     from palmchat.train.reward import main as reward
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft
-    from palmchat.utils.atomic import atomic_write
     from palmchat.utils.device import autocast_dtype, pick_device
     from palmchat.world.synthetic import World, write_bundle
 
@@ -151,7 +151,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         prompts = load_prompt_texts([str(data / "prompts_train.jsonl")], seed)
         records = rank_policy_samples(model.eval(), tokenizer, prompts[:s.policy_rankings], k=4, seed=seed,
                                       dtype=autocast_dtype("auto", pick_device("auto")))
-        atomic_write(data / "sft_rankings.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl(data / "sft_rankings.jsonl", records)
 
     timed("rank SFT samples", rank_sft_samples)
     rankings = [str(data / "rankings.jsonl"), str(data / "sft_rankings.jsonl")]

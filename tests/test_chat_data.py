@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from palmchat.data.chat import (
-    DataError,
     Ranking,
     encode_response,
     encode_sft,
@@ -22,6 +21,7 @@ from palmchat.losses import ranking_loss
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, train_tokenizer
+from palmchat.utils.jsonl import DataError
 from palmchat.world.synthetic import World, write_bundle
 
 SIZES = dict(pretrain=20, sft=40, rankings=30, pairs=30, prompts_train=20, prompts_heldout=25, moderation=5)

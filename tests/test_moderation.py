@@ -4,7 +4,6 @@ import re
 import pytest
 import torch
 
-from palmchat.data.chat import DataError
 from palmchat.moderation.classifier import (
     CONFIG_FILE,
     DEFAULT_TERM_CATEGORY,
@@ -15,6 +14,7 @@ from palmchat.moderation.classifier import (
     read_terms,
 )
 from palmchat.moderation.train import ModerationTrainArgs, default_moderator, evaluate, load_examples, train_main
+from palmchat.utils.jsonl import DataError
 from palmchat.world.synthetic import MODERATION_CATEGORIES, World
 
 

@@ -13,9 +13,9 @@ from palmchat.checkpoint import native
 from palmchat.cli import main as cli
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
-from palmchat.train.common import read_jsonl
 from palmchat.train.pretrain import PretrainArgs
 from palmchat.train.pretrain import main as pretrain
+from palmchat.utils.jsonl import read_jsonl
 from palmchat.world.synthetic import World
 
 

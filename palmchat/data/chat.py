@@ -37,21 +37,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from palmchat.losses import IGNORE_INDEX, masked_sum, token_logprobs
 from palmchat.tokenizer.bpe import EOT_ID, PAD_ID
+from palmchat.utils.jsonl import DataError, RecordError, json_type, read_records
 
 __all__ = [
-    "DataError",
-    "RecordError",
-    "json_type",
-    "read_records",
     "Ranking",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
@@ -74,10 +70,6 @@ ROLE_NAMES = ("system", "user", "assistant")
 MIN_RESPONSES, MAX_RESPONSES = 2, 9
 
 
-class DataError(ValueError):
-    """A data file is missing, empty or holds a malformed record (message: ``FILE:LINE: PROBLEM``)."""
-
-
 @dataclass
 class Ranking:
     """One prompt with K >= 2 responses, ordered BEST FIRST."""
@@ -89,69 +81,6 @@ class Ranking:
 # =============================================================================================
 # Reading
 # =============================================================================================
-
-
-class RecordError(Exception):
-    """A problem with one record, raised by a record parser; read_records turns it into a DataError with
-    FILE:LINE."""
-
-
-def json_type(value: object) -> str:
-    """JSON name of a Python value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
-    """Yield ``(file name, line number, record)`` for each non-blank line of a JSONL file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}" if not p.exists() else f"not a file: {p}")
-    name = str(path)
-    count = 0
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte {e.start + 1})") from None
-            if lineno == 1:
-                line = line.lstrip("\ufeff")  # tolerate a byte-order mark
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{name}:{lineno}: expected a JSON object, got {json_type(record)}")
-            count += 1
-            yield name, lineno, record
-    if count == 0:
-        raise DataError(f"{name}: no records")
-
-
-def read_records(path, parse) -> list:
-    """``parse(record)`` for each record of a JSONL file; a RecordError it raises becomes a DataError naming
-    FILE:LINE."""
-    out = []
-    for name, lineno, record in _records(path):
-        try:
-            out.append(parse(record))
-        except RecordError as e:
-            raise DataError(f"{name}:{lineno}: {e}") from None
-    return out
 
 
 def _messages(value: object, where: str) -> list[dict]:

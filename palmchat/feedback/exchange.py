@@ -41,6 +41,7 @@ from pathlib import Path
 
 from palmchat.feedback.rankings import borda
 from palmchat.utils.args import arg
+from palmchat.utils.jsonl import write_jsonl
 
 FORMATS = ("rankings", "pairs", "sft")
 
@@ -118,16 +119,6 @@ def export_records(store, fmt: str) -> list[dict]:
              for r in rankings for better, worse in combinations(r["order"], 2)]
             + [{"prompt": prompt_field(p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"],
                 "source": "thumbs"} for p in thumbs])
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    from palmchat.utils.atomic import atomic_write
-
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
 
 
 # =============================================================================================

@@ -143,11 +143,12 @@ def _base_of(reward_model: str) -> str:
 
 def main(args: LoopArgs) -> dict:
     from palmchat.data.chat import load_rankings
-    from palmchat.feedback.exchange import export_records, write_jsonl
+    from palmchat.feedback.exchange import export_records
     from palmchat.store import Store
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as train_reward
     from palmchat.utils.atomic import atomic_write
+    from palmchat.utils.jsonl import write_jsonl
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"--db: {args.db} does not exist")

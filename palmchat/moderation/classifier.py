@@ -72,8 +72,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from palmchat.data.chat import DataError, json_type
 from palmchat.utils.atomic import atomic_path, atomic_write
+from palmchat.utils.jsonl import DataError, json_type
 
 __all__ = ["CONFIG_FILE", "DEFAULT_TERM_CATEGORY", "OPENAI_CATEGORIES", "WEIGHTS_FILE", "Features", "ModerationResult",
            "Moderator", "read_terms"]

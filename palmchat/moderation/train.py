@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from palmchat.data.chat import RecordError, json_type, read_records
 from palmchat.moderation.classifier import Moderator, read_terms
 from palmchat.utils.args import arg
+from palmchat.utils.jsonl import RecordError, json_type, read_records
 
 WORLD_TRAIN_SIZE, WORLD_HELDOUT_SIZE = 3000, 1000  # the bundled world's moderation examples
 

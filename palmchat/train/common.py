@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from palmchat.utils.jsonl import read_jsonl
+
 
 def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warmup, then cosine decay to min_lr at max_steps."""
@@ -44,11 +46,6 @@ class MetricsLog:
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, keys: list[str], title: str) -> None:

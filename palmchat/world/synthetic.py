@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import re
 import sys
@@ -81,6 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palmchat.utils.atomic import atomic_write
+from palmchat.utils.jsonl import jsonl_text
 
 __all__ = [
     "MODERATION_CATEGORIES",
@@ -950,10 +950,6 @@ class World:
 
 # --------------------------------------------------------------------------- bundle / CLI
 
-def _jsonl(records) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str, Path]:
     """Write the whole data bundle into ``out_dir``; returns ``{name: path}``.
 
@@ -971,14 +967,14 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
     contents = {
         "pretrain": ("pretrain.txt",
                      "\n\n".join(world.pretraining_documents(sz["pretrain"])) + "\n"),
-        "sft": ("sft.jsonl", _jsonl(world.sft_conversations(sz["sft"]))),
-        "rankings": ("rankings.jsonl", _jsonl(world.ranking_examples(sz["rankings"]))),
-        "pairs": ("pairs.jsonl", _jsonl(world.pairs(sz["pairs"]))),
-        "prompts_train": ("prompts_train.jsonl", _jsonl(
+        "sft": ("sft.jsonl", jsonl_text(world.sft_conversations(sz["sft"]))),
+        "rankings": ("rankings.jsonl", jsonl_text(world.ranking_examples(sz["rankings"]))),
+        "pairs": ("pairs.jsonl", jsonl_text(world.pairs(sz["pairs"]))),
+        "prompts_train": ("prompts_train.jsonl", jsonl_text(
             {"prompt": p} for p in world.prompts(sz["prompts_train"], "train"))),
-        "prompts_heldout": ("prompts_heldout.jsonl", _jsonl(
+        "prompts_heldout": ("prompts_heldout.jsonl", jsonl_text(
             {"prompt": p} for p in world.prompts(sz["prompts_heldout"], "heldout"))),
-        "moderation": ("moderation.jsonl", _jsonl(world.moderation_examples(sz["moderation"]))),
+        "moderation": ("moderation.jsonl", jsonl_text(world.moderation_examples(sz["moderation"]))),
     }
     paths = {}
     for name, (fname, text) in contents.items():
