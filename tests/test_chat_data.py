@@ -14,13 +14,14 @@ from palmchat.data.chat import (
     pad_left,
     pad_right,
     ranking_batch,
+    scoring_sequence,
     sequence_logprobs,
     sft_batch,
 )
 from palmchat.losses import ranking_loss
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, train_tokenizer
+from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID, train_tokenizer
 from palmchat.utils.jsonl import DataError
 from palmchat.world.synthetic import World, write_bundle
 
@@ -243,6 +244,21 @@ def test_encode_response_truncates_prompt_from_left(tok):
     assert enc.ids[2:-1] == tok.encode("long answer " * 30)[:9] and enc.response_truncated > 0
     with pytest.raises(ValueError, match="max_len"):
         encode_response(tok, prompt, "x", max_len=2)
+
+
+def test_scoring_sequence_cuts_the_oldest_prompt_tokens_and_keeps_bos():
+    prompt = [BOS_ID, USER_ID, 10, 11, 12, 13, EOT_ID, ASSISTANT_ID]  # 8 tokens
+    whole = scoring_sequence(prompt, [20, 21], max_len=11)
+    assert whole.ids == prompt + [20, 21, EOT_ID] and whole.prompt_len == 8 and not whole.truncated
+    # 11 tokens into 7: the reply [20, 21, eot] stays whole, the prompt loses its 4 oldest tokens after bos
+    cut = scoring_sequence(prompt, [20, 21], max_len=7)
+    assert cut.ids == [BOS_ID, 13, EOT_ID, ASSISTANT_ID, 20, 21, EOT_ID]
+    assert cut.prompt_len == 4 and cut.prompt_truncated == 4 and cut.response_truncated == 0
+    assert scoring_sequence(prompt, [20, 21, EOT_ID], max_len=7).ids == cut.ids  # an ended reply: same sequence
+    # a reply that alone does not fit in max_len - 2: bos + assistant token, the reply's head, eot
+    long = scoring_sequence(prompt, list(range(20, 30)), max_len=7)
+    assert long.ids == [BOS_ID, ASSISTANT_ID, 20, 21, 22, 23, EOT_ID]
+    assert long.prompt_truncated == 6 and long.response_truncated == 6
 
 
 # ============================================================================ padding

@@ -24,8 +24,9 @@ Every malformed record raises :class:`DataError` with one line ``FILE:LINE: PROB
 Token-level helpers (pure functions on token ids)
 -------------------------------------------------
 * :func:`encode_sft` -- ``(ids, targets)``: next-token labels, ``-100`` off assistant tokens.
-* :func:`encode_response` -- ``render_prompt(prompt) + encode(response) + [eot]``; too long
-  sequences lose the *prompt's* oldest tokens first (the reward is read at the eot).
+* :func:`scoring_sequence` -- ``prompt_ids + response_ids + [eot]``, what a reward model scores; too
+  long sequences lose the *prompt's* oldest tokens first, bos kept (the reward is read at the eot).
+  :func:`encode_response` is the same from messages and text.
 * :func:`pad_right` / :func:`pad_left` -- padding is always explicit.
 * :func:`ranking_batch` -- all K responses of B rankings, flattened for one forward pass;
   :func:`group_by_ranking` turns per-response values back into the ``(B, K_max)`` layout of
@@ -57,6 +58,7 @@ __all__ = [
     "EncodedSFT",
     "EncodedResponse",
     "encode_sft",
+    "scoring_sequence",
     "encode_response",
     "pad_right",
     "pad_left",
@@ -281,38 +283,49 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     return EncodedSFT(ids, targets, dropped)
 
 
-def encode_response(tokenizer, prompt_messages: Sequence[Mapping], response: str | Sequence[int],
-                    max_len: int) -> EncodedResponse:
-    """``render_prompt(prompt_messages) + encode(response) + [eot]`` -> ``(ids, prompt_len)``.
+def scoring_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int], max_len: int,
+                     eot_id: int = EOT_ID) -> EncodedResponse:
+    """The one sequence a reward model scores for a (prompt, response), on token ids: ``(ids, prompt_len)``.
 
-    ``ids[:prompt_len]`` is the prompt (ending with the ``<|assistant|>`` token), ``ids[prompt_len:]``
-    the response, whose LAST token is always the eot (where a reward model reads its score).
-    ``response`` may be text or already-tokenised content ids (a trailing eot is not repeated).
+    ``ids = prompt_ids + response_ids + [eot]``: the response always ends with exactly one eot, where the
+    reward is read (a trailing eot in ``response_ids`` is not repeated; a response cut short gets one, so it
+    is scored as if it had ended there).  ``prompt_ids`` is a rendered prompt: bos first, the
+    ``<|assistant|>`` token last.
 
-    Truncation to ``max_len`` (>= 3): the PROMPT loses its oldest tokens first, keeping bos and at
-    least the final ``<|assistant|>`` token (the cut may fall inside a message: the model then sees
-    a partial context, which is still better than a partial answer).  Only if the response alone
-    does not fit in ``max_len - 2`` tokens is its tail cut, and its eot re-appended.  Counts of
+    Truncation to ``max_len`` (>= 3), the same for reward-model training, best-of-n and PPO/GRPO: the PROMPT
+    loses its oldest tokens first, keeping its first token (bos) and at least its last (``<|assistant|>``);
+    the cut may fall inside a message, a partial context being better than a partial answer.  Only if the
+    response alone does not fit in ``max_len - 2`` tokens is its tail cut, and its eot re-appended.  Counts of
     dropped tokens are on the result (``.prompt_truncated``, ``.response_truncated``).
     """
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3 (bos, assistant token, eot), got {max_len}")
-    prompt = tokenizer.render_prompt(prompt_messages)
-    if isinstance(response, str):
-        body = tokenizer.encode(response)
-    else:
-        body = [int(t) for t in response]
-        if body and body[-1] == EOT_ID:
-            body = body[:-1]
+    prompt = [int(t) for t in prompt_ids]
+    body = [int(t) for t in response_ids]
+    if body and body[-1] == eot_id:
+        body = body[:-1]
     response_dropped = max(0, len(body) + 1 - (max_len - 2))
     if response_dropped:
         body = body[: len(body) - response_dropped]
-    reply = body + [EOT_ID]
+    reply = body + [eot_id]
     budget = max_len - len(reply)  # room for the prompt, >= 2
     prompt_dropped = max(0, len(prompt) - budget)
     if prompt_dropped:
         prompt = prompt[:1] + prompt[1 + prompt_dropped:]
     return EncodedResponse(prompt + reply, len(prompt), prompt_dropped, response_dropped)
+
+
+def encode_response(tokenizer, prompt_messages: Sequence[Mapping], response: str | Sequence[int],
+                    max_len: int) -> EncodedResponse:
+    """``render_prompt(prompt_messages) + encode(response) + [eot]`` -> ``(ids, prompt_len)``, truncated to
+    ``max_len`` by :func:`scoring_sequence` (the prompt's oldest tokens go first, bos stays).
+
+    ``ids[:prompt_len]`` is the prompt (ending with the ``<|assistant|>`` token), ``ids[prompt_len:]``
+    the response, whose LAST token is always the eot (where a reward model reads its score).
+    ``response`` may be text or already-tokenised content ids (a trailing eot is not repeated).
+    """
+    body = tokenizer.encode(response) if isinstance(response, str) else response
+    return scoring_sequence(tokenizer.render_prompt(prompt_messages), body, max_len, EOT_ID)
 
 
 # =============================================================================================

@@ -12,13 +12,15 @@ How one call runs:
    ``engine.generate([prompt], params)``. Without a seed every row draws its own seed from torch's global RNG.
    ``eot_id`` is added to ``params.stop_token_ids`` (a reply ends at its end-of-turn token, where the reward is
    read), and ``max_new_tokens`` is lowered where needed so that prompt + reply + eot fit both models' contexts.
-2. **One batched reward-model forward** over the right-padded sequences ``prompt + completion``, each read at its
-   own end-of-turn token (the last real token of its row), so a reward does not depend on the batch it is in.
-   A completion that does not end with eot -- it hit the length limit, or stopped on a stop *sequence* (which
-   the engine strips) -- gets eot appended **for scoring only**: the reward model was trained on replies that end
-   in eot and has no other place to read a score. ``Completion.tokens`` is returned unchanged; a truncated
-   reply is therefore scored as if it had ended there. (``best_of_n`` leaves room for that eot; when
-   :func:`score_completions` is given a reply that fills the context, the eot replaces its last token.)
+2. **One batched reward-model forward** (:func:`palmchat.inference.reward_scoring.score_responses`) over the
+   right-padded sequences ``prompt + completion``, each read at its own end-of-turn token (the last real token
+   of its row), so a reward does not depend on the batch it is in. A completion that does not end with eot --
+   it hit the length limit, or stopped on a stop *sequence* (which the engine strips) -- gets eot appended
+   **for scoring only**: the reward model was trained on replies that end in eot and has no other place to read
+   a score. ``Completion.tokens`` is returned unchanged; a truncated reply is therefore scored as if it had
+   ended there. ``best_of_n`` keeps prompt + reply + that eot within the reward model's context; when
+   :func:`score_completions` is given a longer sequence, the prompt's oldest tokens after bos are dropped, the
+   truncation reward-model training and PPO/GRPO use.
 3. The returned ``best`` is the first completion with the highest reward (``index`` = its position).
 
 The policy model runs inside ``engine`` (its dtype setting applies); the reward model runs in its own dtype under
@@ -31,11 +33,10 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from palmchat.inference.engine import Completion, Engine, SamplingParams
+from palmchat.inference.reward_scoring import score_responses
 
-__all__ = ["BestOfN", "best_of_n", "best_of_n_batch", "sample_seed", "scoring_sequence", "score_completions"]
+__all__ = ["BestOfN", "best_of_n", "best_of_n_batch", "sample_seed", "score_completions"]
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: seeds of neighbouring samples are far apart
 _SEED_MOD = 2**62
@@ -54,51 +55,17 @@ def sample_seed(seed: int, j: int) -> int:
     return int(seed) if j == 0 else (int(seed) + j * _GOLDEN) % _SEED_MOD
 
 
-def scoring_sequence(prompt_ids: Sequence[int], tokens: Sequence[int], eot_id: int) -> list[int]:
-    """``prompt + tokens``, with eot appended when the completion does not already end with it."""
-    seq = [int(t) for t in prompt_ids] + [int(t) for t in tokens]
-    if not tokens or int(tokens[-1]) != eot_id:
-        seq.append(eot_id)
-    return seq
-
-
-@torch.no_grad()
 def score_completions(reward_model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int] | Completion],
                       eot_id: int, batch_size: int | None = None, pad_id: int = 0) -> list[float]:
-    """Reward of each ``prompt + completion`` (see :func:`scoring_sequence`), right-padded, read at each row's eot.
+    """Reward of each ``prompt + completion`` through :func:`palmchat.inference.reward_scoring.score_responses`:
+    eot appended when missing, right-padded, read at each row's eot, a sequence longer than the reward model's
+    context cut by dropping the prompt's oldest tokens after bos (as in reward-model training).
 
     ``completions`` are Completion objects or token-id lists. ``batch_size=None`` scores all rows in one forward.
     The pad id is irrelevant to the result: pads follow each row's eot and attention is causal.
     """
-    from palmchat.data.chat import pad_right
-
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    seqs = [scoring_sequence(p, c.tokens if isinstance(c, Completion) else c, eot_id)
-            for p, c in zip(prompts, completions)]
-    if not seqs:
-        return []
-    ctx = reward_model.config.max_seq_len
-    for i, (s, c) in enumerate(zip(seqs, completions)):
-        tokens = c.tokens if isinstance(c, Completion) else c
-        if len(s) == ctx + 1 and len(tokens) > 0 and s[-2] != eot_id:  # the appended eot overflows the context:
-            seqs[i] = s[:-2] + [eot_id]  # it replaces the completion's last token instead
-    too_long = [i for i, s in enumerate(seqs) if len(s) > ctx]
-    if too_long:
-        raise ValueError(f"sequence {too_long[0]} has {len(seqs[too_long[0]])} tokens (with eot), more than the "
-                         f"reward model's context of {ctx}")
-    device = next(reward_model.parameters()).device
-    was_training = reward_model.training
-    reward_model.eval()
-    try:
-        out: list[float] = []
-        step = batch_size or len(seqs)
-        for i in range(0, len(seqs), step):
-            ids, lengths = pad_right(seqs[i:i + step], pad_id)
-            out += reward_model(ids.to(device), (lengths - 1).to(device)).float().tolist()
-        return out
-    finally:
-        reward_model.train(was_training)
+    tokens = [c.tokens if isinstance(c, Completion) else c for c in completions]
+    return score_responses(reward_model, prompts, tokens, eot_id, batch_size=batch_size, pad_id=pad_id).tolist()
 
 
 def _request_params(engine: Engine, reward_model, prompt: Sequence[int], params: SamplingParams,

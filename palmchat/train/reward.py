@@ -22,6 +22,7 @@ from tqdm import tqdm
 from palmchat import checkpoint
 from palmchat.checkpoint.heads import save_reward_model
 from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch, sequence_logprobs
+from palmchat.inference.reward_scoring import score_responses
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel
 from palmchat.model.lora import lora_config
@@ -81,16 +82,23 @@ def ranking_metrics(rewards: torch.Tensor, num_responses: torch.Tensor) -> dict:
 
 
 def score_rankings(model: RewardModel, tokenizer, rankings, max_len, batch_size, device, dtype):
-    """(B, K_max) rewards for a list of rankings, and their K."""
-    model.eval()
+    """(B, K_max) rewards for a list of rankings, and their K: ``batch_size`` rankings per forward through
+    :func:`palmchat.inference.reward_scoring.score_responses`, so held-out responses are scored exactly as
+    best-of-n and PPO/GRPO score theirs (and as :func:`ranking_batch` builds them for training). ``device`` is
+    where the model is."""
     rows, ks = [], []
-    with torch.no_grad(), autocast(device, dtype):
-        for i in range(0, len(rankings), batch_size):
-            batch = ranking_batch(tokenizer, rankings[i:i + batch_size], max_len)
-            rewards = model(batch["ids"].to(device), batch["eot_index"].to(device))
-            rows.append(group_by_ranking(rewards.float().cpu(), batch["num_responses"], fill=float("nan")))
-            ks.append(batch["num_responses"])
-    model.train()
+    for i in range(0, len(rankings), batch_size):
+        chunk = rankings[i:i + batch_size]
+        prompts, responses = [], []
+        for r in chunk:
+            prompt = tokenizer.render_prompt(r.prompt_messages)
+            prompts += [prompt] * len(r.responses)
+            responses += [tokenizer.encode(text) for text in r.responses]
+        num = torch.tensor([len(r.responses) for r in chunk], dtype=torch.long)
+        rewards = score_responses(model, prompts, responses, tokenizer.eot_id, max_len, pad_id=tokenizer.pad_id,
+                                  dtype=dtype)
+        rows.append(group_by_ranking(rewards, num, fill=float("nan")))
+        ks.append(num)
     width = max(r.shape[1] for r in rows)
     rows = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=float("nan")) for r in rows]
     return torch.cat(rows), torch.cat(ks)

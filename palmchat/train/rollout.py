@@ -5,7 +5,9 @@ The traps handled here, each tested in tests/test_rl.py:
 - prompts are token ids rendered once and never re-tokenised; responses keep the sampled ids;
 - the log-probs recomputed by a training forward pass equal those the engine sampled with (temperature 1);
 - the reward is read at the response's own end-of-turn token (right-padded batch, index = length - 1);
-- a response that never ends gets its eot appended for scoring plus a penalty, rather than being scored at a pad.
+- a response that never ends gets its eot appended for scoring plus a penalty, rather than being scored at a pad;
+- a sequence longer than the reward model's context loses the prompt's oldest tokens after bos, as in
+  reward-model training and best-of-n (one scoring path: palmchat.inference.reward_scoring).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from palmchat.data.chat import pad_right
 from palmchat.inference.engine import Engine, SamplingParams
+from palmchat.inference.reward_scoring import score_responses
 from palmchat.losses import token_logprobs
 from palmchat.utils.device import autocast
 
@@ -90,19 +93,18 @@ def gather_actions(per_position: torch.Tensor, rollout: Rollout, rows=slice(None
 
 
 def reward_model_scorer(reward_model, tokenizer, device="cpu", dtype=None) -> Callable[[Rollout], torch.Tensor]:
-    """Scores read at each response's own eot; an unfinished response is scored with an eot appended."""
+    """Scores read at each response's own eot (an unfinished response is scored with an eot appended), through
+    :func:`palmchat.inference.reward_scoring.score_responses`: a sequence longer than the reward model's context
+    loses the prompt's oldest tokens after bos, as in reward-model training. The forward runs on the reward
+    model's own device (``device`` names the same place and is not needed)."""
 
-    @torch.no_grad()
     def score(rollout: Rollout) -> torch.Tensor:
-        seqs = []
+        prompts, responses = [], []
         for row, (p, r) in enumerate(zip(rollout.prompt_lens.tolist(), rollout.response_lens.tolist())):
-            seq = rollout.ids[row, : p + r].tolist()
-            if not rollout.finished[row]:
-                seq.append(tokenizer.eot_id)
-            seqs.append(seq[-reward_model.config.max_seq_len:])
-        ids, lengths = pad_right(seqs, tokenizer.pad_id)
-        with autocast(torch.device(device), dtype):
-            return reward_model(ids.to(device), (lengths - 1).to(device)).float().cpu()
+            prompts.append(rollout.ids[row, :p].tolist())
+            responses.append(rollout.ids[row, p:p + r].tolist())
+        return score_responses(reward_model, prompts, responses, tokenizer.eot_id, pad_id=tokenizer.pad_id,
+                               dtype=dtype)
 
     return score
 
