@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch, sequence_logprobs
 from palmchat.losses import dpo_ranking_loss
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics, save_policy
 from palmchat.train.reward import bundled_rankings
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
@@ -137,8 +137,6 @@ def main(args: DPOArgs) -> Path:
             order.shuffle(index)
         chosen = index[pos * args.batch_size:(pos + 1) * args.batch_size]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         logps, k, tokens = ranking_logps(model, tokenizer, [train[i] for i in chosen], max_len, device, dtype, mean,
                                          return_tokens=True)
         ref = stack([ref_train[i] for i in chosen]).to(device)[:, :logps.shape[1]]
@@ -148,9 +146,7 @@ def main(args: DPOArgs) -> Path:
         if args.rpo_alpha:
             loss = loss + args.rpo_alpha * best_nll
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         metrics.write(step=step + 1, loss=loss.item(), lr=lr, best_nll=best_nll.item(),
                       reward_margin=(rewards[:, 0] - rewards[:, 1]).mean().item())
     accuracy = validate(max_steps)

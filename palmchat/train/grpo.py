@@ -22,7 +22,7 @@ from tqdm import tqdm
 from palmchat.inference.engine import Engine
 from palmchat.losses import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import MetricsLog, load_policy, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, load_policy, optimizer_step, plot_metrics, save_policy
 from palmchat.train.rollout import load_prompt_texts, make_scorer, response_logprobs, sample
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
@@ -101,9 +101,7 @@ def main(args: GRPOArgs) -> Path:
                 kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), m)
                 loss = surrogate + args.beta * kl
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, params, args.grad_clip)
                 stats.append([loss.item(), kl.item(), float(pstats["clipfrac"])])
         s = torch.tensor(stats).mean(0).tolist()
         metrics.write(step=it + 1, score=scores.mean().item(), loss=s[0], kl=s[1], clipfrac=s[2],

@@ -24,7 +24,7 @@ from palmchat.losses import cross_entropy
 from palmchat.model.config import ModelConfig, preset
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import Tokenizer, train_tokenizer
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, plot_metrics
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
@@ -169,8 +169,6 @@ def main(args: PretrainArgs) -> Path:
                dynamic_ncols=True, mininterval=1.0)
     for step in bar:
         lr = cosine_lr(step, args.max_steps, args.warmup_steps, args.lr, args.lr * args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t0 = time.time()
         loss_sum = 0.0
         for micro in range(args.grad_accum):
@@ -181,9 +179,7 @@ def main(args: PretrainArgs) -> Path:
             loss, _ = cross_entropy(logits, y.to(device), z_loss=args.z_loss)
             (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, model.parameters(), args.grad_clip or float("inf"), lr).item()
         tok_s = tokens_per_step / (time.time() - t0)
         done = step + 1
         row = dict(step=done, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step, tok_s=tok_s)

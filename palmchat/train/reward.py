@@ -24,7 +24,7 @@ from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, r
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.lora import lora_config
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
@@ -145,8 +145,6 @@ def main(args: RewardArgs) -> Path:
             order.shuffle(train)
         batch = ranking_batch(tokenizer, train[pos * args.batch_size:(pos + 1) * args.batch_size], max_len)
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         with autocast(device, dtype):
             rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
             loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
@@ -155,9 +153,7 @@ def main(args: RewardArgs) -> Path:
                        else torch.zeros((), device=device))
         loss = loss + args.lm_coef * lm_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         metrics.write(step=step + 1, loss=loss.item(), accuracy=float(accuracy), lm_loss=lm_loss.item(), lr=lr)
         if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
             validate(step + 1)

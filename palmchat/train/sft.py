@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from palmchat.data.chat import encode_sft, load_conversations, pad_right
 from palmchat.losses import cross_entropy
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics, save_policy
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
@@ -101,13 +101,9 @@ def main(args: SFTArgs) -> Path:
             order.shuffle(train)
         batch = train[epoch_pos * args.batch_size:(epoch_pos + 1) * args.batch_size]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         loss = batch_loss(model, batch, tokenizer.pad_id, device, dtype)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         row = dict(step=step + 1, loss=loss.item(), lr=lr)
         if (step + 1) % max(1, max_steps // 5) == 0 or step + 1 == max_steps:
             row["val_loss"] = val_loss()
