@@ -1,14 +1,32 @@
-"""Small helpers every training script uses: the LR schedule, the optimizer and its step, metrics as JSONL and a PNG
-plot, the policy's checkpoints. Functions, not a trainer class (device and precision: palmchat/utils/device.py)."""
+"""Small helpers every training script uses: the arguments every stage takes, the LR schedule, the optimizer and
+its step, metrics as JSONL and a PNG plot, the policy's checkpoints. Functions and a dataclass, not a trainer class
+(device and precision: palmchat/utils/device.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from palmchat.utils.args import arg
+
+
+@dataclass
+class TrainArgs:
+    """The arguments every training stage takes. A stage's dataclass subclasses this and adds its own fields; where
+    its default or help text differs it redeclares the field (the field keeps its place here, first in the flags).
+    `out` and `lr` have no default here: every stage sets its own."""
+
+    out: str
+    lr: float
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr: float) -> float:

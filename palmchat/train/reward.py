@@ -24,13 +24,13 @@ from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, r
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.lora import lora_config
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
+from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
-class RewardArgs:
+class RewardArgs(TrainArgs):
     """Train a reward model on K-wise rankings (or chosen/rejected pairs)."""
 
     base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
@@ -42,7 +42,6 @@ class RewardArgs:
     lr: float = arg(3e-4, "peak learning rate")
     warmup_steps: int = arg(10, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
     val_fraction: float = arg(0.1, "rankings held out for accuracy and Kendall tau")
     lm_coef: float = arg(0.0, "weight of a language-model loss on each ranking's top response through the backbone "
@@ -53,9 +52,6 @@ class RewardArgs:
                          choices=["none", "center", "standardize"])
     lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
-    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def bundled_rankings(seed: int, n: int = 3000):
