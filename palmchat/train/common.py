@@ -1,16 +1,33 @@
-"""Small helpers every training script uses: the LR schedule, the optimizer, metrics as JSONL and a PNG plot, the
-policy's checkpoints. Functions, not a trainer class (device and precision: palmchat/utils/device.py)."""
+"""Small helpers every training script uses: the arguments every stage takes, the LR schedule, the optimizer and
+its step, metrics as JSONL and a PNG plot, the policy's checkpoints. Functions and a dataclass, not a trainer class
+(device and precision: palmchat/utils/device.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from palmchat.utils.args import arg
 from palmchat.utils.jsonl import read_jsonl
+
+
+@dataclass
+class TrainArgs:
+    """The arguments every training stage takes. A stage's dataclass subclasses this and adds its own fields; where
+    its default or help text differs it redeclares the field (the field keeps its place here, first in the flags).
+    `out` and `lr` have no default here: every stage sets its own."""
+
+    out: str
+    lr: float
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -29,6 +46,22 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params, max_norm: float, lr: float | None = None) -> torch.Tensor:
+    """One update after the gradients are in (the caller runs backward, scaled for any accumulation): clip the
+    gradient norm of `params` to max_norm, set the learning rate of every group when one is given, step, and clear
+    the gradients. Returns the total gradient norm before clipping, for the metrics.
+
+    `params` is named rather than read from the optimizer because the order of the tensors sets the rounding of
+    the norm; max_norm is passed to clip_grad_norm_ as is (a caller wanting 0 = off passes inf)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 class MetricsLog:

@@ -23,14 +23,23 @@ from tqdm import tqdm
 
 from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch, sequence_logprobs
 from palmchat.losses import dpo_ranking_loss
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
+from palmchat.train.common import (
+    MetricsLog,
+    TrainArgs,
+    adamw,
+    cosine_lr,
+    load_policy,
+    optimizer_step,
+    plot_metrics,
+    save_policy,
+)
 from palmchat.train.reward import bundled_rankings
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
-class DPOArgs:
+class DPOArgs(TrainArgs):
     """Align a policy directly on preferences with DPO or IPO."""
 
     base: str = arg("", "checkpoint to start from and to use as the reference (usually the SFT model)",
@@ -46,14 +55,10 @@ class DPOArgs:
     lr: float = arg(5e-5, "peak learning rate (2e-4 drifted far from the reference and lost to SFT on the bundled "
                           "world)")
     warmup_steps: int = arg(10, "linear warmup steps")
-    grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
     val_fraction: float = arg(0.05, "rankings held out for the preference accuracy")
     lora_rank: int = arg(0, "train a LoRA adapter instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
-    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def ranking_logps(model, tokenizer, rankings, max_len, device, dtype, mean: bool, return_tokens: bool = False):
@@ -137,8 +142,6 @@ def main(args: DPOArgs) -> Path:
             order.shuffle(index)
         chosen = index[pos * args.batch_size:(pos + 1) * args.batch_size]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         logps, k, tokens = ranking_logps(model, tokenizer, [train[i] for i in chosen], max_len, device, dtype, mean,
                                          return_tokens=True)
         ref = stack([ref_train[i] for i in chosen]).to(device)[:, :logps.shape[1]]
@@ -148,9 +151,7 @@ def main(args: DPOArgs) -> Path:
         if args.rpo_alpha:
             loss = loss + args.rpo_alpha * best_nll
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         metrics.write(step=step + 1, loss=loss.item(), lr=lr, best_nll=best_nll.item(),
                       reward_margin=(rewards[:, 0] - rewards[:, 1]).mean().item())
     accuracy = validate(max_steps)

@@ -22,14 +22,14 @@ from tqdm import tqdm
 from palmchat.inference.engine import Engine
 from palmchat.losses import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import MetricsLog, load_policy, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, TrainArgs, load_policy, optimizer_step, plot_metrics, save_policy
 from palmchat.train.rollout import load_prompt_texts, make_scorer, response_logprobs, sample
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
 
 
 @dataclass
-class GRPOArgs:
+class GRPOArgs(TrainArgs):
     """Align a policy with GRPO (critic-free, group-normalised advantages)."""
 
     base: str = arg("", "the policy to start from and the reference (usually the SFT model)", positional=True)
@@ -48,13 +48,10 @@ class GRPOArgs:
     beta: float = arg(0.04, "KL(policy || reference) weight in the loss (k3 estimator)")
     scale_advantages: bool = arg(True, "divide by the group's std (off = Dr. GRPO mean-centering only)")
     missing_eot_penalty: float = arg(1.0, "subtracted from the score of a response that never ends")
-    grad_clip: float = arg(1.0, "gradient norm clip")
     lora_rank: int = arg(0, "train a LoRA adapter instead of all weights (reference = adapter off)")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32",
                      choices=["auto", "bf16", "fp32"])
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def main(args: GRPOArgs) -> Path:
@@ -101,9 +98,7 @@ def main(args: GRPOArgs) -> Path:
                 kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), m)
                 loss = surrogate + args.beta * kl
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, params, args.grad_clip)
                 stats.append([loss.item(), kl.item(), float(pstats["clipfrac"])])
         s = torch.tensor(stats).mean(0).tolist()
         metrics.write(step=it + 1, score=scores.mean().item(), loss=s[0], kl=s[1], clipfrac=s[2],

@@ -39,14 +39,14 @@ from palmchat.inference.engine import Engine
 from palmchat.losses import cross_entropy, gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
-from palmchat.train.common import MetricsLog, load_policy, plot_metrics, save_policy
+from palmchat.train.common import MetricsLog, TrainArgs, load_policy, optimizer_step, plot_metrics, save_policy
 from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, response_logprobs, sample
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
-class PPOArgs:
+class PPOArgs(TrainArgs):
     """Align a policy with PPO against a reward model or a verifier."""
 
     base: str = arg("", "the policy to start from and the reference (usually the SFT model)", positional=True)
@@ -80,13 +80,10 @@ class PPOArgs:
     ptx_batch: int = arg(4, "PPO-ptx sequences per minibatch")
     ptx_seq_len: int = arg(256, "PPO-ptx tokens per sequence")
     whiten_advantages: bool = arg(True, "normalise advantages over each rollout batch")
-    grad_clip: float = arg(1.0, "gradient norm clip")
     lora_rank: int = arg(0, "train LoRA adapters (actor and critic on one shared base) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     dtype: str = arg("auto", "training precision: auto (bf16 where fast), bf16 or fp32",
                      choices=["auto", "bf16", "fp32"])
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def pretraining_tokens(paths: list[str], tokenizer) -> torch.Tensor:
@@ -222,13 +219,9 @@ def main(args: PPOArgs) -> Path:
                         windows = ptx_batch(ptx_tokens, args.ptx_batch, args.ptx_seq_len, ptx_rng, device)
                         ptx_loss, _ = cross_entropy(policy(windows[:, :-1]), windows[:, 1:])  # pretraining's loss
                     loss = loss + args.ptx_coef * ptx_loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(actor_params, args.grad_clip)
-                torch.nn.utils.clip_grad_norm_(critic_params, args.grad_clip)
-                policy_opt.step()
-                critic_opt.step()
-                policy_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
+                loss.backward()  # actor and critic parameters are disjoint: each optimizer clips and steps its own
+                optimizer_step(policy_opt, actor_params, args.grad_clip)
+                optimizer_step(critic_opt, critic_params, args.grad_clip)
                 stats.append([policy_loss.item(), value_loss.item(), float(pstats["clipfrac"]),
                               float(pstats["approx_kl"]), ptx_loss.item()])
 

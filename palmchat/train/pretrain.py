@@ -24,13 +24,13 @@ from palmchat.losses import cross_entropy
 from palmchat.model.config import ModelConfig, preset
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import Tokenizer, train_tokenizer
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, plot_metrics
+from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
-class PretrainArgs:
+class PretrainArgs(TrainArgs):
     """Pretrain a PaLM-style decoder on text or JSONL files."""
 
     out: str = arg("runs/pretrain", "output folder: checkpoints, tokenizer, token shards, metrics.jsonl, loss.png")
@@ -54,7 +54,6 @@ class PretrainArgs:
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
     grad_clip: float = arg(1.0, "clip the gradient norm to this; 0 = off")
     z_loss: float = arg(1e-4, "PaLM z-loss weight (keeps the softmax normaliser near 1)")
-    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
     compile: bool = arg(False, "torch.compile the model: faster steps on CPU after a minute or so of compiling "
                                "(benchmarks/bench_foundation.py); worth it for runs longer than a few minutes")
     eval_every: int = arg(100, "held-out loss every this many steps")
@@ -63,7 +62,6 @@ class PretrainArgs:
     keep_last: int = arg(2, "checkpoints to keep")
     seed: int = arg(0, "random seed (weights, batches, data split)")
     resume: bool = arg(False, "continue from the newest checkpoint in --out")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def parse_overrides(text: str) -> dict:
@@ -169,8 +167,6 @@ def main(args: PretrainArgs) -> Path:
                dynamic_ncols=True, mininterval=1.0)
     for step in bar:
         lr = cosine_lr(step, args.max_steps, args.warmup_steps, args.lr, args.lr * args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t0 = time.time()
         loss_sum = 0.0
         for micro in range(args.grad_accum):
@@ -181,9 +177,7 @@ def main(args: PretrainArgs) -> Path:
             loss, _ = cross_entropy(logits, y.to(device), z_loss=args.z_loss)
             (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, model.parameters(), args.grad_clip or float("inf"), lr).item()
         tok_s = tokens_per_step / (time.time() - t0)
         done = step + 1
         row = dict(step=done, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step, tok_s=tok_s)

@@ -26,13 +26,13 @@ from palmchat.inference.reward_scoring import score_responses
 from palmchat.losses import ranking_loss
 from palmchat.model.heads import RewardModel
 from palmchat.model.lora import lora_config
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics
+from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
-class RewardArgs:
+class RewardArgs(TrainArgs):
     """Train a reward model on K-wise rankings (or chosen/rejected pairs)."""
 
     base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
@@ -44,7 +44,6 @@ class RewardArgs:
     lr: float = arg(3e-4, "peak learning rate")
     warmup_steps: int = arg(10, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "tokens per prompt+response; 0 = the model's context")
     val_fraction: float = arg(0.1, "rankings held out for accuracy and Kendall tau")
     lm_coef: float = arg(0.0, "weight of a language-model loss on each ranking's top response through the backbone "
@@ -55,9 +54,6 @@ class RewardArgs:
                          choices=["none", "center", "standardize"])
     lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
-    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def bundled_rankings(seed: int, n: int = 3000):
@@ -154,8 +150,6 @@ def main(args: RewardArgs) -> Path:
             order.shuffle(train)
         batch = ranking_batch(tokenizer, train[pos * args.batch_size:(pos + 1) * args.batch_size], max_len)
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         with autocast(device, dtype):
             rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
             loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
@@ -164,9 +158,7 @@ def main(args: RewardArgs) -> Path:
                        else torch.zeros((), device=device))
         loss = loss + args.lm_coef * lm_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         metrics.write(step=step + 1, loss=loss.item(), accuracy=float(accuracy), lm_loss=lm_loss.item(), lr=lr)
         if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
             validate(step + 1)

@@ -18,13 +18,22 @@ from tqdm import tqdm
 
 from palmchat.data.chat import encode_sft, load_conversations, pad_right
 from palmchat.losses import cross_entropy
-from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
+from palmchat.train.common import (
+    MetricsLog,
+    TrainArgs,
+    adamw,
+    cosine_lr,
+    load_policy,
+    optimizer_step,
+    plot_metrics,
+    save_policy,
+)
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
 
 @dataclass
-class SFTArgs:
+class SFTArgs(TrainArgs):
     """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
 
     base: str = arg("", "checkpoint to start from (usually the pretrained model)", positional=True)
@@ -35,14 +44,10 @@ class SFTArgs:
     lr: float = arg(5e-4, "peak learning rate")
     warmup_steps: int = arg(20, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient norm clip")
     max_len: int = arg(0, "truncate conversations to this many tokens; 0 = the model's context")
     val_fraction: float = arg(0.05, "conversations held out for the validation loss")
     lora_rank: int = arg(0, "train a LoRA adapter of this rank instead of all weights; 0 = full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator (scale = alpha / rank)")
-    dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu or cuda")
 
 
 def bundled_conversations(seed: int, n: int = 4000) -> list[list[dict]]:
@@ -101,13 +106,9 @@ def main(args: SFTArgs) -> Path:
             order.shuffle(train)
         batch = train[epoch_pos * args.batch_size:(epoch_pos + 1) * args.batch_size]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         loss = batch_loss(model, batch, tokenizer.pad_id, device, dtype)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         row = dict(step=step + 1, loss=loss.item(), lr=lr)
         if (step + 1) % max(1, max_steps // 5) == 0 or step + 1 == max_steps:
             row["val_loss"] = val_loss()
