@@ -33,6 +33,7 @@ demo: $(STAMP)
 # torch.compile cache: tests/conftest.py).
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check palmchat tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 	PALMCHAT_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m kernels tests
 
