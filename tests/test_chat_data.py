@@ -21,7 +21,8 @@ from palmchat.data.chat import (
 from palmchat.losses import ranking_loss
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, train_tokenizer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID
 from palmchat.world.synthetic import World, write_bundle
 
 SIZES = dict(pretrain=20, sft=40, rankings=30, pairs=30, prompts_train=20, prompts_heldout=25, moderation=5)
@@ -187,7 +188,7 @@ def test_invalid_utf8(tmp_path):
 
 # ============================================================================ encode_sft
 def test_encode_sft_targets_only_on_assistant_tokens(tok):
-    full, mask = tok.render_conversation(CONV)
+    full, mask = tok.chat_format.render(CONV)
     ids, targets = encode_sft(tok, CONV, max_len=512)
     assert ids == full[:-1] and len(targets) == len(ids)
     for t in range(len(ids)):
@@ -206,7 +207,7 @@ def test_encode_sft_targets_only_on_assistant_tokens(tok):
 
 
 def test_encode_sft_truncation(tok):
-    full, _ = tok.render_conversation(CONV)
+    full, _ = tok.chat_format.render(CONV)
     ex = encode_sft(tok, CONV, max_len=10)
     assert len(ex.ids) == len(ex.targets) == 10
     assert ex.ids == full[:10] and ex.truncated == len(full) - 11
@@ -220,8 +221,8 @@ def test_encode_sft_truncation(tok):
 def test_encode_response_layout(tok):
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     ids, plen = encode_response(tok, prompt, "2 + 3 = 5.", max_len=512)
-    assert ids == tok.render_prompt(prompt) + tok.encode("2 + 3 = 5.") + [EOT_ID]
-    assert plen == len(tok.render_prompt(prompt)) and ids[plen - 1] == ASSISTANT_ID and ids[-1] == EOT_ID
+    assert ids == tok.chat_format.render_prompt(prompt) + tok.encode("2 + 3 = 5.") + [EOT_ID]
+    assert plen == len(tok.chat_format.render_prompt(prompt)) and ids[plen - 1] == ASSISTANT_ID and ids[-1] == EOT_ID
     # token ids are accepted too; a trailing eot is not repeated
     assert encode_response(tok, prompt, tok.encode("2 + 3 = 5.") + [EOT_ID], 512)[0] == ids
 
@@ -229,7 +230,7 @@ def test_encode_response_layout(tok):
 def test_encode_response_truncates_prompt_from_left(tok):
     prompt = [{"role": "user", "content": "word " * 60}]
     resp = tok.encode("The answer is 5.")
-    full = tok.render_prompt(prompt)
+    full = tok.chat_format.render_prompt(prompt)
     enc = encode_response(tok, prompt, "The answer is 5.", max_len=30)
     ids, plen = enc
     assert len(ids) == 30 and ids[0] == BOS_ID

@@ -14,7 +14,10 @@ Checkpoints are ordinary model checkpoint folders plus one file::
     model.safetensors   the backbone's weights (same names as any model checkpoint:
                         ``checkpoint.load_model`` loads it as a language model)
     head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
-    config.json         {"model": ..., "head": "reward" | "value", ...}
+    config.json         {"model": ..., "head": "reward" | "value", "eot_id": ... (reward only), ...}
+
+The end-of-turn id belongs to the tokenizer's chat format, not to the model: it is passed in and stored in the
+reward model's config so that the checkpoint reads its score at the same token it was trained on.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from torch import Tensor, nn
 from palmchat import checkpoint
 from palmchat.model.config import ModelConfig
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import EOT_ID
 
 __all__ = [
     "HEAD_FILE",
@@ -46,7 +48,7 @@ __all__ = [
 HEAD_FILE = "head.safetensors"
 
 
-def end_of_turn_index(ids: Tensor, eot_id: int = EOT_ID, padding_mask: Tensor | None = None,
+def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = None,
                       start: Tensor | None = None) -> Tensor:
     """Index of each row's LAST end-of-turn token among real tokens: ``(N,)`` long.
 
@@ -103,7 +105,8 @@ class RewardModel(_ScalarHeadModel):
     kind = "reward"
     end_of_turn_index = staticmethod(end_of_turn_index)
 
-    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int = EOT_ID):
+    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int):
+        """``eot_id``: the end-of-turn id of the tokenizer's chat format (``tokenizer.chat_format.eot_id``)."""
         super().__init__(backbone)
         self.eot_id = eot_id
 
@@ -163,6 +166,8 @@ class ValueModel(_ScalarHeadModel):
 def _save(model: _ScalarHeadModel, run_dir, step, config, tokenizer_path, optimizer, keep_last, adapter=None) -> Path:
     """adapter: save only that LoRA adapter of the backbone (config must then name "lora" and "base")."""
     config = {**config, "model": model.config.to_dict(), "head": model.kind}
+    if isinstance(model, RewardModel):
+        config["eot_id"] = model.eot_id
     return checkpoint.save_checkpoint(run_dir, step, model.backbone, config, tokenizer_path=tokenizer_path,
                                       optimizer=optimizer, keep_last=keep_last, adapter=adapter,
                                       extra_tensors={HEAD_FILE.removesuffix(".safetensors"): model.head_state_dict()})
@@ -183,7 +188,19 @@ def save_value_model(model: ValueModel, run_dir: str | os.PathLike, step: int, c
     return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last)
 
 
-def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
+def _reward_eot_id(ckpt: Path, config: dict, eot_id: int | None) -> int:
+    """The id a reward model reads its score at: the one its config stores, else the caller's."""
+    stored = config.get("eot_id")
+    if stored is None and eot_id is None:
+        raise checkpoint.CheckpointError(f"{ckpt}: the config names no eot_id; pass the tokenizer's "
+                                         "(tokenizer.chat_format.eot_id)")
+    if stored is not None and eot_id is not None and int(stored) != eot_id:
+        raise checkpoint.CheckpointError(f"{ckpt}: the reward model reads its score at eot id {stored}, "
+                                         f"not at the tokenizer's {eot_id}")
+    return int(stored if stored is not None else eot_id)
+
+
+def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: int | None = None):
     ckpt = checkpoint.resolve(path)
     if not (ckpt / HEAD_FILE).is_file():
         raise checkpoint.CheckpointError(f"{ckpt} is not a {what} checkpoint (no {HEAD_FILE})")
@@ -191,8 +208,9 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
     kind = config.get("head")
     if kind is not None and kind not in accept:
         raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
+    args = (_reward_eot_id(ckpt, config, eot_id),) if cls is RewardModel else ()
     backbone, _, _ = checkpoint.load_model(ckpt)  # full weights, or a base with its LoRA adapter merged in
-    model = cls(backbone)
+    model = cls(backbone, *args)
     try:
         tensors = load_file(ckpt / HEAD_FILE)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
@@ -208,9 +226,13 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
 
 
 def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> tuple[RewardModel, dict]:
-    """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config)."""
-    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",))
+                      dtype: torch.dtype | None = None, eot_id: int | None = None) -> tuple[RewardModel, dict]:
+    """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config).
+
+    ``eot_id`` (the tokenizer's ``chat_format.eot_id``) is needed for checkpoints whose config does not store it;
+    when both are known they must agree.
+    """
+    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",), eot_id=eot_id)
 
 
 def load_value_model(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -109,7 +109,8 @@ def main(args: RewardArgs) -> Path:
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     backbone, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="reward")
-    model = RewardModel(backbone, eot_id=tokenizer.eot_id).to(device)  # the new head is trainable either way
+    # the new head is trainable either way
+    model = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id).to(device)
     max_len = args.max_len or backbone.config.max_seq_len
     rankings = [r for path in args.data for r in load_rankings(path)] if args.data else bundled_rankings(args.seed)
     if len(rankings) < 2:

@@ -87,7 +87,7 @@ def main(args: SFTArgs) -> Path:
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [batch_loss(model, val[i:i + args.batch_size], tokenizer.pad_id, device, dtype).item()
+            losses = [batch_loss(model, val[i:i + args.batch_size], tokenizer.chat_format.pad_id, device, dtype).item()
                       for i in range(0, len(val), args.batch_size)]
         model.train()
         return sum(losses) / len(losses)
@@ -103,7 +103,7 @@ def main(args: SFTArgs) -> Path:
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = batch_loss(model, batch, tokenizer.pad_id, device, dtype)
+        loss = batch_loss(model, batch, tokenizer.chat_format.pad_id, device, dtype)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
