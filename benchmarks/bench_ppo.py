@@ -56,7 +56,7 @@ from palmchat.checkpoint.heads import save_reward_model
 from palmchat.model.config import ModelConfig, preset  # noqa: E402
 from palmchat.model.heads import RewardModel  # noqa: E402
 from palmchat.model.transformer import Transformer  # noqa: E402
-from palmchat.tokenizer.bpe import train_tokenizer  # noqa: E402
+from palmchat.tokenizer.bpe import Tokenizer, train_tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Shared setup: tokenizer, prompts of one fixed length, random checkpoints
@@ -89,7 +89,7 @@ def make_prompts(tokenizer, length: int, n: int, seed: int) -> tuple[list[str], 
         start = rng.randrange(len(words) - 4 * length)
         for count in range(1, 4 * length):
             text = " ".join(words[start:start + count])
-            rendered = tokenizer.render_prompt([{"role": "user", "content": text}])
+            rendered = tokenizer.chat_format.render_prompt([{"role": "user", "content": text}])
             if len(rendered) >= length:
                 break
         if len(rendered) == length and text not in texts:
@@ -177,7 +177,8 @@ def run_palmchat(args, work: Path, tokenizer_path: Path, prompt_texts: list[str]
     torch.manual_seed(args.seed)
     checkpoint.save_checkpoint(work / "policy", 0, Transformer(config), {"model": config.to_dict(), "stage": "sft"},
                                tokenizer_path)
-    save_reward_model(RewardModel(Transformer(config)), work / "rm", 0, {"stage": "reward"}, tokenizer_path)
+    eot_id = Tokenizer.load(tokenizer_path).chat_format.eot_id
+    save_reward_model(RewardModel(Transformer(config), eot_id), work / "rm", 0, {"stage": "reward"}, tokenizer_path)
     prompts_file = work / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts))
     ppo_args = PPOArgs(base=str(work / "policy"), reward=str(work / "rm"), prompts=[str(prompts_file)],

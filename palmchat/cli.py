@@ -47,11 +47,11 @@ def generate_main(args: GenerateArgs) -> None:
     engine, tokenizer, config = _load_for_inference(args.checkpoint, args.dtype)
     chat = args.chat if args.chat is not None else config.get("stage") != "pretrain"
     if chat:
-        prompt = tokenizer.render_prompt([{"role": "user", "content": args.prompt}])
+        prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": args.prompt}])
     else:
-        prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+        prompt = [tokenizer.chat_format.bos_id] + tokenizer.encode(args.prompt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_token_ids=tokenizer.reply_stop_ids,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=tokenizer.chat_format.reply_stop_ids,
                             stop_sequences=tuple(tuple(tokenizer.encode(s)) for s in args.stop))
     params = engine.clamp_max_new_tokens(prompt, params)  # a prompt longer than the context is an error
     completions = engine.generate([prompt] * args.num_samples, params)
@@ -78,11 +78,12 @@ def chat_main(args: ChatArgs) -> None:
     from palmchat.serve.truncation import drop_oldest_messages
 
     engine, tokenizer, _ = _load_for_inference(args.checkpoint, args.dtype)
+    chat_format = tokenizer.chat_format
     context = engine.model.config.max_seq_len
 
     def fresh(system: str) -> list[int]:
         messages = [{"role": "system", "content": system}] if system else []
-        ids, _ = tokenizer.render_conversation(messages) if messages else ([tokenizer.bos_id], None)
+        ids, _ = chat_format.render(messages) if messages else ([chat_format.bos_id], None)
         return ids
 
     system = args.system
@@ -103,9 +104,9 @@ def chat_main(args: ChatArgs) -> None:
             history = fresh(system)
             print("(conversation reset)")
             continue
-        prompt = history + tokenizer.render_turn({"role": "user", "content": line}) + [tokenizer.assistant_id]
+        prompt = history + chat_format.render_turn({"role": "user", "content": line}) + chat_format.generation_prompt
         # as the server's truncation "auto": the oldest messages go when the reply would not have room
-        fitted = drop_oldest_messages(prompt, tokenizer, context - min(args.max_new_tokens, context // 4),
+        fitted = drop_oldest_messages(prompt, chat_format, context - min(args.max_new_tokens, context // 4),
                                       quantum=max(1, context // 8))
         if fitted.dropped_messages:
             print(f"(the {fitted.dropped_messages} oldest messages no longer fit the {context}-token context: "
@@ -115,19 +116,19 @@ def chat_main(args: ChatArgs) -> None:
             print(f"(the message and system prompt fill the {context}-token context: shorten it, or /reset)")
             continue
         params = SamplingParams(max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                                top_p=args.top_p, stop_token_ids=tokenizer.reply_stop_ids)
+                                top_p=args.top_p, stop_token_ids=chat_format.reply_stop_ids)
         print("assistant> ", end="", flush=True)
         reply: list[int] = []
         try:
             for step in engine.stream([fitted.prompt], params):
                 for _, token, _ in step:
-                    if token not in tokenizer.reply_stop_ids:
+                    if token not in chat_format.reply_stop_ids:
                         reply.append(token)
                         print(tokenizer.decode([token]), end="", flush=True)
         except KeyboardInterrupt:
             pass
         print()
-        history = prompt + reply + [tokenizer.eot_id]
+        history = prompt + reply + [chat_format.eot_id]
 
 
 @dataclass

@@ -173,10 +173,10 @@ def run_pipeline(args: DemoArgs) -> dict:
     def evaluate():
         world = World(seed=seed)
         prompts = world.prompts(s.eval_prompts, "heldout")
-        reward_model, _ = load_reward_model(rm_ckpt)
-        reward_model.eval()
         sft_model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
+        reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id)
+        reward_model.eval()
         stages = {"sft": evaluate_policy(sft_model.eval(), tokenizer, world, prompts, reference=sft_model,
                                          reward_model=reward_model, seed=seed)}
         for name, ckpt in (("ppo", ppo_ckpt), ("dpo", dpo_ckpt), ("grpo", grpo_ckpt)):

@@ -29,7 +29,8 @@ from palmchat.checkpoint.heads import save_reward_model
 from palmchat.model.config import preset
 from palmchat.model.heads import RewardModel
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import NUM_SPECIAL_TOKENS, train_tokenizer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import NUM_SPECIAL_TOKENS
 
 CONTEXT = 2048
 
@@ -60,7 +61,8 @@ def build_checkpoints(root: Path, shape: str = "tiny", context: int | None = CON
         head[list(range(NUM_SPECIAL_TOKENS)) + unreadable] = -c
     policy = checkpoint.save_checkpoint(root / f"{shape}-chat", 0, model,
                                         {"stage": "sft", "model": config.to_dict()}, tok_path)
-    reward = save_reward_model(RewardModel(Transformer(config)), root / f"{shape}-rm", 0, {"stage": "reward"}, tok_path)
+    reward = save_reward_model(RewardModel(Transformer(config), tokenizer.chat_format.eot_id), root / f"{shape}-rm", 0,
+                               {"stage": "reward"}, tok_path)
     return policy.parent, reward.parent
 
 

@@ -71,7 +71,7 @@ def test_reward_is_read_at_each_responses_own_end_of_turn(pipeline):
     batch_scores = reward_model_scorer(rm, tokenizer)(rollout)
     for row in range(len(rollout.prompts)):
         n = int(rollout.prompt_lens[row] + rollout.response_lens[row])
-        seq = rollout.ids[row, :n].tolist() + ([] if rollout.finished[row] else [tokenizer.eot_id])
+        seq = rollout.ids[row, :n].tolist() + ([] if rollout.finished[row] else [tokenizer.chat_format.eot_id])
         alone = rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]))
         assert abs(alone.item() - batch_scores[row].item()) < 1e-4
 

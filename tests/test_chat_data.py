@@ -21,7 +21,8 @@ from palmchat.data.chat import (
 from palmchat.losses import ranking_loss
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID, train_tokenizer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID
 from palmchat.utils.jsonl import DataError
 from palmchat.world.synthetic import World, write_bundle
 
@@ -188,7 +189,7 @@ def test_invalid_utf8(tmp_path):
 
 # ============================================================================ encode_sft
 def test_encode_sft_targets_only_on_assistant_tokens(tok):
-    full, mask = tok.render_conversation(CONV)
+    full, mask = tok.chat_format.render(CONV)
     ids, targets = encode_sft(tok, CONV, max_len=512)
     assert ids == full[:-1] and len(targets) == len(ids)
     for t in range(len(ids)):
@@ -207,7 +208,7 @@ def test_encode_sft_targets_only_on_assistant_tokens(tok):
 
 
 def test_encode_sft_truncation(tok):
-    full, _ = tok.render_conversation(CONV)
+    full, _ = tok.chat_format.render(CONV)
     ex = encode_sft(tok, CONV, max_len=10)
     assert len(ex.ids) == len(ex.targets) == 10
     assert ex.ids == full[:10] and ex.truncated == len(full) - 11
@@ -221,8 +222,8 @@ def test_encode_sft_truncation(tok):
 def test_encode_response_layout(tok):
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     ids, plen = encode_response(tok, prompt, "2 + 3 = 5.", max_len=512)
-    assert ids == tok.render_prompt(prompt) + tok.encode("2 + 3 = 5.") + [EOT_ID]
-    assert plen == len(tok.render_prompt(prompt)) and ids[plen - 1] == ASSISTANT_ID and ids[-1] == EOT_ID
+    assert ids == tok.chat_format.render_prompt(prompt) + tok.encode("2 + 3 = 5.") + [EOT_ID]
+    assert plen == len(tok.chat_format.render_prompt(prompt)) and ids[plen - 1] == ASSISTANT_ID and ids[-1] == EOT_ID
     # token ids are accepted too; a trailing eot is not repeated
     assert encode_response(tok, prompt, tok.encode("2 + 3 = 5.") + [EOT_ID], 512)[0] == ids
 
@@ -230,7 +231,7 @@ def test_encode_response_layout(tok):
 def test_encode_response_truncates_prompt_from_left(tok):
     prompt = [{"role": "user", "content": "word " * 60}]
     resp = tok.encode("The answer is 5.")
-    full = tok.render_prompt(prompt)
+    full = tok.chat_format.render_prompt(prompt)
     enc = encode_response(tok, prompt, "The answer is 5.", max_len=30)
     ids, plen = enc
     assert len(ids) == 30 and ids[0] == BOS_ID
@@ -248,15 +249,16 @@ def test_encode_response_truncates_prompt_from_left(tok):
 
 def test_scoring_sequence_cuts_the_oldest_prompt_tokens_and_keeps_bos():
     prompt = [BOS_ID, USER_ID, 10, 11, 12, 13, EOT_ID, ASSISTANT_ID]  # 8 tokens
-    whole = scoring_sequence(prompt, [20, 21], max_len=11)
+    whole = scoring_sequence(prompt, [20, 21], max_len=11, eot_id=EOT_ID)
     assert whole.ids == prompt + [20, 21, EOT_ID] and whole.prompt_len == 8 and not whole.truncated
     # 11 tokens into 7: the reply [20, 21, eot] stays whole, the prompt loses its 4 oldest tokens after bos
-    cut = scoring_sequence(prompt, [20, 21], max_len=7)
+    cut = scoring_sequence(prompt, [20, 21], max_len=7, eot_id=EOT_ID)
     assert cut.ids == [BOS_ID, 13, EOT_ID, ASSISTANT_ID, 20, 21, EOT_ID]
     assert cut.prompt_len == 4 and cut.prompt_truncated == 4 and cut.response_truncated == 0
-    assert scoring_sequence(prompt, [20, 21, EOT_ID], max_len=7).ids == cut.ids  # an ended reply: same sequence
+    ended = scoring_sequence(prompt, [20, 21, EOT_ID], max_len=7, eot_id=EOT_ID)
+    assert ended.ids == cut.ids  # an ended reply: same sequence
     # a reply that alone does not fit in max_len - 2: bos + assistant token, the reply's head, eot
-    long = scoring_sequence(prompt, list(range(20, 30)), max_len=7)
+    long = scoring_sequence(prompt, list(range(20, 30)), max_len=7, eot_id=EOT_ID)
     assert long.ids == [BOS_ID, ASSISTANT_ID, 20, 21, 22, 23, EOT_ID]
     assert long.prompt_truncated == 6 and long.response_truncated == 6
 

@@ -38,7 +38,7 @@ def model(tokenizer):
 @pytest.fixture(scope="module")
 def reward_model(tokenizer):
     torch.manual_seed(1)
-    rm = RewardModel(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    rm = RewardModel(preset("tiny", vocab_size=tokenizer.vocab_size), tokenizer.chat_format.eot_id).eval()
     torch.nn.init.normal_(rm.head.weight, std=1.0)  # spread the rewards so the argmax is not a near-tie
     return rm
 
@@ -84,7 +84,7 @@ def test_kl_matches_sampler_logprobs_against_each_reply_alone(model, tokenizer, 
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=1, batch_size=4)
-    ids = [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    ids = [tokenizer.chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts]
     kls = policy_kl(model, reference, ids, [r.tokens for r in replies], batch_size=4)
     for prompt, reply, kl in zip(ids, replies, kls):
         with torch.no_grad():
@@ -117,41 +117,44 @@ def test_win_rate(policy_eval, model, tokenizer, world, prompts):
 
 def test_best_of_n_picks_the_argmax_of_rewards_scored_alone(model, reward_model, tokenizer, prompts):
     engine = Engine(model)
-    prompt = tokenizer.render_prompt([{"role": "user", "content": prompts[0]}])
+    prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": prompts[0]}])
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=7)
-    result = best_of_n(engine, reward_model, prompt, 8, params, tokenizer.eot_id)
+    result = best_of_n(engine, reward_model, prompt, 8, params, tokenizer.chat_format.eot_id)
     assert len(result.completions) == len(result.rewards) == 8
     assert result.index == max(range(8), key=lambda j: result.rewards[j])
     assert result.best is result.completions[result.index]
     assert len({tuple(c.tokens) for c in result.completions}) > 1  # distinct seeds -> distinct samples
     for c, r in zip(result.completions, result.rewards):
-        seq = prompt + c.tokens + ([] if c.tokens and c.tokens[-1] == tokenizer.eot_id else [tokenizer.eot_id])
+        seq = prompt + c.tokens + ([] if c.tokens and c.tokens[-1] == tokenizer.chat_format.eot_id
+                                   else [tokenizer.chat_format.eot_id])
         with torch.no_grad():
             alone = reward_model(torch.tensor([seq]), torch.tensor([len(seq) - 1])).item()
         assert r == pytest.approx(alone, abs=1e-5)
     # sample j is the plain sample with seed sample_seed(7, j); n=1 is exactly engine.generate with the params
-    one = best_of_n(engine, reward_model, prompt, 1, params, tokenizer.eot_id)
+    one = best_of_n(engine, reward_model, prompt, 1, params, tokenizer.chat_format.eot_id)
     plain = engine.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW, seed=7,
-                                                     stop_token_ids=(tokenizer.eot_id,)))[0]
+                                                     stop_token_ids=(tokenizer.chat_format.eot_id,)))[0]
     assert one.index == 0 and one.best.tokens == plain.tokens == result.completions[0].tokens
     third = engine.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW, seed=sample_seed(7, 2),
-                                                     stop_token_ids=(tokenizer.eot_id,)))[0]
+                                                     stop_token_ids=(tokenizer.chat_format.eot_id,)))[0]
     assert third.tokens == result.completions[2].tokens
 
 
 def test_best_of_n_with_a_rigged_head_prefers_the_known_best(model, tokenizer, prompts):
     """A head that reads one hidden unit: the reward of each completion is known from the backbone alone."""
-    rm = RewardModel(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    rm = RewardModel(preset("tiny", vocab_size=tokenizer.vocab_size), tokenizer.chat_format.eot_id).eval()
     with torch.no_grad():
         rm.head.weight.zero_()
         rm.head.weight[0, 5] = 1.0
         rm.head.bias.fill_(2.0)
     engine = Engine(model)
-    prompt = tokenizer.render_prompt([{"role": "user", "content": prompts[1]}])
-    result = best_of_n(engine, rm, prompt, 6, SamplingParams(max_new_tokens=MAX_NEW, seed=0), tokenizer.eot_id)
+    prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": prompts[1]}])
+    result = best_of_n(engine, rm, prompt, 6, SamplingParams(max_new_tokens=MAX_NEW, seed=0),
+                       tokenizer.chat_format.eot_id)
     expected = []
     for c in result.completions:
-        seq = prompt + c.tokens + ([] if c.tokens and c.tokens[-1] == tokenizer.eot_id else [tokenizer.eot_id])
+        seq = prompt + c.tokens + ([] if c.tokens and c.tokens[-1] == tokenizer.chat_format.eot_id
+                                   else [tokenizer.chat_format.eot_id])
         with torch.no_grad():
             expected.append(rm.backbone.hidden_states(torch.tensor([seq]))[0, -1, 5].item() + 2.0)
     assert result.rewards == pytest.approx(expected, abs=1e-5)
@@ -160,20 +163,21 @@ def test_best_of_n_with_a_rigged_head_prefers_the_known_best(model, tokenizer, p
 
 def test_best_of_n_batch_equals_each_prompt_alone(model, reward_model, tokenizer, prompts):
     engine = Engine(model)
-    ids = [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts[:3]]
+    ids = [tokenizer.chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts[:3]]
     params = SamplingParams(max_new_tokens=MAX_NEW, seed=11)
-    batched = best_of_n_batch(engine, reward_model, ids, 4, params, tokenizer.eot_id)
+    batched = best_of_n_batch(engine, reward_model, ids, 4, params, tokenizer.chat_format.eot_id)
     for prompt, b in zip(ids, batched):
-        alone = best_of_n(engine, reward_model, prompt, 4, params, tokenizer.eot_id)
+        alone = best_of_n(engine, reward_model, prompt, 4, params, tokenizer.chat_format.eot_id)
         assert [c.tokens for c in b.completions] == [c.tokens for c in alone.completions]
         assert b.rewards == pytest.approx(alone.rewards, abs=1e-5) and b.index == alone.index
 
 
 def test_length_limited_completion_is_scored_with_eot_appended(reward_model, tokenizer):
-    prompt = [tokenizer.bos_id, tokenizer.user_id, 100, 101, tokenizer.eot_id, tokenizer.assistant_id]
+    prompt = [tokenizer.chat_format.bos_id, tokenizer.chat_format.user_id, 100, 101, tokenizer.chat_format.eot_id,
+              tokenizer.chat_format.assistant_id]
     cut = Completion([120, 121], [0.0, 0.0], "length")
-    ended = Completion([120, 121, tokenizer.eot_id], [0.0, 0.0, 0.0], "stop")
-    a, b = score_completions(reward_model, [prompt, prompt], [cut, ended], tokenizer.eot_id)
+    ended = Completion([120, 121, tokenizer.chat_format.eot_id], [0.0, 0.0, 0.0], "stop")
+    a, b = score_completions(reward_model, [prompt, prompt], [cut, ended], tokenizer.chat_format.eot_id)
     assert a == pytest.approx(b, abs=1e-6)
 
 

@@ -13,7 +13,7 @@ from palmchat.data.chat import pad_left, pad_right
 from palmchat.model.config import preset
 from palmchat.model.heads import RewardModel, ValueModel, end_of_turn_index
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, USER_ID
+from palmchat.tokenizer.chat_format import ASSISTANT_ID, BOS_ID, EOT_ID, USER_ID
 
 ATOL = 1e-5
 
@@ -28,7 +28,7 @@ def conversation(prompt_len, response_len, seed):
 @pytest.fixture(params=["parallel", "sequential"])
 def reward_model(request):
     config = preset("tiny", vocab_size=97, block=request.param)
-    return RewardModel(Transformer(config)).eval()
+    return RewardModel(Transformer(config), EOT_ID).eval()
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_same_reward_alone_right_padded_left_padded(reward_model, batch):
 
         ids, lengths = pad_right(seqs, 0)
         right = reward_model(ids, lengths - 1)
-        right_found = reward_model(ids, end_of_turn_index(ids))  # eot lookup agrees with lengths - 1
+        right_found = reward_model(ids, end_of_turn_index(ids, EOT_ID))  # eot lookup agrees with lengths - 1
         right_masked = reward_model(ids, lengths - 1, padding_mask=torch.arange(ids.shape[1]) < lengths[:, None])
 
         ids_l, mask = pad_left(seqs, 0)
@@ -101,7 +101,7 @@ def test_end_of_turn_index_last_eot_among_real_tokens():
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[0, 5:] = False
     assert end_of_turn_index(ids, EOT_ID, mask).tolist() == [3, 8]
-    assert RewardModel.end_of_turn_index(ids).tolist() == [6, 8]
+    assert RewardModel.end_of_turn_index(ids, EOT_ID).tolist() == [6, 8]
 
 
 def test_end_of_turn_index_errors_name_the_row():
@@ -118,7 +118,7 @@ def test_end_of_turn_index_errors_name_the_row():
 
 
 def test_forward_refuses_an_index_that_is_not_an_eot(tiny_config):
-    model = RewardModel(Transformer(tiny_config)).eval()
+    model = RewardModel(Transformer(tiny_config), EOT_ID).eval()
     ids, lengths = pad_right([conversation(3, 3, 0), conversation(3, 1, 1)], 0)
     with pytest.raises(ValueError, match=r"eot_index\[1\]"):
         model(ids, torch.full((2,), ids.shape[1] - 1))  # the last position of row 1 is a pad
@@ -143,7 +143,7 @@ def test_value_model_per_token_and_padding(tiny_config, batch):
 # ============================================================================ checkpoints
 def test_reward_model_save_load_round_trip(tmp_path, tiny_config, batch):
     _, seqs = batch
-    model = RewardModel(Transformer(tiny_config)).eval()
+    model = RewardModel(Transformer(tiny_config), EOT_ID).eval()
     with torch.no_grad():
         model.head.bias.fill_(0.25)
     ids, lengths = pad_right(seqs, 0)
@@ -186,7 +186,7 @@ def test_load_errors(tmp_path, tiny_config):
 
 
 def test_value_from_reward_model(tiny_config):
-    rm = RewardModel(Transformer(tiny_config)).eval()
+    rm = RewardModel(Transformer(tiny_config), EOT_ID).eval()
     vm = ValueModel.from_reward_model(rm).eval()
     ids = torch.tensor([conversation(3, 3, 0)])
     with torch.no_grad():

@@ -12,7 +12,8 @@ from palmchat.inference.engine import Completion
 from palmchat.inference.reward_scoring import score_responses
 from palmchat.model.config import preset
 from palmchat.model.heads import RewardModel
-from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID, train_tokenizer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID
 from palmchat.train.reward import score_rankings
 from palmchat.train.rollout import Rollout, reward_model_scorer
 from palmchat.world.synthetic import World
@@ -27,7 +28,7 @@ KEPT = [BOS_ID, 14, 15, 16, 17, 18, 19, EOT_ID, ASSISTANT_ID, 30, 31, EOT_ID]
 @pytest.fixture(scope="module")
 def rm():
     torch.manual_seed(0)
-    model = RewardModel(preset("tiny", vocab_size=64, max_seq_len=CTX)).eval()
+    model = RewardModel(preset("tiny", vocab_size=64, max_seq_len=CTX), EOT_ID).eval()
     torch.nn.init.normal_(model.head.weight, std=1.0)  # rewards far apart, so a different cut shows
     return model
 
@@ -77,7 +78,8 @@ def test_rollout_scorer_keeps_bos_when_it_cuts(rm):
     rollout = Rollout(ids=ids, prompt_lens=torch.tensor([14, 5]), response_lens=torch.tensor([2, 2]),
                       finished=torch.tensor([False, True]), sample_logprobs=torch.zeros(2, 2), prompts=["", ""],
                       responses=["", ""])
-    scores = reward_model_scorer(rm, SimpleNamespace(eot_id=EOT_ID, pad_id=PAD_ID))(rollout)
+    tokenizer = SimpleNamespace(chat_format=SimpleNamespace(eot_id=EOT_ID, pad_id=PAD_ID))
+    scores = reward_model_scorer(rm, tokenizer)(rollout)
     assert scores[0].item() == pytest.approx(alone(rm, KEPT), abs=1e-5)
     assert scores[1].item() == pytest.approx(alone(rm, seqs[1]), abs=1e-5)
 
@@ -85,10 +87,10 @@ def test_rollout_scorer_keeps_bos_when_it_cuts(rm):
 def test_training_best_of_n_and_rollout_score_a_long_conversation_alike():
     tok = train_tokenizer(World(0).pretraining_documents(100), vocab_size=300)
     torch.manual_seed(1)
-    rm = RewardModel(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=24)).eval()
+    rm = RewardModel(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=24), EOT_ID).eval()
     messages = [{"role": "user", "content": "word " * 40}]
     ranking = Ranking(messages, ["The answer is 5.", "No."])
-    prompt = tok.render_prompt(messages)
+    prompt = tok.chat_format.render_prompt(messages)
     replies = [tok.encode(text) for text in ranking.responses]
     assert len(prompt) > 24
     batch = ranking_batch(tok, [ranking], 24)  # what reward-model training feeds the model
@@ -96,8 +98,8 @@ def test_training_best_of_n_and_rollout_score_a_long_conversation_alike():
     with torch.no_grad():
         trained = rm(batch["ids"], batch["eot_index"])
     validated, _ = score_rankings(rm, tok, [ranking], 24, 4, "cpu", None)
-    best_of_n = score_completions(rm, [prompt, prompt], replies, tok.eot_id, pad_id=tok.pad_id)
-    ids = torch.full((2, len(prompt) + max(map(len, replies))), tok.pad_id)
+    best_of_n = score_completions(rm, [prompt, prompt], replies, tok.chat_format.eot_id, pad_id=tok.chat_format.pad_id)
+    ids = torch.full((2, len(prompt) + max(map(len, replies))), tok.chat_format.pad_id)
     for row, r in enumerate(replies):
         ids[row, :len(prompt) + len(r)] = torch.tensor(prompt + r)
     rollout = Rollout(ids=ids, prompt_lens=torch.tensor([len(prompt)] * 2),

@@ -163,7 +163,7 @@ def test_instructions_apply_to_one_response_only(server, artifacts):
     plain = c.responses.create(model=MODEL, input="hello", max_output_tokens=3)
     told = c.responses.create(model=MODEL, input="hello", instructions=instructions, max_output_tokens=3)
     assert told.instructions == instructions
-    system_turn = len(tokenizer.render_turn({"role": "system", "content": instructions}))
+    system_turn = len(tokenizer.chat_format.render_turn({"role": "system", "content": instructions}))
     assert told.usage.input_tokens == plain.usage.input_tokens + system_turn
     after = c.responses.create(model=MODEL, input="hello", previous_response_id=told.id, max_output_tokens=3)
     assert after.instructions is None
@@ -572,7 +572,7 @@ def test_reply_text_stops_and_filters(artifacts):
     reply, released = run("good good good good good good good good good good bad words follow here",
                           moderator=_Moderator())
     assert reply.finish_reason == "content_filter" and "bad" not in reply.text
-    assert reply.context_tokens()[-1] == tok.eot_id and len(reply.context_tokens()) <= len(reply.tokens) + 1
+    assert reply.context_tokens()[-1] == tok.chat_format.eot_id and len(reply.context_tokens()) <= len(reply.tokens) + 1
     eot = Reply(tok, [])
-    assert (eot.add(tok.encode("Hi") + [tok.eot_id], "stop") == "Hi"
-            and eot.context_tokens() == tok.encode("Hi") + [tok.eot_id])
+    assert (eot.add(tok.encode("Hi") + [tok.chat_format.eot_id], "stop") == "Hi"
+            and eot.context_tokens() == tok.encode("Hi") + [tok.chat_format.eot_id])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from palmchat.data.shards import PackedBatches, TokenShard, read_documents, write_shards
-from palmchat.tokenizer.bpe import BOS_ID, train_tokenizer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import BOS_ID
 
 WORDS = ("alpha beta gamma delta river stone cloud light dark north south east west "
          "small large quick slow red blue green one two three").split()

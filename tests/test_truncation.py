@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from palmchat.serve.truncation import drop_oldest_messages
-from palmchat.tokenizer.bpe import ASSISTANT_ID, BOS_ID, EOT_ID, SYSTEM_ID, USER_ID, train_tokenizer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import ASSISTANT_ID, BOS_ID, EOT_ID, SYSTEM_ID, USER_ID
 
 W = 10  # any content token
 
@@ -24,7 +25,7 @@ TOKENIZER = train_tokenizer(["a few words to learn from"], vocab_size=300)
 
 
 def fit(ids: list[int], budget: int, quantum: int = 1):
-    return drop_oldest_messages(ids, TOKENIZER, budget, quantum)
+    return drop_oldest_messages(ids, TOKENIZER.chat_format, budget, quantum)
 
 
 def test_a_prompt_that_fits_is_unchanged():

@@ -3,7 +3,7 @@
     model.safetensors   the backbone's weights (same names as any model checkpoint:
                         ``checkpoint.load_model`` loads it as a language model)
     head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
-    config.json         {"model": ..., "head": "reward" | "value", ...}
+    config.json         {"model": ..., "head": "reward" | "value", "eot_id": ... (reward only), ...}
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ HEAD_FILE = "head.safetensors"
 def _save(model: ScalarHeadModel, run_dir, step, config, tokenizer_path, optimizer, keep_last, adapter=None) -> Path:
     """adapter: save only that LoRA adapter of the backbone (config must then name "lora" and "base")."""
     config = {**config, "model": model.config.to_dict(), "head": model.kind}
+    if isinstance(model, RewardModel):
+        config["eot_id"] = model.eot_id
     return checkpoint.save_checkpoint(run_dir, step, model.backbone, config, tokenizer_path=tokenizer_path,
                                       optimizer=optimizer, keep_last=keep_last, adapter=adapter,
                                       extra_tensors={HEAD_FILE.removesuffix(".safetensors"): model.head_state_dict()})
@@ -43,7 +45,19 @@ def save_value_model(model: ValueModel, run_dir: str | os.PathLike, step: int, c
     return _save(model, run_dir, step, config, tokenizer_path, optimizer, keep_last)
 
 
-def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
+def _reward_eot_id(ckpt: Path, config: dict, eot_id: int | None) -> int:
+    """The id a reward model reads its score at: the one its config stores, else the caller's."""
+    stored = config.get("eot_id")
+    if stored is None and eot_id is None:
+        raise checkpoint.CheckpointError(f"{ckpt}: the config names no eot_id; pass the tokenizer's "
+                                         "(tokenizer.chat_format.eot_id)")
+    if stored is not None and eot_id is not None and int(stored) != eot_id:
+        raise checkpoint.CheckpointError(f"{ckpt}: the reward model reads its score at eot id {stored}, "
+                                         f"not at the tokenizer's {eot_id}")
+    return int(stored if stored is not None else eot_id)
+
+
+def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: int | None = None):
     ckpt = checkpoint.resolve(path)
     if not (ckpt / HEAD_FILE).is_file():
         raise checkpoint.CheckpointError(f"{ckpt} is not a {what} checkpoint (no {HEAD_FILE})")
@@ -51,8 +65,9 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
     kind = config.get("head")
     if kind is not None and kind not in accept:
         raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
+    args = (_reward_eot_id(ckpt, config, eot_id),) if cls is RewardModel else ()
     backbone, _, _ = checkpoint.load_model(ckpt)  # full weights, or a base with its LoRA adapter merged in
-    model = cls(backbone)
+    model = cls(backbone, *args)
     try:
         tensors = load_file(ckpt / HEAD_FILE)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
@@ -68,9 +83,13 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...]):
 
 
 def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> tuple[RewardModel, dict]:
-    """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config)."""
-    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",))
+                      dtype: torch.dtype | None = None, eot_id: int | None = None) -> tuple[RewardModel, dict]:
+    """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config).
+
+    ``eot_id`` (the tokenizer's ``chat_format.eot_id``) is needed for checkpoints whose config does not store it;
+    when both are known they must agree.
+    """
+    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",), eot_id=eot_id)
 
 
 def load_value_model(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 
 from palmchat.losses import IGNORE_INDEX, masked_sum, token_logprobs
-from palmchat.tokenizer.bpe import EOT_ID, PAD_ID
 from palmchat.utils.jsonl import DataError, RecordError, json_type, read_records
 
 __all__ = [
@@ -264,7 +263,7 @@ class EncodedResponse(tuple):
 def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedSFT:
     """Tokenise a conversation for SFT: ``(ids, targets)`` of equal length ``<= max_len``.
 
-    With ``full, mask = tokenizer.render_conversation(messages)``: ``ids = full[:-1]`` and
+    With ``full, mask = tokenizer.chat_format.render(messages)``: ``ids = full[:-1]`` and
     ``targets[t] = full[t + 1]`` where ``mask[t + 1]`` is 1 (assistant content and its eot),
     else ``-100``.  So the model is trained to produce each assistant reply and to end it.
 
@@ -274,7 +273,7 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    full, mask = tokenizer.render_conversation(messages)
+    full, mask = tokenizer.chat_format.render(messages)
     dropped = max(0, len(full) - 1 - max_len)
     if dropped:
         full, mask = full[: max_len + 1], mask[: max_len + 1]
@@ -284,7 +283,7 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
 
 
 def scoring_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int], max_len: int,
-                     eot_id: int = EOT_ID) -> EncodedResponse:
+                     eot_id: int) -> EncodedResponse:
     """The one sequence a reward model scores for a (prompt, response), on token ids: ``(ids, prompt_len)``.
 
     ``ids = prompt_ids + response_ids + [eot]``: the response always ends with exactly one eot, where the
@@ -325,7 +324,8 @@ def encode_response(tokenizer, prompt_messages: Sequence[Mapping], response: str
     ``response`` may be text or already-tokenised content ids (a trailing eot is not repeated).
     """
     body = tokenizer.encode(response) if isinstance(response, str) else response
-    return scoring_sequence(tokenizer.render_prompt(prompt_messages), body, max_len, EOT_ID)
+    return scoring_sequence(tokenizer.chat_format.render_prompt(prompt_messages), body, max_len,
+                            tokenizer.chat_format.eot_id)
 
 
 # =============================================================================================
@@ -339,7 +339,7 @@ def _as_lists(seqs) -> list[list[int]]:
     return [s.tolist() if isinstance(s, Tensor) else list(s) for s in seqs]
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor]:
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad to the longest sequence: ``ids (N, T)`` long and ``lengths (N,)`` long.
 
     Real tokens of row ``i`` are ``ids[i, :lengths[i]]``.  A causal model needs no mask for right
@@ -354,7 +354,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tens
     return ids, lengths
 
 
-def pad_left(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor]:
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Left-pad to the longest sequence: ``ids (N, T)`` long and ``padding_mask (N, T)`` bool,
     True on real tokens.  Pass the mask to the model (``padding_mask=``) so positions start at 0
     on each row's first real token and pads are never attended to."""
@@ -373,7 +373,7 @@ def sft_batch(tokenizer, conversations: Sequence[Sequence[Mapping]], max_len: in
     """Encode and right-pad conversations: ``ids``, ``targets`` (-100 on pads), ``lengths``,
     ``truncated`` (tokens dropped per conversation), all ``(N, ...)`` long tensors."""
     examples = [encode_sft(tokenizer, c, max_len) for c in conversations]
-    ids, lengths = pad_right([e[0] for e in examples], tokenizer.pad_id)
+    ids, lengths = pad_right([e[0] for e in examples], tokenizer.chat_format.pad_id)
     targets, _ = pad_right([e[1] for e in examples], IGNORE_INDEX)
     truncated = torch.tensor([e.truncated for e in examples], dtype=torch.long)
     return {"ids": ids, "targets": targets, "lengths": lengths, "truncated": truncated}
@@ -384,7 +384,7 @@ def ranking_batch(tokenizer, rankings: Sequence[Ranking], max_len: int) -> dict[
 
     Rows are ranking by ranking, each ranking's responses best first.  Returns long tensors:
 
-    * ``ids (N, T)`` right-padded with ``tokenizer.pad_id``; ``lengths (N,)``;
+    * ``ids (N, T)`` right-padded with ``tokenizer.chat_format.pad_id``; ``lengths (N,)``;
     * ``eot_index (N,)`` = ``lengths - 1``: each response's end-of-turn token (read rewards here);
     * ``prompt_lens (N,)``: the response is ``ids[i, prompt_lens[i]:lengths[i]]`` (eot included);
     * ``group (N,)`` index of the ranking, ``rank (N,)`` position within it (0 = best);
@@ -404,7 +404,7 @@ def ranking_batch(tokenizer, rankings: Sequence[Ranking], max_len: int) -> dict[
             encoded.append(encode_response(tokenizer, r.prompt_messages, resp, max_len))
             group.append(b)
             rank.append(j)
-    ids, lengths = pad_right([e[0] for e in encoded], tokenizer.pad_id)
+    ids, lengths = pad_right([e[0] for e in encoded], tokenizer.chat_format.pad_id)
     return {
         "ids": ids,
         "lengths": lengths,

@@ -7,7 +7,7 @@
                           baseline_scores=sft["scores"])
     bon = evaluate_best_of_n(sft_model, rm, tokenizer, world, prompts, ns=(1, 4, 16))
 
-Each prompt is sent as a single user message (``tokenizer.render_prompt``); replies stop at the end-of-turn
+Each prompt is sent as a single user message (``tokenizer.chat_format.render_prompt``); replies stop at the end-of-turn
 token or after ``max_new_tokens`` (lowered per prompt where prompt + reply would not fit the context).
 
 Why sample at temperature 1.0 by default: RLHF changes the policy's *distribution* -- the KL penalty, the
@@ -93,7 +93,7 @@ def _autocast(model, dtype):
 def _prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, not a single string")
-    return [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    return [tokenizer.chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts]
 
 
 def _params(engine: Engine, prompt_ids, temperature, max_new_tokens, seed, eot_id) -> list[SamplingParams]:
@@ -103,7 +103,7 @@ def _params(engine: Engine, prompt_ids, temperature, max_new_tokens, seed, eot_i
 
 
 def _replies(tokenizer, completions) -> list[Reply]:
-    return [Reply(tokenizer.decode_reply(c.tokens), list(c.tokens), list(c.logprobs), c.finish_reason)
+    return [Reply(tokenizer.chat_format.decode_reply(c.tokens), list(c.tokens), list(c.logprobs), c.finish_reason)
             for c in completions]
 
 
@@ -118,7 +118,7 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], temperature: floa
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompt_ids = _prompt_ids(tokenizer, prompts)
     engine = Engine(model, dtype=dtype)
-    params = _params(engine, prompt_ids, temperature, max_new_tokens, seed, tokenizer.eot_id)
+    params = _params(engine, prompt_ids, temperature, max_new_tokens, seed, tokenizer.chat_format.eot_id)
     out: list[Reply] = []
     with _eval_mode(model):
         for i in range(0, len(prompt_ids), batch_size):
@@ -190,7 +190,7 @@ def evaluate_policy(model, tokenizer, world, prompts: Sequence[str], *, referenc
                                seed=seed, batch_size=batch_size, dtype=dtype)
     verdicts = [world.verify(p, r.text) for p, r in zip(prompts, replies)]
     scores = [v.score for v in verdicts]
-    eot = tokenizer.eot_id
+    eot = tokenizer.chat_format.eot_id
     per_task: dict[str, list[float]] = {}
     for v in verdicts:
         per_task.setdefault(v.task, []).append(v.score)
@@ -211,11 +211,11 @@ def evaluate_policy(model, tokenizer, world, prompts: Sequence[str], *, referenc
     if reward_model is not None:
         with _autocast(reward_model, dtype):
             rewards = score_completions(reward_model, prompt_ids, [r.tokens for r in replies], eot, batch_size,
-                                        pad_id=tokenizer.pad_id)
+                                        pad_id=tokenizer.chat_format.pad_id)
         result["reward"] = _mean(rewards)
     if reference is not None:
         result["kl"] = _mean(policy_kl(model, reference, prompt_ids, [r.tokens for r in replies], batch_size,
-                                       dtype, tokenizer.pad_id))
+                                       dtype, tokenizer.chat_format.pad_id))
     if baseline_scores is not None:
         result["win_rate"] = win_rate(scores, baseline_scores)
     result["examples"] = [
@@ -246,15 +246,16 @@ def evaluate_best_of_n(model, reward_model, tokenizer, world, prompts: Sequence[
     n_max = ns[-1]
     prompt_ids = _prompt_ids(tokenizer, prompts)
     engine = Engine(model, dtype=dtype)
-    params = _params(engine, prompt_ids, temperature, max_new_tokens, seed, tokenizer.eot_id)
+    eot = tokenizer.chat_format.eot_id
+    params = _params(engine, prompt_ids, temperature, max_new_tokens, seed, eot)
     per_call = max(1, batch_size // n_max)
     results = []
     with _eval_mode(model, reward_model), torch.no_grad(), _autocast(reward_model, dtype):
         for i in range(0, len(prompt_ids), per_call):
             results += best_of_n_batch(engine, reward_model, prompt_ids[i:i + per_call], n_max,
-                                       params[i:i + per_call], tokenizer.eot_id, score_batch_size=batch_size)
+                                       params[i:i + per_call], eot, score_batch_size=batch_size)
     out: dict[int, dict] = {}
-    verdicts = [[world.verify(p, tokenizer.decode_reply(c.tokens)) for c in r.completions]
+    verdicts = [[world.verify(p, tokenizer.chat_format.decode_reply(c.tokens)) for c in r.completions]
                 for p, r in zip(prompts, results)]
     for n in ns:
         chosen = [max(range(n), key=lambda j: (r.rewards[j], -j)) for r in results]

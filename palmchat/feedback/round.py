@@ -124,8 +124,8 @@ def pairwise_accuracy(reward_model_path: str | Path, rankings: list, dtype_setti
     from palmchat.utils.device import autocast_dtype, pick_device
 
     device = pick_device("auto")
-    model, _ = load_reward_model(reward_model_path, device=device)
     tokenizer = checkpoint.load_tokenizer(checkpoint.resolve(reward_model_path))
+    model, _ = load_reward_model(reward_model_path, device=device, eot_id=tokenizer.chat_format.eot_id)
     rewards, ks = score_rankings(model, tokenizer, rankings, model.config.max_seq_len, 16, device,
                                  autocast_dtype(dtype_setting, device))
     return ranking_metrics(rewards, ks)["pairwise_accuracy"]

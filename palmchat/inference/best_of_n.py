@@ -1,7 +1,7 @@
 """Best-of-n sampling: test-time compute spent on a reward model instead of on training.
 
     result = best_of_n(engine, reward_model, prompt_ids, n=8, params=SamplingParams(max_new_tokens=64, seed=1),
-                       eot_id=tokenizer.eot_id)
+                       eot_id=tokenizer.chat_format.eot_id)
     result.best, result.index, result.rewards, result.completions
 
 How one call runs:

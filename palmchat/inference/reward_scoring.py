@@ -1,7 +1,8 @@
 """Reward-model scores of (prompt, response) pairs given as token ids: the one scoring path of best-of-n, the
 PPO/GRPO rollout scorer and reward-model validation.
 
-    rewards = score_responses(reward_model, prompts, responses, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+    rewards = score_responses(reward_model, prompts, responses, eot_id=tokenizer.chat_format.eot_id,
+                              pad_id=tokenizer.chat_format.pad_id)
 
 Each pair becomes :func:`palmchat.data.chat.scoring_sequence` (``prompt + response + eot``, cut to the reward
 model's context by dropping the prompt's oldest tokens after bos), the same sequence reward-model training

@@ -9,7 +9,9 @@ the explicit eot index (never "the last position", a pad, or a mean over tokens)
 * left padding: pass ``padding_mask`` so positions restart at each row's first real token and
   pads are masked out as keys (see ``Transformer.hidden_states``).
 
-Saving and loading them: palmchat/checkpoint/heads.py.
+Saving and loading them: palmchat/checkpoint/heads.py. The end-of-turn id belongs to the tokenizer's chat format,
+not to the model: it is passed in, and stored in the reward model's config so that the checkpoint reads its score
+at the same token it was trained on.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from torch import Tensor, nn
 
 from palmchat.model.config import ModelConfig
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import EOT_ID
 
 __all__ = ["end_of_turn_index", "RewardModel", "ValueModel"]
 
 
-def end_of_turn_index(ids: Tensor, eot_id: int = EOT_ID, padding_mask: Tensor | None = None,
+def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = None,
                       start: Tensor | None = None) -> Tensor:
     """Index of each row's LAST end-of-turn token among real tokens: ``(N,)`` long.
 
@@ -83,7 +84,8 @@ class RewardModel(ScalarHeadModel):
     kind = "reward"
     end_of_turn_index = staticmethod(end_of_turn_index)
 
-    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int = EOT_ID):
+    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int):
+        """``eot_id``: the end-of-turn id of the tokenizer's chat format (``tokenizer.chat_format.eot_id``)."""
         super().__init__(backbone)
         self.eot_id = eot_id
 

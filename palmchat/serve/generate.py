@@ -63,7 +63,7 @@ class Reply:
         if finish in ("cancelled", "error"):
             self.finish_reason = finish
             return ""
-        special = self.tokenizer.reply_stop_ids
+        special = self.tokenizer.chat_format.reply_stop_ids
         self.tokens += [t for t in tokens if t not in special]
         # A character's UTF-8 bytes may span tokens (at most 4): a tail that decodes to U+FFFD waits for the next
         # token, unless 4 tokens did not complete it (then it is not a character: it is released as it is).
@@ -95,7 +95,7 @@ class Reply:
 
     def context_tokens(self) -> list[int]:
         """The reply as it enters a stored conversation: its released tokens, closed by end-of-turn."""
-        return self.tokens[:self.kept] + [self.tokenizer.eot_id]
+        return self.tokens[:self.kept] + [self.tokenizer.chat_format.eot_id]
 
 
 class Generation:
@@ -178,7 +178,7 @@ async def rank_best_of(state, prompt: list[int], params: SamplingParams, n: int,
     generation = Generation(state, prompt, params, candidates, stops, block_output)
     replies = await generation.run()
     scores = await asyncio.to_thread(score_completions, state.reward_model, [prompt] * candidates,
-                                     [r.context_tokens() for r in replies], state.tokenizer.eot_id)
+                                     [r.context_tokens() for r in replies], state.tokenizer.chat_format.eot_id)
     ranked = sorted(range(candidates), key=lambda j: (replies[j].finish_reason == "content_filter", -scores[j], j))
     return generation, ranked[:n]
 

@@ -64,7 +64,7 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
     seed = body.seed if "seed" in type(body).model_fields else None  # not an extra field a client made up
     return SamplingParams(max_new_tokens=max_tokens or min(room, limit, default_max or room), temperature=temperature,
                           top_p=top_p, seed=None if seed is None else seed % 2**62,
-                          stop_token_ids=state.tokenizer.reply_stop_ids)
+                          stop_token_ids=state.tokenizer.chat_format.reply_stop_ids)
 
 
 def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, truncation: str | None) -> Fitted:
@@ -73,7 +73,8 @@ def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, tr
     if truncation != "auto":
         return Fitted(prompt)
     reserve = max_tokens or min(state.max_tokens_limit, state.context // 4)
-    return drop_oldest_messages(prompt, state.tokenizer, state.context - reserve, quantum=max(1, state.context // 8))
+    return drop_oldest_messages(prompt, state.tokenizer.chat_format, state.context - reserve,
+                                quantum=max(1, state.context // 8))
 
 
 def stops_of(stop) -> list[str]:

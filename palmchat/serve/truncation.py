@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from palmchat.tokenizer.chat_format import ChatFormat
+
 
 @dataclass
 class Fitted:
@@ -26,12 +28,12 @@ class Fitted:
         return {"dropped_messages": self.dropped_messages, "dropped_tokens": self.dropped_tokens}
 
 
-def drop_oldest_messages(prompt: list[int], tokenizer, budget: int, quantum: int) -> Fitted:
+def drop_oldest_messages(prompt: list[int], chat_format: ChatFormat, budget: int, quantum: int) -> Fitted:
     """`prompt` (a chat rendering ending with the generation prompt) cut to at most `budget` tokens by leaving out
     its oldest messages as described above; when the kept ones alone are longer, every message that may go goes
     (the caller's context check then decides)."""
     excess = len(prompt) - budget
-    starts = tokenizer.message_starts(prompt)[:-1]  # the last one is the generation prompt
+    starts = chat_format.message_starts(prompt)[:-1]  # the last one is the generation prompt
     first = next((k for k, (role, _) in enumerate(starts) if role != "system"), len(starts))
     if excess <= 0 or len(starts) - first < 2:  # fits, or nothing but the newest message after the system ones
         return Fitted(prompt)

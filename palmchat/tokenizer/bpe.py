@@ -1,22 +1,13 @@
-"""Byte-level BPE tokenizer (HF ``tokenizers``) with a chat format.
+"""Byte-level BPE tokenizer (HF ``tokenizers``) whose vocabulary holds palmchat's special tokens.
 
-Special tokens have fixed ids::
-
-    <|pad|>=0  <|endoftext|>=1  <|system|>=2  <|user|>=3  <|assistant|>=4  <|end|>=5
-
-A conversation is rendered as::
-
-    [bos] + for each message: [role_id] + encode(content) + [eot]
-
-where ``bos`` is ``<|endoftext|>`` and ``eot`` is ``<|end|>``.  Each message's
-content is encoded independently, so rendering is prefix-stable: appending a
-turn never changes the ids of earlier turns (the server relies on this for
-prefix KV-cache reuse).
+The special tokens and their fixed ids are those of palmchat's chat format
+(:mod:`palmchat.tokenizer.chat_format`); ``Tokenizer.chat_format`` renders
+conversations with them.
 
 Security: :meth:`Tokenizer.encode` never produces special-token ids, even if
 the text contains literal strings such as ``"<|end|>"``; those are encoded as
 ordinary byte-level tokens.  Special ids only enter a sequence through the
-chat-format helpers.
+chat format.
 
 This module deliberately does not import torch.
 """
@@ -25,54 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from palmchat.tokenizer.chat_format import NUM_SPECIAL_TOKENS, SPECIAL_TOKENS, PalmChatFormat
 from palmchat.utils.atomic import atomic_write
 
 __all__ = [
-    "PAD_TOKEN",
-    "BOS_TOKEN",
-    "SYSTEM_TOKEN",
-    "USER_TOKEN",
-    "ASSISTANT_TOKEN",
-    "EOT_TOKEN",
-    "SPECIAL_TOKENS",
-    "PAD_ID",
-    "BOS_ID",
-    "SYSTEM_ID",
-    "USER_ID",
-    "ASSISTANT_ID",
-    "EOT_ID",
-    "ROLES",
     "TOKENIZER_FILENAME",
     "Tokenizer",
     "train_tokenizer",
 ]
-
-PAD_TOKEN = "<|pad|>"
-BOS_TOKEN = "<|endoftext|>"
-SYSTEM_TOKEN = "<|system|>"
-USER_TOKEN = "<|user|>"
-ASSISTANT_TOKEN = "<|assistant|>"
-EOT_TOKEN = "<|end|>"
-
-# Order defines the ids: index in this tuple == token id.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD_TOKEN,
-    BOS_TOKEN,
-    SYSTEM_TOKEN,
-    USER_TOKEN,
-    ASSISTANT_TOKEN,
-    EOT_TOKEN,
-)
-PAD_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, EOT_ID = range(len(SPECIAL_TOKENS))
-NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
-
-ROLES: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
 
 TOKENIZER_FILENAME = "tokenizer.json"
 
@@ -89,14 +46,7 @@ def _resolve_path(path: str | os.PathLike) -> Path:
 
 
 class Tokenizer:
-    """Thin wrapper around :class:`tokenizers.Tokenizer` with the chat format."""
-
-    pad_id = PAD_ID
-    bos_id = BOS_ID
-    eot_id = EOT_ID
-    system_id = SYSTEM_ID
-    user_id = USER_ID
-    assistant_id = ASSISTANT_ID
+    """Thin wrapper around :class:`tokenizers.Tokenizer`; ``chat_format`` is palmchat's chat format on top of it."""
 
     def __init__(self, hf_tokenizer: _HFTokenizer, path: str | None = None):
         for expected_id, tok in enumerate(SPECIAL_TOKENS):
@@ -111,6 +61,7 @@ class Tokenizer:
         hf_tokenizer.encode_special_tokens = True
         self._tok = hf_tokenizer
         self.path = path
+        self.chat_format = PalmChatFormat(self)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -195,92 +146,8 @@ class Tokenizer:
         except ValueError as e:
             raise ValueError(f"invalid tokenizer file {p}: {e}") from None
 
-    # ------------------------------------------------------------- chat format
-    def render_turn(self, message: Mapping, index: int = 0) -> list[int]:
-        """``[role_id] + encode(content) + [eot]`` for one message."""
-        role, content = _validate_message(message, index)
-        return [ROLES[role]] + self.encode(content) + [EOT_ID]
-
-    def render_conversation(
-        self, messages: Sequence[Mapping], add_generation_prompt: bool = False
-    ) -> tuple[list[int], list[int]]:
-        """Render a conversation to ``(ids, loss_mask)``.
-
-        ``loss_mask`` is 1 exactly on assistant content tokens and their closing
-        eot, 0 elsewhere.  With ``add_generation_prompt`` an ``<|assistant|>``
-        token (mask 0) is appended as the prompt for the model's reply.
-        """
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise ValueError(
-                f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
-            )
-        if len(messages) == 0:
-            raise ValueError("messages: conversation is empty (need at least one message)")
-        validated = [_validate_message(m, i) for i, m in enumerate(messages)]
-        contents = self.encode_batch([c for _, c in validated])
-
-        ids: list[int] = [BOS_ID]
-        mask: list[int] = [0]
-        for (role, _), body in zip(validated, contents):
-            ids.append(ROLES[role])
-            mask.append(0)
-            ids.extend(body)
-            ids.append(EOT_ID)
-            m = 1 if role == "assistant" else 0
-            mask.extend([m] * (len(body) + 1))
-        if add_generation_prompt:
-            ids.append(ASSISTANT_ID)
-            mask.append(0)
-        return ids, mask
-
-    def render_prompt(self, messages: Sequence[Mapping]) -> list[int]:
-        """Ids of ``messages`` followed by the assistant generation prompt."""
-        return self.render_conversation(messages, add_generation_prompt=True)[0]
-
-    @property
-    def reply_stop_ids(self) -> tuple[int, ...]:
-        """What ends a sampled reply: its end-of-turn, or any other special token (a role token would open the next
-        message, bos a new document), so that a stored conversation always keeps the shape rendered above."""
-        return (EOT_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, PAD_ID)
-
-    def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
-        """(role, index) of each message that starts in ``ids`` (a rendering as above, possibly ending with the
-        generation prompt, which counts as an assistant message): role ids only ever open a message."""
-        role_of = {i: role for role, i in ROLES.items()}
-        return [(role_of[t], i) for i, t in enumerate(ids) if t in role_of]
-
-    def decode_reply(self, ids: Iterable[int]) -> str:
-        """Decode generated reply ids, stopping at the first eot (exclusive)."""
-        out: list[int] = []
-        for i in ids:
-            i = int(i)
-            if i == EOT_ID:
-                break
-            out.append(i)
-        return self.decode(out, skip_special_tokens=True)
-
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
-
-
-def _validate_message(message: object, index: int) -> tuple[str, str]:
-    if not isinstance(message, Mapping):
-        raise ValueError(
-            f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}"
-        )
-    role = message.get("role")
-    if role not in ROLES:
-        raise ValueError(
-            f"message {index}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
-        )
-    if "content" not in message:
-        raise ValueError(f"message {index}: missing 'content'")
-    content = message["content"]
-    if not isinstance(content, str):
-        raise ValueError(
-            f"message {index}: 'content' must be a string, got {type(content).__name__}"
-        )
-    return role, content
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:

@@ -88,7 +88,7 @@ class PPOArgs(TrainArgs):
 
 def pretraining_tokens(paths: list[str], tokenizer) -> torch.Tensor:
     """Every document of `paths` as [bos] + its tokens, concatenated: (N,) int64."""
-    ids = [[tokenizer.bos_id] + doc for doc in tokenizer.encode_batch(list(read_documents(paths)))]
+    ids = [[tokenizer.chat_format.bos_id] + doc for doc in tokenizer.encode_batch(list(read_documents(paths)))]
     return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
 
 

@@ -87,12 +87,12 @@ def score_rankings(model: RewardModel, tokenizer, rankings, max_len, batch_size,
         chunk = rankings[i:i + batch_size]
         prompts, responses = [], []
         for r in chunk:
-            prompt = tokenizer.render_prompt(r.prompt_messages)
+            prompt = tokenizer.chat_format.render_prompt(r.prompt_messages)
             prompts += [prompt] * len(r.responses)
             responses += [tokenizer.encode(text) for text in r.responses]
         num = torch.tensor([len(r.responses) for r in chunk], dtype=torch.long)
-        rewards = score_responses(model, prompts, responses, tokenizer.eot_id, max_len, pad_id=tokenizer.pad_id,
-                                  dtype=dtype)
+        chat = tokenizer.chat_format
+        rewards = score_responses(model, prompts, responses, chat.eot_id, max_len, pad_id=chat.pad_id, dtype=dtype)
         rows.append(group_by_ranking(rewards, num, fill=float("nan")))
         ks.append(num)
     width = max(r.shape[1] for r in rows)
@@ -114,7 +114,8 @@ def main(args: RewardArgs) -> Path:
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     backbone, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="reward")
-    model = RewardModel(backbone, eot_id=tokenizer.eot_id).to(device)  # the new head is trainable either way
+    # the new head is trainable either way
+    model = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id).to(device)
     max_len = args.max_len or backbone.config.max_seq_len
     rankings = [r for path in args.data for r in load_rankings(path)] if args.data else bundled_rankings(args.seed)
     if len(rankings) < 2:

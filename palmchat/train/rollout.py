@@ -50,12 +50,13 @@ class Rollout:
 def sample(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
            temperature: float = 1.0) -> Rollout:
     """One batched, KV-cached generation per prompt (repeat prompts for GRPO groups)."""
-    prompt_ids = [tokenizer.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    chat_format = tokenizer.chat_format
+    prompt_ids = [chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts]
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 100_003 + i,
-                             stop_token_ids=(tokenizer.eot_id,)) for i in range(len(prompts))]
+                             stop_token_ids=(chat_format.eot_id,)) for i in range(len(prompts))]
     params = [engine.clamp_max_new_tokens(p, q) for p, q in zip(prompt_ids, params)]
     completions = engine.generate(prompt_ids, params)
-    ids, _ = pad_right([p + c.tokens for p, c in zip(prompt_ids, completions)], tokenizer.pad_id)
+    ids, _ = pad_right([p + c.tokens for p, c in zip(prompt_ids, completions)], chat_format.pad_id)
     R = max(len(c.tokens) for c in completions)
     logprobs = torch.zeros(len(completions), R)
     for row, c in enumerate(completions):
@@ -67,7 +68,7 @@ def sample(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, s
         finished=torch.tensor([c.finish_reason == "stop" for c in completions]),
         sample_logprobs=logprobs,
         prompts=list(prompts),
-        responses=[tokenizer.decode_reply(c.tokens) for c in completions],
+        responses=[chat_format.decode_reply(c.tokens) for c in completions],
     )
 
 
@@ -103,8 +104,8 @@ def reward_model_scorer(reward_model, tokenizer, device="cpu", dtype=None) -> Ca
         for row, (p, r) in enumerate(zip(rollout.prompt_lens.tolist(), rollout.response_lens.tolist())):
             prompts.append(rollout.ids[row, :p].tolist())
             responses.append(rollout.ids[row, p:p + r].tolist())
-        return score_responses(reward_model, prompts, responses, tokenizer.eot_id, pad_id=tokenizer.pad_id,
-                               dtype=dtype)
+        chat = tokenizer.chat_format
+        return score_responses(reward_model, prompts, responses, chat.eot_id, pad_id=chat.pad_id, dtype=dtype)
 
     return score
 
@@ -126,7 +127,7 @@ def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
         return verifier_scorer(World(seed=seed)), None
     from palmchat.checkpoint.heads import load_reward_model
 
-    reward_model, _ = load_reward_model(reward, device=device)
+    reward_model, _ = load_reward_model(reward, device=device, eot_id=tokenizer.chat_format.eot_id)
     reward_model.eval().requires_grad_(False)
     return reward_model_scorer(reward_model, tokenizer, device, dtype), reward_model
 

@@ -92,7 +92,7 @@ def main(args: SFTArgs) -> Path:
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [batch_loss(model, val[i:i + args.batch_size], tokenizer.pad_id, device, dtype).item()
+            losses = [batch_loss(model, val[i:i + args.batch_size], tokenizer.chat_format.pad_id, device, dtype).item()
                       for i in range(0, len(val), args.batch_size)]
         model.train()
         return sum(losses) / len(losses)
@@ -106,7 +106,7 @@ def main(args: SFTArgs) -> Path:
             order.shuffle(train)
         batch = train[epoch_pos * args.batch_size:(epoch_pos + 1) * args.batch_size]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        loss = batch_loss(model, batch, tokenizer.pad_id, device, dtype)
+        loss = batch_loss(model, batch, tokenizer.chat_format.pad_id, device, dtype)
         loss.backward()
         optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         row = dict(step=step + 1, loss=loss.item(), lr=lr)

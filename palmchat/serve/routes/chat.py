@@ -32,7 +32,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     messages = [{"role": S.role_of(m.role), "content": S.text_of(m.content)} for m in body.messages]
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    fitted = fit_prompt(state, state.tokenizer.render_prompt(messages), max_tokens, body.truncation)
+    fitted = fit_prompt(state, state.tokenizer.chat_format.render_prompt(messages), max_tokens, body.truncation)
     prompt = fitted.prompt
     params = sampling_params(state, body, len(prompt), max_tokens, param, "messages")
     stops = stops_of(body.stop)

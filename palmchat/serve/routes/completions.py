@@ -24,7 +24,7 @@ async def completions(body: S.CompletionRequest, request: Request):
     if len(prompts) != 1:
         raise APIError(400, "this server takes one prompt per request", param="prompt")
     text = S.clean_text(prompts[0])
-    prompt = [state.tokenizer.bos_id] + state.tokenizer.encode(text)
+    prompt = [state.tokenizer.chat_format.bos_id] + state.tokenizer.encode(text)
     params = sampling_params(state, body, len(prompt), body.max_tokens, "max_tokens", "prompt", default_max=16)
     stops = stops_of(body.stop)
     flagged_in = await moderate_input(state, [text])

@@ -22,7 +22,7 @@ def new_items(state: ServerState, messages: list[S.InputMessage]) -> list[tuple[
     for m in messages:
         text = S.text_of(m.content)
         out.append((S.message_item(S.new_id("msg_"), m.role, text),
-                    state.tokenizer.render_turn({"role": S.role_of(m.role), "content": text})))
+                    state.tokenizer.chat_format.render_turn({"role": S.role_of(m.role), "content": text})))
     return out
 
 

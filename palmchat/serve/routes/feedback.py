@@ -207,12 +207,12 @@ async def with_candidates(state: ServerState, locks: dict, task: dict) -> dict:
         task = state.store.get_task(task["id"])
         if task["candidates"] is None:
             p, tok = task["params"], state.tokenizer
-            prompt = tok.render_prompt(task["prompt"])
+            prompt = tok.chat_format.render_prompt(task["prompt"])
             room = min(state.context - len(prompt), state.max_tokens_limit, p["max_tokens"])
             candidates = []  # a prompt that leaves no room for a reply stays unrankable and is skipped
             if room >= 1:
                 params = SamplingParams(max_new_tokens=room, temperature=p["temperature"],
-                                        stop_token_ids=tok.reply_stop_ids)
+                                        stop_token_ids=tok.chat_format.reply_stop_ids)
                 _, replies = await generate_replies(state, prompt, params, p["k"], None, [])
                 candidates = [{"id": S.new_id("cand_"), "text": r.text} for r in replies]
             task = await asyncio.to_thread(state.store.set_candidates, task["id"], candidates)
@@ -270,7 +270,7 @@ async def label_stats(request: Request, owner: str = Depends(caller)):
 def _load_reward_model(path: str, state: ServerState):
     from palmchat.checkpoint.heads import load_reward_model
 
-    model, _ = load_reward_model(path)
+    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id)
     model.eval().requires_grad_(False)
     vocab = state.scheduler.config.vocab_size
     if model.config.vocab_size != vocab:

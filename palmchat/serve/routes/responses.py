@@ -71,7 +71,7 @@ class Turn:
 
 
 def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Turn:
-    tok = state.tokenizer
+    chat_format = state.tokenizer.chat_format
     if body.previous_response_id and body.conversation:
         raise APIError(400, "previous_response_id and conversation cannot be used together", param="conversation")
     conversation_id = None
@@ -86,19 +86,19 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
         if state.store.get_conversation(owner, conversation_id) is None:
             raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation",
                            code="not_found")
-        history = [tok.bos_id] + state.store.context(conversation_id)
+        history = [chat_format.bos_id] + state.store.context(conversation_id)
     else:
-        history = [tok.bos_id]
+        history = [chat_format.bos_id]
     messages = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     if not messages:
         raise APIError(400, "input must hold at least one message", param="input")
     texts = [(m.role, S.text_of(m.content)) for m in messages]
-    turn_tokens = [tok.render_turn({"role": S.role_of(role), "content": text}) for role, text in texts]
+    turn_tokens = [chat_format.render_turn({"role": S.role_of(role), "content": text}) for role, text in texts]
     input_items = [S.message_item(S.new_id("msg_"), role, text) for role, text in texts]
-    prompt = history + [t for turn in turn_tokens for t in turn] + [tok.assistant_id]
+    prompt = history + [t for turn in turn_tokens for t in turn] + chat_format.generation_prompt
     if body.instructions:
-        system = tok.render_turn({"role": "system", "content": S.clean_text(body.instructions)})
-        prompt = [tok.bos_id] + system + prompt[1:]
+        system = chat_format.render_turn({"role": "system", "content": S.clean_text(body.instructions)})
+        prompt = [chat_format.bos_id] + system + prompt[1:]
     fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
     return Turn(history, texts, turn_tokens, input_items, fitted.prompt, conversation_id, fitted.details())
 

@@ -1,0 +1,234 @@
+"""How a conversation becomes token ids: the :class:`ChatFormat` interface and palmchat's own format.
+
+Everything above the tokenizer that handles chats (SFT loss masks, reward-model inputs, padding, the server's
+prompts, truncation and stop ids) goes through a ``ChatFormat`` and never through token-id constants, so that any
+tokenizer able to provide one plugs in unchanged: palmchat's BPE tokenizer here, a Hugging Face tokenizer with its
+chat template as well.  A tokenizer exposes its format as ``tokenizer.chat_format``.
+
+palmchat's format (:class:`PalmChatFormat`) has six special tokens with fixed ids::
+
+    <|pad|>=0  <|endoftext|>=1  <|system|>=2  <|user|>=3  <|assistant|>=4  <|end|>=5
+
+and renders a conversation as::
+
+    [bos] + for each message: [role_id] + encode(content) + [eot]
+
+where ``bos`` is ``<|endoftext|>`` and ``eot`` is ``<|end|>``; the generation prompt is ``[<|assistant|>]``.  Each
+message's content is encoded independently, so rendering is prefix-stable: appending a turn never changes the ids
+of earlier turns (the server relies on this for prefix KV-cache reuse).  Special ids only enter a sequence through
+this format: the tokenizer's ``encode`` never produces them.
+
+This module deliberately imports neither torch nor the rest of palmchat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "ChatFormat",
+    "TextCodec",
+    "PalmChatFormat",
+    "PAD_TOKEN",
+    "BOS_TOKEN",
+    "SYSTEM_TOKEN",
+    "USER_TOKEN",
+    "ASSISTANT_TOKEN",
+    "EOT_TOKEN",
+    "SPECIAL_TOKENS",
+    "NUM_SPECIAL_TOKENS",
+    "PAD_ID",
+    "BOS_ID",
+    "SYSTEM_ID",
+    "USER_ID",
+    "ASSISTANT_ID",
+    "EOT_ID",
+    "ROLES",
+]
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|endoftext|>"
+SYSTEM_TOKEN = "<|system|>"
+USER_TOKEN = "<|user|>"
+ASSISTANT_TOKEN = "<|assistant|>"
+EOT_TOKEN = "<|end|>"
+
+# Order defines the ids: index in this tuple == token id.
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, EOT_TOKEN)
+PAD_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, EOT_ID = range(len(SPECIAL_TOKENS))
+NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
+
+ROLES: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
+
+
+@runtime_checkable
+class ChatFormat(Protocol):
+    """What the code above the tokenizer needs to know about how a tokenizer lays out chats."""
+
+    @property
+    def bos_id(self) -> int:
+        """Opens every document (pretraining) and every rendered conversation."""
+        ...
+
+    @property
+    def eot_id(self) -> int:
+        """Closes every message; a reply ends with it and a reward model reads its score there."""
+        ...
+
+    @property
+    def pad_id(self) -> int:
+        """Fills batches up to a common length; never attended to or trained on."""
+        ...
+
+    @property
+    def role_ids(self) -> Mapping[str, int]:
+        """The id that opens a message of each role ("system", "user", "assistant")."""
+        ...
+
+    @property
+    def generation_prompt(self) -> list[int]:
+        """The ids appended to a conversation to ask for the assistant's reply."""
+        ...
+
+    @property
+    def reply_stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a sampled reply (none of them is part of the reply's text)."""
+        ...
+
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """A conversation as ``(ids, loss_mask)``: the mask is 1 on the tokens SFT trains on, 0 elsewhere."""
+        ...
+
+    def render_prompt(self, messages: Sequence[Mapping]) -> list[int]:
+        """The ids of ``messages`` followed by the generation prompt."""
+        ...
+
+    def render_turn(self, message: Mapping) -> list[int]:
+        """The ids one message adds to a rendered conversation."""
+        ...
+
+    def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
+        """(role, index) of each message that starts in a rendering ``ids``; a trailing generation prompt counts
+        as an assistant message."""
+        ...
+
+    def decode_reply(self, ids: Iterable[int]) -> str:
+        """The text of generated reply ids, up to (not including) the first end-of-turn."""
+        ...
+
+
+class TextCodec(Protocol):
+    """The plain-text side of a tokenizer that :class:`PalmChatFormat` renders with."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class PalmChatFormat:
+    """palmchat's chat format (see the module docstring) on top of a tokenizer's plain-text encoding."""
+
+    pad_id = PAD_ID
+    bos_id = BOS_ID
+    eot_id = EOT_ID
+    system_id = SYSTEM_ID
+    user_id = USER_ID
+    assistant_id = ASSISTANT_ID
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+
+    @property
+    def role_ids(self) -> Mapping[str, int]:
+        return dict(ROLES)
+
+    @property
+    def generation_prompt(self) -> list[int]:
+        return [ASSISTANT_ID]
+
+    @property
+    def reply_stop_ids(self) -> tuple[int, ...]:
+        """A reply's end-of-turn, or any other special token (a role token would open the next message, bos a new
+        document), so that a stored conversation always keeps the shape rendered above."""
+        return (EOT_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, PAD_ID)
+
+    def render_turn(self, message: Mapping, index: int = 0) -> list[int]:
+        """``[role_id] + encode(content) + [eot]`` for one message (``index`` only names it in errors)."""
+        role, content = _validate_message(message, index)
+        return [ROLES[role]] + self.codec.encode(content) + [EOT_ID]
+
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Render a conversation to ``(ids, loss_mask)``.
+
+        ``loss_mask`` is 1 exactly on assistant content tokens and their closing eot, 0 elsewhere.  With
+        ``add_generation_prompt`` an ``<|assistant|>`` token (mask 0) is appended as the prompt for the model's reply.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError(
+                f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
+            )
+        if len(messages) == 0:
+            raise ValueError("messages: conversation is empty (need at least one message)")
+        validated = [_validate_message(m, i) for i, m in enumerate(messages)]
+        contents = self.codec.encode_batch([c for _, c in validated])
+
+        ids: list[int] = [BOS_ID]
+        mask: list[int] = [0]
+        for (role, _), body in zip(validated, contents):
+            ids.append(ROLES[role])
+            mask.append(0)
+            ids.extend(body)
+            ids.append(EOT_ID)
+            m = 1 if role == "assistant" else 0
+            mask.extend([m] * (len(body) + 1))
+        if add_generation_prompt:
+            ids.append(ASSISTANT_ID)
+            mask.append(0)
+        return ids, mask
+
+    def render_prompt(self, messages: Sequence[Mapping]) -> list[int]:
+        """Ids of ``messages`` followed by the assistant generation prompt."""
+        return self.render(messages, add_generation_prompt=True)[0]
+
+    def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
+        """(role, index) of each message that starts in ``ids`` (a rendering as above, possibly ending with the
+        generation prompt, which counts as an assistant message): role ids only ever open a message."""
+        role_of = {i: role for role, i in ROLES.items()}
+        return [(role_of[t], i) for i, t in enumerate(ids) if t in role_of]
+
+    def decode_reply(self, ids: Iterable[int]) -> str:
+        """Decode generated reply ids, stopping at the first eot (exclusive)."""
+        out: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i == EOT_ID:
+                break
+            out.append(i)
+        return self.codec.decode(out, skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"PalmChatFormat({self.codec!r})"
+
+
+def _validate_message(message: object, index: int) -> tuple[str, str]:
+    """``(role, content)`` of one chat message, or a ValueError naming message ``index`` and what is wrong."""
+    if not isinstance(message, Mapping):
+        raise ValueError(
+            f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}"
+        )
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(
+            f"message {index}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
+        )
+    if "content" not in message:
+        raise ValueError(f"message {index}: missing 'content'")
+    content = message["content"]
+    if not isinstance(content, str):
+        raise ValueError(
+            f"message {index}: 'content' must be a string, got {type(content).__name__}"
+        )
+    return role, content
