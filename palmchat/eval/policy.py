@@ -129,7 +129,8 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], temperature: floa
 @torch.no_grad()
 def _response_logprobs(model, prompt_ids, responses, batch_size, dtype, pad_id) -> list[float]:
     """Summed log-prob of each response (its generated tokens) after its prompt, from plain forward passes."""
-    from palmchat.data.chat import pad_right, sequence_logprobs
+    from palmchat.data.chat import pad_right
+    from palmchat.losses import sequence_logprobs
 
     device = next(model.parameters()).device
     out: list[float] = []

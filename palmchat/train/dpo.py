@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch, sequence_logprobs
-from palmchat.losses import dpo_ranking_loss
+from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch
+from palmchat.losses import dpo_ranking_loss, sequence_logprobs
 from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics, save_policy
 from palmchat.train.reward import bundled_rankings
 from palmchat.utils.args import arg

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from palmchat import checkpoint
-from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch, sequence_logprobs
-from palmchat.losses import ranking_loss
+from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch
+from palmchat.losses import ranking_loss, sequence_logprobs
 from palmchat.model.heads import RewardModel, save_reward_model
 from palmchat.model.lora import lora_config
 from palmchat.train.common import MetricsLog, adamw, cosine_lr, load_policy, plot_metrics
