@@ -29,6 +29,7 @@ __all__ = [
     "masked_whiten",
     "cross_entropy",
     "token_logprobs",
+    "sequence_logprobs",
     "ranking_loss",
     "dpo_loss",
     "dpo_ranking_loss",
@@ -184,6 +185,28 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
         lse = torch.logsumexp(logits, dim=-1)
     out = picked - lse
     return torch.where(targets < 0, torch.zeros_like(out), out)
+
+
+def sequence_logprobs(logits: Tensor, ids: Tensor, prompt_lens: Tensor, lengths: Tensor,
+                      mean: bool = False) -> Tensor:
+    """Log-probability of each row's response under ``logits`` (right-padded rows).
+
+    ``logits (N, T, V)`` are the model's outputs for ``ids (N, T)``; the response of row i is
+    ``ids[i, prompt_lens[i]:lengths[i]]`` (its eot included), each token scored by the logits one
+    position earlier.  Returns ``(N,)`` float32: the sum of the response tokens' log-probs, or
+    with ``mean=True`` their average (IPO uses length-normalised log-probs).
+    """
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}")
+    if bool((prompt_lens < 1).any()):
+        raise ValueError("prompt_lens must be >= 1 (the first token has no prediction)")
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (N, T-1): column j scores token j + 1
+    pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+    mask = (pos >= prompt_lens.to(ids.device)[:, None]) & (pos < lengths.to(ids.device)[:, None])
+    total = masked_sum(logp, mask, dim=1)
+    if mean:
+        total = total / mask.sum(1).clamp_min(1).to(total.dtype)
+    return total
 
 
 # --------------------------------------------------------------------------- #

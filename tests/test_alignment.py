@@ -20,7 +20,7 @@ from palmchat.train.pretrain import PretrainArgs
 from palmchat.train.pretrain import main as pretrain
 from palmchat.train.reward import RewardArgs
 from palmchat.train.reward import main as reward
-from palmchat.train.rollout import response_logprobs, reward_model_scorer, sample
+from palmchat.train.rollout import reward_model_scorer, rollout_logprobs, sample
 from palmchat.train.sft import SFTArgs
 from palmchat.train.sft import main as sft
 from palmchat.world.synthetic import write_bundle
@@ -56,7 +56,7 @@ def test_engine_logprobs_match_training_forward(pipeline):
     rollout = sample(Engine(model), tokenizer, prompts, max_new_tokens=12, seed=1, temperature=1.0)
     assert len(set(rollout.response_lens.tolist())) > 1 or not rollout.finished.all()
     with torch.no_grad():
-        recomputed = response_logprobs(model, rollout)
+        recomputed = rollout_logprobs(model, rollout)
     mask = rollout.mask
     assert (recomputed[mask] - rollout.sample_logprobs[mask]).abs().max() < 1e-4
     assert (recomputed[~mask] == 0).all()

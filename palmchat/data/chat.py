@@ -31,7 +31,6 @@ Token-level helpers (pure functions on token ids)
 * :func:`ranking_batch` -- all K responses of B rankings, flattened for one forward pass;
   :func:`group_by_ranking` turns per-response values back into the ``(B, K_max)`` layout of
   :func:`palmchat.losses.ranking_loss` / :func:`palmchat.losses.dpo_ranking_loss`.
-* :func:`sequence_logprobs` -- summed (or mean) log-probs of the response tokens only.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from palmchat.losses import IGNORE_INDEX, masked_sum, token_logprobs
+from palmchat.losses import IGNORE_INDEX
 from palmchat.utils.jsonl import DataError, RecordError, json_type, read_records
 
 __all__ = [
@@ -64,7 +63,6 @@ __all__ = [
     "sft_batch",
     "ranking_batch",
     "group_by_ranking",
-    "sequence_logprobs",
 ]
 
 ROLE_NAMES = ("system", "user", "assistant")
@@ -429,25 +427,3 @@ def group_by_ranking(values: Tensor, num_responses: Tensor, fill: float = 0.0) -
     rank = torch.arange(values.shape[0], device=values.device) - starts[group]
     out = values.new_full((batch, k_max), fill)
     return out.index_put((group, rank), values)
-
-
-def sequence_logprobs(logits: Tensor, ids: Tensor, prompt_lens: Tensor, lengths: Tensor,
-                      mean: bool = False) -> Tensor:
-    """Log-probability of each row's response under ``logits`` (right-padded rows).
-
-    ``logits (N, T, V)`` are the model's outputs for ``ids (N, T)``; the response of row i is
-    ``ids[i, prompt_lens[i]:lengths[i]]`` (its eot included), each token scored by the logits one
-    position earlier.  Returns ``(N,)`` float32: the sum of the response tokens' log-probs, or
-    with ``mean=True`` their average (IPO uses length-normalised log-probs).
-    """
-    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}")
-    if bool((prompt_lens < 1).any()):
-        raise ValueError("prompt_lens must be >= 1 (the first token has no prediction)")
-    logp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (N, T-1): column j scores token j + 1
-    pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
-    mask = (pos >= prompt_lens.to(ids.device)[:, None]) & (pos < lengths.to(ids.device)[:, None])
-    total = masked_sum(logp, mask, dim=1)
-    if mean:
-        total = total / mask.sum(1).clamp_min(1).to(total.dtype)
-    return total

@@ -48,6 +48,7 @@ import torch
 
 from palmchat.inference.best_of_n import best_of_n_batch, score_completions
 from palmchat.inference.engine import Engine, SamplingParams
+from palmchat.model.logprobs import response_logprobs
 
 __all__ = ["Reply", "prompt_seed", "generate_replies", "evaluate_policy", "evaluate_best_of_n", "win_rate",
            "policy_kl"]
@@ -127,31 +128,25 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], temperature: floa
 
 
 @torch.no_grad()
-def _response_logprobs(model, prompt_ids, responses, batch_size, dtype, pad_id) -> list[float]:
-    """Summed log-prob of each response (its generated tokens) after its prompt, from plain forward passes."""
-    from palmchat.data.chat import pad_right, sequence_logprobs
-
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for i in range(0, len(prompt_ids), batch_size):
-        chunk_p, chunk_r = prompt_ids[i:i + batch_size], responses[i:i + batch_size]
-        ids, lengths = pad_right([p + r for p, r in zip(chunk_p, chunk_r)], pad_id)
-        prompt_lens = torch.tensor([len(p) for p in chunk_p])
-        ids = ids.to(device)
-        with _autocast(model, dtype):
-            logits = model(ids)
-        out += sequence_logprobs(logits.float(), ids, prompt_lens.to(device), lengths.to(device)).tolist()
-    return out
-
-
 def policy_kl(model, reference, prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
               batch_size: int = 64, dtype: torch.dtype | None = None, pad_id: int = 0) -> list[float]:
     """Per-response k1 estimate of KL(policy || reference): sum of (log p_model - log p_reference) over the
-    response tokens, each model scoring prompt + response in a plain forward pass."""
+    response tokens, each model scoring prompt + response in plain forward passes of ``batch_size`` rows."""
+    from palmchat.data.chat import pad_right
+
     prompt_ids, responses = [list(p) for p in prompt_ids], [list(r) for r in responses]
+    if not prompt_ids:
+        return []
+    ids, lengths = pad_right([p + r for p, r in zip(prompt_ids, responses)], pad_id)
+    prompt_lens = torch.tensor([len(p) for p in prompt_ids])
+
+    def summed(m) -> list[float]:
+        device = next(m.parameters()).device
+        return response_logprobs(m, ids.to(device), prompt_lens.to(device), lengths.to(device), reduce="sum",
+                                 dtype=dtype, batch_size=batch_size).tolist()
+
     with _eval_mode(model, reference):
-        lp = _response_logprobs(model, prompt_ids, responses, batch_size, dtype, pad_id)
-        lr = _response_logprobs(reference, prompt_ids, responses, batch_size, dtype, pad_id)
+        lp, lr = summed(model), summed(reference)
     return [a - b for a, b in zip(lp, lr)]
 
 

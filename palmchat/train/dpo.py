@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch, sequence_logprobs
+from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch
 from palmchat.losses import dpo_ranking_loss
+from palmchat.model.logprobs import response_logprobs
 from palmchat.train.common import (
     MetricsLog,
     TrainArgs,
@@ -35,7 +36,7 @@ from palmchat.train.common import (
 )
 from palmchat.train.reward import bundled_rankings
 from palmchat.utils.args import arg
-from palmchat.utils.device import autocast, autocast_dtype, pick_device
+from palmchat.utils.device import autocast_dtype, pick_device
 
 
 @dataclass
@@ -65,10 +66,8 @@ def ranking_logps(model, tokenizer, rankings, max_len, device, dtype, mean: bool
     """(B, K_max) summed (or mean) response log-probs, column j = rank j; (B,) K per ranking; and optionally
     (B, K_max) response token counts."""
     batch = ranking_batch(tokenizer, rankings, max_len)
-    ids = batch["ids"].to(device)
-    with autocast(device, dtype):
-        logits = model(ids)
-    logps = sequence_logprobs(logits, ids, batch["prompt_lens"].to(device), batch["lengths"].to(device), mean=mean)
+    logps = response_logprobs(model, batch["ids"].to(device), batch["prompt_lens"].to(device),
+                              batch["lengths"].to(device), reduce="mean" if mean else "sum", dtype=dtype)
     k = batch["num_responses"].to(device)
     if not return_tokens:
         return group_by_ranking(logps, k), k

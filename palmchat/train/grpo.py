@@ -23,7 +23,7 @@ from palmchat.inference.engine import Engine
 from palmchat.losses import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from palmchat.model.lora import use_adapter
 from palmchat.train.common import MetricsLog, TrainArgs, load_policy, optimizer_step, plot_metrics, save_policy
-from palmchat.train.rollout import load_prompt_texts, make_scorer, response_logprobs, sample
+from palmchat.train.rollout import load_prompt_texts, make_scorer, rollout_logprobs, sample
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
 
@@ -82,9 +82,9 @@ def main(args: GRPOArgs) -> Path:
         advantages = group_advantages(scores, args.group_size, scale=args.scale_advantages).to(device)
         mask = rollout.mask.to(device)
         with torch.no_grad():
-            old_logp = response_logprobs(policy, rollout, device=device, dtype=dtype)
+            old_logp = rollout_logprobs(policy, rollout, device=device, dtype=dtype)
             with use_adapter(policy, None) if args.lora_rank else contextlib.nullcontext():
-                ref_logp = response_logprobs(reference or policy, rollout, device=device, dtype=dtype)
+                ref_logp = rollout_logprobs(reference or policy, rollout, device=device, dtype=dtype)
         policy.train()
         stats = []
         for _ in range(args.epochs):
@@ -92,7 +92,7 @@ def main(args: GRPOArgs) -> Path:
             for i in range(0, n, args.minibatch):
                 rows = torch.tensor(order[i:i + args.minibatch])
                 m = mask[rows]
-                logp = response_logprobs(policy, rollout, rows, device=device, dtype=dtype)
+                logp = rollout_logprobs(policy, rollout, rows, device=device, dtype=dtype)
                 token_adv = advantages[rows, None].expand_as(logp)
                 surrogate, pstats = ppo_policy_loss(logp, old_logp[rows], token_adv, m, args.clip)
                 kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), m)

@@ -40,7 +40,7 @@ from palmchat.losses import cross_entropy, gae, kl_penalty, masked_mean, masked_
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
 from palmchat.train.common import MetricsLog, TrainArgs, load_policy, optimizer_step, plot_metrics, save_policy
-from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, response_logprobs, sample
+from palmchat.train.rollout import gather_actions, load_prompt_texts, make_scorer, rollout_logprobs, sample
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 
@@ -153,10 +153,10 @@ def main(args: PPOArgs) -> Path:
         """(b, R) log-probs of the response tokens under the actor and (b, R) values at the same positions."""
         if shared:
             with actor_mode():
-                logp, hidden = response_logprobs(policy, rollout, rows, device=device, dtype=dtype, return_hidden=True)
+                logp, hidden = rollout_logprobs(policy, rollout, rows, device=device, dtype=dtype, return_hidden=True)
             return logp, gather_actions(value_head(hidden.float()).squeeze(-1), rollout, rows)
         with actor_mode():
-            logp = response_logprobs(policy, rollout, rows, device=device, dtype=dtype)
+            logp = rollout_logprobs(policy, rollout, rows, device=device, dtype=dtype)
         ids = rollout.ids[rows].to(device)
         with autocast(device, dtype), (use_adapter(policy, "critic") if args.lora_rank else contextlib.nullcontext()):
             values = critic(ids).float()
@@ -189,9 +189,9 @@ def main(args: PPOArgs) -> Path:
             old_logp, old_values = logprobs_and_values(rollout)
             if args.lora_rank:
                 with use_adapter(policy, None):
-                    ref_logp = response_logprobs(policy, rollout, device=device, dtype=dtype)
+                    ref_logp = rollout_logprobs(policy, rollout, device=device, dtype=dtype)
             else:
-                ref_logp = response_logprobs(reference, rollout, device=device, dtype=dtype)
+                ref_logp = rollout_logprobs(reference, rollout, device=device, dtype=dtype)
             kl = kl_penalty(old_logp, ref_logp, args.kl_estimator)  # (B, R)
             rewards = torch.where(mask, -kl_ctl.coef * kl, torch.zeros((), device=device))
             last = (rollout.response_lens - 1).clamp(min=0).to(device)

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from palmchat import checkpoint
 from palmchat.checkpoint.heads import save_reward_model
-from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch, sequence_logprobs
+from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch
 from palmchat.inference.reward_scoring import score_responses
-from palmchat.losses import ranking_loss
+from palmchat.losses import ranking_loss, sequence_logprobs
 from palmchat.model.heads import RewardModel
 from palmchat.model.lora import lora_config
 from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics

@@ -1,5 +1,6 @@
 """What PPO and GRPO share: sampling responses with the engine, scoring them, and the per-token
-log-probs of those responses under a model, laid out response-aligned as (B, R).
+log-probs of those responses under a model, laid out response-aligned as (B, R)
+(:func:`palmchat.model.logprobs.response_logprobs` applied to a :class:`Rollout`).
 
 The traps handled here, each tested in tests/test_rl.py:
 - prompts are token ids rendered once and never re-tokenised; responses keep the sampled ids;
@@ -20,8 +21,7 @@ import torch
 from palmchat.data.chat import pad_right
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.reward_scoring import score_responses
-from palmchat.losses import token_logprobs
-from palmchat.utils.device import autocast
+from palmchat.model.logprobs import response_logprobs, response_positions
 
 
 @dataclass
@@ -42,9 +42,7 @@ class Rollout:
     @property
     def action_index(self) -> torch.Tensor:
         """(B, R): the position whose logits predict each response token (one before it), clamped in range."""
-        R = self.sample_logprobs.shape[1]
-        index = self.prompt_lens[:, None] - 1 + torch.arange(R)[None, :]
-        return index.clamp(max=self.ids.shape[1] - 2)
+        return response_positions(self.prompt_lens, self.sample_logprobs.shape[1], self.ids.shape[1])
 
 
 def sample(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
@@ -72,18 +70,14 @@ def sample(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, s
     )
 
 
-def response_logprobs(model, rollout: Rollout, rows=slice(None), device="cpu", dtype=None,
-                      return_hidden: bool = False):
-    """(b, R) log-probs of each response token under `model` (0 past the response); optionally the
-    final hidden states (b, T, C) too, so a value head can share the forward pass."""
-    ids = rollout.ids[rows].to(device)
-    with autocast(torch.device(device), dtype):
-        hidden = model.hidden_states(ids)
-        logits = model.logits(hidden)
-    logp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (b, T-1): column j scores token j+1
-    logp = logp.gather(1, rollout.action_index[rows].to(device))
-    logp = torch.where(rollout.mask[rows].to(device), logp, torch.zeros((), device=device))
-    return (logp, hidden) if return_hidden else logp
+def rollout_logprobs(model, rollout: Rollout, rows=slice(None), device="cpu", dtype=None,
+                     return_hidden: bool = False):
+    """(b, R) log-probs of each response token of ``rollout[rows]`` under `model` (0 past the response);
+    optionally the final hidden states (b, T, C) too, so a value head can share the forward pass."""
+    prompt_lens = rollout.prompt_lens[rows].to(device)
+    lengths = prompt_lens + rollout.response_lens[rows].to(device)
+    return response_logprobs(model, rollout.ids[rows].to(device), prompt_lens, lengths,
+                             width=rollout.sample_logprobs.shape[1], dtype=dtype, return_hidden=return_hidden)
 
 
 def gather_actions(per_position: torch.Tensor, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
