@@ -34,9 +34,9 @@ from palmchat.train.common import (
     plot_metrics,
     save_policy,
 )
-from palmchat.train.reward import bundled_rankings
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
+from palmchat.world.defaults import bundled_rankings
 
 
 @dataclass

@@ -27,6 +27,7 @@ from palmchat.tokenizer.bpe import Tokenizer, train_tokenizer
 from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
+from palmchat.world.defaults import bundled_documents
 
 
 @dataclass
@@ -76,12 +77,6 @@ def parse_overrides(text: str) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def bundled_documents(seed: int) -> list[str]:
-    from palmchat.world.synthetic import World
-
-    return World(seed=seed).pretraining_documents()
 
 
 def prepare_data(args: PretrainArgs, out: Path) -> tuple[Tokenizer, Path]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from palmchat import checkpoint
 from palmchat.checkpoint.heads import save_reward_model
-from palmchat.data.chat import group_by_ranking, load_rankings, parse_ranking, ranking_batch
+from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch
 from palmchat.inference.reward_scoring import score_responses
 from palmchat.losses import ranking_loss, sequence_logprobs
 from palmchat.model.heads import RewardModel
@@ -29,6 +29,7 @@ from palmchat.model.lora import lora_config
 from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
+from palmchat.world.defaults import bundled_rankings
 
 
 @dataclass
@@ -54,12 +55,6 @@ class RewardArgs(TrainArgs):
                          choices=["none", "center", "standardize"])
     lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
-
-
-def bundled_rankings(seed: int, n: int = 3000):
-    from palmchat.world.synthetic import World
-
-    return [parse_ranking(r) for r in World(seed=seed).ranking_examples(n)]
 
 
 def ranking_metrics(rewards: torch.Tensor, num_responses: torch.Tensor) -> dict:

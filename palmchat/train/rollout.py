@@ -22,6 +22,7 @@ from palmchat.data.chat import pad_right
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.reward_scoring import score_responses
 from palmchat.model.logprobs import response_logprobs, response_positions
+from palmchat.world.defaults import bundled_prompts
 
 
 @dataclass
@@ -124,12 +125,6 @@ def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
     reward_model, _ = load_reward_model(reward, device=device, eot_id=tokenizer.chat_format.eot_id)
     reward_model.eval().requires_grad_(False)
     return reward_model_scorer(reward_model, tokenizer, device, dtype), reward_model
-
-
-def bundled_prompts(seed: int, n: int = 2000, split: str = "train") -> list[str]:
-    from palmchat.world.synthetic import World
-
-    return World(seed=seed).prompts(n, split)
 
 
 def load_prompt_texts(paths: list[str], seed: int) -> list[str]:

@@ -30,6 +30,7 @@ from palmchat.train.common import (
 )
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
+from palmchat.world.defaults import bundled_conversations
 
 
 @dataclass
@@ -48,12 +49,6 @@ class SFTArgs(TrainArgs):
     val_fraction: float = arg(0.05, "conversations held out for the validation loss")
     lora_rank: int = arg(0, "train a LoRA adapter of this rank instead of all weights; 0 = full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator (scale = alpha / rank)")
-
-
-def bundled_conversations(seed: int, n: int = 4000) -> list[list[dict]]:
-    from palmchat.world.synthetic import World
-
-    return [c["messages"] for c in World(seed=seed).sft_conversations(n)]
 
 
 def batch_loss(model, examples, pad_id, device, dtype):
