@@ -9,7 +9,7 @@ What is stored, and why in this form:
   `<|assistant|>` + the sampled reply + `<|end|>`), so the conversation's context is bos + their concatenation;
 - an API key is kept only as the sha256 of its secret (keys are 256-bit random, so no salt or slow hash is
   needed: there is nothing to brute-force), with a short prefix to recognise it by in `palmchat keys list`;
-- human feedback (schema v2, palmchat/feedback.py reads it back for export): `feedback` holds thumbs up/down on
+- human feedback (schema v2, palmchat/feedback/exchange.py reads it back for export): `feedback` holds thumbs up/down on
   a reply, `tasks` a prompt with 2-4 candidate replies to rank (kind 'label': the labelling queue; kind
   'compare': candidates the chat page asked for), `rankings` one ranking of a task per labeller. Feedback rows
   keep a copy of the prompt and reply text: they are training examples, and stay when the conversation they

@@ -5,7 +5,7 @@
 
 One round (a folder OUT/round-NNN holds everything it wrote):
 1. **Export** the database's feedback as rankings (labelling queue, compare view and thumbs pairs, several
-   labellers merged by Borda count: palmchat/feedback.py).
+   labellers merged by Borda count: palmchat/feedback/exchange.py).
 2. **Split** by prompt: a prompt is held out when a hash of it falls under --heldout, so it stays on the same
    side in every round and the held-out set only grows.
 3. **Train** a reward model with palmchat.train.reward: a fresh LoRA adapter and scalar head on --base (the SFT

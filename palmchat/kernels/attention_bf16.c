@@ -13,7 +13,7 @@
    dS are rounded to bf16 for the products, as in PyTorch's CPU kernel and FlashAttention on GPUs.
 
    Shapes: B batch, H query heads, Hkv K/V heads, G = H / Hkv, T tokens (padded to TP, a multiple of BLOCK),
-   D head dim (a multiple of 16; of 32 for AMX). Used by palmchat/model/cpu_attention.py; built by setup.py
+   D head dim (a multiple of 16; of 32 for AMX). Used by palmchat/kernels/cpu_attention.py; built by setup.py
    (optional). */
 
 #include <immintrin.h>

@@ -8,13 +8,13 @@
    2. palmchat_block_bf16: a decode step (1-4 sequences, one new token each) through one PaLM parallel block or
       one sequential (Llama) block: norm, input projection, rotary, KV-cache write, attention over the cache,
       SwiGLU, output projections and residual, in one parallel region. In PyTorch the same step is ~25 small ops
-      per block, whose dispatch cost more than the block's arithmetic (benchmarks/README.md, "Session 8").
+      per block, whose dispatch costs more than the block's arithmetic (benchmarks/README.md, bench_foundation).
 
-   Numerics follow the PyTorch bf16 path op by op (palmchat/model/palm.py run in bf16): products accumulated in
+   Numerics follow the PyTorch bf16 path op by op (palmchat/model/transformer.py run in bf16): products accumulated in
    fp32, and a rounding to bf16 wherever PyTorch stores a bf16 tensor (after the norm, each projection, each
    rotary product and sum, silu, the SwiGLU product, each residual sum; attention as PyTorch's CPU flash kernel:
    fp32 scores and softmax, probabilities rounded to bf16 for the product with V). Only the order of fp32
-   additions differs. Used by palmchat/inference/cpu_linear.py and fused_block.py; built by setup.py (optional:
+   additions differs. Used by palmchat/kernels/cpu_linear.py and palmchat/inference/fused_block.py; built by setup.py (optional:
    without it the PyTorch path serves everything). */
 
 #include <immintrin.h>
@@ -145,7 +145,7 @@ BF16_KERNEL static void norm_row(const Block *p, const bf16 *weight, const bf16 
     for (int64_t i = 0; i < C; i++) out[i] = to_bf16((to_f32(x[i]) - mean) * scale * to_f32(weight[i]));
 }
 
-/* Rotate-half rotary embedding of one head (palm.py's apply_rotary): [x1, x2] * [cos, cos] + [x2, x1] * [-sin, sin],
+/* Rotate-half rotary embedding of one head (model/rope.py's apply_rotary): [x1, x2] * [cos, cos] + [x2, x1] * [-sin, sin],
    each product and the sum rounded to bf16. */
 BF16_KERNEL static void rotary(const bf16 *x, const bf16 *cos, const bf16 *sin, int64_t D, bf16 *out) {
     for (int64_t d = 0; d < D; d++) {
@@ -238,7 +238,7 @@ BF16_KERNEL int palmchat_block_bf16(const Block *p) {
             rotary(k, p->cos + m * D, p->sin + m * D, D, k_slot);
             memcpy(v_slot, v, sizeof(bf16) * D);
         }
-        /* query head h reads key/value head h / (H / Hkv), as the grouped layout of palm.py */
+        /* query head h reads key/value head h / (H / Hkv), as the grouped layout of model/attention.py */
         #pragma omp for
         for (int64_t i = 0; i < M * H; i++) {
             const int64_t m = i / H, h = i % H;

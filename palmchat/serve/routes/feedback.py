@@ -1,6 +1,6 @@
 """Feedback endpoints: what the chat page (/) and the labelling page (/label) call to collect human judgments,
 and the admin endpoint `palmchat loop` calls to swap in a better reward model. All are extensions: OpenAI's
-API has nothing for feedback. What is stored, and how it becomes training data: palmchat/feedback.py.
+API has nothing for feedback. What is stored, and how it becomes training data: palmchat/feedback/exchange.py.
 
     POST /v1/feedback                      thumbs up/down (+ comment) on an assistant item of a conversation
     GET  /v1/feedback?conversation_id=     the caller's ratings (the page redraws its thumbs)
