@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from palmchat.data.chat import Ranking, ranking_batch
+from palmchat.eval.reward import score_rankings
 from palmchat.inference.best_of_n import score_completions
 from palmchat.inference.engine import Completion
 from palmchat.inference.reward_scoring import score_responses
@@ -14,7 +15,6 @@ from palmchat.model.config import preset
 from palmchat.model.heads import RewardModel
 from palmchat.tokenizer.bpe import train_tokenizer
 from palmchat.tokenizer.chat_format import ASSISTANT_ID, BOS_ID, EOT_ID, PAD_ID, USER_ID
-from palmchat.train.reward import score_rankings
 from palmchat.train.rollout import Rollout, reward_model_scorer
 from palmchat.world.synthetic import World
 

@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from palmchat.eval.reward import pairwise_accuracy
 from palmchat.utils.args import arg
 
 
@@ -114,21 +115,6 @@ def split_rankings(records: list[dict], fraction: float) -> tuple[list[dict], li
         heldout = [r for r in records if r["prompt"] == first["prompt"]]
     train = [r for r in records if r not in heldout]
     return train, heldout
-
-
-def pairwise_accuracy(reward_model_path: str | Path, rankings: list, dtype_setting: str = "auto") -> float:
-    """Held-out pairwise accuracy of a reward-model checkpoint on Ranking objects (palmchat.data.chat)."""
-    from palmchat import checkpoint
-    from palmchat.checkpoint.heads import load_reward_model
-    from palmchat.train.reward import ranking_metrics, score_rankings
-    from palmchat.utils.device import autocast_dtype, pick_device
-
-    device = pick_device("auto")
-    tokenizer = checkpoint.load_tokenizer(checkpoint.resolve(reward_model_path))
-    model, _ = load_reward_model(reward_model_path, device=device, eot_id=tokenizer.chat_format.eot_id)
-    rewards, ks = score_rankings(model, tokenizer, rankings, model.config.max_seq_len, 16, device,
-                                 autocast_dtype(dtype_setting, device))
-    return ranking_metrics(rewards, ks)["pairwise_accuracy"]
 
 
 def _base_of(reward_model: str) -> str:
