@@ -1,8 +1,11 @@
 """Reward-model metrics: how well a reward model orders held-out rankings the way labellers did (pairwise accuracy
-and Kendall's tau), scored exactly as best-of-n and PPO/GRPO score responses."""
+and Kendall's tau), scored exactly as best-of-n and PPO/GRPO score responses; and the ceilings to read that accuracy
+against, for rankings from the bundled world's simulated labellers (`ranking_ceilings`)."""
 
 from __future__ import annotations
 
+import itertools
+import random
 from pathlib import Path
 
 import torch
@@ -62,3 +65,65 @@ def pairwise_accuracy(reward_model_path: str | Path, rankings: list, dtype_setti
     rewards, ks = score_rankings(model, tokenizer, rankings, model.config.max_seq_len, 16, device,
                                  autocast_dtype(dtype_setting, device))
     return ranking_metrics(rewards, ks)["pairwise_accuracy"]
+
+
+def world_prompt(messages: list[dict]) -> str | list[dict]:
+    """The prompt as the bundled world takes it: the text of a conversation's one user turn (a system prompt does
+    not change the task), else the whole message list."""
+    users = [m for m in messages if m["role"] == "user"]
+    return users[0]["content"] if len(users) == 1 else messages
+
+
+def world_knows(world, rankings) -> bool:
+    """Whether the world's verifier knows every ranking's prompt (else its labellers rank by noise alone, and a
+    ceiling computed from them means nothing)."""
+    return all(world.verify(world_prompt(r.prompt_messages), "").task != "unknown" for r in rankings)
+
+
+def labeller_agreement(world, rankings, noise: float, seed: int = 0, labellers: int = 4) -> float:
+    """How often two independent simulated labellers (``world.rank`` with ``noise``, each its own random stream)
+    order a pair of responses the same way, on the very responses of ``rankings``: the inter-labeller agreement
+    InstructGPT reads its reward model's accuracy against (72.6% for its labellers, Ouyang et al. 2022 §5.1).
+    Averaged like :func:`ranking_metrics`: over each ranking's pairs, then over rankings. ``labellers`` >= 2 draws
+    are averaged over all their pairs: the same expectation as two draws, with less variance."""
+    if labellers < 2:
+        raise ValueError("labeller agreement needs at least 2 labellers")
+    rngs = [random.Random(f"labeller-agreement|{seed}|{i}") for i in range(labellers)]
+    per_ranking = []
+    for r in rankings:
+        prompt, k = world_prompt(r.prompt_messages), len(r.responses)
+        positions = []  # per labeller: response index -> place in its ranking
+        for rng in rngs:
+            order = world.rank(prompt, list(r.responses), rng, noise)
+            positions.append({response: place for place, response in enumerate(order)})
+        agree = total = 0
+        for a, b in itertools.combinations(positions, 2):
+            for i, j in itertools.combinations(range(k), 2):
+                agree += (a[i] < a[j]) == (b[i] < b[j])
+                total += 1
+        per_ranking.append(agree / total)
+    return sum(per_ranking) / len(per_ranking)
+
+
+def verifier_rewards(world, rankings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world's noise-free verifier scores as (B, K_max) rewards in :func:`score_rankings`' layout."""
+    k_max = max(len(r.responses) for r in rankings)
+    rows = [[world.verify(world_prompt(r.prompt_messages), text).score for text in r.responses]
+            + [float("nan")] * (k_max - len(r.responses)) for r in rankings]
+    return torch.tensor(rows, dtype=torch.float64), torch.tensor([len(r.responses) for r in rankings])
+
+
+def ranking_ceilings(world, rankings, noise: float, seed: int = 0) -> dict | None:
+    """Two ceilings for a reward model's held-out pairwise accuracy on rankings made by the world's simulated
+    labellers, or None when the world does not know every prompt:
+
+    * ``labeller_agreement``: two independent labellers agree on this fraction of pairs (:func:`labeller_agreement`);
+    * ``verifier_accuracy``: the pairwise accuracy, against these very labels, of a reward model that knew the
+      world's true (noise-free) score: the most any reward model can expect. It is above the agreement of two
+      noisy labellers, since only the labels are noisy then (ties in the true score count half).
+    """
+    if not rankings or not world_knows(world, rankings):
+        return None
+    rewards, ks = verifier_rewards(world, rankings)
+    return {"labeller_agreement": labeller_agreement(world, rankings, noise, seed),
+            "verifier_accuracy": ranking_metrics(rewards, ks)["pairwise_accuracy"]}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from palmchat import checkpoint
 from palmchat.checkpoint.heads import save_reward_model
 from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch
-from palmchat.eval.reward import ranking_metrics, score_rankings
+from palmchat.eval.reward import ranking_ceilings, ranking_metrics, score_rankings
 from palmchat.losses import ranking_loss, sequence_logprobs
 from palmchat.model.heads import RewardModel
 from palmchat.model.lora import lora_config
@@ -30,6 +30,7 @@ from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 from palmchat.world.defaults import bundled_rankings
+from palmchat.world.synthetic import DEFAULT_NOISE, World
 
 
 @dataclass
@@ -49,10 +50,15 @@ class RewardArgs(TrainArgs):
     val_fraction: float = arg(0.1, "rankings held out for accuracy and Kendall tau")
     lm_coef: float = arg(0.0, "weight of a language-model loss on each ranking's top response through the backbone "
                                "(a regulariser, as in Yang et al. 2024, https://arxiv.org/abs/2406.10216)")
-    normalize: str = arg("none", "after training, shift (center) or shift and scale (standardize) the head so the "
-                                 "held-out responses' rewards have mean 0 (and std 1): an offset the PPO critic would "
-                                 "have to learn is removed, and a fixed KL coefficient means the same across runs",
+    normalize: str = arg("standardize", "after training, shift (center) or shift and scale (standardize) the head "
+                                        "so the held-out responses' rewards have mean 0 (and std 1); the order, so the "
+                                        "accuracy, is unchanged. The ranking loss sees only differences, so offset and "
+                                        "scale are arbitrary and grow with training (std 1.1 after 1 epoch, 2.3 after "
+                                        "3, docs/decisions.md): standardize removes the offset PPO's critic would have "
+                                        "to learn and makes one KL coefficient mean the same for every reward model",
                          choices=["none", "center", "standardize"])
+    labeller_noise: float = arg(DEFAULT_NOISE, "for the ceiling printed beside the accuracy: the noise of the "
+                                               "bundled world's simulated labellers (World.rank) that ranked the data")
     lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
 
@@ -80,6 +86,9 @@ def main(args: RewardArgs) -> Path:
     random.Random(args.seed).shuffle(rankings)
     n_val = max(1, int(len(rankings) * args.val_fraction))
     val, train = rankings[:n_val], rankings[n_val:]
+    # what the accuracy is read against: how often two of the world's simulated labellers agree on these pairs
+    # (None for rankings whose prompts the bundled world does not know)
+    ceilings = ranking_ceilings(World(seed=args.seed), val, args.labeller_noise, seed=args.seed)
 
     steps_per_epoch = max(1, len(train) // args.batch_size)
     max_steps = max(1, int(args.epochs * steps_per_epoch))
@@ -138,7 +147,7 @@ def main(args: RewardArgs) -> Path:
     plot_metrics(out / "metrics.jsonl", out / "accuracy.png", ["accuracy", "val_pairwise_accuracy", "val_kendall_tau"],
                  "reward model")
     config = {"stage": "reward", "train": dataclasses.asdict(args), "minutes": (time.time() - started) / 60,
-              "eval": {"before": first, "after": final_metrics}, "normalization": normalization}
+              "eval": {"before": first, "after": final_metrics, **(ceilings or {})}, "normalization": normalization}
     base_ckpt = checkpoint.resolve(args.base)
     if args.lora_rank:
         config.update(lora=lora_config(backbone, "reward"), base=str(base_ckpt.resolve()))
@@ -146,4 +155,7 @@ def main(args: RewardArgs) -> Path:
                               adapter="reward" if args.lora_rank else None)
     print(f"reward model done: {final}  held-out pairwise accuracy {final_metrics['pairwise_accuracy']:.3f}, "
           f"Kendall tau {final_metrics['kendall_tau']:.3f} (before training: {first['pairwise_accuracy']:.3f})")
+    if ceilings:
+        print(f"  ceiling: two simulated labellers agree on {ceilings['labeller_agreement']:.3f} of these pairs; "
+              f"the world's noise-free verifier scores {ceilings['verifier_accuracy']:.3f} against these labels")
     return final
