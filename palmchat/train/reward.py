@@ -147,7 +147,7 @@ def main(args: RewardArgs) -> Path:
     plot_metrics(out / "metrics.jsonl", out / "accuracy.png", ["accuracy", "val_pairwise_accuracy", "val_kendall_tau"],
                  "reward model")
     config = {"stage": "reward", "train": dataclasses.asdict(args), "minutes": (time.time() - started) / 60,
-              "eval": {"before": first, "after": final_metrics, **(ceilings or {})}, "normalization": normalization}
+              "eval": {"before": first, "after": {**final_metrics, **(ceilings or {})}}, "normalization": normalization}
     base_ckpt = checkpoint.resolve(args.base)
     if args.lora_rank:
         config.update(lora=lora_config(backbone, "reward"), base=str(base_ckpt.resolve()))
