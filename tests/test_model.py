@@ -179,3 +179,31 @@ def test_training_reduces_loss_on_a_repeated_batch(tiny_config):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=100)).train()
+    x = torch.randint(0, 100, (2, 16))
+    calls, block_forward = [], model.blocks[0].forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return block_forward(*args, **kwargs)
+
+    model.blocks[0].forward = counted
+
+    def grads(flag):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        calls.clear()
+        model(x).float().logsumexp(-1).sum().backward()
+        return [p.grad.clone() for p in model.parameters()], len(calls)
+
+    (plain, plain_calls), (recomputed, recomputed_calls) = grads(False), grads(True)
+    assert (plain_calls, recomputed_calls) == (1, 2)  # the block ran again in backward
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+    with torch.no_grad():
+        calls.clear()
+        model(x)
+        assert len(calls) == 1  # no recomputation without gradients

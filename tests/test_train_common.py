@@ -39,3 +39,31 @@ def test_optimizer_step_keeps_the_learning_rate_when_none_is_given():
     model(torch.ones(2, 4)).sum().backward()
     optimizer_step(opt, model.parameters(), float("inf"))
     assert opt.param_groups[0]["lr"] == 5e-3
+
+
+def test_grad_clip_zero_means_no_clipping():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.randn(3, 4)).pow(2).sum().mul(100).backward()
+    grad = model.weight.grad.clone()
+    norm = optimizer_step(opt, list(model.parameters()), 0.0)
+    assert norm > 1  # a large gradient, applied whole: 0 turns clipping off instead of zeroing the update
+    assert torch.allclose(model.weight, before - grad)
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from palmchat.train.common import MetricsLog
+    from palmchat.utils.jsonl import read_jsonl
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+    for step in (1, 2):
+        log.write(step=step, loss=1.0 / step, finished=True, note="text")
+    assert read_jsonl(tmp_path / "metrics.jsonl")[1] == {"step": 2, "loss": 0.5, "finished": True, "note": "text"}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["loss"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5)]

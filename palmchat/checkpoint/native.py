@@ -47,7 +47,7 @@ def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
     for idx, param_state in state["state"].items():
@@ -59,7 +59,7 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, meta
 
 
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, key = name.split(".", 1)
@@ -91,7 +91,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         if optimizer is not None:
-            tensors, meta = _optimizer_to_files(optimizer)
+            tensors, meta = optimizer_tensors(optimizer)
             save_file(tensors, tmp / OPTIMIZER_FILE)
             (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
         for extra_name, tensors in (extra_tensors or {}).items():
@@ -198,4 +198,4 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: str | os.PathLike) ->
     if not (ckpt / OPTIMIZER_FILE).is_file():
         raise CheckpointError(f"{ckpt}: no optimizer state to resume from")
     meta = json.loads((ckpt / OPTIMIZER_META).read_text())
-    optimizer.load_state_dict(_optimizer_from_files(load_file(ckpt / OPTIMIZER_FILE), meta))
+    optimizer.load_state_dict(optimizer_state_dict(load_file(ckpt / OPTIMIZER_FILE), meta))

@@ -24,10 +24,11 @@ class TrainArgs:
 
     out: str
     lr: float
-    grad_clip: float = arg(1.0, "gradient norm clip")
+    grad_clip: float = arg(1.0, "gradient norm clip; 0 = off")
     dtype: str = arg("auto", "auto (bf16 where fast), bf16 or fp32", choices=["auto", "bf16", "fp32"])
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto, cpu or cuda")
+    tensorboard: bool = arg(False, "also log the metrics for TensorBoard in OUT/tensorboard")
 
 
 def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -54,8 +55,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, max_norm: float, lr
     the gradients. Returns the total gradient norm before clipping, for the metrics.
 
     `params` is named rather than read from the optimizer because the order of the tensors sets the rounding of
-    the norm; max_norm is passed to clip_grad_norm_ as is (a caller wanting 0 = off passes inf)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    the norm. max_norm <= 0 turns clipping off (`--grad-clip 0`), as in every stage's help."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -66,19 +67,33 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, max_norm: float, lr
 
 class MetricsLog:
     """Appends one JSON object per line. On resume, rows after the resumed step are dropped so the
-    file reads like one uninterrupted run."""
+    file reads like one uninterrupted run. With `tensorboard`, every numeric value is also logged as a TensorBoard
+    scalar beside the file (`tensorboard --logdir OUT`; needs the `tensorboard` extra)."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = False):
         self.path = Path(path)
         rows = []
         if resume_step is not None and self.path.exists():
             rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install 'palmchat[tensorboard]'") \
+                    from None
+            self.writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_step)
 
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, row.get("step", 0))
+            self.writer.flush()
 
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, keys: list[str], title: str) -> None:

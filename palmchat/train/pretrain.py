@@ -172,7 +172,7 @@ def main(args: PretrainArgs) -> Path:
             loss, _ = cross_entropy(logits, y.to(device), z_loss=args.z_loss)
             (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
-        grad_norm = optimizer_step(optimizer, model.parameters(), args.grad_clip or float("inf"), lr).item()
+        grad_norm = optimizer_step(optimizer, model.parameters(), args.grad_clip, lr).item()
         tok_s = tokens_per_step / (time.time() - t0)
         done = step + 1
         row = dict(step=done, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens=done * tokens_per_step, tok_s=tok_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,3 +42,33 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             tmp.write_text(data, encoding="utf-8")
         else:
             tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside `path` to fill; on success its files are fsynced and it is renamed to
+    `path` (replacing an older one), on error it is removed."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.chmod(0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def point_latest(run_dir: str | os.PathLike, name: str, keep_last: int) -> None:
+    """Atomically make run_dir/latest name the folder `name`, then remove all but the newest `keep_last`
+    step-* folders."""
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / "latest", name + "\n")
+    old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
+    for stale in old[: max(0, len(old) - (keep_last - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
