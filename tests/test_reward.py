@@ -2,8 +2,10 @@
 noise-free verifier orders the held-out labels."""
 
 import itertools
+import json
 
 import pytest
+import torch
 
 from palmchat.data.chat import Ranking, parse_ranking
 from palmchat.eval.reward import labeller_agreement, ranking_ceilings, world_knows
@@ -74,3 +76,95 @@ def test_no_ceiling_for_prompts_the_world_does_not_know(world, rankings):
     system = Ranking([{"role": "system", "content": "Be brief."}, *rankings[0].prompt_messages],
                      rankings[0].responses)
     assert world_knows(world, [system])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the margin, gradient accumulation, and a killed run resumed
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, world):
+    """A tiny random language-model checkpoint with a tokenizer, and a rankings file: what `palmchat reward`
+    starts from."""
+    from palmchat import checkpoint
+    from palmchat.model.config import preset
+    from palmchat.model.transformer import Transformer
+    from palmchat.tokenizer.bpe import train_tokenizer
+    from palmchat.utils.jsonl import write_jsonl
+
+    root = tmp_path_factory.mktemp("reward")
+    tokenizer = train_tokenizer(world.pretraining_documents(200), vocab_size=320)
+    tok_path = tokenizer.save(root / "tokenizer.json")
+    config = preset("tiny", vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    base = checkpoint.save_checkpoint(root / "base", 0, Transformer(config), {"model": config.to_dict()}, tok_path)
+    data = write_jsonl(root / "rankings.jsonl", world.ranking_examples(40))
+    return base.parent, data
+
+
+def reward_args(tiny_base, out, **kw):
+    from palmchat.train.reward import RewardArgs
+
+    base, data = tiny_base
+    return RewardArgs(base=str(base), data=[str(data)], out=str(out), dtype="fp32", lr=3e-3, warmup_steps=2,
+                      **{"batch_size": 4, "epochs": 2.0, **kw})
+
+
+def trained_weights(path):
+    from palmchat.checkpoint.heads import load_reward_model
+
+    model, config = load_reward_model(path)
+    return model.state_dict(), config
+
+
+def test_margin_is_a_shift_per_place():
+    from palmchat.losses import ranking_loss
+    from palmchat.train.reward import margin_rewards
+
+    rewards = torch.tensor([[2.0, 1.5, 0.2]])
+    loss, _ = ranking_loss(margin_rewards(rewards, 0.5))
+    pairs = [(2.0 - 1.5 - 0.5), (2.0 - 0.2 - 1.0), (1.5 - 0.2 - 0.5)]  # r_i - r_j - margin * (j - i)
+    want = -torch.nn.functional.logsigmoid(torch.tensor(pairs)).mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_gradient_accumulation_takes_the_same_steps_in_smaller_pieces(tiny_base, tmp_path):
+    from palmchat.train.reward import main as reward
+
+    whole, _ = trained_weights(reward(reward_args(tiny_base, tmp_path / "whole", batch_size=8, normalize="none")))
+    pieces, _ = trained_weights(reward(reward_args(tiny_base, tmp_path / "pieces", batch_size=2, grad_accum=4,
+                                                   normalize="none")))
+    other, _ = trained_weights(reward(reward_args(tiny_base, tmp_path / "other", batch_size=2, normalize="none")))
+    for name in whole.keys() - {"head.bias"}:  # the loss sees only differences: the bias's gradient is 0 up to
+        # rounding, which Adam turns into steps of +-lr either way
+        torch.testing.assert_close(pieces[name], whole[name], atol=1e-4, rtol=1e-4)
+    assert any(not torch.allclose(other[name], whole[name], atol=1e-3) for name in whole)  # batch 2 differs
+
+
+def test_a_killed_run_resumed_equals_the_uninterrupted_run(tiny_base, tmp_path, monkeypatch):
+    import palmchat.train.reward as reward_stage
+
+    uninterrupted, config = trained_weights(reward_stage.main(reward_args(tiny_base, tmp_path / "a", save_every=3)))
+    steps = config["step"]
+    assert steps >= 8
+
+    real_step, calls = reward_stage.optimizer_step, []
+
+    def killed_at_step_8(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt  # killed while computing step 8: the last state saved is step 6's
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(reward_stage, "optimizer_step", killed_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        reward_stage.main(reward_args(tiny_base, tmp_path / "b", save_every=3))
+    monkeypatch.setattr(reward_stage, "optimizer_step", real_step)
+    assert (tmp_path / "b" / "resume" / "latest").read_text().strip() == "step-000006"
+    resumed, resumed_config = trained_weights(reward_stage.main(reward_args(tiny_base, tmp_path / "b", save_every=3,
+                                                                            resume=True)))
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert resumed_config["eval"] == config["eval"]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))  # read as one run

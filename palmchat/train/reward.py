@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from palmchat.eval.reward import ranking_ceilings, ranking_metrics, score_rankin
 from palmchat.losses import ranking_loss, sequence_logprobs
 from palmchat.model.heads import RewardModel
 from palmchat.model.lora import lora_config
+from palmchat.train import resume
 from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
@@ -59,6 +61,18 @@ class RewardArgs(TrainArgs):
                          choices=["none", "center", "standardize"])
     labeller_noise: float = arg(DEFAULT_NOISE, "for the ceiling printed beside the accuracy: the noise of the "
                                                "bundled world's simulated labellers (World.rank) that ranked the data")
+    margin: float = arg(0.0, "margin per place in the ranking: responses ranked i-th and j-th must differ by "
+                             "margin * (j - i) before their pair stops pulling (Llama 2's margin loss, Touvron et al. "
+                             "2023, https://arxiv.org/abs/2307.09288, with the distance in the ranking as the "
+                             "preference's strength); 0 = InstructGPT's loss")
+    val_data: list[str] = arg([], "held-out rankings to measure on; default: --val-fraction of --data")
+    grad_accum: int = arg(1, "micro-batches of --batch-size rankings per optimizer step: the same effective batch in "
+                             "less memory")
+    gradient_checkpointing: bool = arg(False, "recompute each block's activations in backward: less memory, "
+                                              "~30%% more compute")
+    save_every: int = arg(100, "save a resumable state (weights, optimizer, step) every this many steps; 0 = never")
+    resume: bool = arg(False, "continue from the newest resumable state in --out, with the arguments the run "
+                              "started with; the result equals an uninterrupted run's")
     lora_rank: int = arg(0, "train a LoRA adapter (plus the head) instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
 
@@ -72,31 +86,61 @@ def best_response_nll(backbone, hidden: torch.Tensor, batch: dict, device) -> to
     return -logp.sum() / (lengths - prompt_lens).sum().clamp(min=1)
 
 
+def margin_rewards(rewards: torch.Tensor, margin: float) -> torch.Tensor:
+    """(B, K_max) rewards, column j ranked j-th, shifted so that :func:`ranking_loss` on them is the margin loss
+    -log sigmoid(r_i - r_j - margin * (j - i)) for every pair i above j: (r_i + margin*i) - (r_j + margin*j)."""
+    return rewards + margin * torch.arange(rewards.shape[1], device=rewards.device, dtype=rewards.dtype)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The training rankings' order in one epoch: a pure function of (seed, epoch), so a resumed run takes the
+    batches an uninterrupted one would."""
+    order = list(range(n))
+    random.Random(f"reward-order|{seed}|{epoch}").shuffle(order)
+    return order
+
+
 def main(args: RewardArgs) -> Path:
+    if args.grad_accum < 1 or args.batch_size < 1:
+        raise ValueError("--batch-size and --grad-accum must be at least 1")
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     backbone, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="reward")
+    backbone.gradient_checkpointing = args.gradient_checkpointing
     # the new head is trainable either way
     model = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id).to(device)
     max_len = args.max_len or backbone.config.max_seq_len
     rankings = [r for path in args.data for r in load_rankings(path)] if args.data else bundled_rankings(args.seed)
-    if len(rankings) < 2:
-        raise ValueError("the reward model needs at least 2 rankings")
-    random.Random(args.seed).shuffle(rankings)
-    n_val = max(1, int(len(rankings) * args.val_fraction))
-    val, train = rankings[:n_val], rankings[n_val:]
+    if args.val_data:
+        train, val = rankings, [r for path in args.val_data for r in load_rankings(path)]
+        if not train or not val:
+            raise ValueError("the reward model needs at least 1 ranking to train on and 1 held out")
+    else:
+        if len(rankings) < 2:
+            raise ValueError("the reward model needs at least 2 rankings")
+        random.Random(args.seed).shuffle(rankings)
+        n_val = max(1, int(len(rankings) * args.val_fraction))
+        val, train = rankings[:n_val], rankings[n_val:]
     # what the accuracy is read against: how often two of the world's simulated labellers agree on these pairs
     # (None for rankings whose prompts the bundled world does not know)
     ceilings = ranking_ceilings(World(seed=args.seed), val, args.labeller_noise, seed=args.seed)
 
-    steps_per_epoch = max(1, len(train) // args.batch_size)
+    per_step = args.batch_size * args.grad_accum  # rankings per optimizer step, whatever fits in memory
+    steps_per_epoch = max(1, len(train) // per_step)
     max_steps = max(1, int(args.epochs * steps_per_epoch))
     optimizer = adamw(model, args.lr, args.weight_decay)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    print(f"reward model: {len(train)} train / {len(val)} held-out rankings, {max_steps} steps")
+    start_step, state = 0, {}
+    if args.resume:
+        start_step, state = resume.load_state(out, {"reward": model}, {"reward": optimizer})
+        print(f"reward model: resuming at step {start_step} from {resume.latest_state(out)}")
+    elif resume.latest_state(out) is not None:
+        shutil.rmtree(out / resume.RESUME_DIR)  # another run's state: this run starts afresh
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None,
+                         tensorboard=args.tensorboard)
+    print(f"reward model: {len(train)} train / {len(val)} held-out rankings, {max_steps} steps of {per_step}")
 
     reward_stats = {}  # mean and std of the held-out responses' rewards at the last validation
 
@@ -108,27 +152,34 @@ def main(args: RewardArgs) -> Path:
         reward_stats.update(mean=values.mean().item(), std=values.std().item())
         return result
 
-    first = validate(0)
-    order = random.Random(args.seed + 1)
+    first = state["before"] if args.resume else validate(0)
     started = time.time()
-    for step in tqdm(range(max_steps), desc="reward", dynamic_ncols=True, mininterval=1.0):
-        pos = step % steps_per_epoch
-        if pos == 0:
-            order.shuffle(train)
-        batch = ranking_batch(tokenizer, train[pos * args.batch_size:(pos + 1) * args.batch_size], max_len)
+    for step in tqdm(range(start_step, max_steps), desc="reward", dynamic_ncols=True, mininterval=1.0):
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train), args.seed, epoch)[pos * per_step:(pos + 1) * per_step]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        with autocast(device, dtype):
-            rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
-            loss, accuracy = ranking_loss(group_by_ranking(rewards.float(), batch["num_responses"].to(device)),
-                                          batch["num_responses"].to(device))
-            lm_loss = (best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0
-                       else torch.zeros((), device=device))
-        loss = loss + args.lm_coef * lm_loss
-        loss.backward()
+        totals = {"loss": 0.0, "accuracy": 0.0, "lm_loss": 0.0}
+        for micro in range(args.grad_accum):
+            chunk = [train[i] for i in order[micro * args.batch_size:(micro + 1) * args.batch_size]]
+            batch = ranking_batch(tokenizer, chunk, max_len)
+            num = batch["num_responses"].to(device)
+            with autocast(device, dtype):
+                rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
+                grouped = group_by_ranking(rewards.float(), num)
+                loss, _ = ranking_loss(margin_rewards(grouped, args.margin), num)
+                lm_loss = (best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0
+                           else torch.zeros((), device=device))
+            loss = loss + args.lm_coef * lm_loss
+            (loss / args.grad_accum).backward()  # micro-batches hold batch_size rankings each: a mean of means
+            totals["loss"] += loss.item() / args.grad_accum
+            totals["lm_loss"] += lm_loss.item() / args.grad_accum
+            totals["accuracy"] += float(ranking_loss(grouped.detach(), num)[1]) / args.grad_accum
         optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
-        metrics.write(step=step + 1, loss=loss.item(), accuracy=float(accuracy), lm_loss=lm_loss.item(), lr=lr)
+        metrics.write(step=step + 1, **totals, lr=lr)
         if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
             validate(step + 1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != max_steps:
+            resume.save_state(out, step + 1, {"reward": model}, {"reward": optimizer}, state={"before": first})
     final_metrics = validate(max_steps)
     if args.normalize != "none":
         # InstructGPT normalises its reward model so that a reference set scores 0 on average before RL; the
