@@ -4,7 +4,9 @@ The LM backbone with a scalar head read at the response's explicit end-of-turn t
 K-wise human rankings with the InstructGPT loss (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155,
 eq. 1): all C(K,2) pairs of one prompt in one batch element, -1/C(K,2) * sum log sigmoid(r_w - r_l).
 Pairwise files (prompt/chosen/rejected) are the K=2 case. Reports held-out pairwise accuracy and
-Kendall's tau between the model's order and the labelers' order.
+Kendall's tau between the model's order and the labelers' order, beside the ceiling for rankings from the bundled
+world's simulated labellers (how often two of them agree on the same pairs, eval/reward.py). `--resume` continues a
+killed run from its last state (train/resume.py) and ends where the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class RewardArgs(TrainArgs):
                               "{'prompt','chosen','rejected'}; default: the bundled world's rankings")
     out: str = arg("runs/reward", "output folder")
     epochs: float = arg(1.0, "passes over the data")
-    batch_size: int = arg(16, "rankings per step (each holds K responses)")
+    batch_size: int = arg(16, "rankings per micro-batch (each holds K responses); a step takes --batch-size x "
+                              "--grad-accum")
     lr: float = arg(3e-4, "peak learning rate")
     warmup_steps: int = arg(10, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
