@@ -77,9 +77,38 @@ def test_reward_is_read_at_each_responses_own_end_of_turn(pipeline):
 
 
 def test_reward_model_beats_chance_on_held_out_rankings(pipeline):
-    config = checkpoint.read_config(pipeline["rm"])
-    assert config["stage"] == "reward" and set(config["eval"]["after"]) == {"pairwise_accuracy", "kendall_tau"}
-    assert -1 <= config["eval"]["after"]["kendall_tau"] <= 1
+    """On 200 rankings of held-out prompts, a trained reward model orders the labellers' pairs better than chance
+    and better than its own untrained start (the same head initialisation on the same backbone): a sign flip in the
+    loss, a reward read at the wrong token or a head that does not train all fail this. The pipeline's own models
+    are too raw for it (after 30 pretraining steps a trained reward model does no better than a random head), so
+    this one starts from 150 steps of pretraining (and SFT)."""
+    from palmchat.data.chat import parse_ranking
+    from palmchat.eval.reward import ranking_metrics, score_rankings
+    from palmchat.model.heads import RewardModel
+    from palmchat.world.synthetic import World
+
+    root, data = pipeline["root"], pipeline["data"]
+    pt = pretrain(PretrainArgs(out=str(root / "rm_pt"), data=[str(data / "pretrain.txt")], preset="tiny",
+                               vocab_size=320, seq_len=128, batch_size=8, max_steps=150, eval_every=150,
+                               save_every=150, dtype="fp32"))
+    sft_ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "rm_sft"), epochs=1,
+                           batch_size=16, lr=1e-3, dtype="fp32"))
+    rm = reward(RewardArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")], out=str(root / "rm_150"), epochs=2,
+                           batch_size=16, lr=1e-3, warmup_steps=2, dtype="fp32"))
+    config = checkpoint.read_config(rm)
+    after = config["eval"]["after"]
+    assert config["stage"] == "reward" and after["pairwise_accuracy"] < after["labeller_agreement"] < 1
+    tokenizer = checkpoint.load_tokenizer(rm)
+    rankings = [parse_ranking(r) for r in World(seed=0).ranking_examples(200, split="heldout")]
+    trained, _ = load_reward_model(rm)
+    torch.manual_seed(0)  # as the reward stage does before it loads its base: its head starts from this draw
+    backbone, _, _ = checkpoint.load_model(sft_ckpt)
+    untrained = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id)
+    with torch.no_grad():
+        accuracy = {name: ranking_metrics(*score_rankings(model.eval(), tokenizer, rankings, 128, 32, "cpu", None))
+                    ["pairwise_accuracy"] for name, model in (("trained", trained), ("untrained", untrained))}
+    assert accuracy["trained"] > 0.55, accuracy
+    assert accuracy["trained"] > accuracy["untrained"] + 0.04, accuracy
 
 
 def test_dpo_with_lora_saves_only_the_adapter_and_merges(pipeline):
