@@ -161,6 +161,8 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_run(tiny_base, tmp_path, 
         reward_stage.main(reward_args(tiny_base, tmp_path / "b", save_every=3))
     monkeypatch.setattr(reward_stage, "optimizer_step", real_step)
     assert (tmp_path / "b" / "resume" / "latest").read_text().strip() == "step-000006"
+    with pytest.raises(ValueError, match="batch_size"):  # another batch size would take other batches
+        reward_stage.main(reward_args(tiny_base, tmp_path / "b", batch_size=2, resume=True))
     resumed, resumed_config = trained_weights(reward_stage.main(reward_args(tiny_base, tmp_path / "b", save_every=3,
                                                                             resume=True)))
     for name in uninterrupted:

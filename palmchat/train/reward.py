@@ -136,8 +136,15 @@ def main(args: RewardArgs) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start_step, state = 0, {}
+    # what must not change between a run and its resumption (the batches, the schedule and the loss depend on it)
+    recipe = {k: v for k, v in dataclasses.asdict(args).items()
+              if k not in ("out", "resume", "save_every", "device", "tensorboard")}
     if args.resume:
         start_step, state = resume.load_state(out, {"reward": model}, {"reward": optimizer})
+        changed = sorted(k for k in recipe if state.get("recipe", {}).get(k) != recipe[k])
+        if changed:
+            raise resume.ResumeError(f"--resume: {out} was started with other arguments ({', '.join(changed)}); "
+                                     f"resume with the ones it was started with")
         print(f"reward model: resuming at step {start_step} from {resume.latest_state(out)}")
     elif resume.latest_state(out) is not None:
         shutil.rmtree(out / resume.RESUME_DIR)  # another run's state: this run starts afresh
@@ -162,9 +169,9 @@ def main(args: RewardArgs) -> Path:
         order = epoch_order(len(train), args.seed, epoch)[pos * per_step:(pos + 1) * per_step]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
         totals = {"loss": 0.0, "accuracy": 0.0, "lm_loss": 0.0}
-        for micro in range(args.grad_accum):
-            chunk = [train[i] for i in order[micro * args.batch_size:(micro + 1) * args.batch_size]]
-            batch = ranking_batch(tokenizer, chunk, max_len)
+        chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]  # fewer if data are
+        for micro in chunks:                                                                    # short of one step
+            batch = ranking_batch(tokenizer, [train[i] for i in micro], max_len)
             num = batch["num_responses"].to(device)
             with autocast(device, dtype):
                 rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
@@ -173,16 +180,17 @@ def main(args: RewardArgs) -> Path:
                 lm_loss = (best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0
                            else torch.zeros((), device=device))
             loss = loss + args.lm_coef * lm_loss
-            (loss / args.grad_accum).backward()  # micro-batches hold batch_size rankings each: a mean of means
-            totals["loss"] += loss.item() / args.grad_accum
-            totals["lm_loss"] += lm_loss.item() / args.grad_accum
-            totals["accuracy"] += float(ranking_loss(grouped.detach(), num)[1]) / args.grad_accum
+            (loss / len(chunks)).backward()  # micro-batches of batch_size rankings each: a mean of their means
+            totals["loss"] += loss.item() / len(chunks)
+            totals["lm_loss"] += lm_loss.item() / len(chunks)
+            totals["accuracy"] += float(ranking_loss(grouped.detach(), num)[1]) / len(chunks)
         optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
         metrics.write(step=step + 1, **totals, lr=lr)
         if (step + 1) % max(1, max_steps // 4) == 0 and step + 1 != max_steps:
             validate(step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 != max_steps:
-            resume.save_state(out, step + 1, {"reward": model}, {"reward": optimizer}, state={"before": first})
+            resume.save_state(out, step + 1, {"reward": model}, {"reward": optimizer},
+                              state={"before": first, "recipe": recipe})
     final_metrics = validate(max_steps)
     if args.normalize != "none":
         # InstructGPT normalises its reward model so that a reference set scores 0 on average before RL; the
