@@ -64,6 +64,7 @@ class RewardArgs(TrainArgs):
                          choices=["none", "center", "standardize"])
     labeller_noise: float = arg(DEFAULT_NOISE, "for the ceiling printed beside the accuracy: the noise of the "
                                                "bundled world's simulated labellers (World.rank) that ranked the data")
+    world_seed: int = arg(-1, "for the ceiling: the seed of the bundled world that wrote the data; -1 = --seed")
     margin: float = arg(0.0, "margin per place in the ranking: responses ranked i-th and j-th must differ by "
                              "margin * (j - i) before their pair stops pulling (Llama 2's margin loss, Touvron et al. "
                              "2023, https://arxiv.org/abs/2307.09288, with the distance in the ranking as the "
@@ -127,7 +128,8 @@ def main(args: RewardArgs) -> Path:
         val, train = rankings[:n_val], rankings[n_val:]
     # what the accuracy is read against: how often two of the world's simulated labellers agree on these pairs
     # (None for rankings whose prompts the bundled world does not know)
-    ceilings = ranking_ceilings(World(seed=args.seed), val, args.labeller_noise, seed=args.seed)
+    world = World(seed=args.seed if args.world_seed < 0 else args.world_seed)
+    ceilings = ranking_ceilings(world, val, args.labeller_noise, seed=args.seed)
 
     per_step = args.batch_size * args.grad_accum  # rankings per optimizer step, whatever fits in memory
     steps_per_epoch = max(1, len(train) // per_step)
