@@ -106,8 +106,8 @@ def reward_args(tiny_base, out, **kw):
     from palmchat.train.reward import RewardArgs
 
     base, data = tiny_base
-    return RewardArgs(base=str(base), data=[str(data)], out=str(out), dtype="fp32", lr=3e-3, warmup_steps=2,
-                      **{"batch_size": 4, "epochs": 2.0, **kw})
+    return RewardArgs(base=str(base), out=str(out), dtype="fp32", lr=3e-3, warmup_steps=2,
+                      **{"data": [str(data)], "batch_size": 4, "epochs": 2.0, **kw})
 
 
 def trained_weights(path):
@@ -170,3 +170,15 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_run(tiny_base, tmp_path, 
     assert resumed_config["eval"] == config["eval"]
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))  # read as one run
+
+
+def test_without_data_the_bundled_rankings_train_and_the_ceiling_is_printed(tiny_base, tmp_path, capsys):
+    from palmchat import checkpoint
+    from palmchat.train.reward import main as reward
+
+    out = reward(reward_args(tiny_base, tmp_path / "bundled", data=[], bundled_rankings=24, epochs=1.0))
+    config = checkpoint.read_config(out)
+    assert config["train"]["bundled_rankings"] == 24
+    after = config["eval"]["after"]
+    assert 0.5 < after["labeller_agreement"] <= 1 and 0.5 < after["verifier_accuracy"] <= 1  # 2 held-out rankings
+    assert f"two simulated labellers agree on {after['labeller_agreement']:.3f}" in capsys.readouterr().out

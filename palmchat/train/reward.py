@@ -44,6 +44,10 @@ class RewardArgs(TrainArgs):
     base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
     data: list[str] = arg([], "JSONL rankings {'prompt','responses','ranking'} or pairs "
                               "{'prompt','chosen','rejected'}; default: the bundled world's rankings")
+    bundled_rankings: int = arg(6000, "without --data: how many rankings to draw from the bundled world. More "
+                                      "rankings were the strongest lever on held-out accuracy (0.62 / 0.65 / 0.70 "
+                                      "with 900 / 2700 / 5700 in one epoch; 2700 for two epochs, the same steps as "
+                                      "5700 for one: 0.67)")
     out: str = arg("runs/reward", "output folder")
     epochs: float = arg(1.0, "passes over the data")
     batch_size: int = arg(16, "rankings per micro-batch (each holds K responses); a step takes --batch-size x "
@@ -68,7 +72,8 @@ class RewardArgs(TrainArgs):
     margin: float = arg(0.0, "margin per place in the ranking: responses ranked i-th and j-th must differ by "
                              "margin * (j - i) before their pair stops pulling (Llama 2's margin loss, Touvron et al. "
                              "2023, https://arxiv.org/abs/2307.09288, with the distance in the ranking as the "
-                             "preference's strength); 0 = InstructGPT's loss")
+                             "preference's strength); 0 = InstructGPT's loss. On the bundled world 0.5 changed "
+                             "nothing (held-out accuracy 0.619 against 0.621)")
     val_data: list[str] = arg([], "held-out rankings to measure on; default: --val-fraction of --data")
     grad_accum: int = arg(1, "micro-batches of --batch-size rankings per optimizer step: the same effective batch in "
                              "less memory")
@@ -115,7 +120,8 @@ def main(args: RewardArgs) -> Path:
     # the new head is trainable either way
     model = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id).to(device)
     max_len = args.max_len or backbone.config.max_seq_len
-    rankings = [r for path in args.data for r in load_rankings(path)] if args.data else bundled_rankings(args.seed)
+    rankings = ([r for path in args.data for r in load_rankings(path)] if args.data
+                else bundled_rankings(args.seed, args.bundled_rankings))
     if args.val_data:
         train, val = rankings, [r for path in args.val_data for r in load_rankings(path)]
         if not train or not val:
