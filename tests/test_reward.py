@@ -181,4 +181,6 @@ def test_without_data_the_bundled_rankings_train_and_the_ceiling_is_printed(tiny
     assert config["train"]["bundled_rankings"] == 24
     after = config["eval"]["after"]
     assert 0.5 < after["labeller_agreement"] <= 1 and 0.5 < after["verifier_accuracy"] <= 1  # 2 held-out rankings
-    assert f"two simulated labellers agree on {after['labeller_agreement']:.3f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "22 train / 2 held-out rankings" in printed  # 24 drawn from the world, a tenth held out
+    assert f"two simulated labellers agree on {after['labeller_agreement']:.3f}" in printed
