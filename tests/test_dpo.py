@@ -77,7 +77,7 @@ def test_gradient_accumulation_equals_the_big_batch(policy):
     assert any(not torch.equal(a[name], weights(policy["sft"])[name]) for name in a)  # it trained
 
 
-def test_a_killed_dpo_run_resumed_equals_the_uninterrupted_run(policy, tmp_path):
+def test_a_killed_dpo_run_resumed_equals_the_uninterrupted_run(policy, tmp_path, capsys):
     full = run(policy, "full", save_every=2)  # 4 steps: states at 2 and 4
     crashed = tmp_path / "crashed"
     shutil.copytree(policy["root"] / "full", crashed)
@@ -86,7 +86,9 @@ def test_a_killed_dpo_run_resumed_equals_the_uninterrupted_run(policy, tmp_path)
     (crashed / "latest").unlink()
     shutil.rmtree(crashed / "resume" / "step-000004")
     (crashed / "resume" / "latest").write_text("step-000002\n")
+    capsys.readouterr()
     resumed = run(policy, "unused", out=str(crashed), save_every=2, resume=True)
+    assert "dpo: resuming at step 2 of 4" in capsys.readouterr().out  # two steps left, not a new run
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)  # bit for bit
     assert read_jsonl(crashed / "metrics.jsonl") == read_jsonl(policy["root"] / "full" / "metrics.jsonl")

@@ -34,8 +34,9 @@ def score_responses(reward_model, prompts: Sequence[Sequence[int]], responses: S
     ``prompts`` are rendered prompts (bos first, the assistant token last); ``responses`` the replies' ids, with
     or without their eot (a reply cut short is scored as if it had ended there). ``max_len`` defaults to the
     reward model's context; ``max_prompt_len`` caps the prompt as in training (0: no cap of its own). Rows with
-    equal prompts share one prompt cut (module docstring). ``batch_size=None`` scores all rows in one forward; ``dtype`` runs the forward under
-    autocast (None: the model's own dtype). The model is put in eval mode for the call and restored after.
+    equal prompts share one prompt cut (module docstring). ``batch_size=None`` scores all rows in one forward;
+    ``dtype`` runs the forward under autocast (None: the model's own dtype). The model is put in eval mode for
+    the call and restored after.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
