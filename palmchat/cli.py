@@ -169,6 +169,8 @@ def _commands():
     from palmchat.train.dpo import main as dpo_main
     from palmchat.train.grpo import GRPOArgs
     from palmchat.train.grpo import main as grpo_main
+    from palmchat.train.kto import KTOArgs
+    from palmchat.train.kto import main as kto_main
     from palmchat.train.ppo import PPOArgs
     from palmchat.train.ppo import main as ppo_main
     from palmchat.train.pretrain import PretrainArgs
@@ -209,6 +211,7 @@ def _commands():
         "sft": (SFTArgs, sft_main),
         "reward": (RewardArgs, reward_main),
         "dpo": (DPOArgs, dpo_main),
+        "kto": (KTOArgs, kto_main),
         "ppo": (PPOArgs, ppo_main),
         "grpo": (GRPOArgs, grpo_main),
         "merge-lora": (MergeArgs, merge_main),
@@ -224,7 +227,7 @@ def _commands():
     }
 
 
-TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "loop"}
+TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "loop"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "ranking_loss",
     "dpo_loss",
     "dpo_ranking_loss",
+    "kto_loss",
     "kl_penalty",
     "gae",
     "ppo_policy_loss",
@@ -382,6 +383,59 @@ def dpo_ranking_loss(
     col_valid = cols < (num_responses.unsqueeze(1) if num_responses is not None else k)
     rewards = torch.where(col_valid, beta * ratio, torch.zeros((), device=ratio.device))
     return loss, rewards.detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl_policy_logps: Tensor,
+    kl_ref_logps: Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """KTO, Kahneman-Tversky optimisation on unpaired desirable/undesirable completions.
+
+    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306; TRL's ``KTOTrainer``.) With the completion's
+    log-ratio ``r = log pi(y|x) - log pi_ref(y|x)`` (summed token log-probs) and the reference point
+
+        z = max(0, mean_j(log pi(y_j'|x_j) - log pi_ref(y_j'|x_j)))      (detached)
+
+    estimated from mismatched pairs (x_j, y_j') -- a prompt with another example's completion -- the loss of
+    one example is
+
+        desirable:   lambda_D * (1 - sigmoid(beta * (r - z)))
+        undesirable: lambda_U * (1 - sigmoid(beta * (z - r)))
+
+    and the batch loss is the mean over examples (as TRL). The paper recommends
+    ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3].
+
+    Args:
+        policy_logps (Tensor): (B,) policy log-probs of each example's completion.
+        ref_logps (Tensor): (B,) reference log-probs of the same.
+        desirable (Tensor): (B,) bool, True for a desirable (thumbs-up) example.
+        kl_policy_logps (Tensor): (M,) policy log-probs of the mismatched pairs.
+        kl_ref_logps (Tensor): (M,) reference log-probs of the mismatched pairs.
+        beta (float): > 0.
+        desirable_weight (float): lambda_D.
+        undesirable_weight (float): lambda_U.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: scalar loss, detached implicit rewards ``beta * r`` (B,), and the
+        reference point ``z`` (scalar, detached).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    r = _float(policy_logps) - _float(ref_logps)
+    z = (_float(kl_policy_logps) - _float(kl_ref_logps)).mean().clamp_min(0).detach()
+    desirable = desirable.bool().to(r.device)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - r))),
+    )
+    return losses.mean(), (beta * r).detach(), z
 
 
 # --------------------------------------------------------------------------- #

@@ -16,6 +16,11 @@ File formats (JSON Lines, one record per line, blank lines skipped, unknown keys
   ``{"prompt", "chosen", "rejected"}``.  A prompt string is one user message; a list is a
   conversation that ends with a user turn.  A response may also be given TRL-style as a list
   holding one assistant message.
+* **Unpaired feedback** (KTO), TRL's unpaired preference format::
+
+      {"prompt": str | messages, "completion": str, "label": true | false}
+
+  ``label`` true = desirable (thumbs up), false = undesirable (thumbs down).
 * **Prompts** (RL, evaluation): ``{"prompt": str | messages}`` or ``{"messages": [...]}``,
   ending with a user turn.
 
@@ -50,6 +55,9 @@ from palmchat.utils.jsonl import DataError, RecordError, json_type, read_records
 
 __all__ = [
     "Ranking",
+    "Unpaired",
+    "load_unpaired",
+    "unpaired_from_rankings",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
     "load_conversations",
@@ -79,6 +87,15 @@ class Ranking:
 
     prompt_messages: list[dict]
     responses: list[str]
+
+
+@dataclass
+class Unpaired:
+    """One prompt with one completion judged desirable (True) or undesirable (False), as KTO takes them."""
+
+    prompt_messages: list[dict]
+    completion: str
+    desirable: bool
 
 
 # =============================================================================================
@@ -185,6 +202,17 @@ def parse_ranking(record: dict) -> Ranking:
         raise DataError(f"ranking record: {e}") from None
 
 
+def _parse_unpaired(record: dict) -> Unpaired:
+    for key in ("prompt", "completion", "label"):
+        if key not in record:
+            raise RecordError(f"missing \"{key}\" (unpaired feedback: {{\"prompt\", \"completion\", \"label\"}})")
+    if not isinstance(record["label"], bool):
+        raise RecordError(f"\"label\" must be true (desirable) or false (undesirable), "
+                          f"got {json.dumps(record['label'])}")
+    return Unpaired(_prompt(record["prompt"], "prompt"), _response(record["completion"], "\"completion\""),
+                    record["label"])
+
+
 def _parse_prompt(record: dict) -> list[dict]:
     if "prompt" in record:
         return _prompt(record["prompt"], "prompt")
@@ -208,6 +236,20 @@ def load_rankings(path: str | os.PathLike) -> list[Ranking]:
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
     return read_records(path, _parse_ranking)
+
+
+def load_unpaired(path: str | os.PathLike) -> list[Unpaired]:
+    """Read unpaired feedback (``{"prompt", "completion", "label"}`` per line) -> :class:`Unpaired`.
+
+    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    """
+    return read_records(path, _parse_unpaired)
+
+
+def unpaired_from_rankings(rankings: Sequence[Ranking]) -> list[Unpaired]:
+    """Two unpaired examples per ranking: its best response desirable, its worst undesirable."""
+    return [x for r in rankings for x in (Unpaired(r.prompt_messages, r.responses[0], True),
+                                          Unpaired(r.prompt_messages, r.responses[-1], False))]
 
 
 def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
