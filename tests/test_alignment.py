@@ -46,6 +46,25 @@ def test_sft_loss_falls_and_only_assistant_tokens_count(pipeline):
     rows = [json.loads(line) for line in (pipeline["root"] / "sft" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert val[-1] < val[0]
+    # the trainer's loss is the mean next-token loss over the assistant replies and their eot, nothing else
+    from palmchat.data.chat import encode_sft
+    from palmchat.train.sft import batch_loss
+
+    model, _, ckpt = checkpoint.load_model(pipeline["sft"])
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    chat = tokenizer.chat_format
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                    {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 2 + 4?"},
+                    {"role": "assistant", "content": "6."}]
+    example = encode_sft(tokenizer, conversation, 128)
+    replies = [tokenizer.encode("5.") + [chat.eot_id], tokenizer.encode("6.") + [chat.eot_id]]
+    assert [t for t in example.targets if t != -100] == replies[0] + replies[1]
+    with torch.no_grad():
+        loss = batch_loss(model.eval(), [example], chat.pad_id, "cpu", None)
+        logp = torch.log_softmax(model(torch.tensor([example.ids]))[0].float(), -1)
+    counted = [(t, y) for t, y in enumerate(example.targets) if y != -100]
+    by_hand = -sum(logp[t, y] for t, y in counted) / len(counted)
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
 
 
 def test_engine_logprobs_match_training_forward(pipeline):
@@ -86,6 +105,7 @@ def test_dpo_with_lora_saves_only_the_adapter_and_merges(pipeline):
     out = dpo(DPOArgs(base=str(pipeline["sft"]), data=[str(pipeline["data"] / "pairs.jsonl")],
                       out=str(pipeline["root"] / "dpo"), epochs=1, batch_size=8, lora_rank=4, dtype="fp32", lr=1e-3))
     assert (out / "adapter.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert checkpoint.read_config(out)["method"] == "dpo"  # plain DPO by default, not RPO
     merged, config, _ = checkpoint.load_model(out)
     base, _, _ = checkpoint.load_model(pipeline["sft"])
     x = torch.randint(0, 320, (1, 20))
