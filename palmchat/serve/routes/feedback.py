@@ -12,7 +12,7 @@ API has nothing for feedback. What is stored, and how it becomes training data: 
                                            rankings, with its K candidates (sampled once, on first request)
     POST /v1/label/tasks/{id}/ranking      a labeller's ranking (a second one replaces the first)
     GET  /v1/label/stats                   {tasks, rankings, labellers, mine, agreement, agreement_tasks}
-    POST /v1/admin/reload                  load another reward model and swap it in, without a restart
+    POST /v1/admin/reload                  load another reward model and/or policy and swap it in, without a restart
 
 A labeller is an API key (its id). A server without keys listens on loopback only and trusts its callers:
 the `X-Palmchat-Labeller` header names the labeller there (default "local").
@@ -67,7 +67,11 @@ class RankingRequest(S.Body):
 
 
 class ReloadRequest(S.Body):
-    reward_model: str = Field(min_length=1, max_length=4096, description="a reward-model checkpoint folder")
+    reward_model: str | None = Field(None, min_length=1, max_length=4096,
+                                     description="a reward-model checkpoint folder")
+    policy: str | None = Field(None, min_length=1, max_length=4096,
+                               description="a policy checkpoint folder to serve under the same model id: full "
+                                           "weights, or a LoRA adapter folder (merged into the base it names)")
 
 
 def labeller_of(request: Request, owner: str) -> str:
@@ -278,18 +282,66 @@ def _load_reward_model(path: str, state: ServerState):
     return model
 
 
+def _load_policy(path: str, state: ServerState):
+    from palmchat import checkpoint
+
+    model, _, _ = checkpoint.load_model(path)  # an adapter folder: its base with the adapter merged in
+    model.eval().requires_grad_(False)
+    vocab = state.scheduler.config.vocab_size
+    if model.config.vocab_size != vocab:
+        raise ValueError(f"{path}: vocabulary of {model.config.vocab_size} tokens, but the served policy's has {vocab}")
+    return model
+
+
+def _swap_policy(state: ServerState, model) -> None:
+    """Serve `model` from a new scheduler (same settings, an empty prefix cache: its K/V came from the old
+    weights). New requests go to it at once; the old scheduler finishes the requests it holds, then stops."""
+    import threading
+
+    from palmchat.inference.scheduler import Scheduler
+
+    old = state.scheduler
+    new = Scheduler(model, dtype=old.engine.dtype, max_batch=old.max_batch,
+                    prefix_cache_tokens=old.prefix_cache.max_tokens, prefill_chunk=old.prefill_chunk).start()
+    state.scheduler = new
+
+    def drain():
+        while True:
+            stats = old.stats()
+            if not stats["running"] and not stats["waiting"]:
+                break
+            time.sleep(0.05)
+        old.stop()
+
+    threading.Thread(target=drain, name="palmchat-drain-old-policy", daemon=True).start()
+
+
 @router.post("/admin/reload")
 async def reload_reward_model(body: ReloadRequest, request: Request, owner: str = Depends(caller)):
-    """Swap the reward model (best-of-n) for another checkpoint without a restart. Needs an admin key
-    (`palmchat keys create --admin`); a server without keys (loopback only) lets any caller."""
+    """Swap the reward model (best-of-n) and/or the policy for other checkpoints without a restart. Needs an admin
+    key (`palmchat keys create --admin`); a server without keys (loopback only) lets any caller."""
     state = server_state(request)
     if (owner or state.require_key) and not state.store.is_admin(owner):
         raise APIError(403, "This endpoint needs an admin API key (palmchat keys create --admin).",
                        type="permission_error", code="forbidden")
+    if body.reward_model is None and body.policy is None:
+        raise APIError(400, "name a reward_model, a policy, or both", param="reward_model")
+    out = {"object": "admin.reload"}
+    model = policy = None
     try:
-        model = await asyncio.to_thread(_load_reward_model, body.reward_model, state)
+        if body.reward_model is not None:
+            model = await asyncio.to_thread(_load_reward_model, body.reward_model, state)
+        if body.policy is not None:
+            policy = await asyncio.to_thread(_load_policy, body.policy, state)
     except Exception as e:  # noqa: BLE001 - any file an admin names: a missing folder, another shape, a bad file
-        raise APIError(400, f"reward_model: could not load {body.reward_model!r}: {e}", param="reward_model") from None
-    previous = state.reward_model_path or None
-    state.reward_model, state.reward_model_path = model, body.reward_model
-    return {"object": "admin.reload", "reward_model": body.reward_model, "previous": previous}
+        param = "reward_model" if model is None and body.reward_model is not None else "policy"
+        name = body.reward_model if param == "reward_model" else body.policy
+        raise APIError(400, f"{param}: could not load {name!r}: {e}", param=param) from None
+    if model is not None:  # nothing is swapped unless everything named loaded
+        out.update(reward_model=body.reward_model, previous=state.reward_model_path or None)
+        state.reward_model, state.reward_model_path = model, body.reward_model
+    if policy is not None:
+        out.update(policy=body.policy, previous_policy=getattr(state, "policy_path", None))
+        _swap_policy(state, policy)
+        state.policy_path = body.policy
+    return out
