@@ -115,7 +115,7 @@ def test_a_tiny_kto_run_raises_the_held_out_margin(policy, capsys):
     rows = read_jsonl(policy["root"] / "plain" / "metrics.jsonl")
     margins = [r["val_margin"] for r in rows if "val_margin" in r]
     assert margins[0] == 0.0  # the policy is its reference
-    assert margins[-1] > 0.05, margins
+    assert margins[-1] > 0.5, margins  # 2.92 measured
     first = next(r for r in rows if "loss" in r)
     assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-6)
     assert checkpoint.read_config(out)["method"] == "kto"
@@ -146,5 +146,9 @@ def test_kto_gradient_accumulation_and_resume(policy, tmp_path, capsys):
 
 
 def test_kto_is_a_command(policy, tmp_path, capsys):
+    for command in ("kto", "dpo", "sft"):  # the help of every flag renders
+        with pytest.raises(SystemExit) as exit:
+            cli([command, "--help"])
+        assert exit.value.code == 0 and "--gradient-checkpointing" in capsys.readouterr().out
     assert cli(["kto", str(policy["sft"]), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
     assert "missing.jsonl" in capsys.readouterr().err

@@ -72,7 +72,7 @@ class KTOArgs(TrainArgs):
     lora_rank: int = arg(0, "train a LoRA adapter instead of all weights")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     gradient_checkpointing: bool = arg(False, "recompute each block's activations in backward: less memory, "
-                                              "~30% more compute")
+                                              "about a third more compute")
     save_every: int = arg(100, "save a resumable state in OUT/resume every this many steps; 0 = never")
     resume: bool = arg(False, "continue the run in --out from its newest resumable state (same arguments)")
 

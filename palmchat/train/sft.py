@@ -58,7 +58,7 @@ class SFTArgs(TrainArgs):
     lora_rank: int = arg(0, "train a LoRA adapter of this rank instead of all weights; 0 = full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator (scale = alpha / rank)")
     gradient_checkpointing: bool = arg(False, "recompute each block's activations in backward: less memory, "
-                                              "~30% more compute")
+                                              "about a third more compute")
     save_every: int = arg(100, "save a resumable state in OUT/resume every this many steps; 0 = never")
     resume: bool = arg(False, "continue the run in --out from its newest resumable state (same arguments)")
 
