@@ -1252,8 +1252,10 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
     """Write the whole data bundle into ``out_dir``; returns ``{name: path}``.
 
     Files: pretrain.txt (documents separated by a blank line), sft.jsonl, rankings.jsonl
-    (k=4), pairs.jsonl, prompts_train.jsonl, prompts_heldout.jsonl (``{"prompt": ...}``),
-    moderation.jsonl.  ``sizes`` overrides entries of ``DEFAULT_SIZES``.
+    (k=4), pairs.jsonl (in these three, ``MULTI_TURN`` of the records are conversations; a
+    ranking's or pair's ``"prompt"`` is then a message list), prompts_train.jsonl,
+    prompts_heldout.jsonl (``{"prompt": str}``, single questions), moderation.jsonl.
+    ``sizes`` overrides entries of ``DEFAULT_SIZES``.
     """
     unknown = set(sizes or {}) - set(DEFAULT_SIZES)
     if unknown:
