@@ -232,6 +232,16 @@ def test_evaluate_policy_scores_conversations_whole(model, tokenizer, world, rew
     assert r["scores"] == [world.verify(c, x.text).score for c, x in zip(conversations, replies)]
 
 
+def test_best_of_n_on_conversations(model, reward_model, tokenizer, world, conversations):
+    """Best-of-1 on conversations is the plain sample evaluate_policy draws for them with the same seed."""
+    res = evaluate_best_of_n(model, reward_model, tokenizer, world, conversations, ns=(1, 2), seed=3,
+                             max_new_tokens=MAX_NEW)
+    plain = evaluate_policy(model, tokenizer, world, conversations, reward_model=reward_model, seed=3,
+                            max_new_tokens=MAX_NEW)
+    assert res[1]["reward"] == pytest.approx(plain["reward"], abs=1e-5)
+    assert res[1]["score"] == pytest.approx(plain["score"])
+
+
 def test_bad_prompts_are_refused(model, tokenizer, conversations):
     for bad in ("What is 2 + 3?", conversations[0], [conversations[0][:-1]], [[]]):
         with pytest.raises(ValueError):
