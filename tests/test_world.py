@@ -2,7 +2,6 @@ import json
 import random
 import re
 import statistics
-import time
 
 import pytest
 
@@ -629,10 +628,7 @@ def test_pretraining_documents(world):
 
 
 def test_write_bundle(tmp_path):
-    t0 = time.perf_counter()
-    paths = write_bundle(tmp_path / "bundle", seed=0)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 12.0  # ~3 s on an idle core, ~7 s with five test runs on two cores
+    paths = write_bundle(tmp_path / "bundle", seed=0)  # its time is benchmarks' business, not a test's
     assert set(paths) == set(DEFAULT_SIZES)
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == sorted(
         p.name for p in paths.values())  # no temp files left behind
