@@ -72,7 +72,8 @@ def load_state(args: ServeArgs, store):
     if args.reward_model:
         from palmchat.checkpoint.heads import load_reward_model
 
-        reward_model, _ = load_reward_model(args.reward_model, eot_id=tokenizer.chat_format.eot_id)
+        reward_model, _ = load_reward_model(args.reward_model, eot_id=tokenizer.chat_format.eot_id,
+                                            tokenizer=tokenizer)
         reward_model.eval().requires_grad_(False)
         if reward_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"--reward-model {args.reward_model}: vocabulary of {reward_model.config.vocab_size} "

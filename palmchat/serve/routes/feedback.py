@@ -270,7 +270,7 @@ async def label_stats(request: Request, owner: str = Depends(caller)):
 def _load_reward_model(path: str, state: ServerState):
     from palmchat.checkpoint.heads import load_reward_model
 
-    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id)
+    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id, tokenizer=state.tokenizer)
     model.eval().requires_grad_(False)
     vocab = state.scheduler.config.vocab_size
     if model.config.vocab_size != vocab:
