@@ -157,3 +157,56 @@ def test_a_model_trained_with_another_tokenizer_scores_other_text(tokenizers):
     a, b = tokenizers
     ids = a.encode("the cat sat on the mat")
     assert max(ids) < VOCAB and b.decode(ids) != a.decode(ids)
+
+
+# -- the server's database: stored ids carry their tokenizer -----------------------------------------------
+
+
+def test_a_v2_database_is_upgraded_and_its_rows_name_no_tokenizer(tmp_path):
+    import sqlite3
+
+    from palmchat.store import SCHEMA_V1, SCHEMA_V2, SCHEMA_VERSION, Store, pack_ids
+
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as db:
+        for statement in (SCHEMA_V1 + ";" + SCHEMA_V2).split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("INSERT INTO conversations VALUES ('conv_1', '', 0, '{}')")
+        db.execute("INSERT INTO items VALUES ('msg_1', 'conv_1', 0, '{}', ?)", (pack_ids([3, 300, 5]),))
+        db.execute("INSERT INTO responses VALUES ('resp_1', '', 0, '{}', '[]', ?, NULL)", (pack_ids([1, 3, 5]),))
+        db.execute("PRAGMA user_version=2")
+    store = Store(path)
+    try:
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        response = store.get_response("", "resp_1")
+        assert response["context"] == [1, 3, 5] and response["tokenizer"] is None and response["messages"] is None
+        assert store.context_items("conv_1") == [({}, [3, 300, 5], None)]
+        store.add_items("", "conv_1", [({"id": "msg_2"}, [3, 5])], tokenizer="abc")
+        assert store.context_items("conv_1")[1] == ({"id": "msg_2"}, [3, 5], "abc")
+        assert store.integrity_check() == "ok"
+    finally:
+        store.close()
+
+
+def test_a_conversations_ids_are_used_only_under_their_tokenizer(tokenizers):
+    """Items tagged with the running tokenizer keep their ids (a sampled reply need not be the canonical encoding
+    of its text); items of another tokenizer, or stored before items named theirs, are rendered again from text."""
+    from types import SimpleNamespace
+
+    from palmchat.serve import schemas as S
+    from palmchat.serve.routes.responses import conversation_history
+
+    a, b = tokenizers
+    state = SimpleNamespace(tokenizer=b, tokenizer_sha256=b.sha256)
+    user, reply = S.message_item("msg_1", "user", "the cat sat"), S.message_item("msg_2", "assistant", "on the mat")
+    blocked = S.message_item("msg_3", "user", "blocked")
+    sampled = [b.chat_format.assistant_id] + list(reversed(b.encode("on the mat"))) + [b.chat_format.eot_id]
+    assert sampled != b.chat_format.render_turn({"role": "assistant", "content": "on the mat"})
+    messages = [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "on the mat"}]
+    ids_a = [a.chat_format.render_turn(m) for m in messages]
+    for tag in (a.sha256, None):
+        ids, history = conversation_history(state, [(user, ids_a[0], tag), (reply, ids_a[1], tag), (blocked, [], tag)])
+        assert ids == b.chat_format.render(messages)[0] and history == messages
+    ids, _ = conversation_history(state, [(user, ids_a[0], a.sha256), (reply, sampled, b.sha256)])
+    assert ids == [b.chat_format.bos_id] + b.chat_format.render_turn(messages[0]) + sampled
