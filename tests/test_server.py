@@ -565,6 +565,23 @@ def test_a_stored_conversation_continues_under_another_tokenizer(tmp_path):
     assert stored[r1.id] == a.sha256 and stored[following.id] == b.sha256
 
 
+def test_serve_refuses_a_reward_model_of_another_tokenizer(artifacts, tmp_path):
+    """Same vocabulary size, so every shape matches: only the tokenizer's identity tells them apart."""
+    from palmchat.checkpoint.heads import save_reward_model
+    from palmchat.model.heads import RewardModel
+    from palmchat.model.transformer import Transformer
+
+    b = world_tokenizer(reverse=True)
+    _, config = build_policy(tmp_path / "policy-b", b, Path(b.save(tmp_path / "tokenizer.json")))
+    rm = save_reward_model(RewardModel(Transformer(config), b.chat_format.eot_id), tmp_path / "rm-b", 0, {},
+                           tmp_path / "tokenizer.json")
+    result = palmchat("serve", str(artifacts["policy"]), "--db", str(tmp_path / "db"), "--moderation", "none",
+                      "--reward-model", str(rm))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"reward model {rm} was trained with another tokenizer" in result.stderr
+    assert str(artifacts["policy"]) in result.stderr  # the policy's side is named too
+
+
 # -- in-process: block-mode moderation, reply text -----------------------------------------------------
 
 

@@ -195,7 +195,7 @@ def test_a_conversations_ids_are_used_only_under_their_tokenizer(tokenizers):
     from types import SimpleNamespace
 
     from palmchat.serve import schemas as S
-    from palmchat.serve.routes.responses import conversation_history
+    from palmchat.serve.routes.responses import conversation_history, previous_history
 
     a, b = tokenizers
     state = SimpleNamespace(tokenizer=b, tokenizer_sha256=b.sha256)
@@ -210,3 +210,8 @@ def test_a_conversations_ids_are_used_only_under_their_tokenizer(tokenizers):
         assert ids == b.chat_format.render(messages)[0] and history == messages
     ids, _ = conversation_history(state, [(user, ids_a[0], a.sha256), (reply, sampled, b.sha256)])
     assert ids == [b.chat_format.bos_id] + b.chat_format.render_turn(messages[0]) + sampled
+    # a response stored before contexts named their tokenizer has no text to render again: its ids are used, as before
+    legacy = {"tokenizer": None, "context": ids_a[0], "messages": None}
+    assert previous_history(state, legacy, "resp_1") == (ids_a[0], None)
+    stored = {"tokenizer": a.sha256, "context": ids_a[0], "messages": messages[:1]}
+    assert previous_history(state, stored, "resp_2") == (b.chat_format.render(messages[:1])[0], messages[:1])
