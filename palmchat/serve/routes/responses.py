@@ -22,8 +22,9 @@ after the server was killed.
 Stored ids are only ever fed to the tokenizer that made them. Each stored context and item carries its tokenizer's
 sha256 (store.py), and a response also keeps its context as text: when the server now runs a model with another
 tokenizer (restarted with another checkpoint), the history is rendered again from that text, exactly as the same
-conversation sent in full would be, and never fed as another tokenizer's ids. A response stored before its text was
-kept (schema v2) is continued from its ids, as before.
+conversation sent in full would be, and never fed as another tokenizer's ids. Stored before this (schema v2), a
+conversation's items name no tokenizer and are rendered again from their text; a response has no text of its
+context, so it is continued from its ids, as before.
 
 A streamed reply whose client goes away (the page's Stop button aborts the request) is committed as it stood:
 the input and the text released so far, as an assistant item with status `incomplete`, in a stored response
