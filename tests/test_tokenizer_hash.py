@@ -75,7 +75,7 @@ def test_a_reward_model_of_another_tokenizer_is_refused(tmp_path, config, tokeni
     message = str(e.value)
     assert f"reward model {rm} was trained with another tokenizer" in message
     assert a.path in message and b.sha256[:12] in message and a.sha256[:12] in message  # both named
-    assert "train one from that checkpoint" in message  # and what to do
+    assert "palmchat reward --base" in message  # and what to do
     with pytest.raises(checkpoint.CheckpointError, match="value model .* another tokenizer"):
         load_value_model(rm, tokenizer=a)  # a critic initialised from it: the same refusal
     with pytest.raises(checkpoint.CheckpointError, match="critic"):
@@ -149,7 +149,7 @@ def test_a_lora_adapter_must_share_its_bases_tokenizer(tmp_path, config, tokeniz
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_model(adapter)
     assert f"LoRA adapter {adapter} was trained with another tokenizer" in str(e.value)
-    assert f"its base {base}" in str(e.value)
+    assert f"its base {base}" in str(e.value) and f"Point 'base' in {adapter / 'config.json'}" in str(e.value)
 
 
 def test_a_model_trained_with_another_tokenizer_scores_other_text(tokenizers):

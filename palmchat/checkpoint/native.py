@@ -187,7 +187,9 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
             raise CheckpointError(f"{ckpt / CONFIG_FILE}: an adapter checkpoint needs 'base' and 'lora' entries")
         base_hash = tokenizer_hash(config["base"])
         if base_hash is not None:  # an adapter's ids are its base's: both must come from one tokenizer
-            check_tokenizer(ckpt, base_hash, what="LoRA adapter", used_with=f"its base {resolve(config['base'])}")
+            check_tokenizer(ckpt, base_hash, what="LoRA adapter", used_with=f"its base {resolve(config['base'])}",
+                            advice=f"Point 'base' in {ckpt / CONFIG_FILE} at the checkpoint the adapter was "
+                                   f"trained on")
         model, _, _ = load_model(config["base"])
         lora = config["lora"]
         add_lora(model, lora["name"], rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
@@ -253,30 +255,32 @@ def _same_tokenizer(ckpt: Path, sha256: str) -> bool | None:
     return None if recorded is None else False
 
 
-def check_tokenizer(ckpt: str | os.PathLike, tokenizer, what: str = "checkpoint", used_with: str = "") -> None:
+def check_tokenizer(ckpt: str | os.PathLike, tokenizer, what: str = "checkpoint", used_with: str = "",
+                    advice: str = "") -> None:
     """Refuse (CheckpointError) a checkpoint trained with another tokenizer than `tokenizer` (a Tokenizer, or the
     sha256 of one): its token ids would mean other words, and a reward model or critic would score garbage with no
     other sign of it. `what` names the checkpoint's role in the message, `used_with` what the tokenizer belongs to
-    (default: its file). A checkpoint that records no hash is compared by the tokenizer.json it carries; one that
-    carries none either is accepted, with a warning: there is nothing to compare."""
+    (default: the tokenizer's file), `advice` what to do instead. A checkpoint that records no hash is compared by
+    the tokenizer.json it carries; one that carries none either is accepted, with a warning: nothing to compare."""
     ckpt = resolve(ckpt)
     sha256 = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "sha256", None)
     if sha256 is None:
         return  # a tokenizer without an identity (not palmchat's BPE): nothing to compare
-    used_with = used_with or (getattr(tokenizer, "path", None) or "the tokenizer in use")
+    path = getattr(tokenizer, "path", None)
+    used_with = used_with or (f"the tokenizer {path}" if path else "the tokenizer in use")
     same = _same_tokenizer(ckpt, sha256)
     if same is None:
         warnings.warn(f"{what} {ckpt}: written before checkpoints recorded their tokenizer, and it carries no "
-                      f"{TOKENIZER_FILE}: cannot check that it was trained with the tokenizer of {used_with}",
-                      stacklevel=2)
+                      f"{TOKENIZER_FILE}: cannot check that it was trained with {used_with}", stacklevel=2)
         return
     if not same:
-        theirs = tokenizer_hash(ckpt)
+        advice = advice or (f"Use a {what} trained from the same pretraining run as the policy (the same "
+                            f"{TOKENIZER_FILE}), or train one from the policy's checkpoint (palmchat reward --base)")
         raise CheckpointError(
-            f"{what} {ckpt} was trained with another tokenizer (sha256 {str(theirs)[:12]}, {CONFIG_FILE} "
-            f"'{TOKENIZER_KEY}' / {TOKENIZER_FILE}) than {used_with} (sha256 {sha256[:12]}): the same token ids mean "
-            f"different text to them, so it would only produce garbage. Use a {what} trained from the same "
-            f"pretraining run as {used_with}, or train one from that checkpoint")
+            f"{what} {ckpt} was trained with another tokenizer than {used_with} (sha256 "
+            f"{str(tokenizer_hash(ckpt))[:12]}, from its {CONFIG_FILE} '{TOKENIZER_KEY}' / {TOKENIZER_FILE}, against "
+            f"{sha256[:12]}): the same token ids mean different text to the two, so it would only produce garbage. "
+            f"{advice}")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: str | os.PathLike) -> None:
