@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from palmchat.model.config import ModelConfig
-from palmchat.utils.atomic import atomic_write
+from palmchat.utils.atomic import atomic_folder, point_latest
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 TOKENIZER_KEY = "tokenizer"  # config.json: {"sha256": Tokenizer.sha256, "vocab_size": ...} of tokenizer.json
@@ -90,8 +89,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}."))
-    try:
+    with atomic_folder(run_dir / name) as tmp:
         if adapter is None:
             save_file(_state_dict_for_save(model), tmp / MODEL_FILE)
         else:
@@ -107,21 +105,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
         for extra_name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{extra_name}.safetensors")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = run_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write(run_dir / "latest", name + "\n")
-    old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
-    for stale in old[: max(0, len(old) - (keep_last - 1))]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    point_latest(run_dir, name, keep_last)
+    return run_dir / name
 
 
 def resolve(path: str | os.PathLike) -> Path:
