@@ -63,7 +63,7 @@ class RLArgs(TrainArgs):
     grad_accum: int = arg(1, "micro-batches per optimizer step: --minibatch sequences are split in this many "
                              "forward/backward passes, the loss scaled so the step equals one big batch's")
     gradient_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory, "
-                                              "~30% more compute)")
+                                              "about a third more compute)")
     lora_rank: int = arg(0, "train LoRA adapters instead of all weights (the reference = adapters off)")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     resume: bool = arg(False, "continue from OUT/resume (the newest state --save-every wrote); the run then "
