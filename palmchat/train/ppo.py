@@ -191,7 +191,9 @@ def main(args: PPOArgs) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    modules, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
+    # with LoRA and a separate critic, the critic's trunk is the policy (its critic adapter is saved with it)
+    modules = {"policy": policy, "critic": critic.head if args.lora_rank and not shared else critic}
+    optimizers = {"policy": policy_opt, "critic": critic_opt}
     rngs = {"prompts": rng, "ptx": ptx_rng}
     start, state = start_or_resume(args, out, modules, optimizers, rngs)
     kl_ctl.coef = state.get("kl_coef", kl_ctl.coef)
