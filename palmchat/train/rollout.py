@@ -3,7 +3,7 @@ scoring them, the per-token log-probs of those responses under a model laid out 
 (:func:`palmchat.model.logprobs.response_logprobs` applied to a :class:`Rollout`), the reference's log-probs,
 the rollout's metrics and sample table, micro-batching and resuming.
 
-The traps handled here, each tested in tests/test_rollout.py:
+The traps handled here, each tested (tests/test_rollout.py, tests/test_alignment.py, tests/test_reward_scoring.py):
 - a prompt is a whole conversation (system prompt and earlier turns included), rendered once to token ids and never
   re-tokenised; the reward model scores those ids and the verifier gets the message list; responses keep the
   sampled ids;
