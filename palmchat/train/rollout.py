@@ -290,7 +290,7 @@ def make_scorer(reward: str, tokenizer, device, dtype, seed: int = 0):
         return verifier_scorer(World(seed=seed)), None
     from palmchat.checkpoint.heads import load_reward_model
 
-    reward_model, _ = load_reward_model(reward, device=device, eot_id=tokenizer.chat_format.eot_id)
+    reward_model, _ = load_reward_model(reward, device=device, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
     reward_model.eval().requires_grad_(False)
     return reward_model_scorer(reward_model, tokenizer, device, dtype), reward_model
 
