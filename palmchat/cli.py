@@ -177,6 +177,8 @@ def _commands():
     from palmchat.train.pretrain import main as pretrain_main
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as reward_main
+    from palmchat.train.rloo import RLOOArgs
+    from palmchat.train.rloo import main as rloo_main
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft_main
 
@@ -214,6 +216,7 @@ def _commands():
         "kto": (KTOArgs, kto_main),
         "ppo": (PPOArgs, ppo_main),
         "grpo": (GRPOArgs, grpo_main),
+        "rloo": (RLOOArgs, rloo_main),
         "merge-lora": (MergeArgs, merge_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
@@ -227,7 +230,7 @@ def _commands():
     }
 
 
-TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "loop"}
+TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "loop"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,7 +175,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         prompts = world.prompts(s.eval_prompts, "heldout")
         sft_model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
-        reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id)
+        reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
         reward_model.eval()
         stages = {"sft": evaluate_policy(sft_model.eval(), tokenizer, world, prompts, reference=sft_model,
                                          reward_model=reward_model, seed=seed)}

@@ -46,12 +46,13 @@ from pathlib import Path
 
 from palmchat.utils.atomic import atomic_path, atomic_write
 
-__all__ = ["write_report", "STAGE_ORDER", "STAGE_PLOT", "BEST_OF_N_PLOT", "REPORT_FILE"]
+__all__ = ["write_report", "STAGE_ORDER", "STAGE_PLOT", "BEST_OF_N_PLOT", "KL_PLOT", "REPORT_FILE"]
 
-STAGE_ORDER = ("sft", "ppo", "dpo", "grpo")
+STAGE_ORDER = ("sft", "ppo", "dpo", "rpo", "ipo", "grpo", "rloo", "kto")
 REPORT_FILE = "report.md"
 STAGE_PLOT = "stage_scores.png"
 BEST_OF_N_PLOT = "best_of_n.png"
+KL_PLOT = "score_vs_kl.png"
 N_EXAMPLES = 3
 
 # (column header, key in a STAGE dict, decimals)
@@ -59,6 +60,7 @@ _STAGE_COLUMNS = (
     ("correctness", "correct", 3),
     ("style", "style", 3),
     ("verifier score", "score", 3),
+    ("verifier score, asked as a later turn", "multi_turn_score", 3),
     ("reward-model score", "reward", 3),
     ("win rate vs SFT", "win_rate", 3),
     ("KL to reference", "kl", 4),
@@ -176,6 +178,26 @@ def _plot_stages(stages: dict, names: list[str], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def _plot_score_vs_kl(stages: dict, names: list[str], path: Path) -> None:
+    """Each policy's held-out score against its KL to the reference: methods compared per nat spent, not only at
+    their defaults."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for s in names:
+        kl, score = _value(stages[s], "kl"), _value(stages[s], "score")
+        if s == "sft" and math.isnan(kl):
+            kl = 0.0
+        if not (math.isnan(kl) or math.isnan(score)):
+            ax.scatter([kl], [score])
+            ax.annotate(s, (kl, score), xytext=(4, 4), textcoords="offset points", fontsize=9)
+    ax.set_xlabel("KL to the reference (nats per reply)")
+    ax.set_ylabel("held-out verifier score")
+    ax.set_title("score against KL to the SFT model")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _plot_best_of_n(rows: list[tuple[int, dict]], policy: str | None, path: Path) -> None:
     fig = _figure()
     ax = fig.add_subplot()
@@ -237,6 +259,10 @@ def write_report(out_dir, results: dict) -> Path:
                             [[s] + [_num((stages[s].get("per_task") or {}).get(f)) for f in families] for s in names])
         _plot_stages(stages, names, out_dir / STAGE_PLOT)
         lines += [f"![verifier score per stage]({STAGE_PLOT})", ""]
+        if sum(isinstance(stages[s].get("kl"), (int, float)) for s in names) >= 2:
+            _plot_score_vs_kl(stages, names, out_dir / KL_PLOT)
+            lines += ["Each method pays for its gain in KL to the SFT model; at matched KL they compare fairly:", "",
+                      f"![score against KL]({KL_PLOT})", ""]
     else:
         lines += ["No stages were evaluated.", ""]
 
@@ -245,8 +271,11 @@ def write_report(out_dir, results: dict) -> Path:
     if rm:
         lines += ["## Reward model", "", "Held-out rankings.", ""]
         rows = [["pairwise accuracy", _num(rm.get("pairwise_accuracy"))], ["Kendall tau", _num(rm.get("kendall_tau"))]]
+        if "labeller_agreement" in rm:
+            rows.append(["ceiling: two simulated labellers agree on the same pairs", _num(rm["labeller_agreement"])])
         rows += [[k, _num(v) if isinstance(v, (int, float)) else v] for k, v in rm.items()
-                 if k not in ("pairwise_accuracy", "kendall_tau") and isinstance(v, (int, float, str))]
+                 if k not in ("pairwise_accuracy", "kendall_tau", "labeller_agreement")
+                 and isinstance(v, (int, float, str))]
         lines += _table(["metric", "value"], rows)
 
     # -- best of n

@@ -34,10 +34,10 @@ from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.generate import generate_replies, moderate_input
-from palmchat.serve.routes.responses import prepare_turn
+from palmchat.serve.routes.responses import message_of, prepare_turn
 from palmchat.serve.sampling import model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
-from palmchat.store import StoreError, context_digest
+from palmchat.store import StoreError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 LABELLER_HEADER = "x-palmchat-labeller"
@@ -83,12 +83,7 @@ def labeller_of(request: Request, owner: str) -> str:
 
 def conversation_messages(items: list[tuple[dict, list[int]]]) -> list[dict]:
     """The messages of a conversation's items that are part of its token history (a blocked turn is not)."""
-    out = []
-    for item, tokens in items:
-        if item.get("type") == "message" and tokens:
-            text = "".join(part.get("text", "") for part in item.get("content", []))
-            out.append({"role": S.role_of(item["role"]), "content": text})
-    return out
+    return [message_of(item) for item, tokens in items if item.get("type") == "message" and tokens]
 
 
 def check_ranking(ranking: list[str], candidate_ids: list[str]) -> None:
@@ -155,17 +150,18 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
     if flagged is not None and flagged.flagged and state.moderation_mode == "block":
         raise APIError(400, "The input was flagged by moderation; no candidates were generated.", param="input",
                        code="content_filter")
-    history = conversation_messages(state.store.items_with_tokens(conversation_id))
     generation, replies = await generate_replies(state, turn.prompt, params, body.n, None, [])
     system = [{"role": "system", "content": S.clean_text(body.instructions)}] if body.instructions else []
     candidates = [{"id": S.new_id("msg_"), "text": r.text} for r in replies]
     task = {
         "id": S.new_id("cmp_"), "kind": "compare", "owner": owner, "conversation_id": conversation_id,
-        "prompt": system + history + [{"role": S.role_of(role), "content": text} for role, text in turn.texts],
+        "prompt": system + turn.history_messages + [{"role": S.role_of(role), "content": text}
+                                                    for role, text in turn.texts],
         "candidates": candidates, "created_at": time.time(),
         "params": {  # what committing the chosen candidate needs
-            "model": body.model, "instructions": body.instructions, "context_digest": context_digest(turn.history[1:]),
+            "model": body.model, "instructions": body.instructions, "context_digest": turn.digest,
             "input_items": turn.input_items, "turn_tokens": turn.turn_tokens, "assistant_id": turn.prompt[-1],
+            "tokenizer": state.tokenizer_sha256,  # whose ids turn_tokens and reply_tokens are
             "reply_tokens": {c["id"]: r.context_tokens() for c, r in zip(candidates, replies)},
             "status": {c["id"]: "completed" if r.finish_reason == "stop" else "incomplete"
                        for c, r in zip(candidates, replies)}},
@@ -189,7 +185,7 @@ async def rank_comparison(comparison_id: str, body: RankingRequest, request: Req
     items = list(zip(p["input_items"], p["turn_tokens"])) + [(reply, [p["assistant_id"]] + p["reply_tokens"][best])]
     try:
         await asyncio.to_thread(state.store.commit_comparison, owner, task, labeller_of(request, owner),
-                                body.ranking, items)
+                                body.ranking, items, p.get("tokenizer"))
     except KeyError:
         raise APIError(404, f"The conversation of this comparison ({task['conversation_id']}) was deleted, so the "
                             f"ranking cannot continue it. Nothing was stored.", code="conversation_deleted") from None
@@ -274,7 +270,7 @@ async def label_stats(request: Request, owner: str = Depends(caller)):
 def _load_reward_model(path: str, state: ServerState):
     from palmchat.checkpoint.heads import load_reward_model
 
-    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id)
+    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id, tokenizer=state.tokenizer)
     model.eval().requires_grad_(False)
     vocab = state.scheduler.config.vocab_size
     if model.config.vocab_size != vocab:
