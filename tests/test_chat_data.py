@@ -65,7 +65,9 @@ def test_world_bundle_rankings_best_first(bundle):
     assert len(ranks) == SIZES["rankings"]
     for r, rec in zip(ranks, raw):
         assert isinstance(r, Ranking)
-        assert r.prompt_messages == [{"role": "user", "content": rec["prompt"]}]
+        # a prompt is one user message, or (multi-turn) the conversation so far, ending with a user turn
+        expected = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+        assert r.prompt_messages == expected and r.prompt_messages[-1]["role"] == "user"
         assert r.responses == [rec["responses"][i] for i in rec["ranking"]]
         assert len(r.responses) == 4
 
