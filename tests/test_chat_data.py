@@ -79,11 +79,15 @@ def test_world_bundle_pairs(bundle):
 
 
 def test_world_bundle_prompts(bundle):
-    for name in ("prompts_heldout", "prompts_train"):
-        prompts = load_prompts(bundle[name])
-        raw = [json.loads(line) for line in bundle[name].read_text().splitlines()]
-        assert prompts == [[{"role": "user", "content": rec["prompt"]}] for rec in raw]
-    assert len(load_prompts(bundle["prompts_heldout"])) == SIZES["prompts_heldout"]
+    heldout = load_prompts(bundle["prompts_heldout"])
+    raw = [json.loads(line) for line in bundle["prompts_heldout"].read_text().splitlines()]
+    assert heldout == [[{"role": "user", "content": rec["prompt"]}] for rec in raw]
+    assert len(heldout) == SIZES["prompts_heldout"]
+    train = load_prompts(bundle["prompts_train"])
+    raw = [json.loads(line) for line in bundle["prompts_train"].read_text().splitlines()]
+    assert train == [rec["messages"] for rec in raw] and len(train) == SIZES["prompts_train"]
+    assert all(m[-1]["role"] == "user" for m in train)
+    assert any(len(m) > 1 for m in train)  # some are conversations, for the RL stages
 
 
 def test_other_good_forms_and_blank_lines(tmp_path):

@@ -1253,7 +1253,8 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
 
     Files: pretrain.txt (documents separated by a blank line), sft.jsonl, rankings.jsonl
     (k=4), pairs.jsonl (in these three, ``MULTI_TURN`` of the records are conversations; a
-    ranking's or pair's ``"prompt"`` is then a message list), prompts_train.jsonl,
+    ranking's or pair's ``"prompt"`` is then a message list), prompts_train.jsonl (``{"messages": [...]}``
+    ending with a user turn, ``MULTI_TURN`` of them with earlier turns: the RL stages' prompts),
     prompts_heldout.jsonl (``{"prompt": str}``, single questions), moderation.jsonl.
     ``sizes`` overrides entries of ``DEFAULT_SIZES``.
     """
@@ -1271,7 +1272,7 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
         "rankings": ("rankings.jsonl", jsonl_text(world.ranking_examples(sz["rankings"]))),
         "pairs": ("pairs.jsonl", jsonl_text(world.pairs(sz["pairs"]))),
         "prompts_train": ("prompts_train.jsonl", jsonl_text(
-            {"prompt": p} for p in world.prompts(sz["prompts_train"], "train"))),
+            {"messages": m} for m in world.conversation_prompts(sz["prompts_train"], "train", MULTI_TURN))),
         "prompts_heldout": ("prompts_heldout.jsonl", jsonl_text(
             {"prompt": p} for p in world.prompts(sz["prompts_heldout"], "heldout"))),
         "moderation": ("moderation.jsonl", jsonl_text(world.moderation_examples(sz["moderation"]))),
