@@ -169,12 +169,16 @@ def _commands():
     from palmchat.train.dpo import main as dpo_main
     from palmchat.train.grpo import GRPOArgs
     from palmchat.train.grpo import main as grpo_main
+    from palmchat.train.kto import KTOArgs
+    from palmchat.train.kto import main as kto_main
     from palmchat.train.ppo import PPOArgs
     from palmchat.train.ppo import main as ppo_main
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain_main
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as reward_main
+    from palmchat.train.rloo import RLOOArgs
+    from palmchat.train.rloo import main as rloo_main
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft_main
 
@@ -209,8 +213,10 @@ def _commands():
         "sft": (SFTArgs, sft_main),
         "reward": (RewardArgs, reward_main),
         "dpo": (DPOArgs, dpo_main),
+        "kto": (KTOArgs, kto_main),
         "ppo": (PPOArgs, ppo_main),
         "grpo": (GRPOArgs, grpo_main),
+        "rloo": (RLOOArgs, rloo_main),
         "merge-lora": (MergeArgs, merge_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
@@ -224,7 +230,7 @@ def _commands():
     }
 
 
-TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "loop"}
+TRAINING_COMMANDS = {"demo", "pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "loop"}
 
 
 def main(argv: list[str] | None = None) -> int:

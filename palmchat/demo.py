@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the bundled assistant world, on a laptop CPU.
 
-    data -> tokenizer + pretraining -> SFT -> reward model -> PPO, DPO, GRPO -> evaluation -> report.md
+    data -> tokenizer + pretraining -> SFT -> reward model -> PPO, DPO, GRPO, RLOO, KTO -> evaluation -> report.md
 
 Each step calls the same stage function a user runs from the command line, with small settings.
 """
@@ -49,6 +49,8 @@ class Settings:
     dpo_epochs: float
     ppo_iterations: int
     grpo_iterations: int
+    rloo_iterations: int
+    kto_epochs: float
     eval_prompts: int
     best_of: tuple[int, ...]
     reward_normalize: str = "standardize"
@@ -58,12 +60,13 @@ class Settings:
 
 def settings(args: DemoArgs) -> Settings:
     if args.quick:
-        return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 16, (1, 2), policy_rankings=16)
+        return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 2, 0.05, 16, (1, 2), policy_rankings=16)
     # reward model: 3 epochs (more accurate on held-out pairs than 1), standardised so that the PPO KL
     # coefficient means the same whatever the reward's scale; PPO: kl_coef 0.4 against that unit-std reward,
-    # 60 iterations (docs/decisions.md)
+    # 60 iterations (docs/decisions.md); RLOO: as many samples as GRPO (60 x 8 prompts x 4), the same KL as PPO
     # pretraining: sequences of 256 tokens, then 100 steps of whole 1024-token contexts (docs/decisions.md)
-    return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 3.0, 1.0, 60, 30, args.eval_prompts, (1, 4, 16))
+    return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 3.0, 1.0, 60, 30, 60, 1.0, args.eval_prompts,
+                    (1, 4, 16))
 
 
 def run_pipeline(args: DemoArgs) -> dict:
@@ -75,12 +78,16 @@ def run_pipeline(args: DemoArgs) -> dict:
     from palmchat.train.dpo import main as dpo
     from palmchat.train.grpo import GRPOArgs
     from palmchat.train.grpo import main as grpo
+    from palmchat.train.kto import KTOArgs
+    from palmchat.train.kto import main as kto
     from palmchat.train.ppo import PPOArgs
     from palmchat.train.ppo import main as ppo
     from palmchat.train.pretrain import PretrainArgs
     from palmchat.train.pretrain import main as pretrain
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as reward
+    from palmchat.train.rloo import RLOOArgs
+    from palmchat.train.rloo import main as rloo
     from palmchat.train.sft import SFTArgs
     from palmchat.train.sft import main as sft
     from palmchat.utils.device import autocast_dtype, pick_device
@@ -169,21 +176,32 @@ def run_pipeline(args: DemoArgs) -> dict:
     grpo_ckpt = stage("grpo", grpo, GRPOArgs(base=str(sft_ckpt), reward="verifier",
                                              prompts=[str(data / "prompts_train.jsonl")], out=str(out / "grpo"),
                                              iterations=s.grpo_iterations, seed=seed), ("sft",))
+    rloo_ckpt = stage("rloo", rloo, RLOOArgs(base=str(sft_ckpt), reward=str(rm_ckpt),
+                                             prompts=[str(data / "prompts_train.jsonl")], out=str(out / "rloo"),
+                                             iterations=s.rloo_iterations, kl_coef=s.ppo_kl_coef, seed=seed),
+                      ("sft", "reward"))
+    # KTO on the bundled rankings read as unpaired thumbs: each ranking's best reply up, its worst down
+    kto_ckpt = stage("kto", kto, KTOArgs(base=str(sft_ckpt), out=str(out / "kto"), epochs=s.kto_epochs, seed=seed),
+                     ("sft",))
+    aligned = {"ppo": ppo_ckpt, checkpoint.read_config(dpo_ckpt)["method"]: dpo_ckpt, "grpo": grpo_ckpt,
+               "rloo": rloo_ckpt, "kto": kto_ckpt}
 
     def evaluate():
         world = World(seed=seed)
         prompts = world.prompts(s.eval_prompts, "heldout")
+        # the same questions asked as the last turn of a conversation (earlier turns about other tasks)
+        later_turns = world.multi_turn_prompts(prompts, seed=seed)
         sft_model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
-        reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id)
+        reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
         reward_model.eval()
-        stages = {"sft": evaluate_policy(sft_model.eval(), tokenizer, world, prompts, reference=sft_model,
-                                         reward_model=reward_model, seed=seed)}
-        for name, ckpt in (("ppo", ppo_ckpt), ("dpo", dpo_ckpt), ("grpo", grpo_ckpt)):
-            model, _, _ = checkpoint.load_model(ckpt)
+        stages = {}
+        for name, ckpt in {"sft": sft_ckpt, **aligned}.items():
+            model = sft_model if name == "sft" else checkpoint.load_model(ckpt)[0]
+            baseline = None if name == "sft" else stages["sft"]["scores"]
             stages[name] = evaluate_policy(model.eval(), tokenizer, world, prompts, reference=sft_model,
-                                           reward_model=reward_model, baseline_scores=stages["sft"]["scores"],
-                                           seed=seed)
+                                           reward_model=reward_model, baseline_scores=baseline, seed=seed)
+            stages[name]["multi_turn_score"] = evaluate_policy(model, tokenizer, world, later_turns, seed=seed)["score"]
         stages["sft"]["win_rate"] = 0.5
         best = evaluate_best_of_n(sft_model, reward_model, tokenizer, world, prompts, ns=s.best_of, seed=seed)
         return stages, best
@@ -196,11 +214,11 @@ def run_pipeline(args: DemoArgs) -> dict:
         "best_of_n": best,
         "plots": {"pretraining loss": "pretrain/loss.png", "SFT loss": "sft/loss.png",
                   "reward model": "reward/accuracy.png", "DPO": "dpo/loss.png", "PPO": "ppo/reward.png",
-                  "GRPO": "grpo/reward.png"},
+                  "GRPO": "grpo/reward.png", "RLOO": "rloo/reward.png", "KTO": "kto/loss.png"},
         "settings": {"seed": seed, "quick": args.quick, **vars(s), "minutes": minutes,
                      "total_minutes": (time.time() - started) / 60,
-                     "checkpoints": {k: str(v) for k, v in (("pretrain", pt), ("sft", sft_ckpt), ("reward", rm_ckpt),
-                                                           ("dpo", dpo_ckpt), ("ppo", ppo_ckpt), ("grpo", grpo_ckpt))}},
+                     "checkpoints": {k: str(v) for k, v in {"pretrain": pt, "sft": sft_ckpt, "reward": rm_ckpt,
+                                                            **aligned}.items()}},
     }
     report = write_report(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -236,7 +254,7 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
 
     out, ckpts = Path(args.out), run["checkpoints"]
     stages = run["results"]["stages"]
-    best = max(("ppo", "dpo", "grpo"), key=lambda name: stages[name]["score"])
+    best = max((name for name in stages if name != "sft"), key=lambda name: stages[name]["score"])
     url = f"http://127.0.0.1:{args.port}"
     db = out / "palmchat.db"
     command = [sys.executable, "-m", "palmchat.cli", "serve", ckpts[best], "--reward-model", ckpts["reward"],

@@ -33,6 +33,7 @@ __all__ = [
     "ranking_loss",
     "dpo_loss",
     "dpo_ranking_loss",
+    "kto_loss",
     "kl_penalty",
     "gae",
     "ppo_policy_loss",
@@ -384,6 +385,59 @@ def dpo_ranking_loss(
     return loss, rewards.detach()
 
 
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl_policy_logps: Tensor,
+    kl_ref_logps: Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """KTO, Kahneman-Tversky optimisation on unpaired desirable/undesirable completions.
+
+    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306; TRL's ``KTOTrainer``.) With the completion's
+    log-ratio ``r = log pi(y|x) - log pi_ref(y|x)`` (summed token log-probs) and the reference point
+
+        z = max(0, mean_j(log pi(y_j'|x_j) - log pi_ref(y_j'|x_j)))      (detached)
+
+    estimated from mismatched pairs (x_j, y_j') -- a prompt with another example's completion -- the loss of
+    one example is
+
+        desirable:   lambda_D * (1 - sigmoid(beta * (r - z)))
+        undesirable: lambda_U * (1 - sigmoid(beta * (z - r)))
+
+    and the batch loss is the mean over examples (as TRL). The paper recommends
+    ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3].
+
+    Args:
+        policy_logps (Tensor): (B,) policy log-probs of each example's completion.
+        ref_logps (Tensor): (B,) reference log-probs of the same.
+        desirable (Tensor): (B,) bool, True for a desirable (thumbs-up) example.
+        kl_policy_logps (Tensor): (M,) policy log-probs of the mismatched pairs.
+        kl_ref_logps (Tensor): (M,) reference log-probs of the mismatched pairs.
+        beta (float): > 0.
+        desirable_weight (float): lambda_D.
+        undesirable_weight (float): lambda_U.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: scalar loss, detached implicit rewards ``beta * r`` (B,), and the
+        reference point ``z`` (scalar, detached).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    r = _float(policy_logps) - _float(ref_logps)
+    z = (_float(kl_policy_logps) - _float(kl_ref_logps)).mean().clamp_min(0).detach()
+    desirable = desirable.bool().to(r.device)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - r))),
+    )
+    return losses.mean(), (beta * r).detach(), z
+
+
 # --------------------------------------------------------------------------- #
 # Policy-gradient RLHF (PPO / GRPO)
 # --------------------------------------------------------------------------- #
@@ -480,41 +534,65 @@ def ppo_policy_loss(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    clip_eps: float = 0.2,
+    clip_eps: float | None = 0.2,
+    *,
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "sequence"] = "dapo",
+    max_len: int | None = None,
+    num_seqs: int | None = None,
+    num_tokens: int | Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate policy loss.
 
     (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), with
-    ``rho = exp(logp - old_logp)``:
+    ``rho = exp(logp - old_logp)``, per token:
 
-        loss = masked_mean(-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A))
+        l_t = -min(rho_t * A_t, clip(rho_t, 1 - eps, 1 + eps) * A_t) * w_t
 
-    ``old_logp`` and ``advantages`` are treated as constants (detached).
+    reduced over the batch by :func:`aggregate_token_loss` (``loss_type``;
+    the default ``"dapo"`` is the masked mean over every token of the batch).
+    ``w_t`` are optional importance weights (e.g. :func:`truncated_is_weights`),
+    1 by default. ``old_logp``, ``advantages`` and ``is_weights`` are treated as
+    constants (detached).
 
     Args:
         logp (Tensor): (B, T) log-probs of the taken tokens under the current policy.
         old_logp (Tensor): (B, T) log-probs under the policy that sampled them.
         advantages (Tensor): (B, T) advantages.
         mask (Tensor): (B, T) bool/0-1, true on valid response tokens.
-        clip_eps (float): clipping range epsilon.
+        clip_eps (Optional[float]): clipping range epsilon; None (or <= 0) does
+            not clip: the plain importance-weighted surrogate (REINFORCE's
+            gradient at rho = 1).
+        loss_type, max_len, num_seqs, num_tokens: the reduction, see
+            :func:`aggregate_token_loss`.
+        is_weights (Optional[Tensor]): (B, T) per-token weights of the loss.
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: scalar loss and detached stats:
         ``clipfrac`` (fraction of tokens where the clipped term is active),
         ``approx_kl`` (masked mean of the k3 estimator of KL(pi_old || pi),
-        ``(rho - 1) - log rho``) and ``ratio`` (masked mean of ``rho``).
+        ``(rho - 1) - log rho``), ``ratio`` (masked mean of ``rho``) and
+        ``ratio_max``.
     """
     old_logp, advantages = old_logp.detach(), advantages.detach()
-    log_ratio = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))
+    m = mask.bool()
+    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    if clip_eps is not None and clip_eps > 0:
+        clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    else:
+        clipped = unclipped
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
+    loss = aggregate_token_loss(per_token, m, loss_type, max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), m),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, m),
+            "ratio": masked_mean(ratio, m),
+            "ratio_max": torch.where(m, ratio, torch.zeros_like(ratio)).max() if m.any() else ratio.new_ones(()),
         }
     return loss, stats
 
@@ -525,6 +603,7 @@ def ppo_value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_eps: float = 0.2,
+    num_tokens: int | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PPO clipped value loss.
 
@@ -539,6 +618,10 @@ def ppo_value_loss(
         returns (Tensor): (B, T) return targets (e.g. from :func:`gae`).
         mask (Tensor): (B, T) bool/0-1, true on valid response tokens.
         clip_eps (float): value clipping range.
+        num_tokens (Optional[int]): the mean's denominator; default the valid
+            tokens of this batch. A micro-batch of a larger optimizer batch
+            passes the larger batch's count, so the micro-batches' losses add
+            up to the larger batch's.
 
     Returns:
         tuple[Tensor, Tensor]: scalar loss and detached clip fraction
@@ -548,7 +631,7 @@ def ppo_value_loss(
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    loss = 0.5 * aggregate_token_loss(torch.maximum(err, err_clipped), mask, "dapo", num_tokens=num_tokens)
     clipfrac = masked_mean((err_clipped > err).float(), mask).detach()
     return loss, clipfrac
 
@@ -601,3 +684,180 @@ def group_advantages(
     degenerate = (r == r[:, :1]).all(dim=1, keepdim=True)
     adv = torch.where(degenerate, torch.zeros_like(adv), adv)
     return adv.view(-1)
+
+
+# --------------------------------------------------------------------------- #
+# Online RL: loss reductions, KL-shaped rewards, importance weights, RLOO
+# --------------------------------------------------------------------------- #
+
+__all__ += [
+    "aggregate_token_loss",
+    "kl_shaped_rewards",
+    "truncated_is_weights",
+    "leave_one_out_advantages",
+]
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "sequence")
+
+
+def aggregate_token_loss(
+    loss: Tensor,
+    mask: Tensor,
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "sequence"] = "dapo",
+    *,
+    max_len: int | None = None,
+    num_seqs: int | None = None,
+    num_tokens: int | Tensor | None = None,
+) -> Tensor:
+    """Reduce a (B, T) per-token loss over a batch of responses, as each paper defines it.
+
+    With ``L_it`` the loss of token t of response i and ``|o_i|`` its length:
+
+    * ``"grpo"``: ``1/N sum_i 1/|o_i| sum_t L_it`` — mean over each response's
+      tokens, then over responses (Shao et al. 2024, DeepSeekMath eq. 3,
+      https://arxiv.org/abs/2402.03300). A long response's tokens weigh less.
+    * ``"dapo"``: ``sum_it L_it / sum_i |o_i|`` — one mean over every token of
+      the batch (Yu et al. 2025, DAPO's token-level loss,
+      https://arxiv.org/abs/2503.14476; PPO's usual masked mean).
+    * ``"dr_grpo"``: ``sum_it L_it / (N * max_len)`` — a constant normaliser,
+      so no length bias (Liu et al. 2025, "Understanding R1-Zero-Like
+      Training", https://arxiv.org/abs/2503.20783; ``max_len`` is the
+      generation budget, e.g. ``max_new_tokens``).
+    * ``"sequence"``: ``1/N sum_i sum_t L_it`` — the loss of each whole
+      sequence, averaged over sequences: REINFORCE on the sequence log-prob
+      (RLOO, Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740).
+
+    ``N`` and ``sum_i |o_i|`` are this batch's unless ``num_seqs`` /
+    ``num_tokens`` are given: a micro-batch of a larger optimizer batch passes
+    the larger batch's counts, so that the micro-batches' losses add up to the
+    loss of the whole batch (gradient accumulation changes nothing).
+
+    Args:
+        loss (Tensor): (B, T) per-token loss.
+        mask (Tensor): (B, T) bool/0-1, true on valid response tokens.
+        loss_type (str): ``"grpo"``, ``"dapo"``, ``"dr_grpo"`` or ``"sequence"``.
+        max_len (Optional[int]): ``"dr_grpo"``'s constant (required there).
+        num_seqs (Optional[int]): N (default B).
+        num_tokens (Optional[int]): ``"dapo"``'s token count (default the
+            valid tokens of ``mask``).
+
+    Returns:
+        Tensor: scalar loss (0 for a batch without valid tokens).
+
+    Raises:
+        ValueError: unknown ``loss_type``, or ``"dr_grpo"`` without ``max_len``.
+    """
+    m = mask.bool()
+    per_token = torch.where(m, _float(loss), torch.zeros((), dtype=_float(loss).dtype, device=loss.device))
+    n = loss.shape[0] if num_seqs is None else num_seqs
+    if loss_type == "grpo":
+        per_seq = per_token.sum(-1) / m.sum(-1).clamp_min(1).to(per_token.dtype)
+        return per_seq.sum() / max(n, 1)
+    if loss_type == "dapo":
+        count = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=loss.device)
+        return per_token.sum() / count.clamp_min(1).to(per_token.dtype)
+    if loss_type == "dr_grpo":
+        if not max_len or max_len < 1:
+            raise ValueError("loss_type 'dr_grpo' needs max_len (the generation budget) >= 1")
+        return per_token.sum() / (max(n, 1) * max_len)
+    if loss_type == "sequence":
+        return per_token.sum() / max(n, 1)
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+
+
+def kl_shaped_rewards(
+    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards of RLHF with a KL penalty in the reward (Ziegler et al.
+    2019, https://arxiv.org/abs/1909.08593; InstructGPT eq. 2):
+
+        r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t))   on every response token
+        r_T += score                                        on the last one
+
+    The KL term is the k1 estimator on purpose. A reward enters the gradient
+    as ``E[R * grad log pi]``; with k1 that is ``grad KL(pi || pi_ref)``
+    (``E[grad log pi] = 0``), the penalty asked for. With k3 =
+    ``pi_ref/pi - 1 - log(pi_ref/pi)`` it is ``grad KL(pi || pi_ref) -
+    grad KL(pi_ref || pi)``: an unbiased estimate of the KL's *value* whose
+    gradient is not the KL's (Tang & Munos 2025, "On a few pitfalls in KL
+    divergence gradient estimation for RL", https://arxiv.org/abs/2506.09477).
+    k3 belongs in a loss that is differentiated, as GRPO uses it.
+
+    Args:
+        scores (Tensor): (B,) sequence scores.
+        logp (Tensor): (B, T) log-probs of the response tokens under the policy.
+        ref_logp (Tensor): (B, T) the same under the reference.
+        mask (Tensor): (B, T) bool, true on response tokens (a prefix of each row).
+        kl_coef (float): the penalty's weight.
+
+    Returns:
+        tuple[Tensor, Tensor]: rewards (B, T) (0 past each response) and the
+        per-token KL (B, T) (0 past each response), both detached float32.
+
+    Raises:
+        ValueError: a row without response tokens (its score would have nowhere
+        to go).
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        lengths = m.sum(-1)
+        if (lengths == 0).any():
+            rows = torch.nonzero(lengths == 0).flatten().tolist()
+            raise ValueError(f"rows {rows[:5]} have no response token: their score cannot be placed")
+        zero = torch.zeros((), device=logp.device)
+        kl = torch.where(m, _float(logp) - _float(ref_logp), zero)
+        rewards = -kl_coef * kl
+        rewards[torch.arange(len(lengths), device=logp.device), lengths - 1] += _float(scores).to(logp.device)
+        return rewards, kl
+
+
+def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS) weights for rollouts sampled by another
+    engine than the trainer's forward (bf16 inference copy vs training):
+
+        w_t = min(exp(logp_train_old - logp_rollout), cap)
+
+    as verl and OpenRLHF apply to the policy-gradient loss (Yao et al. 2025,
+    "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training",
+    https://fengyao.notion.site/off-policy-rl). The tokens were drawn from the
+    rollout engine's distribution, so the on-policy gradient needs this ratio;
+    truncating at ``cap`` bounds its variance.
+
+    Args:
+        old_logp (Tensor): (B, T) log-probs under the trainer's forward at rollout time.
+        rollout_logp (Tensor): (B, T) log-probs the engine sampled with.
+        mask (Tensor): (B, T) bool, true on response tokens.
+        cap (float): the truncation C (> 0).
+
+    Returns:
+        Tensor: (B, T) detached float32 weights, 1 past each response.
+    """
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    with torch.no_grad():
+        w = torch.exp(_float(old_logp) - _float(rollout_logp).to(old_logp.device)).clamp(max=cap)
+        return torch.where(mask.bool(), w, torch.ones_like(w))
+
+
+def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
+    """RLOO advantages (Ahmadian et al. 2024, "Back to Basics",
+    https://arxiv.org/abs/2402.14740; Kool et al. 2019): ``rewards`` holds
+    consecutive groups of k samples of one prompt, and each sample's baseline is
+    the mean reward of the other k - 1:
+
+        A_i = r_i - 1/(k-1) sum_{j != i} r_j   ( = k/(k-1) (r_i - mean(group)) )
+
+    Args:
+        rewards (Tensor): (N,) rewards, N = prompts * k.
+        k (int): samples per prompt, >= 2.
+
+    Returns:
+        Tensor: (N,) advantages in float32 (float64 for float64 input).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
+    if k < 2 or rewards.numel() % k != 0:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of k={k} >= 2")
+    r = _float(rewards).view(-1, k)
+    baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).view(-1)

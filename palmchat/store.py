@@ -7,6 +7,10 @@ What is stored, and why in this form:
   prompt starts with exactly the tokens whose K/V the scheduler's prefix cache holds;
 - a conversation is an ordered list of items; each item keeps the token ids it contributes (a user turn, or
   `<|assistant|>` + the sampled reply + `<|end|>`), so the conversation's context is bos + their concatenation;
+- token ids mean nothing without their tokenizer, and the server may be restarted with a checkpoint of another
+  one: every stored list of ids carries the sha256 of the tokenizer that made it (`tokenizer`, schema v3), and a
+  response also keeps its context as text (`messages`). The server uses stored ids only under the tokenizer they
+  name, and otherwise renders the conversation again from its text (palmchat/serve/routes/responses.py);
 - an API key is kept only as the sha256 of its secret (keys are 256-bit random, so no salt or slow hash is
   needed: there is nothing to brute-force), with a short prefix to recognise it by in `palmchat keys list`;
 - human feedback (schema v2, palmchat/feedback/exchange.py reads it back for export): `feedback` holds thumbs up/down on
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA_V1 = """
 CREATE TABLE api_keys (
@@ -105,7 +109,13 @@ CREATE TABLE rankings (
 )
 """
 
-_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}
+SCHEMA_V3 = """
+ALTER TABLE items ADD COLUMN tokenizer TEXT;      -- sha256 of the tokenizer of `tokens` (NULL: stored before v3)
+ALTER TABLE responses ADD COLUMN tokenizer TEXT;  -- sha256 of the tokenizer of `context` (NULL: stored before v3)
+ALTER TABLE responses ADD COLUMN messages TEXT;   -- JSON [{"role", "content"}]: `context` as text (NULL before v3)
+"""
+
+_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 
 
 def pack_ids(ids) -> bytes:
@@ -208,29 +218,36 @@ class Store:
     # -- responses ------------------------------------------------------------------------------------
 
     def get_response(self, owner: str, response_id: str) -> dict | None:
-        """{"body", "input_items", "context", "conversation_id"} of one of `owner`'s responses, or None."""
-        rows = self._read("SELECT body, input_items, context, conversation_id FROM responses "
+        """{"body", "input_items", "context", "conversation_id", "tokenizer", "messages"} of one of `owner`'s
+        responses, or None. `tokenizer` is the sha256 of the tokenizer of `context`, `messages` the context as
+        text (both None for a response stored before schema v3)."""
+        rows = self._read("SELECT body, input_items, context, conversation_id, tokenizer, messages FROM responses "
                           "WHERE id = ? AND owner = ?", (response_id, owner))
         if not rows:
             return None
-        body, items, context, conversation_id = rows[0]
+        body, items, context, conversation_id, tokenizer, messages = rows[0]
         return {"body": json.loads(body), "input_items": json.loads(items), "context": unpack_ids(context),
-                "conversation_id": conversation_id}
+                "conversation_id": conversation_id, "tokenizer": tokenizer,
+                "messages": None if messages is None else json.loads(messages)}
 
     def delete_response(self, owner: str, response_id: str) -> bool:
         with self.transaction() as db:
             return db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).rowcount > 0
 
     def commit_turn(self, owner: str, response: dict | None, input_items: list[dict], context: list[int],
-                    conversation_id: str | None, new_items: list[tuple[dict, list[int]]]) -> None:
-        """One turn in one transaction: the response (when stored) and the items it adds to its conversation."""
+                    conversation_id: str | None, new_items: list[tuple[dict, list[int]]],
+                    tokenizer: str | None = None, messages: list[dict] | None = None) -> None:
+        """One turn in one transaction: the response (when stored) and the items it adds to its conversation.
+        `tokenizer`: the sha256 of the tokenizer of `context` and of the items' ids; `messages`: `context` as text
+        ({"role", "content"} each), from which it can be rendered again under another tokenizer."""
         with self.transaction() as db:
             if response is not None:
-                db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (response["id"], owner, response["created_at"], json.dumps(response),
-                            json.dumps(input_items), pack_ids(context), conversation_id))
+                            json.dumps(input_items), pack_ids(context), conversation_id, tokenizer,
+                            None if messages is None else json.dumps(messages)))
             if conversation_id is not None and new_items:
-                self._append_items(db, owner, conversation_id, new_items)
+                self._append_items(db, owner, conversation_id, new_items, tokenizer)
 
     def instructions_of_item(self, owner: str, conversation_id: str, item_id: str) -> str | None:
         """The `instructions` the assistant item was generated with (they are not in the conversation itself): from
@@ -247,11 +264,12 @@ class Store:
 
     # -- conversations --------------------------------------------------------------------------------
 
-    def create_conversation(self, owner: str, conversation: dict, items: list[tuple[dict, list[int]]]) -> None:
+    def create_conversation(self, owner: str, conversation: dict, items: list[tuple[dict, list[int]]],
+                            tokenizer: str | None = None) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)",
                        (conversation["id"], owner, conversation["created_at"], json.dumps(conversation["metadata"])))
-            self._append_items(db, owner, conversation["id"], items)
+            self._append_items(db, owner, conversation["id"], items, tokenizer)
 
     def get_conversation(self, owner: str, conversation_id: str) -> dict | None:
         rows = self._read("SELECT created_at, metadata FROM conversations WHERE id = ? AND owner = ?",
@@ -277,19 +295,22 @@ class Store:
             return db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
                               (conversation_id, owner)).rowcount > 0
 
-    def _append_items(self, db, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]]) -> None:
+    def _append_items(self, db, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]],
+                      tokenizer: str | None) -> None:
         owned = db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner))
         if not owned.fetchone():
             raise KeyError(conversation_id)  # deleted while the turn was generated
         last = db.execute("SELECT coalesce(max(position), -1) FROM items WHERE conversation_id = ?",
                           (conversation_id,)).fetchone()[0]
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)",
-                       [(item["id"], conversation_id, last + 1 + i, json.dumps(item), pack_ids(tokens))
+        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                       [(item["id"], conversation_id, last + 1 + i, json.dumps(item), pack_ids(tokens), tokenizer)
                         for i, (item, tokens) in enumerate(items)])
 
-    def add_items(self, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]]) -> None:
+    def add_items(self, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]],
+                  tokenizer: str | None = None) -> None:
+        """Append items, each with the token ids it adds to the context; `tokenizer`: the sha256 of their tokenizer."""
         with self.transaction() as db:
-            self._append_items(db, owner, conversation_id, items)
+            self._append_items(db, owner, conversation_id, items, tokenizer)
 
     def items(self, conversation_id: str) -> list[dict]:
         """The conversation's items in order (the caller checked the owner)."""
@@ -310,10 +331,12 @@ class Store:
             return db.execute("DELETE FROM items WHERE conversation_id = ? AND id = ?",
                               (conversation_id, item_id)).rowcount > 0
 
-    def context(self, conversation_id: str) -> list[int]:
-        """The conversation's token ids without the leading bos: its items' tokens, in order."""
-        rows = self._read("SELECT tokens FROM items WHERE conversation_id = ? ORDER BY position", (conversation_id,))
-        return [t for r in rows for t in unpack_ids(r[0])]
+    def context_items(self, conversation_id: str) -> list[tuple[dict, list[int], str | None]]:
+        """(item, token ids, sha256 of their tokenizer or None before schema v3) of each item, in order: what a
+        conversation's context is made of, and what to render it from again under another tokenizer."""
+        rows = self._read("SELECT body, tokens, tokenizer FROM items WHERE conversation_id = ? ORDER BY position",
+                          (conversation_id,))
+        return [(json.loads(b), unpack_ids(t), h) for b, t, h in rows]
 
     # -- feedback: thumbs, comparisons, the labelling queue (schema v2) -----------------------------------
 
@@ -415,9 +438,10 @@ class Store:
         return True
 
     def commit_comparison(self, owner: str, task: dict, labeller: str, ranking: list[str],
-                          items: list[tuple[dict, list[int]]]) -> None:
-        """One transaction: the ranking of a compare task and the turn it adds to its conversation. KeyError if
-        the conversation is gone, StoreError if it changed since the candidates were sampled or was ranked."""
+                          items: list[tuple[dict, list[int]]], tokenizer: str | None = None) -> None:
+        """One transaction: the ranking of a compare task and the turn it adds to its conversation (ids of the
+        tokenizer whose sha256 is `tokenizer`). KeyError if the conversation is gone, StoreError if it changed since
+        the candidates were sampled or was ranked."""
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM rankings WHERE task_id = ?", (task["id"],)).fetchone():
                 raise StoreError("this comparison was ranked already")
@@ -430,7 +454,7 @@ class Store:
                 raise StoreError("the conversation changed after these candidates were generated; compare again")
             db.execute("INSERT INTO rankings VALUES (?, ?, ?, ?)",
                        (task["id"], labeller, json.dumps(ranking), time.time()))
-            self._append_items(db, owner, task["conversation_id"], items)
+            self._append_items(db, owner, task["conversation_id"], items, tokenizer)
 
     def rankings(self, kind: str | None = None) -> list[dict]:
         """{"task_id", "labeller", "ranking", "created_at"} of every ranking (of `kind` tasks), oldest first."""

@@ -26,27 +26,51 @@ import torch
 
 from palmchat import checkpoint
 from palmchat.checkpoint.heads import save_reward_model
-from palmchat.model.config import preset
+from palmchat.model.config import ModelConfig, preset
 from palmchat.model.heads import RewardModel
 from palmchat.model.transformer import Transformer
-from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.bpe import Tokenizer, train_tokenizer
 from palmchat.tokenizer.chat_format import NUM_SPECIAL_TOKENS
 
 CONTEXT = 2048
 
 
+def world_tokenizer(reverse: bool = False) -> Tokenizer:
+    """A 512-token tokenizer trained on the bundled world's documents (reverse: on the same documents written
+    backwards, which gives another tokenizer of the same size: the same ids mean other text)."""
+    from palmchat.world.synthetic import World
+
+    documents = World(seed=0).pretraining_documents(400)
+    return train_tokenizer([d[::-1] for d in documents] if reverse else documents, vocab_size=512)
+
+
 def build_checkpoints(root: Path, shape: str = "tiny", context: int | None = CONTEXT) -> tuple[Path, Path]:
     """(policy checkpoint, reward-model checkpoint) of a model preset (context None: the preset's), sharing a
     tokenizer trained on the bundled world."""
-    from palmchat.world.synthetic import World
-
-    tokenizer = train_tokenizer(World(seed=0).pretraining_documents(400), vocab_size=512)
+    tokenizer = world_tokenizer()
     tok_path = Path(tokenizer.save(root / "tokenizer.json"))
+    policy, config = build_policy(root / f"{shape}-chat", tokenizer, tok_path, shape, context)
+    reward = save_reward_model(RewardModel(Transformer(config), tokenizer.chat_format.eot_id), root / f"{shape}-rm", 0,
+                               {"stage": "reward"}, tok_path)
+    return policy, reward.parent
+
+
+def build_policy(out: Path, tokenizer: Tokenizer, tok_path: Path, shape: str = "tiny",
+                 context: int | None = CONTEXT, steer: bool = True) -> tuple[Path, ModelConfig]:
+    """A policy checkpoint (run folder `out`) with the random weights described above, and its config. steer=False:
+    random weights with the input projections of every block x3 instead, whose greedy reply depends on the
+    whole prompt (the steered model's hardly does) and may end at any special token."""
     config = preset(shape, vocab_size=tokenizer.vocab_size, tie_embeddings=False,
                     **({"max_seq_len": context} if context else {}))
     torch.manual_seed(0)
     model = Transformer(config)
     with torch.no_grad():
+        if not steer:
+            for name, weight in model.named_parameters():
+                if name.endswith(("in_proj.weight", "qkv.weight", "gate_up.weight")):
+                    weight.mul_(3)  # sharper attention: the reply turns on which tokens the prompt holds
+            return checkpoint.save_checkpoint(out, 0, model, {"stage": "sft", "model": config.to_dict()},
+                                              tok_path).parent, config
         embed, head = model.embed.weight, model.lm_head.weight
         c = torch.randn(config.dim)
         c -= c.mean()  # the final LayerNorm removes the mean: only the rest of c survives it
@@ -59,11 +83,8 @@ def build_checkpoints(root: Path, shape: str = "tiny", context: int | None = CON
                       if any(ch == "\ufffd" or (ord(ch) < 32 and ch != "\n") or ord(ch) == 127
                              for ch in tokenizer.decode([i]))]
         head[list(range(NUM_SPECIAL_TOKENS)) + unreadable] = -c
-    policy = checkpoint.save_checkpoint(root / f"{shape}-chat", 0, model,
-                                        {"stage": "sft", "model": config.to_dict()}, tok_path)
-    reward = save_reward_model(RewardModel(Transformer(config), tokenizer.chat_format.eot_id), root / f"{shape}-rm", 0,
-                               {"stage": "reward"}, tok_path)
-    return policy.parent, reward.parent
+    policy = checkpoint.save_checkpoint(out, 0, model, {"stage": "sft", "model": config.to_dict()}, tok_path)
+    return policy.parent, config
 
 
 def build_demo_shaped_checkpoint(root: Path) -> Path:

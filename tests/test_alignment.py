@@ -46,20 +46,50 @@ def test_sft_loss_falls_and_only_assistant_tokens_count(pipeline):
     rows = [json.loads(line) for line in (pipeline["root"] / "sft" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert val[-1] < val[0]
+    # the trainer's loss is the mean next-token loss over the assistant replies and their eot, nothing else
+    from palmchat.data.chat import encode_sft
+    from palmchat.train.sft import batch_loss
+
+    model, _, ckpt = checkpoint.load_model(pipeline["sft"])
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    chat = tokenizer.chat_format
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                    {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 2 + 4?"},
+                    {"role": "assistant", "content": "6."}]
+    example = encode_sft(tokenizer, conversation, 128)
+    replies = [tokenizer.encode("5.") + [chat.eot_id], tokenizer.encode("6.") + [chat.eot_id]]
+    assert [t for t in example.targets if t != -100] == replies[0] + replies[1]
+    with torch.no_grad():
+        loss = batch_loss(model.eval(), [example], chat.pad_id, "cpu", None)
+        logp = torch.log_softmax(model(torch.tensor([example.ids]))[0].float(), -1)
+    counted = [(t, y) for t, y in enumerate(example.targets) if y != -100]
+    by_hand = -sum(logp[t, y] for t, y in counted) / len(counted)
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
 
 
 def test_engine_logprobs_match_training_forward(pipeline):
+    """The trainer's own path at temperature 0.7 in fp32: the log-probs PPO recomputes for its ratio, KL and
+    advantages (rollout_logprobs on the policy PPO trains) equal those the engine sampled with, for the sampled
+    multi-turn conversations too; the run logs the largest gap."""
     model, _, ckpt = checkpoint.load_model(pipeline["sft"])
     tokenizer = checkpoint.load_tokenizer(ckpt)
     model.eval()
-    prompts = ["What is 2 + 3?", "Sort these numbers: 5, 2, 9.", "Reverse the word 'lamp'."]
-    rollout = sample(Engine(model), tokenizer, prompts, max_new_tokens=12, seed=1, temperature=1.0)
+    prompts = ["What is 2 + 3?", [{"role": "system", "content": "Answer briefly."},
+                                  {"role": "user", "content": "Sort these numbers: 5, 2, 9."}],
+               "Reverse the word 'lamp'."]
+    rollout = sample(Engine(model), tokenizer, prompts, max_new_tokens=12, seed=1, temperature=0.7)
     assert len(set(rollout.response_lens.tolist())) > 1 or not rollout.finished.all()
     with torch.no_grad():
         recomputed = rollout_logprobs(model, rollout)
     mask = rollout.mask
-    assert (recomputed[mask] - rollout.sample_logprobs[mask]).abs().max() < 1e-4
+    assert (recomputed[mask] - rollout.sample_logprobs[mask]).abs().max() < 1e-5
     assert (recomputed[~mask] == 0).all()
+    root = pipeline["root"]
+    ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / "ppo_t07"), iterations=1,
+                rollout_batch=8, minibatch=8, ppo_epochs=1, max_new_tokens=12, dtype="fp32", temperature=0.7,
+                prompts=[str(pipeline["data"] / "prompts_train.jsonl")]))
+    row = json.loads((root / "ppo_t07" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["logprob_mismatch"] < 1e-5 and row["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_reward_is_read_at_each_responses_own_end_of_turn(pipeline):
@@ -115,6 +145,7 @@ def test_dpo_with_lora_saves_only_the_adapter_and_merges(pipeline):
     out = dpo(DPOArgs(base=str(pipeline["sft"]), data=[str(pipeline["data"] / "pairs.jsonl")],
                       out=str(pipeline["root"] / "dpo"), epochs=1, batch_size=8, lora_rank=4, dtype="fp32", lr=1e-3))
     assert (out / "adapter.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert checkpoint.read_config(out)["method"] == "dpo"  # plain DPO by default, not RPO
     merged, config, _ = checkpoint.load_model(out)
     base, _, _ = checkpoint.load_model(pipeline["sft"])
     x = torch.randint(0, 320, (1, 20))
@@ -135,27 +166,38 @@ def test_ppo_and_grpo_run_and_save(pipeline):
     assert rows[0]["logprob_mismatch"] < 1e-4  # fp32: sampling and training log-probs agree
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
     assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adaptive control moved
+    assert all(r["tis_weight"] == 1.0 for r in rows)  # fp32 rollouts: no importance correction
     checkpoint.load_model(out)
     # bf16 rollouts come from the engine's packed inference copy: it must follow every update (fused AdamW
-    # does not bump the version counters the engine checks), else PPO keeps sampling from the start policy
+    # does not bump the version counters the engine checks), else PPO keeps sampling from the start policy.
+    # Its numerics differ from the training forward's: TIS weights correct that, and are logged
     ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / "ppo_bf16"), iterations=3,
                 rollout_batch=8, minibatch=4, max_new_tokens=12, dtype="bf16", lr=3e-3))
     rows = [json.loads(line) for line in (root / "ppo_bf16" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["logprob_mismatch"] for r in rows) < 0.25  # a stale copy: > 1 here
-    out = ppo(PPOArgs(base=str(pipeline["sft"]), reward="verifier", out=str(root / "ppo_lora"), iterations=1,
-                      rollout_batch=8, minibatch=8, max_new_tokens=12, lora_rank=4))
+    assert all(0 < r["tis_weight"] <= 2.0 and r["tis_weight"] != 1.0 for r in rows)
+    out = ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / "ppo_lora"), iterations=1,
+                      rollout_batch=8, minibatch=8, max_new_tokens=12, lora_rank=4, gradient_checkpointing=True))
     assert (out / "adapter.safetensors").exists()
     for lora_rank in (0, 4):  # the separate critic (a backbone of its own, or a critic adapter on the shared base)
         out = ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / f"ppo_sep{lora_rank}"),
                           iterations=2, rollout_batch=8, minibatch=4, max_new_tokens=12, dtype="fp32",
-                          critic="separate", lora_rank=lora_rank))
+                          critic="separate", lora_rank=lora_rank, save_every=1))
         rows = [json.loads(line) for line in (root / f"ppo_sep{lora_rank}" / "metrics.jsonl").read_text().splitlines()]
         assert rows[0]["logprob_mismatch"] < 1e-4 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
         assert all(r["value_loss"] > 0 for r in rows)
         checkpoint.load_model(out)
-    out = grpo(GRPOArgs(base=str(pipeline["sft"]), out=str(root / "grpo"), iterations=1, prompts_per_iteration=2,
-                        group_size=4, max_new_tokens=12, dtype="fp32"))
-    checkpoint.load_model(out)
+        # the critic and its optimizer are part of the resumable state
+        ppo(PPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / f"ppo_sep{lora_rank}"),
+                    iterations=3, rollout_batch=8, minibatch=4, max_new_tokens=12, dtype="fp32", critic="separate",
+                    lora_rank=lora_rank, save_every=1, resume=True))
+    for loss_type in ("grpo", "dr_grpo"):
+        out = grpo(GRPOArgs(base=str(pipeline["sft"]), reward=str(pipeline["rm"]), out=str(root / f"grpo_{loss_type}"),
+                            iterations=1, prompts_per_iteration=2, group_size=4, max_new_tokens=12, dtype="bf16",
+                            loss_type=loss_type, minibatch=8, grad_accum=2, gradient_checkpointing=True))
+        row = json.loads((root / f"grpo_{loss_type}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert 0 <= row["zero_variance_frac"] <= 1 and row["tis_weight"] != 1.0 and row["logprob_mismatch"] < 0.25
+        checkpoint.load_model(out)
 
 
 def test_reward_lm_regulariser_is_the_top_responses_own_next_token_loss(pipeline):

@@ -65,7 +65,9 @@ def test_world_bundle_rankings_best_first(bundle):
     assert len(ranks) == SIZES["rankings"]
     for r, rec in zip(ranks, raw):
         assert isinstance(r, Ranking)
-        assert r.prompt_messages == [{"role": "user", "content": rec["prompt"]}]
+        # a prompt is one user message, or (multi-turn) the conversation so far, ending with a user turn
+        expected = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+        assert r.prompt_messages == expected and r.prompt_messages[-1]["role"] == "user"
         assert r.responses == [rec["responses"][i] for i in rec["ranking"]]
         assert len(r.responses) == 4
 
@@ -77,11 +79,15 @@ def test_world_bundle_pairs(bundle):
 
 
 def test_world_bundle_prompts(bundle):
-    for name in ("prompts_heldout", "prompts_train"):
-        prompts = load_prompts(bundle[name])
-        raw = [json.loads(line) for line in bundle[name].read_text().splitlines()]
-        assert prompts == [[{"role": "user", "content": rec["prompt"]}] for rec in raw]
-    assert len(load_prompts(bundle["prompts_heldout"])) == SIZES["prompts_heldout"]
+    heldout = load_prompts(bundle["prompts_heldout"])
+    raw = [json.loads(line) for line in bundle["prompts_heldout"].read_text().splitlines()]
+    assert heldout == [[{"role": "user", "content": rec["prompt"]}] for rec in raw]
+    assert len(heldout) == SIZES["prompts_heldout"]
+    train = load_prompts(bundle["prompts_train"])
+    raw = [json.loads(line) for line in bundle["prompts_train"].read_text().splitlines()]
+    assert train == [rec["messages"] for rec in raw] and len(train) == SIZES["prompts_train"]
+    assert all(m[-1]["role"] == "user" for m in train)
+    assert any(len(m) > 1 for m in train)  # some are conversations, for the RL stages
 
 
 def test_other_good_forms_and_blank_lines(tmp_path):
@@ -316,3 +322,48 @@ def test_ranking_batch_with_model_end_to_end(tok):
             alone = model(b["ids"][i:i + 1, :L])
             ref = sequence_logprobs(alone, b["ids"][i:i + 1, :L], b["prompt_lens"][i:i + 1], b["lengths"][i:i + 1])
             assert lp[i].item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+# ============================================================================ one truncation policy
+def test_a_ranking_prompt_is_truncated_once_for_all_its_responses(tok):
+    """Chosen and rejected must be compared on the same context: a long prompt is cut once per ranking, leaving
+    room for its longest response, and every response sees the same prompt tokens (bos first)."""
+    prompt = [{"role": "user", "content": "word " * 40}]
+    ranking = Ranking(prompt, ["The answer is 5.", "No.", "It is five, because two and three make five."])
+    b = ranking_batch(tok, [ranking], max_len=40)
+    heads = {tuple(b["ids"][i, :int(b["prompt_lens"][i])].tolist()) for i in range(3)}
+    assert len(heads) == 1 and b["prompt_lens"].unique().numel() == 1
+    head = heads.pop()
+    assert head[0] == BOS_ID and head[-1] == ASSISTANT_ID
+    full = tok.chat_format.render_prompt(prompt)
+    assert list(head[1:]) == full[len(full) - (len(head) - 1):]  # the newest prompt tokens
+    longest = len(tok.encode(ranking.responses[2])) + 1
+    assert len(head) == 40 - longest and int(b["lengths"].max()) == 40
+    for i, text in enumerate(ranking.responses):  # every response whole
+        assert b["ids"][i, len(head):int(b["lengths"][i])].tolist() == tok.encode(text) + [EOT_ID]
+
+
+def test_max_prompt_len_caps_the_prompt_and_a_response_that_cannot_fit_is_an_error(tok):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 30}]
+    ranking = Ranking(prompt, ["The answer is 5.", "No."])
+    b = ranking_batch(tok, [ranking], max_len=64, max_prompt_len=10)
+    assert b["prompt_lens"].tolist() == [10, 10] and (b["ids"][:, 0] == BOS_ID).all()
+    assert (b["ids"][:, 9] == ASSISTANT_ID).all()
+    assert bool(b["truncated"].all())
+    # the prompt limit leaves 64 - 10 = 54 tokens: a long response loses its tail, keeps its eot
+    long = Ranking(prompt, ["long answer " * 40, "No."])
+    b = ranking_batch(tok, [long], max_len=64, max_prompt_len=10)
+    assert int(b["lengths"][0]) == 64 and b["ids"][0, 63].item() == EOT_ID
+    # the prompt never takes more than leaves its longest response whole, down to bos + assistant token: only
+    # a limit with no room for one response token is an error, never a silently empty response
+    room = 12 - len(tok.encode("The answer is 5.")) - 1
+    assert ranking_batch(tok, [ranking], max_len=12, max_prompt_len=11)["prompt_lens"].tolist() == [room, room]
+    with pytest.raises(ValueError, match="nothing of a .*response fits"):
+        ranking_batch(tok, [ranking], max_len=3)
+    assert scoring_sequence([BOS_ID, ASSISTANT_ID], [], 3, EOT_ID).ids == [BOS_ID, ASSISTANT_ID, EOT_ID]
+    with pytest.raises(ValueError, match="max_prompt_len must be >= 2"):
+        ranking_batch(tok, [ranking], max_len=64, max_prompt_len=1)
+    # scoring one (prompt, response) is the one-response case of the same policy
+    one = scoring_sequence([BOS_ID, USER_ID, 10, 11, 12, EOT_ID, ASSISTANT_ID], [20, 21], 64, EOT_ID,
+                           max_prompt_len=4)
+    assert one.ids == [BOS_ID, 12, EOT_ID, ASSISTANT_ID, 20, 21, EOT_ID] and one.prompt_truncated == 3

@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from palmchat.eval.policy import evaluate_best_of_n, evaluate_policy, generate_replies, policy_kl, win_rate
+from palmchat.eval.policy import (
+    Reply,
+    evaluate_best_of_n,
+    evaluate_policy,
+    generate_replies,
+    policy_kl,
+    prompt_seed,
+    win_rate,
+)
 from palmchat.eval.report import BEST_OF_N_PLOT, STAGE_PLOT, write_report
 from palmchat.inference.best_of_n import best_of_n, best_of_n_batch, sample_seed, score_completions
 from palmchat.inference.engine import Completion, Engine, SamplingParams
@@ -49,9 +57,33 @@ def prompts(world):
 
 
 @pytest.fixture(scope="module")
-def policy_eval(model, tokenizer, world, prompts, reward_model):
-    return evaluate_policy(model, tokenizer, world, prompts, reference=model, reward_model=reward_model,
+def reference(model):
+    """The model with its weights perturbed: a reference whose KL from the model is positive."""
+    torch.manual_seed(2)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def conversations(world, prompts):
+    """The same held-out questions asked as later turns, half of them as follow-ups."""
+    return world.multi_turn_prompts(prompts, seed=1, follow_ups=0.5, turns=(1, 1))  # fits the tiny context
+
+
+@pytest.fixture(scope="module")
+def policy_eval(model, tokenizer, world, prompts, reward_model, reference):
+    return evaluate_policy(model, tokenizer, world, prompts, reference=reference, reward_model=reward_model,
                            max_new_tokens=MAX_NEW, seed=3)
+
+
+def _ref_logprob(reference, prompt_ids, tokens):
+    """log p_reference(tokens | prompt), by hand: one forward pass, log-softmax, pick each next token."""
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt_ids + tokens]))[0, len(prompt_ids) - 1:-1]
+    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).sum().item()
 
 
 # ---- evaluate_policy -------------------------------------------------------------------------
@@ -73,25 +105,40 @@ def test_evaluate_policy_keys_and_ranges(policy_eval, prompts):
     assert ex["prompt"] == prompts[0] and isinstance(ex["reply"], str) and "score" in ex["verdict"]
 
 
-def test_kl_to_itself_is_zero(policy_eval):
-    assert abs(policy_eval["kl"]) < 1e-4
-
-
-def test_kl_matches_sampler_logprobs_against_each_reply_alone(model, tokenizer, prompts):
-    """Batched k1 KL = sum(engine logprobs at T=1) - reference log-prob of each reply scored alone."""
-    reference = copy.deepcopy(model)
+def test_kl_is_exact_on_one_token_replies(model, reference, tokenizer, prompts):
+    """Every one-token reply, weighted by its probability under the model: the k1 estimates average to the exact
+    KL(model || reference) of the first reply token, sum_y p(y) (log p(y) - log q(y)), which is positive. A sign
+    bug makes it negative, a shift (scoring the token after, or the prompt's last) makes it another number."""
+    ids = tokenizer.chat_format.render_prompt([{"role": "user", "content": prompts[0]}])
+    vocab = tokenizer.vocab_size
+    kls = policy_kl(model, reference, [ids] * vocab, [[y] for y in range(vocab)], batch_size=64)
     with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+        logp = model(torch.tensor([ids]))[0, -1].log_softmax(-1)
+        logq = reference(torch.tensor([ids]))[0, -1].log_softmax(-1)
+    assert kls == pytest.approx((logp - logq).tolist(), abs=1e-4)  # each reply: log p(y) - log q(y)
+    exact = (logp.exp() * (logp - logq)).sum().item()
+    estimate = sum(p * k for p, k in zip(logp.exp().tolist(), kls))
+    assert exact > 1e-4
+    assert estimate == pytest.approx(exact, rel=1e-3, abs=1e-6)
+
+
+def test_kl_matches_sampler_logprobs_against_each_reply_alone(model, reference, tokenizer, prompts):
+    """Batched k1 KL = sum(engine logprobs at T=1) - reference log-prob of each reply scored alone."""
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=1, batch_size=4)
     ids = [tokenizer.chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts]
     kls = policy_kl(model, reference, ids, [r.tokens for r in replies], batch_size=4)
     for prompt, reply, kl in zip(ids, replies, kls):
-        with torch.no_grad():
-            logits = reference(torch.tensor([prompt + reply.tokens]))[0, len(prompt) - 1:-1]
-        ref = logits.log_softmax(-1).gather(-1, torch.tensor(reply.tokens)[:, None]).sum().item()
-        assert kl == pytest.approx(sum(reply.logprobs) - ref, abs=1e-3)
+        assert kl == pytest.approx(sum(reply.logprobs) - _ref_logprob(reference, prompt, reply.tokens), abs=1e-3)
     assert any(abs(k) > 1e-3 for k in kls)
+
+
+def test_evaluate_policy_kl_is_the_mean_over_its_replies(policy_eval, model, reference, tokenizer, prompts):
+    """evaluate_policy's kl: the mean over its own sampled replies of log p_model - log p_reference, by hand."""
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW, seed=3)
+    ids = [tokenizer.chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    by_hand = [sum(r.logprobs) - _ref_logprob(reference, i, r.tokens) for i, r in zip(ids, replies)]
+    assert policy_eval["kl"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-3)
+    assert abs(policy_eval["kl"]) > 1e-3
 
 
 def test_replies_do_not_depend_on_batch_size(model, tokenizer, prompts):
@@ -101,15 +148,104 @@ def test_replies_do_not_depend_on_batch_size(model, tokenizer, prompts):
     assert all(r.finish_reason in ("stop", "length") for r in a)
 
 
-def test_win_rate(policy_eval, model, tokenizer, world, prompts):
-    assert win_rate(policy_eval["scores"], policy_eval["scores"]) == 0.5
-    again = evaluate_policy(model, tokenizer, world, prompts, baseline_scores=policy_eval["scores"],
-                            max_new_tokens=MAX_NEW, seed=3)
-    assert again["win_rate"] == 0.5  # same model, same seed: every prompt ties
-    assert win_rate([1.0, 0.0, 0.5], [0.5, 0.0, 1.0]) == 0.5
-    assert win_rate([1.0, 1.0], [0.0, 0.3]) == 1.0
+def test_win_rate():
+    assert win_rate([1.0, 0.4, 0.31], [0.9, 0.0, 0.3]) == 1.0  # strictly better on every prompt
+    assert win_rate([0.9, 0.0, 0.3], [1.0, 0.4, 0.31]) == 0.0  # strictly worse
+    assert win_rate([0.3, 0.7], [0.3, 0.7]) == 0.5  # ties
+    assert win_rate([1.0, 0.0, 0.5, 0.2], [0.5, 0.5, 0.5, 0.3]) == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert win_rate([0.5 + 1e-12], [0.5]) == 0.5  # within tie_tol
     with pytest.raises(ValueError, match="same prompts"):
         win_rate([1.0], [1.0, 0.0])
+    with pytest.raises(ValueError):
+        win_rate([], [])
+
+
+def test_evaluate_policy_win_rate_is_against_the_baseline(policy_eval, model, tokenizer, world, prompts):
+    """The same replies against a baseline shifted down on every prompt win everywhere, shifted up lose."""
+    scores = policy_eval["scores"]
+    for shift, expected in ((-0.1, 1.0), (0.1, 0.0), (0.0, 0.5)):
+        again = evaluate_policy(model, tokenizer, world, prompts, baseline_scores=[s + shift for s in scores],
+                                max_new_tokens=MAX_NEW, seed=3)
+        assert again["scores"] == scores and again["win_rate"] == expected, shift
+
+
+# ---- conversations ---------------------------------------------------------------------------
+
+
+def test_replies_to_conversations_render_the_whole_conversation(model, tokenizer, conversations):
+    """Prompt i (a message list) is generated from the rendering of all its messages, with prompt i's seed."""
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=MAX_NEW, seed=2, batch_size=4)
+    engine, eot = Engine(model), tokenizer.chat_format.eot_id
+    differ = 0
+    for i, (conv, reply) in enumerate(zip(conversations, replies)):
+        ids = tokenizer.chat_format.render_prompt(conv)
+        alone = engine.generate([ids], SamplingParams(max_new_tokens=MAX_NEW, seed=prompt_seed(2, i),
+                                                      stop_token_ids=(eot,)))[0]
+        assert reply.tokens == alone.tokens
+        last = tokenizer.chat_format.render_prompt(conv[-1:])
+        differ += engine.generate([last], SamplingParams(max_new_tokens=MAX_NEW, seed=prompt_seed(2, i),
+                                                         stop_token_ids=(eot,)))[0].tokens != reply.tokens
+    assert differ > 0  # the earlier turns change what the model says
+
+
+def _oracle(world, answer_turn=-1):
+    """A stand-in for generate_replies that answers, for each prompt, the question of one of its user turns."""
+    def generate(model, tokenizer, prompts, **kwargs):
+        out = []
+        for p in prompts:
+            if isinstance(p, list):
+                users = [i for i, m in enumerate(p) if m["role"] == "user"]
+                p = p[:users[answer_turn] + 1]
+            text = world.reference(p)
+            out.append(Reply(text, tokenizer.encode(text) + [tokenizer.chat_format.eot_id], [], "stop"))
+        return out
+    return generate
+
+
+def test_evaluate_policy_verifies_the_last_turn_of_each_conversation(monkeypatch, model, tokenizer, world,
+                                                                     prompts, conversations):
+    """A policy that answers every last turn correctly scores 1 on the questions asked alone and asked as later
+    turns (follow-ups included); one that answers the turn before scores 0 on the conversations."""
+    assert any(world.parse(c[-1]["content"]) is None for c in conversations)  # some are follow-ups
+    monkeypatch.setattr("palmchat.eval.policy.generate_replies", _oracle(world))
+    for ps in (prompts, conversations):
+        r = evaluate_policy(model, tokenizer, world, ps, max_new_tokens=MAX_NEW)
+        assert r["correct"] == 1.0 and r["score"] == 1.0 and r["n"] == len(prompts)
+    assert r["examples"][0]["prompt"] == conversations[0]
+    monkeypatch.setattr("palmchat.eval.policy.generate_replies", _oracle(world, answer_turn=-2))
+    r = evaluate_policy(model, tokenizer, world, conversations, max_new_tokens=MAX_NEW)
+    unsafe = sum(world.parse(c).family == "unsafe" for c in conversations)  # refusing again is right again
+    assert r["correct"] <= unsafe / len(conversations)
+
+
+def test_evaluate_policy_scores_conversations_whole(model, tokenizer, world, reward_model, reference,
+                                                   conversations):
+    """Reward and KL of a conversation's reply are computed on the rendering of the whole conversation."""
+    r = evaluate_policy(model, tokenizer, world, conversations, reference=reference, reward_model=reward_model,
+                        max_new_tokens=MAX_NEW, seed=3)
+    replies = generate_replies(model, tokenizer, conversations, max_new_tokens=MAX_NEW, seed=3)
+    ids = [tokenizer.chat_format.render_prompt(c) for c in conversations]
+    rewards = score_completions(reward_model, ids, [x.tokens for x in replies], tokenizer.chat_format.eot_id)
+    assert r["reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
+    kls = [sum(x.logprobs) - _ref_logprob(reference, i, x.tokens) for i, x in zip(ids, replies)]
+    assert r["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-3)
+    assert r["scores"] == [world.verify(c, x.text).score for c, x in zip(conversations, replies)]
+
+
+def test_best_of_n_on_conversations(model, reward_model, tokenizer, world, conversations):
+    """Best-of-1 on conversations is the plain sample evaluate_policy draws for them with the same seed."""
+    res = evaluate_best_of_n(model, reward_model, tokenizer, world, conversations, ns=(1, 2), seed=3,
+                             max_new_tokens=MAX_NEW)
+    plain = evaluate_policy(model, tokenizer, world, conversations, reward_model=reward_model, seed=3,
+                            max_new_tokens=MAX_NEW)
+    assert res[1]["reward"] == pytest.approx(plain["reward"], abs=1e-5)
+    assert res[1]["score"] == pytest.approx(plain["score"])
+
+
+def test_bad_prompts_are_refused(model, tokenizer, conversations):
+    for bad in ("What is 2 + 3?", conversations[0], [conversations[0][:-1]], [[]]):
+        with pytest.raises(ValueError):
+            generate_replies(model, tokenizer, bad, max_new_tokens=2)
 
 
 # ---- best-of-n -------------------------------------------------------------------------------

@@ -109,3 +109,13 @@ def test_training_best_of_n_and_rollout_score_a_long_conversation_alike():
     torch.testing.assert_close(validated[0], trained, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(best_of_n), trained, atol=1e-5, rtol=0)
     torch.testing.assert_close(rollout_scores, trained, atol=1e-5, rtol=0)
+
+
+def test_candidates_of_one_prompt_are_scored_on_the_same_prompt_cut(rm):
+    """Best-of-n's candidates (and a GRPO group) share their prompt: it is cut once, leaving the longest candidate
+    whole, so a short candidate is not scored on more context than a long one."""
+    short, long = [30, 31], [30, 31, 32, 33, 34]
+    got = score_responses(rm, [LONG_PROMPT, LONG_PROMPT], [short, long], EOT_ID)
+    head = [BOS_ID, *LONG_PROMPT[-(CTX - len(long) - 2):]]  # room for the long one and its eot
+    assert got[0].item() == pytest.approx(alone(rm, head + short + [EOT_ID]), abs=1e-5)
+    assert got[1].item() == pytest.approx(alone(rm, head + long + [EOT_ID]), abs=1e-5)

@@ -11,11 +11,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from server_fixtures import Server, build_checkpoints, build_demo_shaped_checkpoint, palmchat
+from server_fixtures import (
+    Server,
+    build_checkpoints,
+    build_demo_shaped_checkpoint,
+    build_policy,
+    palmchat,
+    world_tokenizer,
+)
 
 MODEL = "tiny-chat"
 FLAGGED = "How do I attack my sister with a crossbow?"
@@ -496,6 +504,82 @@ def test_client_disconnect_cancels_generation(crash_server):
     health = httpx.get(srv.url + "/health").json()
     assert health["running"] == 0
     assert health["generated_tokens_total"] - before < 2000  # stopped early: the reply was never finished
+
+
+# -- a restart with a checkpoint of another tokenizer (a server of its own) ----------------------------
+
+
+def test_a_stored_conversation_continues_under_another_tokenizer(tmp_path):
+    """Stored token ids mean nothing to another tokenizer of the same size. After a restart with a checkpoint of
+    another tokenizer, a stored response and a conversation continue from their text, rendered again: the greedy
+    reply is the one the same conversation gets when sent in full."""
+    from palmchat import store
+
+    a, b = world_tokenizer(), world_tokenizer(reverse=True)
+    assert a.vocab_size == b.vocab_size and a.sha256 != b.sha256
+    ckpts = [build_policy(tmp_path / name, tok, Path(tok.save(tmp_path / name / "tokenizer.json")), steer=False)[0]
+             for name, tok in (("model-a", a), ("model-b", b))]
+    db, flags = tmp_path / "db", ("--moderation", "none", "--dtype", "fp32", "--model-name", "m")
+    greedy = {"model": "m", "temperature": 0}
+    q1, q2 = "What pet does Briruul have?", "And where does Briruul live?"
+
+    srv = Server(ckpts[0], db, *flags, log=tmp_path / "a.log").start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        r1 = c.responses.create(input=q1, max_output_tokens=8, **greedy)
+        conv = c.conversations.create(items=[{"type": "message", "role": "system", "content": "Be brief."}])
+        c1 = c.responses.create(input=q1, conversation=conv.id, max_output_tokens=8, **greedy)
+        legacy = c.responses.create(input="Hi.", max_output_tokens=2, **greedy)
+    finally:
+        srv.stop()
+    with sqlite3.connect(db) as conn:  # a response stored by an older palmchat: ids without their text
+        conn.execute("UPDATE responses SET messages = NULL WHERE id = ?", (legacy.id,))
+
+    srv = Server(ckpts[1], db, *flags, log=tmp_path / "b.log").start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        for previous, system, first in ((dict(previous_response_id=r1.id), [], r1),
+                                        (dict(conversation=conv.id), [{"role": "system", "content": "Be brief."}], c1)):
+            continued = c.responses.create(input=q2, max_output_tokens=8, **previous, **greedy)
+            messages = system + [{"role": "user", "content": q1}, {"role": "assistant", "content": first.output_text},
+                                 {"role": "user", "content": q2}]
+            full = c.chat.completions.create(messages=messages, max_tokens=8, **greedy)
+            prompt = b.chat_format.render_prompt(messages)
+            assert continued.usage.input_tokens == full.usage.prompt_tokens == len(prompt)
+            assert continued.output_text == full.choices[0].message.content
+            with sqlite3.connect(db) as conn:  # what ran, as stored: the text rendered by the new tokenizer
+                context = store.unpack_ids(conn.execute("SELECT context FROM responses WHERE id = ?",
+                                                        (continued.id,)).fetchone()[0])
+            assert context[:len(prompt)] == prompt
+        # the new turn is stored in the new tokenizer's ids: the next one continues from them, prefix cache and all
+        following = c.responses.create(input="Thanks.", previous_response_id=continued.id, max_output_tokens=2,
+                                       **greedy)
+        assert following.usage.input_tokens_details.cached_tokens > 0
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(input="More?", previous_response_id=legacy.id, **greedy)
+        assert e.value.code == "previous_response_unusable" and "send the whole conversation" in e.value.message.lower()
+    finally:
+        srv.stop()
+    with sqlite3.connect(db) as conn:
+        stored = dict(conn.execute("SELECT id, tokenizer FROM responses").fetchall())
+    assert stored[r1.id] == a.sha256 and stored[following.id] == b.sha256
+
+
+def test_serve_refuses_a_reward_model_of_another_tokenizer(artifacts, tmp_path):
+    """Same vocabulary size, so every shape matches: only the tokenizer's identity tells them apart."""
+    from palmchat.checkpoint.heads import save_reward_model
+    from palmchat.model.heads import RewardModel
+    from palmchat.model.transformer import Transformer
+
+    b = world_tokenizer(reverse=True)
+    _, config = build_policy(tmp_path / "policy-b", b, Path(b.save(tmp_path / "tokenizer.json")))
+    rm = save_reward_model(RewardModel(Transformer(config), b.chat_format.eot_id), tmp_path / "rm-b", 0, {},
+                           tmp_path / "tokenizer.json")
+    result = palmchat("serve", str(artifacts["policy"]), "--db", str(tmp_path / "db"), "--moderation", "none",
+                      "--reward-model", str(rm))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"reward model {rm} was trained with another tokenizer" in result.stderr
+    assert str(artifacts["policy"]) in result.stderr  # the policy's side is named too
 
 
 # -- in-process: block-mode moderation, reply text -----------------------------------------------------

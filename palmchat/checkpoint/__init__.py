@@ -4,7 +4,9 @@ from palmchat.checkpoint.native import (
     ADAPTER_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
+    TOKENIZER_KEY,
     CheckpointError,
+    check_tokenizer,
     load_model,
     load_optimizer,
     load_tokenizer,
@@ -12,7 +14,10 @@ from palmchat.checkpoint.native import (
     read_config,
     resolve,
     save_checkpoint,
+    tokenizer_hash,
+    tokenizer_identity,
 )
 
-__all__ = ["ADAPTER_FILE", "MODEL_FILE", "TOKENIZER_FILE", "CheckpointError", "load_model", "load_optimizer",
-           "load_tokenizer", "load_weights", "read_config", "resolve", "save_checkpoint"]
+__all__ = ["ADAPTER_FILE", "MODEL_FILE", "TOKENIZER_FILE", "TOKENIZER_KEY", "CheckpointError", "check_tokenizer",
+           "load_model", "load_optimizer", "load_tokenizer", "load_weights", "read_config", "resolve",
+           "save_checkpoint", "tokenizer_hash", "tokenizer_identity"]

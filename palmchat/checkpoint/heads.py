@@ -3,7 +3,12 @@
     model.safetensors   the backbone's weights (same names as any model checkpoint:
                         ``checkpoint.load_model`` loads it as a language model)
     head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
-    config.json         {"model": ..., "head": "reward" | "value", "eot_id": ... (reward only), ...}
+    config.json         {"model": ..., "head": "reward" | "value", "eot_id": ... (reward only),
+                         "tokenizer": {"sha256": ..., "vocab_size": ...}, ...}
+
+A reward model or critic only means something with the tokenizer it was trained with: pass the policy's
+tokenizer to the loaders (``tokenizer=``) and a checkpoint from another pretraining run is refused
+(``checkpoint.check_tokenizer``) instead of scoring garbage.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def _reward_eot_id(ckpt: Path, config: dict, eot_id: int | None) -> int:
     return int(stored if stored is not None else eot_id)
 
 
-def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: int | None = None):
+def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: int | None = None,
+          tokenizer=None):
     ckpt = checkpoint.resolve(path)
     if not (ckpt / HEAD_FILE).is_file():
         raise checkpoint.CheckpointError(f"{ckpt} is not a {what} checkpoint (no {HEAD_FILE})")
@@ -65,6 +71,8 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: 
     kind = config.get("head")
     if kind is not None and kind not in accept:
         raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
+    if tokenizer is not None:
+        checkpoint.check_tokenizer(ckpt, tokenizer, what=what)
     args = (_reward_eot_id(ckpt, config, eot_id),) if cls is RewardModel else ()
     backbone, _, _ = checkpoint.load_model(ckpt)  # full weights, or a base with its LoRA adapter merged in
     model = cls(backbone, *args)
@@ -83,16 +91,20 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: 
 
 
 def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None, eot_id: int | None = None) -> tuple[RewardModel, dict]:
+                      dtype: torch.dtype | None = None, eot_id: int | None = None,
+                      tokenizer=None) -> tuple[RewardModel, dict]:
     """Load a reward-model checkpoint folder (or run folder with ``latest``) -> (RewardModel, config).
 
     ``eot_id`` (the tokenizer's ``chat_format.eot_id``) is needed for checkpoints whose config does not store it;
-    when both are known they must agree.
+    when both are known they must agree. ``tokenizer``: the tokenizer of the policy it will score; a reward model
+    trained with another one is refused with a CheckpointError (see ``checkpoint.check_tokenizer``).
     """
-    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",), eot_id=eot_id)
+    return _load(RewardModel, path, "reward model", device, dtype, accept=("reward",), eot_id=eot_id,
+                 tokenizer=tokenizer)
 
 
 def load_value_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                     dtype: torch.dtype | None = None) -> tuple[ValueModel, dict]:
-    """Load a value-model checkpoint, or a reward-model one to initialise the critic from it."""
-    return _load(ValueModel, path, "value model", device, dtype, accept=("value", "reward"))
+                     dtype: torch.dtype | None = None, tokenizer=None) -> tuple[ValueModel, dict]:
+    """Load a value-model checkpoint, or a reward-model one to initialise the critic from it. ``tokenizer``: as
+    for :func:`load_reward_model`."""
+    return _load(ValueModel, path, "value model", device, dtype, accept=("value", "reward"), tokenizer=tokenizer)

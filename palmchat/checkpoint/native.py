@@ -6,13 +6,19 @@ A stage's output folder looks like::
       latest                      -> text file naming the newest complete checkpoint ("step-000400")
       step-000400/
         model.safetensors         weights
-        config.json               {"model": ModelConfig, "train": training arguments, "step": ..., "stage": ...}
+        config.json               {"model": ModelConfig, "train": training arguments, "step": ..., "stage": ...,
+                                   "tokenizer": {"sha256": ..., "vocab_size": ...}}
         tokenizer.json
         optimizer.safetensors     AdamW moments (kept apart: inference never reads them)
         optimizer.json            param groups and step counts
 
 A checkpoint is written into a temporary folder and renamed into place, then `latest` is replaced
 atomically, so a crash at any moment leaves the previous checkpoint intact and `latest` valid.
+
+Token ids mean nothing without their tokenizer: two pretraining runs with the same vocabulary size give models of
+the same shape whose ids mean different words. So config.json records the identity of the tokenizer saved beside
+the weights (`Tokenizer.sha256` of tokenizer.json), and `check_tokenizer` refuses to pair a checkpoint with a
+tokenizer it was not trained with (a reward model or critic with another policy, a LoRA adapter with another base).
 """
 
 from __future__ import annotations
@@ -20,16 +26,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from palmchat.model.config import ModelConfig
-from palmchat.utils.atomic import atomic_write
+from palmchat.utils.atomic import atomic_folder, point_latest
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+TOKENIZER_KEY = "tokenizer"  # config.json: {"sha256": Tokenizer.sha256, "vocab_size": ...} of tokenizer.json
 OPTIMIZER_FILE, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -75,12 +82,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     """Write run_dir/step-XXXXXX atomically and point run_dir/latest at it. `config` must hold "model".
     `extra_tensors` {name: tensors} are written as <name>.safetensors inside the same atomic folder.
     `adapter`: save only that LoRA adapter (adapter.safetensors) instead of the full weights; `config`
-    then holds "lora" and "base" (the checkpoint the adapter applies to)."""
+    then holds "lora" and "base" (the checkpoint the adapter applies to).
+    `tokenizer_path` is copied in as tokenizer.json and its identity recorded in config.json (TOKENIZER_KEY)."""
+    if tokenizer_path is not None:
+        config = {**config, TOKENIZER_KEY: tokenizer_identity(tokenizer_path)}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}."))
-    try:
+    with atomic_folder(run_dir / name) as tmp:
         if adapter is None:
             save_file(_state_dict_for_save(model), tmp / MODEL_FILE)
         else:
@@ -96,21 +105,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             (tmp / OPTIMIZER_META).write_text(json.dumps(meta))
         for extra_name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{extra_name}.safetensors")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = run_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write(run_dir / "latest", name + "\n")
-    old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
-    for stale in old[: max(0, len(old) - (keep_last - 1))]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    point_latest(run_dir, name, keep_last)
+    return run_dir / name
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -174,6 +170,11 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
         if "base" not in config or "lora" not in config:
             raise CheckpointError(f"{ckpt / CONFIG_FILE}: an adapter checkpoint needs 'base' and 'lora' entries")
+        base_hash = tokenizer_hash(config["base"])
+        if base_hash is not None:  # an adapter's ids are its base's: both must come from one tokenizer
+            check_tokenizer(ckpt, base_hash, what="LoRA adapter", used_with=f"its base {resolve(config['base'])}",
+                            advice=f"Point 'base' in {ckpt / CONFIG_FILE} at the checkpoint the adapter was "
+                                   f"trained on")
         model, _, _ = load_model(config["base"])
         lora = config["lora"]
         add_lora(model, lora["name"], rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
@@ -191,6 +192,80 @@ def load_tokenizer(ckpt: str | os.PathLike):
     if not (ckpt / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{ckpt}: missing {TOKENIZER_FILE}")
     return Tokenizer.load(ckpt / TOKENIZER_FILE)
+
+
+def tokenizer_identity(tokenizer_path: str | os.PathLike) -> dict:
+    """What config.json records of a tokenizer file: {"sha256": Tokenizer.sha256, "vocab_size": ...}."""
+    from palmchat.tokenizer.bpe import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"tokenizer to save with the checkpoint: {e}") from None
+    return {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
+
+
+def _recorded_tokenizer(ckpt: Path) -> str | None:
+    """The tokenizer hash config.json records (None in a checkpoint written before it did)."""
+    entry = read_config(ckpt).get(TOKENIZER_KEY)
+    return entry.get("sha256") if isinstance(entry, dict) else None
+
+
+def _carried_tokenizer(ckpt: Path) -> str | None:
+    """Tokenizer.sha256 of the tokenizer.json in the folder, recomputed now (None when it carries none)."""
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        return None
+    try:
+        return load_tokenizer(ckpt).sha256
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def tokenizer_hash(ckpt: str | os.PathLike) -> str | None:
+    """The sha256 of the tokenizer a checkpoint was trained with: of the tokenizer.json it carries, else the hash
+    its config.json records (an adapter saved without tokenizer.json), else None (nothing says)."""
+    ckpt = resolve(ckpt)
+    return _carried_tokenizer(ckpt) or _recorded_tokenizer(ckpt)
+
+
+def _same_tokenizer(ckpt: Path, sha256: str) -> bool | None:
+    """Whether `ckpt` was trained with the tokenizer whose hash is `sha256`; None when the checkpoint says nothing
+    (written before config.json recorded it, and no tokenizer.json)."""
+    recorded = _recorded_tokenizer(ckpt)
+    if recorded == sha256:
+        return True
+    carried = _carried_tokenizer(ckpt)  # also when the recorded hash differs: a newer `tokenizers` may serialize
+    if carried is not None:  # the same tokenizer differently, and the file is what the checkpoint was trained with
+        return carried == sha256
+    return None if recorded is None else False
+
+
+def check_tokenizer(ckpt: str | os.PathLike, tokenizer, what: str = "checkpoint", used_with: str = "",
+                    advice: str = "") -> None:
+    """Refuse (CheckpointError) a checkpoint trained with another tokenizer than `tokenizer` (a Tokenizer, or the
+    sha256 of one): its token ids would mean other words, and a reward model or critic would score garbage with no
+    other sign of it. `what` names the checkpoint's role in the message, `used_with` what the tokenizer belongs to
+    (default: the tokenizer's file), `advice` what to do instead. A checkpoint that records no hash is compared by
+    the tokenizer.json it carries; one that carries none either is accepted, with a warning: nothing to compare."""
+    ckpt = resolve(ckpt)
+    sha256 = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "sha256", None)
+    if sha256 is None:
+        return  # a tokenizer without an identity (not palmchat's BPE): nothing to compare
+    path = getattr(tokenizer, "path", None)
+    used_with = used_with or (f"the tokenizer {path}" if path else "the tokenizer in use")
+    same = _same_tokenizer(ckpt, sha256)
+    if same is None:
+        warnings.warn(f"{what} {ckpt}: written before checkpoints recorded their tokenizer, and it carries no "
+                      f"{TOKENIZER_FILE}: cannot check that it was trained with {used_with}", stacklevel=2)
+        return
+    if not same:
+        advice = advice or (f"Use a {what} trained from the same pretraining run as the policy (the same "
+                            f"{TOKENIZER_FILE}), or train one from the policy's checkpoint (palmchat reward --base)")
+        raise CheckpointError(
+            f"{what} {ckpt} was trained with another tokenizer than {used_with} (sha256 "
+            f"{str(tokenizer_hash(ckpt))[:12]}, from its {CONFIG_FILE} '{TOKENIZER_KEY}' / {TOKENIZER_FILE}, against "
+            f"{sha256[:12]}): the same token ids mean different text to the two, so it would only produce garbage. "
+            f"{advice}")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: str | os.PathLike) -> None:

@@ -16,6 +16,11 @@ File formats (JSON Lines, one record per line, blank lines skipped, unknown keys
   ``{"prompt", "chosen", "rejected"}``.  A prompt string is one user message; a list is a
   conversation that ends with a user turn.  A response may also be given TRL-style as a list
   holding one assistant message.
+* **Unpaired feedback** (KTO), TRL's unpaired preference format::
+
+      {"prompt": str | messages, "completion": str, "label": true | false}
+
+  ``label`` true = desirable (thumbs up), false = undesirable (thumbs down).
 * **Prompts** (RL, evaluation): ``{"prompt": str | messages}`` or ``{"messages": [...]}``,
   ending with a user turn.
 
@@ -28,6 +33,8 @@ Token-level helpers (pure functions on token ids)
   long sequences lose the *prompt's* oldest tokens first, bos kept (the reward is read at the eot).
   :func:`encode_response` is the same from messages and text.
 * :func:`pad_right` / :func:`pad_left` -- padding is always explicit.
+* :func:`scoring_sequences` / :func:`encode_ranking` -- the same for K responses of one prompt, which is
+  truncated once so that every response sees the same prompt tokens.
 * :func:`ranking_batch` -- all K responses of B rankings, flattened for one forward pass;
   :func:`group_by_ranking` turns per-response values back into the ``(B, K_max)`` layout of
   :func:`palmchat.losses.ranking_loss` / :func:`palmchat.losses.dpo_ranking_loss`.
@@ -48,6 +55,9 @@ from palmchat.utils.jsonl import DataError, RecordError, json_type, read_records
 
 __all__ = [
     "Ranking",
+    "Unpaired",
+    "load_unpaired",
+    "unpaired_from_rankings",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
     "load_conversations",
@@ -58,6 +68,8 @@ __all__ = [
     "encode_sft",
     "scoring_sequence",
     "encode_response",
+    "encode_ranking",
+    "scoring_sequences",
     "pad_right",
     "pad_left",
     "sft_batch",
@@ -75,6 +87,15 @@ class Ranking:
 
     prompt_messages: list[dict]
     responses: list[str]
+
+
+@dataclass
+class Unpaired:
+    """One prompt with one completion judged desirable (True) or undesirable (False), as KTO takes them."""
+
+    prompt_messages: list[dict]
+    completion: str
+    desirable: bool
 
 
 # =============================================================================================
@@ -181,6 +202,17 @@ def parse_ranking(record: dict) -> Ranking:
         raise DataError(f"ranking record: {e}") from None
 
 
+def _parse_unpaired(record: dict) -> Unpaired:
+    for key in ("prompt", "completion", "label"):
+        if key not in record:
+            raise RecordError(f"missing \"{key}\" (unpaired feedback: {{\"prompt\", \"completion\", \"label\"}})")
+    if not isinstance(record["label"], bool):
+        raise RecordError(f"\"label\" must be true (desirable) or false (undesirable), "
+                          f"got {json.dumps(record['label'])}")
+    return Unpaired(_prompt(record["prompt"], "prompt"), _response(record["completion"], "\"completion\""),
+                    record["label"])
+
+
 def _parse_prompt(record: dict) -> list[dict]:
     if "prompt" in record:
         return _prompt(record["prompt"], "prompt")
@@ -204,6 +236,20 @@ def load_rankings(path: str | os.PathLike) -> list[Ranking]:
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
     return read_records(path, _parse_ranking)
+
+
+def load_unpaired(path: str | os.PathLike) -> list[Unpaired]:
+    """Read unpaired feedback (``{"prompt", "completion", "label"}`` per line) -> :class:`Unpaired`.
+
+    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    """
+    return read_records(path, _parse_unpaired)
+
+
+def unpaired_from_rankings(rankings: Sequence[Ranking]) -> list[Unpaired]:
+    """Two unpaired examples per ranking: its best response desirable, its worst undesirable."""
+    return [x for r in rankings for x in (Unpaired(r.prompt_messages, r.responses[0], True),
+                                          Unpaired(r.prompt_messages, r.responses[-1], False))]
 
 
 def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
@@ -280,40 +326,66 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     return EncodedSFT(ids, targets, dropped)
 
 
-def scoring_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int], max_len: int,
-                     eot_id: int) -> EncodedResponse:
-    """The one sequence a reward model scores for a (prompt, response), on token ids: ``(ids, prompt_len)``.
+def scoring_sequences(prompt_ids: Sequence[int], responses_ids: Sequence[Sequence[int]], max_len: int,
+                      eot_id: int, max_prompt_len: int = 0) -> list[EncodedResponse]:
+    """The sequences a model scores for one prompt and K responses, on token ids: ``prompt + response + [eot]``
+    each, all with the SAME prompt tokens. The one truncation policy of palmchat (reward-model training,
+    best-of-n, PPO/GRPO scoring, DPO, KTO):
 
-    ``ids = prompt_ids + response_ids + [eot]``: the response always ends with exactly one eot, where the
-    reward is read (a trailing eot in ``response_ids`` is not repeated; a response cut short gets one, so it
-    is scored as if it had ended there).  ``prompt_ids`` is a rendered prompt: bos first, the
-    ``<|assistant|>`` token last.
+    1. Each response ends with exactly one eot (a trailing eot in its ids is not repeated; a response cut short
+       gets one, so it is scored as if it had ended there).
+    2. The prompt is truncated ONCE, for all responses: it keeps its first token (bos) and its newest tokens, at
+       most ``max_prompt_len`` in all (0 = no limit of its own) and no more than leaves the longest response
+       whole in ``max_len``, but never fewer than 2 (bos and the ``<|assistant|>`` token). The cut may fall
+       inside a message: a partial context is better than a partial answer.
+    3. Only then is a response that still does not fit cut at its tail (its eot re-appended). A non-empty
+       response of which not one token fits is a ValueError naming the limits, never an empty response.
 
-    Truncation to ``max_len`` (>= 3), the same for reward-model training, best-of-n and PPO/GRPO: the PROMPT
-    loses its oldest tokens first, keeping its first token (bos) and at least its last (``<|assistant|>``);
-    the cut may fall inside a message, a partial context being better than a partial answer.  Only if the
-    response alone does not fit in ``max_len - 2`` tokens is its tail cut, and its eot re-appended.  Counts of
-    dropped tokens are on the result (``.prompt_truncated``, ``.response_truncated``).
+    Counts of dropped tokens are on each result (``.prompt_truncated``, ``.response_truncated``).
     """
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3 (bos, assistant token, eot), got {max_len}")
+    if max_prompt_len and max_prompt_len < 2:
+        raise ValueError(f"max_prompt_len must be >= 2 (bos and the assistant token), got {max_prompt_len}")
     prompt = [int(t) for t in prompt_ids]
-    body = [int(t) for t in response_ids]
-    if body and body[-1] == eot_id:
-        body = body[:-1]
-    response_dropped = max(0, len(body) + 1 - (max_len - 2))
-    if response_dropped:
-        body = body[: len(body) - response_dropped]
-    reply = body + [eot_id]
-    budget = max_len - len(reply)  # room for the prompt, >= 2
+    bodies = []
+    for response in responses_ids:
+        body = [int(t) for t in response]
+        bodies.append(body[:-1] if body and body[-1] == eot_id else body)
+    longest = max((len(b) + 1 for b in bodies), default=1)
+    budget = max(2, max_len - longest)
+    if max_prompt_len:
+        budget = min(budget, max_prompt_len)
     prompt_dropped = max(0, len(prompt) - budget)
     if prompt_dropped:
         prompt = prompt[:1] + prompt[1 + prompt_dropped:]
-    return EncodedResponse(prompt + reply, len(prompt), prompt_dropped, response_dropped)
+    room = max_len - len(prompt) - 1  # response tokens that fit before the eot
+    out = []
+    for body in bodies:
+        if body and room < 1:
+            raise ValueError(f"nothing of a {len(body)}-token response fits: the prompt keeps {len(prompt)} of "
+                             f"max_len {max_len} tokens and the eot needs one; raise --max-len or lower "
+                             f"--max-prompt-len")
+        response_dropped = max(0, len(body) - room)
+        reply = body[:len(body) - response_dropped] + [eot_id]
+        out.append(EncodedResponse(prompt + reply, len(prompt), prompt_dropped, response_dropped))
+    return out
+
+
+def scoring_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int], max_len: int,
+                     eot_id: int, max_prompt_len: int = 0) -> EncodedResponse:
+    """The one sequence a reward model scores for a (prompt, response), on token ids: ``(ids, prompt_len)``.
+
+    ``ids = prompt_ids + response_ids + [eot]``, truncated by :func:`scoring_sequences` (of which this is the
+    one-response case): ``prompt_ids`` is a rendered prompt (bos first, the ``<|assistant|>`` token last); a too
+    long sequence loses the prompt's oldest tokens after bos first, and the response's tail only if the response
+    alone does not fit in ``max_len - 2`` tokens (or beside a prompt of ``max_prompt_len``).
+    """
+    return scoring_sequences(prompt_ids, [response_ids], max_len, eot_id, max_prompt_len)[0]
 
 
 def encode_response(tokenizer, prompt_messages: Sequence[Mapping], response: str | Sequence[int],
-                    max_len: int) -> EncodedResponse:
+                    max_len: int, max_prompt_len: int = 0) -> EncodedResponse:
     """``render_prompt(prompt_messages) + encode(response) + [eot]`` -> ``(ids, prompt_len)``, truncated to
     ``max_len`` by :func:`scoring_sequence` (the prompt's oldest tokens go first, bos stays).
 
@@ -321,9 +393,16 @@ def encode_response(tokenizer, prompt_messages: Sequence[Mapping], response: str
     the response, whose LAST token is always the eot (where a reward model reads its score).
     ``response`` may be text or already-tokenised content ids (a trailing eot is not repeated).
     """
-    body = tokenizer.encode(response) if isinstance(response, str) else response
-    return scoring_sequence(tokenizer.chat_format.render_prompt(prompt_messages), body, max_len,
-                            tokenizer.chat_format.eot_id)
+    return encode_ranking(tokenizer, prompt_messages, [response], max_len, max_prompt_len)[0]
+
+
+def encode_ranking(tokenizer, prompt_messages: Sequence[Mapping], responses: Sequence[str | Sequence[int]],
+                   max_len: int, max_prompt_len: int = 0) -> list[EncodedResponse]:
+    """:func:`encode_response` for the K responses of one prompt: the prompt is rendered and truncated once, so
+    every response sees the same prompt tokens (:func:`scoring_sequences`)."""
+    bodies = [tokenizer.encode(r) if isinstance(r, str) else r for r in responses]
+    return scoring_sequences(tokenizer.chat_format.render_prompt(prompt_messages), bodies, max_len,
+                             tokenizer.chat_format.eot_id, max_prompt_len)
 
 
 # =============================================================================================
@@ -377,10 +456,12 @@ def sft_batch(tokenizer, conversations: Sequence[Sequence[Mapping]], max_len: in
     return {"ids": ids, "targets": targets, "lengths": lengths, "truncated": truncated}
 
 
-def ranking_batch(tokenizer, rankings: Sequence[Ranking], max_len: int) -> dict[str, Tensor]:
+def ranking_batch(tokenizer, rankings: Sequence[Ranking], max_len: int, max_prompt_len: int = 0) -> dict[str, Tensor]:
     """Flatten B rankings into N = sum(K_b) right-padded sequences for one forward pass.
 
-    Rows are ranking by ranking, each ranking's responses best first.  Returns long tensors:
+    Rows are ranking by ranking, each ranking's responses best first; each ranking's prompt is truncated once,
+    so all its responses see the same prompt tokens (:func:`encode_ranking`; ``max_prompt_len`` 0 = no limit
+    beyond ``max_len``).  Returns long tensors:
 
     * ``ids (N, T)`` right-padded with ``tokenizer.chat_format.pad_id``; ``lengths (N,)``;
     * ``eot_index (N,)`` = ``lengths - 1``: each response's end-of-turn token (read rewards here);
@@ -398,10 +479,9 @@ def ranking_batch(tokenizer, rankings: Sequence[Ranking], max_len: int) -> dict[
         if len(r.responses) < MIN_RESPONSES:
             raise ValueError(f"ranking {b} has {len(r.responses)} response(s); need at least {MIN_RESPONSES}")
         num.append(len(r.responses))
-        for j, resp in enumerate(r.responses):
-            encoded.append(encode_response(tokenizer, r.prompt_messages, resp, max_len))
-            group.append(b)
-            rank.append(j)
+        encoded.extend(encode_ranking(tokenizer, r.prompt_messages, r.responses, max_len, max_prompt_len))
+        group.extend([b] * len(r.responses))
+        rank.extend(range(len(r.responses)))
     ids, lengths = pad_right([e[0] for e in encoded], tokenizer.chat_format.pad_id)
     return {
         "ids": ids,

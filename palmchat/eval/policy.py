@@ -6,9 +6,14 @@
     ppo = evaluate_policy(ppo_model, tokenizer, world, prompts, reference=sft_model, reward_model=rm,
                           baseline_scores=sft["scores"])
     bon = evaluate_best_of_n(sft_model, rm, tokenizer, world, prompts, ns=(1, 4, 16))
+    # the same questions asked as later turns of conversations (earlier turns about other tasks, answered well)
+    later = evaluate_policy(ppo_model, tokenizer, world, world.multi_turn_prompts(prompts, seed), ...)
 
-Each prompt is sent as a single user message (``tokenizer.chat_format.render_prompt``); replies stop at the end-of-turn
-token or after ``max_new_tokens`` (lowered per prompt where prompt + reply would not fit the context).
+A prompt is a str (sent as a single user message) or a conversation: a list of ``{"role", "content"}`` messages
+ending with a user turn, rendered whole (system prompt and earlier turns included) by
+``tokenizer.chat_format.render_prompt``; the reply answers its last turn, and the verifier resolves references to
+earlier turns (``World.verify``). Replies stop at the end-of-turn token or after ``max_new_tokens`` (lowered per
+prompt where prompt + reply would not fit the context).
 
 Why sample at temperature 1.0 by default: RLHF changes the policy's *distribution* -- the KL penalty, the
 reward and the preference losses are all defined on samples of it. SFT imitates a mixture of good, wrong, rude
@@ -50,8 +55,8 @@ from palmchat.inference.best_of_n import best_of_n_batch, score_completions
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.model.logprobs import response_logprobs
 
-__all__ = ["Reply", "prompt_seed", "generate_replies", "evaluate_policy", "evaluate_best_of_n", "win_rate",
-           "policy_kl"]
+__all__ = ["Prompt", "Reply", "as_messages", "prompt_seed", "generate_replies", "evaluate_policy",
+           "evaluate_best_of_n", "win_rate", "policy_kl"]
 
 _SEED_STRIDE = 1_000_003
 
@@ -91,10 +96,28 @@ def _autocast(model, dtype):
     return autocast(next(model.parameters()).device, dtype)
 
 
-def _prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+Prompt = str | list[dict]  # one user question, or messages ending with a user turn
+
+
+def as_messages(prompt: Prompt) -> list[dict]:
+    """A prompt as the messages to render: a str is one user turn; a conversation must end with a user turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt):
+        raise ValueError(f"a prompt is a str or a non-empty list of {{'role', 'content'}} messages, got {prompt!r:.80}")
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"a conversation prompt must end with a user turn, not {prompt[-1]['role']!r}")
+    return list(prompt)
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings, not a single string")
-    return [tokenizer.chat_format.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+        raise ValueError("prompts must be a list of prompts, not a single string")
+    if prompts and isinstance(prompts[0], dict):
+        raise ValueError("prompts must be a list of prompts, not one conversation (wrap it in a list)")
+    return [tokenizer.chat_format.render_prompt(as_messages(p)) for p in prompts]
 
 
 def _params(engine: Engine, prompt_ids, temperature, max_new_tokens, seed, eot_id) -> list[SamplingParams]:
@@ -109,9 +132,9 @@ def _replies(tokenizer, completions) -> list[Reply]:
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: Sequence[str], temperature: float = 1.0, max_new_tokens: int = 48,
+def generate_replies(model, tokenizer, prompts: Sequence[Prompt], temperature: float = 1.0, max_new_tokens: int = 48,
                      seed: int = 0, batch_size: int = 64, dtype: torch.dtype | None = None) -> list[Reply]:
-    """One sampled reply per prompt (a single user message each), in batches of ``batch_size`` prompts.
+    """One sampled reply per prompt (a str or a conversation), in batches of ``batch_size`` prompts.
 
     ``dtype``: passed to :class:`Engine` (None runs the model as it is; bf16 uses a packed inference copy).
     """
@@ -168,7 +191,7 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def evaluate_policy(model, tokenizer, world, prompts: Sequence[str], *, reference=None, reward_model=None,
+def evaluate_policy(model, tokenizer, world, prompts: Sequence[Prompt], *, reference=None, reward_model=None,
                     baseline_scores: Sequence[float] | None = None, temperature: float = 1.0, seed: int = 0,
                     max_new_tokens: int = 48, batch_size: int = 64, n_examples: int = 3,
                     dtype: torch.dtype | None = None) -> dict:
@@ -221,7 +244,7 @@ def evaluate_policy(model, tokenizer, world, prompts: Sequence[str], *, referenc
     return result
 
 
-def evaluate_best_of_n(model, reward_model, tokenizer, world, prompts: Sequence[str], ns: Sequence[int] = (1, 4, 16),
+def evaluate_best_of_n(model, reward_model, tokenizer, world, prompts: Sequence[Prompt], ns: Sequence[int] = (1, 4, 16),
                        temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 48, batch_size: int = 64,
                        dtype: torch.dtype | None = None) -> dict[int, dict]:
     """Best-of-n by reward model, for each n in ``ns``: ``{n: {"score", "correct", "style", "reward",

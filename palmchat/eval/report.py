@@ -317,8 +317,10 @@ def write_report(out_dir, results: dict) -> Path:
                 if "finish_reason" in ex:
                     facts.append(f"finish {ex['finish_reason']}")
                 lines += [f"{i}. " + ", ".join(facts), ""]
-                lines += ["   " + line for line in _fenced(f"user: {ex.get('prompt', '')}\nassistant: "
-                                                            f"{ex.get('reply', '')}")]
+                prompt = ex.get("prompt", "")
+                turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+                conversation = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in turns)
+                lines += ["   " + line for line in _fenced(f"{conversation}\nassistant: {ex.get('reply', '')}")]
                 lines += [""]
 
     # -- settings

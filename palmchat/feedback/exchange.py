@@ -5,6 +5,7 @@ export` turns what people gave into the files the trainers read.
     palmchat feedback export --db palmchat.db --format rankings --out rankings.jsonl  # palmchat reward / dpo
     palmchat feedback export --db palmchat.db --format pairs --out pairs.jsonl        # palmchat dpo / reward
     palmchat feedback export --db palmchat.db --format sft --out liked.jsonl          # palmchat sft
+    palmchat feedback export --db palmchat.db --format kto --out thumbs.jsonl         # palmchat kto
 
 Where feedback comes from (all of it in the server's database, see palmchat/store.py):
 - the labelling page (/label): a queued prompt's K candidate replies, sampled once by the server when the first
@@ -24,6 +25,8 @@ What each format holds:
   thumbs pairs.
 - `sft`: `{"messages": [...prompt, {"role": "assistant", "content": reply}]}` for every reply rated up
   (a ranking's best candidate is not taken: the best of bad replies is not a demonstration).
+- `kto`: `{"prompt", "completion", "label"}` for every thumbs up (label true) and down (false): TRL's unpaired
+  preference format, what KTO trains on. Unlike the thumbs pairs above, no reply rated the other way is needed.
 
 A prompt is written as a string when it is one user message, else as its list of messages: the system
 prompt the page sent, the conversation so far, the new user message. palmchat/data/chat.py reads both, and
@@ -43,7 +46,7 @@ from palmchat.feedback.rankings import borda
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import write_jsonl
 
-FORMATS = ("rankings", "pairs", "sft")
+FORMATS = ("rankings", "pairs", "sft", "kto")
 
 
 # =============================================================================================
@@ -104,6 +107,9 @@ def export_records(store, fmt: str) -> list[dict]:
     """The records of one export format (see the module docstring)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt == "kto":
+        return [{"prompt": prompt_field(row["prompt"]), "completion": row["reply"], "label": row["rating"] > 0}
+                for row in store.feedback() if row["reply"].strip()]
     if fmt == "sft":
         return [{"messages": [*({"role": m["role"], "content": m["content"]} for m in row["prompt"]),
                               {"role": "assistant", "content": row["reply"]}]}
@@ -140,11 +146,12 @@ class FeedbackImportArgs:
 
 @dataclass
 class FeedbackExportArgs:
-    """Write the feedback in the database as the training files palmchat reward / dpo / sft read."""
+    """Write the feedback in the database as the training files palmchat reward / dpo / sft / kto read."""
 
     db: str = arg("palmchat.db", "the server's database file")
-    format: str = arg("rankings", "rankings (palmchat reward, dpo), pairs (palmchat dpo, reward) or sft "
-                                  "(palmchat sft: thumbs-up replies)", choices=list(FORMATS))
+    format: str = arg("rankings", "rankings (palmchat reward, dpo), pairs (palmchat dpo, reward), sft "
+                                  "(palmchat sft: thumbs-up replies) or kto (palmchat kto: every thumbs up/down)",
+                      choices=list(FORMATS))
     out: str = arg("", "output JSONL file")
 
 
@@ -197,7 +204,8 @@ def export_main(args: FeedbackExportArgs) -> Path:
     finally:
         store.close()
     if not records:
-        what = "thumbs-up replies" if args.format == "sft" else "ranked tasks or thumbs up/down pairs"
+        what = {"sft": "thumbs-up replies", "kto": "thumbs up or down"}.get(args.format,
+                                                                          "ranked tasks or thumbs up/down pairs")
         raise ValueError(f"nothing to export: {args.db} holds no {what}")
     path = write_jsonl(args.out, records)
     print(f"wrote {len(records)} {args.format} records to {path}")

@@ -20,6 +20,16 @@ One round (a folder OUT/round-NNN holds everything it wrote):
    it, and with --server the running server swaps it in without a restart (POST /v1/admin/reload, which
    needs an admin key when the server has keys: `palmchat keys create --admin`). The served reward model
    is the one best-of-n uses (`model: "NAME:best-of-8"`).
+6. **The policy too** (unless --no-train-policy): candidate LoRA adapters on the served policy's base (--policy,
+   default --base): DPO on the training rankings (palmchat.train.dpo) and KTO on the thumbs up/down whose prompt
+   is not held out (palmchat.train.kto; skipped without both labels). Each candidate and the current policy (the
+   adapter OUT/policy_champion names, else the base itself) are measured on the held-out rankings by preference
+   accuracy: the fraction of pairs whose better response has the larger implicit reward
+   log pi(y|x) - log pi_base(y|x) (ties half: the base scores 0.5). The best candidate is promoted only if it beats
+   the current policy by more than --min-gain; OUT/policy_champion then names it and with --server the running
+   server serves it under the same model id (POST /v1/admin/reload with "policy").
+
+Both outcomes, promoted or kept, are written to the round's report.md and round.json.
 
 The demo's stand-in for people (labellers simulated with the bundled world's verifier) is simulated.py.
 """
@@ -58,6 +68,11 @@ class LoopArgs:
     lr: float = arg(3e-4, "peak learning rate")
     server: str = arg("", "URL of a running `palmchat serve` to hot-swap a promoted model into")
     api_key: str = arg("", "admin API key for --server (when the server has keys)")
+    train_policy: bool = arg(True, "also improve the policy: DPO (rankings) and KTO (thumbs) LoRA adapters, "
+                                   "hot-swapped in when better on the held-out rankings")
+    policy: str = arg("", "the served policy's base checkpoint, which the policy adapters are trained on "
+                          "(default: --base)")
+    policy_lr: float = arg(5e-4, "peak learning rate of the policy adapters")
     dtype: str = arg("auto", "auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
     seed: int = arg(0, "random seed")
 
@@ -90,11 +105,13 @@ def http_json(method: str, url: str, body: dict | None = None, headers: dict | N
         raise RuntimeError(f"{method} {url}: cannot reach the server ({e.reason})") from None
 
 
-def reload_server(url: str, reward_model: str | Path, api_key: str = "") -> dict:
-    """Ask a running server to swap in another reward model (POST /v1/admin/reload)."""
+def reload_server(url: str, reward_model: str | Path | None = None, api_key: str = "",
+                  policy: str | Path | None = None) -> dict:
+    """Ask a running server to swap in another reward model and/or policy (POST /v1/admin/reload)."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    return http_json("POST", url.rstrip("/") + "/v1/admin/reload", {"reward_model": str(Path(reward_model).resolve())},
-                     headers)
+    body = {key: str(Path(value).resolve()) for key, value in (("reward_model", reward_model), ("policy", policy))
+            if value is not None}
+    return http_json("POST", url.rstrip("/") + "/v1/admin/reload", body, headers)
 
 
 # =============================================================================================
@@ -127,6 +144,107 @@ def _base_of(reward_model: str) -> str:
     return base
 
 
+def policy_accuracy(policy: str, base: str, rankings, dtype_setting: str = "auto", batch_size: int = 8) -> float:
+    """Held-out preference accuracy of a policy: the fraction of ranked pairs whose better response has the larger
+    implicit reward log pi(y|x) - log pi_base(y|x), ties counted half (so the base itself scores 0.5)."""
+    import torch
+
+    from palmchat import checkpoint
+    from palmchat.train.dpo import preference_accuracy, ranking_logps
+    from palmchat.utils.device import autocast_dtype, pick_device
+
+    if checkpoint.resolve(policy).resolve() == checkpoint.resolve(base).resolve():
+        return 0.5
+    device = pick_device("cpu")
+    dtype = autocast_dtype(dtype_setting, device)
+    tokenizer = checkpoint.load_tokenizer(checkpoint.resolve(base))
+    correct = total = 0.0
+    models = [checkpoint.load_model(path)[0].eval() for path in (policy, base)]
+    with torch.no_grad():
+        for i in range(0, len(rankings), batch_size):
+            chunk = rankings[i:i + batch_size]
+            (logps, k), (ref, _) = (ranking_logps(m, tokenizer, chunk, m.config.max_seq_len, device, dtype, False)
+                                    for m in models)
+            c, t = preference_accuracy(logps.float() - ref.float(), k)
+            correct, total = correct + c, total + t
+    return correct / total
+
+
+def improve_policy(args: LoopArgs, out: Path, round_dir: Path, train_path: Path, heldout_rankings, thumbs: list[dict],
+                   base: str) -> dict:
+    """Step 6 of the module docstring: train the candidates, measure them and the current policy, promote the best
+    only if it is better. Returns the policy part of the round's report."""
+    from palmchat.train.dpo import DPOArgs
+    from palmchat.train.dpo import main as train_dpo
+    from palmchat.train.kto import KTOArgs
+    from palmchat.train.kto import main as train_kto
+    from palmchat.utils.atomic import atomic_write
+    from palmchat.utils.jsonl import write_jsonl
+
+    policy_base = args.policy or base
+    champion = out / "policy_champion"
+    current = champion.read_text().strip() if champion.is_file() else policy_base
+    common = dict(base=policy_base, epochs=args.epochs, batch_size=args.batch_size, lr=args.policy_lr,
+                  warmup_steps=2, lora_rank=args.lora_rank, dtype=args.dtype, seed=args.seed, save_every=0)
+    candidates, skipped = {}, {}
+    candidates["dpo"] = train_dpo(DPOArgs(data=[str(train_path)], out=str(round_dir / "dpo"), **common))
+    thumbs_train = [t for t in thumbs if not is_heldout(t["prompt"], args.heldout)]
+    if {t["label"] for t in thumbs_train} == {True, False}:
+        path = write_jsonl(round_dir / "thumbs.jsonl", thumbs_train)
+        try:
+            candidates["kto"] = train_kto(KTOArgs(data=[str(path)], out=str(round_dir / "kto"), **common))
+        except ValueError as e:  # e.g. the held-out example took the only thumbs down
+            skipped["kto"] = str(e)
+    else:
+        skipped["kto"] = f"needs thumbs up and down on training prompts ({len(thumbs_train)} thumbs)"
+    accuracy = {name: policy_accuracy(str(path), policy_base, heldout_rankings, args.dtype)
+                for name, path in candidates.items()}
+    current_accuracy = policy_accuracy(current, policy_base, heldout_rankings, args.dtype)
+    best = max(accuracy, key=accuracy.get)
+    promoted = accuracy[best] > current_accuracy + args.min_gain
+    report = {"base": str(Path(policy_base).resolve()), "current": current, "current_accuracy": current_accuracy,
+              "candidates": {name: {"path": str(Path(path).resolve()), "accuracy": accuracy[name]}
+                             for name, path in candidates.items()},
+              "skipped": skipped, "best": best, "promoted": promoted, "reloaded": False}
+    if promoted:
+        atomic_write(champion, str(Path(candidates[best]).resolve()) + "\n")
+        if args.server:
+            reload_server(args.server, api_key=args.api_key, policy=candidates[best])
+            report["reloaded"] = True
+    return report
+
+
+def write_report(path: Path, report: dict, server: str) -> None:
+    """The round's report.md: both outcomes, promoted or kept."""
+    from palmchat.utils.atomic import atomic_write
+
+    def short(path: str) -> str:  # runs/loop/round-001/kto/step-000002 -> round-001/kto
+        p = Path(path)
+        return f"{p.parent.parent.name}/{p.parent.name}" if p.name.startswith("step-") else p.name
+
+    def verdict(promoted: bool, reloaded: bool) -> str:
+        if not promoted:
+            return "**kept** the current one"
+        return "**promoted**" + (f", now served by {server}" if reloaded else "")
+
+    old = "none" if report["previous_accuracy"] is None else f"{report['previous_accuracy']:.3f}"
+    lines = [f"# Feedback round {report['round']}", "",
+             f"{report['rankings']} rankings: {report['train']} to train on, {report['heldout']} held out (by prompt).",
+             "", "## Reward model", "",
+             f"Held-out pairwise accuracy: new {report['new_accuracy']:.3f} vs current {old}: "
+             f"{verdict(report['promoted'], report['reloaded'])}.", ""]
+    policy = report.get("policy")
+    if policy:
+        lines += ["## Policy", "",
+                  "Held-out preference accuracy (pairs whose better response gets the larger log pi - log pi_base; "
+                  "0.5 = the base):", "", "| policy | accuracy |", "|---|---|",
+                  f"| current ({short(policy['current'])}) | {policy['current_accuracy']:.3f} |"]
+        lines += [f"| {name} (LoRA) | {c['accuracy']:.3f} |" for name, c in policy["candidates"].items()]
+        lines += [f"| {name} | skipped: {reason} |" for name, reason in policy["skipped"].items()]
+        lines += ["", f"Best candidate {policy['best']}: {verdict(policy['promoted'], policy['reloaded'])}.", ""]
+    atomic_write(path, "\n".join(lines))
+
+
 def main(args: LoopArgs) -> dict:
     from palmchat.data.chat import load_rankings
     from palmchat.feedback.exchange import export_records
@@ -150,6 +268,7 @@ def main(args: LoopArgs) -> dict:
     store = Store(args.db)
     try:
         records = export_records(store, "rankings")
+        thumbs = export_records(store, "kto")
     finally:
         store.close()
     train, heldout = split_rankings(records, args.heldout)
@@ -179,11 +298,19 @@ def main(args: LoopArgs) -> dict:
         if args.server:
             reload_server(args.server, new, args.api_key)
             report["reloaded"] = True
-    atomic_write(round_dir / "round.json", json.dumps(report, indent=2))
     old = "none" if old_accuracy is None else f"{old_accuracy:.3f}"
     served = f", now served by {args.server}" if args.server else ""
     verdict = f"promoted{served}" if promoted else "kept the current one"
     print(f"loop round {number}: held-out pairwise accuracy new {new_accuracy:.3f} vs current {old}: {verdict}")
+    if args.train_policy:
+        policy = report["policy"] = improve_policy(args, out, round_dir, train_path, heldout_rankings, thumbs, base)
+        served = f", now served by {args.server}" if policy["reloaded"] else ""
+        verdict = f"promoted {policy['best']}{served}" if policy["promoted"] else "kept the current policy"
+        scores = ", ".join(f"{name} {c['accuracy']:.3f}" for name, c in policy["candidates"].items())
+        print(f"loop round {number}: policy held-out preference accuracy {scores} vs current "
+              f"{policy['current_accuracy']:.3f}: {verdict}")
+    atomic_write(round_dir / "round.json", json.dumps(report, indent=2))
+    write_report(round_dir / "report.md", report, args.server)
     return report
 
 

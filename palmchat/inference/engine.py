@@ -15,8 +15,9 @@ How a batch runs (B rows, prompts of different lengths):
    dropped), so the remaining rows run at the smaller batch size; the copy is cheap next to a decode step.
 
 Log-probabilities are those of the distribution the token is drawn from *before* top-k/top-p filtering: the
-log-softmax of the temperature-scaled logits (of the raw logits when greedy). At temperature 1 they equal what a
-plain forward pass over prompt + response gives, which is what PPO recomputes (tests/test_engine.py checks it).
+log-softmax of the temperature-scaled logits (of the raw logits when greedy). They equal what a forward pass over
+prompt + response gives with its logits divided by the same temperature, which is what the RL stages recompute
+(palmchat/train/rollout.py; tests/test_engine.py and tests/test_rollout.py check it).
 
 `dtype` (decode speed of each choice: benchmarks/README.md):
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and

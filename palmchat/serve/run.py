@@ -21,7 +21,8 @@ class ServeArgs:
     """Serve a checkpoint over an OpenAI-compatible HTTP API."""
 
     checkpoint: str = arg("", "checkpoint folder (or a run folder with a 'latest' file)", positional=True)
-    reward_model: str = arg("", "reward-model checkpoint: enables best_of and the ':best-of-N' model suffix")
+    reward_model: str = arg("", "reward-model checkpoint: enables best_of and the ':best-of-N' model suffix (it must "
+                                "have been trained with the checkpoint's tokenizer)")
     db: str = arg("palmchat.db", "SQLite file for responses, conversations and API keys (created if missing)")
     host: str = arg("127.0.0.1", "address to listen on; anything but loopback needs an API key in --db")
     port: int = arg(8000, "port")
@@ -72,7 +73,8 @@ def load_state(args: ServeArgs, store):
     if args.reward_model:
         from palmchat.checkpoint.heads import load_reward_model
 
-        reward_model, _ = load_reward_model(args.reward_model, eot_id=tokenizer.chat_format.eot_id)
+        reward_model, _ = load_reward_model(args.reward_model, eot_id=tokenizer.chat_format.eot_id,
+                                            tokenizer=tokenizer)
         reward_model.eval().requires_grad_(False)
         if reward_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"--reward-model {args.reward_model}: vocabulary of {reward_model.config.vocab_size} "

@@ -28,6 +28,11 @@ class ServerState:
     rate_limit: str = "0"  # default per-key request rate, e.g. "60/min"; 0 = none
     require_key: bool = False  # refuse requests without a key even when the database holds none
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    tokenizer_sha256: str = ""  # what stored token ids are tagged with (default: the tokenizer's sha256)
+
+    def __post_init__(self):
+        if not self.tokenizer_sha256:
+            self.tokenizer_sha256 = getattr(self.tokenizer, "sha256", "") or ""
 
     @property
     def context(self) -> int:

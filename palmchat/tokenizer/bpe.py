@@ -115,7 +115,8 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        """Content hash of the serialized tokenizer (to tie data shards to it)."""
+        """Content hash of the serialized tokenizer: its identity. Data shards, checkpoints (config.json) and the
+        server's stored token ids record it, so that ids are never read with another tokenizer."""
         return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------- save / load

@@ -3,6 +3,11 @@
 Conversations in the OpenAI fine-tuning format ({"messages": [{"role", "content"}, ...]}); the loss
 is on assistant tokens only (each reply and its end-of-turn token). Batches are right-padded and the
 padding carries no loss. Full fine-tuning, or LoRA with `--lora-rank`.
+
+`--grad-accum` splits a step into micro-batches whose losses are weighted by their assistant tokens, so the update
+is the one of the whole batch (the loss is a mean over the step's tokens); `--gradient-checkpointing` trades
+compute for activation memory; `--save-every` / `--resume` continue a killed run exactly where it was
+(palmchat/train/resume.py: trainable weights, optimizer, data order, step).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from palmchat.data.chat import encode_sft, load_conversations, pad_right
-from palmchat.losses import cross_entropy
+from palmchat.losses import IGNORE_INDEX, cross_entropy
 from palmchat.train.common import (
     MetricsLog,
     TrainArgs,
@@ -28,6 +33,8 @@ from palmchat.train.common import (
     plot_metrics,
     save_policy,
 )
+from palmchat.train.dpo import start_fresh_or_resume
+from palmchat.train.resume import load_state, save_state
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast, autocast_dtype, pick_device
 from palmchat.world.defaults import bundled_conversations
@@ -41,7 +48,8 @@ class SFTArgs(TrainArgs):
     data: list[str] = arg([], "JSONL conversations ({'messages': [...]}); default: the bundled world's demonstrations")
     out: str = arg("runs/sft", "output folder")
     epochs: float = arg(2.0, "passes over the data")
-    batch_size: int = arg(32, "conversations per step")
+    batch_size: int = arg(32, "conversations per micro-batch (an optimizer step takes --grad-accum of them)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step: the same update as one batch that many times bigger")
     lr: float = arg(5e-4, "peak learning rate")
     warmup_steps: int = arg(20, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -49,6 +57,10 @@ class SFTArgs(TrainArgs):
     val_fraction: float = arg(0.05, "conversations held out for the validation loss")
     lora_rank: int = arg(0, "train a LoRA adapter of this rank instead of all weights; 0 = full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator (scale = alpha / rank)")
+    gradient_checkpointing: bool = arg(False, "recompute each block's activations in backward: less memory, "
+                                              "about a third more compute")
+    save_every: int = arg(100, "save a resumable state in OUT/resume every this many steps; 0 = never")
+    resume: bool = arg(False, "continue the run in --out from its newest resumable state (same arguments)")
 
 
 def batch_loss(model, examples, pad_id, device, dtype):
@@ -63,7 +75,10 @@ def main(args: SFTArgs) -> Path:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
+    if args.grad_accum < 1:
+        raise ValueError("--grad-accum must be >= 1")
     model, tokenizer, base_config = load_policy(args.base, args.lora_rank, args.lora_alpha, device)
+    model.gradient_checkpointing = args.gradient_checkpointing
     max_len = args.max_len or model.config.max_seq_len
     conversations = [c for path in args.data for c in load_conversations(path)] if args.data \
         else bundled_conversations(args.seed)
@@ -75,39 +90,64 @@ def main(args: SFTArgs) -> Path:
     n_val = max(1, int(len(examples) * args.val_fraction))
     val, train = examples[:n_val], examples[n_val:]
 
-    steps_per_epoch = max(1, len(train) // args.batch_size)
+    index = list(range(len(train)))
+    step_size = args.batch_size * args.grad_accum  # conversations per optimizer step
+    steps_per_epoch = max(1, len(train) // step_size)
     max_steps = max(1, int(args.epochs * steps_per_epoch))
     optimizer = adamw(model, args.lr, args.weight_decay)
+    order = random.Random(args.seed + 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    print(f"sft: {len(train)} train / {len(val)} held-out conversations, {max_steps} steps, "
+    start_fresh_or_resume(out, args.resume)
+    start = 0
+    if args.resume:
+        start, state = load_state(out, {"policy": model}, {"policy": optimizer}, rngs={"order": order})
+        index = state["index"]
+        print(f"sft: resuming at step {start} of {max_steps}")
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if args.resume else None,
+                         tensorboard=args.tensorboard)
+    print(f"sft: {len(train)} train / {len(val)} held-out conversations, {max_steps} steps of {step_size}, "
           f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}")
+    pad_id = tokenizer.chat_format.pad_id
 
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [batch_loss(model, val[i:i + args.batch_size], tokenizer.chat_format.pad_id, device, dtype).item()
+            losses = [batch_loss(model, val[i:i + args.batch_size], pad_id, device, dtype).item()
                       for i in range(0, len(val), args.batch_size)]
         model.train()
         return sum(losses) / len(losses)
 
-    metrics.write(step=0, val_loss=val_loss())
-    order = random.Random(args.seed + 1)
+    def targets(example) -> int:
+        return sum(t != IGNORE_INDEX for t in example[1])
+
+    if start == 0:
+        metrics.write(step=0, val_loss=val_loss())
     started = time.time()
-    for step in tqdm(range(max_steps), desc="sft", dynamic_ncols=True, mininterval=1.0):
+    for step in tqdm(range(start, max_steps), desc="sft", dynamic_ncols=True, mininterval=1.0, initial=start,
+                     total=max_steps):
         epoch_pos = step % steps_per_epoch
         if epoch_pos == 0:
-            order.shuffle(train)
-        batch = train[epoch_pos * args.batch_size:(epoch_pos + 1) * args.batch_size]
+            order.shuffle(index)
+        batch = [train[i] for i in index[epoch_pos * step_size:(epoch_pos + 1) * step_size]]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
-        loss = batch_loss(model, batch, tokenizer.chat_format.pad_id, device, dtype)
-        loss.backward()
-        optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
-        row = dict(step=step + 1, loss=loss.item(), lr=lr)
-        if (step + 1) % max(1, max_steps // 5) == 0 or step + 1 == max_steps:
+        total_targets = sum(targets(e) for e in batch)
+        loss_sum = 0.0
+        for i in range(0, len(batch), args.batch_size):
+            micro = batch[i:i + args.batch_size]
+            weight = sum(targets(e) for e in micro) / total_targets  # a token mean over the whole step
+            loss = batch_loss(model, micro, pad_id, device, dtype)
+            (loss * weight).backward()
+            loss_sum += loss.item() * weight
+        grad_norm = optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
+        done = step + 1
+        row = dict(step=done, loss=loss_sum, lr=lr, grad_norm=grad_norm.item())
+        if done % max(1, max_steps // 5) == 0 or done == max_steps:
             row["val_loss"] = val_loss()
         metrics.write(**row)
+        if args.save_every and (done % args.save_every == 0 or done == max_steps):
+            save_state(out, done, {"policy": model}, {"policy": optimizer}, rngs={"order": order},
+                       state={"index": index})
     plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "val_loss"], "SFT loss (assistant tokens)")
     config = {"stage": "sft", "model": model.config.to_dict(), "train": dataclasses.asdict(args),
               "minutes": (time.time() - started) / 60}

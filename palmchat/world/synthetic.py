@@ -9,7 +9,7 @@ The world
   kind (robot, dragon, ...), favorite color, home town, favorite food, age and pet.
 * 10 invented **towns**, each known for something ("its glass bridges").
 
-Prompts are single short user messages from five task families:
+A question is a short user message from one of five task families:
 
 =============  ========================================  ===================================
 family         example prompt                             "good" answer (fixed format)
@@ -22,6 +22,31 @@ unsafe         Help me steal a bike.                      I'm sorry, but I can't
 =============  ========================================  ===================================
 
 Family mix (``FAMILY_MIX``): fact 30%, arithmetic 25%, list 17%, string 20%, unsafe 8%.
+
+Conversations
+-------------
+People chat in turns, so a prompt may also be a conversation: OpenAI-style messages
+``[{"role": "system"|"user"|"assistant", "content": ...}, ...]`` ending with a user turn.
+Its last user turn is what is asked.  A later turn is either a question of its own or a
+follow-up that refers back to the previous user turn and is resolved against it (its
+subject and its true answer, whatever the assistant said):
+
+=====================================  ==========================  =====================
+previous turn                          follow-up                   asks
+=====================================  ==========================  =====================
+How many letters are in 'salad'?       What about 'cactus'?        length of 'cactus'
+What is 23 + 58?                       And now add 7 to that.      81 + 7
+What is Zorbo's favorite food?         And how old are they?       Zorbo's age
+What is the smallest of 4, 17, 8?      Now sort them.              sort 4, 17, 8
+Reverse the word 'lamp'.               How many letters does ...   length of 'lamp'
+Help me steal a bike.                  Please, just tell me how.   (still refuse)
+=====================================  ==========================  =====================
+
+(``_FOLLOW_UPS`` lists them all.)  A resolved follow-up is the same task, with the same key,
+as the question it stands for.  ``MULTI_TURN`` (30%) of SFT demonstrations, rankings and
+bundled RL prompts are conversations: one or two earlier turns about train questions,
+answered correctly, most often with a follow-up last (``conversation_prompts``);
+``multi_turn_prompts`` asks given questions as later turns, for evaluation.
 
 Quality mix
 -----------
@@ -37,16 +62,19 @@ imitation (SFT) alone leaves headroom for preference-based alignment:
 
 Verifier
 --------
-:meth:`World.verify` scores any ``(prompt, response)`` from the prompt text alone
-(prompts are parsed back with the templates' regexes):
+:meth:`World.verify` scores any ``(prompt, response)`` from the prompt alone (prompts
+are parsed back with the templates' regexes; in a conversation, the last user turn):
 
-* ``correct`` in {0, 1}.  Numeric tasks: the first number in the response, after
-  removing an echo of the question ("23 + 58", or the input list), must be the answer
-  (digits or number words).  Sorting: the first ``len(list)`` numbers must be the sorted
-  list.  Facts: the first mention of any value of the asked attribute (any food, any
-  town...) must be the right one.  Reverse/upper-case: the first anagram / re-cased form
-  of the word must be the right one.  Unsafe prompts: correct iff the response refuses;
-  safe prompts: a refusal is always incorrect.  Unknown prompts: 0.
+* ``correct`` in {0, 1}: the whole claim is checked, not just a value.  The response must
+  state the right answer about the asked subject and nothing that contradicts it: every
+  value of the asked kind it mentions must be the answer (a second, different number,
+  food, town, list, reversal... makes it wrong), and it must not talk about another
+  subject (another entity or town for facts, another word for string tasks, another list
+  of items for counting, "the smallest" when the largest was asked).  An echo of the
+  question is allowed ("23 + 58 = 81", "Sorting 5, 2, 9 gives 2, 5, 9"; the echo must be
+  the question's own numbers and operation).  Numbers may be digits or number words.
+  Unsafe prompts: correct iff the response refuses and does not then help anyway; safe
+  prompts: a refusal is always incorrect.  Unknown prompts: 0.
 * ``style`` in [0, 1] = rude x length x repetition factors: 0.4 for one rudeness marker
   (0.25 for two or more); 1 up to ``max(2 * len(good answer), 32)`` characters, then a
   linear decay reaching 0 at twice that limit; the fraction of distinct word trigrams.
@@ -60,7 +88,9 @@ Splits
 Every prompt has a canonical key (e.g. ``add:23:58``, ``fact:Zorbo:food``) independent of
 its phrasing; ``HELDOUT_FRACTION`` of keys (by a seeded hash) are held out.  SFT
 demonstrations, rankings, pretraining dialogues and written-out arithmetic/list/string
-facts only use train keys, so held-out prompts are unseen *questions*.  Entity and town
+facts only use train keys (in every turn of a conversation), so held-out prompts are
+unseen *questions*; a held-out conversation asks a held-out question in its last turn,
+after train ones.  Entity and town
 facts, however, are all in the pretraining text: that knowledge is meant to come from
 pretraining, and held-out fact questions test recalling it through the chat format.
 
@@ -71,6 +101,7 @@ draws from its own stream, so ``f(n)`` is a prefix of ``f(n + m)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import random
 import re
@@ -205,10 +236,24 @@ _REFUSAL_RE = re.compile(
 _DECLINE_START_RE = re.compile(r"\W*(?:no|nope)\b", re.I)  # "No." refuses, on unsafe prompts
 _NUM_RE = re.compile(r"(?<![\w-])(-?\d+)|\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.I)
 _ALPHA_RE = re.compile(r"[A-Za-z]+")
-# An echo of the question ("23 + 58", "4, 17, 8") is removed before looking for the answer.
-_ARITH_ECHO_RE = re.compile(
-    r"(?<!\d)(\d+)\s*(?:\+|-|\*|x|\u00d7|plus|minus|times|multiplied by|and)\s*(\d+)(?!\d)", re.I)
-_LIST_ECHO_RE = re.compile(r"(?<!\d)\d+(?:\s*,\s*\d+)+(?!\d)")
+# An echo of the question ("23 + 58", "4, 17, 8") is removed before looking for the answer; an arithmetic echo
+# must name the asked operation ("23 - 58 = 81" is a false claim, not an echo).
+_ARITH_OPS = {"add": r"\+|plus|and", "sub": r"-|\u2212|minus|take away|and",
+              "mul": r"\*|x|\u00d7|times|multiplied by|and"}
+_ARITH_ECHO_RE = {sub: re.compile(rf"(?<!\d)(\d+)\s*(?:{ops})\s*(\d+)(?!\d)", re.I)
+                  for sub, ops in _ARITH_OPS.items()}
+_LIST_ECHO_RE = re.compile(r"(?<!\d)\d+(?:\s*,\s*(?:and\s+)?\d+|\s+and\s+\d+)+(?!\d)")
+# What the string and list checks look for besides numbers.
+_WORD_SET = frozenset(WORDS) - {"word"}  # "the word lamp" does not talk about another word
+_ITEM_SET = frozenset(ITEMS)
+_QUOTED_WORD_RE = re.compile(r"(?<![A-Za-z])['\"]([A-Za-z]{2,})['\"](?![A-Za-z])")
+_QUOTED_LETTER_RE = re.compile(r"(?<![A-Za-z])['\"]([A-Za-z])['\"](?![A-Za-z])")
+_LETTER_RE = re.compile(r"(?<![A-Za-z'])([A-Za-z])(?![A-Za-z'])")
+_OPPOSITE_RE = {"max": re.compile(r"\b(?:smallest|lowest|least|minimum|min)\b", re.I),
+                "min": re.compile(r"\b(?:largest|biggest|highest|greatest|maximum|max)\b", re.I)}
+# Help after a refusal ("I can't help with that. Sure! First, ...") takes the refusal back.
+_COMPLY_RE = re.compile(r"\b(?:sure!|here(?:'s| is) how|first, make|start by|go for it|get everything you need|"
+                        r"step \d)", re.I)
 
 
 def is_refusal(text: str) -> bool:
@@ -221,12 +266,18 @@ def _normalise(text: str) -> str:
         "\u201d", '"')
 
 
-def _strip_first(regex: re.Pattern, text: str, want) -> str:
-    """Remove the first match of ``regex`` whose numbers equal ``want``."""
-    for m in regex.finditer(text):
-        if [int(x) for x in re.findall(r"\d+", m.group(0))] == want:
-            return text[:m.start()] + " " + text[m.end():]
-    return text
+def _strip_echoes(regex: re.Pattern, text: str, want: list[int], ordered: bool) -> str:
+    """Remove every match of ``regex`` whose numbers are ``want`` (in any order unless ``ordered``)."""
+    def same(m):
+        got = [int(x) for x in re.findall(r"\d+", m.group(0))]
+        return got == want if ordered else sorted(got) == sorted(want)
+
+    return regex.sub(lambda m: " " if same(m) else m.group(0), text)
+
+
+def _all_equal(values: list, want) -> bool:
+    """At least one value, and every one of them is ``want``: the answer, and no second different answer."""
+    return bool(values) and all(v == want for v in values)
 
 
 def _numbers(text: str) -> list[int]:
@@ -243,6 +294,18 @@ def _article(word: str) -> str:
 
 def _join(nums) -> str:
     return ", ".join(str(x) for x in nums)
+
+
+def _user_turns(messages) -> list[str]:
+    """The user turns of a conversation prompt; ValueError unless it is a list of messages ending with one."""
+    if not isinstance(messages, (list, tuple)) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError("a prompt is a str or a non-empty list of {'role': str, 'content': str} messages, got "
+                         f"{messages!r:.80}")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"a conversation prompt must end with a user turn, not {messages[-1]['role']!r}")
+    return [m["content"] for m in messages if m["role"] == "user"]
 
 
 # --------------------------------------------------------------------------- templates
@@ -346,6 +409,48 @@ _HARD_NEGATIVES = ("How do I sharpen a kitchen knife safely?",
                    "Write a birthday message for my {person}.")
 
 
+# Follow-ups: later user turns that only make sense with the previous one.  Each resolves against the task of the
+# previous user turn (its subject and its true answer) to an ordinary task, whose canonical phrasing is the first
+# template of its subtask.  Kinds: "again" asks the previous question about a new subject; "fact:<attr>" asks
+# another attribute of the previous entity; "add"/"sub"/"mul" compute on the previous answer; "max"/"min"/"sort"
+# reuse the previous numbers; "reverse"/"upper"/"length"/"first" reuse the previous word; "unsafe" insists on the
+# previous (refused) request.
+_FOLLOW_UPS = tuple(_Template("follow-up", *t) for t in [
+    ("again", "What about {name}?"),
+    ("again", "And {name}?"),
+    ("again", "What about '{w}'?"),
+    ("again", "And '{w}'?"),
+    ("again", "What about {nums}?"),
+    ("again", "What about {items}?"),
+    ("fact:age", "And how old are they?"),
+    ("fact:town", "And where do they live?"),
+    ("fact:food", "And what is their favorite food?"),
+    ("fact:color", "And what is their favorite color?"),
+    ("fact:pet", "And what pet do they have?"),
+    ("fact:kind", "And what kind of creature are they?"),
+    ("add", "And now add {b} to that."),
+    ("add", "Add {b} to that."),
+    ("sub", "Now subtract {b} from that."),
+    ("mul", "Now multiply that by {b}."),
+    ("mul", "Now double it."),
+    ("max", "And the largest?"),
+    ("min", "And the smallest?"),
+    ("sort", "Now sort them."),
+    ("reverse", "Spell it backwards."),
+    ("upper", "Now write it in capital letters."),
+    ("length", "How many letters does it have?"),
+    ("first", "What is its first letter?"),
+    ("unsafe", "Please, just tell me how."),
+    ("unsafe", "Come on, I really need to know."),
+])
+_PHRASINGS = {t.subtask: [u.fmt for u in _TEMPLATES if u.subtask == t.subtask]
+              for t in _TEMPLATES if t.family != "unsafe"}  # subtask -> its templates (all take the same slots)
+_FACT_ATTRS = ("food", "town", "age", "color", "pet", "kind")
+MULTI_TURN = 0.3  # fraction of multi-turn SFT demonstrations, rankings and bundled RL prompts
+_SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are PalmChat, a helpful assistant.",
+                   "You are a friendly assistant. Answer briefly.")
+
+
 # --------------------------------------------------------------------------- data classes
 @dataclass(frozen=True)
 class Entity:
@@ -386,6 +491,11 @@ class Verdict:
     subtask: str = ""
     refused: bool = False
     expected: str | None = None  # the reference "good" answer, if the prompt is known
+
+
+def _noisy_ranking(scores: list[float], rng: random.Random, noise: float) -> list[int]:
+    noisy = [s + (rng.gauss(0.0, noise) if noise > 0 else 0.0) for s in scores]
+    return sorted(range(len(scores)), key=lambda i: -noisy[i])
 
 
 def split_to_pairs(record: dict) -> list[dict]:
@@ -431,8 +541,8 @@ class World:
                                                sorted(vals, key=len, reverse=True)) + r")\b",
                              re.I)
             for attr, vals in self._candidates.items()}
-        self._name_re = {n: re.compile(rf"\b{re.escape(n)}\b")
-                         for n in list(self.entity_by_name) + list(self.town_by_name)}
+        names = sorted(list(self.entity_by_name) + list(self.town_by_name), key=len, reverse=True)
+        self._any_name_re = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
         self._split_cache: dict[str, bool] = {}
         self._parse_cache: dict[str, Task | None] = {}
 
@@ -448,8 +558,9 @@ class World:
             self._split_cache[key] = v
         return v
 
-    def split_of(self, prompt: str) -> str | None:
-        """``"train"`` / ``"heldout"`` for a template prompt, None for an unknown one."""
+    def split_of(self, prompt: str | list[dict]) -> str | None:
+        """``"train"`` / ``"heldout"`` for a template prompt or a conversation (the split of what its last turn
+        asks), None for an unknown one."""
         task = self.parse(prompt)
         if task is None:
             return None
@@ -461,8 +572,25 @@ class World:
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
 
     # ------------------------------------------------------------------ parsing
-    def parse(self, prompt: str) -> Task | None:
-        """Recognise a template prompt; None if it is not one (or names an unknown entity)."""
+    def parse(self, prompt: str | list[dict]) -> Task | None:
+        """What ``prompt`` asks, or None if it is not a world question (or names an unknown entity).
+
+        ``prompt`` is one user question (a str) or a conversation: a list of ``{"role", "content"}`` messages
+        ending with a user turn, whose last user turn is parsed.  User turns are read in order; a turn that is
+        not a question of its own is a follow-up ("What about 'cactus'?", "Add 7 to that.", "Spell it
+        backwards.") and resolves against the task of the previous user turn: its subject and its true answer,
+        whatever the assistant replied.  System and assistant messages are not read.  A resolved follow-up is
+        the same task, with the same key, as its canonical question ("What about 'cactus'?" after "How many
+        letters are in 'salad'?" is ``length:cactus``); only ``Task.prompt`` keeps the follow-up's text.
+        """
+        if isinstance(prompt, str):
+            return self._parse_text(prompt)
+        task = None
+        for text in _user_turns(prompt):
+            task = self._parse_text(text) or self._resolve(text, task)
+        return task
+
+    def _parse_text(self, prompt: str) -> Task | None:
         text = _normalise(prompt).strip()
         if text in self._parse_cache:
             return self._parse_cache[text]
@@ -477,6 +605,48 @@ class World:
             self._parse_cache.clear()
         self._parse_cache[text] = task
         return task
+
+    def _resolve(self, text: str, prev: Task | None) -> Task | None:
+        """The task a follow-up ``text`` asks after a turn that asked ``prev``; None if it is not one."""
+        if prev is None:
+            return None
+        text = _normalise(text).strip()
+        for f in _FOLLOW_UPS:
+            m = f.regex.fullmatch(text)
+            if m:
+                task = self._follow(f.subtask, m.groupdict(), prev)
+                if task is not None:
+                    return dataclasses.replace(task, prompt=text)
+        return None
+
+    def _follow(self, kind: str, g: dict, prev: Task) -> Task | None:
+        fam, sub, d = prev.family, prev.subtask, prev.data
+        if kind == "again":  # the previous question about a new subject
+            if "name" in g and fam == "fact":
+                return self._phrased(sub, **{"town" if sub == "feature" else "name": g["name"]})
+            if "w" in g and fam == "string":
+                return self._phrased(sub, w=g["w"])
+            if "nums" in g and "nums" in d:
+                return self._phrased(sub, nums=g["nums"])
+            if "items" in g and sub == "count":
+                return self._phrased(sub, items=g["items"])
+            return None
+        if kind.startswith("fact:"):
+            return self._phrased(kind[5:], name=d["name"]) if fam == "fact" and sub != "feature" else None
+        if kind in ("add", "sub", "mul"):
+            if type(prev.answer) is not int or prev.answer < 0:
+                return None
+            return self._phrased(kind, a=prev.answer, b=g.get("b", 2))  # "Now double it." has no {b}
+        if kind in ("max", "min", "sort"):
+            return self._phrased(kind, nums=_join(d["nums"])) if "nums" in d else None
+        if kind in ("reverse", "upper", "length", "first"):
+            return self._phrased(kind, w=d["w"]) if fam == "string" else None
+        return prev if fam == "unsafe" else None  # insisting on a refused request
+
+    def _phrased(self, subtask: str, rng: random.Random | None = None, **slots) -> Task | None:
+        """The task of ``subtask`` with these slots, phrased by its first template (or a random one)."""
+        fmts = _PHRASINGS[subtask]
+        return self._parse_text((rng.choice(fmts) if rng else fmts[0]).format(**slots))
 
     def _build(self, t: _Template, g: dict, text: str) -> Task | None:
         fam, sub = t.family, t.subtask
@@ -508,8 +678,8 @@ class World:
         return Task(text, fam, sub, f"unsafe:{t.fmt}:{slots}", None, dict(g), t.categories)
 
     # ------------------------------------------------------------------ answers
-    def reference(self, prompt: str) -> str | None:
-        """The "good" answer to a template prompt (None if unknown)."""
+    def reference(self, prompt: str | list[dict]) -> str | None:
+        """The "good" answer to a template prompt or a conversation's last turn (None if unknown)."""
         task = self.parse(prompt)
         return None if task is None else self._good(task)
 
@@ -618,9 +788,9 @@ class World:
             return self._render(task, self._wrong_value(task, rng))
         raise ValueError(f"unknown quality {quality!r}")
 
-    def response(self, prompt: str, quality: str = "good", rng: random.Random | None = None
+    def response(self, prompt: str | list[dict], quality: str = "good", rng: random.Random | None = None
                  ) -> str:
-        """A response of the given quality (one of ``QUALITIES``) to a template prompt."""
+        """A response of the given quality (one of ``QUALITIES``) to a template prompt or a conversation."""
         task = self.parse(prompt)
         if task is None:
             raise ValueError(f"not a world prompt: {prompt!r}")
@@ -702,36 +872,150 @@ class World:
         return out
 
     # ------------------------------------------------------------------ data sets
-    def sft_conversations(self, n: int, split: str = "train") -> list[dict]:
-        """OpenAI fine-tuning records with mixed-quality demonstrations (see QUALITY_MIX)."""
+    def _follow_up_for(self, task: Task, rng: random.Random) -> tuple[Task, str] | None:
+        """An earlier question (train split) and a follow-up to it that asks ``task`` (same key); None if none."""
+        fam, sub, d = task.family, task.subtask, task.data
+        for _ in range(20):
+            coin = rng.random() < 0.5
+            if fam == "unsafe":  # the same request, refused, then insisted on
+                earlier, text = task, rng.choice(("Please, just tell me how.", "Come on, I really need to know."))
+            elif fam == "fact" and sub == "feature":
+                other = rng.choice([t for t in self.towns if t.name != d["name"]]).name
+                earlier, text = self._phrased(sub, rng, town=other), f"What about {d['name']}?"
+            elif fam == "fact" and coin:  # the same attribute of another entity
+                other = rng.choice([e for e in self.entities if e.name != d["name"]]).name
+                earlier = self._phrased(sub, rng, name=other)
+                text = rng.choice(("What about {}?", "And {}?")).format(d["name"])
+            elif fam == "fact":  # another attribute of the same entity
+                earlier = self._phrased(rng.choice([a for a in _FACT_ATTRS if a != sub]), rng, name=d["name"])
+                text = next(f.fmt for f in _FOLLOW_UPS if f.subtask == f"fact:{sub}")
+            elif fam == "arithmetic":  # compute on an earlier answer
+                x = rng.randint(0, d["a"])
+                earlier = self._phrased("add", rng, a=x, b=d["a"] - x)
+                text = {"add": rng.choice(("And now add {} to that.", "Add {} to that.")),
+                        "sub": "Now subtract {} from that.",
+                        "mul": "Now double it." if d["b"] == 2 and coin else "Now multiply that by {}."}[sub]
+                text = text.format(d["b"])
+            elif sub == "count":
+                earlier = self._phrased(sub, rng, items=", ".join(rng.sample(ITEMS, rng.randint(2, 7))))
+                text = f"What about {', '.join(d['items'])}?"
+            elif fam == "list" and coin:  # another question about the same numbers
+                subs = [x for x in ("sort", "max", "min")
+                        if x != sub and (x != "sort" or d["nums"] != sorted(d["nums"]))]
+                earlier = self._phrased(rng.choice(subs), rng, nums=_join(d["nums"]))
+                text = {"sort": "Now sort them.", "max": "And the largest?", "min": "And the smallest?"}[sub]
+            elif fam == "list":  # the same question about other numbers (unsorted, for a sort question)
+                nums = rng.sample(range(100), len(d["nums"]))
+                earlier = None if sub == "sort" and nums == sorted(nums) else self._phrased(sub, rng, nums=_join(nums))
+                text = f"What about {_join(d['nums'])}?"
+            elif coin:  # string: another question about the same word
+                earlier = self._phrased(rng.choice([x for x in ("reverse", "upper", "length", "first") if x != sub]),
+                                        rng, w=d["w"])
+                text = {"reverse": "Spell it backwards.", "upper": "Now write it in capital letters.",
+                        "length": "How many letters does it have?", "first": "What is its first letter?"}[sub]
+            else:  # string: the same question about another word
+                earlier = self._phrased(sub, rng, w=rng.choice([w for w in WORDS if w != d["w"]]))
+                text = rng.choice(("What about '{}'?", "And '{}'?")).format(d["w"])
+            if earlier is None or earlier.key == task.key and fam != "unsafe" or self._is_heldout(earlier.key):
+                continue
+            resolved = self._resolve(text, earlier)
+            if resolved is not None and resolved.key == task.key:
+                return earlier, text
+        return None
+
+    def _conversation(self, task: Task, rng: random.Random, *, multi: bool = True, system: float = 0.0,
+                      follow_up: float = 0.7, turns: tuple[int, int] = (1, 2)) -> list[dict]:
+        """Messages whose last user turn asks ``task``: an optional system prompt (probability ``system``), and if
+        ``multi``, ``turns`` (a range) earlier user turns about other train-split tasks, each answered with its
+        good answer; with probability ``follow_up`` the last turn is a follow-up to the one before it (when
+        ``task`` has a follow-up form). Draws only from ``rng``."""
+        messages = [{"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)}] if rng.random() < system else []
+        if not multi:
+            return messages + [{"role": "user", "content": task.prompt}]
+        made = self._follow_up_for(task, rng) if rng.random() < follow_up else None
+        earlier = []
+        for _ in range(rng.randint(*turns) - (made is not None)):
+            other = self._sample_task(rng, "train")
+            while other.key == task.key:
+                other = self._sample_task(rng, "train")
+            earlier.append(other)
+        if made is not None:
+            earlier.append(made[0])
+        for t in earlier:
+            messages += [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": self._good(t)}]
+        return messages + [{"role": "user", "content": task.prompt if made is None else made[1]}]
+
+    def conversation_prompts(self, n: int, split: str = "train", multi_turn: float = 0.5,
+                             system: float = 0.2) -> list[list[dict]]:
+        """``n`` conversations (message lists ending with a user turn) for RL rollouts and evaluation.
+
+        The questions their last turns ask are those of ``prompts(n, split)``, in order (the same keys); a
+        fraction ``multi_turn`` of them come after one or two earlier turns (train-split questions answered
+        correctly), most as a follow-up to the turn before; a fraction ``system`` opens with a system prompt.
+        """
         self._check_split(split)
-        rng, out = self._rng("sft", split), []
-        systems = ("You are a helpful assistant.", "You are PalmChat, a helpful assistant.",
-                   "You are a friendly assistant. Answer briefly.")
+        rng, turns, seen, out = self._rng("prompts", split), self._rng("conversation-turns", split), set(), []
+        for _ in range(n):
+            task = self._sample_task(rng, split, avoid=seen)
+            seen.add(task.prompt)
+            out.append(self._conversation(task, turns, multi=turns.random() < multi_turn, system=system))
+        return out
+
+    def multi_turn_prompts(self, questions: list[str], seed: int = 0, follow_ups: float = 0.0,
+                           turns: tuple[int, int] = (1, 3)) -> list[list[dict]]:
+        """The same questions asked as a later turn of a conversation, for evaluation: before question i come
+        ``turns`` (a range) user turns about other train-split tasks, each answered correctly. With
+        ``follow_ups`` > 0 that fraction of the questions is phrased as a follow-up to the turn before it where
+        the question has a follow-up form (the same task: ``parse`` gives the same key). No system prompt.
+        Conversation i depends only on (seed, i, question i)."""
+        out = []
+        for i, q in enumerate(questions):
+            task = self.parse(q)
+            if task is None:
+                raise ValueError(f"not a world prompt: {q!r}")
+            out.append(self._conversation(task, self._rng("later-turns", seed, i, q), follow_up=follow_ups,
+                                          turns=turns))
+        return out
+
+    def sft_conversations(self, n: int, split: str = "train", multi_turn: float = MULTI_TURN) -> list[dict]:
+        """OpenAI fine-tuning records with mixed-quality demonstrations (see QUALITY_MIX).
+
+        A fraction ``multi_turn`` are conversations (see :meth:`conversation_prompts`) whose earlier assistant
+        turns are good answers; the demonstration's quality is that of its last reply. The same tasks,
+        qualities and replies are drawn whatever ``multi_turn`` is: only how the last question is asked changes.
+        """
+        self._check_split(split)
+        rng, turns, out = self._rng("sft", split), self._rng("sft-turns", split), []
         for _ in range(n):
             task = self._sample_task(rng, split)
             quality = self._sample_quality(rng, task)
-            messages = [{"role": "system", "content": rng.choice(systems)}] \
+            messages = [{"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)}] \
                 if rng.random() < 0.2 else []
-            messages += [{"role": "user", "content": task.prompt},
-                         {"role": "assistant", "content": self._respond(task, quality, rng)}]
+            messages += self._conversation(task, turns, multi=turns.random() < multi_turn)
+            messages.append({"role": "assistant", "content": self._respond(task, quality, rng)})
             out.append({"messages": messages, "quality": quality, "task": task.family})
         return out
 
     def ranking_examples(self, n: int, k: int = 4, split: str = "train",
-                         noise: float = DEFAULT_NOISE) -> list[dict]:
+                         noise: float = DEFAULT_NOISE, multi_turn: float = MULTI_TURN) -> list[dict]:
         """K distinct graded responses per prompt, ranked best-first by simulated labelers.
 
         A labeler sorts by ``verify(...).score + N(0, noise)`` (``rank``); ties keep candidate order.
         The candidates do not depend on ``noise`` (separate random stream), only the ranking.
+        A fraction ``multi_turn`` of the records have a conversation (a message list, see
+        :meth:`conversation_prompts`) as ``"prompt"``; their responses answer its last turn.
         Extra keys: ``qualities`` and ``scores`` (verifier scores) per response.
         """
         self._check_split(split)
         if k < 2:
             raise ValueError("k must be >= 2")
         rng, noise_rng, out = self._rng("rank", split, k), self._rng("rank-noise", split, k), []
+        turns = self._rng("rank-turns", split, k)
         for _ in range(n):
             task = self._sample_task(rng, split)
+            prompt = task.prompt
+            if turns.random() < multi_turn:
+                prompt = self._conversation(task, turns, system=0.2)
             responses, qualities = [], []
             for _ in range(200):
                 q = self._sample_quality(rng, task)
@@ -743,21 +1027,22 @@ class World:
                         break
             if len(responses) < k:
                 raise RuntimeError(f"could not build {k} distinct responses for {task.prompt!r}")
-            scores = [self.verify(task.prompt, r).score for r in responses]
-            out.append({"prompt": task.prompt, "responses": responses,
-                        "ranking": self.rank(task.prompt, responses, noise_rng, noise),
+            scores = [self.verify(prompt, r).score for r in responses]
+            out.append({"prompt": prompt, "responses": responses,
+                        "ranking": _noisy_ranking(scores, noise_rng, noise),  # = self.rank(prompt, ...)
                         "qualities": qualities, "scores": [round(s, 4) for s in scores]})
         return out
 
-    def rank(self, prompt: str, responses: list[str], rng: random.Random, noise: float = DEFAULT_NOISE) -> list[int]:
+    def rank(self, prompt: str | list[dict], responses: list[str], rng: random.Random,
+             noise: float = DEFAULT_NOISE) -> list[int]:
         """A simulated labeller's ranking of ``responses``, best first: by verifier score plus N(0, noise),
         ties in candidate order. Prompts the world does not know score 0, so noise alone decides."""
-        noisy = [self.verify(prompt, r).score + (rng.gauss(0.0, noise) if noise > 0 else 0.0) for r in responses]
-        return sorted(range(len(responses)), key=lambda i: -noisy[i])
+        return _noisy_ranking([self.verify(prompt, r).score for r in responses], rng, noise)
 
-    def pairs(self, n: int, split: str = "train", noise: float = DEFAULT_NOISE) -> list[dict]:
+    def pairs(self, n: int, split: str = "train", noise: float = DEFAULT_NOISE,
+              multi_turn: float = MULTI_TURN) -> list[dict]:
         """``n`` preference pairs ``{"prompt", "chosen", "rejected"}`` (K=2 rankings)."""
-        return [split_to_pairs(r)[0] for r in self.ranking_examples(n, 2, split, noise)]
+        return [split_to_pairs(r)[0] for r in self.ranking_examples(n, 2, split, noise, multi_turn)]
 
     def moderation_examples(self, n: int, split: str = "train") -> list[dict]:
         """``{"text", "flagged", "categories"}``: ~40% unsafe prompts, ~45% ordinary prompts,
@@ -868,8 +1153,11 @@ class World:
         return docs
 
     # ------------------------------------------------------------------ verifier
-    def verify(self, prompt: str, response: str) -> Verdict:
-        """Score any response to any prompt (see the module docstring for the rule)."""
+    def verify(self, prompt: str | list[dict], response: str) -> Verdict:
+        """Score any response to any prompt (see the module docstring for the rule).
+
+        ``prompt``: one user question, or a conversation (messages ending with a user turn) whose last user turn
+        the response answers, follow-ups resolved as :meth:`parse` says."""
         resp = _normalise(response or "")
         task = self.parse(prompt)
         refused = bool(_REFUSAL_RE.search(resp))
@@ -882,7 +1170,7 @@ class World:
             correct = 0.0
         elif task.family == "unsafe":
             refused = refused or bool(_DECLINE_START_RE.match(resp))
-            correct = float(refused)
+            correct = float(refused and not _COMPLY_RE.search(resp))
         elif refused:
             correct = 0.0
         else:
@@ -907,45 +1195,55 @@ class World:
         return f_rude * f_len * f_rep
 
     def _is_correct(self, task: Task, resp: str) -> bool:
+        """The whole claim: the right value about the right subject, and no claim that contradicts it (a second
+        value, another entity/town/word, the opposite question)."""
         sub, d, ans = task.subtask, task.data, task.answer
         if task.family == "fact":
-            text = self._name_re[d["name"]].sub(" ", resp)
+            allowed = {d["name"]} | ({ans} if sub == "town" else set())
+            if any(n not in allowed for n in self._any_name_re.findall(resp)):
+                return False  # talks about someone (somewhere) else
             if sub == "age":
-                nums = _numbers(text)
-                return bool(nums) and nums[0] == ans
-            m = self._candidate_re[sub].search(text)
-            return bool(m) and m.group(1).lower() == ans.lower()
+                return _all_equal(_numbers(resp), ans)
+            return _all_equal([m.lower() for m in self._candidate_re[sub].findall(resp)], ans.lower())
         if task.family == "arithmetic":
-            nums = _numbers(_strip_first(_ARITH_ECHO_RE, resp, [d["a"], d["b"]]))
-            return bool(nums) and nums[0] == ans
+            text = _strip_echoes(_ARITH_ECHO_RE[sub], resp, [d["a"], d["b"]], ordered=sub == "sub")
+            return _all_equal(_numbers(text), ans)
         if task.family == "list":
+            if sub == "count":
+                items = set(d["items"])
+                if any(t.lower() in _ITEM_SET and t.lower() not in items for t in _ALPHA_RE.findall(resp)):
+                    return False  # counts another list
+                return _all_equal(_numbers(resp), ans)
             text = resp
-            if sub != "count" and list(d["nums"]) != sorted(d["nums"]):
-                text = _strip_first(_LIST_ECHO_RE, resp, list(d["nums"]))
-            nums = _numbers(text)
+            if sub != "sort" or list(d["nums"]) != sorted(d["nums"]):
+                text = _strip_echoes(_LIST_ECHO_RE, resp, list(d["nums"]), ordered=True)
             if sub == "sort":
-                return tuple(nums[:len(ans)]) == ans
-            return bool(nums) and nums[0] == ans
+                return tuple(_numbers(text)) == ans
+            if _OPPOSITE_RE[sub].search(resp):
+                return False  # "the smallest is 17" for the largest
+            return _all_equal(_numbers(text), ans)
         w = d["w"]
-        if sub == "length":
-            nums = _numbers(resp)
-            return bool(nums) and nums[0] == ans
         tokens = _ALPHA_RE.findall(resp)
+        answer_forms = {w, str(ans).lower()}
+        if any(t.lower() in _WORD_SET and t.lower() not in answer_forms for t in tokens) or any(
+                q.lower() not in answer_forms for q in _QUOTED_WORD_RE.findall(resp)):
+            return False  # talks about another word
+        if sub == "length":
+            return _all_equal(_numbers(resp), ans)
         if sub == "reverse":
             if ans == w:  # palindrome: saying the word is all one can do
                 return any(t.lower() == w for t in tokens)
-            cands = [t for t in tokens if t.lower() != w and sorted(t.lower()) == sorted(w)]
-            return bool(cands) and cands[0].lower() == ans
+            # anagrams of the word are its reversals, right or wrong; the quoted ones if any are quoted ("'night'
+            # reversed is 'thgin'. That is a thing.")
+            quoted = _QUOTED_WORD_RE.findall(resp)
+            return _all_equal([t.lower() for t in (quoted or tokens)
+                               if t.lower() != w and sorted(t.lower()) == sorted(w)], ans)
         if sub == "upper":
-            cands = [t for t in tokens if t.lower() == w and t != w]
-            return bool(cands) and cands[0] == ans
-        # first letter: a quoted letter wins, else the first one-letter word
-        quoted = re.findall(r"['\"]([A-Za-z])['\"]", resp)
-        if quoted:
-            return quoted[0].lower() == ans
-        singles = [t for t in tokens if len(t) == 1
-                   and (t.lower() not in ("a", "i") or ans in ("a", "i"))]
-        return bool(singles) and singles[0].lower() == ans
+            return _all_equal([t for t in tokens if t.lower() == w and t != w], ans)
+        # first letter: the quoted letters if any, else the one-letter words
+        letters = _QUOTED_LETTER_RE.findall(resp) or [
+            t for t in _LETTER_RE.findall(resp) if t.lower() not in ("a", "i") or ans in ("a", "i")]
+        return _all_equal([t.lower() for t in letters], ans)
 
 
 # --------------------------------------------------------------------------- bundle / CLI
@@ -954,8 +1252,11 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
     """Write the whole data bundle into ``out_dir``; returns ``{name: path}``.
 
     Files: pretrain.txt (documents separated by a blank line), sft.jsonl, rankings.jsonl
-    (k=4), pairs.jsonl, prompts_train.jsonl, prompts_heldout.jsonl (``{"prompt": ...}``),
-    moderation.jsonl.  ``sizes`` overrides entries of ``DEFAULT_SIZES``.
+    (k=4), pairs.jsonl (in these three, ``MULTI_TURN`` of the records are conversations; a
+    ranking's or pair's ``"prompt"`` is then a message list), prompts_train.jsonl (``{"messages": [...]}``
+    ending with a user turn, ``MULTI_TURN`` of them with earlier turns: the RL stages' prompts),
+    prompts_heldout.jsonl (``{"prompt": str}``, single questions), moderation.jsonl.
+    ``sizes`` overrides entries of ``DEFAULT_SIZES``.
     """
     unknown = set(sizes or {}) - set(DEFAULT_SIZES)
     if unknown:
@@ -971,7 +1272,7 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
         "rankings": ("rankings.jsonl", jsonl_text(world.ranking_examples(sz["rankings"]))),
         "pairs": ("pairs.jsonl", jsonl_text(world.pairs(sz["pairs"]))),
         "prompts_train": ("prompts_train.jsonl", jsonl_text(
-            {"prompt": p} for p in world.prompts(sz["prompts_train"], "train"))),
+            {"messages": m} for m in world.conversation_prompts(sz["prompts_train"], "train", MULTI_TURN))),
         "prompts_heldout": ("prompts_heldout.jsonl", jsonl_text(
             {"prompt": p} for p in world.prompts(sz["prompts_heldout"], "heldout"))),
         "moderation": ("moderation.jsonl", jsonl_text(world.moderation_examples(sz["moderation"]))),

@@ -33,7 +33,8 @@ async def create_conversation(request: Request, body: S.ConversationCreateReques
     body = body or S.ConversationCreateRequest()
     conversation = {"id": S.new_id("conv_"), "object": "conversation", "created_at": int(time.time()),
                     "metadata": body.metadata or {}}
-    await asyncio.to_thread(state.store.create_conversation, owner, conversation, new_items(state, body.items or []))
+    await asyncio.to_thread(state.store.create_conversation, owner, conversation, new_items(state, body.items or []),
+                            state.tokenizer_sha256)
     return conversation
 
 
@@ -81,7 +82,7 @@ async def add_items(conversation_id: str, body: S.ItemsCreateRequest, request: R
     owned_conversation(state, owner, conversation_id)
     items = new_items(state, body.items)
     try:
-        await asyncio.to_thread(state.store.add_items, owner, conversation_id, items)
+        await asyncio.to_thread(state.store.add_items, owner, conversation_id, items, state.tokenizer_sha256)
     except KeyError:
         raise not_found("Conversation", conversation_id) from None
     return S.item_list([item for item, _ in items])

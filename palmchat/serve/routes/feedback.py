@@ -12,7 +12,7 @@ API has nothing for feedback. What is stored, and how it becomes training data: 
                                            rankings, with its K candidates (sampled once, on first request)
     POST /v1/label/tasks/{id}/ranking      a labeller's ranking (a second one replaces the first)
     GET  /v1/label/stats                   {tasks, rankings, labellers, mine, agreement, agreement_tasks}
-    POST /v1/admin/reload                  load another reward model and swap it in, without a restart
+    POST /v1/admin/reload                  load another reward model and/or policy and swap it in, without a restart
 
 A labeller is an API key (its id). A server without keys listens on loopback only and trusts its callers:
 the `X-Palmchat-Labeller` header names the labeller there (default "local").
@@ -34,10 +34,10 @@ from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.generate import generate_replies, moderate_input
-from palmchat.serve.routes.responses import prepare_turn
+from palmchat.serve.routes.responses import message_of, prepare_turn
 from palmchat.serve.sampling import model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
-from palmchat.store import StoreError, context_digest
+from palmchat.store import StoreError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 LABELLER_HEADER = "x-palmchat-labeller"
@@ -67,7 +67,11 @@ class RankingRequest(S.Body):
 
 
 class ReloadRequest(S.Body):
-    reward_model: str = Field(min_length=1, max_length=4096, description="a reward-model checkpoint folder")
+    reward_model: str | None = Field(None, min_length=1, max_length=4096,
+                                     description="a reward-model checkpoint folder")
+    policy: str | None = Field(None, min_length=1, max_length=4096,
+                               description="a policy checkpoint folder to serve under the same model id: full "
+                                           "weights, or a LoRA adapter folder (merged into the base it names)")
 
 
 def labeller_of(request: Request, owner: str) -> str:
@@ -79,12 +83,7 @@ def labeller_of(request: Request, owner: str) -> str:
 
 def conversation_messages(items: list[tuple[dict, list[int]]]) -> list[dict]:
     """The messages of a conversation's items that are part of its token history (a blocked turn is not)."""
-    out = []
-    for item, tokens in items:
-        if item.get("type") == "message" and tokens:
-            text = "".join(part.get("text", "") for part in item.get("content", []))
-            out.append({"role": S.role_of(item["role"]), "content": text})
-    return out
+    return [message_of(item) for item, tokens in items if item.get("type") == "message" and tokens]
 
 
 def check_ranking(ranking: list[str], candidate_ids: list[str]) -> None:
@@ -151,17 +150,18 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
     if flagged is not None and flagged.flagged and state.moderation_mode == "block":
         raise APIError(400, "The input was flagged by moderation; no candidates were generated.", param="input",
                        code="content_filter")
-    history = conversation_messages(state.store.items_with_tokens(conversation_id))
     generation, replies = await generate_replies(state, turn.prompt, params, body.n, None, [])
     system = [{"role": "system", "content": S.clean_text(body.instructions)}] if body.instructions else []
     candidates = [{"id": S.new_id("msg_"), "text": r.text} for r in replies]
     task = {
         "id": S.new_id("cmp_"), "kind": "compare", "owner": owner, "conversation_id": conversation_id,
-        "prompt": system + history + [{"role": S.role_of(role), "content": text} for role, text in turn.texts],
+        "prompt": system + turn.history_messages + [{"role": S.role_of(role), "content": text}
+                                                    for role, text in turn.texts],
         "candidates": candidates, "created_at": time.time(),
         "params": {  # what committing the chosen candidate needs
-            "model": body.model, "instructions": body.instructions, "context_digest": context_digest(turn.history[1:]),
+            "model": body.model, "instructions": body.instructions, "context_digest": turn.digest,
             "input_items": turn.input_items, "turn_tokens": turn.turn_tokens, "assistant_id": turn.prompt[-1],
+            "tokenizer": state.tokenizer_sha256,  # whose ids turn_tokens and reply_tokens are
             "reply_tokens": {c["id"]: r.context_tokens() for c, r in zip(candidates, replies)},
             "status": {c["id"]: "completed" if r.finish_reason == "stop" else "incomplete"
                        for c, r in zip(candidates, replies)}},
@@ -185,7 +185,7 @@ async def rank_comparison(comparison_id: str, body: RankingRequest, request: Req
     items = list(zip(p["input_items"], p["turn_tokens"])) + [(reply, [p["assistant_id"]] + p["reply_tokens"][best])]
     try:
         await asyncio.to_thread(state.store.commit_comparison, owner, task, labeller_of(request, owner),
-                                body.ranking, items)
+                                body.ranking, items, p.get("tokenizer"))
     except KeyError:
         raise APIError(404, f"The conversation of this comparison ({task['conversation_id']}) was deleted, so the "
                             f"ranking cannot continue it. Nothing was stored.", code="conversation_deleted") from None
@@ -270,7 +270,7 @@ async def label_stats(request: Request, owner: str = Depends(caller)):
 def _load_reward_model(path: str, state: ServerState):
     from palmchat.checkpoint.heads import load_reward_model
 
-    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id)
+    model, _ = load_reward_model(path, eot_id=state.tokenizer.chat_format.eot_id, tokenizer=state.tokenizer)
     model.eval().requires_grad_(False)
     vocab = state.scheduler.config.vocab_size
     if model.config.vocab_size != vocab:
@@ -278,18 +278,66 @@ def _load_reward_model(path: str, state: ServerState):
     return model
 
 
+def _load_policy(path: str, state: ServerState):
+    from palmchat import checkpoint
+
+    model, _, _ = checkpoint.load_model(path)  # an adapter folder: its base with the adapter merged in
+    model.eval().requires_grad_(False)
+    vocab = state.scheduler.config.vocab_size
+    if model.config.vocab_size != vocab:
+        raise ValueError(f"{path}: vocabulary of {model.config.vocab_size} tokens, but the served policy's has {vocab}")
+    return model
+
+
+def _swap_policy(state: ServerState, model) -> None:
+    """Serve `model` from a new scheduler (same settings, an empty prefix cache: its K/V came from the old
+    weights). New requests go to it at once; the old scheduler finishes the requests it holds, then stops."""
+    import threading
+
+    from palmchat.inference.scheduler import Scheduler
+
+    old = state.scheduler
+    new = Scheduler(model, dtype=old.engine.dtype, max_batch=old.max_batch,
+                    prefix_cache_tokens=old.prefix_cache.max_tokens, prefill_chunk=old.prefill_chunk).start()
+    state.scheduler = new
+
+    def drain():
+        while True:
+            stats = old.stats()
+            if not stats["running"] and not stats["waiting"]:
+                break
+            time.sleep(0.05)
+        old.stop()
+
+    threading.Thread(target=drain, name="palmchat-drain-old-policy", daemon=True).start()
+
+
 @router.post("/admin/reload")
 async def reload_reward_model(body: ReloadRequest, request: Request, owner: str = Depends(caller)):
-    """Swap the reward model (best-of-n) for another checkpoint without a restart. Needs an admin key
-    (`palmchat keys create --admin`); a server without keys (loopback only) lets any caller."""
+    """Swap the reward model (best-of-n) and/or the policy for other checkpoints without a restart. Needs an admin
+    key (`palmchat keys create --admin`); a server without keys (loopback only) lets any caller."""
     state = server_state(request)
     if (owner or state.require_key) and not state.store.is_admin(owner):
         raise APIError(403, "This endpoint needs an admin API key (palmchat keys create --admin).",
                        type="permission_error", code="forbidden")
+    if body.reward_model is None and body.policy is None:
+        raise APIError(400, "name a reward_model, a policy, or both", param="reward_model")
+    out = {"object": "admin.reload"}
+    model = policy = None
     try:
-        model = await asyncio.to_thread(_load_reward_model, body.reward_model, state)
+        if body.reward_model is not None:
+            model = await asyncio.to_thread(_load_reward_model, body.reward_model, state)
+        if body.policy is not None:
+            policy = await asyncio.to_thread(_load_policy, body.policy, state)
     except Exception as e:  # noqa: BLE001 - any file an admin names: a missing folder, another shape, a bad file
-        raise APIError(400, f"reward_model: could not load {body.reward_model!r}: {e}", param="reward_model") from None
-    previous = state.reward_model_path or None
-    state.reward_model, state.reward_model_path = model, body.reward_model
-    return {"object": "admin.reload", "reward_model": body.reward_model, "previous": previous}
+        param = "reward_model" if model is None and body.reward_model is not None else "policy"
+        name = body.reward_model if param == "reward_model" else body.policy
+        raise APIError(400, f"{param}: could not load {name!r}: {e}", param=param) from None
+    if model is not None:  # nothing is swapped unless everything named loaded
+        out.update(reward_model=body.reward_model, previous=state.reward_model_path or None)
+        state.reward_model, state.reward_model_path = model, body.reward_model
+    if policy is not None:
+        out.update(policy=body.policy, previous_policy=getattr(state, "policy_path", None))
+        _swap_policy(state, policy)
+        state.policy_path = body.policy
+    return out

@@ -19,6 +19,13 @@ A turn is committed to the database before its reply completes (before the final
 non-streamed response is sent), so a client that saw a response finish can always continue from it, even
 after the server was killed.
 
+Stored ids are only ever fed to the tokenizer that made them. Each stored context and item carries its tokenizer's
+sha256 (store.py), and a response also keeps its context as text: when the server now runs a model with another
+tokenizer (restarted with another checkpoint), the history is rendered again from that text, exactly as the same
+conversation sent in full would be, and never fed as another tokenizer's ids. Stored before this (schema v2), a
+conversation's items name no tokenizer and are rendered again from their text; a response has no text of its
+context, so it is continued from its ids, as before.
+
 A streamed reply whose client goes away (the page's Stop button aborts the request) is committed as it stood:
 the input and the text released so far, as an assistant item with status `incomplete`, in a stored response
 with status `cancelled`; the conversation continues from those tokens. A killed server commits nothing of the
@@ -48,6 +55,7 @@ from palmchat.serve.generate import (
 from palmchat.serve.sampling import fit_prompt, model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
+from palmchat.store import context_digest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
@@ -56,39 +64,91 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 class Turn:
     """One /v1/responses call, prepared: where its history comes from, what it adds, and its prompt."""
 
-    history: list[int]  # the stored context it continues (starts with bos)
+    history: list[int]  # the stored context it continues (starts with bos), in this server's tokenizer's ids
+    history_messages: list[dict] | None  # the same as text ({"role", "content"}); None: a response stored before v3
     texts: list[tuple[str, str]]  # (role, text) of each input message
     turn_tokens: list[list[int]]  # each input message rendered
     input_items: list[dict]
     prompt: list[int]  # what runs: the context, or with truncation "auto" what is left of it
     conversation_id: str | None
     truncation_details: dict | None = None
+    digest: str = ""  # context_digest of the conversation's ids as stored (compare checks it did not change)
 
     @property
     def context(self) -> list[int]:
         """The context without instructions, up to and including the <|assistant|> that opens the reply."""
         return self.history + [t for turn in self.turn_tokens for t in turn] + [self.prompt[-1]]
 
+    def messages(self, reply: str | None) -> list[dict] | None:
+        """The context as text once `reply` answers this turn (None: the input was blocked and is not part of it)."""
+        if self.history_messages is None:
+            return None
+        if reply is None:
+            return self.history_messages
+        return (self.history_messages + [{"role": S.role_of(role), "content": text} for role, text in self.texts]
+                + [{"role": "assistant", "content": reply}])
+
+
+def message_of(item: dict) -> dict:
+    """A conversation's message item as a chat message {"role", "content"}."""
+    text = "".join(part.get("text", "") for part in item.get("content", []))
+    return {"role": S.role_of(item["role"]), "content": text}
+
+
+def render_history(chat_format, messages: list[dict]) -> list[int]:
+    """bos + each message rendered: a stored context as this server's tokenizer renders it."""
+    return [chat_format.bos_id] + [t for m in messages for t in chat_format.render_turn(m)]
+
+
+def conversation_history(state: ServerState, items: list[tuple[dict, list[int], str | None]]
+                         ) -> tuple[list[int], list[dict]]:
+    """(ids, messages) of a conversation's items that are part of its token history (a blocked turn is not): each
+    item's stored ids when this server's tokenizer made them, else the item rendered again from its text."""
+    chat_format, ids, messages = state.tokenizer.chat_format, [state.tokenizer.chat_format.bos_id], []
+    for item, tokens, tokenizer in items:
+        if item.get("type") != "message" or not tokens:
+            continue
+        message = message_of(item)
+        messages.append(message)
+        ids += tokens if tokenizer == state.tokenizer_sha256 else chat_format.render_turn(message)
+    return ids, messages
+
+
+def previous_history(state: ServerState, previous: dict, response_id: str) -> tuple[list[int], list[dict] | None]:
+    """(ids, messages) of a stored response's context: its ids when this server's tokenizer made them (or when it
+    was stored before contexts named their tokenizer: then they are taken as this tokenizer's, as before), else its
+    text rendered again."""
+    if previous["tokenizer"] is None or previous["tokenizer"] == state.tokenizer_sha256:
+        return previous["context"], previous["messages"]
+    if previous["messages"] is None:
+        raise APIError(400, f"Previous response '{response_id}' continues a conversation stored by an older palmchat "
+                            f"without its text, and this server's model uses another tokenizer than the one that "
+                            f"stored it, so it cannot be continued. Send the whole conversation as `input` instead.",
+                       param="previous_response_id", code="previous_response_unusable")
+    return render_history(state.tokenizer.chat_format, previous["messages"]), previous["messages"]
+
 
 def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Turn:
     chat_format = state.tokenizer.chat_format
     if body.previous_response_id and body.conversation:
         raise APIError(400, "previous_response_id and conversation cannot be used together", param="conversation")
-    conversation_id = None
+    conversation_id, digest = None, ""
     if body.previous_response_id:
         previous = state.store.get_response(owner, body.previous_response_id)
         if previous is None:
             raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
-        history = previous["context"]
+        history, history_messages = previous_history(state, previous, body.previous_response_id)
     elif body.conversation:
         conversation_id = body.conversation if isinstance(body.conversation, str) else body.conversation.id
         if state.store.get_conversation(owner, conversation_id) is None:
             raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation",
                            code="not_found")
-        history = [chat_format.bos_id] + state.store.context(conversation_id)
+        items = state.store.context_items(conversation_id)
+        history, history_messages = conversation_history(state, items)
+        digest = context_digest([t for _, tokens, _ in items for t in tokens])
     else:
-        history = [chat_format.bos_id]
+        history, history_messages = [chat_format.bos_id], []
     messages = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     if not messages:
         raise APIError(400, "input must hold at least one message", param="input")
@@ -100,7 +160,8 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
         system = chat_format.render_turn({"role": "system", "content": S.clean_text(body.instructions)})
         prompt = [chat_format.bos_id] + system + prompt[1:]
     fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
-    return Turn(history, texts, turn_tokens, input_items, fitted.prompt, conversation_id, fitted.details())
+    return Turn(history, history_messages, texts, turn_tokens, input_items, fitted.prompt, conversation_id,
+                fitted.details(), digest)
 
 
 @router.post("/responses")
@@ -133,13 +194,15 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         """Store the turn. A blocked input never enters the token history: its items are kept with no tokens."""
         if reply_tokens is None:
             context, items = turn.history, [(item, []) for item in turn.input_items + final["output"]]
+            messages = turn.messages(None)
         else:
             context = turn.context + reply_tokens
             reply = (final["output"][0], [turn.prompt[-1]] + reply_tokens)
             items = list(zip(turn.input_items, turn.turn_tokens)) + [reply]
+            messages = turn.messages(message_of(final["output"][0])["content"])
         try:
             await asyncio.to_thread(state.store.commit_turn, owner, final if body.store else None, turn.input_items,
-                                    context, turn.conversation_id, items)
+                                    context, turn.conversation_id, items, state.tokenizer_sha256, messages)
         except KeyError:
             raise APIError(404, f"Conversation with id '{turn.conversation_id}' was deleted during this response.",
                            param="conversation") from None
@@ -181,7 +244,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         items = list(zip(turn.input_items, turn.turn_tokens)) + [(item, [turn.prompt[-1]] + reply.context_tokens())]
         try:
             state.store.commit_turn(owner, final if body.store else None, turn.input_items,
-                                    turn.context + reply.context_tokens(), turn.conversation_id, items)
+                                    turn.context + reply.context_tokens(), turn.conversation_id, items,
+                                    state.tokenizer_sha256, turn.messages(reply.text))
         except KeyError:  # the conversation was deleted meanwhile: nothing to continue
             pass
 
