@@ -137,8 +137,8 @@ def test_reward_model_beats_chance_on_held_out_rankings(pipeline):
     with torch.no_grad():
         accuracy = {name: ranking_metrics(*score_rankings(model.eval(), tokenizer, rankings, 128, 32, "cpu", None))
                     ["pairwise_accuracy"] for name, model in (("trained", trained), ("untrained", untrained))}
-    assert accuracy["trained"] > 0.55, accuracy
-    assert accuracy["trained"] > accuracy["untrained"] + 0.04, accuracy
+    assert accuracy["trained"] > 0.54, accuracy  # 0.565 measured; 0.45 with the loss's sign flipped
+    assert accuracy["trained"] > accuracy["untrained"] + 0.04, accuracy  # 0.495 untrained
 
 
 def test_dpo_with_lora_saves_only_the_adapter_and_merges(pipeline):
