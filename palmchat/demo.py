@@ -61,11 +61,12 @@ class Settings:
 def settings(args: DemoArgs) -> Settings:
     if args.quick:
         return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 2, 0.05, 16, (1, 2), policy_rankings=16)
-    # reward model: 3 epochs (more accurate on held-out pairs than 1), standardised so that the PPO KL
-    # coefficient means the same whatever the reward's scale; PPO: kl_coef 0.4 against that unit-std reward,
+    # reward model: the bundle's 6000 rankings for 2 epochs (more rankings beat more epochs at the same steps:
+    # docs/decisions.md), standardised so that the PPO KL coefficient means the same whatever the reward's scale;
+    # DPO: half an epoch of them (the steps one epoch of 3000 took); PPO: kl_coef 0.4 against that unit-std reward,
     # 60 iterations (docs/decisions.md); RLOO: as many samples as GRPO (60 x 8 prompts x 4), the same KL as PPO
     # pretraining: sequences of 256 tokens, then 100 steps of whole 1024-token contexts (docs/decisions.md)
-    return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 3.0, 1.0, 60, 30, 60, 1.0, args.eval_prompts,
+    return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 2.0, 0.5, 60, 30, 60, 1.0, args.eval_prompts,
                     (1, 4, 16))
 
 
@@ -165,8 +166,9 @@ def run_pipeline(args: DemoArgs) -> dict:
     rm_ckpt = stage("reward", reward, RewardArgs(base=str(sft_ckpt), data=rankings, out=str(out / "reward"),
                                                  epochs=s.reward_epochs, normalize=s.reward_normalize, seed=seed),
                     ("sft",))
+    # plain DPO (no RPO term) with beta 0.5: at 0.1 it drifted 5.7 nats from SFT and lost to it (docs/decisions.md)
     dpo_ckpt = stage("dpo", dpo, DPOArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
-                                         out=str(out / "dpo"), epochs=s.dpo_epochs, seed=seed), ("sft",))
+                                         out=str(out / "dpo"), epochs=s.dpo_epochs, beta=0.5, seed=seed), ("sft",))
     # a strong KL penalty: with a weak one the policy learns the reward model's taste for short polite template
     # answers and forgets facts (docs/decisions.md)
     ppo_ckpt = stage("ppo", ppo, PPOArgs(base=str(sft_ckpt), reward=str(rm_ckpt),
@@ -280,7 +282,7 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
         print(f"\nfeedback round: simulated labellers rank prompts on {url}/label ...", flush=True)
         round_ = demo_round(url, db, out / "loop", base=ckpts["sft"], reward_model=ckpts["reward"], prompts=100,
                             labellers=3, extra_data=[str(out / "data" / "rankings.jsonl")], epochs=1.0,
-                            seed=args.seed)
+                            policy=ckpts[best], seed=args.seed)
         previous = round_["previous_accuracy"]
         summary = (f"\n## One round of the human-feedback loop\n\n"
                    f"Served `{best}` (the best held-out verifier score) with the reward model on {url}. Three "
@@ -293,6 +295,15 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
                    f"{previous:.3f} for the served one: "
                    + ("**promoted** and hot-swapped into the server." if round_["promoted"]
                       else "**kept the served one** (the new one is not better).") + "\n")
+        policy = round_.get("policy")
+        if policy:
+            measured = ", ".join(f"{name} {c['accuracy']:.3f}" for name, c in policy["candidates"].items())
+            kto_note = f" skipped: {policy['skipped']['kto']}" if "kto" in policy["skipped"] else ""
+            summary += (f"\nThe round also trained LoRA adapters on the served `{best}` from the same rankings (DPO) "
+                        f"and thumbs (KTO{kto_note})"
+                        f". Held-out preference accuracy of their implicit rewards (0.5 = the served policy): "
+                        f"{measured}: " + ("**promoted** and hot-swapped into the server." if policy["promoted"]
+                                            else "**kept the served policy**.") + "\n")
         report = Path(run["report"])
         atomic_write(report, report.read_text() + summary)
         print(summary.strip())

@@ -148,7 +148,7 @@ STYLE_FLOOR = 0.3  # score of a correct answer with the worst style
 DEFAULT_SIZES = {
     "pretrain": 12000,
     "sft": 4000,
-    "rankings": 3000,
+    "rankings": 6000,
     "pairs": 3000,
     "prompts_train": 2000,
     "prompts_heldout": 500,
