@@ -73,6 +73,7 @@ def settings(args: DemoArgs) -> Settings:
 def run_pipeline(args: DemoArgs) -> dict:
     from palmchat import checkpoint
     from palmchat.checkpoint.heads import load_reward_model
+    from palmchat.data.chat import load_rankings, unpaired_from_rankings
     from palmchat.eval.policy import evaluate_best_of_n, evaluate_policy
     from palmchat.eval.report import write_report
     from palmchat.train.dpo import DPOArgs
@@ -183,8 +184,11 @@ def run_pipeline(args: DemoArgs) -> dict:
                                              iterations=s.rloo_iterations, kl_coef=s.ppo_kl_coef, seed=seed),
                       ("sft", "reward"))
     # KTO on the bundled rankings read as unpaired thumbs: each ranking's best reply up, its worst down
-    kto_ckpt = stage("kto", kto, KTOArgs(base=str(sft_ckpt), out=str(out / "kto"), epochs=s.kto_epochs, seed=seed),
-                     ("sft",))
+    thumbs = [{"prompt": u.prompt_messages, "completion": u.completion, "label": u.desirable}
+              for u in unpaired_from_rankings(load_rankings(data / "rankings.jsonl"))]
+    write_jsonl(data / "thumbs.jsonl", thumbs)
+    kto_ckpt = stage("kto", kto, KTOArgs(base=str(sft_ckpt), data=[str(data / "thumbs.jsonl")], out=str(out / "kto"),
+                                         epochs=s.kto_epochs, seed=seed), ("sft",))
     aligned = {"ppo": ppo_ckpt, checkpoint.read_config(dpo_ckpt)["method"]: dpo_ckpt, "grpo": grpo_ckpt,
                "rloo": rloo_ckpt, "kto": kto_ckpt}
 
@@ -192,7 +196,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         world = World(seed=seed)
         prompts = world.prompts(s.eval_prompts, "heldout")
         # the same questions asked as the last turn of a conversation (earlier turns about other tasks)
-        later_turns = world.multi_turn_prompts(prompts, seed=seed)
+        later_turns = world.multi_turn_prompts(prompts, seed=seed, turns=(1, 1) if args.quick else (1, 3))
         sft_model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
