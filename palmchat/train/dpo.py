@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from palmchat.train.common import (
     plot_metrics,
     save_policy,
 )
-from palmchat.train.resume import RESUME_DIR, load_state, save_state
+from palmchat.train.resume import load_state, save_state, start_fresh
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
 from palmchat.world.defaults import bundled_rankings
@@ -113,15 +112,6 @@ def preference_accuracy(margins: torch.Tensor, num_responses: torch.Tensor) -> t
     return correct, total
 
 
-def start_fresh_or_resume(out: Path, resume: bool) -> None:
-    """Without --resume a run starts over: resumable states of an earlier run in OUT are removed (their steps
-    would be mistaken for this run's). With --resume there must be one."""
-    states = out / RESUME_DIR
-    if not resume and states.exists():
-        print(f"starting over: removing the resumable states of an earlier run in {states} (--resume continues it)")
-        shutil.rmtree(states)
-
-
 def main(args: DPOArgs) -> Path:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
@@ -166,7 +156,8 @@ def main(args: DPOArgs) -> Path:
     order = random.Random(args.seed + 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_fresh_or_resume(out, args.resume)
+    if not args.resume:
+        start_fresh(out)
     start = 0
     if args.resume:
         start, state = load_state(out, {"policy": model}, {"policy": optimizer}, rngs={"order": order})

@@ -39,8 +39,7 @@ from palmchat.train.common import (
     plot_metrics,
     save_policy,
 )
-from palmchat.train.dpo import start_fresh_or_resume
-from palmchat.train.resume import load_state, save_state
+from palmchat.train.resume import load_state, save_state, start_fresh
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
 from palmchat.world.defaults import bundled_rankings
@@ -139,7 +138,8 @@ def main(args: KTOArgs) -> Path:
     order = random.Random(args.seed + 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_fresh_or_resume(out, args.resume)
+    if not args.resume:
+        start_fresh(out)
     start = 0
     if args.resume:
         start, state = load_state(out, {"policy": model}, {"policy": optimizer}, rngs={"order": order})

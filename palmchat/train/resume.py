@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,6 +55,15 @@ def latest_state(out: str | os.PathLike) -> Path | None:
     if not (path / "state.json").is_file():
         raise ResumeError(f"{folder / 'latest'} names {path.name}, which has no state.json")
     return path
+
+
+def start_fresh(out: str | os.PathLike) -> None:
+    """A run without --resume starts over: the resumable states of an earlier run in OUT are removed (their steps
+    would be mistaken for this run's)."""
+    states = Path(out) / RESUME_DIR
+    if states.exists():
+        print(f"starting over: removing the resumable states of an earlier run in {states} (--resume continues it)")
+        shutil.rmtree(states)
 
 
 def save_state(out: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],

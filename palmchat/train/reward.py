@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +153,8 @@ def main(args: RewardArgs) -> Path:
             raise resume.ResumeError(f"--resume: {out} was started with other arguments ({', '.join(changed)}); "
                                      f"resume with the ones it was started with")
         print(f"reward model: resuming at step {start_step} from {resume.latest_state(out)}")
-    elif resume.latest_state(out) is not None:
-        shutil.rmtree(out / resume.RESUME_DIR)  # another run's state: this run starts afresh
+    else:
+        resume.start_fresh(out)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None,
                          tensorboard=args.tensorboard)
     print(f"reward model: {len(train)} train / {len(val)} held-out rankings, {max_steps} steps of {per_step}")

@@ -32,7 +32,7 @@ from palmchat.losses import masked_mean
 from palmchat.model.logprobs import response_logprobs, response_positions
 from palmchat.model.lora import use_adapter
 from palmchat.train.common import TrainArgs
-from palmchat.train.resume import load_state, save_state
+from palmchat.train.resume import load_state, save_state, start_fresh
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import jsonl_text, read_jsonl, write_jsonl
 from palmchat.world.defaults import bundled_prompts
@@ -347,6 +347,7 @@ def start_or_resume(args: RLArgs, out: Path, modules: dict, optimizers: dict, rn
     OUT/resume loaded into `modules`, `optimizers` and `rngs` in place, and OUT/samples.jsonl cut back to it
     (MetricsLog cuts metrics.jsonl)."""
     if not args.resume:
+        start_fresh(out)
         (out / "samples.jsonl").unlink(missing_ok=True)
         return 0, {}
     step, state = load_state(out, modules, optimizers, rngs)
