@@ -261,7 +261,7 @@ def write_report(out_dir, results: dict) -> Path:
         lines += [f"![verifier score per stage]({STAGE_PLOT})", ""]
         if sum(isinstance(stages[s].get("kl"), (int, float)) for s in names) >= 2:
             _plot_score_vs_kl(stages, names, out_dir / KL_PLOT)
-            lines += ["Each method pays for its gain in KL to the SFT model; at matched KL they compare fairly:", "",
+            lines += ["Held-out verifier score against KL to the SFT model, per method:", "",
                       f"![score against KL]({KL_PLOT})", ""]
     else:
         lines += ["No stages were evaluated.", ""]
