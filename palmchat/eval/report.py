@@ -271,11 +271,11 @@ def write_report(out_dir, results: dict) -> Path:
     if rm:
         lines += ["## Reward model", "", "Held-out rankings.", ""]
         rows = [["pairwise accuracy", _num(rm.get("pairwise_accuracy"))], ["Kendall tau", _num(rm.get("kendall_tau"))]]
-        if "labeller_agreement" in rm:
-            rows.append(["ceiling: two simulated labellers agree on the same pairs", _num(rm["labeller_agreement"])])
+        ceilings = {"labeller_agreement": "ceiling: two simulated labellers agree on the same pairs",
+                    "verifier_accuracy": "ceiling: the noise-free verifier's accuracy on the labels"}
+        rows += [[label, _num(rm[key])] for key, label in ceilings.items() if key in rm]
         rows += [[k, _num(v) if isinstance(v, (int, float)) else v] for k, v in rm.items()
-                 if k not in ("pairwise_accuracy", "kendall_tau", "labeller_agreement")
-                 and isinstance(v, (int, float, str))]
+                 if k not in ("pairwise_accuracy", "kendall_tau", *ceilings) and isinstance(v, (int, float, str))]
         lines += _table(["metric", "value"], rows)
 
     # -- best of n
