@@ -15,7 +15,7 @@ from palmchat.eval.policy import (
     prompt_seed,
     win_rate,
 )
-from palmchat.eval.report import BEST_OF_N_PLOT, STAGE_PLOT, write_report
+from palmchat.eval.report import BEST_OF_N_PLOT, KL_PLOT, STAGE_PLOT, write_report
 from palmchat.inference.best_of_n import best_of_n, best_of_n_batch, sample_seed, score_completions
 from palmchat.inference.engine import Completion, Engine, SamplingParams
 from palmchat.model.config import preset
@@ -340,7 +340,8 @@ def test_write_report(tmp_path, policy_eval):
     stages = {name: dict(policy_eval, win_rate=0.5) for name in ("grpo", "sft", "ppo", "dpo", "rloo")}
     results = {
         "stages": stages,
-        "reward_model": {"pairwise_accuracy": 0.71, "kendall_tau": 0.42, "n_rankings": 300},
+        "reward_model": {"pairwise_accuracy": 0.71, "kendall_tau": 0.42, "n_rankings": 300,
+                         "labeller_agreement": 0.861},
         "best_of_n": {"1": {"score": 0.5, "correct": 0.6, "style": 0.7, "reward": 0.1, "oracle_score": 0.5},
                       "4": {"score": 0.6, "correct": 0.7, "style": 0.7, "reward": 0.4, "oracle_score": 0.8},
                       "16": {"score": 0.62, "correct": 0.7, "style": 0.8, "reward": 0.9, "oracle_score": 0.9}},
@@ -355,7 +356,8 @@ def test_write_report(tmp_path, policy_eval):
         assert f"| {name} |" in text
     assert text.index("| sft |") < text.index("| ppo |") < text.index("| dpo |") < text.index("| grpo |") \
         < text.index("| rloo |")
-    for png in (STAGE_PLOT, BEST_OF_N_PLOT):
+    assert "| ceiling: two simulated labellers agree on the same pairs | 0.861 |" in text
+    for png in (STAGE_PLOT, BEST_OF_N_PLOT, KL_PLOT):
         assert (tmp_path / png).stat().st_size > 1000
         assert f"]({png})" in text
     assert "](sft/loss.png)" in text
