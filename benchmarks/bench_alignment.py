@@ -3,7 +3,8 @@
 Runs the demo pipeline (data -> pretrain -> SFT -> reward -> PPO, DPO, GRPO, RLOO, KTO -> evaluation) once per seed,
 plus the demo's PPO with the verifier as reward instead of the reward model (`ppo_verifier`), and prints, per
 stage, the mean and spread (min..max, std) of the held-out verifier score and of the gain over SFT. Not a
-test: it takes about 20-25 minutes per seed on 2 CPU cores (less when earlier stages can be reused). The reward
+test: it took 12-16 minutes per seed on 2 CPU cores with AMX before RLOO and KTO joined the demo, and much longer
+on an AVX2-only CPU (less when earlier stages can be reused: pretraining is). The reward
 model's held-out pairwise accuracy is printed beside its ceiling: how often two simulated labellers agree.
 
     .venv/bin/python benchmarks/bench_alignment.py --seeds 0 1 2 --out runs/bench_alignment
