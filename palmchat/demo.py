@@ -153,11 +153,11 @@ def run_pipeline(args: DemoArgs) -> dict:
         bundled rankings. Kept as the faithful recipe: its measured gain is within evaluation noise
         (docs/decisions.md)."""
         from palmchat.feedback.simulated import rank_policy_samples
-        from palmchat.train.rollout import load_prompt_texts
+        from palmchat.train.rollout import load_prompt_messages
 
         model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
-        prompts = load_prompt_texts([str(data / "prompts_train.jsonl")], seed)
+        prompts = load_prompt_messages([str(data / "prompts_train.jsonl")], seed)  # whole conversations
         records = rank_policy_samples(model.eval(), tokenizer, prompts[:s.policy_rankings], k=4, seed=seed,
                                       dtype=autocast_dtype("auto", pick_device("auto")))
         write_jsonl(data / "sft_rankings.jsonl", records)

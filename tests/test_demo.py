@@ -12,22 +12,31 @@ import pytest
 from server_fixtures import free_port
 
 from palmchat.demo import DemoArgs, run_pipeline
+from palmchat.world.synthetic import World
 
 
 def test_quick_demo_writes_the_report(tmp_path):
     run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True))
     report = run["report"].read_text()
-    for stage in ("| sft |", "| ppo |", "| dpo |", "| grpo |", "Kendall tau", "Best-of-n"):
+    for stage in ("| sft |", "| ppo |", "| dpo |", "| grpo |", "| rloo |", "| kto |", "Kendall tau", "Best-of-n",
+                  "ceiling: two simulated labellers agree"):
         assert stage in report
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    for stage in ("sft", "ppo", "dpo", "grpo"):
+    for stage in ("sft", "ppo", "dpo", "grpo", "rloo", "kto"):
         metrics = results["stages"][stage]
         assert 0.0 <= metrics["score"] <= 1.0 and 0.0 <= metrics["win_rate"] <= 1.0
+        assert 0.0 <= metrics["multi_turn_score"] <= 1.0
+    # every held-out ranking is one the world can judge, so the reward model is read against its ceiling
+    assert 0.5 < results["reward_model"]["labeller_agreement"] <= 1.0
     assert (tmp_path / "demo" / "stage_scores.png").stat().st_size > 1000
     assert set(results["best_of_n"]) == {"1", "2"}
     # the reward model's data includes the SFT model's own samples, ranked by simulated labellers
     sft_rankings = [json.loads(line) for line in (tmp_path / "demo" / "data" / "sft_rankings.jsonl").open()]
     assert sft_rankings and all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in sft_rankings)
+    # of whole conversations where the prompt was one (a follow-up alone is a question nobody asked)
+    world = World(seed=0)
+    assert any(isinstance(r["prompt"], list) and len(r["prompt"]) > 1 for r in sft_rankings)
+    assert all(world.parse(r["prompt"]) is not None for r in sft_rankings)
 
     # --no-fresh resumes: finished stages trained with the same arguments are reused; a stage whose checkpoint
     # is gone is retrained, and so is everything trained from it, but nothing else

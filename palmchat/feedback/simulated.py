@@ -48,12 +48,13 @@ def simulated_labellers(url: str, labellers: int | list[str] = 3, *, api_keys: l
     return {"rankings": sum(counts.values()), "per_labeller": counts}
 
 
-def rank_policy_samples(model, tokenizer, prompts: list[str], k: int = 4, *, world=None, seed: int = 0,
+def rank_policy_samples(model, tokenizer, prompts: list[str | list[dict]], k: int = 4, *, world=None, seed: int = 0,
                         noise: float | None = None, max_new_tokens: int = 48, dtype=None) -> list[dict]:
     """Rankings of the policy's own samples, offline: k replies per prompt at temperature 1, ranked by a
     simulated labeller (World.rank). InstructGPT's labellers ranked the SFT model's outputs (Ouyang et al. 2022
     §3.4), so the reward model also sees the kind of replies PPO will ask it to judge, not only curated
-    candidates. Prompts whose k replies are all the same are skipped (nothing to rank).
+    candidates. A prompt is a question or a whole conversation (a message list ending with a user turn; the record's
+    "prompt" is then that list). Prompts whose k replies are all the same are skipped (nothing to rank).
     dtype: the generation engine's (palmchat.eval.generate_replies)."""
     from palmchat.eval.policy import generate_replies
     from palmchat.world.synthetic import DEFAULT_NOISE, World

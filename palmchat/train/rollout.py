@@ -115,12 +115,6 @@ def load_prompt_messages(paths: list[str], seed: int) -> list[Messages]:
     return prompts
 
 
-def load_prompt_texts(paths: list[str], seed: int) -> list[str]:
-    """The last user message of each prompt, for callers that take text (the demo's ranking of SFT samples). The RL
-    stages use :func:`load_prompt_messages`: the whole conversation."""
-    return [messages[-1]["content"] for messages in load_prompt_messages(paths, seed)]
-
-
 def prompt_limit(context: int, max_new_tokens: int, max_prompt_len: int = 0) -> int:
     """Prompt tokens kept at most, so that prompt + max_new_tokens fit the context (ValueError if they cannot)."""
     limit = max_prompt_len or context - max_new_tokens
