@@ -40,7 +40,7 @@ from palmchat.train.common import (
     plot_metrics,
     save_policy,
 )
-from palmchat.train.resume import load_state, save_state, start_fresh
+from palmchat.train.resume import save_state, start_or_resume
 from palmchat.utils.args import arg
 from palmchat.utils.device import autocast_dtype, pick_device
 from palmchat.world.defaults import bundled_rankings
@@ -156,11 +156,8 @@ def main(args: DPOArgs) -> Path:
     order = random.Random(args.seed + 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        start_fresh(out)
-    start = 0
+    start, state = start_or_resume(out, args.resume, {"policy": model}, {"policy": optimizer}, rngs={"order": order})
     if args.resume:
-        start, state = load_state(out, {"policy": model}, {"policy": optimizer}, rngs={"order": order})
         index = state["index"]
         print(f"{method}: resuming at step {start} of {max_steps}")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if args.resume else None,

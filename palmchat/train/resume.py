@@ -57,13 +57,18 @@ def latest_state(out: str | os.PathLike) -> Path | None:
     return path
 
 
-def start_fresh(out: str | os.PathLike) -> None:
-    """A run without --resume starts over: the resumable states of an earlier run in OUT are removed (their steps
-    would be mistaken for this run's)."""
+def start_or_resume(out: str | os.PathLike, resume: bool, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], rngs: dict | None = None) -> tuple[int, dict]:
+    """(steps done, the stage's JSON state). With `resume`, the newest state in OUT/resume loaded in place (see
+    load_state). Without, (0, {}) and the run starts over: the resumable states of an earlier run in OUT are removed
+    (their steps would be mistaken for this run's)."""
+    if resume:
+        return load_state(out, modules, optimizers, rngs)
     states = Path(out) / RESUME_DIR
     if states.exists():
         print(f"starting over: removing the resumable states of an earlier run in {states} (--resume continues it)")
         shutil.rmtree(states)
+    return 0, {}
 
 
 def save_state(out: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],

@@ -142,19 +142,16 @@ def main(args: RewardArgs) -> Path:
     optimizer = adamw(model, args.lr, args.weight_decay)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start_step, state = 0, {}
     # what must not change between a run and its resumption (the batches, the schedule and the loss depend on it)
     recipe = {k: v for k, v in dataclasses.asdict(args).items()
               if k not in ("out", "resume", "save_every", "device", "tensorboard")}
+    start_step, state = resume.start_or_resume(out, args.resume, {"reward": model}, {"reward": optimizer})
     if args.resume:
-        start_step, state = resume.load_state(out, {"reward": model}, {"reward": optimizer})
         changed = sorted(k for k in recipe if state.get("recipe", {}).get(k) != recipe[k])
         if changed:
             raise resume.ResumeError(f"--resume: {out} was started with other arguments ({', '.join(changed)}); "
                                      f"resume with the ones it was started with")
         print(f"reward model: resuming at step {start_step} from {resume.latest_state(out)}")
-    else:
-        resume.start_fresh(out)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None,
                          tensorboard=args.tensorboard)
     print(f"reward model: {len(train)} train / {len(val)} held-out rankings, {max_steps} steps of {per_step}")

@@ -31,8 +31,8 @@ from palmchat.inference.reward_scoring import score_responses
 from palmchat.losses import masked_mean
 from palmchat.model.logprobs import response_logprobs, response_positions
 from palmchat.model.lora import use_adapter
+from palmchat.train import resume
 from palmchat.train.common import TrainArgs
-from palmchat.train.resume import load_state, save_state, start_fresh
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import jsonl_text, read_jsonl, write_jsonl
 from palmchat.world.defaults import bundled_prompts
@@ -340,11 +340,10 @@ def start_or_resume(args: RLArgs, out: Path, modules: dict, optimizers: dict, rn
     """(iterations done, the stage's JSON state): 0 and {} for a fresh run; with --resume the newest state in
     OUT/resume loaded into `modules`, `optimizers` and `rngs` in place, and OUT/samples.jsonl cut back to it
     (MetricsLog cuts metrics.jsonl)."""
+    step, state = resume.start_or_resume(out, args.resume, modules, optimizers, rngs)
     if not args.resume:
-        start_fresh(out)
         (out / "samples.jsonl").unlink(missing_ok=True)
-        return 0, {}
-    step, state = load_state(out, modules, optimizers, rngs)
+        return step, state
     samples = out / "samples.jsonl"
     if samples.exists():
         write_jsonl(samples, [r for r in read_jsonl(samples) if r["step"] <= step])
@@ -357,4 +356,4 @@ def maybe_save_state(args: RLArgs, out: Path, iteration: int, modules: dict, opt
     """A resumable state every --save-every iterations (and after the last one, so a finished run can be
     extended)."""
     if args.save_every > 0 and (iteration % args.save_every == 0 or iteration == args.iterations):
-        save_state(out, iteration, modules, optimizers, rngs=rngs, state=state)
+        resume.save_state(out, iteration, modules, optimizers, rngs=rngs, state=state)
