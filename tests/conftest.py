@@ -25,3 +25,23 @@ def _seed():
 @pytest.fixture
 def tiny_config():
     return preset("tiny", vocab_size=97)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny SFT policy on the bundled world's data, for the RL stages' tests (one per test module that asks)."""
+    from palmchat.train.pretrain import PretrainArgs
+    from palmchat.train.pretrain import main as pretrain
+    from palmchat.train.sft import SFTArgs
+    from palmchat.train.sft import main as sft
+    from palmchat.world.synthetic import write_bundle
+
+    root = tmp_path_factory.mktemp("policy")
+    data = root / "data"
+    write_bundle(data, seed=0, sizes=dict(pretrain=300, sft=150, rankings=20, pairs=20, prompts_train=32,
+                                          prompts_heldout=16, moderation=10))
+    pt = pretrain(PretrainArgs(out=str(root / "pt"), data=[str(data / "pretrain.txt")], preset="tiny", vocab_size=320,
+                               seq_len=128, batch_size=8, max_steps=20, eval_every=20, save_every=20, dtype="fp32"))
+    ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "sft"), epochs=1, batch_size=16,
+                       lr=1e-3, dtype="fp32"))
+    return dict(root=root, prompts=str(data / "prompts_train.jsonl"), ckpt=str(ckpt))

@@ -11,13 +11,7 @@ import torch
 from palmchat import checkpoint
 from palmchat.losses import aggregate_token_loss, ppo_policy_loss
 from palmchat.train import grpo
-from palmchat.train.pretrain import PretrainArgs
-from palmchat.train.pretrain import main as pretrain
-from palmchat.train.sft import SFTArgs
-from palmchat.train.sft import main as sft
-from palmchat.world.synthetic import write_bundle
 
-SIZES = dict(pretrain=300, sft=150, rankings=20, pairs=20, prompts_train=32, prompts_heldout=16, moderation=10)
 NAN = float("nan")
 # two responses of 3 and 1 tokens; the padding holds garbage that must not count
 LOSS = torch.tensor([[1.0, 2.0, 3.0, NAN], [4.0, NAN, NAN, NAN]])
@@ -54,18 +48,6 @@ def test_the_policy_loss_takes_the_reduction_by_hand():
         aggregate_token_loss(LOSS, MASK, "dr_grpo")
     with pytest.raises(ValueError, match="loss_type"):
         aggregate_token_loss(LOSS, MASK, "token")
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    data = root / "data"
-    write_bundle(data, seed=0, sizes=SIZES)
-    pt = pretrain(PretrainArgs(out=str(root / "pt"), data=[str(data / "pretrain.txt")], preset="tiny", vocab_size=320,
-                               seq_len=128, batch_size=8, max_steps=20, eval_every=20, save_every=20, dtype="fp32"))
-    ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "sft"), epochs=1, batch_size=16,
-                       lr=1e-3, dtype="fp32"))
-    return dict(root=root, prompts=str(data / "prompts_train.jsonl"), ckpt=str(ckpt))
 
 
 def rigged_scorer(rollout):

@@ -13,30 +13,11 @@ import torch
 from palmchat import checkpoint
 from palmchat.losses import gae, kl_shaped_rewards, ppo_policy_loss, truncated_is_weights
 from palmchat.train import ppo
-from palmchat.train.pretrain import PretrainArgs
-from palmchat.train.pretrain import main as pretrain
-from palmchat.train.sft import SFTArgs
-from palmchat.train.sft import main as sft
-from palmchat.world.synthetic import write_bundle
-
-SIZES = dict(pretrain=300, sft=150, rankings=20, pairs=20, prompts_train=32, prompts_heldout=16, moderation=10)
 
 
 def close(got, want, tol=1e-6):
     torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float32), torch.as_tensor(want, dtype=torch.float32),
                                atol=tol, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
-    data = root / "data"
-    write_bundle(data, seed=0, sizes=SIZES)
-    pt = pretrain(PretrainArgs(out=str(root / "pt"), data=[str(data / "pretrain.txt")], preset="tiny", vocab_size=320,
-                               seq_len=128, batch_size=8, max_steps=20, eval_every=20, save_every=20, dtype="fp32"))
-    ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "sft"), epochs=1, batch_size=16,
-                       lr=1e-3, dtype="fp32"))
-    return dict(root=root, prompts=str(data / "prompts_train.jsonl"), ckpt=str(ckpt))
 
 
 def length_scorer(rollout):

@@ -11,13 +11,6 @@ from palmchat import checkpoint
 from palmchat.cli import main as cli
 from palmchat.losses import leave_one_out_advantages
 from palmchat.train import rloo
-from palmchat.train.pretrain import PretrainArgs
-from palmchat.train.pretrain import main as pretrain
-from palmchat.train.sft import SFTArgs
-from palmchat.train.sft import main as sft
-from palmchat.world.synthetic import write_bundle
-
-SIZES = dict(pretrain=300, sft=150, rankings=20, pairs=20, prompts_train=32, prompts_heldout=16, moderation=10)
 
 
 def test_leave_one_out_advantages_by_hand():
@@ -27,18 +20,6 @@ def test_leave_one_out_advantages_by_hand():
     torch.testing.assert_close(leave_one_out_advantages(torch.tensor([3.0, 1.0]), 2), torch.tensor([2.0, -2.0]))
     with pytest.raises(ValueError, match="k=1"):
         leave_one_out_advantages(torch.zeros(4), 1)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rloo")
-    data = root / "data"
-    write_bundle(data, seed=0, sizes=SIZES)
-    pt = pretrain(PretrainArgs(out=str(root / "pt"), data=[str(data / "pretrain.txt")], preset="tiny", vocab_size=320,
-                               seq_len=128, batch_size=8, max_steps=20, eval_every=20, save_every=20, dtype="fp32"))
-    ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "sft"), epochs=1, batch_size=16,
-                       lr=1e-3, dtype="fp32"))
-    return dict(root=root, prompts=str(data / "prompts_train.jsonl"), ckpt=str(ckpt))
 
 
 def rigged_scorer(rollout):
