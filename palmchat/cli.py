@@ -155,6 +155,65 @@ def merge_main(args: MergeArgs) -> None:
     print(f"merged: {final}")
 
 
+@dataclass
+class ImportHFArgs:
+    """Convert a Hugging Face model folder (or a repo id in the local cache) into a native palmchat checkpoint."""
+
+    model: str = arg("", "a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or repo id",
+                     positional=True)
+    out: str = arg("", "output folder for the native checkpoint")
+
+
+def import_hf_main(args: ImportHFArgs) -> None:
+    from palmchat import checkpoint
+
+    if not args.out:
+        raise ValueError("--out is required")
+    folder = checkpoint.resolve(args.model)
+    model, config, _ = checkpoint.load_model(folder)
+    config = {**config, "stage": "import", "imported_from": str(folder)}
+    final = checkpoint.save_checkpoint(args.out, 0, model, config, folder / checkpoint.TOKENIZER_FILE)
+    print(f"imported {config['hf']['family']} model: {final}")
+
+
+@dataclass
+class ExportHFArgs:
+    """Write a checkpoint as a Hugging Face model folder that `transformers` loads with the same logits."""
+
+    checkpoint: str = arg("", "a checkpoint folder (LoRA adapters are merged in)", positional=True)
+    out: str = arg("", "output folder")
+
+
+def export_hf_main(args: ExportHFArgs) -> None:
+    from palmchat import checkpoint
+    from palmchat.checkpoint.hf import export_hf
+
+    if not args.out:
+        raise ValueError("--out is required")
+    model, config, ckpt = checkpoint.load_model(args.checkpoint, merge=True)
+    out = export_hf(model, args.out, tokenizer_folder=ckpt, family=config.get("hf", {}).get("family"))
+    print(f"exported: {out}")
+
+
+@dataclass
+class ExportGGUFArgs:
+    """Write a checkpoint as one GGUF file for llama.cpp and Ollama."""
+
+    checkpoint: str = arg("", "a checkpoint folder (LoRA adapters are merged in)", positional=True)
+    out: str = arg("", "output .gguf file")
+    type: str = arg("f16", "tensor type", choices=["f32", "f16", "bf16", "q8_0"])
+
+
+def export_gguf_main(args: ExportGGUFArgs) -> None:
+    from palmchat import checkpoint
+    from palmchat.checkpoint.gguf_export import export_gguf
+
+    if not args.out:
+        raise ValueError("--out is required")
+    model, _, ckpt = checkpoint.load_model(args.checkpoint, merge=True)
+    print(f"exported: {export_gguf(model, ckpt, args.out, dtype=args.type)}")
+
+
 def _commands():
     """Sub-command name -> (argument dataclass, function), or -> {name: (...)} for a group (`palmchat keys create`).
     Only argument dataclasses are imported here: the serving stack (FastAPI) loads when `serve` runs."""
@@ -218,6 +277,9 @@ def _commands():
         "grpo": (GRPOArgs, grpo_main),
         "rloo": (RLOOArgs, rloo_main),
         "merge-lora": (MergeArgs, merge_main),
+        "import-hf": (ImportHFArgs, import_hf_main),
+        "export-hf": (ExportHFArgs, export_hf_main),
+        "export-gguf": (ExportGGUFArgs, export_gguf_main),
         "generate": (GenerateArgs, generate_main),
         "chat": (ChatArgs, chat_main),
         "serve": (ServeArgs, serve_main),

@@ -15,6 +15,11 @@ A stage's output folder looks like::
 A checkpoint is written into a temporary folder and renamed into place, then `latest` is replaced
 atomically, so a crash at any moment leaves the previous checkpoint intact and `latest` valid.
 
+A Hugging Face model folder (config.json with "model_type", safetensors weights, tokenizer.json and
+tokenizer_config.json) is accepted wherever a checkpoint is (checkpoint/hf.py maps it onto palmchat's model), and
+so is a repo id ("Qwen/Qwen2.5-0.5B-Instruct") already in the local Hugging Face cache. A checkpoint trained from
+such a model carries the tokenizer's files beside tokenizer.json (`TOKENIZER_COMPANIONS`).
+
 Token ids mean nothing without their tokenizer: two pretraining runs with the same vocabulary size give models of
 the same shape whose ids mean different words. So config.json records the identity of the tokenizer saved beside
 the weights (`Tokenizer.sha256` of tokenizer.json), and `check_tokenizer` refuses to pair a checkpoint with a
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -39,10 +45,20 @@ MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "t
 TOKENIZER_KEY = "tokenizer"  # config.json: {"sha256": Tokenizer.sha256, "vocab_size": ...} of tokenizer.json
 OPTIMIZER_FILE, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
 ADAPTER_FILE = "adapter.safetensors"
+# a Hugging Face tokenizer is more than tokenizer.json: its special tokens, chat template and end-of-sequence ids
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                        "generation_config.json")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file()
+    return (path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file() or is_hf_model_folder(path)
+
+
+def is_hf_model_folder(path: Path) -> bool:
+    from palmchat.checkpoint.hf import is_hf_model_folder as check
+
+    return check(path)
 
 
 class CheckpointError(ValueError):
@@ -99,6 +115,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         (tmp / CONFIG_FILE).write_text(json.dumps({**config, "step": step}, indent=2, default=str))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            for companion in TOKENIZER_COMPANIONS:
+                if (Path(tokenizer_path).parent / companion).is_file():
+                    shutil.copyfile(Path(tokenizer_path).parent / companion, tmp / companion)
         if optimizer is not None:
             tensors, meta = optimizer_tensors(optimizer)
             save_file(tensors, tmp / OPTIMIZER_FILE)
@@ -110,7 +129,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder whose `latest` names one."""
+    """A checkpoint folder, a run folder whose `latest` names one, a Hugging Face model folder, or the repo id of a
+    Hugging Face model in the local cache."""
+    if not Path(path).exists() and REPO_ID.match(str(path)):
+        return _cached_hf_model(str(path))
     path = Path(path)
     if _is_checkpoint(path):
         return path
@@ -124,8 +146,28 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path} is not a checkpoint folder (no {MODEL_FILE} and no 'latest' file)")
 
 
+def _cached_hf_model(repo_id: str) -> Path:
+    """The folder of a Hugging Face model already downloaded into the local cache (palmchat never downloads)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"checkpoint not found: {repo_id} is not a folder, and no Hugging Face model of that name is in the local "
+            f"cache ({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}). palmchat does not download "
+            f"models: run `hf download {repo_id}` first, or pass the model's folder") from None
+
+
 def read_config(ckpt: str | os.PathLike) -> dict:
+    """config.json of a checkpoint; for a Hugging Face model folder, the same shape built from its own config.json:
+    {"model": ModelConfig, "stage": "hf", "hf": {"family": ..., ...}}."""
     ckpt = resolve(ckpt)
+    if is_hf_model_folder(ckpt):
+        from palmchat.checkpoint.hf import read_hf_config
+
+        return read_hf_config(ckpt)
     try:
         config = json.loads((ckpt / CONFIG_FILE).read_text())
         ModelConfig.from_dict(config["model"])
@@ -162,6 +204,11 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
     ckpt = resolve(ckpt)
     config = read_config(ckpt)
+    if is_hf_model_folder(ckpt):
+        from palmchat.checkpoint.hf import load_hf_model
+
+        model, _ = load_hf_model(ckpt, dtype=dtype, device=device)
+        return model, config, ckpt
     if (ckpt / MODEL_FILE).is_file():
         model = Transformer(ModelConfig.from_dict(config["model"]))
         load_weights(model, ckpt)
@@ -185,21 +232,28 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     return model, config, ckpt
 
 
-def load_tokenizer(ckpt: str | os.PathLike):
+def _load_tokenizer_file(tokenizer_path: Path):
+    """palmchat's BPE tokenizer, or a Hugging Face tokenizer when tokenizer_config.json lies beside the file."""
+    if (tokenizer_path.parent / TOKENIZER_COMPANIONS[0]).is_file():
+        from palmchat.tokenizer.hf import HFTokenizer
+
+        return HFTokenizer.load(tokenizer_path.parent)
     from palmchat.tokenizer.bpe import Tokenizer
 
+    return Tokenizer.load(tokenizer_path)
+
+
+def load_tokenizer(ckpt: str | os.PathLike):
     ckpt = resolve(ckpt)
     if not (ckpt / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{ckpt}: missing {TOKENIZER_FILE}")
-    return Tokenizer.load(ckpt / TOKENIZER_FILE)
+    return _load_tokenizer_file(ckpt / TOKENIZER_FILE)
 
 
 def tokenizer_identity(tokenizer_path: str | os.PathLike) -> dict:
     """What config.json records of a tokenizer file: {"sha256": Tokenizer.sha256, "vocab_size": ...}."""
-    from palmchat.tokenizer.bpe import Tokenizer
-
     try:
-        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = _load_tokenizer_file(Path(tokenizer_path))
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(f"tokenizer to save with the checkpoint: {e}") from None
     return {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
