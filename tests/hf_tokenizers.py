@@ -194,31 +194,34 @@ QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
 {%- endif %}
 """
 
-# ChatML with {% generation %} around each reply and its <|im_end|> (as SmolLM3's and TRL's training templates).
-GENERATION_TEMPLATE = """{%- for message in messages %}
-    {%- if message['role'] == 'assistant' %}
-        {{- '<|im_start|>assistant\\n' }}
-        {%- generation %}
-            {{- message['content'] + '<|im_end|>' }}
-        {%- endgeneration %}
-        {{- '\\n' }}
-    {%- else %}
-        {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
+# ChatML with {% generation %} around each reply and its <|im_end|> (as SmolLM3's and TRL's training templates),
+# written with plain block tags and text lines, so that it renders right only with trim_blocks and lstrip_blocks.
+GENERATION_TEMPLATE = """{% for message in messages %}
+    {% if message['role'] == 'assistant' %}
+<|im_start|>assistant
+{% generation %}
+{{ message['content'] }}<|im_end|>{% endgeneration %}
+
+    {% else %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}
 """
 
-# family -> (special tokens, non-special added tokens, tokenizer_config fields, template, generation eos tokens)
+# family -> (special tokens, non-special added tokens, tokenizer_config fields, template, generation eos tokens).
+# Llama 3's eos_token is <|end_of_text|> as Meta-Llama-3-8B-Instruct first shipped it: a reply still ends at
+# <|eot_id|>, which only the template says.
 SPECS = {
     "qwen2.5": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<tool_call>", "</tool_call>"],
                 dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"), QWEN25_TEMPLATE,
                 ["<|im_end|>", "<|endoftext|>"]),
     "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
                 "<|eot_id|>"], [],
-               dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), LLAMA3_TEMPLATE,
+               dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"), LLAMA3_TEMPLATE,
                ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
     "mistral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], [],
                 dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), MISTRAL_TEMPLATE, ["</s>"]),
