@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("qwen2.5", "llama3", "mistral", "smollm2", "qwen3", "chatml-generation")
+FAMILIES = ("qwen2.5", "llama3", "mistral", "smollm2", "qwen3", "chatml-generation", "llama2")
 
 SENTENCES = [
     "The cat sat on the mat. The dog sat on the log.",
@@ -137,6 +137,9 @@ MISTRAL_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
 {%- endfor %}
 """
 
+# Llama-2-chat's: bos before every user turn, the system prompt inside the first one.
+LLAMA2_TEMPLATE = """{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"""
+
 SMOLLM2_TEMPLATE = """{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system
 You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
 ' }}{% endif %}{{'<|im_start|>' + message['role'] + '
@@ -231,6 +234,8 @@ SPECS = {
     "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"],
               dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"), QWEN3_TEMPLATE,
               ["<|im_end|>", "<|endoftext|>"]),
+    "llama2": (["<unk>", "<s>", "</s>"], [], dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+               LLAMA2_TEMPLATE, ["</s>"]),
     "chatml-generation": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [],
                           dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"),
                           GENERATION_TEMPLATE, ["<|im_end|>"]),
@@ -244,21 +249,51 @@ def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_temp
     from transformers import PreTrainedTokenizerFast
 
     special, added, config, template, generation_eos = SPECS[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(SENTENCES * 3, trainer=trainer)
+    if family == "llama2":
+        tok = _sentencepiece_style_bpe(special, vocab_size)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(SENTENCES * 3, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template or template, **config)
     folder = Path(folder)
     fast.save_pretrained(folder)
+    if family == "llama2":  # as Llama-2-chat's folder says: transformers then builds its own pre-tokenizer
+        saved = json.loads((folder / "tokenizer_config.json").read_text())
+        saved.update(tokenizer_class="LlamaTokenizerFast", legacy=False, add_bos_token=True)
+        (folder / "tokenizer_config.json").write_text(json.dumps(saved, indent=2))
     eos = [tok.token_to_id(t) for t in generation_eos]
     (folder / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos[0] if len(eos) == 1 else eos, "bos_token_id": tok.token_to_id(config["bos_token"])
          if config.get("bos_token") else None}, indent=2))
     return folder
+
+
+def _sentencepiece_style_bpe(special: list[str], vocab_size: int):
+    """A BPE over "▁"-joined words with byte fallback, written the way older transformers converted SentencePiece
+    models (Llama 2, Mistral v0.1): a Prepend("▁") + Replace(" ", "▁") normalizer, no pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    trained = Tokenizer(models.BPE())
+    trained.train_from_iterator(["\u2581" + s.replace(" ", "\u2581") for s in SENTENCES] * 3, trainer=trainer)
+    spec = json.loads(trained.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # byte fallback pieces are ordinary vocabulary, as in Llama 2's
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"].update(byte_fallback=True, fuse_unk=True, unk_token="<unk>")
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                              {"type": "Replace", "pattern": {"String": " "},
+                                                               "content": "\u2581"}]}
+    spec["pre_tokenizer"] = None
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
 
 
 def load_transformers_tokenizer(folder):

@@ -30,9 +30,9 @@ TURNS = [
 CONVERSATIONS = [TURNS[:1], [SYSTEM] + TURNS[:1], TURNS[:4], [SYSTEM] + TURNS[:4], [SYSTEM] + TURNS]
 
 EOT = {"qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>", "smollm2": "<|im_end|>",
-       "qwen3": "<|im_end|>", "chatml-generation": "<|im_end|>"}
+       "qwen3": "<|im_end|>", "chatml-generation": "<|im_end|>", "llama2": "</s>"}
 STABLE = {"qwen2.5": True, "llama3": True, "mistral": True, "smollm2": True, "qwen3": False,
-          "chatml-generation": True}
+          "chatml-generation": True, "llama2": True}
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -111,6 +111,8 @@ def expected_replies(family, messages):
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     if family == "mistral":
         return [f" {r}</s>" for r in replies]
+    if family == "llama2":  # ' ' + content + ' ' + eos; the decoder drops the leading space
+        return [f"{r} </s>" for r in replies]
     if family == "qwen3":  # the last reply (after the last user turn) gets the template's empty reasoning block
         last = len(replies) - 1 if messages[-1]["role"] == "assistant" else -1
         return [("<think>\n\n</think>\n\n" if k == last else "") + r + "<|im_end|>" for k, r in enumerate(replies)]

@@ -10,6 +10,10 @@ The folder holds (as ``transformers`` writes and reads it)::
     special_tokens_map.json            older folders' special tokens (tokenizer_config.json's win)
     generation_config.json             eos_token_id, an int or a list: every one of them ends a reply
 
+tokenizer.json is read as written, except for the Llama tokenizer classes, whose pre-tokenization transformers 5
+builds itself (see :func:`_pretokenize_as_transformers`); other classes it rebuilds from their vocabulary (Qwen2's,
+Gemma's) are read from tokenizer.json, which agrees with it for the folders those models ship.
+
 :class:`HFTokenizer` has the interface of palmchat's own ``Tokenizer`` (encode, encode_batch, decode, vocab_size,
 sha256, path, save, load, chat_format).  Its ``encode`` never produces a special token's id from text, the same
 injection defence as bpe.py: a user typing ``<|im_end|>`` gets ordinary tokens.
@@ -60,6 +64,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, pre_tokenizers
 
 from palmchat.utils.atomic import atomic_write
 
@@ -93,6 +98,10 @@ REPLY_MARKER = "\U000f0002"
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
+# tokenizer_config.json classes whose pre-tokenization transformers 5 builds itself instead of reading tokenizer.json's
+# (SentencePiece models converted to BPE: Llama 1-2, Mistral v0.1-0.2, TinyLlama, Vicuna...).
+LLAMA_TOKENIZER_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})
+
 
 def is_hf_tokenizer_folder(path: str | os.PathLike) -> bool:
     """A folder with a tokenizer_config.json beside its tokenizer.json (palmchat's own folders have no config)."""
@@ -120,6 +129,21 @@ def _token_text(value: object, where: str) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     raise ValueError(f"{where}: expected a token string or an AddedToken dict with 'content', got {value!r}")
+
+
+def _pretokenize_as_transformers(tok: _RustTokenizer, config: Mapping) -> None:
+    """Give a Llama-class tokenizer the normalizer, pre-tokenizer and decoder transformers 5's LlamaTokenizer builds
+    (models/llama/tokenization_llama.py), whatever tokenizer.json says: older conversions wrote a Prepend("▁")
+    normalizer, which also puts "▁" after every special token where transformers 5 (Metaspace) does not."""
+    if config.get("tokenizer_class") not in LLAMA_TOKENIZER_CLASSES:
+        return
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
 
 
 def _read_templates(folder: Path, config: dict) -> tuple[dict[str, str], dict[str, str]]:
@@ -175,6 +199,8 @@ class HFTokenizer:
         except Exception as e:  # noqa: BLE001 - re-raised as one line naming the file
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{folder / TOKENIZER_FILE}: not a tokenizer `tokenizers` reads: {msg}") from None
+        for tok in (self._tok, self._plain):
+            _pretokenize_as_transformers(tok, self.config)
         # Not serialized by `tokenizers`, so set on every construction (as in bpe.py).
         self._plain.encode_special_tokens = True
 
