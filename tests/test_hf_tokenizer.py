@@ -209,7 +209,7 @@ def test_injection_defence(loaded):
 
 
 def test_encode_and_decode_match_transformers(loaded):
-    for family in ("qwen2.5", "llama3", "mistral"):
+    for family in ("qwen2.5", "llama3", "mistral", "llama2"):
         tok, ref = loaded[family]
         text = "Hello there! What is the weather like in Paris? \u00e9t\u00e9 \U0001f600"
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
@@ -232,6 +232,29 @@ def test_message_starts_and_truncation(loaded, family):
     fitted = drop_oldest_messages(ids, fmt, len(ids) - 5, quantum=1)
     assert fitted.dropped_messages == 2
     assert fitted.prompt == fmt.render_prompt([SYSTEM] + TURNS[2:])
+
+
+def test_a_template_that_is_not_prefix_stable_still_finds_its_messages(loaded):
+    tok, _ = loaded["qwen3"]
+    fmt = tok.chat_format
+    messages = [SYSTEM] + TURNS
+    ids = fmt.render_prompt(messages)
+    starts = fmt.message_starts(ids)
+    assert [r for r, _ in starts] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    fitted = drop_oldest_messages(ids, fmt, len(ids) - 5, quantum=1)
+    assert fitted.dropped_messages == 2 and fitted.prompt == fmt.render_prompt([SYSTEM] + TURNS[2:])
+
+
+def test_template_variables(folders):
+    """Qwen3 with enable_thinking=False: its generation prompt opens an empty reasoning block."""
+    tok = HFTokenizer.load(folders["qwen3"], template_variables={"enable_thinking": False})
+    ref = load_transformers_tokenizer(folders["qwen3"])
+    assert tok.chat_format.render_prompt(TURNS) == reference_ids(ref, TURNS, True, enable_thinking=False)
+    assert tok.decode(tok.chat_format.generation_prompt, skip_special_tokens=False) == (
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.sha256 != HFTokenizer.load(folders["qwen3"]).sha256
+    with pytest.raises(ValueError, match="'messages' is not a name"):
+        HFTokenizer.load(folders["qwen3"], template_variables={"messages": []})
 
 
 def test_save_load_round_trip_and_the_hash(loaded, folders, tmp_path):

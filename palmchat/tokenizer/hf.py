@@ -184,13 +184,18 @@ class HFTokenizer:
     def __init__(self, tokenizer_json: str, config: Mapping | None = None, *,
                  chat_templates: Mapping[str, str] | None = None, template_sources: Mapping[str, str] | None = None,
                  special_tokens_map: Mapping | None = None, generation_config: Mapping | None = None,
-                 path: str | None = None):
+                 path: str | None = None, template_variables: Mapping | None = None):
         folder = Path(path) if path else Path(".")
         self.path = path
         self.config = dict(config or {})
         self.special_tokens_map = dict(special_tokens_map) if special_tokens_map else None
         self.generation_config = dict(generation_config) if generation_config else None
         self.chat_templates = dict(chat_templates or {})
+        # extra variables every rendering passes to the template, e.g. {"enable_thinking": False} for Qwen3
+        self.template_variables = _plain_data(dict(template_variables or {}), "template_variables")
+        for name in self.template_variables:
+            if not isinstance(name, str) or name in ("messages", "tools", "documents", "add_generation_prompt"):
+                raise ValueError(f"template_variables: {name!r} is not a name a chat template can be given")
         self.template_sources = {name: (template_sources or {}).get(name, f"chat template '{name}'")
                                  for name in self.chat_templates}
         try:
@@ -299,7 +304,8 @@ class HFTokenizer:
         Stored ids, shards and checkpoints record it, so that ids are never read with another tokenizer."""
         identity = {"tokenizer.json": self._tok.to_str(), "chat_templates": self.chat_templates,
                     "special_tokens": self.special_tokens, "add_bos_token": self.add_bos_token,
-                    "generation_eos_ids": list(self.generation_eos_ids)}
+                    "generation_eos_ids": list(self.generation_eos_ids),
+                    "template_variables": self.template_variables}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------- save / load
@@ -330,8 +336,9 @@ class HFTokenizer:
         return str(folder)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> HFTokenizer:
-        """Read a Hugging Face tokenizer folder (a path to its tokenizer.json means its folder)."""
+    def load(cls, folder: str | os.PathLike, template_variables: Mapping | None = None) -> HFTokenizer:
+        """Read a Hugging Face tokenizer folder (a path to its tokenizer.json means its folder);
+        ``template_variables`` are passed to every rendering of its chat template (they are part of its sha256)."""
         folder = Path(folder)
         if folder.name == TOKENIZER_FILE:
             folder = folder.parent
@@ -348,7 +355,7 @@ class HFTokenizer:
                    chat_templates=templates, template_sources=sources,
                    special_tokens_map=_read_json(folder / SPECIAL_TOKENS_MAP_FILE) or None,
                    generation_config=_read_json(folder / GENERATION_CONFIG_FILE) or None,
-                   path=str(folder))
+                   path=str(folder), template_variables=template_variables)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
@@ -521,7 +528,8 @@ class TemplateChatFormat:
         self.tokenizer = tokenizer
         self._compiled: dict[str, tuple] = {}
         self.where = tokenizer.template_sources.get("default", f"{tokenizer.path or '.'}/{TEMPLATE_FILE}")
-        self.variables = dict(tokenizer.special_tokens)  # the special tokens transformers passes, when set
+        # the special tokens transformers passes (those set), then the caller's variables
+        self.variables = {**tokenizer.special_tokens, **tokenizer.template_variables}
         eos_id = tokenizer.token_id("eos_token")
         self.has_template = "default" in tokenizer.chat_templates
         self.has_generation_blocks = self.has_template and bool(
@@ -708,6 +716,10 @@ class TemplateChatFormat:
         if not self.prefix_stable:
             raise ValueError(f"{self.where}: this chat template rewrites earlier turns (not prefix-stable), so a "
                              f"turn has no ids of its own: render the whole conversation")
+        return self._turn_ids(message, history)
+
+    def _turn_ids(self, message: Mapping, history: Sequence[Mapping]) -> list[int]:
+        """render_turn without the stability check: right here, whatever the template does to later turns."""
         history = _validate_messages(list(history)) if len(history) else []
         before = self._ids(history, False) if history else ([] if self.bos_id is None else [self.bos_id])
         after = self._ids(history + _validate_messages([message]), False)
@@ -798,25 +810,29 @@ class TemplateChatFormat:
         every = [ids for _, plain, _ in rendered for ids in plain]
         writes_bos = "bos_token" in self._template("default")[4]
         self.bos_id = bos if writes_bos and bos is not None and all(ids[:1] == [bos] for ids in every) else None
-        if self.prefix_stable:
-            self.markers = self._role_markers(rendered[0][0][0]["role"] == "system")
+        self.markers = self._role_markers(rendered[0][0][0]["role"] == "system")
 
     def _role_markers(self, takes_system: bool) -> list[tuple[str, list[int]]]:
-        """The ids opening every turn of each role (the common start of two turns of it with different contents),
+        """The ids opening every turn of each role (the common start of two turns of it with different contents,
+        no longer than the generation prompt for replies: Qwen3's last reply opens with more than earlier ones),
         kept when they hold a special token (so that text cannot forge them); longest first."""
         first_turn = [{"role": "user", "content": "Probe question 1?"}, {"role": "assistant", "content": "Probe."}]
-        after = {"user": first_turn, "assistant": first_turn[:1], "system": []}
+        # the histories to add a turn of each role to, in order of preference: a user turn after a first exchange
+        # (the first one may carry a default system prompt), else first (Qwen3 rewrites the exchange before it)
+        histories = {"user": [first_turn, []], "assistant": [first_turn[:1]], "system": [[]] if takes_system else []}
         markers = []
-        for role, history in after.items():
-            if role == "system" and not takes_system:
-                continue
-            try:
-                turns = [self.render_turn({"role": role, "content": text}, history) for text in ("Alpha", "Zulu")]
-            except ValueError:
-                continue
-            marker = _common_prefix(*turns)
-            if not self.tokenizer.special_ids.isdisjoint(marker):
-                markers.append((role, marker))
+        for role, candidates in histories.items():
+            for history in candidates:
+                try:
+                    turns = [self._turn_ids({"role": role, "content": text}, history) for text in ("Alpha", "Zulu")]
+                except ValueError:
+                    continue
+                marker = _common_prefix(*turns)
+                if role == "assistant" and self.generation_prompt and _starts_with(marker, self.generation_prompt):
+                    marker = marker[:len(self.generation_prompt)]
+                if not self.tokenizer.special_ids.isdisjoint(marker):
+                    markers.append((role, marker))
+                break
         return sorted(markers, key=lambda m: len(m[1]), reverse=True)
 
     def __repr__(self) -> str:
