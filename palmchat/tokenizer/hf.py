@@ -96,6 +96,10 @@ CONTROL_START, CONTROL_END = "\U000f0000", "\U000f0001"
 # Stands for a reply's content when its start is looked for in a rendering (private use, never in a message).
 REPLY_MARKER = "\U000f0002"
 
+# Contents of the probe turns whose common start is a role's marker: different enough (letters, digits, punctuation,
+# spaces, a newline, words the vocabulary may merge with a space before them) that no token of a content is in it.
+MARKER_PROBES = ("Alpha", "Zulu", "What is it?", "the", "1", "{", " x", "\nx", "<", "\u00dcber")
+
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # tokenizer_config.json classes whose pre-tokenization transformers 5 builds itself instead of reading tokenizer.json's
@@ -813,7 +817,7 @@ class TemplateChatFormat:
         self.markers = self._role_markers(rendered[0][0][0]["role"] == "system")
 
     def _role_markers(self, takes_system: bool) -> list[tuple[str, list[int]]]:
-        """The ids opening every turn of each role (the common start of two turns of it with different contents,
+        """The ids opening every turn of each role (the common start of its turns with the MARKER_PROBES contents,
         no longer than the generation prompt for replies: Qwen3's last reply opens with more than earlier ones),
         kept when they hold a special token (so that text cannot forge them); longest first."""
         first_turn = [{"role": "user", "content": "Probe question 1?"}, {"role": "assistant", "content": "Probe."}]
@@ -824,10 +828,12 @@ class TemplateChatFormat:
         for role, candidates in histories.items():
             for history in candidates:
                 try:
-                    turns = [self._turn_ids({"role": role, "content": text}, history) for text in ("Alpha", "Zulu")]
+                    turns = [self._turn_ids({"role": role, "content": text}, history) for text in MARKER_PROBES]
                 except ValueError:
                     continue
-                marker = _common_prefix(*turns)
+                marker = turns[0]
+                for turn in turns[1:]:
+                    marker = _common_prefix(marker, turn)
                 if role == "assistant" and self.generation_prompt and _starts_with(marker, self.generation_prompt):
                     marker = marker[:len(self.generation_prompt)]
                 if not self.tokenizer.special_ids.isdisjoint(marker):
