@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
 FAMILIES = ("qwen2.5", "llama3", "mistral", "smollm2", "qwen3", "chatml-generation", "llama2")
 
 SENTENCES = [
@@ -245,7 +247,7 @@ SPECS = {
 def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_template: str | None = None) -> Path:
     """A tiny tokenizer of ``family`` (one of FAMILIES) saved with ``save_pretrained`` into ``folder``, plus a
     generation_config.json with the family's eos ids; ``chat_template`` replaces the family's.  Returns the folder."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special, added, config, template, generation_eos = SPECS[family]
@@ -254,6 +256,11 @@ def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_temp
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if family.startswith("qwen"):  # Qwen2's own pipeline, which transformers 5 also builds for its class
+            tok.normalizer = normalizers.NFC()
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -262,9 +269,13 @@ def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_temp
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template or template, **config)
     folder = Path(folder)
     fast.save_pretrained(folder)
-    if family == "llama2":  # as Llama-2-chat's folder says: transformers then builds its own pre-tokenizer
+    # the class the real folders name: transformers 5 then builds these classes' pipelines itself
+    tokenizer_class = {"llama2": dict(tokenizer_class="LlamaTokenizerFast", legacy=False, add_bos_token=True),
+                       "qwen2.5": dict(tokenizer_class="Qwen2Tokenizer"),
+                       "qwen3": dict(tokenizer_class="Qwen2Tokenizer")}.get(family)
+    if tokenizer_class:
         saved = json.loads((folder / "tokenizer_config.json").read_text())
-        saved.update(tokenizer_class="LlamaTokenizerFast", legacy=False, add_bos_token=True)
+        saved.update(tokenizer_class)
         (folder / "tokenizer_config.json").write_text(json.dumps(saved, indent=2))
     eos = [tok.token_to_id(t) for t in generation_eos]
     (folder / "generation_config.json").write_text(json.dumps(

@@ -11,8 +11,9 @@ The folder holds (as ``transformers`` writes and reads it)::
     generation_config.json             eos_token_id, an int or a list: every one of them ends a reply
 
 tokenizer.json is read as written, except for the Llama tokenizer classes, whose pre-tokenization transformers 5
-builds itself (see :func:`_pretokenize_as_transformers`); other classes it rebuilds from their vocabulary (Qwen2's,
-Gemma's) are read from tokenizer.json, which agrees with it for the folders those models ship.
+builds itself (see :func:`_pretokenize_as_transformers`).  transformers 5 rebuilds other classes too; Qwen2's
+(Qwen2, 2.5, 3) builds what Qwen's tokenizer.json holds (the tests check it), the others (Gemma's, T5's...) are not
+checked against it here.
 
 :class:`HFTokenizer` has the interface of palmchat's own ``Tokenizer`` (encode, encode_batch, decode, vocab_size,
 sha256, path, save, load, chat_format).  Its ``encode`` never produces a special token's id from text, the same
