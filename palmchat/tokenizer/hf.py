@@ -63,6 +63,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, pre_tokenizers
@@ -523,6 +524,15 @@ def _probe_conversations() -> list[list[dict]]:
     return [[{"role": "system", "content": "Probe system prompt."}] + turns, turns]
 
 
+class CompiledTemplate(NamedTuple):
+    template: object  # jinja2.Template
+    control_re: re.Pattern  # control tokens to mark in messages and tools
+    markers_re: re.Pattern  # a marked control token (group 1), or a lone marker
+    where: str  # the file (and field) it was read from, for errors
+    names: frozenset  # the variables it reads
+    has_generation_blocks: bool
+
+
 class TemplateChatFormat:
     """:class:`ChatFormat` of an :class:`HFTokenizer`'s Jinja chat template (see the module docstring).
 
@@ -537,8 +547,6 @@ class TemplateChatFormat:
         self.variables = {**tokenizer.special_tokens, **tokenizer.template_variables}
         eos_id = tokenizer.token_id("eos_token")
         self.has_template = "default" in tokenizer.chat_templates
-        self.has_generation_blocks = self.has_template and bool(
-            GENERATION_BLOCK.search(tokenizer.chat_templates["default"]))
         for name in tokenizer.chat_templates:
             self._template(name)  # a template that does not compile fails at load, naming its file
         self.bos_id: int | None = None
@@ -560,7 +568,7 @@ class TemplateChatFormat:
             [self.eot_id, *tokenizer.generation_eos_ids] + ([eos_id] if eos_id is not None else [])))
 
     # ------------------------------------------------------------------ rendering
-    def _template(self, name: str):
+    def _template(self, name: str) -> CompiledTemplate:
         if name not in self._compiled:
             where = self.tokenizer.template_sources[name]
             compiled, literals, names = _compile(self.tokenizer.chat_templates[name], where)
@@ -569,13 +577,14 @@ class TemplateChatFormat:
             control_re = re.compile("|".join(map(re.escape, control)) or "(?!)")
             markers_re = re.compile(
                 f"{CONTROL_START}({control_re.pattern}){CONTROL_END}|[{CONTROL_START}{CONTROL_END}]")
-            self._compiled[name] = (compiled, control_re, markers_re, where, names)
+            self._compiled[name] = CompiledTemplate(compiled, control_re, markers_re, where, names, bool(
+                GENERATION_BLOCK.search(self.tokenizer.chat_templates[name])))
         return self._compiled[name]
 
-    def _render_text(self, messages: list[dict], add_generation_prompt: bool, tools, track: bool = False
-                     ) -> tuple[str, list[tuple[int, int]], tuple]:
-        """(rendered text with control tokens from messages marked, {% generation %} spans, the compiled
-        template's entry)."""
+    def _render_text(self, messages: list[dict], add_generation_prompt: bool, tools
+                     ) -> tuple[str, list[tuple[int, int]], CompiledTemplate]:
+        """(rendered text with control tokens from messages marked, the character spans its {% generation %}
+        blocks rendered, the template used)."""
         import jinja2
 
         if not self.has_template:
@@ -583,7 +592,7 @@ class TemplateChatFormat:
                              f"chat_template and there is no {TEMPLATE_FILE})")
         name = "tool_use" if tools is not None and "tool_use" in self.tokenizer.chat_templates else "default"
         entry = self._template(name)
-        compiled, control_re, _, where, _ = entry
+        control_re, where = entry.control_re, entry.where
         if tools is not None:
             if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
                     isinstance(t, Mapping) for t in tools):
@@ -594,16 +603,16 @@ class TemplateChatFormat:
         blocks: list[str] = []
         spans: list[tuple[int, int]] = []
         try:
-            if track:
+            if entry.has_generation_blocks:
                 reset = _generation_spans.set((blocks, spans))
                 try:
-                    for block in compiled.generate(**variables):
+                    for block in entry.template.generate(**variables):
                         blocks.append(block)
                 finally:
                     _generation_spans.reset(reset)
                 text = "".join(blocks)
             else:
-                text = compiled.render(**variables)
+                text = entry.template.render(**variables)
         except jinja2.TemplateError as e:
             raise ValueError(f"{where}: the chat template failed to render: {e.message or type(e).__name__}") from None
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
@@ -618,12 +627,11 @@ class TemplateChatFormat:
         splits = [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(text)] if tok.pre_tokenizer is not None else [text]
         return [t.id for s in splits for t in tok.model.tokenize(s)]
 
-    def _encode_text(self, text: str, entry) -> tuple[list[int], list[tuple[int, int]]]:
+    def _encode_text(self, text: str, entry: CompiledTemplate) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character offsets) of a rendering, as transformers' encode_marked_chat encodes it: the template's
         control tokens are specials, marked ones from messages plain text; a piece after a marker is encoded after
         a newline that is then removed (so that it starts as a piece inside text would)."""
         tok = self.tokenizer._tok
-        markers_re = entry[2]
         newline = tok.encode("\n", add_special_tokens=False).ids
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
@@ -656,7 +664,7 @@ class TemplateChatFormat:
                 ids.extend(enc.ids)
                 offsets.extend((start + a, start + b) for a, b in enc.offsets)
 
-        for m in markers_re.finditer(text):
+        for m in entry.markers_re.finditer(text):
             add_piece(pos, m.start(), as_text=False)
             first = False
             if m.group(1) is not None:
@@ -674,11 +682,10 @@ class TemplateChatFormat:
         """A conversation as ``(ids, loss_mask)``: the mask is 1 on every assistant reply's tokens and its
         end-of-turn token (see the module docstring for how they are found), 0 elsewhere."""
         messages = _validate_messages(messages)
-        text, spans, entry = self._render_text(messages, add_generation_prompt, tools,
-                                               track=self.has_generation_blocks)
+        text, spans, entry = self._render_text(messages, add_generation_prompt, tools)
         ids, offsets = self._encode_text(text, entry)
         mask = [0] * len(ids)
-        if self.has_generation_blocks:
+        if entry.has_generation_blocks:
             for k, (start, end) in enumerate(offsets):  # transformers' return_assistant_tokens_mask
                 if any(end > s and start < e for s, e in spans):
                     mask[k] = 1
@@ -813,7 +820,7 @@ class TemplateChatFormat:
 
         bos = tok.token_id("bos_token")
         every = [ids for _, plain, _ in rendered for ids in plain]
-        writes_bos = "bos_token" in self._template("default")[4]
+        writes_bos = "bos_token" in self._template("default").names
         self.bos_id = bos if writes_bos and bos is not None and all(ids[:1] == [bos] for ids in every) else None
         self.markers = self._role_markers(rendered[0][0][0]["role"] == "system")
 
