@@ -245,8 +245,10 @@ SPECS = {
 
 
 def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_template: str | None = None) -> Path:
-    """A tiny tokenizer of ``family`` (one of FAMILIES) saved with ``save_pretrained`` into ``folder``, plus a
-    generation_config.json with the family's eos ids; ``chat_template`` replaces the family's.  Returns the folder."""
+    """A tiny tokenizer of ``family`` (one of FAMILIES) saved with ``save_pretrained`` into ``folder``, plus the
+    family's eos ids in its generation_config.json (merged into one a model wrote there before); ``chat_template``
+    replaces the family's.  Returns the folder.  Its vocabulary (about ``vocab_size`` ids plus the added tokens,
+    ``len(AutoTokenizer.from_pretrained(folder))``) must fit a model saved beside it."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -278,9 +280,11 @@ def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_temp
         saved.update(tokenizer_class)
         (folder / "tokenizer_config.json").write_text(json.dumps(saved, indent=2))
     eos = [tok.token_to_id(t) for t in generation_eos]
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": eos[0] if len(eos) == 1 else eos, "bos_token_id": tok.token_to_id(config["bos_token"])
-         if config.get("bos_token") else None}, indent=2))
+    generation_config = folder / "generation_config.json"  # a model saved there first keeps its other fields
+    fields = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
+    fields.update(eos_token_id=eos[0] if len(eos) == 1 else eos,
+                  bos_token_id=tok.token_to_id(config["bos_token"]) if config.get("bos_token") else None)
+    generation_config.write_text(json.dumps(fields, indent=2))
     return folder
 
 
