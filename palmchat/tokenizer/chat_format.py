@@ -3,7 +3,12 @@
 Everything above the tokenizer that handles chats (SFT loss masks, reward-model inputs, padding, the server's
 prompts, truncation and stop ids) goes through a ``ChatFormat`` and never through token-id constants, so that any
 tokenizer able to provide one plugs in unchanged: palmchat's BPE tokenizer here, a Hugging Face tokenizer with its
-chat template as well.  A tokenizer exposes its format as ``tokenizer.chat_format``.
+chat template in hf.py (``TemplateChatFormat``).  A tokenizer exposes its format as ``tokenizer.chat_format``.
+
+Formats differ in ways callers must respect: a format may have no bos (``bos_id`` None: start a conversation with
+:func:`conversation_start`), a turn may depend on the history before it (pass ``history`` to ``render_turn``), a
+format may not be prefix-stable (``prefix_stable`` False: render the whole conversation again at every turn), and a
+reply's turn may close with more than its end-of-turn token (``reply_end``).
 
 palmchat's format (:class:`PalmChatFormat`) has six special tokens with fixed ids::
 
