@@ -393,3 +393,16 @@ def test_turns_opened_by_plain_text_are_not_listed(tmp_path):
     assert ids == reference_ids(load_transformers_tokenizer(tmp_path), messages, True)
     assert fmt.prefix_stable and tok.id_to_token(fmt.eot_id) == "</s>"
     assert fmt.message_starts(ids) == [("assistant", len(ids) - len(fmt.generation_prompt))]
+
+
+def test_eot_is_what_replies_end_with(tmp_path):
+    """A reply that opens with a special token of its own (gpt-oss's <|channel|>, played by <|endoftext|> here) still
+    ends at the token every reply ends with."""
+    channel = ("{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant<|endoftext|>final\n"
+               "{{ m.content }}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+    tok = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path, "qwen2.5", chat_template=channel))
+    assert tok.id_to_token(tok.chat_format.eot_id) == "<|im_end|>"
+    assert tok.decode(tok.chat_format.reply_end, skip_special_tokens=False) == "<|im_end|>\n"
+    ids, mask = tok.chat_format.render(TURNS[:2])
+    assert masked_runs(tok, ids, mask) == ["<|endoftext|>final\nI am fine, thank you.<|im_end|>"]

@@ -31,8 +31,8 @@ What the format needs to know beyond the template it learns at load by rendering
 user/assistant turns, with and without a system message):
 
 * ``generation_prompt``: the ids ``add_generation_prompt=True`` appends to a conversation ending with a user turn;
-* ``eot_id``: the first special token of a probe reply after that generation prompt (``<|im_end|>`` for ChatML and
-  Qwen, ``<|eot_id|>`` for Llama 3, ``</s>`` for Mistral), else the tokenizer's eos token;
+* ``eot_id``: the first special token of what two probe replies with different contents end with (``<|im_end|>``
+  for ChatML and Qwen, ``<|eot_id|>`` for Llama 3, ``</s>`` for Mistral), else the tokenizer's eos token;
 * ``reply_end``: the ids from that ``eot_id`` to the end of the reply's turn (ChatML's ``<|im_end|>`` then ``\\n``);
 * ``bos_id``: the tokenizer's bos token when the template writes ``bos_token`` and every rendering starts with it,
   else None (ChatML has none);
@@ -800,17 +800,24 @@ class TemplateChatFormat:
 
         conversation, plain, prompts = rendered[-1]  # without a system message when the template takes that
         user = next(k for k, m in enumerate(conversation) if m["role"] == "user")
-        prompt, reply = prompts[user], plain[user + 1]
+        prompt = prompts[user]
         if _starts_with(prompt, plain[user]):
             self.generation_prompt = prompt[len(plain[user]):]
         else:
             self.generation_prompt = []
             self.prefix_stable = False
-        reply = reply[len(prompt):] if _starts_with(reply, prompt) else reply[len(_common_prefix(reply, prompt)):]
-        eot_at = next((k for k, i in enumerate(reply) if i in tok.special_ids), None)
+        # a reply's end is what replies with different contents end with; its first special token ends the turn
+        # (the first special token of the reply itself may open it, as gpt-oss's <|channel|> does)
+        ends = []
+        for content in ("Probe answer 1.", "Zulu"):
+            reply = plain[user + 1] if content == conversation[user + 1]["content"] else self._ids(
+                conversation[:user + 1] + [{"role": "assistant", "content": content}], False)
+            ends.append(reply[len(_common_prefix(reply, prompt)):][::-1])
+        end = _common_prefix(*ends)[::-1]
+        eot_at = next((k for k, i in enumerate(end) if i in tok.special_ids), None)
         if eot_at is not None:
-            self.eot_id = reply[eot_at]
-            self.reply_end = reply[eot_at:]
+            self.eot_id = end[eot_at]
+            self.reply_end = end[eot_at:]
         else:
             self.eot_id = tok.token_id("eos_token")
             if self.eot_id is None:
