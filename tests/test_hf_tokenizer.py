@@ -406,3 +406,16 @@ def test_eot_is_what_replies_end_with(tmp_path):
     assert tok.decode(tok.chat_format.reply_end, skip_special_tokens=False) == "<|im_end|>\n"
     ids, mask = tok.chat_format.render(TURNS[:2])
     assert masked_runs(tok, ids, mask) == ["<|endoftext|>final\nI am fine, thank you.<|im_end|>"]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3", "smollm2", "chatml-generation", "mistral"])
+def test_a_sampled_reply_closed_with_reply_end_reads_as_rendered(loaded, family):
+    """What the server stores after a turn (prompt, the sampled reply's ids, reply_end) is the rendering of the
+    conversation with that reply, so the next turn appends to it."""
+    tok, _ = loaded[family]
+    fmt = tok.chat_format
+    messages = [SYSTEM] + TURNS[:3]
+    reply = {"role": "assistant", "content": "It is sunny and warm."}
+    sampled = tok.encode((" " if family == "mistral" else "") + reply["content"])  # Mistral's replies open with a space
+    assert fmt.render_prompt(messages) + sampled + fmt.reply_end == fmt.render(messages + [reply])[0]
+    assert fmt.decode_reply(sampled + fmt.reply_end) == reply["content"]

@@ -552,6 +552,7 @@ class TemplateChatFormat:
         self.bos_id: int | None = None
         self.generation_prompt: list[int] = []
         self.reply_end: list[int] = []
+        self.reply_lead = ""
         self.prefix_stable = False
         self.markers: list[tuple[str, list[int]]] = []
         if self.has_template:
@@ -762,14 +763,16 @@ class TemplateChatFormat:
         return found
 
     def decode_reply(self, ids: Iterable[int]) -> str:
-        """The text of generated reply ids, up to (not including) the first id that ends a reply."""
+        """The text of generated reply ids, up to (not including) the first id that ends a reply, without the
+        whitespace the template writes before a reply's content (Mistral's space after [/INST])."""
         out: list[int] = []
         for i in ids:
             i = int(i)
             if i in self.reply_stop_ids:
                 break
             out.append(i)
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return text[len(self.reply_lead):] if self.reply_lead and text.startswith(self.reply_lead) else text
 
     # ------------------------------------------------------------------ probes
     def _probe(self) -> None:
@@ -814,6 +817,12 @@ class TemplateChatFormat:
                 conversation[:user + 1] + [{"role": "assistant", "content": content}], False)
             ends.append(reply[len(_common_prefix(reply, prompt)):][::-1])
         end = _common_prefix(*ends)[::-1]
+        # the whitespace the template writes before a reply's content (Mistral's and Llama 2's ' '), which a model
+        # samples as part of the reply and decode_reply leaves out
+        prompt_text = self._render_text(conversation[:user + 1], True, None)[0]
+        reply_text = self._render_text(conversation[:user + 2], False, None)[0]
+        lead = reply_text[len(prompt_text):].split(conversation[user + 1]["content"])[0]
+        self.reply_lead = lead if reply_text.startswith(prompt_text) and lead.isspace() else ""
         eot_at = next((k for k, i in enumerate(end) if i in tok.special_ids), None)
         if eot_at is not None:
             self.eot_id = end[eot_at]
