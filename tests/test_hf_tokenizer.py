@@ -17,7 +17,7 @@ from hf_tokenizers import FAMILIES, load_transformers_tokenizer, save_tiny_hf_to
 from palmchat.serve.truncation import drop_oldest_messages
 from palmchat.tokenizer.bpe import train_tokenizer
 from palmchat.tokenizer.chat_format import ChatFormat, conversation_start
-from palmchat.tokenizer.hf import HFTokenizer
+from palmchat.tokenizer.hf import HFTokenizer, is_hf_tokenizer_folder
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 TURNS = [
@@ -284,6 +284,9 @@ def test_save_load_round_trip_and_the_hash(loaded, folders, tmp_path):
     assert again.chat_format.reply_stop_ids == tok.chat_format.reply_stop_ids
     assert reference_ids(load_transformers_tokenizer(out), TURNS, True) == tok.chat_format.render_prompt(TURNS)
     assert HFTokenizer.load(out / "tokenizer.json").sha256 == tok.sha256
+    palm = tmp_path / "palm"
+    train_tokenizer(["the cat sat"], vocab_size=300).save(palm)
+    assert is_hf_tokenizer_folder(out) and not is_hf_tokenizer_folder(palm)
     # the template is part of the identity, and so are the eos ids
     (out / "chat_template.jinja").write_text(tok.chat_templates["default"].replace("Qwen", "Kwen"))
     assert HFTokenizer.load(out).sha256 != tok.sha256
