@@ -91,7 +91,6 @@ def test_tools_render_like_transformers(loaded):
         assert ids == reference_ids(ref, conversation, True, tools=[WEATHER_TOOL])
         assert '"name": "get_weather"' in tok.decode(ids)
     assert ids != tok.chat_format.render_prompt([SYSTEM] + messages)  # the tools are really in the prompt
-    _, mask = tok.chat_format.render(messages[:4], tools=[WEATHER_TOOL])
     assert masked_runs(tok, *tok.chat_format.render(messages[:4], tools=[WEATHER_TOOL])) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         "It is sunny and warm.<|im_end|>"]
