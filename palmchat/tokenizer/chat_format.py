@@ -3,7 +3,12 @@
 Everything above the tokenizer that handles chats (SFT loss masks, reward-model inputs, padding, the server's
 prompts, truncation and stop ids) goes through a ``ChatFormat`` and never through token-id constants, so that any
 tokenizer able to provide one plugs in unchanged: palmchat's BPE tokenizer here, a Hugging Face tokenizer with its
-chat template as well.  A tokenizer exposes its format as ``tokenizer.chat_format``.
+chat template in hf.py (``TemplateChatFormat``).  A tokenizer exposes its format as ``tokenizer.chat_format``.
+
+Formats differ in ways callers must respect: a format may have no bos (``bos_id`` None: start a conversation with
+:func:`conversation_start`), a turn may depend on the history before it (pass ``history`` to ``render_turn``), a
+format may not be prefix-stable (``prefix_stable`` False: render the whole conversation again at every turn), and a
+reply's turn may close with more than its end-of-turn token (``reply_end``).
 
 palmchat's format (:class:`PalmChatFormat`) has six special tokens with fixed ids::
 
@@ -28,6 +33,7 @@ from typing import Protocol, runtime_checkable
 
 __all__ = [
     "ChatFormat",
+    "conversation_start",
     "TextCodec",
     "PalmChatFormat",
     "PAD_TOKEN",
@@ -64,26 +70,28 @@ ROLES: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSI
 
 @runtime_checkable
 class ChatFormat(Protocol):
-    """What the code above the tokenizer needs to know about how a tokenizer lays out chats."""
+    """What the code above the tokenizer needs to know about how a tokenizer lays out chats.
+
+    Implemented by :class:`PalmChatFormat` and by ``palmchat.tokenizer.hf.TemplateChatFormat`` (a Hugging Face
+    tokenizer's Jinja chat template).  Formats with tools take ``tools=`` (a list of JSON-schema dicts) in
+    ``render`` and ``render_prompt``; palmchat's own format refuses them.
+    """
 
     @property
-    def bos_id(self) -> int:
-        """Opens every document (pretraining) and every rendered conversation."""
+    def bos_id(self) -> int | None:
+        """Opens every document (pretraining) and every rendered conversation; None when the format has none (a
+        ChatML template): documents and conversations then start with nothing.  :func:`conversation_start` gives
+        the ids a conversation starts with either way."""
         ...
 
     @property
     def eot_id(self) -> int:
-        """Closes every message; a reply ends with it and a reward model reads its score there."""
+        """Closes every assistant turn; a reply ends with it and a reward model reads its score there."""
         ...
 
     @property
     def pad_id(self) -> int:
         """Fills batches up to a common length; never attended to or trained on."""
-        ...
-
-    @property
-    def role_ids(self) -> Mapping[str, int]:
-        """The id that opens a message of each role ("system", "user", "assistant")."""
         ...
 
     @property
@@ -96,26 +104,48 @@ class ChatFormat(Protocol):
         """The ids that end a sampled reply (none of them is part of the reply's text)."""
         ...
 
-    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """A conversation as ``(ids, loss_mask)``: the mask is 1 on the tokens SFT trains on, 0 elsewhere."""
+    @property
+    def reply_end(self) -> list[int]:
+        """The ids that close an assistant turn, from ``eot_id`` on (ChatML's ``<|im_end|>`` and ``\\n``): what to
+        append to a generated reply cut at a stop id so that the stored turn reads as the format renders it."""
+        ...
+
+    @property
+    def prefix_stable(self) -> bool:
+        """Whether appending a message never changes the ids of the conversation before it.  When False (a
+        template that rewrites earlier turns), ``render_turn`` raises and callers render the whole conversation
+        again with ``render``/``render_prompt`` at every turn instead of appending to stored ids."""
+        ...
+
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[int]]:
+        """A conversation as ``(ids, loss_mask)``: the mask is 1 on the tokens SFT trains on (every assistant reply
+        and its end-of-turn token), 0 elsewhere."""
         ...
 
     def render_prompt(self, messages: Sequence[Mapping]) -> list[int]:
         """The ids of ``messages`` followed by the generation prompt."""
         ...
 
-    def render_turn(self, message: Mapping) -> list[int]:
-        """The ids one message adds to a rendered conversation."""
+    def render_turn(self, message: Mapping, history: Sequence[Mapping] = ()) -> list[int]:
+        """The ids ``message`` adds to the rendering of ``history`` (the messages before it; for an empty history,
+        the ids after :func:`conversation_start`).  Only for prefix-stable formats (see ``prefix_stable``)."""
         ...
 
     def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
         """(role, index) of each message that starts in a rendering ``ids``; a trailing generation prompt counts
-        as an assistant message."""
+        as an assistant message.  A format may leave out messages it cannot find (a template whose turns open with
+        no special token), never lists a position inside a message."""
         ...
 
     def decode_reply(self, ids: Iterable[int]) -> str:
         """The text of generated reply ids, up to (not including) the first end-of-turn."""
         ...
+
+
+def conversation_start(chat_format: ChatFormat) -> list[int]:
+    """The ids every rendered conversation starts with: ``[bos_id]``, or nothing for a format without bos."""
+    return [] if chat_format.bos_id is None else [chat_format.bos_id]
 
 
 class TextCodec(Protocol):
@@ -137,6 +167,7 @@ class PalmChatFormat:
     system_id = SYSTEM_ID
     user_id = USER_ID
     assistant_id = ASSISTANT_ID
+    prefix_stable = True  # each message's content is encoded on its own
 
     def __init__(self, codec: TextCodec):
         self.codec = codec
@@ -155,17 +186,25 @@ class PalmChatFormat:
         document), so that a stored conversation always keeps the shape rendered above."""
         return (EOT_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, PAD_ID)
 
-    def render_turn(self, message: Mapping, index: int = 0) -> list[int]:
-        """``[role_id] + encode(content) + [eot]`` for one message (``index`` only names it in errors)."""
-        role, content = _validate_message(message, index)
+    @property
+    def reply_end(self) -> list[int]:
+        return [EOT_ID]
+
+    def render_turn(self, message: Mapping, history: Sequence[Mapping] = ()) -> list[int]:
+        """``[role_id] + encode(content) + [eot]`` for one message, whatever the history before it (only its
+        length is used, to name the message in errors)."""
+        role, content = _validate_message(message, len(history))
         return [ROLES[role]] + self.codec.encode(content) + [EOT_ID]
 
-    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
+               tools: Sequence[Mapping] | None = None) -> tuple[list[int], list[int]]:
         """Render a conversation to ``(ids, loss_mask)``.
 
         ``loss_mask`` is 1 exactly on assistant content tokens and their closing eot, 0 elsewhere.  With
         ``add_generation_prompt`` an ``<|assistant|>`` token (mask 0) is appended as the prompt for the model's reply.
         """
+        if tools:
+            raise ValueError("tools: palmchat's own chat format has no way to describe tools")
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise ValueError(
                 f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
@@ -189,9 +228,9 @@ class PalmChatFormat:
             mask.append(0)
         return ids, mask
 
-    def render_prompt(self, messages: Sequence[Mapping]) -> list[int]:
+    def render_prompt(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[int]:
         """Ids of ``messages`` followed by the assistant generation prompt."""
-        return self.render(messages, add_generation_prompt=True)[0]
+        return self.render(messages, add_generation_prompt=True, tools=tools)[0]
 
     def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
         """(role, index) of each message that starts in ``ids`` (a rendering as above, possibly ending with the
