@@ -41,6 +41,7 @@ def _load_for_inference(path: str, dtype_setting: str):
 
 def generate_main(args: GenerateArgs) -> None:
     from palmchat.inference.engine import SamplingParams
+    from palmchat.tokenizer.chat_format import conversation_start
 
     if not args.prompt:
         raise ValueError("--prompt is required")
@@ -49,7 +50,7 @@ def generate_main(args: GenerateArgs) -> None:
     if chat:
         prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": args.prompt}])
     else:
-        prompt = [tokenizer.chat_format.bos_id] + tokenizer.encode(args.prompt)
+        prompt = conversation_start(tokenizer.chat_format) + tokenizer.encode(args.prompt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_token_ids=tokenizer.chat_format.reply_stop_ids,
                             stop_sequences=tuple(tuple(tokenizer.encode(s)) for s in args.stop))
@@ -81,13 +82,11 @@ def chat_main(args: ChatArgs) -> None:
     chat_format = tokenizer.chat_format
     context = engine.model.config.max_seq_len
 
-    def fresh(system: str) -> list[int]:
-        messages = [{"role": "system", "content": system}] if system else []
-        ids, _ = chat_format.render(messages) if messages else ([chat_format.bos_id], None)
-        return ids
+    def fresh(system: str) -> list[dict]:
+        return [{"role": "system", "content": system}] if system else []
 
     system = args.system
-    history = fresh(system)  # token ids of the whole conversation
+    messages = fresh(system)  # the conversation so far, rendered whole at every turn (any chat template works)
     print("palmchat: type a message, /reset, /system TEXT or /quit")
     while True:
         try:
@@ -101,10 +100,10 @@ def chat_main(args: ChatArgs) -> None:
             return
         if line == "/reset" or line.startswith("/system"):
             system = line[len("/system"):].strip() if line.startswith("/system") else system
-            history = fresh(system)
+            messages = fresh(system)
             print("(conversation reset)")
             continue
-        prompt = history + chat_format.render_turn({"role": "user", "content": line}) + chat_format.generation_prompt
+        prompt = chat_format.render_prompt([*messages, {"role": "user", "content": line}])
         # as the server's truncation "auto": the oldest messages go when the reply would not have room
         fitted = drop_oldest_messages(prompt, chat_format, context - min(args.max_new_tokens, context // 4),
                                       quantum=max(1, context // 8))
@@ -128,7 +127,8 @@ def chat_main(args: ChatArgs) -> None:
         except KeyboardInterrupt:
             pass
         print()
-        history = prompt + reply + [chat_format.eot_id]
+        messages += [{"role": "user", "content": line},
+                     {"role": "assistant", "content": chat_format.decode_reply(reply)}]
 
 
 @dataclass

@@ -195,7 +195,7 @@ def test_a_conversations_ids_are_used_only_under_their_tokenizer(tokenizers):
     from types import SimpleNamespace
 
     from palmchat.serve import schemas as S
-    from palmchat.serve.routes.responses import conversation_history, previous_history
+    from palmchat.serve.context import conversation_history, previous_history
 
     a, b = tokenizers
     state = SimpleNamespace(tokenizer=b, tokenizer_sha256=b.sha256)

@@ -232,7 +232,10 @@ def write_shards(documents: Iterable[str], tokenizer, out_dir, val_fraction: flo
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = int(tokenizer.vocab_size)
     dtype = shard_dtype(vocab_size)
-    bos = int(tokenizer.chat_format.bos_id)
+    bos = tokenizer.chat_format.bos_id
+    if bos is None:
+        raise ValueError("pretraining shards start each document with the tokenizer's bos token, and this tokenizer's "
+                         "chat format has none")
 
     train = _SplitWriter(out / "train.bin", dtype, keep_min=True)   # min score = most val-like
     val = _SplitWriter(out / "val.bin", dtype, keep_min=False)      # max score = most train-like

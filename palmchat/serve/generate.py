@@ -95,7 +95,7 @@ class Reply:
 
     def context_tokens(self) -> list[int]:
         """The reply as it enters a stored conversation: its released tokens, closed by end-of-turn."""
-        return self.tokens[:self.kept] + [self.tokenizer.chat_format.eot_id]
+        return self.tokens[:self.kept] + self.tokenizer.chat_format.reply_end
 
 
 class Generation:

@@ -50,6 +50,7 @@ from palmchat.losses import (
 )
 from palmchat.model.heads import ValueModel
 from palmchat.model.lora import use_adapter
+from palmchat.tokenizer.chat_format import conversation_start
 from palmchat.train.common import MetricsLog, load_policy, optimizer_step, plot_metrics, save_policy
 from palmchat.train.rollout import (
     RLArgs,
@@ -105,7 +106,8 @@ class PPOArgs(RLArgs):
 
 def pretraining_tokens(paths: list[str], tokenizer) -> torch.Tensor:
     """Every document of `paths` as [bos] + its tokens, concatenated: (N,) int64."""
-    ids = [[tokenizer.chat_format.bos_id] + doc for doc in tokenizer.encode_batch(list(read_documents(paths)))]
+    start = conversation_start(tokenizer.chat_format)
+    ids = [start + doc for doc in tokenizer.encode_batch(list(read_documents(paths)))]
     return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
 
 

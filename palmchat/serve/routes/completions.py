@@ -12,6 +12,7 @@ from palmchat.serve.generate import Generation, GenerationError, generate_replie
 from palmchat.serve.sampling import choice_counts, sampling_params, stops_of
 from palmchat.serve.state import caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
+from palmchat.tokenizer.chat_format import conversation_start
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
@@ -24,7 +25,7 @@ async def completions(body: S.CompletionRequest, request: Request):
     if len(prompts) != 1:
         raise APIError(400, "this server takes one prompt per request", param="prompt")
     text = S.clean_text(prompts[0])
-    prompt = [state.tokenizer.chat_format.bos_id] + state.tokenizer.encode(text)
+    prompt = conversation_start(state.tokenizer.chat_format) + state.tokenizer.encode(text)
     params = sampling_params(state, body, len(prompt), body.max_tokens, "max_tokens", "prompt", default_max=16)
     stops = stops_of(body.stop)
     flagged_in = await moderate_input(state, [text])

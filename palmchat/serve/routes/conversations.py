@@ -10,20 +10,23 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from palmchat.serve import schemas as S
+from palmchat.serve.context import conversation_history, new_turns
 from palmchat.serve.errors import not_found
 from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 
-def new_items(state: ServerState, messages: list[S.InputMessage]) -> list[tuple[dict, list[int]]]:
-    """Each input message as a new item, with the token ids it adds to the conversation's context."""
-    out = []
-    for m in messages:
-        text = S.text_of(m.content)
-        out.append((S.message_item(S.new_id("msg_"), m.role, text),
-                    state.tokenizer.chat_format.render_turn({"role": S.role_of(m.role), "content": text})))
-    return out
+def new_items(state: ServerState, messages: list[S.InputMessage], conversation_id: str | None = None
+              ) -> list[tuple[dict, list[int]]]:
+    """Each input message as a new item, with the token ids it adds to the conversation's context (after the
+    messages the conversation `conversation_id` already holds)."""
+    history_ids, history = ([], []) if conversation_id is None else \
+        conversation_history(state, state.store.context_items(conversation_id))
+    texts = [(m.role, S.text_of(m.content)) for m in messages]
+    _, turns = new_turns(state.tokenizer.chat_format, history_ids, history,
+                         [{"role": S.role_of(role), "content": text} for role, text in texts])
+    return [(S.message_item(S.new_id("msg_"), role, text), ids) for (role, text), ids in zip(texts, turns)]
 
 
 @router.post("/conversations")
@@ -80,7 +83,7 @@ async def list_items(conversation_id: str, request: Request, owner: str = Depend
 async def add_items(conversation_id: str, body: S.ItemsCreateRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     owned_conversation(state, owner, conversation_id)
-    items = new_items(state, body.items)
+    items = new_items(state, body.items, conversation_id)
     try:
         await asyncio.to_thread(state.store.add_items, owner, conversation_id, items, state.tokenizer_sha256)
     except KeyError:

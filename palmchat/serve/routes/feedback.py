@@ -32,9 +32,10 @@ from pydantic import Field
 from palmchat.feedback.rankings import agreement
 from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
+from palmchat.serve.context import message_of
 from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.generate import generate_replies, moderate_input
-from palmchat.serve.routes.responses import message_of, prepare_turn
+from palmchat.serve.routes.responses import prepare_turn
 from palmchat.serve.sampling import model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
 from palmchat.store import StoreError
@@ -160,7 +161,8 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
         "candidates": candidates, "created_at": time.time(),
         "params": {  # what committing the chosen candidate needs
             "model": body.model, "instructions": body.instructions, "context_digest": turn.digest,
-            "input_items": turn.input_items, "turn_tokens": turn.turn_tokens, "assistant_id": turn.prompt[-1],
+            "input_items": turn.input_items, "turn_tokens": turn.turn_tokens,
+            "generation_prompt": state.tokenizer.chat_format.generation_prompt,
             "tokenizer": state.tokenizer_sha256,  # whose ids turn_tokens and reply_tokens are
             "reply_tokens": {c["id"]: r.context_tokens() for c, r in zip(candidates, replies)},
             "status": {c["id"]: "completed" if r.finish_reason == "stop" else "incomplete"
@@ -182,7 +184,8 @@ async def rank_comparison(comparison_id: str, body: RankingRequest, request: Req
     p, best = task["params"], body.ranking[0]
     text = next(c["text"] for c in task["candidates"] if c["id"] == best)
     reply = S.message_item(best, "assistant", text, status=p["status"][best])
-    items = list(zip(p["input_items"], p["turn_tokens"])) + [(reply, [p["assistant_id"]] + p["reply_tokens"][best])]
+    opening = p["generation_prompt"] if "generation_prompt" in p else [p["assistant_id"]]  # (tasks stored before)
+    items = list(zip(p["input_items"], p["turn_tokens"])) + [(reply, opening + p["reply_tokens"][best])]
     try:
         await asyncio.to_thread(state.store.commit_comparison, owner, task, labeller_of(request, owner),
                                 body.ranking, items, p.get("tokenizer"))

@@ -42,6 +42,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from palmchat.serve import schemas as S
+from palmchat.serve.context import conversation_history, message_of, new_turns, previous_history
 from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.generate import (
     REFUSAL,
@@ -56,6 +57,7 @@ from palmchat.serve.sampling import fit_prompt, model_candidates, sampling_param
 from palmchat.serve.state import ServerState, caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
 from palmchat.store import context_digest
+from palmchat.tokenizer.chat_format import PalmChatFormat, conversation_start
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
@@ -69,15 +71,11 @@ class Turn:
     texts: list[tuple[str, str]]  # (role, text) of each input message
     turn_tokens: list[list[int]]  # each input message rendered
     input_items: list[dict]
-    prompt: list[int]  # what runs: the context, or with truncation "auto" what is left of it
+    context: list[int]  # history and input, up to and including the generation prompt that opens the reply
+    prompt: list[int]  # what runs: the context (with instructions), or with truncation "auto" what is left of it
     conversation_id: str | None
     truncation_details: dict | None = None
     digest: str = ""  # context_digest of the conversation's ids as stored (compare checks it did not change)
-
-    @property
-    def context(self) -> list[int]:
-        """The context without instructions, up to and including the <|assistant|> that opens the reply."""
-        return self.history + [t for turn in self.turn_tokens for t in turn] + [self.prompt[-1]]
 
     def messages(self, reply: str | None) -> list[dict] | None:
         """The context as text once `reply` answers this turn (None: the input was blocked and is not part of it)."""
@@ -87,45 +85,6 @@ class Turn:
             return self.history_messages
         return (self.history_messages + [{"role": S.role_of(role), "content": text} for role, text in self.texts]
                 + [{"role": "assistant", "content": reply}])
-
-
-def message_of(item: dict) -> dict:
-    """A conversation's message item as a chat message {"role", "content"}."""
-    text = "".join(part.get("text", "") for part in item.get("content", []))
-    return {"role": S.role_of(item["role"]), "content": text}
-
-
-def render_history(chat_format, messages: list[dict]) -> list[int]:
-    """bos + each message rendered: a stored context as this server's tokenizer renders it."""
-    return [chat_format.bos_id] + [t for m in messages for t in chat_format.render_turn(m)]
-
-
-def conversation_history(state: ServerState, items: list[tuple[dict, list[int], str | None]]
-                         ) -> tuple[list[int], list[dict]]:
-    """(ids, messages) of a conversation's items that are part of its token history (a blocked turn is not): each
-    item's stored ids when this server's tokenizer made them, else the item rendered again from its text."""
-    chat_format, ids, messages = state.tokenizer.chat_format, [state.tokenizer.chat_format.bos_id], []
-    for item, tokens, tokenizer in items:
-        if item.get("type") != "message" or not tokens:
-            continue
-        message = message_of(item)
-        messages.append(message)
-        ids += tokens if tokenizer == state.tokenizer_sha256 else chat_format.render_turn(message)
-    return ids, messages
-
-
-def previous_history(state: ServerState, previous: dict, response_id: str) -> tuple[list[int], list[dict] | None]:
-    """(ids, messages) of a stored response's context: its ids when this server's tokenizer made them (or when it
-    was stored before contexts named their tokenizer: then they are taken as this tokenizer's, as before), else its
-    text rendered again."""
-    if previous["tokenizer"] is None or previous["tokenizer"] == state.tokenizer_sha256:
-        return previous["context"], previous["messages"]
-    if previous["messages"] is None:
-        raise APIError(400, f"Previous response '{response_id}' continues a conversation stored by an older palmchat "
-                            f"without its text, and this server's model uses another tokenizer than the one that "
-                            f"stored it, so it cannot be continued. Send the whole conversation as `input` instead.",
-                       param="previous_response_id", code="previous_response_unusable")
-    return render_history(state.tokenizer.chat_format, previous["messages"]), previous["messages"]
 
 
 def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Turn:
@@ -148,19 +107,25 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
         history, history_messages = conversation_history(state, items)
         digest = context_digest([t for _, tokens, _ in items for t in tokens])
     else:
-        history, history_messages = [chat_format.bos_id], []
+        history, history_messages = conversation_start(chat_format), []
     messages = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     if not messages:
         raise APIError(400, "input must hold at least one message", param="input")
     texts = [(m.role, S.text_of(m.content)) for m in messages]
-    turn_tokens = [chat_format.render_turn({"role": S.role_of(role), "content": text}) for role, text in texts]
+    new_messages = [{"role": S.role_of(role), "content": text} for role, text in texts]
+    context, turn_tokens = new_turns(chat_format, history, history_messages, new_messages)
     input_items = [S.message_item(S.new_id("msg_"), role, text) for role, text in texts]
-    prompt = history + [t for turn in turn_tokens for t in turn] + chat_format.generation_prompt
+    prompt = context + chat_format.generation_prompt
     if body.instructions:
-        system = chat_format.render_turn({"role": "system", "content": S.clean_text(body.instructions)})
-        prompt = [chat_format.bos_id] + system + prompt[1:]
+        system = {"role": "system", "content": S.clean_text(body.instructions)}
+        if isinstance(chat_format, PalmChatFormat):  # its turns do not depend on what comes before them
+            start = conversation_start(chat_format)
+            prompt = start + chat_format.render_turn(system) + prompt[len(start):]
+        else:  # a template may write a default system prompt when there is none: render with this one instead
+            prompt = chat_format.render_prompt([system, *(history_messages or []), *new_messages])
     fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
-    return Turn(history, history_messages, texts, turn_tokens, input_items, fitted.prompt, conversation_id,
+    return Turn(history, history_messages, texts, turn_tokens, input_items, context + chat_format.generation_prompt,
+                fitted.prompt, conversation_id,
                 fitted.details(), digest)
 
 
@@ -169,6 +134,7 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
     state = server_state(request)
     candidates = model_candidates(state, body.model)
     turn = prepare_turn(state, owner, body)
+    chat_format = state.tokenizer.chat_format
     params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
     flagged_in = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"]
                                       + [S.clean_text(body.instructions or "")])
@@ -197,7 +163,7 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
             messages = turn.messages(None)
         else:
             context = turn.context + reply_tokens
-            reply = (final["output"][0], [turn.prompt[-1]] + reply_tokens)
+            reply = (final["output"][0], chat_format.generation_prompt + reply_tokens)
             items = list(zip(turn.input_items, turn.turn_tokens)) + [reply]
             messages = turn.messages(message_of(final["output"][0])["content"])
         try:
@@ -241,7 +207,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         item = S.message_item(item_id, "assistant", reply.text, status="incomplete")
         final = response("cancelled", [item], S.response_usage(len(turn.prompt), generation.completion_tokens,
                                                                 generation.cached_tokens))
-        items = list(zip(turn.input_items, turn.turn_tokens)) + [(item, [turn.prompt[-1]] + reply.context_tokens())]
+        items = list(zip(turn.input_items, turn.turn_tokens))
+        items.append((item, chat_format.generation_prompt + reply.context_tokens()))
         try:
             state.store.commit_turn(owner, final if body.store else None, turn.input_items,
                                     turn.context + reply.context_tokens(), turn.conversation_id, items,

@@ -1,0 +1,71 @@
+"""A conversation's token context: the ids stored with it, a new turn appended to them, or the whole of it rendered
+again from its text (under another tokenizer than the one that stored it, or with a chat template that is not
+prefix-stable)."""
+
+from __future__ import annotations
+
+from palmchat.serve import schemas as S
+from palmchat.serve.errors import APIError
+from palmchat.serve.state import ServerState
+from palmchat.tokenizer.chat_format import conversation_start
+
+
+def message_of(item: dict) -> dict:
+    """A conversation's message item as a chat message {"role", "content"}."""
+    text = "".join(part.get("text", "") for part in item.get("content", []))
+    return {"role": S.role_of(item["role"]), "content": text}
+
+
+def render_history(chat_format, messages: list[dict]) -> list[int]:
+    """A stored context as this server's tokenizer renders it from its text."""
+    return chat_format.render(messages)[0] if messages else conversation_start(chat_format)
+
+
+def conversation_history(state: ServerState, items: list[tuple[dict, list[int], str | None]]
+                         ) -> tuple[list[int], list[dict]]:
+    """(ids, messages) of a conversation's items that are part of its token history (a blocked turn is not): each
+    item's stored ids when this server's tokenizer made them, else the item rendered again from its text; with a
+    chat template that is not prefix-stable, the whole history rendered again from its text."""
+    chat_format, ids, messages = state.tokenizer.chat_format, conversation_start(state.tokenizer.chat_format), []
+    for item, tokens, tokenizer in items:
+        if item.get("type") != "message" or not tokens:
+            continue
+        message = message_of(item)
+        if chat_format.prefix_stable:
+            ids += tokens if tokenizer == state.tokenizer_sha256 else chat_format.render_turn(message, messages)
+        messages.append(message)
+    if not chat_format.prefix_stable:
+        ids = render_history(chat_format, messages)
+    return ids, messages
+
+
+def new_turns(chat_format, history: list[int], history_messages: list[dict] | None, messages: list[dict]
+              ) -> tuple[list[int], list[list[int]]]:
+    """The ids of `history` followed by `messages` (without the generation prompt), and the ids each message adds.
+    A prefix-stable format appends each message's turn to the stored ids (those of generated replies are kept as
+    sampled); any other renders the whole conversation again from its text (the prefix cache still reuses what
+    did not change), and a message's own ids are then its rendering alone."""
+    if chat_format.prefix_stable:
+        earlier, turns = list(history_messages or []), []
+        for message in messages:
+            turns.append(chat_format.render_turn(message, earlier))
+            earlier.append(message)
+        return history + [t for turn in turns for t in turn], turns
+    ids = chat_format.render((history_messages or []) + messages)[0]
+    return ids, [chat_format.render([message])[0] for message in messages]
+
+
+def previous_history(state: ServerState, previous: dict, response_id: str) -> tuple[list[int], list[dict] | None]:
+    """(ids, messages) of a stored response's context: its ids when this server's tokenizer made them (or when it
+    was stored before contexts named their tokenizer: then they are taken as this tokenizer's, as before), else its
+    text rendered again."""
+    if previous["tokenizer"] is None or previous["tokenizer"] == state.tokenizer_sha256:
+        return previous["context"], previous["messages"]
+    if previous["messages"] is None:
+        raise APIError(400, f"Previous response '{response_id}' continues a conversation stored by an older palmchat "
+                            f"without its text, and this server's model uses another tokenizer than the one that "
+                            f"stored it, so it cannot be continued. Send the whole conversation as `input` instead.",
+                       param="previous_response_id", code="previous_response_unusable")
+    return render_history(state.tokenizer.chat_format, previous["messages"]), previous["messages"]
+
+
