@@ -84,6 +84,7 @@ def assert_same_logits(model, hf_model, prompts=PROMPTS):
 def test_logits_equal_transformers_on_a_left_padded_batch(folders, variant):
     model, info = load_hf_model(folders[variant])
     assert info["family"] == VARIANTS[variant][0]
+    assert model.num_params() == model.config.num_params() == load_transformers(folders[variant]).num_parameters()
     assert_same_logits(model.eval(), load_transformers(folders[variant]))
 
 

@@ -45,6 +45,17 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "cohere": "CohereForCausalLM"}
+# what transformers assumes for a key that config.json omits, where it differs between families
+FAMILY_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "mistral": dict(max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen3": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "gpt_neox": dict(max_position_embeddings=2048, layer_norm_eps=1e-5, tie_word_embeddings=False,
+                     use_parallel_residual=True, attention_bias=True, hidden_act="gelu"),
+    "cohere": dict(max_position_embeddings=8192, layer_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+                   logit_scale=0.0625),
+}
 REFUSED_FAMILIES = {
     "gemma": "Gemma's (1 + w) norms and sqrt(dim) embedding scale are not implemented",
     "gemma2": "Gemma 2's norm offset, logit soft-capping and alternating local/global attention are not implemented",
@@ -199,7 +210,9 @@ def hf_state_dict(model_or_state_dict, family: str, cfg: ModelConfig) -> dict[st
     out = {}
     for native, t in state.items():
         if native not in names:
-            raise CheckpointError(f"{family}: palmchat tensor {native!r} has no {family} name")
+            lora = " (a LoRA layer: merge the adapter first, palmchat.model.lora.merge_lora)" if (
+                "lora" in native or ".base." in native) else ""
+            raise CheckpointError(f"{family}: palmchat tensor {native!r} has no {family} name{lora}")
         parts = names[native]
         pieces = t.split(_part_sizes(native, cfg, len(parts)), dim=0) if len(parts) > 1 else (t,)
         for name, piece in zip(parts, pieces):
@@ -214,11 +227,8 @@ def hf_state_dict(model_or_state_dict, family: str, cfg: ModelConfig) -> dict[st
 
 def _rope(hf: dict, source: str) -> dict:
     """The ModelConfig rope fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    field = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"
-    if not params:
-        params = dict(legacy)
+    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = dict(hf.get(field) or {})
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     out = dict(rope_theta=float(theta))
@@ -240,16 +250,15 @@ def _rope(hf: dict, source: str) -> dict:
 def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig:
     """A Hugging Face config.json (as a dict) -> the ModelConfig computing exactly the same model, or a
     CheckpointError naming `source` and the field that this code does not implement."""
-    hf = hf_config
-
     def refuse(field, why):
         raise CheckpointError(f"{source}: {field} {why}")
 
-    family = hf.get("model_type")
+    family = hf_config.get("model_type")
     if family in REFUSED_FAMILIES:
         refuse(f"model_type {family!r}", f"is not supported: {REFUSED_FAMILIES[family]}")
     if family not in ARCHITECTURES:
         refuse(f"model_type {family!r}", f"is not supported (supported: {', '.join(ARCHITECTURES)})")
+    hf = {**FAMILY_DEFAULTS[family], **hf_config}
     if hf.get("quantization_config"):
         refuse("quantization_config", "is set: quantized checkpoints are not supported (use unquantized weights)")
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
@@ -259,14 +268,14 @@ def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig
     fields = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                   n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
                   head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, ffn_hidden=hf["intermediate_size"],
-                  max_seq_len=hf.get("max_position_embeddings", 2048), **_rope(hf, source))
-    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+                  max_seq_len=hf["max_position_embeddings"], **_rope(hf, source))
+    act = hf.get("hidden_act", "silu")
 
     if family in ("llama", "mistral", "qwen2", "qwen3"):
         if act != "silu":
             refuse(f"hidden_act {act!r}", "is not supported for this family (supported: silu)")
-        fields.update(block="sequential", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      tie_embeddings=hf.get("tie_word_embeddings", family == "qwen2"))
+        fields.update(block="sequential", norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
+                      tie_embeddings=hf["tie_word_embeddings"])
         attention_bias = bool(hf.get("attention_bias", False))
         fields.update(qkv_bias=attention_bias, attn_out_bias=attention_bias, ffn_bias=bool(hf.get("mlp_bias", False)))
         if family in ("qwen2", "qwen3"):
@@ -279,7 +288,7 @@ def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig
         if family == "qwen3":
             fields.update(qk_norm=True)
         if family == "mistral":
-            fields.update(sliding_window=hf.get("sliding_window"))
+            fields.update(sliding_window=hf["sliding_window"])
             if hf.get("layer_types"):
                 refuse("layer_types", "is set: Mistral with per-layer attention types is not supported")
     elif family == "gpt_neox":
@@ -291,24 +300,24 @@ def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig
         rotary_dim = int(head_dim * rotary_pct)
         if rotary_dim % 2 or rotary_dim < 2:
             refuse(f"rotary_pct {rotary_pct}", f"gives an odd or empty rotary dim {rotary_dim} of head_dim {head_dim}")
-        parallel = hf.get("use_parallel_residual", True)
-        attention_bias = bool(hf.get("attention_bias", True))
+        parallel = hf["use_parallel_residual"]
+        attention_bias = bool(hf["attention_bias"])
         fields.update(n_kv_heads=n_heads, head_dim=head_dim, rotary_dim=rotary_dim,
                       block="parallel" if parallel else "sequential", parallel_norms=2 if parallel else 1,
-                      norm="layernorm", norm_bias=True, norm_eps=hf.get("layer_norm_eps", 1e-5),
+                      norm="layernorm", norm_bias=True, norm_eps=hf["layer_norm_eps"],
                       ffn="gelu" if act == "gelu" else "gelu_tanh", qkv_bias=attention_bias,
-                      attn_out_bias=attention_bias, ffn_bias=True, tie_embeddings=hf.get("tie_word_embeddings", False))
+                      attn_out_bias=attention_bias, ffn_bias=True, tie_embeddings=hf["tie_word_embeddings"])
     elif family == "cohere":
         if act != "silu":
             refuse(f"hidden_act {act!r}", "is not supported (supported: silu)")
-        if hf.get("logit_scale", 0.0625) != 1.0:
-            refuse(f"logit_scale {hf.get('logit_scale', 0.0625)}", "is not supported (only 1.0)")
+        if hf["logit_scale"] != 1.0:
+            refuse(f"logit_scale {hf['logit_scale']}", "is not supported (only 1.0)")
         if hf.get("use_qk_norm"):
             refuse("use_qk_norm", "is true: Cohere's LayerNorm q/k norms are not supported")
         if hf.get("attention_bias"):
             refuse("attention_bias", "is true: not supported for Cohere's fused parallel block")
-        fields.update(block="parallel", norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
-                      tie_embeddings=hf.get("tie_word_embeddings", True))
+        fields.update(block="parallel", norm="layernorm", norm_eps=hf["layer_norm_eps"],
+                      tie_embeddings=hf["tie_word_embeddings"])
     try:
         return ModelConfig(**fields)
     except ValueError as e:
