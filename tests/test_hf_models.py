@@ -84,6 +84,7 @@ def assert_same_logits(model, hf_model, prompts=PROMPTS):
 def test_logits_equal_transformers_on_a_left_padded_batch(folders, variant):
     model, info = load_hf_model(folders[variant])
     assert info["family"] == VARIANTS[variant][0]
+    assert info["generation_config"]["eos_token_id"] == 2  # what save_pretrained wrote
     assert model.num_params() == model.config.num_params() == load_transformers(folders[variant]).num_parameters()
     assert_same_logits(model.eval(), load_transformers(folders[variant]))
 
@@ -200,6 +201,22 @@ def test_blocks_with_features_the_c_kernel_lacks_are_not_fused(folders):
         assert fused == [variant == "llama3-rope"] * 2  # llama3 rope is only tables: the kernel takes them
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_inference_copy_decodes_every_family(folders, variant):
+    """The engine's bf16 copy (packed bias-free linears, fused blocks where allowed) runs each family, and each
+    greedy token it picks is one the fp32 model, given the same prefix, ranks within bf16 noise of its best (random
+    models have near-ties, so not necessarily the same token)."""
+    model, _ = load_hf_model(folders[variant])
+    bf16 = Engine(model.eval(), dtype=torch.bfloat16).generate(PROMPTS, SamplingParams(max_new_tokens=8,
+                                                                                       temperature=0))
+    with torch.no_grad():
+        for prompt, completion in zip(PROMPTS, bf16):
+            assert len(completion.tokens) == 8
+            logits = model(torch.tensor([prompt + completion.tokens]))[0, len(prompt) - 1 : -1]  # (8, V)
+            picked = logits.gather(-1, torch.tensor(completion.tokens)[:, None])[:, 0]
+            assert (logits.max(-1).values - picked).max() < 0.05
+
+
 def test_is_hf_model_folder(folders, tmp_path):
     assert is_hf_model_folder(folders["qwen2-tied"])
     assert not is_hf_model_folder(tmp_path)
@@ -235,6 +252,16 @@ def test_llama31_config_in_the_4x_style():
                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
     cfg = hf_model_config(hf, "config.json")
     assert (cfg.rope_type, cfg.rope_scaling, cfg.rope_theta, cfg.rope_original_max_len) == ("llama3", 8.0, 5e5, 8192)
+    assert not cfg.tie_embeddings  # transformers' default for a Llama config.json that does not say
+
+
+@pytest.mark.parametrize("window, expected", [(None, None), (4096, 4096), ("absent", 4096)])
+def test_mistral_sliding_window_may_be_null(window, expected):
+    hf = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_hidden_layers": 2, "num_key_value_heads": 2, "vocab_size": 100}
+    if window != "absent":
+        hf["sliding_window"] = window
+    assert hf_model_config(hf).sliding_window == expected
 
 
 # -- bad input: one CheckpointError naming the file and the field ------------------------------------------------

@@ -420,14 +420,31 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device) -> Transfor
 def load_hf_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
     """A Hugging Face *ForCausalLM folder -> (Transformer computing the same logits, info).
-    info: {"family": model_type, "hf_config": the config.json dict, "source": folder}."""
+    info: {"family": model_type, "hf_config": the config.json dict, "generation_config": generation_config.json
+    ({} without one; its eos_token_id is what ends a turn), "source": folder}."""
     folder = Path(folder)
     hf_config = read_hf_config(folder)
     source = str(folder / CONFIG_FILE)
     family = _family_of(hf_config, source, ("ForCausalLM",))
     cfg = hf_model_config(hf_config, source)
     state = native_state_dict(read_tensors(folder, dtype), family, cfg, source=str(folder))
-    return _build(cfg, state, device), {"family": family, "hf_config": hf_config, "source": str(folder)}
+    info = {"family": family, "hf_config": hf_config, "generation_config": read_generation_config(folder),
+            "source": str(folder)}
+    return _build(cfg, state, device), info
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict:
+    """generation_config.json of a Hugging Face folder as a dict; {} when there is none."""
+    path = Path(folder) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must be a JSON object")
+    return config
 
 
 def load_hf_reward_backbone(folder: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -582,4 +599,5 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, family: str | None
 
 __all__ = ["ARCHITECTURES", "NAME_TABLES", "export_hf", "hf_config_for", "hf_family_for", "hf_model_config",
            "hf_state_dict", "is_hf_model_folder", "load_hf_model", "load_hf_reward_backbone", "name_map",
-           "native_state_dict", "read_hf_config", "read_tensors", "weight_files"]
+           "native_state_dict", "read_generation_config", "read_hf_config", "read_tensors",
+           "weight_files"]
