@@ -317,9 +317,9 @@ def test_unsupported_config_is_refused_by_name(folders, tmp_path, changes, messa
 def test_shape_mismatch_names_the_tensor_and_both_shapes(folders, tmp_path):
     folder = copy_of(folders, "qwen2-tied", tmp_path)
     edit_config(folder, intermediate_size=48)
-    with pytest.raises(CheckpointError, match=r"shape mismatch for model.layers.0.mlp.gate_proj.weight \(64, 32\), "
-                                              r"model.layers.0.mlp.up_proj.weight \(64, 32\): palmchat's "
-                                              r"blocks.0.gate_up.weight needs \(96, 32\)"):
+    with pytest.raises(CheckpointError, match=r"qwen2-tied: shape mismatch for model.layers.0.mlp.gate_proj.weight: "
+                                              r"\(64, 32\) in the checkpoint, \(48, 32\) from config.json "
+                                              r"\(palmchat's blocks.0.gate_up.weight\)"):
         load_hf_model(folder)
 
 
@@ -364,3 +364,29 @@ def test_reward_backbone_scores_like_transformers(family, cls, tmp_path):
     with pytest.raises(CheckpointError, match="architectures 'Qwen2ForSequenceClassification' is not supported"
                                               if family == "qwen2" else "LlamaForSequenceClassification"):
         load_hf_model(tmp_path / "rm")
+
+
+# -- the model settings other families need ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rotary_dim=3), r"rotary_dim=3 must be an even integer in \[2, head_dim=16\]"),
+    (dict(ffn="relu"), r"ffn='relu' must be"),
+    (dict(norm="rmsnorm", norm_bias=True), r"norm_bias=True needs norm=\"layernorm\""),
+    (dict(qkv_bias=True), r"qkv_bias=True is not supported by the fused one-norm parallel block"),
+    (dict(block="sequential", parallel_norms=2), r"parallel_norms=2 applies to block=\"parallel\" only"),
+    (dict(sliding_window=0), r"sliding_window=0 must be a positive integer or None"),
+    (dict(rope_type="yarn"), r"rope_type='yarn' must be \"linear\" or \"llama3\""),
+])
+def test_model_config_settings_are_validated_by_name(bad, match):
+    with pytest.raises(ValueError, match=match):
+        preset("tiny", vocab_size=VOCAB, **bad)
+
+
+def test_settings_create_only_the_parameters_they_use():
+    names = set(Transformer(preset("tiny", vocab_size=VOCAB, block="sequential")).state_dict())
+    assert not any(n.endswith("bias") or "q_norm" in n for n in names)  # palmchat's own block: none of them
+    names = set(Transformer(preset("tiny", vocab_size=VOCAB, block="sequential", qkv_bias=True, qk_norm=True,
+                                   ffn="gelu")).state_dict())
+    assert {"blocks.0.qkv.bias", "blocks.0.q_norm.weight", "blocks.0.k_norm.weight", "blocks.0.ff_in.weight"} <= names
+    assert not {"blocks.0.attn_out.bias", "blocks.0.ff_out.bias", "blocks.0.gate_up.weight"} & names

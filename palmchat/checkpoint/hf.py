@@ -166,12 +166,12 @@ def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
 
 
-def _part_sizes(native: str, cfg: ModelConfig, n_parts: int) -> list[int]:
-    """Rows of each Hugging Face part of a fused palmchat tensor."""
+def _part_rows(native: str, cfg: ModelConfig, rows: int, n_parts: int) -> list[int]:
+    """Rows of each Hugging Face part of palmchat's tensor `native` (which has `rows` rows)."""
+    if n_parts == 1:
+        return [rows]
     q, kv, ff = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden
-    sizes = {"qkv": [q, kv, kv], "gate_up": [ff, ff], "in_proj": [q, kv, kv, ff, ff]}
-    module = native.split(".")[-2]
-    return sizes[module] if n_parts > 1 else [-1]
+    return {"qkv": [q, kv, kv], "gate_up": [ff, ff], "in_proj": [q, kv, kv, ff, ff]}[native.split(".")[-2]]
 
 
 def native_state_dict(hf_tensors: dict[str, torch.Tensor], family: str, cfg: ModelConfig,
@@ -181,18 +181,18 @@ def native_state_dict(hf_tensors: dict[str, torch.Tensor], family: str, cfg: Mod
     shapes = native_shapes(cfg)
     used, out = set(), {}
     for native, parts in name_map(family, cfg).items():
+        shape = shapes[native]
         tensors = []
-        for name in parts:
+        for name, rows in zip(parts, _part_rows(native, cfg, shape[0], len(parts))):
             if name not in hf_tensors:
                 raise CheckpointError(f"{source}: missing tensor {name!r} (for palmchat's {native})")
-            tensors.append(_to_native_rows(hf_tensors[name], _layout(family, name), cfg))
+            t = hf_tensors[name]
+            if t.shape != (rows, *shape[1:]):
+                raise CheckpointError(f"{source}: shape mismatch for {name}: {tuple(t.shape)} in the checkpoint, "
+                                      f"{(rows, *shape[1:])} from config.json (palmchat's {native})")
+            tensors.append(_to_native_rows(t, _layout(family, name), cfg))
             used.add(name)
-        t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-        if t.shape != shapes[native]:
-            detail = ", ".join(f"{n} {tuple(hf_tensors[n].shape)}" for n in parts)
-            raise CheckpointError(f"{source}: shape mismatch for {detail}: palmchat's {native} needs "
-                                  f"{tuple(shapes[native])} from config.json")
-        out[native] = t
+        out[native] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
     for name in sorted(set(hf_tensors) - used):
         tied_head = cfg.tie_embeddings and name in NAME_TABLES[family]["lm_head.weight"]
         if not tied_head and not IGNORED.search(name):
@@ -214,7 +214,7 @@ def hf_state_dict(model_or_state_dict, family: str, cfg: ModelConfig) -> dict[st
                 "lora" in native or ".base." in native) else ""
             raise CheckpointError(f"{family}: palmchat tensor {native!r} has no {family} name{lora}")
         parts = names[native]
-        pieces = t.split(_part_sizes(native, cfg, len(parts)), dim=0) if len(parts) > 1 else (t,)
+        pieces = t.split(_part_rows(native, cfg, t.shape[0], len(parts)), dim=0)
         for name, piece in zip(parts, pieces):
             out[name] = _to_hf_rows(piece, _layout(family, name), cfg).detach().contiguous().cpu()
     return out
