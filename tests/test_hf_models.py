@@ -334,6 +334,26 @@ def test_missing_and_unexpected_tensors_are_named(folders, tmp_path):
         load_hf_model(folder)
 
 
+def test_buffers_older_checkpoints_carry_are_skipped(folders, tmp_path):
+    """Pythia-era GPT-NeoX files hold the causal mask and rotary frequencies as tensors: recomputed, not weights."""
+    folder = copy_of(folders, "gpt_neox-parallel", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    extra = {"gpt_neox.layers.0.attention.bias": torch.ones(1, 1, 8, 8, dtype=torch.bool),
+             "gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9),
+             "gpt_neox.layers.0.attention.rotary_emb.inv_freq": torch.ones(2)}
+    save_file({**tensors, **extra}, folder / "model.safetensors")
+    model, _ = load_hf_model(folder)
+    assert_same_logits(model.eval(), load_transformers(folders["gpt_neox-parallel"]))
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast"])
+def test_gpt_neox_tanh_gelus_load_exactly(act, tmp_path):
+    folder = save_tiny_hf_model(tmp_path / act, "gpt_neox", hidden_act=act)
+    model, _ = load_hf_model(folder)
+    assert model.config.ffn == "gelu_tanh"
+    assert_same_logits(model.eval(), load_transformers(folder))
+
+
 def test_pickle_only_folder_is_refused(folders, tmp_path):
     folder = copy_of(folders, "qwen2-tied", tmp_path)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")

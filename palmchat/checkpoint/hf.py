@@ -292,8 +292,9 @@ def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig
             if hf.get("layer_types"):
                 refuse("layer_types", "is set: Mistral with per-layer attention types is not supported")
     elif family == "gpt_neox":
-        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-            refuse(f"hidden_act {act!r}", "is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh)")
+        tanh_approximations = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, three spellings
+        if act != "gelu" and act not in tanh_approximations:
+            refuse(f"hidden_act {act!r}", f"is not supported (supported: gelu, {', '.join(tanh_approximations)})")
         rope = hf.get("rope_parameters") or {}
         rotary_pct = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
         head_dim = hf["hidden_size"] // n_heads
