@@ -139,7 +139,9 @@ def test_native_model_exports_with_the_same_logits(overrides, family, tmp_path):
     """Cohere rotates interleaved pairs: the export permutes each head's q/k rows, so the logits must match."""
     model = random_native(**overrides)
     out = export_hf(model, tmp_path / "exported")
-    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and config["eos_token_id"] is None  # not the family's default id
+    assert not (out / "generation_config.json").exists()
     assert_same_logits(model, load_transformers(out))
     back, info = load_hf_model(out)  # and it comes back as the same model
     assert info["family"] == family

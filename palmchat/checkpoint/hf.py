@@ -566,13 +566,16 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, family: str | None
         raise CheckpointError(f"cannot export as {family!r} (supported: {', '.join(ARCHITECTURES)})")
     tensors = hf_state_dict(model, family, cfg)
     dtypes = {t.dtype for t in tensors.values()}
+    # special token ids are the tokenizer's: unset unless extra_config names them (a family's defaults, such as
+    # Cohere's eos 255001, would point outside this vocabulary)
+    token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     config = {**hf_config_for(cfg, family), "torch_dtype": str(next(iter(dtypes))).removeprefix("torch."),
-              **(extra_config or {})}
+              **token_ids, **(extra_config or {})}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        generation = {k: config[k] for k in token_ids if config[k] is not None}
         if generation:
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         shards, size = [{}], 0
