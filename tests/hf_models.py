@@ -28,9 +28,19 @@ TINY = {
                      use_parallel_residual=True, tie_word_embeddings=False),
     "cohere": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
                    logit_scale=1.0, tie_word_embeddings=True),
+    # one local (sliding-window) layer with its own rotary base, one global layer with linear rope scaling, and a
+    # query_pre_attn_scalar that is not head_dim
+    "gemma3_text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=24,
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 10000.0}},
+                        tie_word_embeddings=True),
 }
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "cohere": "CohereForCausalLM"}
+             "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "cohere": "CohereForCausalLM",
+             "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def tiny_hf_config(family: str, **overrides):

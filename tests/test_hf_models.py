@@ -42,6 +42,7 @@ VARIANTS = {
     "gpt_neox-parallel": ("gpt_neox", {}),  # rotary_pct 0.25, two LayerNorms
     "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False, rotary_pct=0.5)),
     "cohere": ("cohere", {}),
+    "gemma3": ("gemma3_text", {}),  # a local layer (window 4, own rotary base), a global one with linear rope
 }
 PROMPTS = [[5, 17, 99, 3, 150, 42, 8, 77, 23, 64, 11, 130], [9, 33, 71, 120, 4, 58, 96], [44, 12, 101]]
 
@@ -298,7 +299,7 @@ def test_index_naming_a_missing_shard(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="mamba"), r"config.json: model_type 'mamba' is not supported \(supported: llama, mistral"),
-    (dict(model_type="gemma2"), r"config.json: model_type 'gemma2' is not supported: Gemma 2's norm offset"),
+    (dict(model_type="gemma2"), r"config.json: model_type 'gemma2' is not supported: Gemma 2's attention and"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
      r"config.json: rope_parameters.rope_type 'yarn' is not supported \(supported: linear, llama3\)"),
     (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
@@ -412,3 +413,19 @@ def test_settings_create_only_the_parameters_they_use():
                                    ffn="gelu")).state_dict())
     assert {"blocks.0.qkv.bias", "blocks.0.q_norm.weight", "blocks.0.k_norm.weight", "blocks.0.ff_in.weight"} <= names
     assert not {"blocks.0.attn_out.bias", "blocks.0.ff_out.bias", "blocks.0.gate_up.weight"} & names
+
+
+def test_gemma3_config_in_the_4x_style():
+    """Gemma 3 4B's text config as transformers 4.x wrote it: rope_theta and rope_scaling are the global layers',
+    rope_local_base_freq the local ones', and every sixth layer is global."""
+    hf = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_hidden_layers": 12, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100,
+          "query_pre_attn_scalar": 16, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+          "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+          "sliding_window_pattern": 6, "final_logit_softcapping": None, "attn_logit_softcapping": None}
+    cfg = hf_model_config(hf)
+    assert cfg.local_layers == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.local_rope_theta) == (1e6, 8.0, 1e4)
+    assert (cfg.embed_scale, cfg.attn_scale, cfg.norm_offset) == (8.0, 0.25, 1.0)
+    with pytest.raises(CheckpointError, match="config.json: final_logit_softcapping is set: soft-capping"):
+        hf_model_config({**hf, "final_logit_softcapping": 30.0})

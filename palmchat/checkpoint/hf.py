@@ -8,9 +8,10 @@ A Hugging Face folder looks like::
       generation_config.json, tokenizer.json, ...   (the tokenizer side is palmchat/tokenizer's)
 
 Families loaded: Llama 1-3.x (incl. Llama 3.1 rope scaling), Mistral (sliding window), Qwen2/2.5, Qwen3, GPT-NeoX
-(Pythia) and Cohere. Each family's config.json maps onto `ModelConfig` fields (`hf_model_config`); anything this
-code does not compute exactly (another model_type, a rope_type such as yarn, an activation, quantization, Qwen's
-sliding-window layers, Gemma's norm offset and soft-capping, ...) is refused by name, never loaded approximately.
+(Pythia), Cohere and Gemma 3 (text). Each family's config.json maps onto `ModelConfig` fields (`hf_model_config`);
+anything this code does not compute exactly (another model_type, a rope_type such as yarn, an activation,
+quantization, Qwen's sliding-window layers, Gemma 2's soft-capping, ...) is refused by name, never loaded
+approximately.
 
 Weight names: one table per family (`NAME_TABLES`) maps each palmchat tensor to the Hugging Face tensors it is made
 of, in order; fused palmchat projections (q/k/v, gate/up, PaLM's in_proj) are their parts concatenated along the
@@ -36,7 +37,6 @@ from safetensors.torch import save_file
 
 from palmchat.checkpoint.native import CheckpointError
 from palmchat.model.config import ModelConfig
-from palmchat.model.rope import rotary_tables
 from palmchat.model.transformer import Transformer
 from palmchat.utils.atomic import atomic_folder
 
@@ -44,7 +44,8 @@ CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "mod
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "cohere": "CohereForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "cohere": "CohereForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 # what transformers assumes for a key that config.json omits, where it differs between families
 FAMILY_DEFAULTS = {
     "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False),
@@ -55,12 +56,14 @@ FAMILY_DEFAULTS = {
                      use_parallel_residual=True, attention_bias=True, hidden_act="gelu"),
     "cohere": dict(max_position_embeddings=8192, layer_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
                    logit_scale=0.0625),
+    "gemma3_text": dict(max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True, head_dim=256,
+                        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                        rope_theta=1000000.0, rope_local_base_freq=10000.0),
 }
 REFUSED_FAMILIES = {
-    "gemma": "Gemma's (1 + w) norms and sqrt(dim) embedding scale are not implemented",
-    "gemma2": "Gemma 2's norm offset, logit soft-capping and alternating local/global attention are not implemented",
-    "gemma3": "Gemma 3's norm offset, soft-capping and alternating local/global attention are not implemented",
-    "gemma3_text": "Gemma 3's norm offset, soft-capping and alternating local/global attention are not implemented",
+    "gemma": "Gemma 1 is not implemented (Gemma 3's text models, model_type gemma3_text, are)",
+    "gemma2": "Gemma 2's attention and final-logit soft-capping are not implemented",
+    "gemma3": "this is the multimodal Gemma 3; its text-only checkpoints (model_type gemma3_text) are supported",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +112,20 @@ COHERE_NAMES = {  # PaLM's parallel block: one norm, q/k/v and gate/up fused int
     "norm.weight": ("model.norm.weight",),
     "lm_head.weight": ("lm_head.weight",),
 }
+GEMMA3_NAMES = {  # Llama's names, but post_attention_layernorm is a post-norm, and the FF has a pre- and a post-norm
+    "embed.weight": ("model.embed_tokens.weight",),
+    **_LLAMA_ATTENTION,
+    "blocks.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
+    "blocks.{i}.attn_post_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+    "blocks.{i}.ff_norm.weight": ("model.layers.{i}.pre_feedforward_layernorm.weight",),
+    "blocks.{i}.gate_up.{w}": ("model.layers.{i}.mlp.gate_proj.{w}", "model.layers.{i}.mlp.up_proj.{w}"),
+    "blocks.{i}.ff_out.{w}": ("model.layers.{i}.mlp.down_proj.{w}",),
+    "blocks.{i}.ff_post_norm.weight": ("model.layers.{i}.post_feedforward_layernorm.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "lm_head.weight": ("lm_head.weight",),
+}
 NAME_TABLES = {"llama": LLAMA_NAMES, "mistral": LLAMA_NAMES, "qwen2": LLAMA_NAMES, "qwen3": LLAMA_NAMES,
-               "gpt_neox": GPT_NEOX_NAMES, "cohere": COHERE_NAMES}
+               "gpt_neox": GPT_NEOX_NAMES, "cohere": COHERE_NAMES, "gemma3_text": GEMMA3_NAMES}
 
 # Hugging Face tensors whose rows are in another order than palmchat's (see the module docstring)
 LAYOUTS = {
@@ -247,6 +262,46 @@ def _rope(hf: dict, source: str) -> dict:
     raise CheckpointError(f"{source}: {field}.rope_type {rope_type!r} is not supported (supported: linear, llama3)")
 
 
+def _gemma3(hf: dict, source: str) -> dict:
+    """Gemma 3 (text): offset RMSNorms before and after each sublayer, q/k norms, GeGLU, embeddings scaled by
+    sqrt(dim), a query_pre_attn_scalar, and local sliding-window layers with their own rotary base."""
+    def refuse(field, why):
+        raise CheckpointError(f"{source}: {field} {why}")
+
+    act = hf["hidden_activation"]
+    if act != "gelu_pytorch_tanh":
+        refuse(f"hidden_activation {act!r}", "is not supported (supported: gelu_pytorch_tanh)")
+    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(field) is not None:
+            refuse(field, "is set: soft-capping is not supported")
+    if hf.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention", "is true: only causal attention is supported")
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
+        for i in range(hf["num_hidden_layers"])]
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown or len(layer_types) != hf["num_hidden_layers"]:
+        refuse("layer_types", f"must name sliding_attention or full_attention for each of the "
+                              f"{hf['num_hidden_layers']} layers")
+    rope = hf.get("rope_parameters") or {}
+    if "full_attention" in rope:  # transformers 5: one rope_parameters per layer type
+        global_rope = _rope({"rope_parameters": rope["full_attention"]}, source)
+        local_rope = _rope({"rope_parameters": rope.get("sliding_attention") or {}}, source)
+        local_theta = rope.get("sliding_attention", {}).get("rope_theta", hf["rope_local_base_freq"])
+    else:  # 4.x: rope_theta and rope_scaling are the global layers', rope_local_base_freq the local ones'
+        global_rope = _rope(hf, source)
+        local_rope, local_theta = {}, hf["rope_local_base_freq"]
+    if set(local_rope) - {"rope_theta"}:
+        refuse("rope_parameters.sliding_attention", "must be the default rope (no scaling)")
+    attention_bias = bool(hf.get("attention_bias", False))
+    return dict(block="sequential", norm="rmsnorm", norm_eps=hf["rms_norm_eps"], norm_offset=1.0, post_norms=True,
+                qk_norm=True, ffn="geglu_tanh", embed_scale=hf["hidden_size"] ** 0.5,
+                attn_scale=hf["query_pre_attn_scalar"] ** -0.5, sliding_window=hf["sliding_window"],
+                local_layers=[i for i, t in enumerate(layer_types) if t == "sliding_attention"],
+                local_rope_theta=float(local_theta), qkv_bias=attention_bias, attn_out_bias=attention_bias,
+                tie_embeddings=hf["tie_word_embeddings"], **global_rope)
+
+
 def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig:
     """A Hugging Face config.json (as a dict) -> the ModelConfig computing exactly the same model, or a
     CheckpointError naming `source` and the field that this code does not implement."""
@@ -319,6 +374,8 @@ def hf_model_config(hf_config: dict, source: str = "config.json") -> ModelConfig
             refuse("attention_bias", "is true: not supported for Cohere's fused parallel block")
         fields.update(block="parallel", norm="layernorm", norm_eps=hf["layer_norm_eps"],
                       tie_embeddings=hf["tie_word_embeddings"])
+    elif family == "gemma3_text":
+        fields.update(_gemma3(hf, source))
     try:
         return ModelConfig(**fields)
     except ValueError as e:
@@ -413,8 +470,8 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device) -> Transfor
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict(state, assign=True, strict=True)
-    # the rotary tables are buffers computed from the config, not weights: build them for real
-    model.rope_cos, model.rope_sin = rotary_tables(cfg, cfg.max_seq_len)
+    with torch.device("cpu"):
+        model.build_rope_tables()
     return model.to(device)
 
 
@@ -483,6 +540,16 @@ def hf_family_for(cfg: ModelConfig) -> str:
     """The Hugging Face family that computes exactly what a model with `cfg` computes, or a CheckpointError
     saying why none does."""
     full_rotary = cfg.rotary_dim == cfg.head_dim
+    gemma = (cfg.norm_offset, cfg.post_norms, cfg.embed_scale, cfg.attn_scale, cfg.local_layers,
+             cfg.local_rope_theta) != (0.0, False, 1.0, None, None, None)
+    if gemma:
+        if (cfg.block == "sequential" and cfg.norm == "rmsnorm" and cfg.norm_offset == 1.0 and cfg.post_norms
+                and cfg.qk_norm and cfg.ffn == "geglu_tanh" and cfg.embed_scale == cfg.dim ** 0.5 and full_rotary
+                and cfg.sliding_window is not None and cfg.qkv_bias == cfg.attn_out_bias and not cfg.ffn_bias):
+            return "gemma3_text"
+        raise CheckpointError("Gemma's settings (norm_offset, post_norms, embed_scale, attn_scale, local layers) "
+                              "export only as Gemma 3, which needs them all: offset 1 RMSNorms, post-norms, q/k "
+                              "norms, GeGLU, embed_scale sqrt(dim), a sliding window, full rotary, no MLP biases")
     if cfg.block == "parallel" and cfg.parallel_norms == 1:
         if cfg.ffn == "swiglu" and cfg.norm == "layernorm" and not cfg.qk_norm and cfg.sliding_window is None \
                 and full_rotary:
@@ -544,6 +611,17 @@ def hf_config_for(cfg: ModelConfig, family: str) -> dict:
         return {**common, "layer_norm_eps": cfg.norm_eps, "logit_scale": 1.0, "use_qk_norm": False,
                 "attention_bias": False}
     common.update(rms_norm_eps=cfg.norm_eps)
+    if family == "gemma3_text":
+        scalar = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+        if abs(scalar - round(scalar)) > 1e-6:
+            raise CheckpointError(f"gemma3_text: attn_scale {cfg.attn_scale} is not query_pre_attn_scalar ** -0.5 "
+                                  f"for an integer query_pre_attn_scalar")
+        local = range(cfg.n_layers) if cfg.local_layers is None else cfg.local_layers
+        del common["hidden_act"]
+        return {**common, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": round(scalar),
+                "sliding_window": cfg.sliding_window, "rope_local_base_freq": cfg.local_rope_theta or cfg.rope_theta,
+                "layer_types": ["sliding_attention" if i in local else "full_attention" for i in range(cfg.n_layers)],
+                "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": cfg.qkv_bias}
     if family == "llama":
         return {**common, "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.ffn_bias}
     if family == "mistral":

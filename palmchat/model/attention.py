@@ -4,9 +4,11 @@ GPUs; with a KV cache, a padding mask or a sliding window shorter than the seque
 Multi-query attention: Shazeer 2019, https://arxiv.org/abs/1911.02150; grouped-query attention: Ainslie et al.
 2023, https://arxiv.org/abs/2305.13245.
 Sliding-window attention (Mistral; Beltagy et al. 2020, https://arxiv.org/abs/2004.05150): a query at position p
-sees the keys at positions p - window + 1 .. p. Shapes as in transformer.py."""
+sees the keys at positions p - window + 1 .. p (in Gemma 3 only in its local layers). Shapes as in transformer.py."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,9 @@ def attention(q, k, v, config: ModelConfig, positions, cache, layer: int, paddin
     """q: (B, H, T, D); k, v: (B, Hkv, T, D) -> (B, T, H*D)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    window = config.sliding_window
+    window = config.sliding_window if config.is_local(layer) else None
+    if config.attn_scale is not None:  # every kernel below scales by D^-0.5: fold the difference into q (Gemma)
+        q = q * (config.attn_scale * math.sqrt(D))
     if cache is None and padding_mask is None and (window is None or window >= T):
         # training path: a fused or blocked causal kernel, no (T, T) matrix in memory
         if q.device.type == "cpu":

@@ -2,7 +2,7 @@
 layout of GPT-NeoX and Hugging Face's Llama, so such checkpoints load without permuting; linear scaling is position
 interpolation (Chen et al. 2023, https://arxiv.org/abs/2306.15595); "llama3" is Llama 3.1's frequency-dependent
 scaling (Hugging Face's `_compute_llama3_parameters`); `rotary_dim` < head_dim rotates only the first dims of each
-head (GPT-NeoX's rotary_pct). Shapes as in transformer.py."""
+head (GPT-NeoX's rotary_pct); Gemma 3's local layers have tables of their own. Shapes as in transformer.py."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import torch
 from palmchat.model.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """(rotary_dim / 2,) float64 angle per position of each rotated pair: theta^(-i / (rotary_dim / 2))."""
+def inverse_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """(rotary_dim / 2,) float64 angle per position of each rotated pair: theta^(-i / (rotary_dim / 2)).
+    local: the tables of Gemma 3's sliding-window layers, with their own base and no scaling."""
     half = config.rotary_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
-    if config.rope_type == "llama3":
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(half, dtype=torch.float64) / half))
+    if config.rope_type == "llama3" and not local:
         # Llama 3.1: long wavelengths (low frequencies) are slowed by `rope_scaling`, short ones kept, and the band
         # between the two cut-offs interpolated smoothly
         factor, low, high = config.rope_scaling, config.rope_low_freq_factor, config.rope_high_freq_factor
@@ -30,13 +32,13 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotary_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(config: ModelConfig, length: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The (length, rotary_dim) tables apply_rotary takes: [cos, cos] and [-sin, sin] of each position's angles.
-    Built full width once, so that a decode step only indexes them."""
+    Built full width once, so that a decode step only indexes them. local: see inverse_frequencies."""
     positions = torch.arange(length, dtype=torch.float64)
-    if config.rope_type == "linear":
+    if config.rope_type == "linear" and not local:
         positions = positions / config.rope_scaling
-    angles = torch.outer(positions, inverse_frequencies(config))  # (length, rotary_dim / 2)
+    angles = torch.outer(positions, inverse_frequencies(config, local))  # (length, rotary_dim / 2)
     cos, sin = angles.cos().float(), angles.sin().float()
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
