@@ -53,8 +53,16 @@ class FusedBlock(nn.Module):
 
     @staticmethod
     def fusable(block: nn.Module) -> bool:
-        """Every weight of the block is in bf16 and every linear has a plain weight for the kernel."""
+        """The block is one the kernel implements (palmchat's own blocks: no biases, SwiGLU, full rotary, no q/k
+        norms, no sliding window, no two-norm parallel wiring, none of Gemma's norms or scales), every weight of it
+        is in bf16 and every linear has a plain weight for the kernel. Any other block runs its PyTorch forward,
+        with the same numerics."""
         if not isinstance(block, (ParallelBlock, SequentialBlock)) or bf16_kernel() is None:
+            return False
+        c = block.config
+        if (c.ffn != "swiglu" or c.qkv_bias or c.attn_out_bias or c.ffn_bias or c.norm_bias or c.qk_norm
+                or c.rotary_dim != c.head_dim or c.sliding_window is not None or c.norm_offset or c.post_norms
+                or c.attn_scale is not None or (isinstance(block, SequentialBlock) and block.parallel)):
             return False
         sequential = isinstance(block, SequentialBlock)
         linears = (block.qkv, block.gate_up) if sequential else (block.in_proj,)
