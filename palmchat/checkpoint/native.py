@@ -165,9 +165,11 @@ def read_config(ckpt: str | os.PathLike) -> dict:
     {"model": ModelConfig, "stage": "hf", "hf": {"family": ..., ...}}."""
     ckpt = resolve(ckpt)
     if is_hf_model_folder(ckpt):
-        from palmchat.checkpoint.hf import read_hf_config
+        from palmchat.checkpoint.hf import hf_model_config, read_hf_config
 
-        return read_hf_config(ckpt)
+        hf_config = read_hf_config(ckpt)
+        model = hf_model_config(hf_config, str(ckpt / CONFIG_FILE))
+        return {"model": model.to_dict(), "stage": "hf", "hf": {"family": hf_config.get("model_type")}}
     try:
         config = json.loads((ckpt / CONFIG_FILE).read_text())
         ModelConfig.from_dict(config["model"])
