@@ -157,6 +157,16 @@ def test_a_model_no_family_represents_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "exported").exists()
 
 
+def test_export_as_a_family_that_differs_is_refused(folders, tmp_path):
+    model, _ = load_hf_model(folders["qwen2-tied"])  # biases on q, k, v only: Llama's attention_bias means o too
+    with pytest.raises(CheckpointError, match=r"cannot export as llama: its config.json cannot say "
+                                              r"attn_out_bias=False \(as llama: True\)"):
+        export_hf(model, tmp_path / "exported", family="llama")
+    model, _ = load_hf_model(folders["mistral-window-4"])
+    with pytest.raises(CheckpointError, match=r"sliding_window=4 \(as llama: None\)"):
+        export_hf(model, tmp_path / "exported", family="llama")
+
+
 def test_name_tables_split_what_they_fuse():
     model = random_native(block="sequential", norm="rmsnorm", n_kv_heads=2)
     hf = hf_state_dict(model, "llama", model.config)
