@@ -38,9 +38,6 @@ TINY = {
                                                             "rope_theta": 10000.0}},
                         tie_word_embeddings=True),
 }
-CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "cohere": "CohereForCausalLM",
-             "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def tiny_hf_config(family: str, **overrides):
@@ -71,11 +68,10 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers *ForCausalLM (fp32, eval mode, eager attention)."""
-    import transformers
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_hf_config(family, **overrides)
-    model = getattr(transformers, CAUSAL_LM[family])._from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides), attn_implementation="eager")
     return randomize(model, seed).eval()
 
 
@@ -91,4 +87,4 @@ def save_tiny_hf_model(folder, family: str = "qwen2", seed: int = 0, dtype: torc
     return Path(folder)
 
 
-__all__ = ["CAUSAL_LM", "TINY", "VOCAB", "randomize", "save_tiny_hf_model", "tiny_hf_config", "tiny_hf_model"]
+__all__ = ["TINY", "VOCAB", "randomize", "save_tiny_hf_model", "tiny_hf_config", "tiny_hf_model"]

@@ -157,6 +157,16 @@ def test_a_model_no_family_represents_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "exported").exists()
 
 
+def test_export_as_a_family_that_differs_is_refused(folders, tmp_path):
+    model, _ = load_hf_model(folders["qwen2-tied"])  # biases on q, k, v only: Llama's attention_bias means o too
+    with pytest.raises(CheckpointError, match=r"cannot export as llama: its config.json cannot say "
+                                              r"attn_out_bias=False \(as llama: True\)"):
+        export_hf(model, tmp_path / "exported", family="llama")
+    model, _ = load_hf_model(folders["mistral-window-4"])
+    with pytest.raises(CheckpointError, match=r"sliding_window=4 \(as llama: None\)"):
+        export_hf(model, tmp_path / "exported", family="llama")
+
+
 def test_name_tables_split_what_they_fuse():
     model = random_native(block="sequential", norm="rmsnorm", n_kv_heads=2)
     hf = hf_state_dict(model, "llama", model.config)
@@ -368,14 +378,14 @@ def test_pickle_only_folder_is_refused(folders, tmp_path):
 # -- sequence-classification checkpoints as reward models ------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, cls", [("llama", "LlamaForSequenceClassification"),
-                                         ("qwen2", "Qwen2ForSequenceClassification")])
-def test_reward_backbone_scores_like_transformers(family, cls, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reward_backbone_scores_like_transformers(family, tmp_path):
     from hf_models import tiny_hf_config
 
     torch.manual_seed(0)
     config = tiny_hf_config(family, num_labels=1)
-    hf_model = randomize(getattr(transformers, cls)._from_config(config, attn_implementation="eager")).eval()
+    hf_model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    hf_model = randomize(hf_model).eval()
     hf_model.save_pretrained(tmp_path / "rm")
     backbone, score, info = load_hf_reward_backbone(tmp_path / "rm")
     assert info["family"] == family and score.shape == (1, config.hidden_size)
@@ -384,8 +394,8 @@ def test_reward_backbone_scores_like_transformers(family, cls, tmp_path):
         ours = backbone.eval().hidden_states(ids)[:, -1] @ score.T  # (1, 1): the last token's score
         theirs = hf_model(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    with pytest.raises(CheckpointError, match="architectures 'Qwen2ForSequenceClassification' is not supported"
-                                              if family == "qwen2" else "LlamaForSequenceClassification"):
+    with pytest.raises(CheckpointError, match=r"architectures '\w+ForSequenceClassification' is not supported here "
+                                              r"\(expected a ForCausalLM"):
         load_hf_model(tmp_path / "rm")
 
 

@@ -26,6 +26,7 @@ tensors assigned to it, so a bf16 checkpoint never has an fp32 copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -649,6 +650,13 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, family: str | None
     token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     config = {**hf_config_for(cfg, family), "torch_dtype": str(next(iter(dtypes))).removeprefix("torch."),
               **token_ids, **(extra_config or {})}
+    # the export is exact only if reading its config.json back gives this very model
+    described = hf_model_config(config, f"{family} export")
+    differ = [f"{f.name}={getattr(cfg, f.name)!r} (as {family}: {getattr(described, f.name)!r})"
+              for f in dataclasses.fields(ModelConfig) if f.name != "init_std"
+              and getattr(described, f.name) != getattr(cfg, f.name)]
+    if differ:
+        raise CheckpointError(f"cannot export as {family}: its config.json cannot say {', '.join(differ)}")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out_dir) as tmp:
