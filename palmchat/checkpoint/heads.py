@@ -65,6 +65,8 @@ def _reward_eot_id(ckpt: Path, config: dict, eot_id: int | None) -> int:
 def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: int | None = None,
           tokenizer=None):
     ckpt = checkpoint.resolve(path)
+    if checkpoint.is_hf_model_folder(ckpt):
+        return _load_hf(cls, ckpt, what, device, dtype, eot_id, tokenizer)
     if not (ckpt / HEAD_FILE).is_file():
         raise checkpoint.CheckpointError(f"{ckpt} is not a {what} checkpoint (no {HEAD_FILE})")
     config = checkpoint.read_config(ckpt)
@@ -88,6 +90,25 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: 
     model.head.load_state_dict(tensors)
     model.to(device=device, dtype=dtype)
     return model, config
+
+
+def _load_hf(cls, ckpt: Path, what: str, device, dtype, eot_id: int | None, tokenizer):
+    """A Hugging Face *ForSequenceClassification folder as a reward or value model: its backbone, and its score
+    head (no bias) as ours with a zero bias. It scores where palmchat's reward models do: at the reply's
+    end-of-turn token."""
+    from palmchat.checkpoint.hf import load_hf_reward_backbone
+
+    if tokenizer is not None:
+        checkpoint.check_tokenizer(ckpt, tokenizer, what=what)
+    if cls is RewardModel and eot_id is None:
+        eot_id = checkpoint.load_tokenizer(ckpt).chat_format.eot_id
+    backbone, score, info = load_hf_reward_backbone(ckpt)
+    model = cls(backbone, *((eot_id,) if cls is RewardModel else ()))
+    with torch.no_grad():
+        model.head.weight.copy_(score)
+        model.head.bias.zero_()
+    model.to(device=device, dtype=dtype)
+    return model, {**checkpoint.read_config(ckpt), "head": model.kind, "hf": {"family": info["family"]}}
 
 
 def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu",

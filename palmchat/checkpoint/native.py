@@ -143,6 +143,10 @@ def resolve(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path / 'latest'} names {target.name}, which has no {MODEL_FILE}")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / CONFIG_FILE).is_file():  # a Hugging Face folder without safetensors: weight_files says what is wrong
+        from palmchat.checkpoint.hf import weight_files
+
+        weight_files(path)
     raise CheckpointError(f"{path} is not a checkpoint folder (no {MODEL_FILE} and no 'latest' file)")
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from palmchat.utils.atomic import atomic_path
 
 ADAPTER_FILE = "adapter.safetensors"
-DEFAULT_TARGETS = ("in_proj", "qkv", "attn_out", "gate_up", "ff_out")
+DEFAULT_TARGETS = ("in_proj", "qkv", "attn_out", "gate_up", "ff_in", "ff_out")
 
 
 class AdapterError(ValueError):
@@ -60,7 +60,7 @@ def _check_name(name: str) -> None:
 
 
 class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` (self.base, no bias) plus named low-rank adapters.
+    """A frozen `nn.Linear` (self.base, with its bias if it has one) plus named low-rank adapters.
 
     forward(x) = base(x) + delta, where delta is
       - scale[n] * B[n] @ A[n] x      when one adapter n is active for the whole batch,
@@ -70,8 +70,6 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear):
         super().__init__()
-        if base.bias is not None:
-            raise AdapterError("LoRALinear wraps linear layers without bias (the Transformer has none)")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.ParameterDict()  # name -> (r, I)
@@ -369,6 +367,8 @@ def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name in m.lora_A:
             w = (w.float() + m.delta_weight(name).detach()).to(w.dtype)
         out[prefix + "weight"] = w
+        if prefix + "base.bias" in out:
+            out[prefix + "bias"] = out.pop(prefix + "base.bias")
     return out
 
 
