@@ -191,7 +191,8 @@ def export_hf_main(args: ExportHFArgs) -> None:
     if not args.out:
         raise ValueError("--out is required")
     model, config, ckpt = checkpoint.load_model(args.checkpoint, merge=True)
-    out = export_hf(model, args.out, tokenizer_folder=ckpt, family=config.get("hf", {}).get("family"))
+    out = export_hf(model, args.out, family=config.get("hf", {}).get("family"),
+                    tokenizer=checkpoint.load_tokenizer(ckpt))
     print(f"exported: {out}")
 
 

@@ -633,13 +633,20 @@ def hf_config_for(cfg: ModelConfig, family: str) -> dict:
 
 
 def export_hf(model: Transformer, out_dir: str | os.PathLike, family: str | None = None,
-              extra_config: dict | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+              extra_config: dict | None = None, max_shard_bytes: int = 4 << 30, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face folder that AutoModelForCausalLM.from_pretrained loads with the same
     logits: config.json, model.safetensors (or shards + index above max_shard_bytes) and, when extra_config
     names eos_token_id / bos_token_id, generation_config.json. family: the model's own (from load_hf_model's
     info) or None for the one hf_family_for picks (a native sequential model: llama; a native PaLM block: cohere).
+    tokenizer: written beside the weights (its save_pretrained: files AutoTokenizer reads, chat template included),
+    and its bos, end-of-turn and pad ids fill in what extra_config does not give.
     Written atomically: a crash leaves no half folder."""
     cfg = model.config
+    if tokenizer is not None:
+        chat_format = tokenizer.chat_format
+        extra_config = {"bos_token_id": chat_format.bos_id, "pad_token_id": chat_format.pad_id,
+                        "eos_token_id": list(chat_format.reply_stop_ids),  # every id that ends a reply
+                        **(extra_config or {})}
     family = family or hf_family_for(cfg)
     if family not in ARCHITECTURES:
         raise CheckpointError(f"cannot export as {family!r} (supported: {', '.join(ARCHITECTURES)})")
@@ -660,8 +667,12 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, family: str | None
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out_dir) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         generation = {k: config[k] for k in token_ids if config[k] is not None}
+        if generation and (tmp / GENERATION_CONFIG_FILE).is_file():  # the tokenizer's: keep its other settings
+            generation = {**json.loads((tmp / GENERATION_CONFIG_FILE).read_text(encoding="utf-8")), **generation}
         if generation:
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         shards, size = [{}], 0

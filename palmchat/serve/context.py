@@ -51,6 +51,8 @@ def new_turns(chat_format, history: list[int], history_messages: list[dict] | No
             turns.append(chat_format.render_turn(message, earlier))
             earlier.append(message)
         return history + [t for turn in turns for t in turn], turns
+    if not messages:
+        return history, []
     ids = chat_format.render((history_messages or []) + messages)[0]
     return ids, [chat_format.render([message])[0] for message in messages]
 

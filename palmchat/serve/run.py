@@ -122,6 +122,10 @@ def main(args: ServeArgs) -> None:
         ) if x)
         print(f"palmchat serve: model '{state.model_id}' at http://{host}:{args.port}/v1 ({extras}; db {args.db}). "
               f"Ctrl-C stops.", flush=True)
+        if not state.tokenizer.chat_format.prefix_stable:
+            print("palmchat serve: the chat template rewrites earlier turns (it is not prefix-stable): every turn of "
+                  "a stored conversation is rendered again from its text, and the prefix cache reuses only what "
+                  "did not change", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
     finally:
         store.close()

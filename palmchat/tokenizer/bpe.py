@@ -15,6 +15,7 @@ This module deliberately does not import torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,15 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from palmchat.tokenizer.chat_format import NUM_SPECIAL_TOKENS, SPECIAL_TOKENS, PalmChatFormat
+from palmchat.tokenizer.chat_format import (
+    BOS_TOKEN,
+    EOT_TOKEN,
+    NUM_SPECIAL_TOKENS,
+    PAD_TOKEN,
+    PALMCHAT_CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    PalmChatFormat,
+)
 from palmchat.utils.atomic import atomic_write
 
 __all__ = [
@@ -130,6 +139,18 @@ class Tokenizer:
         atomic_write(p, self._tok.to_str(pretty=True))
         self.path = str(p)
         return str(p)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write ``folder`` as a Hugging Face tokenizer folder that ``transformers.AutoTokenizer`` reads, its chat
+        template rendering palmchat's format (the same ids as ``chat_format.render``); returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / TOKENIZER_FILENAME, self._tok.to_str(pretty=True))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOT_TOKEN,
+                  "pad_token": PAD_TOKEN, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+                  "chat_template": PALMCHAT_CHAT_TEMPLATE}
+        atomic_write(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return str(folder)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

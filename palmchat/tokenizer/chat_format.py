@@ -51,6 +51,7 @@ __all__ = [
     "ASSISTANT_ID",
     "EOT_ID",
     "ROLES",
+    "PALMCHAT_CHAT_TEMPLATE",
 ]
 
 PAD_TOKEN = "<|pad|>"
@@ -66,6 +67,23 @@ PAD_ID, BOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, EOT_ID = range(len(SPECIAL_TOK
 NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
 
 ROLES: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
+
+# palmchat's format as a Jinja chat template, for the tools that render chats with one (transformers'
+# apply_chat_template, llama.cpp, Ollama): bos, then per message <|role|>content<|end|>, then <|assistant|> to ask
+# for a reply. The rendered text is tokenized with special tokens parsed, which splits it at the specials exactly
+# where PalmChatFormat encodes each message's content on its own, so both give the same ids.
+_ROLE_TOKENS = ", ".join(f"'{role}': '{SPECIAL_TOKENS[i]}'" for role, i in ROLES.items())
+PALMCHAT_CHAT_TEMPLATE = (
+    "{%- set role_tokens = {" + _ROLE_TOKENS + "} -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in role_tokens -%}"
+    "{{- raise_exception('palmchat chats have system, user and assistant messages only, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- role_tokens[message['role']] + message['content'] + '" + EOT_TOKEN + "' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}"
+)
 
 
 @runtime_checkable

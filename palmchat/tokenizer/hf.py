@@ -341,6 +341,8 @@ class HFTokenizer:
         self.path = str(folder)
         return str(folder)
 
+    save_pretrained = save  # the name palmchat's own Tokenizer writes a Hugging Face folder under
+
     @classmethod
     def load(cls, folder: str | os.PathLike, template_variables: Mapping | None = None) -> HFTokenizer:
         """Read a Hugging Face tokenizer folder (a path to its tokenizer.json means its folder);

@@ -20,6 +20,8 @@ async def health(request: Request):
     return {"status": "ok", "model": state.model_id, "reward_model": state.reward_model_path or None,
             "limits": {"max_request_bytes": state.max_request_bytes, "max_output_tokens": state.max_tokens_limit,
                        "context_tokens": state.context},
+            # false: the chat template rewrites earlier turns, so every turn renders the conversation again
+            "prefix_stable": state.tokenizer.chat_format.prefix_stable,
             **state.scheduler.stats()}
 
 

@@ -1,0 +1,229 @@
+"""Bring your own model, as a user does it: a Hugging Face folder (a tiny Qwen2 built with transformers beside a
+ChatML tokenizer with Qwen2.5's template) through the commands: generate, import-hf, a repo id from the local cache,
+LoRA SFT then DPO, serving with the official openai client, export-hf back to transformers, and a Hugging Face
+sequence-classification reward model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from hf_models import save_tiny_hf_model, tiny_hf_model
+from hf_tokenizers import save_tiny_hf_tokenizer
+from server_fixtures import Server, palmchat
+
+from palmchat import checkpoint
+from palmchat.cli import main as cli
+from palmchat.utils.jsonl import read_jsonl
+
+VOCAB = 700  # above the tiny tokenizer's ~620 ids
+PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "What is the weather like in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "tiny-qwen"
+    # seed 1: a random model whose greedy reply is not one token repeated
+    save_tiny_hf_model(folder, "qwen2", seed=1, vocab_size=VOCAB, max_position_embeddings=512)
+    save_tiny_hf_tokenizer(folder, "qwen2.5")  # after the model: it merges its eos ids into generation_config.json
+    return folder
+
+
+def transformers_greedy(folder, messages, max_new_tokens: int) -> str:
+    """The reply transformers' own generate gives for `messages` rendered by transformers' own chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_on_a_hugging_face_folder_matches_transformers(qwen, capsys):
+    assert cli(["generate", str(qwen), "--prompt", PROMPT[1]["content"], "--temperature", "0",
+                "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+    ours = capsys.readouterr().out.rstrip("\n")
+    theirs = transformers_greedy(qwen, PROMPT[1:], 12)
+    assert theirs.strip() and ours == theirs
+
+
+def test_import_hf_gives_a_native_checkpoint_with_the_same_logits(qwen, tmp_path):
+    assert cli(["import-hf", str(qwen), "--out", str(tmp_path / "native")]) == 0
+    native = checkpoint.resolve(tmp_path / "native")
+    assert (native / "model.safetensors").is_file() and (native / "tokenizer_config.json").is_file()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    a, _, _ = checkpoint.load_model(qwen)
+    b, config, _ = checkpoint.load_model(native)
+    torch.testing.assert_close(b(ids), a(ids), rtol=0, atol=1e-5)
+    assert config["hf"]["family"] == "qwen2"
+    assert checkpoint.load_tokenizer(native).sha256 == checkpoint.load_tokenizer(qwen).sha256
+
+
+def test_a_repo_id_resolves_through_the_local_cache(qwen, tmp_path, monkeypatch):
+    """The real huggingface_hub cache layout (models--org--name/snapshots/REV, refs/main naming REV), read by
+    `palmchat generate` in its own process; a repo id that is not there is one clear error."""
+    repo = tmp_path / "hub" / "models--acme--tiny-qwen"
+    shutil.copytree(qwen, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = palmchat("generate", "acme/tiny-qwen", "--prompt", PROMPT[1]["content"], "--temperature", "0",
+                   "--max-new-tokens", "12", "--dtype", "fp32")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip("\n") == transformers_greedy(qwen, PROMPT[1:], 12)
+    missing = palmchat("generate", "acme/not-downloaded", "--prompt", "hi")
+    assert missing.returncode == 2
+    assert "acme/not-downloaded" in missing.stderr and "hf download" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def aligned(qwen, tmp_path_factory):
+    """LoRA SFT on the imported model, then LoRA DPO on the SFT checkpoint, as the README shows."""
+    from palmchat.train.dpo import DPOArgs
+    from palmchat.train.dpo import main as dpo
+    from palmchat.train.sft import SFTArgs
+    from palmchat.train.sft import main as sft
+
+    root = tmp_path_factory.mktemp("aligned")
+    replies = ["It is sunny and warm.", "The cat sat on the mat.", "I am fine, thank you.", "Hello there!"]
+    with open(root / "sft.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"messages": [*PROMPT[:1], {"role": "user", "content": f"Probe question {i % 6}?"},
+                                             {"role": "assistant", "content": replies[i % 4]}]}) + "\n")
+    with open(root / "pairs.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"Probe question {i % 6}?", "chosen": replies[0],
+                                "rejected": replies[1 + i % 3]}) + "\n")
+    sft_ckpt = sft(SFTArgs(base=str(qwen), data=[str(root / "sft.jsonl")], out=str(root / "sft"), epochs=10,
+                           batch_size=4, lr=1e-2, warmup_steps=2, lora_rank=8, dtype="fp32", save_every=0))
+    dpo_ckpt = dpo(DPOArgs(base=str(sft_ckpt), data=[str(root / "pairs.jsonl")], out=str(root / "dpo"), epochs=3,
+                           batch_size=4, lr=3e-3, warmup_steps=2, lora_rank=8, beta=0.5, dtype="fp32",
+                           save_every=0))
+    return dict(root=root, sft=sft_ckpt, dpo=dpo_ckpt)
+
+
+def test_lora_sft_and_dpo_train_on_an_imported_model(aligned, qwen):
+    sft_rows = [r for r in read_jsonl(aligned["root"] / "sft" / "metrics.jsonl") if "loss" in r]
+    assert sum(r["loss"] for r in sft_rows[-3:]) < 0.5 * sum(r["loss"] for r in sft_rows[:3])
+    dpo_rows = read_jsonl(aligned["root"] / "dpo" / "metrics.jsonl")
+    losses = [r["loss"] for r in dpo_rows if "loss" in r]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    # both are adapters: SFT's on the Hugging Face folder, DPO's on the SFT checkpoint
+    assert (aligned["sft"] / "adapter.safetensors").is_file() and (aligned["dpo"] / "adapter.safetensors").is_file()
+    assert checkpoint.read_config(aligned["sft"])["base"] == str(qwen.resolve())
+    assert (aligned["dpo"] / "tokenizer_config.json").is_file()
+
+
+def test_export_hf_after_alignment_loads_in_transformers(aligned, tmp_path):
+    """The DPO'd model (both adapters merged) and its tokenizer as a Hugging Face folder: transformers computes the
+    same logits and renders the same chat ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "exported"
+    assert cli(["export-hf", str(aligned["dpo"]), "--out", str(out)]) == 0
+    ours, _, _ = checkpoint.load_model(aligned["dpo"])
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-4)
+    tok = AutoTokenizer.from_pretrained(out)
+    rendered = tok(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+    assert rendered == checkpoint.load_tokenizer(aligned["dpo"]).chat_format.render_prompt(PROMPT)
+
+
+def test_serving_an_aligned_imported_model_with_the_openai_client(aligned, tmp_path):
+    """`palmchat serve` on the DPO checkpoint: the openai client's greedy reply is transformers' on the exported
+    folder, and a follow-up through previous_response_id reuses the stored turn's KV (cached tokens)."""
+    from openai import OpenAI
+
+    exported = tmp_path / "exported"
+    assert cli(["export-hf", str(aligned["dpo"]), "--out", str(exported)]) == 0
+    server = Server(aligned["dpo"], tmp_path / "db.sqlite", "--dtype", "fp32", "--moderation", "none",
+                    log=tmp_path / "server.log").start()
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        chat = client.chat.completions.create(model=model, messages=PROMPT, temperature=0, max_tokens=10)
+        assert chat.choices[0].message.content == transformers_greedy(exported, PROMPT, 10)
+        first = client.responses.create(model=model, input=PROMPT[1]["content"], temperature=0,
+                                        max_output_tokens=6)
+        second = client.responses.create(model=model, input="And tomorrow?", previous_response_id=first.id,
+                                         temperature=0, max_output_tokens=6)
+        # the first turn's prompt and reply (but its last token, never run through the model) come from the prefix
+        # cache (with instructions they would not: those apply to one response only, and Qwen's template writes its
+        # default system prompt without them)
+        used = first.usage.input_tokens + first.usage.output_tokens
+        assert second.usage.input_tokens > used and second.usage.input_tokens_details.cached_tokens >= used - 1
+        import httpx
+
+        assert httpx.get(server.url + "/health").json()["prefix_stable"] is True
+    finally:
+        server.stop()
+
+
+def test_a_template_that_rewrites_earlier_turns_is_served_by_rendering_again(tmp_path):
+    """Qwen3's template drops earlier replies' reasoning, so it is not prefix-stable: /health says so, and a follow-up
+    through previous_response_id runs the same prompt as the whole conversation sent at once."""
+    from openai import OpenAI
+
+    folder = tmp_path / "tiny-qwen3"
+    save_tiny_hf_model(folder, "qwen3", vocab_size=VOCAB, max_position_embeddings=512)
+    save_tiny_hf_tokenizer(folder, "qwen3")
+    server = Server(folder, tmp_path / "db.sqlite", "--dtype", "fp32", "--moderation", "none",
+                    log=tmp_path / "server.log").start()
+    try:
+        import httpx
+
+        assert httpx.get(server.url + "/health").json()["prefix_stable"] is False
+        assert "not prefix-stable" in server.log()
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        first = client.responses.create(model=model, input="Hello there!", temperature=0, max_output_tokens=5)
+        second = client.responses.create(model=model, input="And tomorrow?", previous_response_id=first.id,
+                                         temperature=0, max_output_tokens=5)
+        whole = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": first.output_text},
+                 {"role": "user", "content": "And tomorrow?"}]
+        chat_format = checkpoint.load_tokenizer(folder).chat_format
+        assert second.usage.input_tokens == len(chat_format.render_prompt(whole))
+        conversation = client.conversations.create()  # the same through a stored conversation
+        first = client.responses.create(model=model, input="Hello there!", conversation=conversation.id,
+                                        temperature=0, max_output_tokens=5)
+        second = client.responses.create(model=model, input="And tomorrow?", conversation=conversation.id,
+                                         temperature=0, max_output_tokens=5)
+        whole[1]["content"] = first.output_text
+        assert second.usage.input_tokens == len(chat_format.render_prompt(whole))
+    finally:
+        server.stop()
+
+
+def test_a_sequence_classification_folder_is_a_reward_model(tmp_path):
+    from hf_models import tiny_hf_config
+    from transformers import AutoModelForSequenceClassification
+
+    from palmchat.checkpoint.heads import load_reward_model
+
+    folder = tmp_path / "rm"
+    hf = AutoModelForSequenceClassification.from_config(tiny_hf_config("qwen2", vocab_size=VOCAB, num_labels=1,
+                                                                       max_position_embeddings=512))
+    hf.load_state_dict(tiny_hf_model("qwen2", vocab_size=VOCAB).state_dict(), strict=False)  # random backbone
+    torch.nn.init.normal_(hf.score.weight)
+    hf.eval().save_pretrained(folder)
+    save_tiny_hf_tokenizer(folder, "qwen2.5")
+    tokenizer = checkpoint.load_tokenizer(folder)
+    model, _ = load_reward_model(folder, tokenizer=tokenizer)
+    ids = tokenizer.chat_format.render([*PROMPT, {"role": "assistant", "content": "It is sunny."}])[0]
+    end = max(i for i, t in enumerate(ids) if t == tokenizer.chat_format.eot_id)  # where palmchat reads the score
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids[:end + 1]])).logits[0, 0]
+        ours = model.score(torch.tensor([ids]))[0]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
