@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from palmchat.checkpoint.native import CheckpointError
+from palmchat.checkpoint.errors import CheckpointError
 from palmchat.model.config import ModelConfig
 from palmchat.model.transformer import Transformer
 from palmchat.utils.atomic import atomic_folder

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from palmchat.checkpoint.errors import CheckpointError
 from palmchat.model.config import ModelConfig
 from palmchat.utils.atomic import atomic_folder, point_latest
 
@@ -59,10 +60,6 @@ def is_hf_model_folder(path: Path) -> bool:
     from palmchat.checkpoint.hf import is_hf_model_folder as check
 
     return check(path)
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
