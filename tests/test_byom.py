@@ -227,3 +227,20 @@ def test_a_sequence_classification_folder_is_a_reward_model(tmp_path):
         expected = hf(torch.tensor([ids[:end + 1]])).logits[0, 0]
         ours = model.score(torch.tensor([ids]))[0]
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_lora_on_a_bf16_model_keeps_its_frozen_base_in_bf16(tmp_path):
+    """Under bf16 autocast a LoRA run trains fp32 adapters on the bf16 weights as stored (no fp32 copy of the
+    base); in fp32 training (a CPU without bf16) and in full fine-tuning every weight is fp32."""
+    from palmchat.model.lora import lora_parameters
+    from palmchat.train.common import load_policy
+
+    folder = save_tiny_hf_model(tmp_path / "bf16", "qwen2", vocab_size=VOCAB, dtype=torch.bfloat16)
+    save_tiny_hf_tokenizer(folder, "qwen2.5")
+    model, _, _ = load_policy(str(folder), lora_rank=4, dtype=torch.bfloat16)
+    adapters = {id(p) for p in lora_parameters(model, "policy")}
+    assert {p.dtype for p in model.parameters() if id(p) in adapters} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if id(p) not in adapters} == {torch.bfloat16}
+    for lora_rank, dtype in ((4, None), (0, torch.bfloat16)):
+        model, _, _ = load_policy(str(folder), lora_rank=lora_rank, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -118,16 +118,23 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, k
 
 
 def load_policy(base: str, lora_rank: int = 0, lora_alpha: float = 16.0, device: torch.device | str = "cpu",
-                adapter_name: str = "policy"):
+                adapter_name: str = "policy", dtype: torch.dtype | None = None):
     """The model to fine-tune from a checkpoint: all weights trainable, or a fresh LoRA adapter on a frozen base.
+    `dtype`: the training's autocast dtype (None: fp32). The weights train in fp32 (AdamW's master weights, and
+    what a CPU without bf16 computes in), except that a LoRA run under bf16 autocast leaves a bf16 checkpoint's
+    frozen base in bf16 (a Hugging Face model loads in its stored dtype): no fp32 copy of it, fp32 adapters.
     Returns (model, tokenizer, checkpoint config)."""
     from palmchat import checkpoint
-    from palmchat.model.lora import add_lora
+    from palmchat.model.lora import add_lora, lora_parameters
 
     model, config, ckpt = checkpoint.load_model(base, device=device)
     tokenizer = checkpoint.load_tokenizer(ckpt)
+    if not (lora_rank and dtype == torch.bfloat16):
+        model.float()
     if lora_rank:
         add_lora(model, adapter_name, rank=lora_rank, alpha=lora_alpha)
+        for p in lora_parameters(model, adapter_name):
+            p.data = p.data.float()
     return model.train(), tokenizer, config
 
 

@@ -99,7 +99,7 @@ def main(args: KTOArgs) -> Path:
     torch.manual_seed(args.seed)
     if args.grad_accum < 1:
         raise ValueError("--grad-accum must be >= 1")
-    model, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device)
+    model, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, dtype=dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     max_len = args.max_len or model.config.max_seq_len
     pad_id = tokenizer.chat_format.pad_id

@@ -135,7 +135,8 @@ def main(args: PPOArgs) -> Path:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    policy, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="actor")
+    policy, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="actor",
+                                       dtype=dtype)
     score_fn, reward_model = make_scorer(args.reward, tokenizer, device, dtype, args.seed)
     prompts = load_prompt_messages(args.prompts, args.seed)
 

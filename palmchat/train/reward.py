@@ -114,7 +114,8 @@ def main(args: RewardArgs) -> Path:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    backbone, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="reward")
+    backbone, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="reward",
+                                       dtype=dtype)
     backbone.gradient_checkpointing = args.gradient_checkpointing
     # the new head is trainable either way
     model = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id).to(device)

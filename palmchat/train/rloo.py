@@ -76,7 +76,8 @@ def main(args: RLOOArgs) -> Path:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    policy, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="actor")
+    policy, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="actor",
+                                       dtype=dtype)
     policy.gradient_checkpointing = args.gradient_checkpointing
     reference = None if args.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
     score_fn, _ = make_scorer(args.reward, tokenizer, device, dtype, args.seed)

@@ -76,7 +76,7 @@ def main(args: SFTArgs) -> Path:
     torch.manual_seed(args.seed)
     if args.grad_accum < 1:
         raise ValueError("--grad-accum must be >= 1")
-    model, tokenizer, base_config = load_policy(args.base, args.lora_rank, args.lora_alpha, device)
+    model, tokenizer, base_config = load_policy(args.base, args.lora_rank, args.lora_alpha, device, dtype=dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     max_len = args.max_len or model.config.max_seq_len
     conversations = [c for path in args.data for c in load_conversations(path)] if args.data \
