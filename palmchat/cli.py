@@ -157,18 +157,41 @@ def merge_main(args: MergeArgs) -> None:
 
 @dataclass
 class ImportHFArgs:
-    """Convert a Hugging Face model folder (or a repo id in the local cache) into a native palmchat checkpoint."""
+    """Convert a Hugging Face model folder (or a repo id in the local cache) into a native palmchat checkpoint, or a
+    PEFT LoRA adapter folder into a palmchat adapter checkpoint on its base."""
 
-    model: str = arg("", "a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or repo id",
-                     positional=True)
-    out: str = arg("", "output folder for the native checkpoint")
+    model: str = arg("", "a Hugging Face model folder (config.json, *.safetensors, tokenizer files), a repo id, or "
+                         "a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)", positional=True)
+    out: str = arg("", "output folder for the checkpoint")
+    base: str = arg("", "a PEFT adapter's base model (default: its adapter_config.json's base_model_name_or_path)")
 
 
 def import_hf_main(args: ImportHFArgs) -> None:
+    from pathlib import Path
+
     from palmchat import checkpoint
+    from palmchat.checkpoint.peft import is_peft_folder, native_lora, read_peft_config
+    from palmchat.model.lora import add_lora, load_adapter_state_dict
 
     if not args.out:
         raise ValueError("--out is required")
+    if is_peft_folder(args.model):
+        base = args.base or read_peft_config(args.model).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"--base is required: {args.model}'s adapter_config.json names no base model")
+        base = checkpoint.resolve(base)
+        model, config, _ = checkpoint.load_model(base)
+        if "hf" not in config:
+            raise ValueError(f"{base}: a PEFT adapter's base must be a Hugging Face model folder")
+        tensors, lora = native_lora(args.model, model.config, config["hf"]["family"])
+        add_lora(model, "adapter", rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
+        load_adapter_state_dict(model, "adapter", tensors)
+        config = {"model": model.config.to_dict(), "stage": "import", "imported_from": str(Path(args.model).resolve()),
+                  "base": str(base.resolve()), "lora": {"name": "adapter", **lora}}
+        final = checkpoint.save_checkpoint(args.out, 0, model, config, base / checkpoint.TOKENIZER_FILE,
+                                           adapter="adapter")
+        print(f"imported PEFT adapter (rank {lora['rank']} on palmchat's fused layers): {final}")
+        return
     folder = checkpoint.resolve(args.model)
     model, config, _ = checkpoint.load_model(folder)
     config = {**config, "stage": "import", "imported_from": str(folder)}
@@ -178,18 +201,38 @@ def import_hf_main(args: ImportHFArgs) -> None:
 
 @dataclass
 class ExportHFArgs:
-    """Write a checkpoint as a Hugging Face model folder that `transformers` loads with the same logits."""
+    """Write a checkpoint as a Hugging Face model folder that `transformers` loads with the same logits, or a LoRA
+    adapter checkpoint as a PEFT adapter folder."""
 
-    checkpoint: str = arg("", "a checkpoint folder (LoRA adapters are merged in)", positional=True)
+    checkpoint: str = arg("", "a checkpoint folder (a LoRA adapter is merged in unless --peft)", positional=True)
     out: str = arg("", "output folder")
+    peft: bool = arg(False, "write the adapter alone as a PEFT folder (for peft.PeftModel on the base it names)")
 
 
 def export_hf_main(args: ExportHFArgs) -> None:
     from palmchat import checkpoint
-    from palmchat.checkpoint.hf import export_hf
+    from palmchat.checkpoint.hf import export_hf, hf_family_for
 
     if not args.out:
         raise ValueError("--out is required")
+    if args.peft:
+        from palmchat.checkpoint.peft import export_peft
+        from palmchat.model.config import ModelConfig
+        from palmchat.model.lora import read_adapter_file
+
+        ckpt = checkpoint.resolve(args.checkpoint)
+        config = checkpoint.read_config(ckpt)
+        if not (ckpt / checkpoint.ADAPTER_FILE).is_file():
+            raise ValueError(f"{ckpt} holds full weights, not a LoRA adapter: export it without --peft")
+        base = checkpoint.resolve(config["base"])
+        if (base / checkpoint.ADAPTER_FILE).is_file():
+            raise ValueError(f"{ckpt}'s base {base} is itself an adapter: merge it first (palmchat merge-lora), "
+                             f"a PEFT adapter applies to one base model")
+        cfg = ModelConfig.from_dict(config["model"])
+        family = checkpoint.read_config(base).get("hf", {}).get("family") or hf_family_for(cfg)
+        out = export_peft(read_adapter_file(ckpt)[0], config["lora"], cfg, family, args.out, base_model=str(base))
+        print(f"exported PEFT adapter for {base}: {out}")
+        return
     model, config, ckpt = checkpoint.load_model(args.checkpoint, merge=True)
     out = export_hf(model, args.out, family=config.get("hf", {}).get("family"),
                     tokenizer=checkpoint.load_tokenizer(ckpt))

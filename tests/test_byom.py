@@ -244,3 +244,60 @@ def test_lora_on_a_bf16_model_keeps_its_frozen_base_in_bf16(tmp_path):
     for lora_rank, dtype in ((4, None), (0, torch.bfloat16)):
         model, _, _ = load_policy(str(folder), lora_rank=lora_rank, dtype=dtype)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_lora_adapter_exports_as_a_peft_folder_that_peft_loads(aligned, qwen, tmp_path):
+    """The SFT adapter (on the Hugging Face folder itself) as a PEFT folder: peft.PeftModel on the base computes the
+    logits palmchat computes with the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "peft"
+    assert cli(["export-hf", str(aligned["sft"]), "--out", str(out), "--peft"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(qwen.resolve())
+    base = AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, out).eval()
+    ours, _, _ = checkpoint.load_model(aligned["sft"])
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        plain = base.get_base_model()(ids).logits if hasattr(base, "get_base_model") else None
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-4)
+    assert plain is None or (plain - ours(ids)).abs().max() > 1e-2  # the adapter does change the logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_a_peft_adapter_imports_as_a_palmchat_adapter(family, tmp_path):
+    """A PEFT LoRA on every projection (q, k, v apart, as PEFT has them; NeoX's fused query_key_value with its
+    per-head row order) becomes a palmchat adapter checkpoint whose logits are peft's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny_hf_model(tmp_path / "base", family)
+    save_tiny_hf_tokenizer(base, "llama3")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if family == "llama" \
+        else ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: make the adapter do something
+                p.normal_(std=0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert cli(["import-hf", str(tmp_path / "adapter"), "--out", str(tmp_path / "imported")]) == 0
+    ours, config, _ = checkpoint.load_model(tmp_path / "imported")
+    assert config["lora"]["rank"] == 4 * (3 if family == "llama" else 1)
+    ids = torch.randint(0, 160, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_bad_peft_folders_get_one_clear_error(tmp_path, capsys):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "use_dora": True, "base_model_name_or_path": "x"}))
+    assert cli(["import-hf", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "use_dora=True is not supported" in capsys.readouterr().err
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    assert cli(["import-hf", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "--base is required" in capsys.readouterr().err

@@ -137,11 +137,11 @@ LAYOUTS = {
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.bias|\.attention\.masked_bias)$")
 
 
-def _layout(family: str, hf_name: str) -> str | None:
+def row_layout(family: str, hf_name: str) -> str | None:
     return next((layout for pattern, layout in LAYOUTS.get(family, {}).items() if re.search(pattern, hf_name)), None)
 
 
-def _to_native_rows(t: torch.Tensor, layout: str | None, cfg: ModelConfig) -> torch.Tensor:
+def to_native_rows(t: torch.Tensor, layout: str | None, cfg: ModelConfig) -> torch.Tensor:
     rest = t.shape[1:]
     if layout == "heads_of_qkv":  # (H, 3, D) rows -> (3, H, D): all queries, then all keys, then all values
         return t.reshape(-1, 3, cfg.head_dim, *rest).transpose(0, 1).reshape(t.shape)
@@ -150,7 +150,7 @@ def _to_native_rows(t: torch.Tensor, layout: str | None, cfg: ModelConfig) -> to
     return t
 
 
-def _to_hf_rows(t: torch.Tensor, layout: str | None, cfg: ModelConfig) -> torch.Tensor:
+def to_hf_rows(t: torch.Tensor, layout: str | None, cfg: ModelConfig) -> torch.Tensor:
     rest = t.shape[1:]
     if layout == "heads_of_qkv":
         return t.reshape(3, -1, cfg.head_dim, *rest).transpose(0, 1).reshape(t.shape)
@@ -182,7 +182,7 @@ def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
 
 
-def _part_rows(native: str, cfg: ModelConfig, rows: int, n_parts: int) -> list[int]:
+def part_rows(native: str, cfg: ModelConfig, rows: int, n_parts: int) -> list[int]:
     """Rows of each Hugging Face part of palmchat's tensor `native` (which has `rows` rows)."""
     if n_parts == 1:
         return [rows]
@@ -199,14 +199,14 @@ def native_state_dict(hf_tensors: dict[str, torch.Tensor], family: str, cfg: Mod
     for native, parts in name_map(family, cfg).items():
         shape = shapes[native]
         tensors = []
-        for name, rows in zip(parts, _part_rows(native, cfg, shape[0], len(parts))):
+        for name, rows in zip(parts, part_rows(native, cfg, shape[0], len(parts))):
             if name not in hf_tensors:
                 raise CheckpointError(f"{source}: missing tensor {name!r} (for palmchat's {native})")
             t = hf_tensors[name]
             if t.shape != (rows, *shape[1:]):
                 raise CheckpointError(f"{source}: shape mismatch for {name}: {tuple(t.shape)} in the checkpoint, "
                                       f"{(rows, *shape[1:])} from config.json (palmchat's {native})")
-            tensors.append(_to_native_rows(t, _layout(family, name), cfg))
+            tensors.append(to_native_rows(t, row_layout(family, name), cfg))
             used.add(name)
         out[native] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
     for name in sorted(set(hf_tensors) - used):
@@ -230,9 +230,9 @@ def hf_state_dict(model_or_state_dict, family: str, cfg: ModelConfig) -> dict[st
                 "lora" in native or ".base." in native) else ""
             raise CheckpointError(f"{family}: palmchat tensor {native!r} has no {family} name{lora}")
         parts = names[native]
-        pieces = t.split(_part_rows(native, cfg, t.shape[0], len(parts)), dim=0)
+        pieces = t.split(part_rows(native, cfg, t.shape[0], len(parts)), dim=0)
         for name, piece in zip(parts, pieces):
-            out[name] = _to_hf_rows(piece, _layout(family, name), cfg).detach().contiguous().cpu()
+            out[name] = to_hf_rows(piece, row_layout(family, name), cfg).detach().contiguous().cpu()
     return out
 
 
