@@ -301,3 +301,30 @@ def test_bad_peft_folders_get_one_clear_error(tmp_path, capsys):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     assert cli(["import-hf", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert "--base is required" in capsys.readouterr().err
+
+
+def test_reward_model_and_grpo_on_an_imported_model(aligned, qwen):
+    """The remaining stages on the Hugging Face model: a reward model trained from the folder, then GRPO on the
+    SFT adapter checkpoint scored by it (the tokenizers' hashes agree), with whole conversations as prompts."""
+    from palmchat.checkpoint.heads import load_reward_model
+    from palmchat.train.grpo import GRPOArgs
+    from palmchat.train.grpo import main as grpo
+    from palmchat.train.reward import RewardArgs
+    from palmchat.train.reward import main as reward
+
+    root = aligned["root"]
+    rm = reward(RewardArgs(base=str(qwen), data=[str(root / "pairs.jsonl")], out=str(root / "rm"), epochs=2,
+                           batch_size=4, lr=3e-3, lora_rank=4, dtype="fp32", save_every=0))
+    rm_model, _ = load_reward_model(rm, tokenizer=checkpoint.load_tokenizer(aligned["sft"]))
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"messages": [*PROMPT[:1], {"role": "user", "content": f"Probe question {i}?"}]}) + "\n")
+    out = grpo(GRPOArgs(base=str(aligned["sft"]), reward=str(rm), prompts=[str(root / "prompts.jsonl")],
+                        out=str(root / "grpo"), iterations=2, prompts_per_iteration=2, group_size=4,
+                        max_new_tokens=8, minibatch=8, lora_rank=4, dtype="fp32", save_every=0))
+    rows = read_jsonl(root / "grpo" / "metrics.jsonl")
+    assert len([r for r in rows if "score" in r]) == 2 and rows[-1]["logprob_mismatch"] < 1e-4
+    policy, _, _ = checkpoint.load_model(out)
+    before, _, _ = checkpoint.load_model(aligned["sft"])
+    assert any((a - b).abs().max() > 0 for a, b in zip(policy.state_dict().values(), before.state_dict().values()))
+    assert rm_model.eot_id == checkpoint.load_tokenizer(qwen).chat_format.eot_id
