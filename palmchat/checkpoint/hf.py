@@ -467,15 +467,6 @@ def _family_of(hf_config: dict, source: str, heads: tuple[str, ...]) -> str:
     return family
 
 
-def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(state, assign=True, strict=True)
-    with torch.device("cpu"):
-        model.build_rope_tables()
-    return model.to(device)
-
-
 def load_hf_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
     """A Hugging Face *ForCausalLM folder -> (Transformer computing the same logits, info).
@@ -489,7 +480,7 @@ def load_hf_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     state = native_state_dict(read_tensors(folder, dtype), family, cfg, source=str(folder))
     info = {"family": family, "hf_config": hf_config, "generation_config": read_generation_config(folder),
             "source": str(folder)}
-    return _build(cfg, state, device), info
+    return Transformer.from_state_dict(cfg, state).to(device), info
 
 
 def read_generation_config(folder: str | os.PathLike) -> dict:
@@ -529,7 +520,7 @@ def load_hf_reward_backbone(folder: str | os.PathLike, dtype: torch.dtype | None
         raise CheckpointError(f"{folder}: shape mismatch for score.weight {tuple(score.shape)}: needs (1, {cfg.dim})")
     state = native_state_dict(tensors, family, cfg, source=str(folder))
     info = {"family": family, "hf_config": hf_config, "source": str(folder)}
-    return _build(cfg, state, device), score.to(device), info
+    return Transformer.from_state_dict(cfg, state).to(device), score.to(device), info
 
 
 # ---------------------------------------------------------------------------------------------

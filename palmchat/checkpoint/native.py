@@ -181,22 +181,30 @@ def read_config(ckpt: str | os.PathLike) -> dict:
     return config
 
 
-def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike, strict: bool = True) -> None:
-    """Load model.safetensors into `model`, naming the first tensor whose shape differs."""
+def read_weights(ckpt: str | os.PathLike, shapes: dict[str, torch.Size], strict: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """model.safetensors of a checkpoint, checked against the model's tensor `shapes`: the first tensor whose shape
+    differs, and (strict) missing or unexpected tensors, are named in a CheckpointError."""
     ckpt = resolve(ckpt)
     try:
         tensors = load_file(ckpt / MODEL_FILE)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{ckpt / MODEL_FILE}: unreadable safetensors file ({e})") from None
-    expected = model.state_dict()
     for name, tensor in tensors.items():
-        if name in expected and expected[name].shape != tensor.shape:
+        if name in shapes and shapes[name] != tensor.shape:
             raise CheckpointError(f"{ckpt}: tensor {name} has shape {tuple(tensor.shape)} but the model "
-                                  f"expects {tuple(expected[name].shape)} (checkpoint from another model shape)")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+                                  f"expects {tuple(shapes[name])} (checkpoint from another model shape)")
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     if strict and (missing or unexpected):
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing: {missing[:3]}, "
                               f"unexpected: {unexpected[:3]})")
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike, strict: bool = True) -> None:
+    """Load model.safetensors into `model`, naming the first tensor whose shape differs."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(read_weights(ckpt, shapes, strict), strict=False)
 
 
 def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -212,9 +220,11 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
         model, _ = load_hf_model(ckpt, dtype=dtype, device=device)
         return model, config, ckpt
-    if (ckpt / MODEL_FILE).is_file():
-        model = Transformer(ModelConfig.from_dict(config["model"]))
-        load_weights(model, ckpt)
+    if (ckpt / MODEL_FILE).is_file():  # the weights in their stored dtype, with no initial weights made first
+        model_config = ModelConfig.from_dict(config["model"])
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in Transformer(model_config).state_dict().items()}
+        model = Transformer.from_state_dict(model_config, read_weights(ckpt, shapes))
     else:
         from palmchat.model.lora import add_lora, load_adapter, merge_lora
 

@@ -188,6 +188,17 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.reset_parameters()
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+        """The model holding `state`'s tensors themselves, in their own dtype (a bf16 checkpoint stays bf16, a
+        memory-mapped one is not copied): built on the meta device, so no initial weights are made either."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True, strict=True)
+        with torch.device("cpu"):
+            model.build_rope_tables()
+        return model
+
     def build_rope_tables(self):
         """The rotary tables: buffers computed from the config, not weights, so checkpoints do not hold them (a
         model built on the meta device builds them again, for real, once its weights are in)."""
