@@ -80,7 +80,7 @@ CHAT_TEMPLATE = (
 
 def gguf_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes `config`'s block, or ValueError naming what has none."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     for field, value in config.to_dict().items():
         if field not in MAPPED_CONFIG_FIELDS and value != defaults.get(field):
             raise ValueError(f"GGUF export: model config {field}={value!r} has no GGUF mapping yet")
