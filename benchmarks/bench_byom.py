@@ -258,12 +258,16 @@ def worker_decode_llama_cpp(folder, config, args):
     llm = Llama(model_path=str(folder / "model.gguf"), n_ctx=args.prompt + args.new_tokens + 8, n_batch=args.prompt,
                 n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
     prompt = prompt_ids(config, args.prompt)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
     def generate(k):
         llm.reset()
         llm.eval(prompt)
         for _ in range(k - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([int(np.argmax(last_logits()))])
 
     return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
 

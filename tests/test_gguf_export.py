@@ -46,10 +46,10 @@ def tokenizer(tokenizer_dir):
 def make_model(block: str, **overrides) -> Transformer:
     # a larger init spreads the logits, so greedy choices are not near-ties between two implementations
     torch.manual_seed(0)
-    config = preset("tiny", vocab_size=VOCAB, init_std=0.3, **{**BLOCKS[block], **overrides})
+    config = preset("tiny", **{"vocab_size": VOCAB, "init_std": 0.3, **BLOCKS[block], **overrides})
     model = Transformer(config).eval()
     with torch.no_grad():  # norms at 1 would not show a norm weight written to the wrong place
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     return model
@@ -324,3 +324,18 @@ def test_llama_cpp_tokenizes_and_renders_chats_as_palmchat(tokenizer_dir, tokeni
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, fox?"}]
     text = formatter(messages=messages).prompt
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.chat_format.render_prompt(messages)
+
+
+def test_llama_cpp_chat_completion_replies_as_palmchat(tokenizer_dir, tokenizer, tmp_path):
+    """llama.cpp's chat path end to end (the file's chat template, its bos handling, its stop at <|end|>): the
+    greedy reply is palmchat's greedy reply."""
+    from palmchat.inference.engine import Engine, SamplingParams
+
+    model = make_model("parallel", vocab_size=tokenizer.vocab_size)  # no placeholder tokens to decode
+    llm = llama(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype="f32"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]
+    fmt = tokenizer.chat_format
+    ours = Engine(model).generate([fmt.render_prompt(messages)], SamplingParams(
+        max_new_tokens=16, temperature=0.0, stop_token_ids=fmt.reply_stop_ids))[0]
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=16)
+    assert reply["choices"][0]["message"]["content"] == fmt.decode_reply(ours.tokens)
