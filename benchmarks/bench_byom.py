@@ -214,15 +214,20 @@ def rss_peak_mb() -> float:
 
 
 def decode_rates(generate, n_prompt: int, new_tokens: int, reps: int) -> dict:
-    """generate(k) runs a greedy batch-1 generation of k new tokens. prefill tokens/s = prompt / t(1 token);
-    decode tokens/s = (new - 1) / (t(new) - t(1)): the steps after the first token."""
+    """generate(k) runs a greedy batch-1 generation of k new tokens and returns the perf_counter time at which
+    each new token became available; start is taken just before the call. prefill tokens/s = prompt / time to
+    the first token (median of `reps`); decode tokens/s = 1 / the median interval between consecutive tokens
+    over all repeats: on a shared machine a step whose thread was descheduled is an outlier, not the rate."""
     generate(4)  # warm-up
-    first, full = [], []
+    prefill, intervals = [], []
     for _ in range(reps):
-        first.append(timed(lambda: generate(1)))
-        full.append(timed(lambda: generate(new_tokens)))
-    t1, tn = statistics.median(first), statistics.median(full)
-    return {"prefill": n_prompt / t1, "decode": (new_tokens - 1) / max(tn - t1, 1e-9)}
+        start = time.perf_counter()
+        stamps = generate(new_tokens)
+        assert len(stamps) == new_tokens, len(stamps)
+        prefill.append(n_prompt / (stamps[0] - start))
+        intervals += [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"prefill": statistics.median(prefill), "decode": 1 / statistics.median(intervals),
+            "decode_mean": len(intervals) / sum(intervals)}
 
 
 def worker_decode_palmchat(folder, config, args):
@@ -232,10 +237,25 @@ def worker_decode_palmchat(folder, config, args):
     prompt = prompt_ids(config, args.prompt)
 
     def generate(k):
-        out = engine.generate([prompt], SamplingParams(max_new_tokens=k, temperature=0.0))
-        assert len(out[0].tokens) == k
+        stamps = []
+        for step in engine.stream([prompt], SamplingParams(max_new_tokens=k, temperature=0.0)):
+            stamps += [time.perf_counter()] * len(step)
+        return stamps
 
     return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
+
+
+class StampStreamer:
+    """A transformers streamer that notes when each generated token arrives (its first put is the prompt)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 def worker_decode_transformers(folder, config, args, dtype):
@@ -243,10 +263,11 @@ def worker_decode_transformers(folder, config, args, dtype):
     ids = torch.tensor([prompt_ids(config, args.prompt)])
 
     def generate(k):
+        streamer = StampStreamer()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                                 do_sample=False, pad_token_id=0)
-        assert out.shape[1] == ids.shape[1] + k
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                           do_sample=False, pad_token_id=0, streamer=streamer)
+        return streamer.calls[1:]
 
     return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
 
@@ -260,14 +281,18 @@ def worker_decode_llama_cpp(folder, config, args):
     prompt = prompt_ids(config, args.prompt)
     n_vocab = llm.n_vocab()
 
-    def last_logits():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+    def next_token():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
     def generate(k):
         llm.reset()
         llm.eval(prompt)
+        tokens, stamps = [next_token()], [time.perf_counter()]
         for _ in range(k - 1):
-            llm.eval([int(np.argmax(last_logits()))])
+            llm.eval([tokens[-1]])
+            tokens.append(next_token())
+            stamps.append(time.perf_counter())
+        return stamps
 
     return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
 
@@ -417,8 +442,9 @@ def main():
             results[name] = run_worker(name, folder, args)
             print(f"  {name}: {results[name]}", flush=True)
 
-        print(f"batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens (greedy), median of {args.reps}:")
-        print(f"  {'setting':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode vs palmchat':>20}")
+        print(f"batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens (greedy), {args.reps} repeats; "
+              f"decode = 1 / median step (mean alongside):")
+        print(f"  {'setting':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'(mean)':>8}{'decode vs palmchat':>20}")
         ours = results["decode palmchat bf16"]
         for name in [n for n in WORKERS if n.startswith("decode")]:
             r = results[name]
@@ -426,7 +452,7 @@ def main():
                 print(f"  {name[7:]:<30}  ({r['error'][:90]})")
                 continue
             vs = f"{r['decode'] / ours['decode']:.2f}x" if "decode" in ours else "-"
-            print(f"  {name[7:]:<30}{fmt(r['prefill']):>14}{fmt(r['decode']):>14}{vs:>20}")
+            print(f"  {name[7:]:<30}{fmt(r['prefill']):>14}{fmt(r['decode']):>14}{fmt(r['decode_mean']):>8}{vs:>20}")
         print(f"LoRA rank {args.rank} on every linear layer, batch {args.batch} x {args.seq - 1} target tokens, "
               f"median of {args.steps} steps:")
         print(f"  {'setting':<30}{'tokens/s':>10}{'peak RSS MB':>13}{'trainable':>12}{'compute':>16}")
