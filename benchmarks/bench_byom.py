@@ -1,6 +1,6 @@
 """Bring-your-own-model benchmark: palmchat against transformers (+ peft) and llama.cpp on one model, side by side.
 
-    .venv/bin/python benchmarks/bench_byom.py [--shapes qwen2.5-0.5b llama-1b] [--quick]
+    .venv/bin/python benchmarks/bench_byom.py [--shapes qwen2.5-0.5b llama-1b] [--family llama|qwen2] [--quick]
     pip install llama-cpp-python   # optional: adds the llama.cpp column (builds llama.cpp from source)
 
 For each model shape (random bf16 weights made here; no download), with 2 threads on every side:
@@ -385,7 +385,8 @@ def run_worker(name: str, folder: Path, args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES),
+                    help="model shapes to run (llama-1b adds ~10 minutes)")
     ap.add_argument("--family", default="llama", choices=["llama", "qwen2"],
                     help="llama: palmchat-native model copied into LlamaForCausalLM; qwen2: Qwen2ForCausalLM "
                          "imported with palmchat.checkpoint.hf")
