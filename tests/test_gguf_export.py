@@ -285,9 +285,13 @@ def llama(path, n_ctx=128):
                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
 
 
-@pytest.mark.parametrize("block", BLOCKS)
-def test_llama_cpp_logits_and_greedy_decode_match_palmchat(block, tokenizer_dir, tokenizer, tmp_path):
-    model = make_model(block)
+@pytest.mark.parametrize("block, overrides", [
+    ("parallel", {}), ("sequential", {}),
+    # grouped-query, heads wider than dim / n_heads, an untied output projection, linear rope scaling
+    ("sequential", dict(n_kv_heads=2, head_dim=32, tie_embeddings=False, rope_scaling=2.0, rope_theta=500.0)),
+    ("parallel", dict(n_kv_heads=2, rope_scaling=2.0, rope_theta=500.0))])
+def test_llama_cpp_logits_and_greedy_decode_match_palmchat(block, overrides, tokenizer_dir, tokenizer, tmp_path):
+    model = make_model(block, **overrides)
     llm = llama(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype="f32"))
     prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": "The quick brown fox?"}])
 
