@@ -271,6 +271,9 @@ def test_exports_a_checkpoint_folder(tokenizer_dir, tmp_path):
                                       dtype="f32"))
     reader = gguf.GGUFReader(path)
     assert fields(reader)["general.name"] == "run"
+    assert (tmp_path / "out" / "run.Modelfile").read_text() == (
+        'FROM ./run.gguf\nTEMPLATE """{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}'
+        '<|assistant|>"""\nPARAMETER stop "<|end|>"\n')
     rebuilt = rebuild_state_dict(reader, model.config)
     assert all(torch.equal(rebuilt[k], v) for k, v in model.state_dict().items())
 

@@ -15,6 +15,11 @@ Rotary layout: palmchat rotates halves (dims j and j + D/2, as Hugging Face Llam
 s * D/2 + j (convert_hf_to_gguf.py's LlamaModel.permute) makes the two compute the same attention scores: scores
 are dot products over the head dim, which a common permutation of q and k leaves unchanged.
 
+The tokenizer goes in as GGUF's "gpt2" byte-level BPE vocabulary with llama.cpp's "gpt-2" pre-tokenizer (the
+regex and byte mapping of palmchat's ByteLevel pre-tokenizer), palmchat's specials as control tokens, and the
+chat format as a Jinja chat template, which llama.cpp and llama-cpp-python render; `export_main` also writes an
+Ollama Modelfile beside the file, since Ollama renders only templates it recognises.
+
 Whatever is not mapped is refused by name (ValueError) rather than written wrong: a config field this module does
 not know at a non-default value, a tensor the mapping does not consume (an unmerged LoRA adapter), a block/norm
 pair no llama.cpp architecture computes, a tokenizer whose pre-tokenizer llama.cpp cannot reproduce.
@@ -43,10 +48,10 @@ from palmchat.tokenizer.chat_format import (
     SPECIAL_TOKENS,
 )
 from palmchat.utils.args import arg
-from palmchat.utils.atomic import atomic_path
+from palmchat.utils.atomic import atomic_path, atomic_write
 
-__all__ = ["CHAT_TEMPLATE", "DTYPES", "ExportGGUFArgs", "export_gguf", "export_main", "gguf_architecture",
-           "permute_for_interleaved_rope"]
+__all__ = ["CHAT_TEMPLATE", "DTYPES", "OLLAMA_MODELFILE", "ExportGGUFArgs", "export_gguf", "export_main",
+           "gguf_architecture", "permute_for_interleaved_rope"]
 
 # dtype -> (tensor type of the 2-D weights, general.file_type). Norm weights stay f32, as llama.cpp's converter
 # writes them (ggml computes norms in f32 and the vectors are tiny).
@@ -75,6 +80,18 @@ CHAT_TEMPLATE = (
     "{{- role_tokens[message['role']] + message['content'] + '" + EOT_TOKEN + "' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}"
+)
+
+
+# Ollama takes a GGUF's chat template only when it recognises it as one of its own, so a model in palmchat's
+# format needs a Modelfile naming the same layout as a Go template. Ollama's tokenizer adds the bos token itself
+# (tokenizer.ggml.add_bos_token), so the template starts at the first message. (Written from Ollama's Modelfile
+# documentation; no Ollama ran in palmchat's tests.)
+OLLAMA_MODELFILE = (
+    'FROM ./{gguf}\n'
+    'TEMPLATE """{{{{- range .Messages }}}}<|{{{{ .Role }}}}|>{{{{ .Content }}}}' + EOT_TOKEN + '{{{{ end }}}}'
+    + ASSISTANT_TOKEN + '"""\n'
+    'PARAMETER stop "' + EOT_TOKEN + '"\n'
 )
 
 
@@ -341,5 +358,8 @@ def export_main(args: ExportGGUFArgs) -> Path:
     if not args.out:
         raise ValueError("--out is required")
     path = export_gguf(args.checkpoint, None, args.out, dtype=args.dtype, name=args.name or None)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    modelfile = path.with_suffix(".Modelfile")
+    atomic_write(modelfile, OLLAMA_MODELFILE.format(gguf=path.name))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {modelfile.name}: "
+          f"llama.cpp runs the file as it is; for Ollama, `ollama create NAME -f {modelfile}`")
     return path
