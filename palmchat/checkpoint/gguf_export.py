@@ -65,10 +65,11 @@ MAPPED_CONFIG_FIELDS = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"
                         "norm", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings", "max_seq_len",
                         "init_std"}
 
-# palmchat's chat format as a Jinja chat template (what llama.cpp, llama-cpp-python and Ollama render chats
-# with): bos, then per message <|role|>content<|end|>, then <|assistant|> to ask for a reply. Rendered text is
-# tokenized with special tokens parsed, which splits it at the specials exactly where palmchat encodes each
-# message's content on its own.
+# palmchat's chat format as a Jinja chat template (what llama.cpp and llama-cpp-python render chats with): bos,
+# then per message <|role|>content<|end|>, then <|assistant|> to ask for a reply. Rendered text is tokenized with
+# special tokens parsed, which splits it at the specials exactly where palmchat encodes each message's content on
+# its own. One difference remains: a literal "<|end|>" typed inside a message becomes the special token there,
+# where palmchat's own encoder keeps it as text.
 _ROLE_TOKENS = ", ".join(f"'{role}': '{SPECIAL_TOKENS[i]}'" for role, i in ROLES.items())
 CHAT_TEMPLATE = (
     "{%- set role_tokens = {" + _ROLE_TOKENS + "} -%}"
