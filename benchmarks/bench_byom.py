@@ -1,0 +1,491 @@
+"""Bring-your-own-model benchmark: palmchat against transformers (+ peft) and llama.cpp on one model, side by side.
+
+    .venv/bin/python benchmarks/bench_byom.py [--shapes qwen2.5-0.5b llama-1b] [--family llama|qwen2] [--quick]
+    pip install llama-cpp-python   # optional: adds the llama.cpp column (builds llama.cpp from source)
+
+For each model shape (random bf16 weights made here; no download), with 2 threads on every side:
+1. batch-1 prefill tokens/s and decode tokens/s: palmchat's Engine on its bf16 inference copy, transformers'
+   `generate` in fp32 and in bf16, and llama.cpp (llama-cpp-python) on the model exported by
+   palmchat.checkpoint.gguf_export in bf16;
+2. LoRA SFT training tokens/s and peak memory (RSS): palmchat (add_lora + sft.batch_loss + optimizer_step) against
+   transformers + peft in a plain loop, same weights, batch, sequence length, rank and optimizer.
+
+`--family llama` (the default) builds the model natively in palmchat (`ModelConfig(block="sequential",
+norm="rmsnorm", ...)`) and copies the same weights into transformers' LlamaForCausalLM: one model on every side.
+`--family qwen2` builds transformers' Qwen2ForCausalLM (with its q/k/v biases) and imports it with
+palmchat.checkpoint.hf.load_hf_model, once that module exists.
+
+Every measurement runs in its own process (this script re-invoked with --worker), so that each side's peak RSS
+is its own and no side inherits another's allocator state; the model files are written once into --workdir.
+Timing: a warm-up, then the median of the timed repeats. Nothing is installed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from palmchat.model.config import ModelConfig
+
+THREADS = 2
+SHAPES = {
+    # Qwen2.5-0.5B's shape (its q/k/v biases only with --family qwen2): ~494M parameters, tied embeddings
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                                ffn_hidden=4864, block="sequential", norm="rmsnorm", norm_eps=1e-6,
+                                rope_theta=1e6, tie_embeddings=True, max_seq_len=4096),
+    # Llama 3.2 1B's shape: ~1.24B parameters, tied embeddings
+    "llama-1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                            ffn_hidden=8192, block="sequential", norm="rmsnorm", norm_eps=1e-5,
+                            rope_theta=5e5, tie_embeddings=True, max_seq_len=4096),
+}
+LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# One model, three formats
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_llama_config(c: ModelConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden,
+                       num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                       head_dim=c.head_dim, rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len,
+                       rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                       tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
+                       bos_token_id=1, eos_token_id=5, pad_token_id=0)
+
+
+def palmchat_to_hf_llama(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    """palmchat's sequential RMSNorm model as LlamaForCausalLM weights (both rotate halves: no permutation)."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    out["lm_head.weight"] = state["embed.weight"] if c.tie_embeddings else state["lm_head.weight"]
+    for i in range(c.n_layers):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        wq, wk, wv = state[p + "qkv.weight"].split((q, kv, kv))
+        gate, up = state[p + "gate_up.weight"].chunk(2)
+        out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
+                h + "self_attn.q_proj.weight": wq, h + "self_attn.k_proj.weight": wk,
+                h + "self_attn.v_proj.weight": wv, h + "self_attn.o_proj.weight": state[p + "attn_out.weight"],
+                h + "post_attention_layernorm.weight": state[p + "ff_norm.weight"],
+                h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
+                h + "mlp.down_proj.weight": state[p + "ff_out.weight"]}
+    return out
+
+
+def check_llama_mapping() -> float:
+    """Max |logit difference| between a tiny palmchat model and its LlamaForCausalLM copy, fp32."""
+    from transformers import LlamaForCausalLM
+
+    from palmchat.model.transformer import Transformer
+
+    c = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=96,
+                    block="sequential", norm="rmsnorm", rope_theta=5e5, max_seq_len=64)
+    torch.manual_seed(0)
+    ours = Transformer(c).eval()
+    theirs = LlamaForCausalLM(hf_llama_config(c)).eval()
+    theirs.load_state_dict(palmchat_to_hf_llama(ours.state_dict(), c))
+    ids = torch.randint(0, c.vocab_size, (2, 20))
+    with torch.no_grad():
+        return float((ours(ids) - theirs(ids).logits).abs().max())
+
+
+def prepare(shape: str, family: str, workdir: Path) -> Path:
+    """Write the shape's model once, in bf16: palmchat weights (palmchat.safetensors + config), the transformers
+    folder (hf/) and, if llama-cpp-python can run it, model.gguf. Returns the folder."""
+    from safetensors.torch import load_file, save_file
+
+    from palmchat.model.transformer import Transformer
+    from palmchat.tokenizer.bpe import train_tokenizer
+
+    folder = workdir / f"{family}-{shape}"
+    if (folder / "done").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = SHAPES[shape]
+    t0 = time.perf_counter()
+    if family == "llama":
+        torch.manual_seed(0)
+        model = Transformer(config).to(torch.bfloat16)  # random weights, rounded to bf16 once: the one model
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, folder / "palmchat.safetensors")
+        from transformers import LlamaForCausalLM
+
+        with torch.device("meta"):
+            hf = LlamaForCausalLM(hf_llama_config(config))
+        hf.load_state_dict(palmchat_to_hf_llama(state, config), assign=True)
+        hf.save_pretrained(folder / "hf")
+        del hf, state
+    else:
+        try:
+            from palmchat.checkpoint.hf import load_hf_model
+        except ImportError:
+            sys.exit("--family qwen2 needs palmchat.checkpoint.hf (Hugging Face import), not in this tree yet")
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        c = config
+        torch.manual_seed(0)
+        hf = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, rms_norm_eps=c.norm_eps,
+            max_position_embeddings=c.max_seq_len, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=5, pad_token_id=0)).to(torch.bfloat16)
+        hf.save_pretrained(folder / "hf")
+        del hf
+        loaded = load_hf_model(folder / "hf")
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()},
+                  folder / "palmchat.safetensors")
+        config = model.config
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+
+    # the GGUF: palmchat's tokenizer (a small one; the rest of the vocabulary are unused placeholder tokens)
+    try:
+        from palmchat.checkpoint.gguf_export import export_gguf
+
+        tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 8, vocab_size=300)
+        tokenizer.save(folder)
+        model.load_state_dict(load_file(folder / "palmchat.safetensors"))
+        export_gguf(model, folder, folder / "model.gguf", dtype="bf16", name=f"{family}-{shape}")
+    except ValueError as e:  # a family the export does not map yet: no llama.cpp column
+        (folder / "gguf_refused.txt").write_text(str(e))
+    (folder / "done").write_text("")
+    print(f"  wrote the {shape} model files into {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return folder
+
+
+def load_palmchat(folder: Path, dtype=torch.float32):
+    from safetensors.torch import load_file
+
+    from palmchat.model.transformer import Transformer
+
+    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    model = Transformer(config)
+    model.load_state_dict(load_file(folder / "palmchat.safetensors"))
+    return model.to(dtype)
+
+
+def load_hf(folder: Path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder / "hf", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one measurement each, in their own process
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_ids(config: ModelConfig, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(6, config.vocab_size, (n,), generator=g).tolist()
+
+
+def rss_peak_reset() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def decode_rates(generate, n_prompt: int, new_tokens: int, reps: int) -> dict:
+    """generate(k) runs a greedy batch-1 generation of k new tokens and returns the perf_counter time at which
+    each new token became available; start is taken just before the call. prefill tokens/s = prompt / time to
+    the first token (median of `reps`); decode tokens/s = 1 / the median interval between consecutive tokens
+    over all repeats: on a shared machine a step whose thread was descheduled is an outlier, not the rate."""
+    generate(4)  # warm-up
+    prefill, intervals = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        stamps = generate(new_tokens)
+        assert len(stamps) == new_tokens, len(stamps)
+        prefill.append(n_prompt / (stamps[0] - start))
+        intervals += [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"prefill": statistics.median(prefill), "decode": 1 / statistics.median(intervals),
+            "decode_mean": len(intervals) / sum(intervals)}
+
+
+def worker_decode_palmchat(folder, config, args):
+    from palmchat.inference.engine import Engine, SamplingParams
+
+    engine = Engine(load_palmchat(folder).eval(), dtype=torch.bfloat16)
+    prompt = prompt_ids(config, args.prompt)
+
+    def generate(k):
+        stamps = []
+        for step in engine.stream([prompt], SamplingParams(max_new_tokens=k, temperature=0.0)):
+            stamps += [time.perf_counter()] * len(step)
+        return stamps
+
+    return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
+
+
+class StampStreamer:
+    """A transformers streamer that notes when each generated token arrives (its first put is the prompt)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def worker_decode_transformers(folder, config, args, dtype):
+    model = load_hf(folder, dtype).eval()
+    ids = torch.tensor([prompt_ids(config, args.prompt)])
+
+    def generate(k):
+        streamer = StampStreamer()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                           do_sample=False, pad_token_id=0, streamer=streamer)
+        return streamer.calls[1:]
+
+    return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
+
+
+def worker_decode_llama_cpp(folder, config, args):
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(folder / "model.gguf"), n_ctx=args.prompt + args.new_tokens + 8, n_batch=args.prompt,
+                n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    prompt = prompt_ids(config, args.prompt)
+    n_vocab = llm.n_vocab()
+
+    def next_token():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    def generate(k):
+        llm.reset()
+        llm.eval(prompt)
+        tokens, stamps = [next_token()], [time.perf_counter()]
+        for _ in range(k - 1):
+            llm.eval([tokens[-1]])
+            tokens.append(next_token())
+            stamps.append(time.perf_counter())
+        return stamps
+
+    return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
+
+
+def sft_batch(config: ModelConfig, args) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(6, config.vocab_size, (args.batch, args.seq), generator=g)
+
+
+def train_loop(step, args, tokens_per_step) -> dict:
+    step()  # warm-up (allocations, first-touch)
+    rss_peak_reset()
+    times = [timed(step) for _ in range(args.steps)]
+    return {"train": tokens_per_step / statistics.median(times), "rss_mb": rss_peak_mb()}
+
+
+def worker_train_palmchat(folder, config, args):
+    from palmchat.model.lora import add_lora
+    from palmchat.train.common import adamw, optimizer_step
+    from palmchat.train.sft import batch_loss
+    from palmchat.utils.device import autocast_dtype
+
+    model = load_palmchat(folder)
+    add_lora(model, "bench", rank=args.rank, alpha=2 * args.rank)
+    model.train()
+    dtype = autocast_dtype("auto", torch.device("cpu"))  # what `palmchat sft` picks on this CPU
+    optimizer = adamw(model, 1e-4, 0.0)
+    ids = sft_batch(config, args)
+    examples = [(row[:-1].tolist(), row[1:].tolist()) for row in ids]  # every token a target
+
+    def step():
+        batch_loss(model, examples, 0, torch.device("cpu"), dtype).backward()
+        optimizer_step(optimizer, model.parameters(), 1.0)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train_loop(step, args, args.batch * (args.seq - 1)) | {"trainable": trainable,
+                                                                  "dtype": str(dtype or "fp32")}
+
+
+def worker_train_peft(folder, config, args):
+    from peft import LoraConfig, get_peft_model
+
+    from palmchat.utils.device import autocast_dtype
+
+    model = get_peft_model(load_hf(folder, torch.float32), LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=LORA_TARGETS_HF, bias="none"))
+    model.train()
+    dtype = autocast_dtype("auto", torch.device("cpu"))  # the same compute dtype as palmchat's side
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    ids = sft_batch(config, args)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    trainable = sum(p.numel() for p in params)
+    return train_loop(step, args, args.batch * (args.seq - 1)) | {"trainable": trainable,
+                                                                  "dtype": str(dtype or "fp32")}
+
+
+WORKERS = {
+    "decode palmchat bf16": worker_decode_palmchat,
+    "decode transformers fp32": lambda f, c, a: worker_decode_transformers(f, c, a, torch.float32),
+    "decode transformers bf16": lambda f, c, a: worker_decode_transformers(f, c, a, torch.bfloat16),
+    "decode llama.cpp bf16": worker_decode_llama_cpp,
+    "train palmchat LoRA": worker_train_palmchat,
+    "train transformers+peft LoRA": worker_train_peft,
+}
+
+
+def run_worker(name: str, folder: Path, args) -> dict:
+    """This script again, in a child process, for one measurement; its last stdout line is the JSON result."""
+    cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder)] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k in ("prompt", "new_tokens", "reps", "batch", "seq", "steps", "rank")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": tail}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES),
+                    help="model shapes to run (llama-1b adds ~10 minutes)")
+    ap.add_argument("--family", default="llama", choices=["llama", "qwen2"],
+                    help="llama: palmchat-native model copied into LlamaForCausalLM; qwen2: Qwen2ForCausalLM "
+                         "imported with palmchat.checkpoint.hf")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the 0.5B shape, short prompt, one repeat")
+    ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "palmchat_bench_byom"),
+                    help="where the model files are written once and reused")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the decode measurement")
+    ap.add_argument("--reps", type=int, default=2, help="timed generate calls per setting")
+    ap.add_argument("--batch", type=int, default=2, help="LoRA SFT: sequences per step")
+    ap.add_argument("--seq", type=int, default=257, help="LoRA SFT: tokens per sequence (targets: seq - 1)")
+    ap.add_argument("--steps", type=int, default=3, help="LoRA SFT: timed steps (after one warm-up)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank) on every linear layer")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+
+    if args.worker:
+        folder = Path(args.folder)
+        config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        print(json.dumps(WORKERS[args.worker](folder, config, args)))
+        return
+
+    if args.quick:
+        args.shapes, args.prompt, args.new_tokens, args.reps = ["qwen2.5-0.5b"], 32, 8, 1
+        args.batch, args.seq, args.steps = 1, 65, 1
+    start = time.perf_counter()
+    try:
+        import llama_cpp
+        llama_version = f"llama-cpp-python {llama_cpp.__version__}"
+    except ImportError:
+        llama_version = "llama-cpp-python not installed: no llama.cpp column (pip install llama-cpp-python)"
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {llama_version}; "
+          f"{THREADS} threads on every side")
+    if args.family == "llama":
+        print(f"palmchat -> LlamaForCausalLM weight mapping, tiny model, fp32: max |logit diff| "
+              f"{check_llama_mapping():.1e}")
+
+    ratios = []
+    for shape in args.shapes:
+        folder = prepare(shape, args.family, Path(args.workdir))
+        config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        print(f"\n== {shape} ({args.family}): dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads x "
+              f"{config.head_dim}, {config.n_kv_heads} kv heads, ffn {config.ffn_hidden}, vocab {config.vocab_size}; "
+              f"{fmt(config.num_params() / 1e6)}M parameters", flush=True)
+        gguf_note = (folder / "gguf_refused.txt").read_text() if (folder / "gguf_refused.txt").is_file() else None
+        results = {}
+        for name in WORKERS:
+            if "llama.cpp" in name and (gguf_note or "not installed" in llama_version):
+                results[name] = {"error": gguf_note or "llama-cpp-python not installed"}
+                continue
+            results[name] = run_worker(name, folder, args)
+            print(f"  {name}: {results[name]}", flush=True)
+
+        print(f"batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens (greedy), {args.reps} repeats; "
+              f"decode = 1 / median step (mean alongside):")
+        print(f"  {'setting':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'(mean)':>8}{'decode vs palmchat':>20}")
+        ours = results["decode palmchat bf16"]
+        for name in [n for n in WORKERS if n.startswith("decode")]:
+            r = results[name]
+            if "error" in r:
+                print(f"  {name[7:]:<30}  ({r['error'][:90]})")
+                continue
+            vs = f"{r['decode'] / ours['decode']:.2f}x" if "decode" in ours else "-"
+            print(f"  {name[7:]:<30}{fmt(r['prefill']):>14}{fmt(r['decode']):>14}{fmt(r['decode_mean']):>8}{vs:>20}")
+        print(f"LoRA rank {args.rank} on every linear layer, batch {args.batch} x {args.seq - 1} target tokens, "
+              f"median of {args.steps} steps:")
+        print(f"  {'setting':<30}{'tokens/s':>10}{'peak RSS MB':>13}{'trainable':>12}{'compute':>16}")
+        for name in [n for n in WORKERS if n.startswith("train")]:
+            r = results[name]
+            if "error" in r:
+                print(f"  {name[6:]:<30}  ({r['error'][:90]})")
+                continue
+            print(f"  {name[6:]:<30}{fmt(r['train']):>10}{r['rss_mb']:>13.0f}{r['trainable'] / 1e6:>11.2f}M"
+                  f"{r['dtype']:>16}")
+
+        def ratio(a, b, key, results=results):
+            ra, rb = results[a], results[b]
+            return f"{ra[key] / rb[key]:.2f}x" if key in ra and key in rb else "n/a"
+
+        best_hf = max(("decode transformers fp32", "decode transformers bf16"),
+                      key=lambda n: results[n].get("decode", 0))
+        ratios += [
+            f"{shape}: decode tokens/s palmchat / transformers best ({best_hf[7:]}): "
+            f"{ratio('decode palmchat bf16', best_hf, 'decode')}; palmchat / llama.cpp: "
+            f"{ratio('decode palmchat bf16', 'decode llama.cpp bf16', 'decode')}",
+            f"{shape}: prefill tokens/s palmchat / transformers fp32: "
+            f"{ratio('decode palmchat bf16', 'decode transformers fp32', 'prefill')}; palmchat / llama.cpp: "
+            f"{ratio('decode palmchat bf16', 'decode llama.cpp bf16', 'prefill')}",
+            f"{shape}: LoRA SFT tokens/s palmchat / transformers+peft: "
+            f"{ratio('train palmchat LoRA', 'train transformers+peft LoRA', 'train')}; peak RSS "
+            f"{ratio('train palmchat LoRA', 'train transformers+peft LoRA', 'rss_mb')}",
+        ]
+
+    print("\n" + "\n".join(ratios))
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

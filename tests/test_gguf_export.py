@@ -1,0 +1,368 @@
+"""GGUF export (palmchat/checkpoint/gguf_export.py): the file read back with gguf's own reader holds the metadata
+and weights llama.cpp needs, and, where llama-cpp-python is installed, llama.cpp computes palmchat's logits and
+greedy continuations from it, for the parallel (command-r) and the sequential (llama) block."""
+
+import dataclasses
+import json
+import re
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from palmchat.checkpoint import CheckpointError
+from palmchat.checkpoint.gguf_export import CHAT_TEMPLATE, export_gguf, gguf_architecture
+from palmchat.model.config import ModelConfig, preset
+from palmchat.model.lora import add_lora, merge_lora
+from palmchat.model.rope import rotary_tables
+from palmchat.model.transformer import Transformer
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import SPECIAL_TOKENS
+
+BLOCKS = {"parallel": dict(block="parallel", norm="layernorm"), "sequential": dict(block="sequential", norm="rmsnorm")}
+ARCH = {"parallel": "command-r", "sequential": "llama"}
+VOCAB = 320  # larger than the tokenizer's: the extra rows become unused placeholder tokens
+TEXTS = ["The quick brown fox jumps over the lazy dog. It's 2026, don't you know?",
+         "Numbers 12345 and  double  spaces,\nnew lines\n\n and tabs\tand ünïcödé — all here.",
+         "hello world hello world, the tokenizer learns merges like 'the' and 'ing' and 'tion'."] * 30
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS, vocab_size=300).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from palmchat.tokenizer.bpe import Tokenizer
+
+    return Tokenizer.load(tokenizer_dir)
+
+
+def make_model(block: str, **overrides) -> Transformer:
+    # a larger init spreads the logits, so greedy choices are not near-ties between two implementations
+    torch.manual_seed(0)
+    config = preset("tiny", **{"vocab_size": VOCAB, "init_std": 0.3, **BLOCKS[block], **overrides})
+    model = Transformer(config).eval()
+    with torch.no_grad():  # norms at 1 would not show a norm weight written to the wrong place
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def fields(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of the export's q/k row permutation: adjacent-pair order back to palmchat's halves."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def rebuild_state_dict(reader: gguf.GGUFReader, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """palmchat's state dict from the file's dequantized tensors."""
+    t = {}
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        t[tensor.name] = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(
+            tuple(int(n) for n in reversed(tensor.shape)))
+    out = {"embed.weight": t.pop("token_embd.weight"), "norm.weight": t.pop("output_norm.weight")}
+    if "output.weight" in t:
+        out["lm_head.weight"] = t.pop("output.weight")
+    for i in range(config.n_layers):
+        b = f"blk.{i}."
+        q = interleaved_to_rotate_half(t.pop(b + "attn_q.weight"), config.n_heads)
+        k = interleaved_to_rotate_half(t.pop(b + "attn_k.weight"), config.n_kv_heads)
+        v = t.pop(b + "attn_v.weight")
+        gate, up = t.pop(b + "ffn_gate.weight"), t.pop(b + "ffn_up.weight")
+        p = f"blocks.{i}."
+        out[p + "attn_out.weight"] = t.pop(b + "attn_output.weight")
+        out[p + "ff_out.weight"] = t.pop(b + "ffn_down.weight")
+        if config.block == "parallel":
+            out[p + "norm.weight"] = t.pop(b + "attn_norm.weight")
+            out[p + "in_proj.weight"] = torch.cat([q, k, v, gate, up])
+        else:
+            out[p + "attn_norm.weight"] = t.pop(b + "attn_norm.weight")
+            out[p + "ff_norm.weight"] = t.pop(b + "ffn_norm.weight")
+            out[p + "qkv.weight"] = torch.cat([q, k, v])
+            out[p + "gate_up.weight"] = torch.cat([gate, up])
+    assert not t, f"tensors the rebuild did not read: {sorted(t)}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the file itself
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_f32_file_rebuilds_the_weights_exactly(block, tied, tokenizer_dir, tmp_path):
+    if block == "parallel" and not tied:
+        pytest.skip("refused: test_refusals")
+    model = make_model(block, tie_embeddings=tied)
+    path = export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype="f32")
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not tied)  # tied: llama.cpp projects with token_embd
+    rebuilt = rebuild_state_dict(reader, model.config)
+    expected = model.state_dict()
+    assert rebuilt.keys() == expected.keys()
+    for name, weight in expected.items():
+        assert torch.equal(rebuilt[name], weight), name
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_metadata(block, tokenizer_dir, tokenizer, tmp_path):
+    model = make_model(block, rope_theta=50000.0, rope_scaling=2.0, norm_eps=1e-6, max_seq_len=96)
+    path = export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype="f16", name="tiny-palm")
+    f, c, arch = fields(gguf.GGUFReader(path)), model.config, ARCH[block]
+    assert f["general.architecture"] == arch
+    assert f["general.name"] == "tiny-palm"
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert f[f"{arch}.context_length"] == 96
+    assert f[f"{arch}.embedding_length"] == c.dim
+    assert f[f"{arch}.feed_forward_length"] == c.ffn_hidden
+    assert f[f"{arch}.block_count"] == c.n_layers
+    assert f[f"{arch}.attention.head_count"] == c.n_heads
+    assert f[f"{arch}.attention.head_count_kv"] == c.n_kv_heads
+    assert f[f"{arch}.rope.dimension_count"] == c.head_dim
+    assert f[f"{arch}.rope.freq_base"] == 50000.0
+    assert f[f"{arch}.rope.scaling.type"] == "linear"
+    assert f[f"{arch}.rope.scaling.factor"] == 2.0
+    eps_key = "layer_norm_rms_epsilon" if block == "sequential" else "layer_norm_epsilon"
+    assert f[f"{arch}.attention.{eps_key}"] == pytest.approx(1e-6)
+
+    tokens = f["tokenizer.ggml.tokens"]
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(tokens) == VOCAB
+    assert tokens[:len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
+    assert all(tokens[i] == tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size))
+    assert tokens[tokenizer.vocab_size:] == [f"[PAD{i}]" for i in range(tokenizer.vocab_size, VOCAB)]
+    types = f["tokenizer.ggml.token_type"]
+    assert types[:len(SPECIAL_TOKENS)] == [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    assert set(types[len(SPECIAL_TOKENS):tokenizer.vocab_size]) == {gguf.TokenType.NORMAL}
+    assert set(types[tokenizer.vocab_size:]) == {gguf.TokenType.UNUSED}
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    fmt = tokenizer.chat_format
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) \
+        == (fmt.bos_id, fmt.eot_id, fmt.pad_id)
+    assert f["tokenizer.ggml.add_bos_token"] is True
+    assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f16", 1e-3), ("bf16", 0.0), ("q8_0", 2e-2)])
+def test_lower_precisions_dequantize_close(dtype, tolerance, tokenizer_dir, tmp_path):
+    model = make_model("sequential")
+    reader = gguf.GGUFReader(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype=dtype))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == dtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
+    rebuilt = rebuild_state_dict(reader, model.config)
+    for name, weight in model.state_dict().items():
+        if dtype == "bf16":  # exactly torch's round-to-nearest-even bf16
+            assert torch.equal(rebuilt[name], weight.to(torch.bfloat16).float() if weight.dim() > 1 else weight), name
+        else:
+            scale = weight.abs().max()
+            assert (rebuilt[name] - weight).abs().max() <= tolerance * scale, name
+
+
+def test_permutation_makes_adjacent_pair_rotary_compute_palmchats_scores():
+    """The reason for the q/k permutation, checked without llama.cpp: rotating the permuted rows in adjacent pairs
+    (llama.cpp's "normal" rope) gives the same q.k scores as palmchat's rotate-half on the original rows."""
+    from palmchat.checkpoint.gguf_export import permute_for_interleaved_rope
+    from palmchat.model.rope import apply_rotary
+
+    config = preset("tiny", vocab_size=VOCAB)
+    D, T = config.head_dim, 7
+    cos, sin = rotary_tables(config, T)
+    x, wq, wk = torch.randn(T, config.dim), torch.randn(D, config.dim), torch.randn(D, config.dim)
+    ours = apply_rotary((x @ wq.T)[None, None], cos[None, None], sin[None, None])[0, 0] @ \
+        apply_rotary((x @ wk.T)[None, None], cos[None, None], sin[None, None])[0, 0].T
+
+    def adjacent_pairs(v):  # (T, D): rotate (v[2j], v[2j+1]) by position * theta^(-2j/D)
+        angles = torch.arange(T)[:, None] * config.rope_theta ** (-torch.arange(0, D, 2) / D)
+        a, b = v[:, 0::2], v[:, 1::2]
+        return torch.stack([a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()], -1).flatten(1)
+
+    theirs = adjacent_pairs(x @ permute_for_interleaved_rope(wq, 1).T) @ \
+        adjacent_pairs(x @ permute_for_interleaved_rope(wk, 1).T).T
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    without = adjacent_pairs(x @ wq.T) @ adjacent_pairs(x @ wk.T).T
+    assert not torch.allclose(without, ours, atol=1e-2)  # the permutation is needed
+
+
+def test_chat_template_renders_palmchats_format(tokenizer):
+    env = ImmutableSandboxedEnvironment()
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    template = env.from_string(CHAT_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, fox?"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Numbers 12345"}]
+    text = template.render(messages=messages, add_generation_prompt=True, bos_token=SPECIAL_TOKENS[1],
+                           raise_exception=raise_exception)
+    assert text == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Hi there, fox?<|end|><|assistant|>Hello.<|end|>"
+                    "<|user|>Numbers 12345<|end|><|assistant|>")
+    # tokenized as llama.cpp does with special tokens parsed: split at the specials, encode each piece
+    ids = []
+    for piece in re.split("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")", text):
+        ids += [SPECIAL_TOKENS.index(piece)] if piece in SPECIAL_TOKENS else tokenizer.encode(piece)
+    assert ids == tokenizer.chat_format.render_prompt(messages)
+    with pytest.raises(ValueError, match="tool"):
+        template.render(messages=[{"role": "tool", "content": "x"}], bos_token="", raise_exception=raise_exception)
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+
+@dataclasses.dataclass
+class FutureConfig(ModelConfig):
+    qkv_bias: bool = False  # a feature a later family adds before the export maps it
+
+
+def test_refusals(tokenizer_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        export_gguf(make_model("parallel", tie_embeddings=False), tokenizer_dir, out)
+    with pytest.raises(ValueError, match="norm='layernorm'"):
+        gguf_architecture(preset("tiny", block="sequential", norm="layernorm"))
+    with pytest.raises(ValueError, match="norm='rmsnorm'"):
+        gguf_architecture(preset("tiny", block="parallel", norm="rmsnorm"))
+    with pytest.raises(ValueError, match="head_dim"):
+        gguf_architecture(preset("tiny", head_dim=32))
+    with pytest.raises(ValueError, match="qkv_bias=True"):
+        gguf_architecture(FutureConfig(**preset("tiny").to_dict(), qkv_bias=True))
+    gguf_architecture(FutureConfig(**preset("tiny").to_dict()))  # at its default the field changes nothing
+    with pytest.raises(ValueError, match="dtype='q4'"):
+        export_gguf(make_model("parallel"), tokenizer_dir, out, dtype="q4")
+
+    lora = make_model("sequential")
+    add_lora(lora, "a", rank=2)
+    with pytest.raises(ValueError, match="lora.*merge_lora"):
+        export_gguf(lora, tokenizer_dir, out)
+    assert list(tmp_path.iterdir()) == []  # a refused export leaves no file, not even a temporary one
+    export_gguf(merge_lora(lora, "a"), tokenizer_dir, out)  # merged, it exports
+
+    bad = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    bad["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match=r"bad/tokenizer.json: pre_tokenizer"):
+        export_gguf(make_model("parallel"), tmp_path / "bad", out)
+    with pytest.raises(CheckpointError, match="model.vocab.*vocab_size=100"):
+        export_gguf(Transformer(preset("tiny", vocab_size=100)), tokenizer_dir, out)
+    with pytest.raises(CheckpointError, match="tokenizer not found"):
+        export_gguf(make_model("parallel"), tmp_path / "nowhere", out)
+
+
+def test_exports_a_checkpoint_folder(tokenizer_dir, tmp_path):
+    from palmchat.checkpoint import save_checkpoint
+    from palmchat.checkpoint.gguf_export import ExportGGUFArgs, export_main
+
+    model = make_model("parallel")
+    save_checkpoint(tmp_path / "run", 3, model, {"model": model.config.to_dict()}, tokenizer_dir / "tokenizer.json")
+    path = export_main(ExportGGUFArgs(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "out" / "run.gguf"),
+                                      dtype="f32"))
+    reader = gguf.GGUFReader(path)
+    assert fields(reader)["general.name"] == "run"
+    assert (tmp_path / "out" / "run.Modelfile").read_text() == (
+        'FROM ./run.gguf\nTEMPLATE """{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}'
+        '<|assistant|>"""\nPARAMETER stop "<|end|>"\n')
+    rebuilt = rebuild_state_dict(reader, model.config)
+    assert all(torch.equal(rebuilt[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------- llama.cpp runs the file
+
+
+def llama(path, n_ctx=128):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # an f32 KV cache (llama.cpp's default is f16, which alone moves logits by ~1e-3)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_batch=n_ctx, logits_all=True,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+
+
+@pytest.mark.parametrize("block, overrides", [
+    ("parallel", {}), ("sequential", {}),
+    # grouped-query, heads wider than dim / n_heads, an untied output projection, linear rope scaling
+    ("sequential", dict(n_kv_heads=2, head_dim=32, tie_embeddings=False, rope_scaling=2.0, rope_theta=500.0)),
+    ("parallel", dict(n_kv_heads=2, rope_scaling=2.0, rope_theta=500.0))])
+def test_llama_cpp_logits_and_greedy_decode_match_palmchat(block, overrides, tokenizer_dir, tokenizer, tmp_path):
+    model = make_model(block, **overrides)
+    llm = llama(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype="f32"))
+    prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": "The quick brown fox?"}])
+
+    llm.reset()
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    assert ours.std() > 1.0  # spread logits: a mismatch cannot hide in near-uniform ones
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)
+
+    # greedy continuation, llama.cpp decoding one token at a time from its KV cache
+    ids = list(prompt)
+    for _ in range(24):
+        ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([ids[-1]])
+    with torch.no_grad():
+        ours = list(prompt)
+        for _ in range(24):
+            ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
+    assert ids == ours
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_llama_cpp_runs_the_lower_precisions(dtype, tokenizer_dir, tokenizer, tmp_path):
+    """Each weight type loads and computes palmchat's logits up to its rounding (llama.cpp also rounds the
+    activations it multiplies them with: 8-bit blocks for q8_0). Without the rotary permutation the error is ~30%."""
+    model = make_model("parallel")
+    llm = llama(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype=dtype))
+    prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": "The quick brown fox?"}])
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    error = (theirs - ours).norm() / ours.norm()
+    assert error < {"f16": 1e-3, "bf16": 2e-2, "q8_0": 5e-2}[dtype], float(error)
+
+
+def test_llama_cpp_tokenizes_and_renders_chats_as_palmchat(tokenizer_dir, tokenizer, tmp_path):
+    llm = llama(export_gguf(make_model("sequential"), tokenizer_dir, tmp_path / "m.gguf", dtype="f16"))
+    for text in TEXTS[:3] + ["  leading and trailing  ", "<|end|> is text here", "tabs\t\tand\r\nCRLF 3.14159"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
+    assert llm.tokenize(b"hi", add_bos=True) == [tokenizer.chat_format.bos_id] + tokenizer.encode("hi")
+    assert llm.token_eos() == tokenizer.chat_format.eot_id
+    # llama-cpp-python renders chats with the file's template
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="<|end|>",
+                                    bos_token="<|endoftext|>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, fox?"}]
+    text = formatter(messages=messages).prompt
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.chat_format.render_prompt(messages)
+
+
+def test_llama_cpp_chat_completion_replies_as_palmchat(tokenizer_dir, tokenizer, tmp_path):
+    """llama.cpp's chat path end to end (the file's chat template, its bos handling, its stop at <|end|>): the
+    greedy reply is palmchat's greedy reply."""
+    from palmchat.inference.engine import Engine, SamplingParams
+
+    model = make_model("parallel", vocab_size=tokenizer.vocab_size)  # no placeholder tokens to decode
+    llm = llama(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype="f32"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]
+    fmt = tokenizer.chat_format
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=16)
+    # llama-cpp-python runs on past max_tokens until the text's last character is whole: compare that many tokens
+    n = reply["usage"]["completion_tokens"]
+    ours = Engine(model).generate([fmt.render_prompt(messages)], SamplingParams(
+        max_new_tokens=n, temperature=0.0, stop_token_ids=fmt.reply_stop_ids))[0].tokens
+    ours = [t for t in ours if t not in fmt.reply_stop_ids]
+    # the reply's bytes, decoded as llama-cpp-python does (bytes of no whole character dropped)
+    assert reply["choices"][0]["message"]["content"] == llm.detokenize(ours).decode("utf-8", errors="ignore")
