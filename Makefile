@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # would pull a multi-GB CUDA build. The package itself only asks for torch>=2.4.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench screenshots install browser clean
+.PHONY: demo test bench bench-byom screenshots install browser clean
 
 $(STAMP): pyproject.toml setup.py palmchat/kernels/decode_bf16.c palmchat/kernels/attention_bf16.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ screenshots: $(STAMP) browser  # the README's docs/*.png, taken by the browser t
 bench: $(STAMP)
 	$(PIP) install -q palm-rlhf-pytorch "$(TORCH)"
 	$(PY) benchmarks/bench_foundation.py
+
+# bring your own model: palmchat against transformers (+peft) and llama.cpp; llama-cpp-python builds llama.cpp from
+# source (18 minutes on 2 busy cores), so only this target installs it (the llama.cpp tests skip without it)
+bench-byom: $(STAMP)
+	$(PIP) install -q llama-cpp-python "$(TORCH)"
+	$(PY) benchmarks/bench_byom.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -239,28 +239,11 @@ def export_hf_main(args: ExportHFArgs) -> None:
     print(f"exported: {out}")
 
 
-@dataclass
-class ExportGGUFArgs:
-    """Write a checkpoint as one GGUF file for llama.cpp and Ollama."""
-
-    checkpoint: str = arg("", "a checkpoint folder (LoRA adapters are merged in)", positional=True)
-    out: str = arg("", "output .gguf file")
-    type: str = arg("f16", "tensor type", choices=["f32", "f16", "bf16", "q8_0"])
-
-
-def export_gguf_main(args: ExportGGUFArgs) -> None:
-    from palmchat import checkpoint
-    from palmchat.checkpoint.gguf_export import export_gguf
-
-    if not args.out:
-        raise ValueError("--out is required")
-    model, _, ckpt = checkpoint.load_model(args.checkpoint, merge=True)
-    print(f"exported: {export_gguf(model, ckpt, args.out, dtype=args.type)}")
-
-
 def _commands():
     """Sub-command name -> (argument dataclass, function), or -> {name: (...)} for a group (`palmchat keys create`).
     Only argument dataclasses are imported here: the serving stack (FastAPI) loads when `serve` runs."""
+    from palmchat.checkpoint.gguf_export import ExportGGUFArgs
+    from palmchat.checkpoint.gguf_export import export_main as export_gguf_main
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
     from palmchat.feedback.exchange import FeedbackExportArgs, FeedbackImportArgs

@@ -27,7 +27,6 @@ pair no llama.cpp architecture computes, a tokenizer whose pre-tokenizer llama.c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -37,20 +36,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palmchat.checkpoint.native import TOKENIZER_FILE, CheckpointError, load_model
+from palmchat.checkpoint.errors import CheckpointError
+from palmchat.checkpoint.native import TOKENIZER_FILE, load_model
 from palmchat.model.config import ModelConfig
 from palmchat.tokenizer.chat_format import (
     ASSISTANT_TOKEN,
     BOS_TOKEN,
     EOT_TOKEN,
     PAD_TOKEN,
-    ROLES,
+    PALMCHAT_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
 )
 from palmchat.utils.args import arg
 from palmchat.utils.atomic import atomic_path, atomic_write
 
-__all__ = ["CHAT_TEMPLATE", "DTYPES", "OLLAMA_MODELFILE", "ExportGGUFArgs", "export_gguf", "export_main",
+__all__ = ["DTYPES", "OLLAMA_MODELFILE", "ExportGGUFArgs", "export_gguf", "export_main",
            "gguf_architecture", "permute_for_interleaved_rope"]
 
 # dtype -> (tensor type of the 2-D weights, general.file_type). Norm weights stay f32, as llama.cpp's converter
@@ -64,25 +64,6 @@ DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF1
 MAPPED_CONFIG_FIELDS = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "block",
                         "norm", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings", "max_seq_len",
                         "init_std"}
-
-# palmchat's chat format as a Jinja chat template (what llama.cpp and llama-cpp-python render chats with): bos,
-# then per message <|role|>content<|end|>, then <|assistant|> to ask for a reply. Rendered text is tokenized with
-# special tokens parsed, which splits it at the specials exactly where palmchat encodes each message's content on
-# its own. One difference remains: a literal "<|end|>" typed inside a message becomes the special token there,
-# where palmchat's own encoder keeps it as text.
-_ROLE_TOKENS = ", ".join(f"'{role}': '{SPECIAL_TOKENS[i]}'" for role, i in ROLES.items())
-CHAT_TEMPLATE = (
-    "{%- set role_tokens = {" + _ROLE_TOKENS + "} -%}"
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in role_tokens -%}"
-    "{{- raise_exception('palmchat chats have system, user and assistant messages only, not ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{{- role_tokens[message['role']] + message['content'] + '" + EOT_TOKEN + "' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}"
-)
-
 
 # Ollama takes a GGUF's chat template only when it recognises it as one of its own, so a model in palmchat's
 # format needs a Modelfile naming the same layout as a Go template. Ollama's tokenizer adds the bos token itself
@@ -98,10 +79,13 @@ OLLAMA_MODELFILE = (
 
 def gguf_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes `config`'s block, or ValueError naming what has none."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    # the config with every unmapped field at its default (as the default resolves for this shape)
+    defaults = ModelConfig(**{k: v for k, v in config.to_dict().items() if k in MAPPED_CONFIG_FIELDS}).to_dict()
     for field, value in config.to_dict().items():
-        if field not in MAPPED_CONFIG_FIELDS and value != defaults.get(field):
-            raise ValueError(f"GGUF export: model config {field}={value!r} has no GGUF mapping yet")
+        if value != defaults[field]:
+            raise ValueError(f"GGUF export: model config {field}={value!r} has no GGUF mapping yet (a model "
+                             f"imported from Hugging Face: write it with `palmchat export-hf` and convert that "
+                             f"folder with llama.cpp's convert_hf_to_gguf.py)")
     if config.block == "sequential" and config.norm == "rmsnorm":
         return "llama"
     if config.block == "parallel" and config.norm == "layernorm":
@@ -305,7 +289,7 @@ def _write_metadata(writer, config: ModelConfig, arch: str, vocab: GGUFVocab, fi
     writer.add_pad_token_id(ids[PAD_TOKEN])
     writer.add_add_bos_token(True)  # palmchat opens every document and conversation with <|endoftext|>
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(PALMCHAT_CHAT_TEMPLATE)  # a literal "<|end|>" in a message is a special there
 
 
 def export_gguf(model: torch.nn.Module | str | os.PathLike, tokenizer_path_or_folder: str | os.PathLike | None,
