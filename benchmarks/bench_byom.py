@@ -10,10 +10,10 @@ For each model shape (random bf16 weights made here; no download), with 2 thread
 2. LoRA SFT training tokens/s and peak memory (RSS): palmchat (add_lora + sft.batch_loss + optimizer_step) against
    transformers + peft in a plain loop, same weights, batch, sequence length, rank and optimizer.
 
-`--family llama` (the default) builds the model natively in palmchat (`ModelConfig(block="sequential",
-norm="rmsnorm", ...)`) and copies the same weights into transformers' LlamaForCausalLM: one model on every side.
-`--family qwen2` builds transformers' Qwen2ForCausalLM (with its q/k/v biases) and imports it with
-palmchat.checkpoint.hf.load_hf_model, once that module exists.
+The model is a Hugging Face folder that every side reads: `--family llama` (the default) is palmchat's sequential
+model exported as LlamaForCausalLM (and as GGUF for llama.cpp); `--family qwen2` is transformers' own
+Qwen2ForCausalLM with its q/k/v biases (no GGUF: palmchat's export does not map them yet). palmchat loads it through
+palmchat.checkpoint.hf, as a user's model.
 
 Every measurement runs in its own process (this script re-invoked with --worker), so that each side's peak RSS
 is its own and no side inherits another's allocator state; the model files are written once into --workdir.
@@ -64,57 +64,11 @@ def timed(fn) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def hf_llama_config(c: ModelConfig):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden,
-                       num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-                       head_dim=c.head_dim, rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len,
-                       rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                       tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
-                       bos_token_id=1, eos_token_id=5, pad_token_id=0)
-
-
-def palmchat_to_hf_llama(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
-    """palmchat's sequential RMSNorm model as LlamaForCausalLM weights (both rotate halves: no permutation)."""
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    out["lm_head.weight"] = state["embed.weight"] if c.tie_embeddings else state["lm_head.weight"]
-    for i in range(c.n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = state[p + "qkv.weight"].split((q, kv, kv))
-        gate, up = state[p + "gate_up.weight"].chunk(2)
-        out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
-                h + "self_attn.q_proj.weight": wq, h + "self_attn.k_proj.weight": wk,
-                h + "self_attn.v_proj.weight": wv, h + "self_attn.o_proj.weight": state[p + "attn_out.weight"],
-                h + "post_attention_layernorm.weight": state[p + "ff_norm.weight"],
-                h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
-                h + "mlp.down_proj.weight": state[p + "ff_out.weight"]}
-    return out
-
-
-def check_llama_mapping() -> float:
-    """Max |logit difference| between a tiny palmchat model and its LlamaForCausalLM copy, fp32."""
-    from transformers import LlamaForCausalLM
-
-    from palmchat.model.transformer import Transformer
-
-    c = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=96,
-                    block="sequential", norm="rmsnorm", rope_theta=5e5, max_seq_len=64)
-    torch.manual_seed(0)
-    ours = Transformer(c).eval()
-    theirs = LlamaForCausalLM(hf_llama_config(c)).eval()
-    theirs.load_state_dict(palmchat_to_hf_llama(ours.state_dict(), c))
-    ids = torch.randint(0, c.vocab_size, (2, 20))
-    with torch.no_grad():
-        return float((ours(ids) - theirs(ids).logits).abs().max())
-
-
 def prepare(shape: str, family: str, workdir: Path) -> Path:
-    """Write the shape's model once, in bf16: palmchat weights (palmchat.safetensors + config), the transformers
-    folder (hf/) and, if llama-cpp-python can run it, model.gguf. Returns the folder."""
-    from safetensors.torch import load_file, save_file
-
+    """Write the shape's model once, in bf16, as a Hugging Face folder (hf/): palmchat's side loads it the way a user's
+    model is loaded (palmchat.checkpoint.hf), transformers' with from_pretrained; and, if the export maps the
+    family, as model.gguf for llama.cpp. Returns the folder."""
+    from palmchat.checkpoint.hf import export_hf, load_hf_model
     from palmchat.model.transformer import Transformer
     from palmchat.tokenizer.bpe import train_tokenizer
 
@@ -124,40 +78,21 @@ def prepare(shape: str, family: str, workdir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = SHAPES[shape]
     t0 = time.perf_counter()
-    if family == "llama":
-        torch.manual_seed(0)
-        model = Transformer(config).to(torch.bfloat16)  # random weights, rounded to bf16 once: the one model
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, folder / "palmchat.safetensors")
-        from transformers import LlamaForCausalLM
-
-        with torch.device("meta"):
-            hf = LlamaForCausalLM(hf_llama_config(config))
-        hf.load_state_dict(palmchat_to_hf_llama(state, config), assign=True)
-        hf.save_pretrained(folder / "hf")
-        del hf, state
-    else:
-        try:
-            from palmchat.checkpoint.hf import load_hf_model
-        except ImportError:
-            sys.exit("--family qwen2 needs palmchat.checkpoint.hf (Hugging Face import), not in this tree yet")
+    torch.manual_seed(0)
+    if family == "llama":  # palmchat's sequential model, exported as LlamaForCausalLM (no biases)
+        export_hf(Transformer(config).to(torch.bfloat16), folder / "hf")
+    else:  # transformers' own Qwen2ForCausalLM, q/k/v biases included
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         c = config
-        torch.manual_seed(0)
         hf = Qwen2ForCausalLM(Qwen2Config(
             vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layers,
             num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, rms_norm_eps=c.norm_eps,
             max_position_embeddings=c.max_seq_len, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=5, pad_token_id=0)).to(torch.bfloat16)
-        hf.save_pretrained(folder / "hf")
-        del hf
-        loaded = load_hf_model(folder / "hf")
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()},
-                  folder / "palmchat.safetensors")
-        config = model.config
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=5, pad_token_id=0))
+        hf.to(torch.bfloat16).save_pretrained(folder / "hf")
+    model, _ = load_hf_model(folder / "hf")
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
 
     # the GGUF: palmchat's tokenizer (a small one; the rest of the vocabulary are unused placeholder tokens)
     try:
@@ -165,7 +100,6 @@ def prepare(shape: str, family: str, workdir: Path) -> Path:
 
         tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 8, vocab_size=300)
         tokenizer.save(folder)
-        model.load_state_dict(load_file(folder / "palmchat.safetensors"))
         export_gguf(model, folder, folder / "model.gguf", dtype="bf16", name=f"{family}-{shape}")
     except ValueError as e:  # a family the export does not map yet: no llama.cpp column
         (folder / "gguf_refused.txt").write_text(str(e))
@@ -175,14 +109,9 @@ def prepare(shape: str, family: str, workdir: Path) -> Path:
 
 
 def load_palmchat(folder: Path, dtype=torch.float32):
-    from safetensors.torch import load_file
+    from palmchat.checkpoint.hf import load_hf_model
 
-    from palmchat.model.transformer import Transformer
-
-    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    model = Transformer(config)
-    model.load_state_dict(load_file(folder / "palmchat.safetensors"))
-    return model.to(dtype)
+    return load_hf_model(folder / "hf", dtype=dtype)[0]
 
 
 def load_hf(folder: Path, dtype):
@@ -310,15 +239,13 @@ def train_loop(step, args, tokens_per_step) -> dict:
 
 
 def worker_train_palmchat(folder, config, args):
-    from palmchat.model.lora import add_lora
-    from palmchat.train.common import adamw, optimizer_step
+    from palmchat.train.common import adamw, load_policy, optimizer_step
     from palmchat.train.sft import batch_loss
     from palmchat.utils.device import autocast_dtype
 
-    model = load_palmchat(folder)
-    add_lora(model, "bench", rank=args.rank, alpha=2 * args.rank)
-    model.train()
     dtype = autocast_dtype("auto", torch.device("cpu"))  # what `palmchat sft` picks on this CPU
+    # as `palmchat sft HF_FOLDER --lora-rank R` loads it: under bf16 autocast the frozen base stays bf16
+    model, _, _ = load_policy(str(folder / "hf"), args.rank, 2 * args.rank, dtype=dtype)
     optimizer = adamw(model, 1e-4, 0.0)
     ids = sft_batch(config, args)
     examples = [(row[:-1].tolist(), row[1:].tolist()) for row in ids]  # every token a target
@@ -388,8 +315,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES),
                     help="model shapes to run (llama-1b adds ~10 minutes)")
     ap.add_argument("--family", default="llama", choices=["llama", "qwen2"],
-                    help="llama: palmchat-native model copied into LlamaForCausalLM; qwen2: Qwen2ForCausalLM "
-                         "imported with palmchat.checkpoint.hf")
+                    help="llama: palmchat's model exported as LlamaForCausalLM; qwen2: transformers' Qwen2ForCausalLM")
     ap.add_argument("--quick", action="store_true", help="smoke run: the 0.5B shape, short prompt, one repeat")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "palmchat_bench_byom"),
                     help="where the model files are written once and reused")
@@ -423,9 +349,6 @@ def main():
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {llama_version}; "
           f"{THREADS} threads on every side")
-    if args.family == "llama":
-        print(f"palmchat -> LlamaForCausalLM weight mapping, tiny model, fp32: max |logit diff| "
-              f"{check_llama_mapping():.1e}")
 
     ratios = []
     for shape in args.shapes:
