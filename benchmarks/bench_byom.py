@@ -100,6 +100,7 @@ def prepare(shape: str, family: str, workdir: Path) -> Path:
 
         tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 8, vocab_size=300)
         tokenizer.save(folder)
+        tokenizer.save_pretrained(folder / "hf")  # a model folder comes with its tokenizer (palmchat sft reads it)
         export_gguf(model, folder, folder / "model.gguf", dtype="bf16", name=f"{family}-{shape}")
     except ValueError as e:  # a family the export does not map yet: no llama.cpp column
         (folder / "gguf_refused.txt").write_text(str(e))
