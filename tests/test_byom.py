@@ -328,3 +328,26 @@ def test_reward_model_and_grpo_on_an_imported_model(aligned, qwen):
     before, _, _ = checkpoint.load_model(aligned["sft"])
     assert any((a - b).abs().max() > 0 for a, b in zip(policy.state_dict().values(), before.state_dict().values()))
     assert rm_model.eot_id == checkpoint.load_tokenizer(qwen).chat_format.eot_id
+
+
+def test_terminal_chat_on_a_hugging_face_folder(qwen):
+    run = palmchat("chat", str(qwen), "--temperature", "0", "--max-new-tokens", "6", "--dtype", "fp32",
+                   "--system", PROMPT[0]["content"], input=f"{PROMPT[1]['content']}\nAnd tomorrow?\n/quit\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("assistant> ") == 2
+
+
+def test_a_broken_hugging_face_folder_is_one_line_naming_the_file(qwen, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "mamba", "architectures": ["MambaX"]}))
+    run = palmchat("generate", str(broken), "--prompt", "hi")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "config.json" in run.stderr and "mamba" in run.stderr
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"\x80\x04not unpickled")
+    run = palmchat("serve", str(broken))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "pytorch_model.bin" in run.stderr and "safetensors" in run.stderr
