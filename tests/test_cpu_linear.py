@@ -11,10 +11,10 @@ pytestmark = pytest.mark.kernels
 needs_kernel = pytest.mark.skipif(bf16_kernel() is None, reason="needs AVX512-BF16 (decode_bf16.c, built by setup.py)")
 
 
-def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-    """y is x @ w.T rounded once to bf16: within half a bf16 step (at most 2^-8 relative) of the exact product,
-    plus room for fp32 accumulation order."""
-    exact = F.linear(x.double(), w.double())
+def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+    """y is x @ w.T (+ b) rounded once to bf16: within half a bf16 step (at most 2^-8 relative) of the exact
+    result, plus room for fp32 accumulation order."""
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     slack = 2**-8 * exact.abs() + 1e-5 * F.linear(x.double().abs(), w.double().abs())
     assert ((y.double() - exact).abs() <= slack).all(), (y.double() - exact).abs().max()
 
@@ -29,6 +29,20 @@ def test_linear_bf16_equals_the_exact_product_rounded_to_bf16(rows, out_features
     y = linear_bf16(x, w)
     assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
     assert_bf16_close(y, x, w)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, MAX_KERNEL_ROWS])
+def test_a_bias_joins_the_sum_before_its_one_rounding(rows):
+    """Qwen2's q/k/v biases: the C kernel and oneDNN (PackedLinear's two paths) both round x @ w.T + b once."""
+    x, w, b = torch.randn(rows, 96).bfloat16(), torch.randn(70, 96).bfloat16(), (50 * torch.randn(70)).bfloat16()
+    assert_bf16_close(linear_bf16(x, w, b), x, w, b)
+    packed = PackedLinear(w, b)
+    assert_bf16_close(packed(x), x, w, b)
+    many = torch.randn(3 * MAX_KERNEL_ROWS, 96).bfloat16()
+    assert_bf16_close(packed(many), many, w, b)
+    with pytest.raises(ValueError, match="bias"):
+        linear_bf16(x, w, b.float())
 
 
 @needs_kernel

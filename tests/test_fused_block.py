@@ -18,13 +18,19 @@ SHAPES = {
     "sequential, rmsnorm, grouped-query": dict(block="sequential", norm="rmsnorm", n_kv_heads=2),
     "multi-head, head dim 40": dict(n_heads=4, n_kv_heads=4, head_dim=40),  # D not a multiple of 32: masked tails
     "parallel, grouped-query, odd widths": dict(dim=72, n_heads=6, n_kv_heads=3, head_dim=12, ffn_hidden=100),
+    "sequential, q/k/v biases (Qwen2)": dict(block="sequential", norm="rmsnorm", n_kv_heads=2, qkv_bias=True),
 }
 
 
 def bf16_copy(**overrides):
     torch.manual_seed(0)
     config = preset("tiny", **overrides)
-    engine = Engine(Transformer(config).eval(), dtype=torch.bfloat16)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # initialised at zero: make them count
+                p.normal_()
+    engine = Engine(model, dtype=torch.bfloat16)
     return config, engine.sync()
 
 

@@ -28,7 +28,7 @@ class BlockCall(ctypes.Structure):
     _fields_ += [(name, ctypes.c_void_p) for name in
                  ("x", "y", "norm", "ff_norm", "w_in", "w_gate_up", "w_attn_out", "w_ff_out", "k_cache", "v_cache")]
     _fields_ += [(name, ctypes.c_int64) for name in ("row_stride", "head_stride", "slot_stride")]
-    _fields_ += [(name, ctypes.c_void_p) for name in ("positions", "cos", "sin")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("positions", "cos", "sin", "b_in")]
 
 
 def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
@@ -50,19 +50,23 @@ class FusedBlock(nn.Module):
                               eps=c.norm_eps)
         (self.call.norm, self.call.ff_norm, self.call.w_in, self.call.w_gate_up, self.call.w_attn_out,
          self.call.w_ff_out) = (w.data_ptr() for w in self._weights)
+        if sequential and block.qkv.bias is not None:  # Qwen2's q, k and v biases
+            self._weights.append(block.qkv.bias)
+            self.call.b_in = block.qkv.bias.data_ptr()
 
     @staticmethod
     def fusable(block: nn.Module) -> bool:
-        """The block is one the kernel implements (palmchat's own blocks: no biases, SwiGLU, full rotary, no q/k
-        norms, no sliding window, no two-norm parallel wiring, none of Gemma's norms or scales), every weight of it
-        is in bf16 and every linear has a plain weight for the kernel. Any other block runs its PyTorch forward,
-        with the same numerics."""
+        """The block is one the kernel implements (palmchat's own blocks, and Qwen2's biases on q, k and v: SwiGLU,
+        full rotary, no other biases, no q/k norms, no sliding window, no two-norm parallel wiring, none of Gemma's
+        norms or scales), every weight of it is in bf16 and every linear has a plain weight for the kernel. Any
+        other block runs its PyTorch forward, with the same numerics."""
         if not isinstance(block, (ParallelBlock, SequentialBlock)) or bf16_kernel() is None:
             return False
         c = block.config
-        if (c.ffn != "swiglu" or c.qkv_bias or c.attn_out_bias or c.ffn_bias or c.norm_bias or c.qk_norm
-                or c.rotary_dim != c.head_dim or c.sliding_window is not None or c.norm_offset or c.post_norms
-                or c.attn_scale is not None or (isinstance(block, SequentialBlock) and block.parallel)):
+        if (c.ffn != "swiglu" or (c.qkv_bias and not isinstance(block, SequentialBlock)) or c.attn_out_bias
+                or c.ffn_bias or c.norm_bias or c.qk_norm or c.rotary_dim != c.head_dim or c.sliding_window is not None
+                or c.norm_offset or c.post_norms or c.attn_scale is not None
+                or (isinstance(block, SequentialBlock) and block.parallel)):
             return False
         sequential = isinstance(block, SequentialBlock)
         linears = (block.qkv, block.gate_up) if sequential else (block.in_proj,)

@@ -33,54 +33,57 @@ def bf16_kernel() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.palmchat_linear_bf16.restype = None
-    library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                             ctypes.c_int64, ctypes.c_int64]
+    library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.palmchat_block_bf16.restype = ctypes.c_int
     library.palmchat_block_bf16.argtypes = [ctypes.c_void_p]  # a pointer to fused_block.BlockCall
     return library
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., K) with at most MAX_KERNEL_ROWS rows, weight (N, K), both bf16 on CPU -> (..., N): F.linear(x, weight)
-    through decode_bf16.c. Callers check bf16_kernel() first."""
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) with at most MAX_KERNEL_ROWS rows, weight (N, K) and bias (N,) or None, all bf16 on CPU -> (..., N):
+    F.linear(x, weight, bias) through decode_bf16.c. Callers check bf16_kernel() first."""
     x = x.contiguous()
     rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
-    if not 1 <= rows <= MAX_KERNEL_ROWS or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
-        raise ValueError(f"linear_bf16: takes 1..{MAX_KERNEL_ROWS} rows and a contiguous bf16 weight, got {rows} rows "
-                         f"and a {weight.dtype} weight")
+    if not 1 <= rows <= MAX_KERNEL_ROWS or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or (
+            bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous())):
+        raise ValueError(f"linear_bf16: takes 1..{MAX_KERNEL_ROWS} rows and a contiguous bf16 weight and bias, got "
+                         f"{rows} rows and a {weight.dtype} weight")
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    bf16_kernel().palmchat_linear_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features)
+    bf16_kernel().palmchat_linear_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                       y.data_ptr(), rows, out_features, in_features)
     return y
 
 
 class PackedLinear(nn.Module):
-    """A bias-free nn.Linear for CPU inference (see the module docstring for its two kernels).
+    """An nn.Linear for CPU inference (see the module docstring for its two kernels), with its bias if it has one.
 
     The packed tensor is opaque (no storage): this module cannot be saved, copied or moved to another device;
     rebuild it from the source weight.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         weight = weight.detach().contiguous()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # plain attributes, not parameters
         self.plain = weight if weight.dtype == torch.bfloat16 and bf16_kernel() is not None else None
+        self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         few_rows = 0 < x.numel() <= MAX_KERNEL_ROWS * self.in_features
         if self.plain is not None and x.dtype == torch.bfloat16 and few_rows:
-            return linear_bf16(x, self.plain)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return linear_bf16(x, self.plain, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every bias-free nn.Linear inside `module`, except those named in `skip`, by a PackedLinear
-    (in place); returns `module`."""
+    """Replace every nn.Linear inside `module`, except those named in `skip`, by a PackedLinear (in place); returns
+    `module`."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and name not in skip:
-                setattr(parent, name, PackedLinear(child.weight))
+            if isinstance(child, nn.Linear) and name not in skip:
+                setattr(parent, name, PackedLinear(child.weight, child.bias))
     return module
 
 

@@ -1,6 +1,6 @@
 /* bf16 decode steps on a CPU with AVX512-BF16: a streaming gemv, and one whole transformer block per call.
 
-   1. palmchat_linear_bf16: y = x @ W^T for 1-4 rows. A decode step reads every weight once per token, so its
+   1. palmchat_linear_bf16: y = x @ W^T (+ b) for 1-4 rows. A decode step reads every weight once per token, so its
       linears are bound by memory bandwidth. oneDNN's packed kernel reads its blocked layout as several short
       interleaved streams, which the hardware prefetchers follow poorly: ~17 GB/s from DRAM on a 2-core AMD EPYC
       (Zen 4) where a plain streaming read gets ~35 GB/s. Here each thread walks its rows of W from start to end in
@@ -55,10 +55,11 @@ static inline float round_bf16(float f) { return to_f32(to_bf16(f)); }
    The gemv
    ------------------------------------------------------------------------------------------------------------ */
 
-/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T. Inlined with M a constant, so the accumulators stay in
-   registers: two per input row, so that consecutive VDPBF16PS do not wait on each other. */
+/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T + b (N,) (b may be NULL). Inlined with M a constant, so the
+   accumulators stay in registers: two per input row, so that consecutive VDPBF16PS do not wait on each other. The
+   bias joins the fp32 sum before its one rounding to bf16, as nn.Linear's does. */
 BF16_KERNEL static inline __attribute__((always_inline)) void
-rows(const bf16 *x, const bf16 *W, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     const int64_t full = K / 32 * 32;
     const __mmask32 tail = (__mmask32)((1ull << (K - full)) - 1);
     for (int64_t n = n0; n < n1; n++) {
@@ -83,28 +84,31 @@ rows(const bf16 *x, const bf16 *W, bf16 *y, int M, int64_t N, int64_t K, int64_t
             for (int m = 0; m < M; m++)
                 acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k));
         }
+        const float bias = b ? to_f32(b[n]) : 0.0f;
         for (int m = 0; m < M; m++)
-            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));
+            y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + bias);
     }
 }
 
 /* This thread's contiguous band of rows n0..n1-1 of W: each thread streams its own part of the weight. */
-BF16_KERNEL static void gemv_band(const bf16 *x, const bf16 *W, bf16 *y, int M, int64_t N, int64_t K) {
+BF16_KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
+                                  int64_t K) {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
     const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
     switch (M) {
-        case 1: rows(x, W, y, 1, N, K, n0, n1); break;
-        case 2: rows(x, W, y, 2, N, K, n0, n1); break;
-        case 3: rows(x, W, y, 3, N, K, n0, n1); break;
-        default: rows(x, W, y, 4, N, K, n0, n1); break;
+        case 1: rows(x, W, b, y, 1, N, K, n0, n1); break;
+        case 2: rows(x, W, b, y, 2, N, K, n0, n1); break;
+        case 3: rows(x, W, b, y, 3, N, K, n0, n1); break;
+        default: rows(x, W, b, y, 4, N, K, n0, n1); break;
     }
 }
 
 /* y (M, N) = x (M, K) @ W (N, K)^T, all bf16 and contiguous, 1 <= M <= MAX_ROWS. The OpenMP threads are the
    same runtime and thread count as PyTorch's. */
-BF16_KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, bf16 *y, int M, int64_t N, int64_t K) {
+BF16_KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
+                                      int64_t K) {
     #pragma omp parallel
-    gemv_band(x, W, y, M, N, K);
+    gemv_band(x, W, b, y, M, N, K);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -128,6 +132,7 @@ typedef struct {  /* mirrored by fused_block.py's BlockCall */
     int64_t row_stride, head_stride, slot_stride;
     const int64_t *positions; /* (M,) the new token's position in each row = its cache slot */
     const bf16 *cos, *sin;    /* (M, D) rotary tables at those positions: [cos, cos] and [-sin, sin] */
+    const bf16 *b_in;         /* sequential only: the q, k, v biases (Qwen2), or NULL */
 } Block;
 
 BF16_KERNEL static void norm_row(const Block *p, const bf16 *weight, const bf16 *x, bf16 *out) {
@@ -197,7 +202,7 @@ BF16_KERNEL static void attend(const Block *p, int64_t m, const bf16 *q, int64_t
 }
 
 /* y = x @ W^T for this thread's band, y rounded to bf16 (the M rows of x contiguous, K wide). */
-#define GEMV(x, W, y, N, K) gemv_band((x), (W), (y), (int)M, (N), (K))
+#define GEMV(x, W, b, y, N, K) gemv_band((x), (W), (b), (y), (int)M, (N), (K))
 
 /* Returns 0, or 1 when out of memory (nothing written then). */
 BF16_KERNEL int palmchat_block_bf16(const Block *p) {
@@ -225,7 +230,7 @@ BF16_KERNEL int palmchat_block_bf16(const Block *p) {
 
         #pragma omp for
         for (int64_t m = 0; m < M; m++) norm_row(p, p->norm, p->x + m * C, normed + m * C);
-        GEMV(normed, p->w_in, projected, IN, C);
+        GEMV(normed, p->w_in, p->b_in, projected, IN, C);
         #pragma omp barrier
 
         /* the new keys (rotated) and values into the cache */
@@ -253,20 +258,20 @@ BF16_KERNEL int palmchat_block_bf16(const Block *p) {
                 float g = to_f32(*gate);
                 swiglu[i] = to_bf16(round_bf16(g / (1.0f + expf(-g))) * to_f32(*up));
             }
-            GEMV(attn, p->w_attn_out, attn_proj, C, HD);
-            GEMV(swiglu, p->w_ff_out, ff_proj, C, F);
+            GEMV(attn, p->w_attn_out, NULL, attn_proj, C, HD);
+            GEMV(swiglu, p->w_ff_out, NULL, ff_proj, C, F);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++)
                 p->y[i] = to_bf16(round_bf16(to_f32(p->x[i]) + to_f32(attn_proj[i])) + to_f32(ff_proj[i]));
         } else {  /* h = x + attn_out(attention); y = h + ff_out(silu(gate) * up) of ff_norm(h) */
-            GEMV(attn, p->w_attn_out, attn_proj, C, HD);
+            GEMV(attn, p->w_attn_out, NULL, attn_proj, C, HD);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) residual[i] = to_bf16(to_f32(p->x[i]) + to_f32(attn_proj[i]));
             #pragma omp for
             for (int64_t m = 0; m < M; m++) norm_row(p, p->ff_norm, residual + m * C, normed + m * C);
-            GEMV(normed, p->w_gate_up, gate_up, 2 * F, C);
+            GEMV(normed, p->w_gate_up, NULL, gate_up, 2 * F, C);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * F; i++) {
@@ -274,7 +279,7 @@ BF16_KERNEL int palmchat_block_bf16(const Block *p) {
                 float g = to_f32(*gate);
                 swiglu[i] = to_bf16(round_bf16(g / (1.0f + expf(-g))) * to_f32(*up));
             }
-            GEMV(swiglu, p->w_ff_out, ff_proj, C, F);
+            GEMV(swiglu, p->w_ff_out, NULL, ff_proj, C, F);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) p->y[i] = to_bf16(to_f32(residual[i]) + to_f32(ff_proj[i]));
