@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -44,6 +44,22 @@ TOKENIZER_FILENAME = "tokenizer.json"
 
 # 256 byte-level symbols + the special tokens.
 MIN_VOCAB_SIZE = 256 + NUM_SPECIAL_TOKENS
+
+
+SPECIAL_IDS = range(NUM_SPECIAL_TOKENS)
+
+
+def encode_plain(tok: _HFTokenizer, texts: Sequence[str], special_ids: Container[int]) -> list[list[int]]:
+    """Plain texts -> their ids through `tok` (parallel in Rust), with no special tokens added. None of
+    `special_ids` may come out (defence in depth: `tok` is set to encode special tokens' text as plain text)."""
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
+    out = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+    if any(i in special_ids for ids in out for i in ids):
+        raise RuntimeError("tokenizer produced a special-token id from plain text")
+    return out
 
 
 def _resolve_path(path: str | os.PathLike) -> Path:
@@ -85,30 +101,11 @@ class Tokenizer:
         """Encode plain text; never emits special-token ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        if not text:
-            return []
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        self._check_no_special(ids)
-        return ids
+        return encode_plain(self._tok, [text], SPECIAL_IDS)[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust); never emits special ids."""
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
-        if not texts:
-            return []
-        out = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-        for ids in out:
-            self._check_no_special(ids)
-        return out
-
-    @staticmethod
-    def _check_no_special(ids: list[int]) -> None:
-        # Defence in depth: special ids are 0..NUM_SPECIAL_TOKENS-1.
-        if ids and min(ids) < NUM_SPECIAL_TOKENS:
-            raise RuntimeError("tokenizer produced a special-token id from plain text")
+        return encode_plain(self._tok, texts, SPECIAL_IDS)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

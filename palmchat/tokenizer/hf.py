@@ -68,6 +68,7 @@ from typing import NamedTuple
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, pre_tokenizers
 
+from palmchat.tokenizer.bpe import encode_plain
 from palmchat.utils.atomic import atomic_write
 
 __all__ = [
@@ -269,28 +270,11 @@ class HFTokenizer:
         """Encode plain text; never emits a special token's id."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        if not text:
-            return []
-        ids = self._plain.encode(text, add_special_tokens=False).ids
-        self._check_no_special(ids)
-        return ids
+        return encode_plain(self._plain, [text], self.special_ids)[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust); never emits a special token's id."""
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
-        if not texts:
-            return []
-        out = [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
-        for ids in out:
-            self._check_no_special(ids)
-        return out
-
-    def _check_no_special(self, ids: list[int]) -> None:
-        if not self.special_ids.isdisjoint(ids):  # defence in depth: encode_special_tokens already splits them
-            raise RuntimeError("tokenizer produced a special-token id from plain text")
+        return encode_plain(self._plain, texts, self.special_ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
