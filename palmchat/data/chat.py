@@ -42,16 +42,29 @@ Token-level helpers (pure functions on token ids)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from palmchat.data.formats import (
+    MAX_RESPONSES,
+    MIN_RESPONSES,
+    OasstFilters,
+    Ranking,
+    Unpaired,
+    file_format,
+    iter_rows,
+    parse_conversation,
+    parse_prompt,
+    parse_ranking_record,
+    parse_unpaired,
+    read_examples,
+    unpaired_from_rankings,
+)
 from palmchat.losses import IGNORE_INDEX
-from palmchat.utils.jsonl import DataError, RecordError, json_type, read_records
+from palmchat.utils.jsonl import DataError, RecordError
 
 __all__ = [
     "Ranking",
@@ -77,187 +90,75 @@ __all__ = [
     "group_by_ranking",
 ]
 
-ROLE_NAMES = ("system", "user", "assistant")
-MIN_RESPONSES, MAX_RESPONSES = 2, 9
-
-
-@dataclass
-class Ranking:
-    """One prompt with K >= 2 responses, ordered BEST FIRST."""
-
-    prompt_messages: list[dict]
-    responses: list[str]
-
-
-@dataclass
-class Unpaired:
-    """One prompt with one completion judged desirable (True) or undesirable (False), as KTO takes them."""
-
-    prompt_messages: list[dict]
-    completion: str
-    desirable: bool
-
-
 # =============================================================================================
-# Reading
+# Reading: palmchat's own records keep their parsers' messages; every other format is read by formats.py
 # =============================================================================================
-
-
-def _messages(value: object, where: str) -> list[dict]:
-    """Validate a list of ``{"role", "content"}`` messages; returns clean copies."""
-    if not isinstance(value, list):
-        raise RecordError(f"{where} must be a list of {{\"role\", \"content\"}} objects, got {json_type(value)}")
-    if not value:
-        raise RecordError(f"{where} is empty")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise RecordError(f"{where}[{i}] must be an object with \"role\" and \"content\", got {json_type(m)}")
-        if "role" not in m:
-            raise RecordError(f"{where}[{i}] has no \"role\"")
-        role = m["role"]
-        if role not in ROLE_NAMES:
-            raise RecordError(f"{where}[{i}].role {role!r} is not one of {', '.join(ROLE_NAMES)}")
-        if "content" not in m:
-            raise RecordError(f"{where}[{i}] has no \"content\"")
-        if not isinstance(m["content"], str):
-            raise RecordError(f"{where}[{i}].content must be a string, got {json_type(m['content'])}")
-        out.append({"role": role, "content": m["content"]})
-    return out
-
-
-def _prompt(value: object, where: str) -> list[dict]:
-    """A prompt string (one user message) or a conversation ending with a user turn."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise RecordError(f"\"{where}\" must be a string or a list of messages, got {json_type(value)}")
-    messages = _messages(value, where)
-    if messages[-1]["role"] != "user":
-        raise RecordError(f"\"{where}\" must end with a user message, but the last one is {messages[-1]['role']!r}")
-    return messages
-
-
-def _response(value: object, where: str) -> str:
-    """A response string, or TRL's conversational form: a list holding one assistant message."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        messages = _messages(value, where)
-        if len(messages) != 1 or messages[0]["role"] != "assistant":
-            raise RecordError(f"{where} must be a string or a list of exactly one assistant message")
-        return messages[0]["content"]
-    raise RecordError(f"{where} must be a string, got {json_type(value)}")
-
-
-def _parse_conversation(record: dict) -> list[dict]:
-    if "messages" in record:
-        messages = _messages(record["messages"], "messages")
-    elif "prompt" in record and "completion" in record:  # TRL prompt-completion format
-        messages = _prompt(record["prompt"], "prompt")
-        messages.append({"role": "assistant", "content": _response(record["completion"], "completion")})
-    else:
-        raise RecordError("missing \"messages\"")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("no assistant message (nothing to train on)")
-    return messages
-
-
-def _parse_ranking(record: dict) -> Ranking:
-    if "prompt" not in record:
-        raise RecordError("missing \"prompt\"")
-    prompt = _prompt(record["prompt"], "prompt")
-    has_k, has_pair = "responses" in record or "ranking" in record, "chosen" in record or "rejected" in record
-    if has_k and has_pair:
-        raise RecordError("give either \"responses\" + \"ranking\" or \"chosen\" + \"rejected\", not both")
-    if has_pair:
-        for key in ("chosen", "rejected"):
-            if key not in record:
-                raise RecordError(f"missing \"{key}\"")
-        return Ranking(prompt, [_response(record["chosen"], "\"chosen\""),
-                                _response(record["rejected"], "\"rejected\"")])
-    if not has_k:
-        raise RecordError("missing \"responses\" + \"ranking\" (or \"chosen\" + \"rejected\")")
-    for key in ("responses", "ranking"):
-        if key not in record:
-            raise RecordError(f"missing \"{key}\"")
-    responses, ranking = record["responses"], record["ranking"]
-    if not isinstance(responses, list):
-        raise RecordError(f"\"responses\" must be a list of strings, got {json_type(responses)}")
-    if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
-        raise RecordError(f"\"responses\" must hold {MIN_RESPONSES} to {MAX_RESPONSES} responses, got {len(responses)}")
-    responses = [_response(r, f"responses[{i}]") for i, r in enumerate(responses)]
-    k = len(responses)
-    if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
-            or sorted(ranking) != list(range(k))):
-        raise RecordError(f"\"ranking\" must be a permutation of 0..{k - 1}, got {json.dumps(ranking)}")
-    return Ranking(prompt, [responses[i] for i in ranking])
 
 
 def parse_ranking(record: dict) -> Ranking:
     """One ranking record (as found on a line of a rankings file) -> Ranking; DataError if malformed."""
     try:
-        return _parse_ranking(record)
+        return parse_ranking_record(record)
     except RecordError as e:
         raise DataError(f"ranking record: {e}") from None
 
 
-def _parse_unpaired(record: dict) -> Unpaired:
-    for key in ("prompt", "completion", "label"):
-        if key not in record:
-            raise RecordError(f"missing \"{key}\" (unpaired feedback: {{\"prompt\", \"completion\", \"label\"}})")
-    if not isinstance(record["label"], bool):
-        raise RecordError(f"\"label\" must be true (desirable) or false (undesirable), "
-                          f"got {json.dumps(record['label'])}")
-    return Unpaired(_prompt(record["prompt"], "prompt"), _response(record["completion"], "\"completion\""),
-                    record["label"])
+def _load(path, format: str, parse, stage: str, what: str, oasst: OasstFilters | None) -> list:
+    """palmchat's own records through the stage's parser (``FILE:LINE: PROBLEM`` on the first malformed one);
+    any other format through :func:`read_examples`, taking the stage's part."""
+    fmt = file_format(path, format)
+    if fmt == "palmchat":
+        out = []
+        for where, _, record in iter_rows(path):
+            try:
+                out.append(parse(record))
+            except RecordError as e:
+                raise DataError(f"{where}: {e}") from None
+        if not out:
+            raise DataError(f"{path}: no records")
+        return out
+    examples = getattr(read_examples(path, fmt, strict=True, oasst=oasst), stage)
+    if not examples:
+        raise DataError(f"{path}: this {fmt} file gives no {what}")
+    return examples
 
 
-def _parse_prompt(record: dict) -> list[dict]:
-    if "prompt" in record:
-        return _prompt(record["prompt"], "prompt")
-    if "messages" in record:
-        return _prompt(record["messages"], "messages")
-    raise RecordError("missing \"prompt\" (or \"messages\")")
+def load_conversations(path: str | os.PathLike, format: str = "auto",
+                       oasst: OasstFilters | None = None) -> list[list[dict]]:
+    """Read SFT conversations from a file of any format (:mod:`palmchat.data.formats`; ``format`` "auto" detects
+    it) -> list of message lists.
 
-
-def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """Read an SFT file: one ``{"messages": [...]}`` per line -> list of message lists.
-
-    Messages are returned as clean ``{"role", "content"}`` dicts (extra keys dropped).
-    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    Messages are clean ``{"role", "content"}`` dicts (an assistant message of OpenAI ``weight`` 0 keeps
+    ``"weight": 0``: :func:`encode_sft` puts no loss on it). Raises :class:`DataError` (``FILE:LINE: PROBLEM``)
+    on the first malformed record.
     """
-    return read_records(path, _parse_conversation)
+    return _load(path, format, parse_conversation, "conversations", "SFT conversations", oasst)
 
 
-def load_rankings(path: str | os.PathLike) -> list[Ranking]:
-    """Read K-wise rankings or chosen/rejected pairs -> :class:`Ranking` (responses best first).
-
-    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
-    """
-    return read_records(path, _parse_ranking)
-
-
-def load_unpaired(path: str | os.PathLike) -> list[Unpaired]:
-    """Read unpaired feedback (``{"prompt", "completion", "label"}`` per line) -> :class:`Unpaired`.
+def load_rankings(path: str | os.PathLike, format: str = "auto", oasst: OasstFilters | None = None) -> list[Ranking]:
+    """Read K-wise rankings or chosen/rejected pairs (any format) -> :class:`Ranking` (responses best first).
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return read_records(path, _parse_unpaired)
+    return _load(path, format, parse_ranking_record, "rankings", "rankings or pairs", oasst)
 
 
-def unpaired_from_rankings(rankings: Sequence[Ranking]) -> list[Unpaired]:
-    """Two unpaired examples per ranking: its best response desirable, its worst undesirable."""
-    return [x for r in rankings for x in (Unpaired(r.prompt_messages, r.responses[0], True),
-                                          Unpaired(r.prompt_messages, r.responses[-1], False))]
-
-
-def load_prompts(path: str | os.PathLike) -> list[list[dict]]:
-    """Read prompts (``{"prompt": ...}`` or ``{"messages": [...]}``) -> message lists ending with a user turn.
+def load_unpaired(path: str | os.PathLike, format: str = "auto", oasst: OasstFilters | None = None) -> list[Unpaired]:
+    """Read unpaired feedback (``{"prompt", "completion", "label"}`` per line; from a preference format: each
+    ranking's best reply desirable, its worst undesirable) -> :class:`Unpaired`.
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return read_records(path, _parse_prompt)
+    return _load(path, format, parse_unpaired, "unpaired", "unpaired examples", oasst)
+
+
+def load_prompts(path: str | os.PathLike, format: str = "auto", oasst: OasstFilters | None = None) -> list[list[dict]]:
+    """Read prompts (``{"prompt": ...}`` or ``{"messages": [...]}``, or any format's prompts) -> message lists
+    ending with a user turn.
+
+    Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
+    """
+    return _load(path, format, parse_prompt, "prompts", "prompts", oasst)
 
 
 # =============================================================================================
@@ -311,6 +212,8 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     ``targets[t] = full[t + 1]`` where ``mask[t + 1]`` is 1 (assistant content and its eot),
     else ``-100``.  So the model is trained to produce each assistant reply and to end it.
 
+    An assistant message with ``"weight": 0`` (OpenAI's fine-tuning format) gets no targets: it is context.
+
     Conversations longer than ``max_len`` input tokens are cut on the right; the result's
     ``.truncated`` says how many tokens were dropped.  A cut can remove every assistant token
     (all targets ``-100``): callers should skip such examples.
@@ -318,6 +221,14 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     full, mask = tokenizer.chat_format.render(messages)
+    if any(m.get("weight") == 0 for m in messages):  # OpenAI's weight 0: the reply is context, not a target
+        starts = [i for _, i in tokenizer.chat_format.message_starts(full)]
+        if len(starts) != len(messages):
+            raise ValueError(f"weight 0 on a reply: this chat format renders {len(messages)} messages as "
+                             f"{len(starts)}, so the reply's tokens cannot be told apart")
+        for m, start, end in zip(messages, starts, [*starts[1:], len(full)]):
+            if m.get("weight") == 0:
+                mask = mask[:start] + [0] * (end - start) + mask[end:]
     dropped = max(0, len(full) - 1 - max_len)
     if dropped:
         full, mask = full[: max_len + 1], mask[: max_len + 1]
