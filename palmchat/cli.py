@@ -244,6 +244,7 @@ def _commands():
     Only argument dataclasses are imported here: the serving stack (FastAPI) loads when `serve` runs."""
     from palmchat.checkpoint.gguf_export import ExportGGUFArgs
     from palmchat.checkpoint.gguf_export import export_main as export_gguf_main
+    from palmchat.data.tools import DataConvertArgs, DataInspectArgs, convert_main, inspect_main
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
     from palmchat.feedback.exchange import FeedbackExportArgs, FeedbackImportArgs
@@ -316,6 +317,7 @@ def _commands():
         "feedback": {"import": (FeedbackImportArgs, feedback_import_main),
                      "export": (FeedbackExportArgs, feedback_export_main)},
         "loop": (LoopArgs, loop_main),
+        "data": {"inspect": (DataInspectArgs, inspect_main), "convert": (DataConvertArgs, convert_main)},
     }
 
 

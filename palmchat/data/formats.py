@@ -655,6 +655,9 @@ def _oasst_message(m: object, where: str) -> dict:
     if not isinstance(m["text"], str):
         raise RecordError(f"{where}.text must be a string, got {json_type(m['text'])}")
     rank = m.get("rank")
+    if isinstance(rank, float) and rank != rank:  # a table written through pandas stores a missing rank as NaN
+        m = {**m, "rank": None}
+        rank = None
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
         raise RecordError(f"{where}.rank must be a number or null, got {json_type(rank)}")
     return m
