@@ -110,25 +110,33 @@ def _is_datasets_folder(p: Path) -> bool:
 
 
 def _table_rows(path: Path) -> Iterator[dict]:
-    """Rows of a Parquet file or a local Hugging Face datasets folder, through the ``datasets`` package."""
+    """Rows of a Parquet file, a folder of parquet shards (read in name order, as ``datasets`` reads them) or a
+    ``save_to_disk`` folder. Parquet is read by ``pyarrow`` directly (no cache written); ``save_to_disk`` output by
+    the ``datasets`` package; both are imported only here."""
     try:
-        import datasets
+        import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet files and datasets folders needs the 'datasets' package "
                         "(pip install 'palmchat[data]')") from None
     if path.is_file():
-        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    elif (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        yield from pq.read_table(path).to_pylist()
+        return
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path}: reading a save_to_disk folder needs the 'datasets' package "
+                            "(pip install 'palmchat[data]')") from None
         table = datasets.load_from_disk(str(path))
         if isinstance(table, datasets.DatasetDict):
             if len(table) != 1:
                 raise DataError(f"{path}: a DatasetDict of {len(table)} splits ({', '.join(table)}); "
                                 f"give one split's folder, e.g. {path / next(iter(table))}")
             table = next(iter(table.values()))
-    else:
-        shards = sorted(str(p) for p in path.rglob("*.parquet"))
-        table = datasets.Dataset.from_parquet(shards, keep_in_memory=True)
-    yield from table
+        yield from table
+        return
+    for shard in sorted(path.rglob("*.parquet")):
+        yield from pq.read_table(shard).to_pylist()
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
