@@ -221,6 +221,13 @@ def test_json_list_rows_are_named_item_n(tmp_path):
 
 
 # ============================================================================ containers
+def test_json_lines_in_a_json_file_as_datasets_writes_them(tmp_path):
+    path = tmp_path / "alpaca.json"
+    rows = json.loads((FIXTURES / "alpaca.json").read_text())
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_conversations(path) == load_conversations(FIXTURES / "alpaca.json")
+
+
 def test_parquet_file_and_save_to_disk_folder_read_like_the_jsonl(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [json.loads(line) for line in (FIXTURES / "oasst_messages.jsonl").read_text().splitlines()]

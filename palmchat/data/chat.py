@@ -24,7 +24,11 @@ File formats (JSON Lines, one record per line, blank lines skipped, unknown keys
 * **Prompts** (RL, evaluation): ``{"prompt": str | messages}`` or ``{"messages": [...]}``,
   ending with a user turn.
 
-Every malformed record raises :class:`DataError` with one line ``FILE:LINE: PROBLEM``.
+Every malformed record raises :class:`DataError` with one line ``FILE:LINE: PROBLEM``.  The loaders read every
+other format of :mod:`palmchat.data.formats` too (Open-Assistant, HH-RLHF, UltraFeedback, OpenAI preference,
+ShareGPT, Alpaca; JSON, Parquet and ``datasets`` folders), detected from the records' keys or named by ``format``.
+An OpenAI ``weight`` of 0 on an assistant message is kept (``"weight": 0``) and :func:`encode_sft` puts no loss on
+that reply.
 
 Token-level helpers (pure functions on token ids)
 -------------------------------------------------

@@ -139,6 +139,12 @@ def _table_rows(path: Path) -> Iterator[dict]:
         yield from pq.read_table(shard).to_pylist()
 
 
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
+
+
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
     """``(where, row number, record)`` for each record of a JSONL, JSON, Parquet file or datasets folder.
 
@@ -157,7 +163,7 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
         for i, record in enumerate(_table_rows(p), start=1):
             yield f"{p}:row {i}", i, record
         return
-    if p.suffix == ".json":
+    if p.suffix == ".json" and _starts_with_bracket(p):  # a JSON list (``datasets``' to_json writes JSON Lines)
         try:
             items = json.loads(p.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as e:
