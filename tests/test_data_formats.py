@@ -303,3 +303,19 @@ def test_reward_and_dpo_train_on_oasst_and_hh_files(policy, tmp_path):
                       val_fraction=0.0, dtype="fp32", save_every=0))
     assert checkpoint.read_config(out)["method"] == "dpo"
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3"])
+def test_weight_zero_with_a_hugging_face_chat_template(tmp_path, family):
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    from palmchat.tokenizer.hf import HFTokenizer
+
+    tok = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path, family))
+    conversation = load_conversations(FIXTURES / "openai_chat.jsonl")[0]
+    for messages in (conversation, conversation[1:]):  # without a system turn Qwen's template writes its own
+        _, targets = encode_sft(tok, messages, 512)
+        trained = tok.decode([t for t in targets if t != -100])
+        assert "Rome." in trained and "Milan" not in trained, trained
+        _, all_targets = encode_sft(tok, [{k: v for k, v in m.items() if k != "weight"} for m in messages], 512)
+        assert "Milan" in tok.decode([t for t in all_targets if t != -100])

@@ -226,10 +226,11 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     full, mask = tokenizer.chat_format.render(messages)
     if any(m.get("weight") == 0 for m in messages):  # OpenAI's weight 0: the reply is context, not a target
-        starts = [i for _, i in tokenizer.chat_format.message_starts(full)]
-        if len(starts) != len(messages):
-            raise ValueError(f"weight 0 on a reply: this chat format renders {len(messages)} messages as "
-                             f"{len(starts)}, so the reply's tokens cannot be told apart")
+        found = tokenizer.chat_format.message_starts(full)[-len(messages):]  # after a template's own system turn
+        if [role for role, _ in found] != [m["role"] for m in messages]:
+            raise ValueError(f"weight 0 on a reply: this chat format does not mark where each of the "
+                             f"{len(messages)} messages starts, so the reply's tokens cannot be told apart")
+        starts = [i for _, i in found]
         for m, start, end in zip(messages, starts, [*starts[1:], len(full)]):
             if m.get("weight") == 0:
                 mask = mask[:start] + [0] * (end - start) + mask[end:]
