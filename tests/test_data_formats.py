@@ -288,20 +288,28 @@ def test_convert_refuses_a_malformed_file(tmp_path, capsys):
 
 
 # ============================================================================ stages reading the formats
-def test_reward_and_dpo_train_on_oasst_and_hh_files(policy, tmp_path):
+def test_reward_dpo_and_sft_train_on_the_public_formats(policy, tmp_path, capsys):
     from palmchat import checkpoint
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo
     from palmchat.train.reward import RewardArgs
     from palmchat.train.reward import main as reward
+    from palmchat.train.sft import SFTArgs
+    from palmchat.train.sft import main as sft
 
-    data = [str(FIXTURES / "oasst_trees.jsonl"), str(FIXTURES / "hh_rlhf.jsonl")]
+    data = [str(FIXTURES / "oasst_trees.jsonl"), str(FIXTURES / "hh_rlhf.jsonl")]  # 3 + 2 rankings
     rm = reward(RewardArgs(base=policy["ckpt"], data=data, val_data=[str(FIXTURES / "ultrafeedback.jsonl")],
                            out=str(tmp_path / "rm"), epochs=1, batch_size=2, dtype="fp32", save_every=0))
     assert checkpoint.read_config(rm)["stage"] == "reward"
+    assert "reward model: 5 train / 2 held-out rankings" in capsys.readouterr().out
     out = dpo(DPOArgs(base=policy["ckpt"], data=data, out=str(tmp_path / "dpo"), epochs=1, batch_size=2,
-                      val_fraction=0.0, dtype="fp32", save_every=0))
+                      val_fraction=0.2, dtype="fp32", save_every=0))
     assert checkpoint.read_config(out)["method"] == "dpo"
+    assert "dpo: 4 train / 1 held-out rankings" in capsys.readouterr().out
+    sft(SFTArgs(base=policy["ckpt"], data=[str(FIXTURES / "sharegpt.json"), str(FIXTURES / "openai_chat.jsonl"),
+                                          str(FIXTURES / "alpaca.json")],
+                out=str(tmp_path / "sft"), epochs=1, batch_size=2, val_fraction=0.2, dtype="fp32", save_every=0))
+    assert "sft: 5 train / 1 held-out conversations" in capsys.readouterr().out
     shutil.rmtree(tmp_path)
 
 
@@ -319,3 +327,17 @@ def test_weight_zero_with_a_hugging_face_chat_template(tmp_path, family):
         assert "Rome." in trained and "Milan" not in trained, trained
         _, all_targets = encode_sft(tok, [{k: v for k, v in m.items() if k != "weight"} for m in messages], 512)
         assert "Milan" in tok.decode([t for t in all_targets if t != -100])
+
+
+def test_inspect_a_palmchat_file_counts_each_stage_and_names_a_bad_row(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
+        {"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]},
+        {"messages": [user("hi"), assistant("yo")]},
+    ]) + "\n")
+    assert cli(["data", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format palmchat), 3 rows" in out and "  rankings                   1" in out
+    assert "  pairs                      3" in out and "  sft conversations          1" in out
+    assert f'malformed rows: 1 (rows 2)\n  {path}:2: "ranking" must be a permutation of 0..1, got [0, 0]' in out

@@ -436,19 +436,31 @@ def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = 
 
 
 def _read_palmchat(rows, out: Examples, bad) -> None:
-    """A palmchat/OpenAI/TRL file: each record goes to every stage whose parser takes it; one no stage takes is
-    malformed (reported with the problem of the stage its keys point to)."""
+    """A palmchat/OpenAI/TRL file: a record's keys say what it is (unpaired feedback, a ranking or pair, a
+    conversation, a prompt) and that parser's problem makes it malformed; a ranking's or unpaired record's prompt
+    is a prompt too, and so is a conversation that ends with a user turn."""
     for where, row, record in rows:
-        taken, problems = False, []
-        for parse, into in ((parse_conversation, out.conversations), (parse_ranking_record, out.rankings),
-                            (parse_prompt, out.prompts), (parse_unpaired, out.unpaired)):
-            try:
-                into.append(parse(record))
-                taken = True
-            except RecordError as e:
-                problems.append(str(e))
-        if not taken:
-            bad(where, row, problems[1] if "prompt" in record and "messages" not in record else problems[0])
+        try:
+            if "label" in record:
+                out.unpaired.append(parse_unpaired(record))
+                out.prompts.append(out.unpaired[-1].prompt_messages)
+            elif {"responses", "ranking", "chosen", "rejected"} & set(record):
+                out.rankings.append(parse_ranking_record(record))
+                out.prompts.append(out.rankings[-1].prompt_messages)
+            elif "messages" in record or "completion" in record:
+                try:
+                    out.conversations.append(parse_conversation(record))
+                except RecordError:
+                    if "messages" not in record:
+                        raise
+                    out.prompts.append(parse_prompt(record))  # a prompt-only conversation
+                    continue
+                if out.conversations[-1][-1]["role"] == "user":
+                    out.prompts.append(_without_weights(out.conversations[-1]))
+            else:
+                out.prompts.append(parse_prompt(record))
+        except RecordError as e:
+            bad(where, row, str(e))
 
 
 # ---------------------------------------------------------------- one-row formats
