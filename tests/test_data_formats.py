@@ -250,6 +250,17 @@ def test_parquet_file_and_save_to_disk_folder_read_like_the_jsonl(tmp_path):
         load_rankings(tmp_path / "hh.parquet")
 
 
+def test_a_broken_parquet_file_is_one_clear_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"broken.parquet: not a readable Parquet file"):
+        load_rankings(path)
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(DataError, match=r"empty_folder: a folder, but not a Hugging Face datasets folder"):
+        load_conversations(tmp_path / "empty_folder")
+
+
 # ============================================================================ inspect and convert
 def test_inspect_prints_format_counts_and_drops(capsys):
     assert cli(["data", "inspect", str(FIXTURES / "oasst_messages.jsonl"), "--lang", "en"]) == 0

@@ -118,8 +118,14 @@ def _table_rows(path: Path) -> Iterator[dict]:
     except ImportError:
         raise DataError(f"{path}: reading Parquet files and datasets folders needs the 'datasets' package "
                         "(pip install 'palmchat[data]')") from None
+    def parquet(file: Path) -> list[dict]:
+        try:
+            return pq.read_table(file).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise DataError(f"{file}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
     if path.is_file():
-        yield from pq.read_table(path).to_pylist()
+        yield from parquet(path)
         return
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         try:
@@ -127,7 +133,10 @@ def _table_rows(path: Path) -> Iterator[dict]:
         except ImportError:
             raise DataError(f"{path}: reading a save_to_disk folder needs the 'datasets' package "
                             "(pip install 'palmchat[data]')") from None
-        table = datasets.load_from_disk(str(path))
+        try:
+            table = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable save_to_disk folder ({str(e).splitlines()[0]})") from None
         if isinstance(table, datasets.DatasetDict):
             if len(table) != 1:
                 raise DataError(f"{path}: a DatasetDict of {len(table)} splits ({', '.join(table)}); "
@@ -136,7 +145,7 @@ def _table_rows(path: Path) -> Iterator[dict]:
         yield from table
         return
     for shard in sorted(path.rglob("*.parquet")):
-        yield from pq.read_table(shard).to_pylist()
+        yield from parquet(shard)
 
 
 def _starts_with_bracket(path: Path) -> bool:
