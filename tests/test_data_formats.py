@@ -292,6 +292,15 @@ def test_convert_writes_palmchat_files_the_loaders_read_back(tmp_path, name, to,
     assert "wrote" in capsys.readouterr().out
 
 
+def test_convert_flags_reach_the_oasst_reader(tmp_path, capsys):
+    out = tmp_path / "sft.jsonl"
+    assert cli(["data", "convert", str(FIXTURES / "oasst_trees.jsonl"), "--to", "sft", "--branches", "all",
+                "--lang", "en", "--keep-synthetic", "--out", str(out)]) == 0
+    assert [c[-1]["content"] for c in load_conversations(out)] == [
+        "A camelid.", "About 1.8 m at the head.", "Tall.", "Around 1.7 to 1.8 metres.", "Synthetic answer."]
+    assert "wrote 5 sft records from 3 oasst rows" in capsys.readouterr().out
+
+
 def test_convert_refuses_a_malformed_file(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert cli(["data", "convert", str(FIXTURES / "hh_rlhf_bad.jsonl"), "--to", "pairs", "--out", str(out)]) == 2
