@@ -52,7 +52,8 @@ class DPOArgs(TrainArgs):
 
     base: str = arg("", "checkpoint to start from and to use as the reference (usually the SFT model)",
                     positional=True)
-    data: list[str] = arg([], "JSONL rankings or chosen/rejected pairs; default: the bundled world's rankings")
+    data: list[str] = arg([], "rankings or chosen/rejected pairs (palmchat's JSONL or a public format: "
+                                      "palmchat data inspect); default: the bundled world's rankings")
     out: str = arg("runs/dpo", "output folder")
     loss: str = arg("sigmoid", "sigmoid (DPO) or ipo", choices=["sigmoid", "ipo"])
     beta: float = arg(0.1, "strength of the KL constraint to the reference")

@@ -41,8 +41,9 @@ class RewardArgs(TrainArgs):
     """Train a reward model on K-wise rankings (or chosen/rejected pairs)."""
 
     base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
-    data: list[str] = arg([], "JSONL rankings {'prompt','responses','ranking'} or pairs "
-                              "{'prompt','chosen','rejected'}; default: the bundled world's rankings")
+    data: list[str] = arg([], "rankings {'prompt','responses','ranking'} or pairs {'prompt','chosen',"
+                              "'rejected'} (or a public format: palmchat data inspect); default: the bundled world's "
+                              "rankings")
     bundled_rankings: int = arg(6000, "without --data: how many rankings to draw from the bundled world. More "
                                       "rankings were the strongest lever on held-out accuracy (0.62 / 0.65 / 0.70 "
                                       "with 900 / 2700 / 5700 in one epoch; 2700 for two epochs, the same steps as "

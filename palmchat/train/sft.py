@@ -44,7 +44,8 @@ class SFTArgs(TrainArgs):
     """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
 
     base: str = arg("", "checkpoint to start from (usually the pretrained model)", positional=True)
-    data: list[str] = arg([], "JSONL conversations ({'messages': [...]}); default: the bundled world's demonstrations")
+    data: list[str] = arg([], "conversations ({'messages': [...]} JSONL or a public format: palmchat data "
+                              "inspect); default: the bundled world's demonstrations")
     out: str = arg("runs/sft", "output folder")
     epochs: float = arg(2.0, "passes over the data")
     batch_size: int = arg(32, "conversations per micro-batch (an optimizer step takes --grad-accum of them)")
