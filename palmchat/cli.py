@@ -247,6 +247,8 @@ def _commands():
     from palmchat.data.tools import DataConvertArgs, DataInspectArgs, convert_main, inspect_main
     from palmchat.demo import DemoArgs
     from palmchat.demo import main as demo_main
+    from palmchat.eval.judge import EvalArgs
+    from palmchat.eval.judge import main as eval_main
     from palmchat.feedback.exchange import FeedbackExportArgs, FeedbackImportArgs
     from palmchat.feedback.round import LoopArgs
     from palmchat.moderation.train import ModerationTrainArgs
@@ -318,6 +320,7 @@ def _commands():
                      "export": (FeedbackExportArgs, feedback_export_main)},
         "loop": (LoopArgs, loop_main),
         "data": {"inspect": (DataInspectArgs, inspect_main), "convert": (DataConvertArgs, convert_main)},
+        "eval": (EvalArgs, eval_main),
     }
 
 
