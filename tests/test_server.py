@@ -258,6 +258,21 @@ def test_keys_isolate_owners(server):
     assert alice.responses.retrieve(response.id).id == response.id
 
 
+def test_one_key_never_reuses_another_keys_prefix_cache(server):
+    """cached_tokens (and time to first token) would tell key B, token by token, what key A's system prompt is:
+    the prefix cache is salted per key (issue 21)."""
+    alice, bob = client(server, "alice"), client(server, "bob")
+    secret = [{"role": "system", "content": "Only alice knows: the vault code is 4711, Zorbo lives in Quillby."},
+              {"role": "user", "content": HARMLESS}]
+    first = alice.chat.completions.create(model=MODEL, messages=secret, max_tokens=2, temperature=0)
+    assert bob.completions.create(model=MODEL, prompt=secret[0]["content"], max_tokens=1
+                                  ).usage.prompt_tokens_details.cached_tokens == 0
+    assert bob.chat.completions.create(model=MODEL, messages=secret, max_tokens=2, temperature=0
+                                       ).usage.prompt_tokens_details.cached_tokens <= 1  # bob's own bos, at most
+    assert alice.chat.completions.create(model=MODEL, messages=secret, max_tokens=2, temperature=0
+                                         ).usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+
+
 def test_keys_cli_create_list_revoke(server):
     created = palmchat("keys", "create", "--db", str(server.db), "--name", "carol")
     assert created.returncode == 0, created.stderr

@@ -60,6 +60,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # e.g. end-of-turn; the stop token is included in the output tokens
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences; output is truncated before the sequence
     seed: int | None = None  # per-request determinism
+    # whose prefix-cache entries this request may reuse (vLLM's name): requests of different salts share none, so
+    # one API key can never find out, by cached_tokens or by timing, what another one sent; None shares with None
+    cache_salt: str | None = None
 
     def __post_init__(self):
         def bad(name, why):

@@ -9,7 +9,8 @@ RadixAttention (Zheng et al. 2023, https://arxiv.org/abs/2312.07104), kept simpl
   of ~100k tokens holds; a radix tree would be the next step for many thousands;
 - the budget is in tokens; the least recently used entries are evicted first; an entry that is a prefix of a
   new one is dropped, since the new one serves every request the old one could;
-- entries are namespaced by a key (the LoRA adapter the K/V were computed with: other weights, other K/V).
+- entries are namespaced by a key: the LoRA adapter the K/V were computed with (other weights, other K/V) and the
+  requester's cache salt (the server's API key: one key never reuses, so never learns of, another's prompts).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 @dataclass
 class CachedPrefix:
-    key: str | None
+    key: object  # hashable: (adapter, cache salt)
     tokens: torch.Tensor  # (n,) long
     k: torch.Tensor  # (L, Hkv, n, D)
     v: torch.Tensor  # (L, Hkv, n, D)
@@ -42,7 +43,7 @@ class PrefixCache:
         self.tokens = 0
         self._ids = count()
 
-    def lookup(self, key: str | None, prompt: torch.Tensor, limit: int) -> tuple[CachedPrefix | None, int]:
+    def lookup(self, key: object, prompt: torch.Tensor, limit: int) -> tuple[CachedPrefix | None, int]:
         """The entry sharing the longest prefix with `prompt` (at most `limit` tokens), and that length."""
         best_id, best_len = None, 0
         for entry_id, entry in self.entries.items():
@@ -55,7 +56,7 @@ class PrefixCache:
         self.entries.move_to_end(best_id)
         return self.entries[best_id], best_len
 
-    def insert(self, key: str | None, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def insert(self, key: object, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep `tokens` with their K/V, (L, Hkv, n, D); the tensors are stored as given (pass copies)."""
         n = len(tokens)
         if n == 0 or n > self.max_tokens:

@@ -64,6 +64,12 @@ class Request:
         self._row = Row(self.params)
 
     @property
+    def cache_key(self) -> tuple[str | None, str | None]:
+        """The prefix-cache namespace: entries are reused only under the same weights (adapter) and for the same
+        cache_salt (the server's API key), never across them."""
+        return self.adapter, self.params.cache_salt
+
+    @property
     def tokens(self) -> list[int]:
         return self._row.tokens
 
@@ -207,7 +213,7 @@ class Scheduler:
                 return
         prompt = torch.tensor(request.prompt, dtype=torch.long)
         # at least the prompt's last token is computed: its logits give the first new token
-        entry, m = self.prefix_cache.lookup(request.adapter, prompt, limit=len(request.prompt) - 1)
+        entry, m = self.prefix_cache.lookup(request.cache_key, prompt, limit=len(request.prompt) - 1)
         row = self._slab.rows(self.max_batch, self.max_batch + 1)
         if m:
             row.k[:, 0, :, :m] = entry.k[:, :, :m]
@@ -230,7 +236,7 @@ class Scheduler:
         if stop < len(request.prompt):
             return
         n = len(request.prompt)
-        self.prefix_cache.insert(request.adapter, torch.tensor(request.prompt),
+        self.prefix_cache.insert(request.cache_key, torch.tensor(request.prompt),
                                  row.k[:, 0, :, :n].clone(), row.v[:, 0, :, :n].clone())
         logits = self._project(runner, hidden[:, -1]).float()  # (1, V)
         b = len(self._running)  # join the batch as row b
@@ -289,7 +295,7 @@ class Scheduler:
             self._emit(request, [], finish=reason)
         length = int(self._slab.lengths[b])  # prompt + the sampled tokens fed back (all but the last)
         tokens = torch.tensor((request.prompt + request._sampled)[:length])
-        self.prefix_cache.insert(request.adapter, tokens, self._slab.k[:, b, :, :length].clone(),
+        self.prefix_cache.insert(request.cache_key, tokens, self._slab.k[:, b, :, :length].clone(),
                                  self._slab.v[:, b, :, :length].clone())
         last = len(self._running) - 1
         if b != last:

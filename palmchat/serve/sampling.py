@@ -45,8 +45,9 @@ def choice_counts(state: ServerState, body) -> tuple[int, int | None]:
 
 
 def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int | None, param: str, input_param: str,
-                    default_max: int | None = None) -> SamplingParams:
-    """The body's sampling settings, with the reply length checked against the server's limit and the context."""
+                    owner: str, default_max: int | None = None) -> SamplingParams:
+    """The body's sampling settings, with the reply length checked against the server's limit and the context;
+    `owner` (the caller's key) salts the prefix cache: no key reuses the K/V of another key's prompts."""
     limit, ctx = state.max_tokens_limit, state.context
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"{param} is {max_tokens}, more than this server's limit of {limit}", param=param,
@@ -64,7 +65,7 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
     seed = body.seed if "seed" in type(body).model_fields else None  # not an extra field a client made up
     return SamplingParams(max_new_tokens=max_tokens or min(room, limit, default_max or room), temperature=temperature,
                           top_p=top_p, seed=None if seed is None else seed % 2**62,
-                          stop_token_ids=state.tokenizer.chat_format.reply_stop_ids)
+                          stop_token_ids=state.tokenizer.chat_format.reply_stop_ids, cache_salt=owner)
 
 
 def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, truncation: str | None) -> Fitted:

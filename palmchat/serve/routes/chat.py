@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: S.ChatCompletionRequest, request: Request):
+async def chat_completions(body: S.ChatCompletionRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     n, candidates = choice_counts(state, body)
     messages = [{"role": S.role_of(m.role), "content": S.text_of(m.content)} for m in body.messages]
@@ -34,7 +34,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens
     fitted = fit_prompt(state, state.tokenizer.chat_format.render_prompt(messages), max_tokens, body.truncation)
     prompt = fitted.prompt
-    params = sampling_params(state, body, len(prompt), max_tokens, param, "messages")
+    params = sampling_params(state, body, len(prompt), max_tokens, param, "messages", owner)
     stops = stops_of(body.stop)
     flagged_in = await moderate_input(state, [m["content"] for m in messages if m["role"] != "assistant"])
     id, created = S.new_id("chatcmpl-"), int(time.time())

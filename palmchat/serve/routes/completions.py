@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 
 @router.post("/completions")
-async def completions(body: S.CompletionRequest, request: Request):
+async def completions(body: S.CompletionRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     n, candidates = choice_counts(state, body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -26,7 +26,8 @@ async def completions(body: S.CompletionRequest, request: Request):
         raise APIError(400, "this server takes one prompt per request", param="prompt")
     text = S.clean_text(prompts[0])
     prompt = conversation_start(state.tokenizer.chat_format) + state.tokenizer.encode(text)
-    params = sampling_params(state, body, len(prompt), body.max_tokens, "max_tokens", "prompt", default_max=16)
+    params = sampling_params(state, body, len(prompt), body.max_tokens, "max_tokens", "prompt", owner,
+                             default_max=16)
     stops = stops_of(body.stop)
     flagged_in = await moderate_input(state, [text])
     id, created = S.new_id("cmpl-"), int(time.time())

@@ -146,7 +146,8 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
     turn = prepare_turn(state, owner, S.ResponseRequest(
         model=body.model, input=body.input, conversation=conversation_id, instructions=body.instructions,
         truncation=body.truncation, max_output_tokens=body.max_output_tokens))
-    params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
+    params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input",
+                             owner)
     flagged = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"])
     if flagged is not None and flagged.flagged and state.moderation_mode == "block":
         raise APIError(400, "The input was flagged by moderation; no candidates were generated.", param="input",

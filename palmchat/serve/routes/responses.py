@@ -135,7 +135,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
     candidates = model_candidates(state, body.model)
     turn = prepare_turn(state, owner, body)
     chat_format = state.tokenizer.chat_format
-    params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input")
+    params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input",
+                             owner)
     flagged_in = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"]
                                       + [S.clean_text(body.instructions or "")])
     blocked = flagged_in is not None and flagged_in.flagged and state.moderation_mode == "block"
