@@ -1,7 +1,7 @@
 """`palmchat loop`: one round of the human-feedback loop, end to end, against a running server.
 
     palmchat loop --db palmchat.db --base runs/sft --reward-model runs/reward --out runs/loop \\
-        --server http://127.0.0.1:8000 [--api-key ADMIN_KEY]
+        --server http://127.0.0.1:8000   # the admin key, if the server has keys, in $PALMCHAT_API_KEY
 
 One round (a folder OUT/round-NNN holds everything it wrote):
 1. **Export** the database's feedback as rankings (labelling queue, compare view and thumbs pairs, several
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -67,7 +68,8 @@ class LoopArgs:
     batch_size: int = arg(8, "rankings per step")
     lr: float = arg(3e-4, "peak learning rate")
     server: str = arg("", "URL of a running `palmchat serve` to hot-swap a promoted model into")
-    api_key: str = arg("", "admin API key for --server (when the server has keys)")
+    api_key_env: str = arg("PALMCHAT_API_KEY", "environment variable holding the admin API key for --server (when "
+                                               "the server has keys; never on the command line, where `ps` shows it)")
     train_policy: bool = arg(True, "also improve the policy: DPO (rankings) and KTO (thumbs) LoRA adapters, "
                                    "hot-swapped in when better on the held-out rankings")
     policy: str = arg("", "the served policy's base checkpoint, which the policy adapters are trained on "
@@ -209,7 +211,7 @@ def improve_policy(args: LoopArgs, out: Path, round_dir: Path, train_path: Path,
     if promoted:
         atomic_write(champion, str(Path(candidates[best]).resolve()) + "\n")
         if args.server:
-            reload_server(args.server, api_key=args.api_key, policy=candidates[best])
+            reload_server(args.server, api_key=os.environ.get(args.api_key_env, ""), policy=candidates[best])
             report["reloaded"] = True
     return report
 
@@ -296,7 +298,7 @@ def main(args: LoopArgs) -> dict:
     if promoted:
         atomic_write(out / "champion", str(Path(new).resolve()) + "\n")
         if args.server:
-            reload_server(args.server, new, args.api_key)
+            reload_server(args.server, new, os.environ.get(args.api_key_env, ""))
             report["reloaded"] = True
     old = "none" if old_accuracy is None else f"{old_accuracy:.3f}"
     served = f", now served by {args.server}" if args.server else ""
