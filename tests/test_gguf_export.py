@@ -231,11 +231,26 @@ def test_refusals(tokenizer_dir, tmp_path):
         gguf_architecture(preset("tiny", block="parallel", norm="rmsnorm"))
     with pytest.raises(ValueError, match="head_dim"):
         gguf_architecture(preset("tiny", head_dim=32))
-    # the settings of Hugging Face families the export does not map yet are refused by name
-    with pytest.raises(ValueError, match="qkv_bias=True"):
-        gguf_architecture(preset("tiny", block="sequential", norm="rmsnorm", qkv_bias=True))
-    with pytest.raises(ValueError, match="sliding_window=8"):
-        gguf_architecture(preset("tiny", block="sequential", norm="rmsnorm", sliding_window=8))
+    # the settings of Hugging Face families no llama.cpp architecture computes are refused by name
+    seq = dict(block="sequential", norm="rmsnorm")
+    with pytest.raises(ValueError, match="sliding_window=8 is shorter than max_seq_len=128"):
+        gguf_architecture(preset("tiny", **seq, sliding_window=8))
+    assert gguf_architecture(preset("tiny", **seq, sliding_window=128)) == "llama"  # a window that never binds
+    with pytest.raises(ValueError, match="attn_out_bias=True has no mapping in llama.cpp's qwen3"):
+        gguf_architecture(preset("tiny", **seq, qk_norm=True, qkv_bias=True, attn_out_bias=True))
+    with pytest.raises(ValueError, match="rope_type='llama3' has no mapping in llama.cpp's qwen3"):
+        gguf_architecture(preset("tiny", **seq, qk_norm=True, rope_type="llama3"))
+    with pytest.raises(ValueError, match="qk_norm=True has no mapping in llama.cpp's command-r"):
+        gguf_architecture(preset("tiny", qk_norm=True))
+    with pytest.raises(ValueError, match="parallel_norms=2"):  # GPT-NeoX
+        gguf_architecture(preset("tiny", parallel_norms=2, n_kv_heads=4))
+    with pytest.raises(ValueError, match="norm_offset=1.0"):  # Gemma
+        gguf_architecture(preset("tiny", **seq, norm_offset=1.0))
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True)) == "qwen2"
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True, head_dim=32)) == "llama"  # qwen2 needs H*D == dim
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True, rope_type="llama3")) == "llama"
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True, attn_out_bias=True, ffn_bias=True)) == "llama"
+    assert gguf_architecture(preset("tiny", **seq, qk_norm=True, qkv_bias=True)) == "qwen3"
     gguf_architecture(preset("tiny", block="sequential", norm="rmsnorm", rotary_dim=16))  # = head_dim: the default
     with pytest.raises(ValueError, match="dtype='q4'"):
         export_gguf(make_model("parallel"), tokenizer_dir, out, dtype="q4")
