@@ -379,3 +379,197 @@ def test_llama_cpp_chat_completion_replies_as_palmchat(tokenizer_dir, tokenizer,
     ours = [t for t in ours if t not in fmt.reply_stop_ids]
     # the reply's bytes, decoded as llama-cpp-python does (bytes of no whole character dropped)
     assert reply["choices"][0]["message"]["content"] == llm.detokenize(ours).decode("utf-8", errors="ignore")
+
+
+# ------------------------------------------------------------------- models imported from Hugging Face
+
+# Llama 3's real pre-tokenization (tokenizer.json of Meta-Llama-3): a regex split, then bytes without a regex, and
+# whole words looked up before merging. tests/hf_tokenizers.py's "llama3" folder has GPT-2's ByteLevel regex instead.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# case -> (model family, tokenizer family, config overrides, llama.cpp architecture, llama.cpp pre-tokenizer)
+HF_CASES = {
+    "qwen2": ("qwen2", "qwen2.5", {}, "qwen2", "qwen2"),
+    "llama3.1": ("llama", "llama3", dict(rope_parameters=LLAMA31_ROPE), "llama", "llama-bpe"),
+    "qwen3": ("qwen3", "qwen3", {}, "qwen3", "qwen2"),
+    "mistral": ("mistral", "llama3", dict(sliding_window=None), "llama", "llama-bpe"),
+}
+HF_TEXTS = ["The cat sat on the mat.", "I've 12345 cats!!  \n\n ok, WE'LL see", "Über café — naïve 3.14",
+            "<|im_end|> and <tool_call> are text here", "  leading\tand trailing  ",
+            "def add(a, b): return a + b"]  # "(a" is one pre-token for Qwen2's regex, two for GPT-2's
+
+
+def use_llama3_pre_tokenizer(folder):
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    data["model"]["ignore_merges"] = True
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """case -> a Hugging Face folder (tiny random model, tokenizer, chat template), made on first use."""
+    from hf_models import save_tiny_hf_model
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    made = {}
+
+    def folder(case):
+        if case not in made:
+            family, tokenizer_family, overrides, _, pre = HF_CASES[case]
+            made[case] = tmp_path_factory.mktemp(case.replace(".", "_"))
+            save_tiny_hf_model(made[case], family, vocab_size=700, max_position_embeddings=256, **overrides)
+            save_tiny_hf_tokenizer(made[case], tokenizer_family)
+            if pre == "llama-bpe":
+                use_llama3_pre_tokenizer(made[case])
+        return made[case]
+    return folder
+
+
+def gguf_tensors(reader) -> dict[str, torch.Tensor]:
+    return {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(
+        tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+
+
+def llama31_rope_factors(head_dim: int, p: dict) -> torch.Tensor:
+    """rope_freqs as convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors computes them."""
+    import math
+
+    freqs = 1.0 / (p["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    low, high = p["original_max_position_embeddings"] / p["low_freq_factor"], \
+        p["original_max_position_embeddings"] / p["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high:
+            factors.append(1)
+        elif wavelen > low:
+            factors.append(p["factor"])
+        else:
+            smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+                p["high_freq_factor"] - p["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_model_file_holds_the_checkpoints_tensors(case, hf_folders, tmp_path):
+    """Every GGUF tensor is the Hugging Face tensor of the same role, exactly (f32), with q/k rows (and biases)
+    permuted back for llama's adjacent-pair rotary only: qwen2 and qwen3 rotate halves as Hugging Face does."""
+    from safetensors.torch import load_file
+
+    folder = hf_folders(case)
+    arch = HF_CASES[case][3]
+    reader = gguf.GGUFReader(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f32"))
+    ours = gguf_tensors(reader)
+    hf = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    roles = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    expected = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if not config["tie_word_embeddings"]:
+        expected["output.weight"] = "lm_head.weight"
+    for name in hf:
+        parts = name.split(".")  # model.layers.{i}.{module}.{proj}.{kind}
+        if parts[1] == "layers":
+            role = next(r for r, h in roles.items() if ".".join(parts[3:-1]) == h)
+            expected[f"blk.{parts[2]}.{role}.{parts[-1]}"] = name
+    if case == "llama3.1":
+        factors = ours.pop("rope_freqs.weight")
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        torch.testing.assert_close(factors, llama31_rope_factors(head_dim, LLAMA31_ROPE), atol=0, rtol=1e-6)
+        assert factors.min() == 1 and factors.max() == 8  # kept, interpolated and fully scaled frequencies
+    assert ours.keys() == expected.keys()
+    for name, hf_name in expected.items():
+        t = ours[name]
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            t = interleaved_to_rotate_half(t, heads if ".attn_q." in name else kv_heads)
+        assert torch.equal(t, hf[hf_name]), name
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_model_metadata_and_vocabulary(case, hf_folders, tmp_path):
+    from hf_tokenizers import load_transformers_tokenizer
+
+    folder = hf_folders(case)
+    _, _, _, arch, pre = HF_CASES[case]
+    f = fields(gguf.GGUFReader(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f16")))
+    config = json.loads((folder / "config.json").read_text())
+    theirs = load_transformers_tokenizer(folder)
+    assert f["general.architecture"] == arch and f["general.name"] == folder.name
+    assert f[f"{arch}.context_length"] == 256 and f[f"{arch}.block_count"] == 2
+    assert f[f"{arch}.attention.head_count_kv"] == config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    assert f[f"{arch}.attention.key_length"] == head_dim
+    assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
+    assert f[f"{arch}.rope.freq_base"] == (LLAMA31_ROPE["rope_theta"] if case == "llama3.1" else 10000.0)
+    assert f"{arch}.rope.scaling.type" not in f  # Llama 3.1's scaling is the rope_freqs tensor
+
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == pre
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == 700
+    vocab = {i: t for t, i in theirs.get_vocab().items()}
+    assert tokens == [vocab.get(i, f"[PAD{i}]") for i in range(700)]
+    added = theirs.added_tokens_decoder
+    assert [types[i] for i in added] == [gguf.TokenType.CONTROL if t.special else gguf.TokenType.USER_DEFINED
+                                         for t in added.values()]
+    assert gguf.TokenType.USER_DEFINED in types or case not in ("qwen2", "qwen3")  # <tool_call>, <think>
+    assert set(types[i] for i in vocab if i not in added) == {gguf.TokenType.NORMAL}
+    assert set(types[len(vocab):]) == {gguf.TokenType.UNUSED}
+    merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    end_of_turn = theirs.convert_tokens_to_ids("<|eot_id|>" if pre == "llama-bpe" else "<|im_end|>")
+    assert f["tokenizer.ggml.eos_token_id"] == f["tokenizer.ggml.eot_token_id"] == end_of_turn
+    if pre == "llama-bpe":  # its template writes bos: llama.cpp adds it (and strips a rendered one)
+        assert f["tokenizer.ggml.bos_token_id"] == theirs.bos_token_id and f["tokenizer.ggml.add_bos_token"] is True
+    else:  # ChatML has none
+        assert "tokenizer.ggml.bos_token_id" not in f and f["tokenizer.ggml.add_bos_token"] is False
+        assert f["tokenizer.ggml.padding_token_id"] == theirs.pad_token_id
+    assert f["tokenizer.chat_template"] == theirs.chat_template
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_llama_cpp_runs_hf_models_as_palmchat(case, hf_folders, tmp_path):
+    """llama.cpp on the exported file: palmchat's fp32 logits, its greedy continuation, its tokenization of plain
+    text and of a rendered chat (special tokens parsed)."""
+    from hf_tokenizers import load_transformers_tokenizer
+
+    from palmchat.checkpoint import load_model, load_tokenizer
+
+    folder = hf_folders(case)
+    llm = llama(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f32"), n_ctx=256)
+    model, _, _ = load_model(folder)
+    tokenizer = load_tokenizer(folder)
+    for text in HF_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the weather like in Paris?"},
+                {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "Hello there!"}]
+    prompt = tokenizer.chat_format.render_prompt(messages)
+    text = load_transformers_tokenizer(folder).apply_chat_template(messages, tokenize=False,
+                                                                   add_generation_prompt=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    assert ours.std() > 0.5
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)
+    ids = list(prompt)
+    for _ in range(16):
+        ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([ids[-1]])
+    with torch.no_grad():
+        ours = list(prompt)
+        for _ in range(16):
+            ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
+    assert ids == ours

@@ -384,10 +384,10 @@ def _read_hf_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         bad("model.type", f"is {model.get('type')!r}; GGUF export takes byte-level BPE tokenizers")
+    pre = _hf_pre_tokenizer(data, bad)
     for field in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(field):
             bad(f"model.{field}", f"is {model[field]!r}; llama.cpp's byte-level BPE has none")
-    pre = _hf_pre_tokenizer(data, bad)
     normalizer = data.get("normalizer")
     # llama.cpp normalizes nothing; Qwen's NFC changes only text not already in NFC (as with llama.cpp's converter)
     if normalizer is not None and normalizer.get("type") != "NFC":
