@@ -14,7 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from palmchat.checkpoint import CheckpointError
 from palmchat.checkpoint.gguf_export import export_gguf, gguf_architecture
 from palmchat.model.config import ModelConfig, preset
-from palmchat.model.lora import add_lora, merge_lora
+from palmchat.model.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from palmchat.model.rope import rotary_tables
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import train_tokenizer
@@ -573,3 +573,94 @@ def test_llama_cpp_runs_hf_models_as_palmchat(case, hf_folders, tmp_path):
         for _ in range(16):
             ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
     assert ids == ours
+
+
+def test_hf_refusals(hf_folders, tmp_path):
+    """What llama.cpp does not compute is refused by name, the file and field named, and no file is left."""
+    import shutil
+
+    from hf_models import save_tiny_hf_model
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    out = tmp_path / "out" / "m.gguf"
+
+    def folder(name, family, tokenizer_family="qwen2.5", **overrides):
+        save_tiny_hf_model(tmp_path / name, family, vocab_size=overrides.pop("vocab_size", 700), **overrides)
+        return save_tiny_hf_tokenizer(tmp_path / name, tokenizer_family)
+
+    with pytest.raises(ValueError, match="sliding_window=4 is shorter than max_seq_len=64"):  # Mistral v0.1
+        export_gguf(folder("mistral", "mistral"), None, out)
+    with pytest.raises(ValueError, match="parallel_norms=2 has no mapping"):
+        export_gguf(folder("neox", "gpt_neox"), None, out)
+    with pytest.raises(ValueError, match="GGUF export: model config"):
+        export_gguf(folder("gemma", "gemma3_text"), None, out)
+    with pytest.raises(CheckpointError, match=r"llama2/tokenizer.json: pre_tokenizer .*SentencePiece-style"):
+        export_gguf(folder("llama2", "llama", "llama2"), None, out)
+    with pytest.raises(CheckpointError, match=r"small/tokenizer.json: model.vocab has id \d+, beyond the model's "
+                                              r"vocab_size=300"):
+        export_gguf(folder("small", "qwen2", vocab_size=300), None, out)
+
+    def edited(case, name, edit):
+        shutil.copytree(hf_folders(case), tmp_path / name)
+        data = json.loads((tmp_path / name / "tokenizer.json").read_text())
+        edit(data)
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(data))
+        return tmp_path / name
+
+    def other_regex(data):
+        data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,2}|\s+|."
+    with pytest.raises(CheckpointError, match=r"regex/tokenizer.json: pre_tokenizer .*no llama.cpp pre-tokenizer"):
+        export_gguf(edited("qwen2", "regex", other_regex), None, out)
+
+    def merges_always(data):
+        data["model"]["ignore_merges"] = False
+    with pytest.raises(CheckpointError, match=r"merging/tokenizer.json: model.ignore_merges is False, but llama.cpp's "
+                                              r"'llama-bpe'"):
+        export_gguf(edited("llama3.1", "merging", merges_always), None, out)
+
+    def lowercase(data):
+        data["normalizer"] = {"type": "Lowercase"}
+    with pytest.raises(CheckpointError, match=r"lower/tokenizer.json: normalizer"):
+        export_gguf(edited("qwen2", "lower", lowercase), None, out)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_export_main_on_a_hf_folder(hf_folders, tmp_path):
+    from palmchat.checkpoint.gguf_export import ExportGGUFArgs, export_main
+
+    folder = hf_folders("qwen2")
+    path = export_main(ExportGGUFArgs(checkpoint=str(folder), out=str(tmp_path / "qwen.gguf"), dtype="q8_0"))
+    assert fields(gguf.GGUFReader(path))["general.name"] == folder.name
+    # Ollama takes a ChatML or Llama 3 template from the file itself: the Modelfile only points at it
+    assert (tmp_path / "qwen.Modelfile").read_text() == "FROM ./qwen.gguf\n"
+
+
+def test_exports_a_lora_run_trained_from_a_hf_model(hf_folders, tmp_path):
+    """A run that LoRA-trained an imported Qwen2 (an adapter-only checkpoint whose base is the Hugging Face folder)
+    exports with its adapter merged and the Hugging Face tokenizer it carries; llama.cpp computes the merged model."""
+    from palmchat.checkpoint import load_model, load_tokenizer, save_checkpoint
+    from palmchat.checkpoint.gguf_export import ExportGGUFArgs, export_main
+
+    folder = hf_folders("qwen2")
+    model, _, _ = load_model(folder)
+    add_lora(model, "sft", rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.3)  # B starts at zero: a trained adapter moves the logits
+    lora = {"name": "sft", "rank": 2, "alpha": 16, "targets": list(DEFAULT_TARGETS)}
+    save_checkpoint(tmp_path / "run", 5, model, {"model": model.config.to_dict(), "base": str(folder), "lora": lora},
+                    folder / "tokenizer.json", adapter="sft")
+    path = export_main(ExportGGUFArgs(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "run.gguf"), dtype="f32"))
+    f = fields(gguf.GGUFReader(path))
+    assert f["general.name"] == "run" and f["general.architecture"] == "qwen2" and f["tokenizer.ggml.pre"] == "qwen2"
+    merged = merge_lora(model, "sft")
+    base, _, _ = load_model(folder)
+    prompt = load_tokenizer(tmp_path / "run").chat_format.render_prompt([{"role": "user", "content": "Hi there"}])
+    with torch.no_grad():
+        ours, before = merged(torch.tensor([prompt]))[0], base(torch.tensor([prompt]))[0]
+    assert (ours - before).abs().max() > 0.1  # the adapter matters
+    llm = llama(path, n_ctx=256)
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from palmchat.checkpoint.errors import CheckpointError
-from palmchat.checkpoint.native import TOKENIZER_FILE, load_model
+from palmchat.checkpoint.native import TOKENIZER_FILE, load_model, resolve
 from palmchat.model.config import ModelConfig
 from palmchat.tokenizer.chat_format import (
     ASSISTANT_TOKEN,
@@ -543,7 +543,9 @@ def export_main(args: ExportGGUFArgs) -> Path:
         raise ValueError("--out is required")
     path = export_gguf(args.checkpoint, None, args.out, dtype=args.dtype, name=args.name or None)
     modelfile = path.with_suffix(".Modelfile")
-    atomic_write(modelfile, OLLAMA_MODELFILE.format(gguf=path.name))
+    # a Hugging Face model's own template (ChatML, Llama 3...) is one Ollama recognises in the file; palmchat's is not
+    own_format = not is_hf_tokenizer_folder(resolve(args.checkpoint))
+    atomic_write(modelfile, OLLAMA_MODELFILE.format(gguf=path.name) if own_format else f"FROM ./{path.name}\n")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {modelfile.name}: "
           f"llama.cpp runs the file as it is; for Ollama, `ollama create NAME -f {modelfile}`")
     return path
