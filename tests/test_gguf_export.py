@@ -395,6 +395,8 @@ HF_CASES = {
     "llama3.1": ("llama", "llama3", dict(rope_parameters=LLAMA31_ROPE), "llama", "llama-bpe"),
     "qwen3": ("qwen3", "qwen3", {}, "qwen3", "qwen2"),
     "mistral": ("mistral", "llama3", dict(sliding_window=None), "llama", "llama-bpe"),
+    # PaLM's block; Cohere's tokenizers split digits one by one before GPT-2's regex
+    "cohere": ("cohere", "llama3", {}, "command-r", "smollm"),
 }
 HF_TEXTS = ["The cat sat on the mat.", "I've 12345 cats!!  \n\n ok, WE'LL see", "Über café — naïve 3.14",
             "<|im_end|> and <tool_call> are text here", "  leading\tand trailing  ",
@@ -408,6 +410,16 @@ def use_llama3_pre_tokenizer(folder):
         {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     data["model"]["ignore_merges"] = True
+    path.write_text(json.dumps(data))
+
+
+def use_digits_pre_tokenizer(folder):
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
     path.write_text(json.dumps(data))
 
 
@@ -427,6 +439,8 @@ def hf_folders(tmp_path_factory):
             save_tiny_hf_tokenizer(made[case], tokenizer_family)
             if pre == "llama-bpe":
                 use_llama3_pre_tokenizer(made[case])
+            if pre == "smollm":
+                use_digits_pre_tokenizer(made[case])
         return made[case]
     return folder
 
@@ -490,6 +504,7 @@ def test_hf_model_file_holds_the_checkpoints_tensors(case, hf_folders, tmp_path)
     assert ours.keys() == expected.keys()
     for name, hf_name in expected.items():
         t = ours[name]
+        # Cohere's checkpoints store q/k rows in the adjacent-pair order command-r rotates: no permutation to undo
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             t = interleaved_to_rotate_half(t, heads if ".attn_q." in name else kv_heads)
         assert torch.equal(t, hf[hf_name]), name
@@ -500,7 +515,7 @@ def test_hf_model_metadata_and_vocabulary(case, hf_folders, tmp_path):
     from hf_tokenizers import load_transformers_tokenizer
 
     folder = hf_folders(case)
-    _, _, _, arch, pre = HF_CASES[case]
+    _, tokenizer_family, _, arch, pre = HF_CASES[case]
     f = fields(gguf.GGUFReader(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f16")))
     config = json.loads((folder / "config.json").read_text())
     theirs = load_transformers_tokenizer(folder)
@@ -509,8 +524,11 @@ def test_hf_model_metadata_and_vocabulary(case, hf_folders, tmp_path):
     assert f[f"{arch}.attention.head_count_kv"] == config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     assert f[f"{arch}.attention.key_length"] == head_dim
-    assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
-    assert f[f"{arch}.rope.freq_base"] == (LLAMA31_ROPE["rope_theta"] if case == "llama3.1" else 10000.0)
+    if arch == "command-r":
+        assert f[f"{arch}.attention.layer_norm_epsilon"] == pytest.approx(config["layer_norm_eps"])
+    else:
+        assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
+    assert f[f"{arch}.rope.freq_base"] == (config.get("rope_parameters") or config)["rope_theta"]
     assert f"{arch}.rope.scaling.type" not in f  # Llama 3.1's scaling is the rope_freqs tensor
 
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == pre
@@ -526,9 +544,10 @@ def test_hf_model_metadata_and_vocabulary(case, hf_folders, tmp_path):
     assert set(types[len(vocab):]) == {gguf.TokenType.UNUSED}
     merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
     assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
-    end_of_turn = theirs.convert_tokens_to_ids("<|eot_id|>" if pre == "llama-bpe" else "<|im_end|>")
+    llama3 = tokenizer_family == "llama3"
+    end_of_turn = theirs.convert_tokens_to_ids("<|eot_id|>" if llama3 else "<|im_end|>")
     assert f["tokenizer.ggml.eos_token_id"] == f["tokenizer.ggml.eot_token_id"] == end_of_turn
-    if pre == "llama-bpe":  # its template writes bos: llama.cpp adds it (and strips a rendered one)
+    if llama3:  # its template writes bos: llama.cpp adds it (and strips a rendered one)
         assert f["tokenizer.ggml.bos_token_id"] == theirs.bos_token_id and f["tokenizer.ggml.add_bos_token"] is True
     else:  # ChatML has none
         assert "tokenizer.ggml.bos_token_id" not in f and f["tokenizer.ggml.add_bos_token"] is False
