@@ -2,27 +2,39 @@
 
 GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is a header of typed key/values (architecture,
 sizes, tokenizer, chat template) followed by named tensors. llama.cpp knows a model by its architecture name and
-its tensor names, so each palmchat block style maps onto the llama.cpp architecture that computes the same block:
+its tensor names, so each palmchat block maps onto the llama.cpp architecture that computes the same block, as
+llama.cpp's own convert_hf_to_gguf.py maps the Hugging Face families palmchat imports (`gguf_architecture`):
 
-- sequential block with RMSNorm (Llama/Qwen style) -> "llama": qkv splits into attn_q/attn_k/attn_v and gate_up
-  into ffn_gate/ffn_up;
-- parallel block on one LayerNorm without bias (PaLM) -> "command-r" (Cohere): llama.cpp's command-r block is
+- sequential block with RMSNorm (palmchat's, Llama 1-3.x, Mistral without a binding window) -> "llama": qkv splits
+  into attn_q/attn_k/attn_v and gate_up into ffn_gate/ffn_up, with their optional biases; Llama 3.1's rope scaling
+  is a rope_freqs tensor of per-frequency divisors;
+- the same with q/k/v biases only (Qwen2/2.5) -> "qwen2"; with q/k RMSNorms (Qwen3) -> "qwen3" (attn_q_norm and
+  attn_k_norm);
+- parallel block on one LayerNorm without bias (PaLM, Cohere) -> "command-r": llama.cpp's command-r block is
   y = x + Attn(LN(x)) + SwiGLU(LN(x)) with a bias-free LayerNorm, tied output embedding and the same rotary;
   the fused in_proj splits into attn_q/attn_k/attn_v/ffn_gate/ffn_up.
 
 Rotary layout: palmchat rotates halves (dims j and j + D/2, as Hugging Face Llama), llama.cpp's "llama" and
-"command-r" rotate adjacent pairs (2j, 2j + 1). Permuting each head's q and k rows so that row 2j + s takes row
-s * D/2 + j (convert_hf_to_gguf.py's LlamaModel.permute) makes the two compute the same attention scores: scores
-are dot products over the head dim, which a common permutation of q and k leaves unchanged.
+"command-r" rotate adjacent pairs (2j, 2j + 1). Permuting each head's q and k rows (and biases) so that row 2j + s
+takes row s * D/2 + j (convert_hf_to_gguf.py's LlamaModel.permute) makes the two compute the same attention scores:
+scores are dot products over the head dim, which a common permutation of q and k leaves unchanged. "qwen2" and
+"qwen3" rotate halves (llama.cpp's NEOX rope), so their rows are written as they are.
 
-The tokenizer goes in as GGUF's "gpt2" byte-level BPE vocabulary with llama.cpp's "gpt-2" pre-tokenizer (the
-regex and byte mapping of palmchat's ByteLevel pre-tokenizer), palmchat's specials as control tokens, and the
-chat format as a Jinja chat template, which llama.cpp and llama-cpp-python render; `export_main` also writes an
-Ollama Modelfile beside the file, since Ollama renders only templates it recognises.
+The tokenizer goes in as GGUF's "gpt2" byte-level BPE vocabulary. palmchat's own: llama.cpp's "gpt-2"
+pre-tokenizer (the regex and byte mapping of palmchat's ByteLevel pre-tokenizer), palmchat's specials as control
+tokens, and the chat format as a Jinja chat template, which llama.cpp and llama-cpp-python render; `export_main`
+also writes an Ollama Modelfile beside the file, since Ollama renders only templates it recognises. A Hugging Face
+tokenizer folder (palmchat/tokenizer/hf.py): its vocabulary, merges and added tokens as convert_hf_to_gguf.py
+writes them, llama.cpp's pre-tokenizer chosen by the tokenizer.json pipeline it reproduces ("llama-bpe" for
+Llama 3's regex split, "qwen2" for Qwen2's, "gpt-2", "smollm"; llama.cpp's converter hashes a probe text's ids
+instead, which only works for the published vocabularies), the chat template's end-of-turn token as eos, and the
+model's own chat template(s).
 
-Whatever is not mapped is refused by name (ValueError) rather than written wrong: a config field this module does
-not know at a non-default value, a tensor the mapping does not consume (an unmerged LoRA adapter), a block/norm
-pair no llama.cpp architecture computes, a tokenizer whose pre-tokenizer llama.cpp cannot reproduce.
+Whatever is not mapped is refused by name (ValueError / CheckpointError) rather than written wrong: a config field
+the chosen architecture does not compute at a non-default value (GPT-NeoX's two norms, Gemma's offsets, a sliding
+window shorter than the context), a tensor the mapping does not consume (an unmerged LoRA adapter), a block/norm
+pair no llama.cpp architecture computes, a tokenizer whose pre-tokenization or normalizer llama.cpp cannot
+reproduce (SentencePiece-style Llama 2 / Mistral v0.1 tokenizers among them).
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ from palmchat.utils.args import arg
 from palmchat.utils.atomic import atomic_path, atomic_write
 
 __all__ = ["DTYPES", "OLLAMA_MODELFILE", "ExportGGUFArgs", "export_gguf", "export_main",
-           "gguf_architecture", "permute_for_interleaved_rope"]
+           "gguf_architecture", "permute_for_interleaved_rope", "rope_frequency_factors"]
 
 # dtype -> (tensor type of the 2-D weights, general.file_type). Norm weights stay f32, as llama.cpp's converter
 # writes them (ggml computes norms in f32 and the vectors are tiny).
@@ -487,8 +499,9 @@ def _write_metadata(writer, config: ModelConfig, arch: str, vocab: GGUFVocab, fi
 
 def export_gguf(model: torch.nn.Module | str | os.PathLike, tokenizer_path_or_folder: str | os.PathLike | None,
                 out_file: str | os.PathLike, dtype: str = "f16", name: str | None = None) -> Path:
-    """Write `model` (a Transformer, or a checkpoint folder to load one from) and its tokenizer (tokenizer.json or
-    a folder holding it; None: the checkpoint folder's) as one GGUF file at `out_file`, atomically.
+    """Write `model` (a Transformer, or a checkpoint or Hugging Face model folder to load one from) and its
+    tokenizer (tokenizer.json or a folder holding it, palmchat's or a Hugging Face one; None: the checkpoint
+    folder's) as one GGUF file at `out_file`, atomically.
 
     dtype: "f32", "f16", "bf16" or "q8_0" for the 2-D weights (norms stay f32; q8_0 falls back to f16 for a
     tensor whose rows are not a multiple of 32). Returns the path written."""
@@ -532,7 +545,8 @@ def export_gguf(model: torch.nn.Module | str | os.PathLike, tokenizer_path_or_fo
 class ExportGGUFArgs:
     """Export a checkpoint as one GGUF file for llama.cpp and Ollama."""
 
-    checkpoint: str = arg("", "checkpoint folder (or a run folder with a 'latest' file)", positional=True)
+    checkpoint: str = arg("", "checkpoint folder, a run folder with a 'latest' file, or a Hugging Face model folder",
+                          positional=True)
     out: str = arg("", "the .gguf file to write")
     dtype: str = arg("f16", "weight type of the 2-D tensors", choices=list(DTYPES))
     name: str = arg("", "general.name in the file (default: the run folder's name)")
