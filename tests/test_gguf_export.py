@@ -395,6 +395,10 @@ HF_CASES = {
     "llama3.1": ("llama", "llama3", dict(rope_parameters=LLAMA31_ROPE), "llama", "llama-bpe"),
     "qwen3": ("qwen3", "qwen3", {}, "qwen3", "qwen2"),
     "mistral": ("mistral", "llama3", dict(sliding_window=None), "llama", "llama-bpe"),
+    # Llama's attention_bias and mlp_bias: llama's optional biases, the q/k ones permuted as their rows
+    "llama-biases": ("llama", "llama3", dict(attention_bias=True, mlp_bias=True), "llama", "llama-bpe"),
+    # Qwen2 with heads wider than hidden_size / heads: llama.cpp's qwen2 sizes q as n_embd, so it goes as llama
+    "qwen2-wide-heads": ("qwen2", "qwen2.5", dict(head_dim=16), "llama", "qwen2"),
     # PaLM's block; Cohere's tokenizers split digits one by one before GPT-2's regex
     "cohere": ("cohere", "llama3", {}, "command-r", "smollm"),
 }
