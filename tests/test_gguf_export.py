@@ -687,3 +687,35 @@ def test_exports_a_lora_run_trained_from_a_hf_model(hf_folders, tmp_path):
     llm.eval(prompt)
     theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "llama3.1"])
+def test_llama_cpp_chat_completion_of_a_hf_model_replies_as_palmchat(case, tmp_path):
+    """llama-cpp-python's chat path on the file: the model's own template rendered by llama-cpp-python (Llama 3's
+    bos written once, not twice), its stop at the end-of-turn token, and palmchat's greedy reply."""
+    from hf_models import save_tiny_hf_model
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    from palmchat.checkpoint import load_model, load_tokenizer
+    from palmchat.inference.engine import Engine, SamplingParams
+    from palmchat.tokenizer.hf import HFTokenizer
+
+    family, tokenizer_family, overrides, _, pre = HF_CASES[case]
+    # a model exactly as wide as the vocabulary: no placeholder token to decode
+    vocab_size = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path / "tokenizer", tokenizer_family)).vocab_size
+    save_tiny_hf_model(tmp_path / "m", family, vocab_size=vocab_size, max_position_embeddings=256, **overrides)
+    folder = save_tiny_hf_tokenizer(tmp_path / "m", tokenizer_family)
+    if pre == "llama-bpe":
+        use_llama3_pre_tokenizer(folder)
+    llm = llama(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f32"), n_ctx=256)
+    model, _, _ = load_model(folder)
+    fmt = load_tokenizer(folder).chat_format
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the weather like in Paris?"}]
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=12)
+    assert reply["usage"]["prompt_tokens"] == len(fmt.render_prompt(messages))
+    n = reply["usage"]["completion_tokens"]
+    ours = Engine(model).generate([fmt.render_prompt(messages)], SamplingParams(
+        max_new_tokens=n, temperature=0.0, stop_token_ids=fmt.reply_stop_ids))[0].tokens
+    ours = [t for t in ours if t not in fmt.reply_stop_ids]
+    assert reply["choices"][0]["message"]["content"] == llm.detokenize(ours).decode("utf-8", errors="ignore")
