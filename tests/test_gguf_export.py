@@ -14,7 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from palmchat.checkpoint import CheckpointError
 from palmchat.checkpoint.gguf_export import export_gguf, gguf_architecture
 from palmchat.model.config import ModelConfig, preset
-from palmchat.model.lora import add_lora, merge_lora
+from palmchat.model.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from palmchat.model.rope import rotary_tables
 from palmchat.model.transformer import Transformer
 from palmchat.tokenizer.bpe import train_tokenizer
@@ -231,11 +231,26 @@ def test_refusals(tokenizer_dir, tmp_path):
         gguf_architecture(preset("tiny", block="parallel", norm="rmsnorm"))
     with pytest.raises(ValueError, match="head_dim"):
         gguf_architecture(preset("tiny", head_dim=32))
-    # the settings of Hugging Face families the export does not map yet are refused by name
-    with pytest.raises(ValueError, match="qkv_bias=True"):
-        gguf_architecture(preset("tiny", block="sequential", norm="rmsnorm", qkv_bias=True))
-    with pytest.raises(ValueError, match="sliding_window=8"):
-        gguf_architecture(preset("tiny", block="sequential", norm="rmsnorm", sliding_window=8))
+    # the settings of Hugging Face families no llama.cpp architecture computes are refused by name
+    seq = dict(block="sequential", norm="rmsnorm")
+    with pytest.raises(ValueError, match="sliding_window=8 is shorter than max_seq_len=128"):
+        gguf_architecture(preset("tiny", **seq, sliding_window=8))
+    assert gguf_architecture(preset("tiny", **seq, sliding_window=128)) == "llama"  # a window that never binds
+    with pytest.raises(ValueError, match="attn_out_bias=True has no mapping in llama.cpp's qwen3"):
+        gguf_architecture(preset("tiny", **seq, qk_norm=True, qkv_bias=True, attn_out_bias=True))
+    with pytest.raises(ValueError, match="rope_type='llama3' has no mapping in llama.cpp's qwen3"):
+        gguf_architecture(preset("tiny", **seq, qk_norm=True, rope_type="llama3"))
+    with pytest.raises(ValueError, match="qk_norm=True has no mapping in llama.cpp's command-r"):
+        gguf_architecture(preset("tiny", qk_norm=True))
+    with pytest.raises(ValueError, match="parallel_norms=2"):  # GPT-NeoX
+        gguf_architecture(preset("tiny", parallel_norms=2, n_kv_heads=4))
+    with pytest.raises(ValueError, match="norm_offset=1.0"):  # Gemma
+        gguf_architecture(preset("tiny", **seq, norm_offset=1.0))
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True)) == "qwen2"
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True, head_dim=32)) == "llama"  # qwen2 needs H*D == dim
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True, rope_type="llama3")) == "llama"
+    assert gguf_architecture(preset("tiny", **seq, qkv_bias=True, attn_out_bias=True, ffn_bias=True)) == "llama"
+    assert gguf_architecture(preset("tiny", **seq, qk_norm=True, qkv_bias=True)) == "qwen3"
     gguf_architecture(preset("tiny", block="sequential", norm="rmsnorm", rotary_dim=16))  # = head_dim: the default
     with pytest.raises(ValueError, match="dtype='q4'"):
         export_gguf(make_model("parallel"), tokenizer_dir, out, dtype="q4")
@@ -363,4 +378,344 @@ def test_llama_cpp_chat_completion_replies_as_palmchat(tokenizer_dir, tokenizer,
         max_new_tokens=n, temperature=0.0, stop_token_ids=fmt.reply_stop_ids))[0].tokens
     ours = [t for t in ours if t not in fmt.reply_stop_ids]
     # the reply's bytes, decoded as llama-cpp-python does (bytes of no whole character dropped)
+    assert reply["choices"][0]["message"]["content"] == llm.detokenize(ours).decode("utf-8", errors="ignore")
+
+
+# ------------------------------------------------------------------- models imported from Hugging Face
+
+# Llama 3's real pre-tokenization (tokenizer.json of Meta-Llama-3): a regex split, then bytes without a regex, and
+# whole words looked up before merging. tests/hf_tokenizers.py's "llama3" folder has GPT-2's ByteLevel regex instead.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# case -> (model family, tokenizer family, config overrides, llama.cpp architecture, llama.cpp pre-tokenizer)
+HF_CASES = {
+    "qwen2": ("qwen2", "qwen2.5", {}, "qwen2", "qwen2"),
+    "llama3.1": ("llama", "llama3", dict(rope_parameters=LLAMA31_ROPE), "llama", "llama-bpe"),
+    "qwen3": ("qwen3", "qwen3", {}, "qwen3", "qwen2"),
+    "mistral": ("mistral", "llama3", dict(sliding_window=None), "llama", "llama-bpe"),
+    # Llama's attention_bias and mlp_bias: llama's optional biases, the q/k ones permuted as their rows
+    "llama-biases": ("llama", "llama3", dict(attention_bias=True, mlp_bias=True), "llama", "llama-bpe"),
+    # Qwen2 with heads wider than hidden_size / heads: llama.cpp's qwen2 sizes q as n_embd, so it goes as llama
+    "qwen2-wide-heads": ("qwen2", "qwen2.5", dict(head_dim=16), "llama", "qwen2"),
+    # PaLM's block; Cohere's tokenizers split digits one by one before GPT-2's regex
+    "cohere": ("cohere", "llama3", {}, "command-r", "smollm"),
+}
+HF_TEXTS = ["The cat sat on the mat.", "I've 12345 cats!!  \n\n ok, WE'LL see", "Über café — naïve 3.14",
+            "<|im_end|> and <tool_call> are text here", "  leading\tand trailing  ",
+            "def add(a, b): return a + b"]  # "(a" is one pre-token for Qwen2's regex, two for GPT-2's
+
+
+def use_llama3_pre_tokenizer(folder):
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    data["model"]["ignore_merges"] = True
+    path.write_text(json.dumps(data))
+
+
+def use_digits_pre_tokenizer(folder):
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """case -> a Hugging Face folder (tiny random model, tokenizer, chat template), made on first use."""
+    from hf_models import save_tiny_hf_model
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    made = {}
+
+    def folder(case):
+        if case not in made:
+            family, tokenizer_family, overrides, _, pre = HF_CASES[case]
+            made[case] = tmp_path_factory.mktemp(case.replace(".", "_"))
+            save_tiny_hf_model(made[case], family, vocab_size=700, max_position_embeddings=256, **overrides)
+            save_tiny_hf_tokenizer(made[case], tokenizer_family)
+            if pre == "llama-bpe":
+                use_llama3_pre_tokenizer(made[case])
+            if pre == "smollm":
+                use_digits_pre_tokenizer(made[case])
+        return made[case]
+    return folder
+
+
+def gguf_tensors(reader) -> dict[str, torch.Tensor]:
+    return {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(
+        tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+
+
+def llama31_rope_factors(head_dim: int, p: dict) -> torch.Tensor:
+    """rope_freqs as convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors computes them."""
+    import math
+
+    freqs = 1.0 / (p["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    low, high = p["original_max_position_embeddings"] / p["low_freq_factor"], \
+        p["original_max_position_embeddings"] / p["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high:
+            factors.append(1)
+        elif wavelen > low:
+            factors.append(p["factor"])
+        else:
+            smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+                p["high_freq_factor"] - p["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_model_file_holds_the_checkpoints_tensors(case, hf_folders, tmp_path):
+    """Every GGUF tensor is the Hugging Face tensor of the same role, exactly (f32), with q/k rows (and biases)
+    permuted back for llama's adjacent-pair rotary only: qwen2 and qwen3 rotate halves as Hugging Face does."""
+    from safetensors.torch import load_file
+
+    folder = hf_folders(case)
+    arch = HF_CASES[case][3]
+    reader = gguf.GGUFReader(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f32"))
+    ours = gguf_tensors(reader)
+    hf = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    roles = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    expected = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if not config["tie_word_embeddings"]:
+        expected["output.weight"] = "lm_head.weight"
+    for name in hf:
+        parts = name.split(".")  # model.layers.{i}.{module}.{proj}.{kind}
+        if parts[1] == "layers":
+            role = next(r for r, h in roles.items() if ".".join(parts[3:-1]) == h)
+            expected[f"blk.{parts[2]}.{role}.{parts[-1]}"] = name
+    if case == "llama3.1":
+        factors = ours.pop("rope_freqs.weight")
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        torch.testing.assert_close(factors, llama31_rope_factors(head_dim, LLAMA31_ROPE), atol=0, rtol=1e-6)
+        assert factors.min() == 1 and factors.max() == 8  # kept, interpolated and fully scaled frequencies
+    assert ours.keys() == expected.keys()
+    for name, hf_name in expected.items():
+        t = ours[name]
+        # Cohere's checkpoints store q/k rows in the adjacent-pair order command-r rotates: no permutation to undo
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            t = interleaved_to_rotate_half(t, heads if ".attn_q." in name else kv_heads)
+        assert torch.equal(t, hf[hf_name]), name
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_model_metadata_and_vocabulary(case, hf_folders, tmp_path):
+    from hf_tokenizers import load_transformers_tokenizer
+
+    folder = hf_folders(case)
+    _, tokenizer_family, _, arch, pre = HF_CASES[case]
+    f = fields(gguf.GGUFReader(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f16")))
+    config = json.loads((folder / "config.json").read_text())
+    theirs = load_transformers_tokenizer(folder)
+    assert f["general.architecture"] == arch and f["general.name"] == folder.name
+    assert f[f"{arch}.context_length"] == 256 and f[f"{arch}.block_count"] == 2
+    assert f[f"{arch}.attention.head_count_kv"] == config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    assert f[f"{arch}.attention.key_length"] == head_dim
+    if arch == "command-r":
+        assert f[f"{arch}.attention.layer_norm_epsilon"] == pytest.approx(config["layer_norm_eps"])
+    else:
+        assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
+    assert f[f"{arch}.rope.freq_base"] == (config.get("rope_parameters") or config)["rope_theta"]
+    assert f"{arch}.rope.scaling.type" not in f  # Llama 3.1's scaling is the rope_freqs tensor
+
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == pre
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == 700
+    vocab = {i: t for t, i in theirs.get_vocab().items()}
+    assert tokens == [vocab.get(i, f"[PAD{i}]") for i in range(700)]
+    added = theirs.added_tokens_decoder
+    assert [types[i] for i in added] == [gguf.TokenType.CONTROL if t.special else gguf.TokenType.USER_DEFINED
+                                         for t in added.values()]
+    assert gguf.TokenType.USER_DEFINED in types or case not in ("qwen2", "qwen3")  # <tool_call>, <think>
+    assert set(types[i] for i in vocab if i not in added) == {gguf.TokenType.NORMAL}
+    assert set(types[len(vocab):]) == {gguf.TokenType.UNUSED}
+    merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    llama3 = tokenizer_family == "llama3"
+    end_of_turn = theirs.convert_tokens_to_ids("<|eot_id|>" if llama3 else "<|im_end|>")
+    assert f["tokenizer.ggml.eos_token_id"] == f["tokenizer.ggml.eot_token_id"] == end_of_turn
+    if llama3:  # its template writes bos: llama.cpp adds it (and strips a rendered one)
+        assert f["tokenizer.ggml.bos_token_id"] == theirs.bos_token_id and f["tokenizer.ggml.add_bos_token"] is True
+    else:  # ChatML has none
+        assert "tokenizer.ggml.bos_token_id" not in f and f["tokenizer.ggml.add_bos_token"] is False
+        assert f["tokenizer.ggml.padding_token_id"] == theirs.pad_token_id
+    assert f["tokenizer.chat_template"] == theirs.chat_template
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_llama_cpp_runs_hf_models_as_palmchat(case, hf_folders, tmp_path):
+    """llama.cpp on the exported file: palmchat's fp32 logits, its greedy continuation, its tokenization of plain
+    text and of a rendered chat (special tokens parsed)."""
+    from hf_tokenizers import load_transformers_tokenizer
+
+    from palmchat.checkpoint import load_model, load_tokenizer
+
+    folder = hf_folders(case)
+    llm = llama(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f32"), n_ctx=256)
+    model, _, _ = load_model(folder)
+    tokenizer = load_tokenizer(folder)
+    for text in HF_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the weather like in Paris?"},
+                {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "Hello there!"}]
+    prompt = tokenizer.chat_format.render_prompt(messages)
+    text = load_transformers_tokenizer(folder).apply_chat_template(messages, tokenize=False,
+                                                                   add_generation_prompt=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    assert ours.std() > 0.5
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)
+    ids = list(prompt)
+    for _ in range(16):
+        ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([ids[-1]])
+    with torch.no_grad():
+        ours = list(prompt)
+        for _ in range(16):
+            ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
+    assert ids == ours
+
+
+def test_hf_refusals(hf_folders, tmp_path):
+    """What llama.cpp does not compute is refused by name, the file and field named, and no file is left."""
+    import shutil
+
+    from hf_models import save_tiny_hf_model
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    out = tmp_path / "out" / "m.gguf"
+
+    def folder(name, family, tokenizer_family="qwen2.5", **overrides):
+        save_tiny_hf_model(tmp_path / name, family, vocab_size=overrides.pop("vocab_size", 700), **overrides)
+        return save_tiny_hf_tokenizer(tmp_path / name, tokenizer_family)
+
+    with pytest.raises(ValueError, match="sliding_window=4 is shorter than max_seq_len=64"):  # Mistral v0.1
+        export_gguf(folder("mistral", "mistral"), None, out)
+    with pytest.raises(ValueError, match="parallel_norms=2 has no mapping"):
+        export_gguf(folder("neox", "gpt_neox"), None, out)
+    with pytest.raises(ValueError, match="GGUF export: model config"):
+        export_gguf(folder("gemma", "gemma3_text"), None, out)
+    with pytest.raises(CheckpointError, match=r"llama2/tokenizer.json: pre_tokenizer .*SentencePiece-style"):
+        export_gguf(folder("llama2", "llama", "llama2"), None, out)
+    with pytest.raises(CheckpointError, match=r"small/tokenizer.json: model.vocab has id \d+, beyond the model's "
+                                              r"vocab_size=300"):
+        export_gguf(folder("small", "qwen2", vocab_size=300), None, out)
+
+    def edited(case, name, edit):
+        shutil.copytree(hf_folders(case), tmp_path / name)
+        data = json.loads((tmp_path / name / "tokenizer.json").read_text())
+        edit(data)
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(data))
+        return tmp_path / name
+
+    def other_regex(data):
+        data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,2}|\s+|."
+    with pytest.raises(CheckpointError, match=r"regex/tokenizer.json: pre_tokenizer .*no llama.cpp pre-tokenizer"):
+        export_gguf(edited("qwen2", "regex", other_regex), None, out)
+
+    def merges_always(data):
+        data["model"]["ignore_merges"] = False
+    with pytest.raises(CheckpointError, match=r"merging/tokenizer.json: model.ignore_merges is False, but llama.cpp's "
+                                              r"'llama-bpe'"):
+        export_gguf(edited("llama3.1", "merging", merges_always), None, out)
+
+    def lowercase(data):
+        data["normalizer"] = {"type": "Lowercase"}
+    with pytest.raises(CheckpointError, match=r"lower/tokenizer.json: normalizer"):
+        export_gguf(edited("qwen2", "lower", lowercase), None, out)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_export_main_on_a_hf_folder(hf_folders, tmp_path):
+    from palmchat.checkpoint.gguf_export import ExportGGUFArgs, export_main
+
+    folder = hf_folders("qwen2")
+    path = export_main(ExportGGUFArgs(checkpoint=str(folder), out=str(tmp_path / "qwen.gguf"), dtype="q8_0"))
+    assert fields(gguf.GGUFReader(path))["general.name"] == folder.name
+    # Ollama takes a ChatML or Llama 3 template from the file itself: the Modelfile only points at it
+    assert (tmp_path / "qwen.Modelfile").read_text() == "FROM ./qwen.gguf\n"
+
+
+def test_exports_a_lora_run_trained_from_a_hf_model(hf_folders, tmp_path):
+    """A run that LoRA-trained an imported Qwen2 (an adapter-only checkpoint whose base is the Hugging Face folder)
+    exports with its adapter merged and the Hugging Face tokenizer it carries; llama.cpp computes the merged model."""
+    from palmchat.checkpoint import load_model, load_tokenizer, save_checkpoint
+    from palmchat.checkpoint.gguf_export import ExportGGUFArgs, export_main
+
+    folder = hf_folders("qwen2")
+    model, _, _ = load_model(folder)
+    add_lora(model, "sft", rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.3)  # B starts at zero: a trained adapter moves the logits
+    lora = {"name": "sft", "rank": 2, "alpha": 16, "targets": list(DEFAULT_TARGETS)}
+    save_checkpoint(tmp_path / "run", 5, model, {"model": model.config.to_dict(), "base": str(folder), "lora": lora},
+                    folder / "tokenizer.json", adapter="sft")
+    path = export_main(ExportGGUFArgs(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "run.gguf"), dtype="f32"))
+    f = fields(gguf.GGUFReader(path))
+    assert f["general.name"] == "run" and f["general.architecture"] == "qwen2" and f["tokenizer.ggml.pre"] == "qwen2"
+    merged = merge_lora(model, "sft")
+    base, _, _ = load_model(folder)
+    prompt = load_tokenizer(tmp_path / "run").chat_format.render_prompt([{"role": "user", "content": "Hi there"}])
+    with torch.no_grad():
+        ours, before = merged(torch.tensor([prompt]))[0], base(torch.tensor([prompt]))[0]
+    assert (ours - before).abs().max() > 0.1  # the adapter matters
+    llm = llama(path, n_ctx=256)
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "llama3.1"])
+def test_llama_cpp_chat_completion_of_a_hf_model_replies_as_palmchat(case, tmp_path):
+    """llama-cpp-python's chat path on the file: the model's own template rendered by llama-cpp-python (Llama 3's
+    bos written once, not twice), its stop at the end-of-turn token, and palmchat's greedy reply."""
+    from hf_models import save_tiny_hf_model
+    from hf_tokenizers import save_tiny_hf_tokenizer
+
+    from palmchat.checkpoint import load_model, load_tokenizer
+    from palmchat.inference.engine import Engine, SamplingParams
+    from palmchat.tokenizer.hf import HFTokenizer
+
+    family, tokenizer_family, overrides, _, pre = HF_CASES[case]
+    # a model exactly as wide as the vocabulary: no placeholder token to decode
+    vocab_size = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path / "tokenizer", tokenizer_family)).vocab_size
+    save_tiny_hf_model(tmp_path / "m", family, vocab_size=vocab_size, max_position_embeddings=256, **overrides)
+    folder = save_tiny_hf_tokenizer(tmp_path / "m", tokenizer_family)
+    if pre == "llama-bpe":
+        use_llama3_pre_tokenizer(folder)
+    llm = llama(export_gguf(folder, None, tmp_path / "m.gguf", dtype="f32"), n_ctx=256)
+    model, _, _ = load_model(folder)
+    fmt = load_tokenizer(folder).chat_format
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the weather like in Paris?"}]
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=12)
+    assert reply["usage"]["prompt_tokens"] == len(fmt.render_prompt(messages))
+    n = reply["usage"]["completion_tokens"]
+    ours = Engine(model).generate([fmt.render_prompt(messages)], SamplingParams(
+        max_new_tokens=n, temperature=0.0, stop_token_ids=fmt.reply_stop_ids))[0].tokens
+    ours = [t for t in ours if t not in fmt.reply_stop_ids]
     assert reply["choices"][0]["message"]["content"] == llm.detokenize(ours).decode("utf-8", errors="ignore")
