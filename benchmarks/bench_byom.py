@@ -12,7 +12,7 @@ For each model shape (random bf16 weights made here; no download), with 2 thread
 
 The model is a Hugging Face folder that every side reads: `--family llama` (the default) is palmchat's sequential
 model exported as LlamaForCausalLM (and as GGUF for llama.cpp); `--family qwen2` is transformers' own
-Qwen2ForCausalLM with its q/k/v biases (no GGUF: palmchat's export does not map them yet). palmchat loads it through
+Qwen2ForCausalLM with its q/k/v biases (llama.cpp runs it as its `qwen2` architecture). palmchat loads it through
 palmchat.checkpoint.hf, as a user's model.
 
 Every measurement runs in its own process (this script re-invoked with --worker), so that each side's peak RSS
