@@ -89,7 +89,7 @@ def queue_world_prompts(db: str | Path, n: int, seed: int = 0, k: int = 4, max_t
 
 def demo_round(url: str, db: str | Path, out: str | Path, base: str, reward_model: str, *, prompts: int = 40,
                labellers: int = 3, k: int = 4, max_tokens: int = 48, extra_data: list[str] | None = None,
-               api_key: str = "", seed: int = 0, **loop_args) -> dict:
+               seed: int = 0, **loop_args) -> dict:
     """The demo's round against a running server (`url`, serving `db`): queue world prompts, let simulated
     labellers rank them over HTTP, then run `main`. Returns main's report plus the labelling counts."""
     queue_world_prompts(db, prompts, seed=seed, k=k, max_tokens=max_tokens)
@@ -98,5 +98,5 @@ def demo_round(url: str, db: str | Path, out: str | Path, base: str, reward_mode
     labelled = simulated_labellers(url, labellers, seed=seed, world=World(seed=seed))
     stats = http_json("GET", url.rstrip("/") + "/v1/label/stats")
     report = main(LoopArgs(db=str(db), out=str(out), base=base, reward_model=reward_model, server=url,
-                           api_key=api_key, extra_data=list(extra_data or []), seed=seed, **loop_args))
+                           extra_data=list(extra_data or []), seed=seed, **loop_args))
     return {**report, "labelled": labelled, "agreement": stats["agreement"]}
