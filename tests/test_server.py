@@ -273,6 +273,22 @@ def test_one_key_never_reuses_another_keys_prefix_cache(server):
                                          ).usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
 
 
+def test_a_loopback_server_refuses_other_hosts_and_cross_site_pages(server):
+    """DNS rebinding (a page of evil.example resolving to 127.0.0.1 sends Host: evil.example) and cross-site
+    requests (a page elsewhere posting to 127.0.0.1) get 403, whatever the key (issue 21)."""
+    port = server.url.rsplit(":", 1)[1]
+    rebound = httpx.get(server.url + "/health", headers={"host": f"evil.example:{port}"})
+    assert rebound.status_code == 403 and "evil.example" in rebound.json()["error"]["message"]
+    cross_site = httpx.post(server.url + "/v1/chat/completions", headers={**auth(server), "origin": "https://evil.example"},
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert cross_site.status_code == 403 and cross_site.json()["error"]["code"] == "forbidden_host"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert httpx.get(server.url + "/health", headers={"host": host}).status_code == 200
+    same_origin = httpx.post(server.url + "/v1/chat/completions", headers={**auth(server), "origin": server.url},
+                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert same_origin.status_code == 200
+
+
 def test_keys_cli_create_list_revoke(server):
     created = palmchat("keys", "create", "--db", str(server.db), "--name", "carol")
     assert created.returncode == 0, created.stderr

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from palmchat.serve.errors import ASCIIJSONResponse, BodyLimit, add_error_handlers
+from palmchat.serve.errors import ASCIIJSONResponse, BodyLimit, LocalOnly, add_error_handlers
 from palmchat.serve.metrics import CountRequests, metrics_registry
 from palmchat.serve.routes import chat, completions, conversations, feedback, health, models, moderations, responses
 from palmchat.serve.state import ServerState
@@ -54,5 +54,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.mount("/static", StaticFiles(directory=health.STATIC), name="static")
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=state.max_request_bytes)
+    if state.local_hosts is not None:
+        app.add_middleware(LocalOnly, hosts=state.local_hosts)
     app.add_middleware(CountRequests, counter=counter)  # outermost: also counts the 413s
     return app

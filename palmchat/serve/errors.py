@@ -7,6 +7,7 @@ the server failed. `add_error_handlers(app)` installs the handlers; `BodyLimit` 
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,6 +87,35 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
+
+
+class LocalOnly:
+    """ASGI middleware for a server on loopback: a request whose Host header names another host (a web page that
+    reached 127.0.0.1 by DNS rebinding), or that a page of another origin sent (a cross-site request), gets 403.
+    Loopback alone proves nothing: any page the user opens can send requests there."""
+
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
+
+    def local(self, url_or_host: str) -> bool:
+        host = urlsplit(url_or_host if "//" in url_or_host else f"//{url_or_host}").hostname
+        return host is not None and host in self.hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host, origin = headers.get(b"host", b"").decode("latin-1"), headers.get(b"origin")
+            problem = (f"Host '{host}'" if not self.local(host) else
+                       f"Origin '{origin.decode('latin-1')}'" if origin is not None
+                       and not self.local(origin.decode("latin-1")) else None)
+            if problem:
+                body = json.dumps(error_body(f"{problem} is refused: this server listens on loopback and answers "
+                                             f"only requests addressed to {', '.join(sorted(self.hosts))} from "
+                                             f"pages of the same", code="forbidden_host")).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json")]})
+                return await send({"type": "http.response.body", "body": body})
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

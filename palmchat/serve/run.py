@@ -43,6 +43,9 @@ class ServeArgs:
     log_level: str = arg("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
 
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -94,7 +97,8 @@ def load_state(args: ServeArgs, store):
                        reward_model=reward_model, reward_model_path=args.reward_model, moderator=moderator,
                        moderation_mode=args.moderation_mode if moderator is not None else "off",
                        max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
-                       rate_limit=args.rate_limit, require_key=not is_loopback(args.host))
+                       rate_limit=args.rate_limit, require_key=not is_loopback(args.host),
+                       local_hosts=LOCAL_HOSTS | {args.host.strip("[]")} if is_loopback(args.host) else None)
 
 
 def main(args: ServeArgs) -> None:

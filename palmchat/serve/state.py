@@ -27,6 +27,9 @@ class ServerState:
     max_request_bytes: int = 1 << 20
     rate_limit: str = "0"  # default per-key request rate, e.g. "60/min"; 0 = none
     require_key: bool = False  # refuse requests without a key even when the database holds none
+    # a server on loopback answers only requests addressed to these host names and from pages of the same (a web
+    # page elsewhere reaching it by DNS rebinding or cross-site requests is refused); None: no check
+    local_hosts: frozenset[str] | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
     tokenizer_sha256: str = ""  # what stored token ids are tagged with (default: the tokenizer's sha256)
 
