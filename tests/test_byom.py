@@ -66,6 +66,20 @@ def test_import_hf_gives_a_native_checkpoint_with_the_same_logits(qwen, tmp_path
     assert checkpoint.load_tokenizer(native).sha256 == checkpoint.load_tokenizer(qwen).sha256
 
 
+def test_a_checkpoint_carries_every_file_of_a_hugging_face_tokenizer(qwen, tmp_path):
+    """Named chat templates (additional_chat_templates/, e.g. a tool_use template) are part of the tokenizer's
+    identity: a checkpoint trained from the folder must carry them, or its tokenizer hash would differ from the
+    folder's and a reward model trained from the same folder would be refused."""
+    folder = tmp_path / "with-tool-use"
+    shutil.copytree(qwen, folder)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages[0]['content'] }}")
+    assert cli(["import-hf", str(folder), "--out", str(tmp_path / "native")]) == 0
+    native = checkpoint.load_tokenizer(tmp_path / "native")
+    assert native.sha256 == checkpoint.load_tokenizer(folder).sha256 != checkpoint.load_tokenizer(qwen).sha256
+    assert "tool_use" in native.chat_templates
+
+
 def test_a_repo_id_resolves_through_the_local_cache(qwen, tmp_path, monkeypatch):
     """The real huggingface_hub cache layout (models--org--name/snapshots/REV, refs/main naming REV), read by
     `palmchat generate` in its own process; a repo id that is not there is one clear error."""

@@ -18,7 +18,7 @@ atomically, so a crash at any moment leaves the previous checkpoint intact and `
 A Hugging Face model folder (config.json with "model_type", safetensors weights, tokenizer.json and
 tokenizer_config.json) is accepted wherever a checkpoint is (checkpoint/hf.py maps it onto palmchat's model), and
 so is a repo id ("Qwen/Qwen2.5-0.5B-Instruct") already in the local Hugging Face cache. A checkpoint trained from
-such a model carries the tokenizer's files beside tokenizer.json (`TOKENIZER_COMPANIONS`).
+such a model carries the tokenizer's other files beside tokenizer.json (`tokenizer.hf.COMPANION_FILES`).
 
 Token ids mean nothing without their tokenizer: two pretraining runs with the same vocabulary size give models of
 the same shape whose ids mean different words. So config.json records the identity of the tokenizer saved beside
@@ -46,9 +46,6 @@ MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "t
 TOKENIZER_KEY = "tokenizer"  # config.json: {"sha256": Tokenizer.sha256, "vocab_size": ...} of tokenizer.json
 OPTIMIZER_FILE, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
 ADAPTER_FILE = "adapter.safetensors"
-# a Hugging Face tokenizer is more than tokenizer.json: its special tokens, chat template and end-of-sequence ids
-TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                        "generation_config.json")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -112,9 +109,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         (tmp / CONFIG_FILE).write_text(json.dumps({**config, "step": step}, indent=2, default=str))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-            for companion in TOKENIZER_COMPANIONS:
-                if (Path(tokenizer_path).parent / companion).is_file():
-                    shutil.copyfile(Path(tokenizer_path).parent / companion, tmp / companion)
+            _copy_tokenizer_companions(Path(tokenizer_path).parent, tmp)
         if optimizer is not None:
             tensors, meta = optimizer_tensors(optimizer)
             save_file(tensors, tmp / OPTIMIZER_FILE)
@@ -123,6 +118,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{extra_name}.safetensors")
     point_latest(run_dir, name, keep_last)
     return run_dir / name
+
+
+def _copy_tokenizer_companions(source: Path, target: Path) -> None:
+    """A Hugging Face tokenizer is more than tokenizer.json (its special tokens, chat templates, end-of-sequence
+    ids): copy the rest of its folder too, so that the copy has the same identity (sha256)."""
+    from palmchat.tokenizer.hf import COMPANION_FILES, is_hf_tokenizer_folder
+
+    if not is_hf_tokenizer_folder(source):
+        return
+    for name in COMPANION_FILES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name)
+        elif (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -246,10 +255,10 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
 
 def _load_tokenizer_file(tokenizer_path: Path):
-    """palmchat's BPE tokenizer, or a Hugging Face tokenizer when tokenizer_config.json lies beside the file."""
-    if (tokenizer_path.parent / TOKENIZER_COMPANIONS[0]).is_file():
-        from palmchat.tokenizer.hf import HFTokenizer
+    """palmchat's BPE tokenizer, or a Hugging Face tokenizer when its folder is one (tokenizer_config.json beside)."""
+    from palmchat.tokenizer.hf import HFTokenizer, is_hf_tokenizer_folder
 
+    if is_hf_tokenizer_folder(tokenizer_path.parent):
         return HFTokenizer.load(tokenizer_path.parent)
     from palmchat.tokenizer.bpe import Tokenizer
 

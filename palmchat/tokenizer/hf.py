@@ -78,6 +78,7 @@ __all__ = [
     "TEMPLATES_DIR",
     "SPECIAL_TOKENS_MAP_FILE",
     "GENERATION_CONFIG_FILE",
+    "COMPANION_FILES",
     "HFTokenizer",
     "TemplateChatFormat",
     "is_hf_tokenizer_folder",
@@ -89,6 +90,9 @@ TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATES_DIR = "additional_chat_templates"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# what a Hugging Face tokenizer folder holds beside tokenizer.json (all of it is part of the tokenizer's sha256): a
+# checkpoint trained from such a folder carries every one that exists
+COMPANION_FILES = (CONFIG_FILE, TEMPLATE_FILE, TEMPLATES_DIR, SPECIAL_TOKENS_MAP_FILE, GENERATION_CONFIG_FILE)
 
 # The special tokens transformers passes to a chat template (as `tokenizer.special_tokens_map`) when they are set.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

@@ -46,15 +46,16 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary folder beside `path` to fill; on success its files are fsynced and it is renamed to
-    `path` (replacing an older one), on error it is removed."""
+    """Yields a temporary folder beside `path` to fill; on success its files (in subfolders too) are fsynced and it
+    is renamed to `path` (replacing an older one), on error it is removed."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         tmp.chmod(0o755)
         if path.exists():
             shutil.rmtree(path)
