@@ -68,7 +68,7 @@ from palmchat.data.formats import (
     unpaired_from_rankings,
 )
 from palmchat.losses import IGNORE_INDEX
-from palmchat.utils.jsonl import DataError, RecordError
+from palmchat.utils.jsonl import DataError, RecordError, parse_records
 
 __all__ = [
     "Ranking",
@@ -112,15 +112,7 @@ def _load(path, format: str, parse, stage: str, what: str, oasst: OasstFilters |
     any other format through :func:`read_examples`, taking the stage's part."""
     fmt = file_format(path, format)
     if fmt == "palmchat":
-        out = []
-        for where, _, record in iter_rows(path):
-            try:
-                out.append(parse(record))
-            except RecordError as e:
-                raise DataError(f"{where}: {e}") from None
-        if not out:
-            raise DataError(f"{path}: no records")
-        return out
+        return parse_records(path, ((where, record) for where, _, record in iter_rows(path)), parse)
     examples = getattr(read_examples(path, fmt, strict=True, oasst=oasst), stage)
     if not examples:
         raise DataError(f"{path}: this {fmt} file gives no {what}")

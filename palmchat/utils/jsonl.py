@@ -64,12 +64,18 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
 def read_records(path, parse) -> list:
     """``parse(record)`` for each record of a JSONL file; a RecordError it raises becomes a DataError naming
     FILE:LINE, and a file without records is a DataError too."""
+    return parse_records(path, ((f"{name}:{lineno}", record) for name, lineno, record in iter_records(path)), parse)
+
+
+def parse_records(path, rows, parse) -> list:
+    """``parse(record)`` for each ``(where, record)`` of `rows` (read from `path`); a RecordError it raises becomes
+    a DataError naming ``where``, and no records at all is a DataError naming `path`."""
     out = []
-    for name, lineno, record in iter_records(path):
+    for where, record in rows:
         try:
             out.append(parse(record))
         except RecordError as e:
-            raise DataError(f"{name}:{lineno}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
     if not out:
         raise DataError(f"{path}: no records")
     return out

@@ -114,8 +114,9 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
     texts = [(m.role, S.text_of(m.content)) for m in messages]
     new_messages = [{"role": S.role_of(role), "content": text} for role, text in texts]
     context, turn_tokens = new_turns(chat_format, history, history_messages, new_messages)
+    context = context + chat_format.generation_prompt  # up to and including what opens the reply
     input_items = [S.message_item(S.new_id("msg_"), role, text) for role, text in texts]
-    prompt = context + chat_format.generation_prompt
+    prompt = context
     if body.instructions:
         system = {"role": "system", "content": S.clean_text(body.instructions)}
         if isinstance(chat_format, PalmChatFormat):  # its turns do not depend on what comes before them
@@ -124,8 +125,7 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
         else:  # a template may write a default system prompt when there is none: render with this one instead
             prompt = chat_format.render_prompt([system, *(history_messages or []), *new_messages])
     fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
-    return Turn(history, history_messages, texts, turn_tokens, input_items, context + chat_format.generation_prompt,
-                fitted.prompt, conversation_id,
+    return Turn(history, history_messages, texts, turn_tokens, input_items, context, fitted.prompt, conversation_id,
                 fitted.details(), digest)
 
 
