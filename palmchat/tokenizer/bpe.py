@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -46,10 +46,10 @@ TOKENIZER_FILENAME = "tokenizer.json"
 MIN_VOCAB_SIZE = 256 + NUM_SPECIAL_TOKENS
 
 
-SPECIAL_IDS = range(NUM_SPECIAL_TOKENS)
+SPECIAL_IDS = frozenset(range(NUM_SPECIAL_TOKENS))
 
 
-def encode_plain(tok: _HFTokenizer, texts: Sequence[str], special_ids: Container[int]) -> list[list[int]]:
+def encode_plain(tok: _HFTokenizer, texts: Sequence[str], special_ids: frozenset[int]) -> list[list[int]]:
     """Plain texts -> their ids through `tok` (parallel in Rust), with no special tokens added. None of
     `special_ids` may come out (defence in depth: `tok` is set to encode special tokens' text as plain text)."""
     texts = list(texts)
@@ -57,7 +57,7 @@ def encode_plain(tok: _HFTokenizer, texts: Sequence[str], special_ids: Container
         if not isinstance(t, str):
             raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
     out = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
-    if any(i in special_ids for ids in out for i in ids):
+    if any(not special_ids.isdisjoint(ids) for ids in out):  # a set test per text, not a Python loop per token
         raise RuntimeError("tokenizer produced a special-token id from plain text")
     return out
 
