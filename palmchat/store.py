@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA_V1 = """
 CREATE TABLE api_keys (
@@ -115,7 +115,24 @@ ALTER TABLE responses ADD COLUMN tokenizer TEXT;  -- sha256 of the tokenizer of 
 ALTER TABLE responses ADD COLUMN messages TEXT;   -- JSON [{"role", "content"}]: `context` as text (NULL before v3)
 """
 
-_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
+SCHEMA_V4 = """
+ALTER TABLE items ADD COLUMN parent_id TEXT;                -- the item before this one in its branch (NULL: first)
+ALTER TABLE conversations ADD COLUMN current_item TEXT;     -- the last item of the branch shown and continued
+UPDATE items SET parent_id = (SELECT p.id FROM items p WHERE p.conversation_id = items.conversation_id
+                              AND p.position < items.position ORDER BY p.position DESC LIMIT 1);
+UPDATE conversations SET current_item = (SELECT i.id FROM items i WHERE i.conversation_id = conversations.id
+                                         ORDER BY i.position DESC LIMIT 1);
+ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';   -- user, labeller or admin
+UPDATE api_keys SET role = 'admin' WHERE admin = 1;
+CREATE INDEX items_parent ON items (conversation_id, parent_id);
+CREATE INDEX conversations_owner ON conversations (owner, created_at);
+CREATE INDEX responses_owner ON responses (owner, created_at);
+CREATE INDEX responses_conversation ON responses (conversation_id);
+CREATE INDEX feedback_owner ON feedback (owner, conversation_id);
+CREATE INDEX tasks_conversation ON tasks (conversation_id)
+"""
+
+_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
 
 
 def pack_ids(ids) -> bytes:
@@ -128,6 +145,9 @@ def unpack_ids(blob: bytes) -> list[int]:
 
 class StoreError(ValueError):
     pass
+
+
+CURRENT = object()  # "the end of the conversation's current branch", where a turn is appended by default
 
 
 class Store:
@@ -188,8 +208,10 @@ class Store:
     def add_key(self, key_id: str, name: str, secret_hash: str, prefix: str, rate_limit: str | None,
                 admin: bool = False) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
-                       (key_id, name, secret_hash, prefix, rate_limit, int(time.time()), int(admin)))
+            db.execute("INSERT INTO api_keys (id, name, hash, prefix, rate_limit, created_at, revoked_at, admin, role) "
+                       "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                       (key_id, name, secret_hash, prefix, rate_limit, int(time.time()), int(admin),
+                        "admin" if admin else "user"))
 
     def keys(self) -> list[dict]:
         fields = ("id", "name", "prefix", "rate_limit", "created_at", "revoked_at", "admin")
@@ -236,10 +258,11 @@ class Store:
 
     def commit_turn(self, owner: str, response: dict | None, input_items: list[dict], context: list[int],
                     conversation_id: str | None, new_items: list[tuple[dict, list[int]]],
-                    tokenizer: str | None = None, messages: list[dict] | None = None) -> None:
+                    tokenizer: str | None = None, messages: list[dict] | None = None, after=CURRENT) -> None:
         """One turn in one transaction: the response (when stored) and the items it adds to its conversation.
         `tokenizer`: the sha256 of the tokenizer of `context` and of the items' ids; `messages`: `context` as text
-        ({"role", "content"} each), from which it can be rendered again under another tokenizer."""
+        ({"role", "content"} each), from which it can be rendered again under another tokenizer; `after`: the item
+        the new items follow (see _append_items: by default the end of the current branch)."""
         with self.transaction() as db:
             if response is not None:
                 db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -247,7 +270,7 @@ class Store:
                             json.dumps(input_items), pack_ids(context), conversation_id, tokenizer,
                             None if messages is None else json.dumps(messages)))
             if conversation_id is not None and new_items:
-                self._append_items(db, owner, conversation_id, new_items, tokenizer)
+                self._append_items(db, owner, conversation_id, new_items, tokenizer, after)
 
     def instructions_of_item(self, owner: str, conversation_id: str, item_id: str) -> str | None:
         """The `instructions` the assistant item was generated with (they are not in the conversation itself): from
@@ -262,12 +285,12 @@ class Store:
                           "AND candidates LIKE ?", (owner, conversation_id, f'%"{item_id}"%'))
         return json.loads(rows[0][0]).get("instructions") if rows else None
 
-    # -- conversations --------------------------------------------------------------------------------
+    # -- conversations: trees of items (schema v4) ------------------------------------------------------
 
     def create_conversation(self, owner: str, conversation: dict, items: list[tuple[dict, list[int]]],
                             tokenizer: str | None = None) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)",
+            db.execute("INSERT INTO conversations (id, owner, created_at, metadata) VALUES (?, ?, ?, ?)",
                        (conversation["id"], owner, conversation["created_at"], json.dumps(conversation["metadata"])))
             self._append_items(db, owner, conversation["id"], items, tokenizer)
 
@@ -285,6 +308,10 @@ class Store:
                           "ORDER BY created_at, rowid", (owner,))
         return [{"id": i, "object": "conversation", "created_at": c, "metadata": json.loads(m)} for i, c, m in rows]
 
+    def conversation_owners(self) -> list[tuple[str, str]]:
+        """(conversation id, owner) of every conversation, oldest first (for exports)."""
+        return [tuple(r) for r in self._read("SELECT id, owner FROM conversations ORDER BY created_at, rowid")]
+
     def update_conversation(self, owner: str, conversation_id: str, metadata: dict) -> bool:
         with self.transaction() as db:
             return db.execute("UPDATE conversations SET metadata = ? WHERE id = ? AND owner = ?",
@@ -296,47 +323,150 @@ class Store:
                               (conversation_id, owner)).rowcount > 0
 
     def _append_items(self, db, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]],
-                      tokenizer: str | None) -> None:
-        owned = db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner))
-        if not owned.fetchone():
+                      tokenizer: str | None, after=CURRENT) -> None:
+        """Append items as one chain after `after` (an item id; None: as a new first item, a new root; by default
+        the end of the current branch), and make the last of them the end of the current branch. KeyError when the
+        conversation is gone, StoreError when `after` was deleted."""
+        row = db.execute("SELECT current_item FROM conversations WHERE id = ? AND owner = ?",
+                         (conversation_id, owner)).fetchone()
+        if row is None:
             raise KeyError(conversation_id)  # deleted while the turn was generated
+        parent = row[0] if after is CURRENT else after
+        if parent is not None and not db.execute("SELECT 1 FROM items WHERE id = ? AND conversation_id = ?",
+                                                 (parent, conversation_id)).fetchone():
+            raise StoreError(f"the message this turn continues ({parent}) was deleted")
+        if not items:
+            return
         last = db.execute("SELECT coalesce(max(position), -1) FROM items WHERE conversation_id = ?",
                           (conversation_id,)).fetchone()[0]
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
-                       [(item["id"], conversation_id, last + 1 + i, json.dumps(item), pack_ids(tokens), tokenizer)
-                        for i, (item, tokens) in enumerate(items)])
+        rows = []
+        for i, (item, tokens) in enumerate(items):
+            rows.append((item["id"], conversation_id, last + 1 + i, json.dumps(item), pack_ids(tokens), tokenizer,
+                         parent))
+            parent = item["id"]
+        db.executemany("INSERT INTO items (id, conversation_id, position, body, tokens, tokenizer, parent_id) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        db.execute("UPDATE conversations SET current_item = ? WHERE id = ?", (parent, conversation_id))
 
     def add_items(self, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]],
-                  tokenizer: str | None = None) -> None:
-        """Append items, each with the token ids it adds to the context; `tokenizer`: the sha256 of their tokenizer."""
+                  tokenizer: str | None = None, after=CURRENT) -> None:
+        """Append items, each with the token ids it adds to the context; `tokenizer`: the sha256 of their tokenizer;
+        `after`: see _append_items."""
         with self.transaction() as db:
-            self._append_items(db, owner, conversation_id, items, tokenizer)
+            self._append_items(db, owner, conversation_id, items, tokenizer, after)
 
-    def items(self, conversation_id: str) -> list[dict]:
-        """The conversation's items in order (the caller checked the owner)."""
-        rows = self._read("SELECT body FROM items WHERE conversation_id = ? ORDER BY position", (conversation_id,))
-        return [json.loads(r[0]) for r in rows]
+    def _branch(self, conversation_id: str, leaf=CURRENT) -> list[tuple]:
+        """(body, tokens, tokenizer, id) of each item from the first to `leaf` (default: the end of the current
+        branch), following parents."""
+        with self._lock:
+            if leaf is CURRENT:
+                row = self._db.execute("SELECT current_item FROM conversations WHERE id = ?",
+                                       (conversation_id,)).fetchone()
+                leaf = row[0] if row else None
+            if leaf is None:
+                return []
+            return self._db.execute("""
+                WITH RECURSIVE path(id, depth) AS (
+                    SELECT ?, 0
+                    UNION ALL
+                    SELECT i.parent_id, path.depth + 1 FROM items i JOIN path ON i.id = path.id
+                    WHERE i.conversation_id = ? AND i.parent_id IS NOT NULL)
+                SELECT i.body, i.tokens, i.tokenizer, i.id FROM path JOIN items i ON i.id = path.id
+                WHERE i.conversation_id = ? ORDER BY path.depth DESC""",
+                                    (leaf, conversation_id, conversation_id)).fetchall()
 
-    def items_with_tokens(self, conversation_id: str) -> list[tuple[dict, list[int]]]:
-        rows = self._read("SELECT body, tokens FROM items WHERE conversation_id = ? ORDER BY position",
-                          (conversation_id,))
-        return [(json.loads(b), unpack_ids(t)) for b, t in rows]
+    def items(self, conversation_id: str, leaf=CURRENT) -> list[dict]:
+        """The items of the conversation's current branch (or of the branch ending at `leaf`), first to last (the
+        caller checked the owner)."""
+        return [json.loads(b) for b, _, _, _ in self._branch(conversation_id, leaf)]
+
+    def items_with_tokens(self, conversation_id: str, leaf=CURRENT) -> list[tuple[dict, list[int]]]:
+        return [(json.loads(b), unpack_ids(t)) for b, t, _, _ in self._branch(conversation_id, leaf)]
+
+    def context_items(self, conversation_id: str, leaf=CURRENT) -> list[tuple[dict, list[int], str | None]]:
+        """(item, token ids, sha256 of their tokenizer or None before schema v3) of each item of the current branch
+        (or of the branch ending at `leaf`), in order: what the context of a turn continuing it is made of, and what
+        to render it from again under another tokenizer."""
+        return [(json.loads(b), unpack_ids(t), h) for b, t, h, _ in self._branch(conversation_id, leaf)]
+
+    def tree(self, conversation_id: str) -> dict:
+        """Every item of the conversation, all branches, in the order they were added: {"current_item": the end of
+        the current branch, "items": [(item, parent id or None)]}."""
+        with self._lock:
+            row = self._db.execute("SELECT current_item FROM conversations WHERE id = ?",
+                                   (conversation_id,)).fetchone()
+            rows = self._db.execute("SELECT body, parent_id FROM items WHERE conversation_id = ? ORDER BY position",
+                                    (conversation_id,)).fetchall()
+        return {"current_item": row[0] if row else None, "items": [(json.loads(b), p) for b, p in rows]}
+
+    @staticmethod
+    def _latest_leaf(db, conversation_id: str, item_id: str) -> str:
+        """The end of the most recently extended branch through `item_id`: its newest child, that one's, ..."""
+        while True:
+            child = db.execute("SELECT id FROM items WHERE conversation_id = ? AND parent_id = ? "
+                               "ORDER BY position DESC LIMIT 1", (conversation_id, item_id)).fetchone()
+            if child is None:
+                return item_id
+            item_id = child[0]
+
+    def show_branch(self, owner: str, conversation_id: str, item_id: str) -> str | None:
+        """Make the branch through `item_id` the current one (down to its most recently extended end); returns that
+        end, or None when the conversation or the item does not exist."""
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM items i JOIN conversations c ON c.id = i.conversation_id "
+                              "WHERE i.id = ? AND c.id = ? AND c.owner = ?",
+                              (item_id, conversation_id, owner)).fetchone():
+                return None
+            leaf = self._latest_leaf(db, conversation_id, item_id)
+            db.execute("UPDATE conversations SET current_item = ? WHERE id = ?", (leaf, conversation_id))
+        return leaf
 
     def get_item(self, conversation_id: str, item_id: str) -> dict | None:
         rows = self._read("SELECT body FROM items WHERE conversation_id = ? AND id = ?", (conversation_id, item_id))
         return json.loads(rows[0][0]) if rows else None
 
-    def delete_item(self, conversation_id: str, item_id: str) -> bool:
-        with self.transaction() as db:
-            return db.execute("DELETE FROM items WHERE conversation_id = ? AND id = ?",
-                              (conversation_id, item_id)).rowcount > 0
+    def parent_of(self, conversation_id: str, item_id: str) -> tuple[bool, str | None]:
+        """(whether the item exists, its parent's id or None)."""
+        rows = self._read("SELECT parent_id FROM items WHERE conversation_id = ? AND id = ?",
+                          (conversation_id, item_id))
+        return (True, rows[0][0]) if rows else (False, None)
 
-    def context_items(self, conversation_id: str) -> list[tuple[dict, list[int], str | None]]:
-        """(item, token ids, sha256 of their tokenizer or None before schema v3) of each item, in order: what a
-        conversation's context is made of, and what to render it from again under another tokenizer."""
-        rows = self._read("SELECT body, tokens, tokenizer FROM items WHERE conversation_id = ? ORDER BY position",
-                          (conversation_id,))
-        return [(json.loads(b), unpack_ids(t), h) for b, t, h in rows]
+    def delete_item(self, conversation_id: str, item_id: str) -> bool:
+        """Delete one item, as OpenAI's API does: what followed it now follows its parent."""
+        with self.transaction() as db:
+            row = db.execute("SELECT parent_id FROM items WHERE conversation_id = ? AND id = ?",
+                             (conversation_id, item_id)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE items SET parent_id = ? WHERE conversation_id = ? AND parent_id = ?",
+                       (row[0], conversation_id, item_id))
+            db.execute("UPDATE conversations SET current_item = ? WHERE id = ? AND current_item = ?",
+                       (row[0], conversation_id, item_id))
+            db.execute("DELETE FROM items WHERE conversation_id = ? AND id = ?", (conversation_id, item_id))
+        return True
+
+    def delete_branch(self, conversation_id: str, item_id: str) -> bool:
+        """Delete an item and everything that follows it in any branch. When the current branch went with it, the
+        current one becomes the newest remaining sibling's (or else ends at the parent)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT parent_id FROM items WHERE conversation_id = ? AND id = ?",
+                             (conversation_id, item_id)).fetchone()
+            if row is None:
+                return False
+            doomed = [r[0] for r in db.execute("""
+                WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL
+                    SELECT i.id FROM items i JOIN sub ON i.parent_id = sub.id WHERE i.conversation_id = ?)
+                SELECT id FROM sub""", (item_id, conversation_id))]
+            current = db.execute("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,)).fetchone()[0]
+            db.executemany("DELETE FROM items WHERE conversation_id = ? AND id = ?",
+                           [(conversation_id, i) for i in doomed])
+            if current in doomed:
+                parent = row[0]
+                sibling = db.execute("SELECT id FROM items WHERE conversation_id = ? AND parent_id IS ? "
+                                     "ORDER BY position DESC LIMIT 1", (conversation_id, parent)).fetchone()
+                current = self._latest_leaf(db, conversation_id, sibling[0]) if sibling else parent
+                db.execute("UPDATE conversations SET current_item = ? WHERE id = ?", (current, conversation_id))
+        return True
 
     # -- feedback: thumbs, comparisons, the labelling queue (schema v2) -----------------------------------
 
@@ -438,23 +568,60 @@ class Store:
         return True
 
     def commit_comparison(self, owner: str, task: dict, labeller: str, ranking: list[str],
-                          items: list[tuple[dict, list[int]]], tokenizer: str | None = None) -> None:
-        """One transaction: the ranking of a compare task and the turn it adds to its conversation (ids of the
-        tokenizer whose sha256 is `tokenizer`). KeyError if the conversation is gone, StoreError if it changed since
-        the candidates were sampled or was ranked."""
+                          items: list[tuple[dict, list[int]]], tokenizer: str | None = None,
+                          other_replies: list[tuple[dict, list[int]]] = ()) -> None:
+        """One transaction: the ranking of a compare task and the turn it adds to its conversation's current branch
+        (`items`: the input items and the chosen reply; `other_replies`: the other candidates, kept as the chosen
+        reply's siblings; ids of the tokenizer whose sha256 is `tokenizer`). KeyError if the conversation is gone,
+        StoreError if it changed since the candidates were sampled or was ranked."""
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM rankings WHERE task_id = ?", (task["id"],)).fetchone():
                 raise StoreError("this comparison was ranked already")
             if not db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
                               (task["conversation_id"], owner)).fetchone():
                 raise KeyError(task["conversation_id"])
-            tokens = [t for r in db.execute("SELECT tokens FROM items WHERE conversation_id = ? ORDER BY position",
-                                            (task["conversation_id"],)) for t in unpack_ids(r[0])]
+            tokens = [t for _, ids, _, _ in self._branch(task["conversation_id"]) for t in unpack_ids(ids)]
             if context_digest(tokens) != task["params"]["context_digest"]:
                 raise StoreError("the conversation changed after these candidates were generated; compare again")
             db.execute("INSERT INTO rankings VALUES (?, ?, ?, ?)",
                        (task["id"], labeller, json.dumps(ranking), time.time()))
-            self._append_items(db, owner, task["conversation_id"], items, tokenizer)
+            *inputs, chosen = items
+            self._append_items(db, owner, task["conversation_id"], inputs, tokenizer)
+            prompt_end = db.execute("SELECT current_item FROM conversations WHERE id = ?",
+                                    (task["conversation_id"],)).fetchone()[0]
+            for reply in [*other_replies, chosen]:
+                self._append_items(db, owner, task["conversation_id"], [reply], tokenizer, after=prompt_end)
+
+    def rank_siblings(self, owner: str, conversation_id: str, parent_id: str, labeller: str, ranking: list[str],
+                      prompt: list[dict], new_id) -> str:
+        """Store `labeller`'s ranking of the replies that follow `parent_id` (a task of kind 'siblings', one per
+        parent: its candidates are every reply ranked so far, each labeller's latest ranking kept); returns the
+        task's id. `prompt`: the messages the replies answer. KeyError when a ranked item is not a reply there."""
+        with self.transaction() as db:
+            replies = {r[0]: json.loads(r[1]) for r in db.execute(
+                "SELECT id, body FROM items WHERE conversation_id = ? AND parent_id = ?", (conversation_id, parent_id))}
+            missing = [i for i in ranking if i not in replies]
+            if missing:
+                raise KeyError(missing[0])
+            texts = {i: "".join(p.get("text", "") or p.get("refusal", "") for p in replies[i].get("content", []))
+                     for i in ranking}
+            row = db.execute("SELECT id, candidates FROM tasks WHERE kind = 'siblings' AND owner = ? "
+                             "AND conversation_id = ? AND json_extract(params, '$.parent_item') = ?",
+                             (owner, conversation_id, parent_id)).fetchone()
+            if row is None:
+                task_id = new_id()
+                self._insert_task(db, {"id": task_id, "kind": "siblings", "owner": owner,
+                                       "conversation_id": conversation_id, "prompt": prompt,
+                                       "candidates": [{"id": i, "text": texts[i]} for i in ranking],
+                                       "params": {"parent_item": parent_id}})
+            else:
+                task_id, candidates = row[0], json.loads(row[1])
+                known = {c["id"] for c in candidates}
+                candidates += [{"id": i, "text": texts[i]} for i in ranking if i not in known]
+                db.execute("UPDATE tasks SET candidates = ? WHERE id = ?", (json.dumps(candidates), task_id))
+            db.execute("INSERT OR REPLACE INTO rankings VALUES (?, ?, ?, ?)",
+                       (task_id, labeller, json.dumps(ranking), time.time()))
+        return task_id
 
     def rankings(self, kind: str | None = None) -> list[dict]:
         """{"task_id", "labeller", "ranking", "created_at"} of every ranking (of `kind` tasks), oldest first."""

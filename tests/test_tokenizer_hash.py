@@ -173,12 +173,12 @@ def test_a_v2_database_is_upgraded_and_its_rows_name_no_tokenizer(tmp_path):
             if statement.strip():
                 db.execute(statement)
         db.execute("INSERT INTO conversations VALUES ('conv_1', '', 0, '{}')")
-        db.execute("INSERT INTO items VALUES ('msg_1', 'conv_1', 0, '{}', ?)", (pack_ids([3, 300, 5]),))
+        db.execute("INSERT INTO items VALUES ('msg_0', 'conv_1', 0, '{}', ?)", (pack_ids([3, 300, 5]),))
         db.execute("INSERT INTO responses VALUES ('resp_1', '', 0, '{}', '[]', ?, NULL)", (pack_ids([1, 3, 5]),))
         db.execute("PRAGMA user_version=2")
     store = Store(path)
     try:
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         response = store.get_response("", "resp_1")
         assert response["context"] == [1, 3, 5] and response["tokenizer"] is None and response["messages"] is None
         assert store.context_items("conv_1") == [({}, [3, 300, 5], None)]
