@@ -120,14 +120,30 @@ class Page:
         return self.page.inner_text("#error")
 
     def messages(self) -> list[tuple[str, str]]:
-        return [(m.get_attribute("class").split()[1], m.inner_text().split("\n", 1)[-1].strip())
+        """(role, text) of each message shown."""
+        return [(m.get_attribute("class").split()[1], m.query_selector(".body").inner_text().strip())
                 for m in self.page.query_selector_all("#messages .message")]
+
+    def items(self) -> list[str]:
+        """The server's item id of each message shown."""
+        return [m.get_attribute("data-item") for m in self.page.query_selector_all("#messages .message")]
+
+    def versions(self) -> list[str]:
+        """The "2/3" of each message shown ("" where it has no other version)."""
+        return [m.inner_text() if m else "" for m in
+                (n.query_selector(".branches .position") for n in self.page.query_selector_all("#messages .message"))]
 
     def close(self, expected_failures: bool = False):
         errors = [e for e in self.errors if not (expected_failures and EXPECTED_FAILED_FETCH.search(e))]
         self.context.close()
         assert not self.blocked, f"requests outside the server: {self.blocked}"
         assert not errors, f"console errors: {errors}"
+
+
+def conversation_tree(srv, conversation: str) -> dict:
+    response = httpx.get(f"{srv.url}/v1/conversations/{conversation}/tree")
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def assistant_texts(p: Page) -> list[str]:
@@ -186,7 +202,7 @@ def test_chat_streams_survives_reload_stop_thumbs_regenerate(web):
     p.page.reload()
     p.page.wait_for_selector(".message.assistant >> nth=0 >> .rate.up.chosen")
 
-    # regenerate the last reply: same number of messages, a new last reply
+    # regenerate the last reply: same number of messages, a new last reply (the old one is kept beside it)
     p.page.hover(".message.assistant.last")
     p.page.click(".message.assistant.last .regenerate")
     p.page.wait_for_function("() => document.querySelectorAll('.message.assistant .actions').length == 3 && "
@@ -194,6 +210,7 @@ def test_chat_streams_survives_reload_stop_thumbs_regenerate(web):
     p.idle()
     regenerated = p.messages()
     assert len(regenerated) == 6 and regenerated[-2] == ("user", "Tell me a long story.")
+    assert p.versions()[-1] == "2/2"
 
     # rename in the sidebar
     p.page.click("#conversations li.active [aria-label=Rename]")
@@ -207,6 +224,82 @@ def test_chat_streams_survives_reload_stop_thumbs_regenerate(web):
     assert p.page.evaluate("document.documentElement.dataset.theme") == "dark"
     p.page.screenshot(path=str(DOCS / "chat-dark.png"))
     p.page.click("#theme")
+    p.close()
+
+
+def test_branches_regenerate_edit_flip_rank_delete_and_survive_reload_and_restart(web):
+    srv, _ = web
+    p = Page(web)
+    p.goto("/")
+    p.send("What pet does Briruul have?")
+    p.page.wait_for_selector(".message.assistant .actions")
+    p.idle()
+    for n in (2, 3):  # regenerate twice: three versions of the reply, the newest shown
+        p.page.click(".message.assistant.last .regenerate")
+        p.page.wait_for_function(f"() => document.querySelector('.message.assistant .position')?.textContent == "
+                                 f"'{n}/{n}' && !document.querySelector('.message.pending')")
+        p.idle()
+    conversation = p.page.url.split("?c=")[1]
+    replies = [i for i in conversation_tree(srv, conversation)["data"] if i["role"] == "assistant"]
+    assert len(replies) == 3 and p.items()[1] == replies[2]["id"]
+    for n in (2, 1):  # flip back through them
+        p.page.click(".message.assistant .prev")
+        p.page.wait_for_function(f"() => document.querySelector('.message.assistant .position').textContent == "
+                                 f"'{n}/3'")
+        assert p.items()[1] == replies[n - 1]["id"]
+
+    # a follow-up on the first version, then the follow-up edited: a new branch that continues
+    p.send("And its name?")
+    p.page.wait_for_function("() => document.querySelectorAll('.message.assistant .actions').length == 2")
+    p.idle()
+    p.page.click(".message.user >> nth=1 >> .edit")
+    p.page.fill(".editing textarea", "And its age?")
+    p.page.click(".editing .save-edit")
+    p.page.wait_for_function("() => document.querySelector('.message.user:nth-of-type(3) .position')?.textContent == "
+                             "'2/2' && !document.querySelector('.message.pending')")
+    p.idle()
+    edited = p.messages()
+    assert p.items()[1] == replies[0]["id"] and edited[2] == ("user", "And its age?")
+    assert edited[3][0] == "assistant" and p.versions() == ["", "1/3", "2/2", ""]
+
+    # rank the three versions of the first reply: kept as this person's ranking of those siblings
+    p.page.click(".message.assistant >> nth=0 >> .rank")
+    order = [replies[1]["id"], replies[2]["id"]]
+    for item_id in order:
+        p.page.click(f".candidate[data-id='{item_id}']")
+    p.page.click(".submit-ranking")
+    p.page.wait_for_selector("text=Ranking saved")
+    from palmchat.store import Store
+
+    store = Store(srv.db)
+    try:
+        ranked = [r for r in store.rankings("siblings")
+                  if store.get_task(r["task_id"])["conversation_id"] == conversation]
+    finally:
+        store.close()
+    assert [r["ranking"] for r in ranked] == [order + [replies[0]["id"]]]
+
+    # everything is still there after a reload, and after a server restart
+    p.page.reload()
+    p.page.wait_for_selector(".message.assistant .actions")
+    p.idle()
+    assert p.messages() == edited and p.versions() == ["", "1/3", "2/2", ""]
+    p.close()
+    srv.stop()
+    srv.start()
+    p = Page(web)
+    p.goto(f"/?c={conversation}")
+    p.page.wait_for_selector(".message.assistant .actions")
+    assert p.messages() == edited and p.versions() == ["", "1/3", "2/2", ""]
+
+    # flip to the first follow-up, then delete that branch: the edited one is shown again, with no other version
+    p.page.click(".message.user >> nth=1 >> .prev")
+    p.page.wait_for_function("() => document.querySelector('.message.user:nth-of-type(3) .position')?.textContent "
+                             "== '1/2'")
+    assert p.messages()[2] == ("user", "And its name?")
+    p.page.click(".message.user >> nth=1 >> .delete-branch")
+    p.page.wait_for_function("() => document.querySelectorAll('.branches .position').length == 1")
+    assert p.messages() == edited and p.versions() == ["", "1/3", "", ""]
     p.close()
 
 

@@ -2,6 +2,8 @@
 // so a reload, another tab or another device shows the same thing; the page keeps only settings locally.
 // After every turn (finished, stopped or failed) the page redraws the conversation from the server, so what it
 // shows is what was stored.
+// A conversation is a tree: regenerating a reply or editing a message starts a new branch beside the old one
+// (`branch_from`), "< 2/3 >" moves between the siblings, and the replies to one message can be ranked.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -58,31 +60,26 @@ function newChat() {
   document.body.classList.remove("sidebar-open");
 }
 
-// Redraw a conversation from the server: its items and the caller's thumbs on them.
-async function allItems(id) {
-  const items = [];
-  for (let page = null; !page || page.has_more;) {
-    const after = page ? `&after=${page.last_id}` : "";
-    page = await apiJSON("GET", `/v1/conversations/${id}/items?limit=100&order=asc${after}`);
-    items.push(...page.data);
-  }
-  return { data: items };
-}
-
+// Redraw a conversation from the server: the current branch of its tree and the caller's thumbs on it.
 async function showConversation(id) {
-  const [items, ratings] = await Promise.all([
-    allItems(id), apiJSON("GET", `/v1/feedback?conversation_id=${encodeURIComponent(id)}`)]);
+  const [tree, ratings] = await Promise.all([
+    apiJSON("GET", `/v1/conversations/${id}/tree`), apiJSON("GET", `/v1/feedback?conversation_id=${encodeURIComponent(id)}`)]);
   state.conversation = id;
   history.replaceState(null, "", "/?c=" + id);
   const meta = state.conversations.find((c) => c.id === id);
   $("title").textContent = meta?.metadata?.title || "Untitled";
   $("messages").replaceChildren();
   const rated = Object.fromEntries(ratings.data.map((f) => [f.item_id, f.rating]));
-  for (const item of items.data) {
+  const byId = Object.fromEntries(tree.data.map((item) => [item.id, item]));
+  const children = {};
+  for (const item of tree.data) (children[item.parent_id ?? ""] ||= []).push(item);
+  const branch = [];
+  for (let item = byId[tree.current_item]; item; item = byId[item.parent_id]) branch.unshift(item);
+  for (const item of branch) {
     if (item.type !== "message") continue;
     const parts = item.content || [];
     const text = parts.map((part) => part.text || part.refusal || "").join("");
-    const msg = addMessage(item.role, text, item.id, rated[item.id]);
+    const msg = addMessage(item.role, text, item, rated[item.id], children[item.parent_id ?? ""]);
     if (item.role === "assistant" && item.status === "incomplete") {
       msg.querySelector(".body").append(el("p", { class: "note" }, "(incomplete: stopped, or cut at the length limit)"));
     }
@@ -117,29 +114,50 @@ async function openConversation(id) {
 
 // ---- messages -------------------------------------------------------------------------------------------
 
-function addMessage(role, text, itemId, rating) {
+// A message; `item` (from the server) gives it its actions, `siblings` (the replies or messages beside it,
+// itself included) the "< 2/3 >" control.
+function addMessage(role, text, item, rating, siblings) {
   const body = el("div", { class: "body" });
-  const msg = el("article", { class: "message " + role, "data-item": itemId || "" }, el("div", { class: "role" }, role), body);
+  const msg = el("article", { class: "message " + role, "data-item": item?.id || "" }, el("div", { class: "role" }, role), body);
   if (role === "assistant") renderMarkdown(body, text); else body.textContent = text;
-  if (role === "assistant" && itemId) msg.append(feedbackBar(itemId, rating));
+  if (item) msg.append(actionBar(msg, item, text, rating, siblings || [item]));
   $("messages").append(msg);
   msg.scrollIntoView({ block: "end" });
   return msg;
 }
 
-function feedbackBar(itemId, rating) {
+function actionBar(msg, item, text, rating, siblings) {
   const bar = el("div", { class: "actions" });
-  const rate = (value) => guarded(async () => {
-    const comment = prompt(value > 0 ? "What was good? (optional)" : "What was wrong? (optional)");
-    if (comment === null) return;  // cancelled
-    await apiJSON("POST", "/v1/feedback", { item_id: itemId, conversation_id: state.conversation, rating: value, comment });
-    bar.querySelectorAll(".rate").forEach((b) => b.classList.remove("chosen"));
-    bar.querySelector(value > 0 ? ".up" : ".down").classList.add("chosen");
-  });
-  bar.append(
-    el("button", { class: "icon rate up" + (rating > 0 ? " chosen" : ""), "aria-label": "Good reply", title: "Good reply", onclick: () => rate(1) }, icon("up")),
-    el("button", { class: "icon rate down" + (rating < 0 ? " chosen" : ""), "aria-label": "Bad reply", title: "Bad reply", onclick: () => rate(-1) }, icon("up", true)),
-    el("button", { class: "icon regenerate", "aria-label": "Regenerate", title: "Regenerate", onclick: regenerate }, "↻"));
+  if (siblings.length > 1) {
+    const at = siblings.findIndex((s) => s.id === item.id);
+    const go = (step) => guarded(async () => {
+      await apiJSON("POST", `/v1/conversations/${state.conversation}/branch`, { item_id: siblings[at + step].id });
+      await showConversation(state.conversation);
+    });
+    bar.append(el("span", { class: "branches", role: "group", "aria-label": "Versions" },
+      el("button", { class: "icon prev", "aria-label": "Previous version", disabled: at === 0, onclick: () => go(-1) }, "‹"),
+      el("span", { class: "position" }, `${at + 1}/${siblings.length}`),
+      el("button", { class: "icon next", "aria-label": "Next version", disabled: at === siblings.length - 1, onclick: () => go(1) }, "›")));
+  }
+  if (item.role === "assistant") {
+    const rate = (value) => guarded(async () => {
+      const comment = prompt(value > 0 ? "What was good? (optional)" : "What was wrong? (optional)");
+      if (comment === null) return;  // cancelled
+      await apiJSON("POST", "/v1/feedback", { item_id: item.id, conversation_id: state.conversation, rating: value, comment });
+      bar.querySelectorAll(".rate").forEach((b) => b.classList.remove("chosen"));
+      bar.querySelector(value > 0 ? ".up" : ".down").classList.add("chosen");
+    });
+    bar.append(
+      el("button", { class: "icon rate up" + (rating > 0 ? " chosen" : ""), "aria-label": "Good reply", title: "Good reply", onclick: () => rate(1) }, icon("up")),
+      el("button", { class: "icon rate down" + (rating < 0 ? " chosen" : ""), "aria-label": "Bad reply", title: "Bad reply", onclick: () => rate(-1) }, icon("up", true)),
+      el("button", { class: "icon regenerate", "aria-label": "Regenerate", title: "Another reply (kept beside this one)", onclick: () => regenerate(msg, item) }, "↻"));
+    if (siblings.length > 1) {
+      bar.append(el("button", { class: "icon rank", "aria-label": "Rank the versions", title: "Rank the versions of this reply", onclick: () => rankSiblings(msg, item, siblings) }, "⇅"));
+    }
+  } else if (item.role === "user") {
+    bar.append(el("button", { class: "icon edit", "aria-label": "Edit", title: "Edit (a new branch; the old one is kept)", onclick: () => editMessage(msg, item, text) }, "✎"));
+  }
+  bar.append(el("button", { class: "icon delete-branch", "aria-label": "Delete this version", title: "Delete this message and what follows it", onclick: () => deleteBranch(item) }, icon("trash")));
   return bar;
 }
 
@@ -274,25 +292,75 @@ async function waitForItem(conversation, itemId) {
   }
 }
 
-async function regenerate() {
+// Another reply to the user message before `item`, as a new branch beside it.
+async function regenerate(msg, item) {
+  await branchTurn(msg, { input: [], branch_from: item.parent_id });
+}
+
+// Edit a user message in place; saving sends it as a new branch after the message before it.
+function editMessage(msg, item, text) {
+  if (state.busy) return;
+  const box = el("textarea", { class: "edit-box", rows: 3, "aria-label": "Edited message" });
+  box.value = text;
+  const save = el("button", { class: "primary save-edit" }, "Send");
+  const cancel = el("button", { class: "cancel-edit" }, "Cancel");
+  const form = el("div", { class: "editing" }, box, el("div", { class: "row" }, save, cancel));
+  msg.querySelector(".body").replaceWith(form);
+  msg.querySelector(".actions").hidden = true;
+  box.focus();
+  cancel.addEventListener("click", () => showConversation(state.conversation));
+  save.addEventListener("click", async () => {
+    const edited = box.value.trim();
+    const problem = await problemWith(edited);
+    if (problem) return showError(problem);
+    await branchTurn(msg, { input: edited, branch_from: item.parent_id ?? "" }, edited);
+  });
+}
+
+// A turn on a new branch: the messages from `msg` on are replaced by the new turn as it streams in.
+async function branchTurn(msg, body, userText) {
   if (state.busy || !state.conversation) return;
+  showError(null);
   setBusy(true);
   const conversation = state.conversation;
+  while (msg.nextSibling) msg.nextSibling.remove();
+  msg.remove();
   const ok = await guarded(async () => {
-    const items = (await apiJSON("GET", `/v1/conversations/${conversation}/items?limit=100&order=desc`)).data;
-    const lastAssistant = items.find((i) => i.type === "message" && i.role === "assistant");
-    const lastUser = items.find((i) => i.type === "message" && i.role === "user");
-    if (!lastAssistant || !lastUser) return;
-    const text = (lastUser.content || []).map((p) => p.text || "").join("");
-    // The conversation's tokens are its items' tokens: without these two, the next prompt ends where they began.
-    await api("DELETE", `/v1/conversations/${conversation}/items/${lastAssistant.id}`);
-    await api("DELETE", `/v1/conversations/${conversation}/items/${lastUser.id}`);
-    await showConversation(conversation);
-    addMessage("user", text);
-    await stream(conversation, { input: text });
+    if (userText !== undefined) addMessage("user", userText);
+    await stream(conversation, body);
   });
   setBusy(false);
   if (!ok) await showConversation(conversation).catch(() => {});
+}
+
+async function deleteBranch(item) {
+  if (state.busy) return;
+  if (!confirm("Delete this message and everything after it in this branch?")) return;
+  await guarded(async () => {
+    await api("DELETE", `/v1/conversations/${state.conversation}/branches/${item.id}`);
+    await showConversation(state.conversation);
+  });
+}
+
+// Rank the versions of a reply (the replies to one user message), best first.
+function rankSiblings(msg, item, siblings) {
+  if (state.busy || document.querySelector(".compare")) return;
+  const candidates = siblings.map((s) => ({ id: s.id, text: (s.content || []).map((p) => p.text || p.refusal || "").join("") }));
+  const submit = el("button", { class: "primary submit-ranking", disabled: true }, "Submit ranking");
+  const cancel = el("button", { class: "cancel-ranking" }, "Cancel");
+  const { cards, ranking } = rankingCards(candidates, (complete) => { submit.disabled = !complete; });
+  const panel = el("section", { class: "compare" },
+    el("p", { class: "hint" }, "Click the versions from best to worst (click again to undo), then submit."),
+    cards, el("div", { class: "row" }, submit, cancel));
+  cancel.addEventListener("click", () => panel.remove());
+  submit.addEventListener("click", async () => {
+    submit.disabled = true;
+    const ok = await guarded(() => apiJSON("POST",
+      `/v1/conversations/${state.conversation}/items/${item.parent_id}/ranking`, { ranking: ranking() }));
+    panel.replaceChildren(el("p", { class: "note ranked" }, ok ? "Ranking saved. Thank you." : "The ranking was not saved."));
+  });
+  msg.after(panel);
+  panel.scrollIntoView({ block: "end" });
 }
 
 // ---- compare: n candidates side by side, ranked by clicks ------------------------------------------------
