@@ -1,10 +1,14 @@
 """Durable server state in one SQLite file: API keys, stored responses, conversations and their items.
 
 What is stored, and why in this form:
-- a response row holds the OpenAI-shaped body returned to the client, its input items, and `context`: the token
+- a response row holds the OpenAI-shaped body returned to the client, its input items, and its context: the token
   ids of the whole conversation so far (prompt without `instructions` + the reply up to its end-of-turn token).
   A follow-up with `previous_response_id` appends its new turn to those ids instead of re-rendering text, so its
-  prompt starts with exactly the tokens whose K/V the scheduler's prefix cache holds;
+  prompt starts with exactly the tokens whose K/V the scheduler's prefix cache holds. Each turn's ids are stored
+  once (schema v5): a response that continues another keeps only what it adds (`previous_id` names the one it
+  continues), and one in a conversation keeps nothing but the item that ends it (`context_item`: its context is
+  the conversation's branch up to that item). Deleting a response others continue first copies its part into them;
+  deleting a conversation deletes its responses;
 - a conversation is an ordered list of items; each item keeps the token ids it contributes (a user turn, or
   `<|assistant|>` + the sampled reply + `<|end|>`), so the conversation's context is bos + their concatenation;
 - token ids mean nothing without their tokenizer, and the server may be restarted with a checkpoint of another
@@ -21,7 +25,8 @@ What is stored, and why in this form:
 
 Durability: WAL journal, `synchronous=FULL` (each commit is fsynced: one fsync per turn is nothing next to
 generating the turn, and a turn the client was told about then survives a power cut, not only a killed server),
-every write in one transaction. One connection shared by the event loop and worker threads, behind a lock.
+every write in one transaction. Writes go through one connection behind a lock; reads through a connection of
+their own per thread, so that in WAL mode a read never waits for a writer's fsync (nor a writer for a read).
 The schema is versioned with `PRAGMA user_version`; an older database is upgraded in place when opened
 (`_MIGRATIONS[v]` takes v-1 to v, all in one transaction).
 """
@@ -33,12 +38,12 @@ import json
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA_V1 = """
 CREATE TABLE api_keys (
@@ -132,7 +137,13 @@ CREATE INDEX feedback_owner ON feedback (owner, conversation_id);
 CREATE INDEX tasks_conversation ON tasks (conversation_id)
 """
 
-_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
+SCHEMA_V5 = """
+ALTER TABLE responses ADD COLUMN previous_id TEXT;   -- context and messages continue this response's (NULL: whole)
+ALTER TABLE responses ADD COLUMN context_item TEXT;  -- the context is its conversation's branch up to this item
+CREATE INDEX responses_previous ON responses (previous_id)
+"""
+
+_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5}
 
 
 def pack_ids(ids) -> bytes:
@@ -156,6 +167,9 @@ class Store:
         if self.path.parent and not self.path.parent.exists():
             raise FileNotFoundError(f"--db: folder {self.path.parent} does not exist")
         self._lock = threading.RLock()
+        self._local = threading.local()  # each thread's read connection
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()  # not the writer's lock: a read must never wait for a write
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -192,15 +206,37 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            db.execute("PRAGMA query_only=ON")
+            self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
     def _read(self, sql: str, args=()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self._reader().execute(sql, args).fetchall()
+
+    @contextmanager
+    def _snapshot(self):
+        """Several reads that see one state of the database (one read transaction)."""
+        db = self._reader()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
 
     def integrity_check(self) -> str:
         return self._read("PRAGMA integrity_check")[0][0]
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            for db in self._readers:
+                db.close()
             self._db.close()
 
     # -- API keys -----------------------------------------------------------------------------------
@@ -240,21 +276,56 @@ class Store:
     # -- responses ------------------------------------------------------------------------------------
 
     def get_response(self, owner: str, response_id: str) -> dict | None:
-        """{"body", "input_items", "context", "conversation_id", "tokenizer", "messages"} of one of `owner`'s
-        responses, or None. `tokenizer` is the sha256 of the tokenizer of `context`, `messages` the context as
-        text (both None for a response stored before schema v3)."""
-        rows = self._read("SELECT body, input_items, context, conversation_id, tokenizer, messages FROM responses "
-                          "WHERE id = ? AND owner = ?", (response_id, owner))
-        if not rows:
-            return None
-        body, items, context, conversation_id, tokenizer, messages = rows[0]
-        return {"body": json.loads(body), "input_items": json.loads(items), "context": unpack_ids(context),
-                "conversation_id": conversation_id, "tokenizer": tokenizer,
-                "messages": None if messages is None else json.loads(messages)}
+        """{"body", "input_items", "context", "conversation_id", "tokenizer", "messages", "context_items"} of one of
+        `owner`'s responses, or None. `tokenizer` is the sha256 of the tokenizer of `context`, `messages` the context
+        as text (both None for a response stored before schema v3). A response of a conversation has its context in
+        the conversation: `context_items` (as context_items() gives them) and `context` None; None for both when
+        the item that ended it was deleted since."""
+        with self._snapshot() as db:
+            rows = db.execute("SELECT body, input_items, conversation_id, tokenizer, context_item FROM responses "
+                              "WHERE id = ? AND owner = ?", (response_id, owner)).fetchall()
+            if not rows:
+                return None
+            body, items, conversation_id, tokenizer, context_item = rows[0]
+            context, messages, context_items = None, None, None
+            if context_item is None:
+                context, messages = self._context(db, response_id)
+            else:
+                branch = self._branch(conversation_id, context_item, db)
+                if branch and branch[-1][3] == context_item:
+                    context_items = [(json.loads(b), unpack_ids(t), h) for b, t, h, _ in branch]
+        return {"body": json.loads(body), "input_items": json.loads(items), "context": context,
+                "conversation_id": conversation_id, "tokenizer": tokenizer, "messages": messages,
+                "context_items": context_items}
+
+    @staticmethod
+    def _context(db, response_id: str) -> tuple[list[int], list[dict] | None]:
+        """A response's whole context (ids, messages or None), joining the parts of the responses it continues."""
+        rows = db.execute("""
+            WITH RECURSIVE chain(id, depth) AS (
+                SELECT ?, 0
+                UNION ALL
+                SELECT r.previous_id, chain.depth + 1 FROM responses r JOIN chain ON r.id = chain.id
+                WHERE r.previous_id IS NOT NULL)
+            SELECT r.context, r.messages FROM chain JOIN responses r ON r.id = chain.id ORDER BY chain.depth DESC""",
+                          (response_id,)).fetchall()
+        ids = [t for context, _ in rows for t in unpack_ids(context)]
+        if any(m is None for _, m in rows):
+            return ids, None
+        return ids, [m for _, messages in rows for m in json.loads(messages)]
+
+    def _delete_response(self, db, owner: str, response_id: str) -> bool:
+        for (child,) in db.execute("SELECT id FROM responses WHERE previous_id = ?", (response_id,)).fetchall():
+            context, messages = self._context(db, child)
+            db.execute("UPDATE responses SET context = ?, messages = ?, previous_id = NULL WHERE id = ?",
+                       (pack_ids(context), None if messages is None else json.dumps(messages), child))
+        return db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).rowcount > 0
 
     def delete_response(self, owner: str, response_id: str) -> bool:
         with self.transaction() as db:
-            return db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).rowcount > 0
+            if not db.execute("SELECT 1 FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).fetchone():
+                return False
+            return self._delete_response(db, owner, response_id)
 
     def commit_turn(self, owner: str, response: dict | None, input_items: list[dict], context: list[int],
                     conversation_id: str | None, new_items: list[tuple[dict, list[int]]],
@@ -264,13 +335,34 @@ class Store:
         ({"role", "content"} each), from which it can be rendered again under another tokenizer; `after`: the item
         the new items follow (see _append_items: by default the end of the current branch)."""
         with self.transaction() as db:
-            if response is not None:
-                db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (response["id"], owner, response["created_at"], json.dumps(response),
-                            json.dumps(input_items), pack_ids(context), conversation_id, tokenizer,
-                            None if messages is None else json.dumps(messages)))
             if conversation_id is not None and new_items:
                 self._append_items(db, owner, conversation_id, new_items, tokenizer, after)
+            if response is None:
+                return
+            previous_id, context_item = None, None
+            if conversation_id is not None and new_items:
+                context_item, context, messages = new_items[-1][0]["id"], [], None
+            elif response.get("previous_response_id"):
+                previous_id, context, messages = self._continued(db, response["previous_response_id"], tokenizer,
+                                                                 context, messages)
+            db.execute("INSERT INTO responses (id, owner, created_at, body, input_items, context, conversation_id, "
+                       "tokenizer, messages, previous_id, context_item) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (response["id"], owner, response["created_at"], json.dumps(response),
+                        json.dumps(input_items), pack_ids(context), conversation_id, tokenizer,
+                        None if messages is None else json.dumps(messages), previous_id, context_item))
+
+    def _continued(self, db, previous_id: str, tokenizer: str | None, context: list[int],
+                   messages: list[dict] | None) -> tuple[str | None, list[int], list[dict] | None]:
+        """(previous_id, the part of context and messages to store): only what follows the previous response's
+        context when it starts this one (same tokenizer, ids and text), else (None, the whole of them)."""
+        row = db.execute("SELECT tokenizer, context_item FROM responses WHERE id = ?", (previous_id,)).fetchone()
+        if row is None or row[0] != tokenizer or row[1] is not None or messages is None:
+            return None, context, messages
+        earlier, earlier_messages = self._context(db, previous_id)
+        if earlier_messages is None or context[:len(earlier)] != earlier or \
+                messages[:len(earlier_messages)] != earlier_messages:
+            return None, context, messages
+        return previous_id, context[len(earlier):], messages[len(earlier_messages):]
 
     def instructions_of_item(self, owner: str, conversation_id: str, item_id: str) -> str | None:
         """The `instructions` the assistant item was generated with (they are not in the conversation itself): from
@@ -302,11 +394,23 @@ class Store:
         return {"id": conversation_id, "object": "conversation", "created_at": rows[0][0],
                 "metadata": json.loads(rows[0][1])}
 
-    def list_conversations(self, owner: str) -> list[dict]:
-        """`owner`'s conversations, oldest first."""
-        rows = self._read("SELECT id, created_at, metadata FROM conversations WHERE owner = ? "
-                          "ORDER BY created_at, rowid", (owner,))
-        return [{"id": i, "object": "conversation", "created_at": c, "metadata": json.loads(m)} for i, c, m in rows]
+    def list_conversations(self, owner: str, limit: int | None = None, order: str = "asc",
+                           after: str | None = None) -> tuple[list[dict], bool] | list[dict]:
+        """`owner`'s conversations, oldest first (`order` "desc": newest first); with `limit`, one page of them from
+        the one after `after` and whether more follow (a KeyError when `after` is not one of them)."""
+        direction, compare = ("ASC", ">") if order == "asc" else ("DESC", "<")
+        where, args = "owner = ?", [owner]
+        if after is not None:
+            start = self._read("SELECT created_at, rowid FROM conversations WHERE id = ? AND owner = ?", (after, owner))
+            if not start:
+                raise KeyError(after)
+            where += f" AND (created_at, rowid) {compare} (?, ?)"
+            args += list(start[0])
+        rows = self._read(f"SELECT id, created_at, metadata FROM conversations WHERE {where} "
+                          f"ORDER BY created_at {direction}, rowid {direction}"
+                          + ("" if limit is None else f" LIMIT {int(limit) + 1}"), args)
+        page = [{"id": i, "object": "conversation", "created_at": c, "metadata": json.loads(m)} for i, c, m in rows]
+        return page if limit is None else (page[:limit], len(page) > limit)
 
     def conversation_owners(self) -> list[tuple[str, str]]:
         """(conversation id, owner) of every conversation, oldest first (for exports)."""
@@ -318,9 +422,16 @@ class Store:
                               (json.dumps(metadata), conversation_id, owner)).rowcount > 0
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
+        """Delete the conversation, its items and the stored responses of its turns (the feedback given on it stays:
+        people gave it as training data)."""
         with self.transaction() as db:
-            return db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
-                              (conversation_id, owner)).rowcount > 0
+            if not db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
+                              (conversation_id, owner)).rowcount:
+                return False
+            for (response_id,) in db.execute("SELECT id FROM responses WHERE conversation_id = ? AND owner = ?",
+                                             (conversation_id, owner)).fetchall():
+                self._delete_response(db, owner, response_id)
+        return True
 
     def _append_items(self, db, owner: str, conversation_id: str, items: list[tuple[dict, list[int]]],
                       tokenizer: str | None, after=CURRENT) -> None:
@@ -355,17 +466,21 @@ class Store:
         with self.transaction() as db:
             self._append_items(db, owner, conversation_id, items, tokenizer, after)
 
-    def _branch(self, conversation_id: str, leaf=CURRENT) -> list[tuple]:
+    def current_item(self, conversation_id: str) -> str | None:
+        """The last item of the conversation's current branch (None: no items)."""
+        rows = self._read("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,))
+        return rows[0][0] if rows else None
+
+    def _branch(self, conversation_id: str, leaf=CURRENT, db=None) -> list[tuple]:
         """(body, tokens, tokenizer, id) of each item from the first to `leaf` (default: the end of the current
-        branch), following parents."""
-        with self._lock:
+        branch), following parents; `db`: the connection to read with (a writer's, inside its transaction)."""
+        with self._snapshot() if db is None else nullcontext(db) as db:
             if leaf is CURRENT:
-                row = self._db.execute("SELECT current_item FROM conversations WHERE id = ?",
-                                       (conversation_id,)).fetchone()
+                row = db.execute("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
                 leaf = row[0] if row else None
             if leaf is None:
                 return []
-            return self._db.execute("""
+            return db.execute("""
                 WITH RECURSIVE path(id, depth) AS (
                     SELECT ?, 0
                     UNION ALL
@@ -373,7 +488,7 @@ class Store:
                     WHERE i.conversation_id = ? AND i.parent_id IS NOT NULL)
                 SELECT i.body, i.tokens, i.tokenizer, i.id FROM path JOIN items i ON i.id = path.id
                 WHERE i.conversation_id = ? ORDER BY path.depth DESC""",
-                                    (leaf, conversation_id, conversation_id)).fetchall()
+                              (leaf, conversation_id, conversation_id)).fetchall()
 
     def items(self, conversation_id: str, leaf=CURRENT) -> list[dict]:
         """The items of the conversation's current branch (or of the branch ending at `leaf`), first to last (the
@@ -392,11 +507,10 @@ class Store:
     def tree(self, conversation_id: str) -> dict:
         """Every item of the conversation, all branches, in the order they were added: {"current_item": the end of
         the current branch, "items": [(item, parent id or None)]}."""
-        with self._lock:
-            row = self._db.execute("SELECT current_item FROM conversations WHERE id = ?",
-                                   (conversation_id,)).fetchone()
-            rows = self._db.execute("SELECT body, parent_id FROM items WHERE conversation_id = ? ORDER BY position",
-                                    (conversation_id,)).fetchall()
+        with self._snapshot() as db:
+            row = db.execute("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            rows = db.execute("SELECT body, parent_id FROM items WHERE conversation_id = ? ORDER BY position",
+                              (conversation_id,)).fetchall()
         return {"current_item": row[0] if row else None, "items": [(json.loads(b), p) for b, p in rows]}
 
     @staticmethod
@@ -581,7 +695,7 @@ class Store:
             if not db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
                               (task["conversation_id"], owner)).fetchone():
                 raise KeyError(task["conversation_id"])
-            tokens = [t for _, ids, _, _ in self._branch(task["conversation_id"]) for t in unpack_ids(ids)]
+            tokens = [t for _, ids, _, _ in self._branch(task["conversation_id"], db=db) for t in unpack_ids(ids)]
             if context_digest(tokens) != task["params"]["context_digest"]:
                 raise StoreError("the conversation changed after these candidates were generated; compare again")
             db.execute("INSERT INTO rankings VALUES (?, ?, ?, ?)",

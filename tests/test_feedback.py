@@ -327,7 +327,7 @@ def test_a_v1_database_is_upgraded_in_place(tmp_path):
         db.execute("PRAGMA user_version=1")
     store = Store(path)
     try:
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert store.get_conversation("key_1", "conv_1")["metadata"] == {"title": "old"}
         assert store.keys()[0]["name"] == "alice" and store.keys()[0]["admin"] == 0
         assert store.key_by_hash("hash")["id"] == "key_1"

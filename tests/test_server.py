@@ -578,6 +578,14 @@ def test_a_stored_conversation_continues_under_another_tokenizer(tmp_path):
             prompt = b.chat_format.render_prompt(messages)
             assert continued.usage.input_tokens == full.usage.prompt_tokens == len(prompt)
             assert continued.output_text == full.choices[0].message.content
+            if "conversation" in previous:  # its turns are stored once, in its items: the new ones in b's ids
+                kept = store.Store(db)
+                try:
+                    tokenizers = [h for _, _, h in kept.context_items(conv.id)]
+                finally:
+                    kept.close()
+                assert tokenizers == [a.sha256] * 3 + [b.sha256] * 2
+                continue
             with sqlite3.connect(db) as conn:  # what ran, as stored: the text rendered by the new tokenizer
                 context = store.unpack_ids(conn.execute("SELECT context FROM responses WHERE id = ?",
                                                         (continued.id,)).fetchone()[0])

@@ -178,7 +178,7 @@ def test_a_v2_database_is_upgraded_and_its_rows_name_no_tokenizer(tmp_path):
         db.execute("PRAGMA user_version=2")
     store = Store(path)
     try:
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         response = store.get_response("", "resp_1")
         assert response["context"] == [1, 3, 5] and response["tokenizer"] is None and response["messages"] is None
         assert store.context_items("conv_1") == [({}, [3, 300, 5], None)]

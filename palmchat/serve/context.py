@@ -60,7 +60,13 @@ def new_turns(chat_format, history: list[int], history_messages: list[dict] | No
 def previous_history(state: ServerState, previous: dict, response_id: str) -> tuple[list[int], list[dict] | None]:
     """(ids, messages) of a stored response's context: its ids when this server's tokenizer made them (or when it
     was stored before contexts named their tokenizer: then they are taken as this tokenizer's, as before), else its
-    text rendered again."""
+    text rendered again. A response of a conversation: that conversation's branch up to its reply."""
+    if previous["context"] is None:
+        if previous["context_items"] is None:
+            raise APIError(400, f"Previous response '{response_id}' ended with a conversation item that was deleted "
+                                f"since, so it cannot be continued. Continue the conversation instead.",
+                           param="previous_response_id", code="previous_response_unusable")
+        return conversation_history(state, previous["context_items"])
     if previous["tokenizer"] is None or previous["tokenizer"] == state.tokenizer_sha256:
         return previous["context"], previous["messages"]
     if previous["messages"] is None:

@@ -53,7 +53,11 @@ async def list_conversations(request: Request, owner: str = Depends(caller), lim
                              order: Literal["asc", "desc"] = "desc", after: str | None = None):
     """An extension (OpenAI's API cannot list conversations): the caller's conversations, newest first by default.
     The chat page keeps each one's title in `metadata.title`."""
-    return S.item_page(server_state(request).store.list_conversations(owner), limit, order, after)
+    try:
+        page, more = await asyncio.to_thread(server_state(request).store.list_conversations, owner, limit, order, after)
+    except KeyError:
+        raise APIError(400, f"after: no conversation with id '{after}'", param="after") from None
+    return S.item_list(page, has_more=more)
 
 
 @router.get("/conversations/{conversation_id}")
@@ -83,14 +87,14 @@ async def list_items(conversation_id: str, request: Request, owner: str = Depend
                      after: str | None = None):
     state = server_state(request)
     owned_conversation(state, owner, conversation_id)
-    return S.item_page(state.store.items(conversation_id), limit, order, after)
+    return S.item_page(await asyncio.to_thread(state.store.items, conversation_id), limit, order, after)
 
 
 @router.post("/conversations/{conversation_id}/items")
 async def add_items(conversation_id: str, body: S.ItemsCreateRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     owned_conversation(state, owner, conversation_id)
-    items = new_items(state, body.items, conversation_id)
+    items = await asyncio.to_thread(new_items, state, body.items, conversation_id)
     try:
         await asyncio.to_thread(state.store.add_items, owner, conversation_id, items, state.tokenizer_sha256)
     except KeyError:
@@ -109,7 +113,7 @@ async def conversation_tree(conversation_id: str, request: Request, owner: str =
     and the last item of the current branch."""
     state = server_state(request)
     owned_conversation(state, owner, conversation_id)
-    tree = state.store.tree(conversation_id)
+    tree = await asyncio.to_thread(state.store.tree, conversation_id)
     return {"object": "conversation.tree", "conversation_id": conversation_id, "current_item": tree["current_item"],
             "data": [{**item, "parent_id": parent} for item, parent in tree["items"]]}
 

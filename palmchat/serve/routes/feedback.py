@@ -143,7 +143,7 @@ async def compare(conversation_id: str, body: CompareRequest, request: Request, 
     if model_candidates(state, body.model) is not None:
         raise APIError(400, "compare samples plain candidates: use the model id without a ':best-of-N' suffix",
                        param="model")
-    turn = prepare_turn(state, owner, S.ResponseRequest(
+    turn = await asyncio.to_thread(prepare_turn, state, owner, S.ResponseRequest(
         model=body.model, input=body.input, conversation=conversation_id, instructions=body.instructions,
         truncation=body.truncation, max_output_tokens=body.max_output_tokens))
     params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input",

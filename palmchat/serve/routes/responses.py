@@ -12,8 +12,9 @@ cache consequence: a turn with instructions shares only `bos` with a prompt buil
 versa), so switching instructions on or off costs one full prefill; a client that sends the same instructions
 every turn (the usual pattern) still hits the cache, since each such prompt extends the one before.
 
-Concurrent responses in one conversation are not serialised: each sees the items committed when it started,
-and their items are appended in the order they finish.
+Concurrent responses in one conversation never interleave: each is built on the branch as it stood when it
+started and its items follow the item it was built on, so two turns sent at once become two branches (siblings),
+and the one that finishes last is the current branch.
 
 A turn is committed to the database before its reply completes (before the final SSE event, or before the
 non-streamed response is sent), so a client that saw a response finish can always continue from it, even
@@ -104,7 +105,9 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
         if state.store.get_conversation(owner, conversation_id) is None:
             raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation",
                            code="not_found")
+        # the turn follows the item it was built on, so that turns sent at once become siblings, not interleaved
         after = branch_point(state, conversation_id, body.branch_from)
+        after = state.store.current_item(conversation_id) if after is CURRENT else after
         items = state.store.context_items(conversation_id, after)
         history, history_messages = conversation_history(state, items)
         digest = context_digest([t for _, tokens, _ in items for t in tokens])
@@ -136,7 +139,7 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
 
 
 def branch_point(state: ServerState, conversation_id: str, branch_from: str | None):
-    """Where a turn of the conversation goes: after the item `branch_from` ("" : at the start), by default after
+    """Where a turn of the conversation goes: after the item `branch_from` ("": at the start), by default after
     the end of the current branch (store.CURRENT)."""
     if branch_from is None:
         return CURRENT
@@ -152,7 +155,7 @@ def branch_point(state: ServerState, conversation_id: str, branch_from: str | No
 async def create_response(body: S.ResponseRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     candidates = model_candidates(state, body.model)
-    turn = prepare_turn(state, owner, body)
+    turn = await asyncio.to_thread(prepare_turn, state, owner, body)  # database reads and tokenizing
     chat_format = state.tokenizer.chat_format
     params = sampling_params(state, body, len(turn.prompt), body.max_output_tokens, "max_output_tokens", "input",
                              owner)
@@ -309,7 +312,7 @@ def _stored_response(state: ServerState, owner: str, response_id: str) -> dict:
 
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, request: Request, owner: str = Depends(caller)):
-    return _stored_response(server_state(request), owner, response_id)["body"]
+    return (await asyncio.to_thread(_stored_response, server_state(request), owner, response_id))["body"]
 
 
 @router.delete("/responses/{response_id}")
@@ -323,4 +326,5 @@ async def delete_response(response_id: str, request: Request, owner: str = Depen
 async def response_input_items(response_id: str, request: Request, owner: str = Depends(caller),
                                limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc",
                                after: str | None = None):
-    return S.item_page(_stored_response(server_state(request), owner, response_id)["input_items"], limit, order, after)
+    stored = await asyncio.to_thread(_stored_response, server_state(request), owner, response_id)
+    return S.item_page(stored["input_items"], limit, order, after)
