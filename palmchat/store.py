@@ -457,7 +457,8 @@ class Store:
                 WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL
                     SELECT i.id FROM items i JOIN sub ON i.parent_id = sub.id WHERE i.conversation_id = ?)
                 SELECT id FROM sub""", (item_id, conversation_id))]
-            current = db.execute("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,)).fetchone()[0]
+            current = db.execute("SELECT current_item FROM conversations WHERE id = ?",
+                                 (conversation_id,)).fetchone()[0]
             db.executemany("DELETE FROM items WHERE conversation_id = ? AND id = ?",
                            [(conversation_id, i) for i in doomed])
             if current in doomed:

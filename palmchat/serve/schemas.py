@@ -121,6 +121,10 @@ class ResponseRequest(Body):
     truncation: Truncation = Field(None, description='"auto" leaves out the oldest messages (never the leading '
                                    "system ones, the instructions or the newest) when the conversation does not fit "
                                    'the context; "disabled" (default) fails such a request with a 400')
+    branch_from: str | None = Field(None, description="palmchat's extension, with `conversation`: the item this turn "
+                                    "follows, starting a new branch beside the replies that follow it already (an "
+                                    "edited message, or with an empty `input` after a user message, a regenerated "
+                                    'reply); "" starts a new first message. Default: the end of the current branch')
 
 
 class ConversationCreateRequest(Body):

@@ -1,5 +1,11 @@
 """/v1/conversations[/{id}[/items[/{item_id}]]]: create, read, update and delete conversations and their
-items, as in OpenAI's Conversations API; GET /v1/conversations (the caller's, newest first) is an extension."""
+items, as in OpenAI's Conversations API; GET /v1/conversations (the caller's, newest first) is an extension.
+
+A conversation is a tree (palmchat/store.py): a regenerated reply or an edited message starts a new branch beside
+the old one (POST /v1/responses with `branch_from`), and the conversation's items, as OpenAI's API lists them, are
+those of its current branch. palmchat's extensions for the rest: GET .../tree (every item with its parent),
+POST .../branch (make the branch through an item the current one), DELETE .../branches/{item_id} (an item and
+everything that follows it)."""
 
 from __future__ import annotations
 
@@ -8,10 +14,11 @@ import time
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import Field
 
 from palmchat.serve import schemas as S
 from palmchat.serve.context import conversation_history, new_turns
-from palmchat.serve.errors import not_found
+from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
@@ -89,6 +96,44 @@ async def add_items(conversation_id: str, body: S.ItemsCreateRequest, request: R
     except KeyError:
         raise not_found("Conversation", conversation_id) from None
     return S.item_list([item for item, _ in items])
+
+
+class BranchRequest(S.Body):
+    item_id: str = Field(description="an item of the branch to show and continue; the branch runs on to its most "
+                                     "recently extended end")
+
+
+@router.get("/conversations/{conversation_id}/tree")
+async def conversation_tree(conversation_id: str, request: Request, owner: str = Depends(caller)):
+    """Every item of every branch, in the order they were added, each with `parent_id` (null: a first message),
+    and the last item of the current branch."""
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    tree = state.store.tree(conversation_id)
+    return {"object": "conversation.tree", "conversation_id": conversation_id, "current_item": tree["current_item"],
+            "data": [{**item, "parent_id": parent} for item, parent in tree["items"]]}
+
+
+@router.post("/conversations/{conversation_id}/branch")
+async def show_branch(conversation_id: str, body: BranchRequest, request: Request, owner: str = Depends(caller)):
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    leaf = await asyncio.to_thread(state.store.show_branch, owner, conversation_id, body.item_id)
+    if leaf is None:
+        raise APIError(404, f"Item with id '{body.item_id}' not found in conversation '{conversation_id}'.",
+                       param="item_id", code="not_found")
+    return {"object": "conversation.branch", "conversation_id": conversation_id, "current_item": leaf}
+
+
+@router.delete("/conversations/{conversation_id}/branches/{item_id}")
+async def delete_branch(conversation_id: str, item_id: str, request: Request, owner: str = Depends(caller)):
+    """Delete an item and every item after it in any branch (DELETE .../items/{item_id} deletes the item alone)."""
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    if not await asyncio.to_thread(state.store.delete_branch, conversation_id, item_id):
+        raise not_found("Item", item_id)
+    return {"id": item_id, "object": "conversation.branch.deleted", "deleted": True,
+            "current_item": state.store.tree(conversation_id)["current_item"]}
 
 
 @router.get("/conversations/{conversation_id}/items/{item_id}")

@@ -100,7 +100,7 @@ def check_ranking(ranking: list[str], candidate_ids: list[str]) -> None:
 async def give_feedback(body: FeedbackRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     owned_conversation(state, owner, body.conversation_id)
-    items = state.store.items_with_tokens(body.conversation_id)
+    items = state.store.items_with_tokens(body.conversation_id, leaf=body.item_id)  # the branch up to the item
     at = next((i for i, (item, _) in enumerate(items) if item["id"] == body.item_id), None)
     if at is None:
         raise APIError(404, f"Item with id '{body.item_id}' not found in conversation '{body.conversation_id}'.",
@@ -187,9 +187,11 @@ async def rank_comparison(comparison_id: str, body: RankingRequest, request: Req
     reply = S.message_item(best, "assistant", text, status=p["status"][best])
     opening = p["generation_prompt"] if "generation_prompt" in p else [p["assistant_id"]]  # (tasks stored before)
     items = list(zip(p["input_items"], p["turn_tokens"])) + [(reply, opening + p["reply_tokens"][best])]
+    others = [(S.message_item(c["id"], "assistant", c["text"], status=p["status"][c["id"]]),
+               opening + p["reply_tokens"][c["id"]]) for c in task["candidates"] if c["id"] != best]
     try:
         await asyncio.to_thread(state.store.commit_comparison, owner, task, labeller_of(request, owner),
-                                body.ranking, items, p.get("tokenizer"))
+                                body.ranking, items, p.get("tokenizer"), others)
     except KeyError:
         raise APIError(404, f"The conversation of this comparison ({task['conversation_id']}) was deleted, so the "
                             f"ranking cannot continue it. Nothing was stored.", code="conversation_deleted") from None
@@ -197,6 +199,32 @@ async def rank_comparison(comparison_id: str, body: RankingRequest, request: Req
         raise APIError(409, f"{e}. Nothing was stored.", code="conflict") from None
     return {"id": comparison_id, "object": "comparison.ranking", "conversation_id": task["conversation_id"],
             "ranking": body.ranking, "items": [item for item, _ in items]}
+
+
+@router.post("/conversations/{conversation_id}/items/{item_id}/ranking")
+async def rank_replies(conversation_id: str, item_id: str, body: RankingRequest, request: Request,
+                       owner: str = Depends(caller)):
+    """Rank the replies that follow one item (regenerated or compared siblings), best first: a ranking like the
+    labelling queue's, kept per labeller (a later ranking by the same labeller replaces theirs)."""
+    state = server_state(request)
+    owned_conversation(state, owner, conversation_id)
+    items = state.store.items_with_tokens(conversation_id, leaf=item_id)
+    if not items or items[-1][0]["id"] != item_id:
+        raise APIError(404, f"Item with id '{item_id}' not found in conversation '{conversation_id}'.",
+                       param="item_id", code="not_found")
+    if len(set(body.ranking)) != len(body.ranking):
+        raise APIError(400, "ranking lists an id twice", param="ranking")
+    prompt = conversation_messages(items)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise APIError(400, "the replies ranked must follow a user message", param="item_id")
+    try:
+        task_id = await asyncio.to_thread(state.store.rank_siblings, owner, conversation_id, item_id,
+                                          labeller_of(request, owner), body.ranking, prompt,
+                                          lambda: S.new_id("sib_"))
+    except KeyError as e:
+        raise APIError(400, f"ranking: {e.args[0]} is not a reply to item '{item_id}'", param="ranking") from None
+    return {"id": task_id, "object": "conversation.ranking", "conversation_id": conversation_id,
+            "item_id": item_id, "ranking": body.ranking}
 
 
 # -- the labelling queue -------------------------------------------------------------------------------------

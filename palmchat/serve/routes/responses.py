@@ -56,7 +56,7 @@ from palmchat.serve.generate import (
 from palmchat.serve.sampling import fit_prompt, model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
-from palmchat.store import context_digest
+from palmchat.store import CURRENT, StoreError, context_digest
 from palmchat.tokenizer.chat_format import PalmChatFormat, conversation_start
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
@@ -76,6 +76,7 @@ class Turn:
     conversation_id: str | None
     truncation_details: dict | None = None
     digest: str = ""  # context_digest of the conversation's ids as stored (compare checks it did not change)
+    after: object = CURRENT  # the conversation item the new items follow (store.CURRENT: the current branch's end)
 
     def messages(self, reply: str | None) -> list[dict] | None:
         """The context as text once `reply` answers this turn (None: the input was blocked and is not part of it)."""
@@ -91,7 +92,7 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
     chat_format = state.tokenizer.chat_format
     if body.previous_response_id and body.conversation:
         raise APIError(400, "previous_response_id and conversation cannot be used together", param="conversation")
-    conversation_id, digest = None, ""
+    conversation_id, digest, after = None, "", CURRENT
     if body.previous_response_id:
         previous = state.store.get_response(owner, body.previous_response_id)
         if previous is None:
@@ -103,14 +104,19 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
         if state.store.get_conversation(owner, conversation_id) is None:
             raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation",
                            code="not_found")
-        items = state.store.context_items(conversation_id)
+        after = branch_point(state, conversation_id, body.branch_from)
+        items = state.store.context_items(conversation_id, after)
         history, history_messages = conversation_history(state, items)
         digest = context_digest([t for _, tokens, _ in items for t in tokens])
     else:
         history, history_messages = conversation_start(chat_format), []
+    if body.branch_from is not None and not body.conversation:
+        raise APIError(400, "branch_from names an item of a conversation: send `conversation` too",
+                       param="branch_from")
     messages = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
-    if not messages:
-        raise APIError(400, "input must hold at least one message", param="input")
+    if not messages and not (body.branch_from and history_messages and history_messages[-1]["role"] == "user"):
+        raise APIError(400, "input must hold at least one message (it may be empty only with `branch_from` naming a "
+                            "user message, to write another reply to it)", param="input")
     texts = [(m.role, S.text_of(m.content)) for m in messages]
     new_messages = [{"role": S.role_of(role), "content": text} for role, text in texts]
     context, turn_tokens = new_turns(chat_format, history, history_messages, new_messages)
@@ -126,7 +132,20 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
             prompt = chat_format.render_prompt([system, *(history_messages or []), *new_messages])
     fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
     return Turn(history, history_messages, texts, turn_tokens, input_items, context, fitted.prompt, conversation_id,
-                fitted.details(), digest)
+                fitted.details(), digest, after)
+
+
+def branch_point(state: ServerState, conversation_id: str, branch_from: str | None):
+    """Where a turn of the conversation goes: after the item `branch_from` ("" : at the start), by default after
+    the end of the current branch (store.CURRENT)."""
+    if branch_from is None:
+        return CURRENT
+    if branch_from == "":
+        return None
+    if not state.store.parent_of(conversation_id, branch_from)[0]:
+        raise APIError(404, f"Item with id '{branch_from}' not found in conversation '{conversation_id}'.",
+                       param="branch_from", code="not_found")
+    return branch_from
 
 
 @router.post("/responses")
@@ -169,10 +188,13 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
             messages = turn.messages(message_of(final["output"][0])["content"])
         try:
             await asyncio.to_thread(state.store.commit_turn, owner, final if body.store else None, turn.input_items,
-                                    context, turn.conversation_id, items, state.tokenizer_sha256, messages)
+                                    context, turn.conversation_id, items, state.tokenizer_sha256, messages, turn.after)
         except KeyError:
             raise APIError(404, f"Conversation with id '{turn.conversation_id}' was deleted during this response.",
                            param="conversation") from None
+        except StoreError as e:
+            raise APIError(409, f"{e} during this response; nothing was stored.", param="branch_from",
+                           code="conflict") from None
 
     def finished(reply, output_moderation) -> dict:
         status, reason = {"stop": ("completed", None), "length": ("incomplete", "max_output_tokens"),
@@ -213,8 +235,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         try:
             state.store.commit_turn(owner, final if body.store else None, turn.input_items,
                                     turn.context + reply.context_tokens(), turn.conversation_id, items,
-                                    state.tokenizer_sha256, turn.messages(reply.text))
-        except KeyError:  # the conversation was deleted meanwhile: nothing to continue
+                                    state.tokenizer_sha256, turn.messages(reply.text), turn.after)
+        except (KeyError, StoreError):  # the conversation or the branch point was deleted meanwhile
             pass
 
     async def events():
