@@ -76,6 +76,7 @@ def message(item_id: str, role: str, text: str, refusal: bool = False) -> dict:
 
 
 ANN, BOB, CAT = "key_ann", "key_bob", "key_cat"
+MODEL = "tiny-chat"  # the model id the server gives a checkpoint folder of that name
 SYSTEM = {"role": "system", "content": "Be brief."}
 
 
@@ -279,3 +280,110 @@ def test_oasst_export_leaves_out_a_branch_that_starts_with_an_assistant_message(
     with pytest.raises(SystemExit):
         main(["feedback", "export", "--db", str(tmp_path / "db"), "--merge", "copeland", "--out", "t.jsonl"])
     assert "argument --merge: invalid choice: 'copeland'" in capsys.readouterr().err
+
+
+# -- end to end: a real server on loopback, the official client, the `palmchat` command ------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from server_fixtures import Server, build_policy, world_tokenizer
+
+    from palmchat.serve.keys import create_key
+
+    root = tmp_path_factory.mktemp("export")
+    tokenizer = world_tokenizer()
+    policy, _ = build_policy(root / "tiny-chat", tokenizer, tokenizer.save(root / "tokenizer.json"))
+    store = Store(root / "palmchat.db")
+    keys = {name: create_key(store, name) for name in ("alice", "bob")}  # name -> (key id, secret)
+    store.close()
+    srv = Server(policy, root / "palmchat.db", "--max-tokens-limit", "8", log=root / "server.log").start()
+    srv.keys, srv.db, srv.root = keys, root / "palmchat.db", root
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.timeout(300)
+def test_chat_regenerate_compare_rank_then_oasst_export_round_trips(server):
+    import httpx
+    import openai
+    from server_fixtures import palmchat
+
+    alice_id, alice = server.keys["alice"]
+    bob_id, bob = server.keys["bob"]
+    headers = {name: {"authorization": f"Bearer {secret}"} for name, (_, secret) in server.keys.items()}
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=alice, max_retries=0)
+
+    def post(path, who="alice", **body):
+        response = httpx.post(server.url + path, headers=headers[who], json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def tree(conv):
+        return httpx.get(f"{server.url}/v1/conversations/{conv}/tree", headers=headers["alice"]).json()["data"]
+
+    # a conversation: a question, two regenerated replies, a follow-up on the last one, a comparison of three
+    # candidates for the next question, the three first replies ranked, a thumbs up
+    conv = c.conversations.create().id
+    c.responses.create(model=MODEL, input="What pet does Briruul have?", conversation=conv)
+    question = tree(conv)[0]["id"]
+    for _ in range(2):
+        c.responses.create(model=MODEL, input=[], conversation=conv, extra_body={"branch_from": question})
+    c.responses.create(model=MODEL, input="And its name?", conversation=conv)
+    compared = post(f"/v1/conversations/{conv}/compare", model=MODEL, input="How old is it?", n=3,
+                    instructions="Answer in one word.")
+    post(f"/v1/comparisons/{compared['id']}/ranking", ranking=[c_["id"] for c_ in compared["candidates"]][::-1])
+    items = tree(conv)
+    replies = [i["id"] for i in items if i["parent_id"] == question]
+    assert len(replies) == 3
+    post(f"/v1/conversations/{conv}/items/{question}/ranking", ranking=[replies[2], replies[0], replies[1]])
+    post("/v1/feedback", item_id=replies[0], conversation_id=conv, rating=1)
+
+    # the labelling queue: one prompt ranked by both keys
+    prompts = server.root / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Sort 3 1 2."}\n')
+    assert palmchat("feedback", "import", str(prompts), "--db", str(server.db), "--k", "3",
+                    "--max-tokens", "4").returncode == 0
+    for who in ("alice", "bob"):
+        task = httpx.get(server.url + "/v1/label/next", headers=headers[who]).json()["task"]
+        ranking = sorted(x["id"] for x in task["candidates"])
+        post(f"/v1/label/tasks/{task['id']}/ranking", who, ranking=ranking if who == "alice" else ranking[::-1])
+
+    out = server.root / "trees.jsonl"
+    done = palmchat("feedback", "export", "--db", str(server.db), "--format", "oasst", "--merge", "ranked-pairs",
+                    "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 oasst trees" in done.stdout and "left out" not in done.stdout
+    text = out.read_text()
+    assert alice not in text and bob not in text  # labellers are key ids, never secrets
+    trees = [json.loads(line) for line in text.splitlines()]
+    root = trees[0]["prompt"]
+    assert root["message_id"] == question and root["user_id"] == alice_id
+    assert root["labeller_rankings"] == [{"labeller": alice_id, "ranking": [replies[2], replies[0], replies[1]]}]
+    by_id = {r["message_id"]: r for r in root["replies"]}
+    assert [by_id[r]["rank"] for r in replies] == [1, 2, 0] and by_id[replies[0]]["emojis"] == {"+1": 1, "-1": 0}
+    label_rankings = trees[1]["prompt"]["labeller_rankings"]
+    assert sorted(r["labeller"] for r in label_rankings) == sorted([alice_id, bob_id])
+
+    ranked = server.root / "rankings.jsonl"
+    assert palmchat("feedback", "export", "--db", str(server.db), "--format", "rankings", "--merge", "ranked-pairs",
+                    "--out", str(ranked)).returncode == 0
+    records = [json.loads(line) for line in ranked.read_text().splitlines()]
+    assert sorted(r["source"] for r in records) == ["compare", "label", "siblings"]
+    back = read_examples(out)
+    expected = sorted(json.dumps([without_system(r["prompt"]), best_first(r)]) for r in records)
+    assert sorted(json.dumps([r.prompt_messages, r.responses]) for r in back.rankings) == expected
+
+    # the best paths: the conversation through the best-ranked reply to the question and the best compared
+    # candidate; the label task's prompt with its merged best candidate
+    items = tree(conv)
+    parent = {i["id"]: i["parent_id"] for i in items}
+    text_of = {i["id"]: i["content"][0]["text"] for i in items}
+    path, node = [], compared["candidates"][-1]["id"]  # ranked best
+    while node is not None:
+        path.insert(0, node)
+        node = parent[node]
+    assert path[:2] == [question, replies[2]] and len(path) == 6
+    assert [m["content"] for m in back.conversations[0]] == [text_of[i] for i in path]
+    label = next(r for r in records if r["source"] == "label")
+    assert back.conversations[1:] == [[user("Sort 3 1 2."), assistant(best_first(label)[0])]]
