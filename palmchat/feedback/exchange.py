@@ -235,7 +235,8 @@ def put_ranking(parent: dict, replies: dict[str, dict], ranked: dict, rename=lam
 def conversation_trees(store, conversation_id: str, owner: str, ranked_nodes: dict, thumbs: dict,
                        placed: set) -> tuple[list[dict], list[str]]:
     """(oasst trees, what was left out) of one conversation: a tree per first message (see the module docstring).
-    `ranked_nodes`: (conversation id, item id) -> merged ranking of its replies; the nodes used go into `placed`."""
+    `ranked_nodes`: item id -> the merged ranking of its replies; the (conversation id, item id) of those used go
+    into `placed`."""
     tree = store.tree(conversation_id)
     items = {item["id"]: (item, parent) for item, parent in tree["items"]}
     created = {item_id: i for i, item_id in enumerate(items)}
@@ -269,12 +270,11 @@ def conversation_trees(store, conversation_id: str, owner: str, ranked_nodes: di
         parent = messages[item_id]["parent_id"]
         if parent is not None:
             messages[parent]["replies"].append(messages[item_id])
-    for (cid, parent), ranked in ranked_nodes.items():
+    for parent, ranked in ranked_nodes.items():
         replies = {m["message_id"]: m for m in messages[parent]["replies"]} if parent in messages else {}
-        if (cid == conversation_id and messages.get(parent, {}).get("role") == "prompter"
-                and all(i in replies for i in ranked["best_first"])):
+        if messages.get(parent, {}).get("role") == "prompter" and all(i in replies for i in ranked["best_first"]):
             put_ranking(messages[parent], replies, ranked)
-            placed.add((cid, parent))
+            placed.add((conversation_id, parent))
     trees, left_out = [], []
     for item_id, m in messages.items():
         if m["parent_id"] is not None:
@@ -325,14 +325,18 @@ def task_tree(ranked: dict) -> dict | None:
 def oasst_trees(store, merge: str = "borda") -> tuple[list[dict], list[str]]:
     """(every tree of the `oasst` export, what was left out and why); see the module docstring."""
     rankings = merged_rankings(store, merge)
-    ranked_nodes = {r["node"]: r for r in rankings if r["node"]}
+    ranked_nodes: dict[str, dict[str, dict]] = defaultdict(dict)  # conversation id -> item id -> merged ranking
+    for r in rankings:
+        if r["node"]:
+            ranked_nodes[r["node"][0]][r["node"][1]] = r
     thumbs: dict[str, dict[str, int]] = {}
     for row in store.feedback():
         counts = thumbs.setdefault(row["item_id"], {"+1": 0, "-1": 0})
         counts["+1" if row["rating"] > 0 else "-1"] += 1
     trees, left_out, placed = [], [], set()
     for conversation_id, owner in store.conversation_owners():
-        more, skipped = conversation_trees(store, conversation_id, owner, ranked_nodes, thumbs, placed)
+        more, skipped = conversation_trees(store, conversation_id, owner, ranked_nodes[conversation_id], thumbs,
+                                           placed)
         trees += more
         left_out += skipped
     for r in rankings:
