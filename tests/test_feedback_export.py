@@ -264,6 +264,22 @@ def test_oasst_export_reads_back_as_the_rankings_export_and_the_best_paths(store
     assert back.dropped == {"failed review": [1], "unranked reply": [1]}  # the blocked turn, the repeated "Apple"
 
 
+def test_a_ranking_whose_reply_was_deleted_is_a_tree_of_its_own_and_still_round_trips(store, tmp_path):
+    assert store.delete_branch("c1", "a2x")
+    # u2's replies are no longer all there: the comparison and the sibling ranking are each a set of their own
+    sources = sorted(r["source"] for r in export_records(store, "rankings"))
+    assert sources == ["compare", "compare", "label", "siblings", "siblings"]
+    trees, left_out = oasst_trees(store)
+    assert left_out == [] and [t["source_id"] for t in trees][3:] == ["cmp_1", "task_1", "cmp_old", "lab_1"]
+    c1 = {m["message_id"]: m for m in walk(trees[0]["prompt"])}
+    assert c1["a2"]["rank"] is None and "labeller_rankings" not in c1["u2"]
+    out = tmp_path / "trees.jsonl"
+    out.write_text("".join(json.dumps(t) + "\n" for t in trees))
+    expected = sorted(json.dumps([without_system(r["prompt"]), best_first(r)])
+                      for r in export_records(store, "rankings"))
+    assert sorted(json.dumps([r.prompt_messages, r.responses]) for r in read_examples(out).rankings) == expected
+
+
 def test_oasst_export_leaves_out_a_branch_that_starts_with_an_assistant_message(tmp_path, capsys):
     from palmchat.cli import main
 

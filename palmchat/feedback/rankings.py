@@ -7,8 +7,9 @@ Two merges, as Open-Assistant offered (`palmchat feedback export --merge borda|r
 - **Ranked pairs** (`ranked_pairs`, Tideman's method): for every two candidates x and y, count the labellers who
   put x above y (a labeller counts only for pairs their ranking holds both of: a ranking of a subset says nothing
   about the candidates it leaves out). Each pair with a majority is a victory of strength = margin (votes for the
-  winner minus votes for the loser, as Open-Assistant's backend measured it); victories are locked in from the
-  strongest down, each unless it makes a cycle with those locked before; a tied pair locks nothing. The merged
+  winner minus votes for the loser, as Open-Assistant's backend measured it, which left the order of equal
+  victories to chance); victories are locked in from the strongest down, each unless it makes a cycle with those
+  locked before; a tied pair locks nothing. The merged
   order takes, again and again, the candidate no remaining candidate beats in the locked graph. Ties are broken by
   one tie-breaking order, the Borda order of the same rankings: victories of equal margin go by more votes for
   the winner, then by the winner's place in the Borda order, then by the loser's; and where several candidates
