@@ -269,15 +269,15 @@ def test_branches_regenerate_edit_flip_rank_delete_and_survive_reload_and_restar
         p.page.click(f".candidate[data-id='{item_id}']")
     p.page.click(".submit-ranking")
     p.page.wait_for_selector("text=Ranking saved")
-    from palmchat.store import Store
+    from palmchat.cli import main
 
-    store = Store(srv.db)
-    try:
-        ranked = [r for r in store.rankings("siblings")
-                  if store.get_task(r["task_id"])["conversation_id"] == conversation]
-    finally:
-        store.close()
-    assert [r["ranking"] for r in ranked] == [order + [replies[0]["id"]]]
+    out = srv.db.parent / "trees.jsonl"
+    assert main(["feedback", "export", "--db", str(srv.db), "--format", "oasst", "--out", str(out)]) == 0
+    root = next(t["prompt"] for t in map(json.loads, out.read_text().splitlines())
+                if t["prompt"]["message_id"] == p.items()[0])
+    assert [r["ranking"] for r in root["labeller_rankings"]] == [order + [replies[0]["id"]]]
+    assert {r["message_id"]: r["rank"] for r in root["replies"]} == {
+        replies[1]["id"]: 0, replies[2]["id"]: 1, replies[0]["id"]: 2}
 
     # everything is still there after a reload, and after a server restart
     p.page.reload()
