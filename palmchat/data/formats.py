@@ -48,21 +48,27 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palmchat.utils.args import arg
 from palmchat.utils.jsonl import DataError, RecordError, iter_records, json_type
 
 __all__ = [
     "FORMATS",
+    "FORMAT_NAMES",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
     "Ranking",
     "Unpaired",
     "Examples",
     "OasstFilters",
+    "FormatArgs",
+    "FEEDS",
     "iter_rows",
     "detect_format",
     "file_format",
     "read_examples",
     "tree_split",
+    "tree_position",
+    "report_lines",
     "parse_conversation",
     "parse_ranking_record",
     "parse_prompt",
@@ -74,6 +80,26 @@ FORMATS = ("palmchat", "oasst", "oasst-messages", "hh-rlhf", "ultrafeedback", "u
            "openai-preference", "sharegpt", "alpaca")
 ROLE_NAMES = ("system", "user", "assistant")
 MIN_RESPONSES, MAX_RESPONSES = 2, 9
+FORMAT_NAMES = {
+    "palmchat": "palmchat / OpenAI chat / TRL records",
+    "oasst": "Open-Assistant message trees",
+    "oasst-messages": "Open-Assistant messages (flat table)",
+    "hh-rlhf": "Anthropic HH-RLHF",
+    "ultrafeedback": "UltraFeedback (raw, per-aspect ratings)",
+    "ultrafeedback-binarized": "UltraFeedback binarized",
+    "openai-preference": "OpenAI preference fine-tuning",
+    "sharegpt": "ShareGPT",
+    "alpaca": "Alpaca",
+}
+_PREFERENCE_FORMATS = ("palmchat", "oasst", "oasst-messages", "hh-rlhf", "ultrafeedback", "ultrafeedback-binarized",
+                       "openai-preference")
+# which formats can give each stage's examples at all (a file of another format is refused before it is read)
+FEEDS = {
+    "conversations": FORMATS,
+    "rankings": _PREFERENCE_FORMATS,
+    "prompts": FORMATS,
+    "unpaired": _PREFERENCE_FORMATS,
+}
 
 
 @dataclass
@@ -371,7 +397,9 @@ class Examples:
     """What one file gives each stage, and what it dropped.
 
     ``dropped``: reason -> row numbers (rows filtered on purpose: deleted, synthetic, ties, ...);
-    ``bad``: ``(row, "WHERE: PROBLEM")`` of malformed rows (only when read with ``strict=False``)."""
+    ``bad``: ``(row, "WHERE: PROBLEM")`` of malformed rows (only when read with ``strict=False``);
+    ``trees`` (Open-Assistant only): for each part ("conversations", "rankings", "prompts", "unpaired") the id of
+    the tree each of its items came from, so a stage can split train and validation by tree."""
 
     format: str
     rows: int = 0
@@ -381,6 +409,7 @@ class Examples:
     unpaired: list[Unpaired] = field(default_factory=list)
     dropped: dict[str, list[int]] = field(default_factory=dict)
     bad: list[tuple[int, str]] = field(default_factory=list)
+    trees: dict[str, list[str]] = field(default_factory=dict)  # Open-Assistant: part -> the tree id of each item
 
     def drop(self, reason: str, row: int) -> None:
         self.dropped.setdefault(reason, []).append(row)
@@ -402,13 +431,47 @@ class OasstFilters:
     seed: int = 0
 
 
+@dataclass
+class FormatArgs:
+    """How a data file is read, as flags (every stage's --data / --prompts, and `palmchat data inspect|convert`):
+    the format, and which Open-Assistant messages and branches are kept. A stage's argument dataclass lists it
+    among its bases."""
+
+    format: str = arg("auto", "the data's format; auto = detected from each file's records (palmchat data inspect "
+                              "FILE shows it)", choices=["auto", *FORMATS])
+    lang: list[str] = arg([], "Open-Assistant: keep only messages in these languages (e.g. --lang en de); "
+                              "default: every language")
+    tree_state: str = arg("ready_for_export", "Open-Assistant: keep only trees in this state; '' = every state")
+    keep_deleted: bool = arg(False, "Open-Assistant: keep deleted messages")
+    keep_synthetic: bool = arg(False, "Open-Assistant: keep synthetic messages")
+    keep_failed_review: bool = arg(False, "Open-Assistant: keep messages whose review failed")
+    oasst_branches: str = arg("best", "Open-Assistant SFT: the best-ranked path of each tree, or a path to every "
+                                      "leaf", choices=["best", "all"])
+    max_responses: int = arg(MAX_RESPONSES, "Open-Assistant rankings: keep the best K ranked replies of a prompt")
+
+    def oasst_filters(self, split: str = "", val_fraction: float = 0.05, seed: int = 0) -> OasstFilters:
+        if not MIN_RESPONSES <= self.max_responses <= MAX_RESPONSES:
+            raise ValueError(f"--max-responses must be in [{MIN_RESPONSES}, {MAX_RESPONSES}], "
+                             f"got {self.max_responses}")
+        return OasstFilters(tree_state=self.tree_state, langs=tuple(self.lang), keep_deleted=self.keep_deleted,
+                            keep_synthetic=self.keep_synthetic, keep_failed_review=self.keep_failed_review,
+                            branches=self.oasst_branches, max_responses=self.max_responses, split=split,
+                            val_fraction=val_fraction, seed=seed)
+
+
+def tree_position(tree_id: str, seed: int = 0) -> float:
+    """A tree's place in [0, 1), a pure function of (seed, tree id): the trees below ``val_fraction`` are held
+    out."""
+    digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def tree_split(tree_id: str, val_fraction: float, seed: int = 0) -> str:
     """``"train"`` or ``"val"`` for a tree, a pure function of (seed, tree id): every message and ranking of one
     tree lands on the same side, whatever else the file holds."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    return "val" if tree_position(tree_id, seed) < val_fraction else "train"
 
 
 def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = True,
@@ -441,7 +504,26 @@ def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = 
                 bad(where, row, str(e))
     if fmt != "palmchat":
         out.unpaired = unpaired_from_rankings(out.rankings)
+    if "rankings" in out.trees:
+        out.trees["unpaired"] = [tree for tree in out.trees["rankings"] for _ in range(2)]
     return out
+
+
+def report_lines(examples: Examples, shown: int = 5) -> list[str]:
+    """What a file's reading dropped (reason: count and rows) and its malformed rows (``FILE:ROW: PROBLEM``), at
+    most ``shown`` rows of each, as `palmchat data inspect` and the stages print them."""
+    def rows(numbers: list[int]) -> str:
+        return "rows " + ", ".join(str(r) for r in numbers[:shown]) + (", ..." if len(numbers) > shown else "")
+
+    lines = []
+    if examples.dropped:
+        lines.append("dropped:")
+        lines += [f"  {reason}: {len(numbers)} ({rows(numbers)})"
+                  for reason, numbers in sorted(examples.dropped.items())]
+    if examples.bad:
+        lines.append(f"malformed rows: {len(examples.bad)} ({rows([row for row, _ in examples.bad])})")
+        lines += [f"  {problem}" for _, problem in examples.bad[:shown]]
+    return lines
 
 
 def _read_palmchat(rows, out: Examples, bad) -> None:
@@ -773,6 +855,7 @@ def _read_oasst(rows, fmt: str, filters: OasstFilters, out: Examples, bad) -> No
         if root["m"]["role"] != "prompter":
             bad(root["where"], root["row"], f"tree {tree_id}: the root message's role must be prompter")
             continue
+        before = {part: len(getattr(out, part)) for part in ("conversations", "rankings", "prompts")}
         paths: list[list[dict]] = []  # every path from the root to a leaf of the kept tree
         _walk_oasst(root, [], filters, out, paths)
         if filters.branches == "best":
@@ -785,6 +868,8 @@ def _read_oasst(rows, fmt: str, filters: OasstFilters, out: Examples, bad) -> No
             if path and key not in seen:
                 seen.add(key)
                 out.conversations.append(path)
+        for part, start in before.items():
+            out.trees.setdefault(part, []).extend([tree_id] * (len(getattr(out, part)) - start))
 
 
 def _walk_oasst(node: dict, path: list[dict], filters: OasstFilters, out: Examples, paths: list) -> None:
