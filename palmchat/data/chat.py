@@ -255,9 +255,9 @@ def split_by_tree(items: Sequence, trees: Sequence[str | None], val_fraction: fl
 
     Items from Open-Assistant trees are split by tree (:func:`palmchat.data.formats.tree_split`: the trees whose
     place is below ``val_fraction``), so sibling replies never straddle the split, and ``palmchat data convert
-    --split val`` with the same fraction and seed writes the same held-out trees; when no tree falls there, the
-    lowest-placed one is held out (if another is left to train on). The other items are shuffled and the first
-    ``max(1, int(n * val_fraction))`` held out."""
+    --split val`` with the same fraction and seed writes the same held-out trees; when no tree falls there and
+    nothing else is held out, the lowest-placed tree is (so a file of one tree leaves nothing to train on). The other
+    items are shuffled and the first ``max(1, int(n * val_fraction))`` held out."""
     loose = [x for x, tree in zip(items, trees) if tree is None]
     rng = random.Random(seed)
     rng.shuffle(loose)
@@ -267,7 +267,7 @@ def split_by_tree(items: Sequence, trees: Sequence[str | None], val_fraction: fl
     if not ids:
         return train, val
     held = {tree for tree in ids if tree_position(tree, seed) < val_fraction}
-    if not held and not val and (len(ids) > 1 or train):
+    if not held and not val:
         held = {ids[0]}
     val += [x for x, tree in zip(items, trees) if tree in held]
     train += [x for x, tree in zip(items, trees) if tree is not None and tree not in held]
