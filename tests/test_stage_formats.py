@@ -164,6 +164,26 @@ def test_malformed_rows_are_reported_in_the_stage_log_and_skipped(policy, tmp_pa
     assert "reward model: 2 train / 1 held-out rankings" in log
 
 
+def test_a_line_that_is_not_json_is_a_bad_row_too(policy, tmp_path, capsys, monkeypatch):
+    seen = recorder(monkeypatch, sft_stage, "encode_sft", 1)
+    good = [[{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}] for i in range(3)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": good[0]}) + "\n" + '{"messages": [{"role": "user", "cont\n'
+                    + json.dumps({"messages": good[1]}) + "\n" + "[1, 2]\n"
+                    + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n"
+                    + json.dumps({"messages": good[2]}) + "\n")
+    sft_stage.main(SFTArgs(base=policy["ckpt"], data=[str(path)], out=str(tmp_path / "sft"), **TINY))
+    assert seen == good
+    log = capsys.readouterr().out
+    assert f"sft: {path}: palmchat / OpenAI chat / TRL records (format palmchat), 6 rows -> 3 SFT conversations" in log
+    assert "sft:   malformed rows: 3 (rows 2, 4, 5)" in log
+    assert f"sft:     {path}:2: invalid JSON (" in log
+    assert f"sft:     {path}:4: expected a JSON object, got a list" in log
+    assert f"sft:     {path}:5: messages[0].role 'bot' is not one of system, user, assistant" in log
+    assert cli(["data", "inspect", str(path)]) == 0
+    assert "malformed rows: 3 (rows 2, 4, 5)" in capsys.readouterr().out
+
+
 def test_a_format_that_cannot_feed_the_stage_is_one_clear_error(policy, tmp_path, capsys):
     alpaca = str(FIXTURES / "alpaca.json")
     assert cli(["dpo", policy["ckpt"], "--data", alpaca, "--out", str(tmp_path / "o")]) == 2

@@ -24,9 +24,11 @@ File formats (JSON Lines, one record per line, blank lines skipped, unknown keys
 * **Prompts** (RL, evaluation): ``{"prompt": str | messages}`` or ``{"messages": [...]}``,
   ending with a user turn.
 
-Every malformed record raises :class:`DataError` with one line ``FILE:LINE: PROBLEM``.  The loaders read every
-other format of :mod:`palmchat.data.formats` too (Open-Assistant, HH-RLHF, UltraFeedback, OpenAI preference,
-ShareGPT, Alpaca; JSON, Parquet and ``datasets`` folders), detected from the records' keys or named by ``format``.
+The ``load_*`` functions raise :class:`DataError` with one line ``FILE:LINE: PROBLEM`` on the first malformed
+record. They read every other format of :mod:`palmchat.data.formats` too (Open-Assistant, HH-RLHF, UltraFeedback,
+OpenAI preference, ShareGPT, Alpaca; JSON, Parquet and ``datasets`` folders), detected from the records' keys or
+named by ``format``. The training stages read through :func:`read_stage_data` instead: malformed rows are skipped and
+reported in the stage's log (``FILE:ROW: PROBLEM``), and :func:`split_by_tree` holds out whole Open-Assistant trees.
 An OpenAI ``weight`` of 0 on an assistant message is kept (``"weight": 0``) and :func:`encode_sft` puts no loss on
 that reply.
 
@@ -213,7 +215,12 @@ def read_stage_data(paths: Sequence[str | os.PathLike], part: str, options: Form
         _check_feeds(path, fmt, part, stage)
         if fmt == "palmchat":  # the stage's own parser: a ranking in an SFT file is malformed, not dropped
             examples = Examples(fmt)
-            for where, row, record in iter_rows(path):
+
+            def bad(where: str, row: int, problem: str, examples=examples) -> None:
+                examples.bad.append((row, f"{where}: {problem}"))
+                examples.rows += 1
+
+            for where, row, record in iter_rows(path, bad):
                 examples.rows += 1
                 try:
                     getattr(examples, part).append(_PARSERS[part](record))
@@ -240,7 +247,7 @@ def _nothing_read(path, fmt: str, part: str, stage: str, examples: Examples, nam
     if examples.bad and not examples.dropped:
         hint = ""
         if named != "auto":
-            for _, _, record in iter_rows(path):
+            for _, _, record in iter_rows(path, on_bad=lambda where, row, problem: None):
                 hint = f" (--format {named} named it; its first record looks like {detect_format(record)})"
                 break
         return (f"{path}: no row of this {fmt} file gives {stage} {_WHAT[part]}{hint}: all {len(examples.bad)} "

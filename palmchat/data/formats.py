@@ -180,10 +180,13 @@ def _starts_with_bracket(path: Path) -> bool:
     return head.startswith("[")
 
 
-def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
+def iter_rows(path: str | os.PathLike, on_bad: Callable[[str, int, str], None] | None = None
+              ) -> Iterator[tuple[str, int, dict]]:
     """``(where, row number, record)`` for each record of a JSONL, JSON, Parquet file or datasets folder.
 
-    ``where`` prefixes an error: ``FILE:LINE`` for JSONL, ``FILE:row N`` for the others."""
+    ``where`` prefixes an error: ``FILE:LINE`` for JSONL, ``FILE:row N`` for the others. A row that is not a JSON
+    object (a JSONL line that does not parse, an item of a JSON list) is a DataError, or with ``on_bad`` is passed to
+    it as ``(where, row, problem)`` and skipped."""
     p = Path(path)
     if p.is_dir():
         if not _is_datasets_folder(p):
@@ -209,10 +212,13 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
             raise DataError(f"{p}: a JSON file must hold a list of records, got {json_type(items)}")
         for i, record in enumerate(items, start=1):
             if not isinstance(record, dict):
-                raise DataError(f"{p}:item {i}: expected a JSON object, got {json_type(record)}")
+                if on_bad is None:
+                    raise DataError(f"{p}:item {i}: expected a JSON object, got {json_type(record)}")
+                on_bad(f"{p}:item {i}", i, f"expected a JSON object, got {json_type(record)}")
+                continue
             yield f"{p}:item {i}", i, record
         return
-    for name, lineno, record in iter_records(p):
+    for name, lineno, record in iter_records(p, on_bad):
         yield f"{name}:{lineno}", lineno, record
 
 
@@ -245,13 +251,16 @@ def detect_format(record: dict) -> str:
 
 
 def file_format(path: str | os.PathLike, format: str = "auto") -> str:
-    """The format of a file: ``format`` itself unless "auto", else detected from its first record."""
+    """The format of a file: ``format`` itself unless "auto", else detected from its first readable record (a
+    malformed line before it is reported by the reading, not here)."""
     if format != "auto":
         if format not in FORMATS:
             raise DataError(f"unknown data format {format!r}: one of auto, {', '.join(FORMATS)}")
         return format
-    for _, _, record in iter_rows(path):
+    for _, _, record in iter_rows(path, on_bad=lambda where, row, problem: None):
         return detect_format(record)
+    for _ in iter_rows(path):  # no readable record: the first malformed one is the error
+        pass
     raise DataError(f"{path}: no records")
 
 
@@ -481,15 +490,18 @@ def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = 
     ``strict``: the first malformed row raises a DataError naming ``FILE:ROW`` and the field; otherwise malformed
     rows are skipped and listed in ``bad``."""
     fmt = file_format(path, format)
-    rows = list(iter_rows(path))
-    out = Examples(fmt, rows=len(rows))
-    if not rows:
-        raise DataError(f"{path}: no records")
+    out = Examples(fmt)
 
     def bad(where: str, row: int, problem: str) -> None:
         if strict:
             raise DataError(f"{where}: {problem}")
         out.bad.append((row, f"{where}: {problem}"))
+
+    rows = list(iter_rows(path, bad))
+    out.rows = len(rows) + len(out.bad)
+    if not rows:
+        raise DataError(f"{path}: no records" if not out.bad else
+                        f"{path}: no readable records ({len(out.bad)} malformed, the first at {out.bad[0][1]})")
 
     if fmt in ("oasst", "oasst-messages"):
         _read_oasst(rows, fmt, oasst or OasstFilters(), out, bad)

@@ -1,6 +1,8 @@
 """Supervised fine-tuning: `palmchat sft BASE --data conversations.jsonl --out runs/sft`.
 
-Conversations in the OpenAI fine-tuning format ({"messages": [{"role", "content"}, ...]}); the loss
+Conversations in the OpenAI fine-tuning format ({"messages": [{"role", "content"}, ...]}), or in any format that
+holds conversations (Open-Assistant trees, ShareGPT, Alpaca, ...: palmchat/data/formats.py, detected or named with
+`--format`; an Open-Assistant file is split into train and validation by tree); the loss
 is on assistant tokens only (each reply and its end-of-turn token). Batches are right-padded and the
 padding carries no loss. Full fine-tuning, or LoRA with `--lora-rank`.
 
