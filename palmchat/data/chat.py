@@ -77,6 +77,7 @@ from palmchat.data.formats import (
     report_lines,
     tree_position,
     unpaired_from_rankings,
+    without_cycle_collection,
 )
 from palmchat.losses import IGNORE_INDEX
 from palmchat.utils.jsonl import DataError, RecordError, parse_records
@@ -208,6 +209,11 @@ def read_stage_data(paths: Sequence[str | os.PathLike], part: str, options: Form
     Each file's format, what it gave, what was dropped and its malformed rows (``FILE:ROW: PROBLEM``) are printed
     in the stage's log. A malformed row is skipped; a file that gives nothing (every row malformed or dropped, or a
     format that cannot feed the stage) is a DataError naming the file and why."""
+    with without_cycle_collection():
+        return _read_stage_data(paths, part, options, stage)
+
+
+def _read_stage_data(paths, part: str, options: FormatArgs, stage: str) -> StageData:
     data = StageData([], [])
     filters = options.oasst_filters()
     for path in paths:

@@ -40,6 +40,8 @@ desirable and its worst undesirable, as :func:`unpaired_from_rankings` makes the
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -66,6 +68,7 @@ __all__ = [
     "detect_format",
     "file_format",
     "read_examples",
+    "without_cycle_collection",
     "tree_split",
     "tree_position",
     "report_lines",
@@ -483,12 +486,31 @@ def tree_split(tree_id: str, val_fraction: float, seed: int = 0) -> str:
     return "val" if tree_position(tree_id, seed) < val_fraction else "train"
 
 
+@contextlib.contextmanager
+def without_cycle_collection():
+    """Pause Python's cyclic garbage collector while a file is read: the readers allocate millions of small dicts
+    and lists and no reference cycles, and the collector's repeated passes over the growing heap took most of the
+    time of reading an Open-Assistant export (benchmarks/README.md). Plain reference counting still frees memory."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = True,
                   oasst: OasstFilters | None = None) -> Examples:
     """Read a file of any format into what each stage would get (:class:`Examples`).
 
     ``strict``: the first malformed row raises a DataError naming ``FILE:ROW`` and the field; otherwise malformed
     rows are skipped and listed in ``bad``."""
+    with without_cycle_collection():
+        return _read_examples(path, format, strict, oasst)
+
+
+def _read_examples(path, format: str, strict: bool, oasst: OasstFilters | None) -> Examples:
     fmt = file_format(path, format)
     out = Examples(fmt)
 
