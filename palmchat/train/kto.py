@@ -53,7 +53,8 @@ class KTOArgs(FormatArgs, TrainArgs):
     base: str = arg("", "checkpoint to start from and to use as the reference (usually the SFT model)",
                     positional=True)
     data: list[str] = arg([], "JSONL {'prompt', 'completion', 'label': bool} (palmchat feedback export --format "
-                              "kto); default: the bundled world's rankings, best desirable and worst undesirable")
+                              "kto), or a preference format (each ranking's best reply desirable, its worst "
+                              "undesirable: palmchat data inspect); default: the bundled world's rankings, read so")
     out: str = arg("runs/kto", "output folder")
     beta: float = arg(0.1, "strength of the KL constraint to the reference")
     desirable_weight: float = arg(1.0, "lambda_D, the weight of desirable examples (the paper: keep lambda_D n_D / "

@@ -47,8 +47,9 @@ class RLArgs(FormatArgs, TrainArgs):
 
     base: str = arg("", "the policy to start from and the reference (usually the SFT model)", positional=True)
     reward: str = arg("verifier", "a reward-model checkpoint, or 'verifier' for the bundled world's verifier")
-    prompts: list[str] = arg([], "JSONL prompts ({'prompt': str} or {'messages': [...]}, the whole conversation "
-                                 "is the prompt); default: the bundled world's training prompts")
+    prompts: list[str] = arg([], "prompts ({'prompt': str} or {'messages': [...]}, the whole conversation is the "
+                                 "prompt), or any public format's prompts (palmchat data inspect); default: the "
+                                 "bundled world's training prompts")
     iterations: int = arg(30, "rollout + update rounds")
     max_new_tokens: int = arg(48, "response length limit")
     max_prompt_len: int = arg(0, "prompt tokens kept at most: a longer prompt loses its oldest tokens after bos "
