@@ -35,7 +35,9 @@ Formats (:data:`FORMATS`; :func:`detect_format` picks one from the first record'
 
 What each stage gets from a foreign format (:class:`Examples`): ``conversations`` (SFT), ``rankings`` (reward
 model, DPO; pairs are rankings of two), ``prompts`` (PPO/GRPO/RLOO), ``unpaired`` (KTO: each ranking's best reply
-desirable and its worst undesirable, as :func:`unpaired_from_rankings` makes them).
+desirable and its worst undesirable, as :func:`unpaired_from_rankings` makes them); :data:`FEEDS` says which
+formats can feed each. :class:`FormatArgs` is the flags every stage and `palmchat data` take to read a file
+(``--format``, the Open-Assistant filters).
 """
 
 from __future__ import annotations
