@@ -208,7 +208,8 @@ def test_openai_preference_sharegpt_alpaca():
 
 
 def test_a_stage_the_format_cannot_feed_is_one_clear_error():
-    with pytest.raises(DataError, match=r"alpaca.json: this alpaca file gives no rankings or pairs"):
+    with pytest.raises(DataError, match=r"alpaca.json: this stage needs rankings or pairs, and this alpaca file "
+                                        r"\(Alpaca\) has none"):
         load_rankings(FIXTURES / "alpaca.json")
 
 
@@ -294,7 +295,7 @@ def test_convert_writes_palmchat_files_the_loaders_read_back(tmp_path, name, to,
 
 def test_convert_flags_reach_the_oasst_reader(tmp_path, capsys):
     out = tmp_path / "sft.jsonl"
-    assert cli(["data", "convert", str(FIXTURES / "oasst_trees.jsonl"), "--to", "sft", "--branches", "all",
+    assert cli(["data", "convert", str(FIXTURES / "oasst_trees.jsonl"), "--to", "sft", "--oasst-branches", "all",
                 "--lang", "en", "--keep-synthetic", "--out", str(out)]) == 0
     assert [c[-1]["content"] for c in load_conversations(out)] == [
         "A camelid.", "About 1.8 m at the head.", "Tall.", "Around 1.7 to 1.8 metres.", "Synthetic answer."]

@@ -24,9 +24,11 @@ File formats (JSON Lines, one record per line, blank lines skipped, unknown keys
 * **Prompts** (RL, evaluation): ``{"prompt": str | messages}`` or ``{"messages": [...]}``,
   ending with a user turn.
 
-Every malformed record raises :class:`DataError` with one line ``FILE:LINE: PROBLEM``.  The loaders read every
-other format of :mod:`palmchat.data.formats` too (Open-Assistant, HH-RLHF, UltraFeedback, OpenAI preference,
-ShareGPT, Alpaca; JSON, Parquet and ``datasets`` folders), detected from the records' keys or named by ``format``.
+The ``load_*`` functions raise :class:`DataError` with one line ``FILE:LINE: PROBLEM`` on the first malformed
+record. They read every other format of :mod:`palmchat.data.formats` too (Open-Assistant, HH-RLHF, UltraFeedback,
+OpenAI preference, ShareGPT, Alpaca; JSON, Parquet and ``datasets`` folders), detected from the records' keys or
+named by ``format``. The training stages read through :func:`read_stage_data` instead: malformed rows are skipped and
+reported in the stage's log (``FILE:ROW: PROBLEM``), and :func:`split_by_tree` holds out whole Open-Assistant trees.
 An OpenAI ``weight`` of 0 on an assistant message is kept (``"weight": 0``) and :func:`encode_sft` puts no loss on
 that reply.
 
@@ -47,17 +49,24 @@ Token-level helpers (pure functions on token ids)
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from palmchat.data.formats import (
+    FEEDS,
+    FORMAT_NAMES,
     MAX_RESPONSES,
     MIN_RESPONSES,
+    Examples,
+    FormatArgs,
     OasstFilters,
     Ranking,
     Unpaired,
+    detect_format,
     file_format,
     iter_rows,
     parse_conversation,
@@ -65,7 +74,10 @@ from palmchat.data.formats import (
     parse_ranking_record,
     parse_unpaired,
     read_examples,
+    report_lines,
+    tree_position,
     unpaired_from_rankings,
+    without_cycle_collection,
 )
 from palmchat.losses import IGNORE_INDEX
 from palmchat.utils.jsonl import DataError, RecordError, parse_records
@@ -80,6 +92,9 @@ __all__ = [
     "load_conversations",
     "load_rankings",
     "load_prompts",
+    "StageData",
+    "read_stage_data",
+    "split_by_tree",
     "EncodedSFT",
     "EncodedResponse",
     "encode_sft",
@@ -107,15 +122,36 @@ def parse_ranking(record: dict) -> Ranking:
         raise DataError(f"ranking record: {e}") from None
 
 
-def _load(path, format: str, parse, stage: str, what: str, oasst: OasstFilters | None) -> list:
+_WHAT = {"conversations": "SFT conversations", "rankings": "rankings or pairs", "prompts": "prompts",
+         "unpaired": "unpaired examples"}
+_PALMCHAT_RECORDS = {
+    "conversations": "{'messages': [...]} or {'prompt', 'completion'}",
+    "rankings": "{'prompt', 'responses', 'ranking'} or {'prompt', 'chosen', 'rejected'}",
+    "prompts": "{'prompt'} or {'messages'}",
+    "unpaired": "{'prompt', 'completion', 'label'}",
+}
+_PARSERS = {"conversations": parse_conversation, "rankings": parse_ranking_record, "prompts": parse_prompt,
+            "unpaired": parse_unpaired}
+
+
+def _check_feeds(path, fmt: str, part: str, stage: str) -> None:
+    """One clear error for a file whose format cannot give the stage's examples at all (Alpaca for DPO)."""
+    if fmt not in FEEDS[part]:
+        others = ", ".join(f for f in FEEDS[part] if f != "palmchat")
+        raise DataError(f"{path}: {stage} needs {_WHAT[part]}, and this {fmt} file ({FORMAT_NAMES[fmt]}) has none: "
+                        f"give palmchat records {_PALMCHAT_RECORDS[part]} or a file in one of these formats: {others}")
+
+
+def _load(path, format: str, part: str, oasst: OasstFilters | None) -> list:
     """palmchat's own records through the stage's parser (``FILE:LINE: PROBLEM`` on the first malformed one);
     any other format through :func:`read_examples`, taking the stage's part."""
     fmt = file_format(path, format)
+    _check_feeds(path, fmt, part, "this stage")
     if fmt == "palmchat":
-        return parse_records(path, ((where, record) for where, _, record in iter_rows(path)), parse)
-    examples = getattr(read_examples(path, fmt, strict=True, oasst=oasst), stage)
+        return parse_records(path, ((where, record) for where, _, record in iter_rows(path)), _PARSERS[part])
+    examples = getattr(read_examples(path, fmt, strict=True, oasst=oasst), part)
     if not examples:
-        raise DataError(f"{path}: this {fmt} file gives no {what}")
+        raise DataError(f"{path}: this {fmt} file gives no {_WHAT[part]}")
     return examples
 
 
@@ -128,7 +164,7 @@ def load_conversations(path: str | os.PathLike, format: str = "auto",
     ``"weight": 0``: :func:`encode_sft` puts no loss on it). Raises :class:`DataError` (``FILE:LINE: PROBLEM``)
     on the first malformed record.
     """
-    return _load(path, format, parse_conversation, "conversations", "SFT conversations", oasst)
+    return _load(path, format, "conversations", oasst)
 
 
 def load_rankings(path: str | os.PathLike, format: str = "auto", oasst: OasstFilters | None = None) -> list[Ranking]:
@@ -136,7 +172,7 @@ def load_rankings(path: str | os.PathLike, format: str = "auto", oasst: OasstFil
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return _load(path, format, parse_ranking_record, "rankings", "rankings or pairs", oasst)
+    return _load(path, format, "rankings", oasst)
 
 
 def load_unpaired(path: str | os.PathLike, format: str = "auto", oasst: OasstFilters | None = None) -> list[Unpaired]:
@@ -145,7 +181,7 @@ def load_unpaired(path: str | os.PathLike, format: str = "auto", oasst: OasstFil
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return _load(path, format, parse_unpaired, "unpaired", "unpaired examples", oasst)
+    return _load(path, format, "unpaired", oasst)
 
 
 def load_prompts(path: str | os.PathLike, format: str = "auto", oasst: OasstFilters | None = None) -> list[list[dict]]:
@@ -154,7 +190,103 @@ def load_prompts(path: str | os.PathLike, format: str = "auto", oasst: OasstFilt
 
     Raises :class:`DataError` (``FILE:LINE: PROBLEM``) on the first malformed record.
     """
-    return _load(path, format, parse_prompt, "prompts", "prompts", oasst)
+    return _load(path, format, "prompts", oasst)
+
+
+@dataclass
+class StageData:
+    """A stage's examples from its data files, and the Open-Assistant tree each one came from (None for every other
+    format), so that :func:`split_by_tree` keeps a tree's examples on one side."""
+
+    items: list
+    trees: list[str | None]
+
+
+def read_stage_data(paths: Sequence[str | os.PathLike], part: str, options: FormatArgs, stage: str) -> StageData:
+    """A stage's examples (``part``: "conversations", "rankings", "prompts" or "unpaired") from files of any format,
+    detected per file or named by ``options.format``, with ``options``' Open-Assistant filters.
+
+    Each file's format, what it gave, what was dropped and its malformed rows (``FILE:ROW: PROBLEM``) are printed
+    in the stage's log. A malformed row is skipped; a file that gives nothing (every row malformed or dropped, or a
+    format that cannot feed the stage) is a DataError naming the file and why."""
+    with without_cycle_collection():
+        return _read_stage_data(paths, part, options, stage)
+
+
+def _read_stage_data(paths, part: str, options: FormatArgs, stage: str) -> StageData:
+    data = StageData([], [])
+    filters = options.oasst_filters()
+    for path in paths:
+        fmt = file_format(path, options.format)
+        _check_feeds(path, fmt, part, stage)
+        if fmt == "palmchat":  # the stage's own parser: a ranking in an SFT file is malformed, not dropped
+            examples = Examples(fmt)
+
+            def bad(where: str, row: int, problem: str, examples=examples) -> None:
+                examples.bad.append((row, f"{where}: {problem}"))
+                examples.rows += 1
+
+            for where, row, record in iter_rows(path, bad):
+                examples.rows += 1
+                try:
+                    getattr(examples, part).append(_PARSERS[part](record))
+                except RecordError as e:
+                    examples.bad.append((row, f"{where}: {e}"))
+        else:
+            examples = read_examples(path, fmt, strict=False, oasst=filters)
+        items = getattr(examples, part)
+        print(f"{stage}: {path}: {FORMAT_NAMES[fmt]} (format {fmt}), {examples.rows} rows -> {len(items)} "
+              f"{_WHAT[part]}")
+        for line in report_lines(examples):
+            print(f"{stage}:   {line}")
+        if not items:
+            raise DataError(_nothing_read(path, fmt, part, stage, examples, options.format))
+        data.items += items
+        data.trees += examples.trees.get(part, [None] * len(items))
+    return data
+
+
+def _nothing_read(path, fmt: str, part: str, stage: str, examples: Examples, named: str) -> str:
+    """Why a file gave a stage nothing, in one line."""
+    if not examples.rows:
+        return f"{path}: no records"
+    if examples.bad and not examples.dropped:
+        hint = ""
+        if named != "auto":
+            for _, _, record in iter_rows(path, on_bad=lambda where, row, problem: None):
+                hint = f" (--format {named} named it; its first record looks like {detect_format(record)})"
+                break
+        return (f"{path}: no row of this {fmt} file gives {stage} {_WHAT[part]}{hint}: all {len(examples.bad)} "
+                f"malformed, the first at {examples.bad[0][1]}")
+    reasons = "; ".join(f"{reason}: {len(rows)}" for reason, rows in sorted(examples.dropped.items()))
+    return (f"{path}: this {fmt} file gives no {_WHAT[part]} for {stage} ({reasons}"
+            + (f"; {len(examples.bad)} malformed rows" if examples.bad else "") + "): palmchat data inspect shows why")
+
+
+def split_by_tree(items: Sequence, trees: Sequence[str | None], val_fraction: float, seed: int) -> tuple[list, list]:
+    """``(train, validation)``, both shuffled by ``seed``.
+
+    Items from Open-Assistant trees are split by tree (:func:`palmchat.data.formats.tree_split`: the trees whose
+    place is below ``val_fraction``), so sibling replies never straddle the split, and ``palmchat data convert
+    --split val`` with the same fraction and seed writes the same held-out trees; when no tree falls there and
+    nothing else is held out, the lowest-placed tree is (so a file of one tree leaves nothing to train on). The other
+    items are shuffled and the first ``max(1, int(n * val_fraction))`` held out."""
+    loose = [x for x, tree in zip(items, trees) if tree is None]
+    rng = random.Random(seed)
+    rng.shuffle(loose)
+    n_val = max(1, int(len(loose) * val_fraction)) if loose else 0
+    val, train = loose[:n_val], loose[n_val:]
+    ids = sorted({tree for tree in trees if tree is not None}, key=lambda tree: tree_position(tree, seed))
+    if not ids:
+        return train, val
+    held = {tree for tree in ids if tree_position(tree, seed) < val_fraction}
+    if not held and not val:
+        held = {ids[0]}
+    val += [x for x, tree in zip(items, trees) if tree in held]
+    train += [x for x, tree in zip(items, trees) if tree is not None and tree not in held]
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
 
 
 # =============================================================================================

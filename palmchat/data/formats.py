@@ -35,11 +35,15 @@ Formats (:data:`FORMATS`; :func:`detect_format` picks one from the first record'
 
 What each stage gets from a foreign format (:class:`Examples`): ``conversations`` (SFT), ``rankings`` (reward
 model, DPO; pairs are rankings of two), ``prompts`` (PPO/GRPO/RLOO), ``unpaired`` (KTO: each ranking's best reply
-desirable and its worst undesirable, as :func:`unpaired_from_rankings` makes them).
+desirable and its worst undesirable, as :func:`unpaired_from_rankings` makes them); :data:`FEEDS` says which
+formats can feed each. :class:`FormatArgs` is the flags every stage and `palmchat data` take to read a file
+(``--format``, the Open-Assistant filters).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -48,21 +52,28 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palmchat.utils.args import arg
 from palmchat.utils.jsonl import DataError, RecordError, iter_records, json_type
 
 __all__ = [
     "FORMATS",
+    "FORMAT_NAMES",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
     "Ranking",
     "Unpaired",
     "Examples",
     "OasstFilters",
+    "FormatArgs",
+    "FEEDS",
     "iter_rows",
     "detect_format",
     "file_format",
     "read_examples",
+    "without_cycle_collection",
     "tree_split",
+    "tree_position",
+    "report_lines",
     "parse_conversation",
     "parse_ranking_record",
     "parse_prompt",
@@ -74,6 +85,26 @@ FORMATS = ("palmchat", "oasst", "oasst-messages", "hh-rlhf", "ultrafeedback", "u
            "openai-preference", "sharegpt", "alpaca")
 ROLE_NAMES = ("system", "user", "assistant")
 MIN_RESPONSES, MAX_RESPONSES = 2, 9
+FORMAT_NAMES = {
+    "palmchat": "palmchat / OpenAI chat / TRL records",
+    "oasst": "Open-Assistant message trees",
+    "oasst-messages": "Open-Assistant messages (flat table)",
+    "hh-rlhf": "Anthropic HH-RLHF",
+    "ultrafeedback": "UltraFeedback (raw, per-aspect ratings)",
+    "ultrafeedback-binarized": "UltraFeedback binarized",
+    "openai-preference": "OpenAI preference fine-tuning",
+    "sharegpt": "ShareGPT",
+    "alpaca": "Alpaca",
+}
+_PREFERENCE_FORMATS = ("palmchat", "oasst", "oasst-messages", "hh-rlhf", "ultrafeedback", "ultrafeedback-binarized",
+                       "openai-preference")
+# which formats can give each stage's examples at all (a file of another format is refused before it is read)
+FEEDS = {
+    "conversations": FORMATS,
+    "rankings": _PREFERENCE_FORMATS,
+    "prompts": FORMATS,
+    "unpaired": _PREFERENCE_FORMATS,
+}
 
 
 @dataclass
@@ -154,10 +185,13 @@ def _starts_with_bracket(path: Path) -> bool:
     return head.startswith("[")
 
 
-def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
+def iter_rows(path: str | os.PathLike, on_bad: Callable[[str, int, str], None] | None = None
+              ) -> Iterator[tuple[str, int, dict]]:
     """``(where, row number, record)`` for each record of a JSONL, JSON, Parquet file or datasets folder.
 
-    ``where`` prefixes an error: ``FILE:LINE`` for JSONL, ``FILE:row N`` for the others."""
+    ``where`` prefixes an error: ``FILE:LINE`` for JSONL, ``FILE:row N`` for the others. A row that is not a JSON
+    object (a JSONL line that does not parse, an item of a JSON list) is a DataError, or with ``on_bad`` is passed to
+    it as ``(where, row, problem)`` and skipped."""
     p = Path(path)
     if p.is_dir():
         if not _is_datasets_folder(p):
@@ -183,10 +217,13 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
             raise DataError(f"{p}: a JSON file must hold a list of records, got {json_type(items)}")
         for i, record in enumerate(items, start=1):
             if not isinstance(record, dict):
-                raise DataError(f"{p}:item {i}: expected a JSON object, got {json_type(record)}")
+                if on_bad is None:
+                    raise DataError(f"{p}:item {i}: expected a JSON object, got {json_type(record)}")
+                on_bad(f"{p}:item {i}", i, f"expected a JSON object, got {json_type(record)}")
+                continue
             yield f"{p}:item {i}", i, record
         return
-    for name, lineno, record in iter_records(p):
+    for name, lineno, record in iter_records(p, on_bad):
         yield f"{name}:{lineno}", lineno, record
 
 
@@ -219,13 +256,16 @@ def detect_format(record: dict) -> str:
 
 
 def file_format(path: str | os.PathLike, format: str = "auto") -> str:
-    """The format of a file: ``format`` itself unless "auto", else detected from its first record."""
+    """The format of a file: ``format`` itself unless "auto", else detected from its first readable record (a
+    malformed line before it is reported by the reading, not here)."""
     if format != "auto":
         if format not in FORMATS:
             raise DataError(f"unknown data format {format!r}: one of auto, {', '.join(FORMATS)}")
         return format
-    for _, _, record in iter_rows(path):
+    for _, _, record in iter_rows(path, on_bad=lambda where, row, problem: None):
         return detect_format(record)
+    for _ in iter_rows(path):  # no readable record: the first malformed one is the error
+        pass
     raise DataError(f"{path}: no records")
 
 
@@ -371,7 +411,9 @@ class Examples:
     """What one file gives each stage, and what it dropped.
 
     ``dropped``: reason -> row numbers (rows filtered on purpose: deleted, synthetic, ties, ...);
-    ``bad``: ``(row, "WHERE: PROBLEM")`` of malformed rows (only when read with ``strict=False``)."""
+    ``bad``: ``(row, "WHERE: PROBLEM")`` of malformed rows (only when read with ``strict=False``);
+    ``trees`` (Open-Assistant only): for each part ("conversations", "rankings", "prompts", "unpaired") the id of
+    the tree each of its items came from, so a stage can split train and validation by tree."""
 
     format: str
     rows: int = 0
@@ -381,6 +423,7 @@ class Examples:
     unpaired: list[Unpaired] = field(default_factory=list)
     dropped: dict[str, list[int]] = field(default_factory=dict)
     bad: list[tuple[int, str]] = field(default_factory=list)
+    trees: dict[str, list[str]] = field(default_factory=dict)  # Open-Assistant: part -> the tree id of each item
 
     def drop(self, reason: str, row: int) -> None:
         self.dropped.setdefault(reason, []).append(row)
@@ -402,13 +445,61 @@ class OasstFilters:
     seed: int = 0
 
 
+@dataclass
+class FormatArgs:
+    """How a data file is read, as flags (every stage's --data / --prompts, and `palmchat data inspect|convert`):
+    the format, and which Open-Assistant messages and branches are kept. A stage's argument dataclass lists it
+    among its bases."""
+
+    format: str = arg("auto", "the data's format; auto = detected from each file's records (palmchat data inspect "
+                              "FILE shows it)", choices=["auto", *FORMATS])
+    lang: list[str] = arg([], "Open-Assistant: keep only messages in these languages (e.g. --lang en de); "
+                              "default: every language")
+    tree_state: str = arg("ready_for_export", "Open-Assistant: keep only trees in this state; '' = every state")
+    keep_deleted: bool = arg(False, "Open-Assistant: keep deleted messages")
+    keep_synthetic: bool = arg(False, "Open-Assistant: keep synthetic messages")
+    keep_failed_review: bool = arg(False, "Open-Assistant: keep messages whose review failed")
+    oasst_branches: str = arg("best", "Open-Assistant SFT: the best-ranked path of each tree, or a path to every "
+                                      "leaf", choices=["best", "all"])
+    max_responses: int = arg(MAX_RESPONSES, "Open-Assistant rankings: keep the best K ranked replies of a prompt")
+
+    def oasst_filters(self, split: str = "", val_fraction: float = 0.05, seed: int = 0) -> OasstFilters:
+        if not MIN_RESPONSES <= self.max_responses <= MAX_RESPONSES:
+            raise ValueError(f"--max-responses must be in [{MIN_RESPONSES}, {MAX_RESPONSES}], "
+                             f"got {self.max_responses}")
+        return OasstFilters(tree_state=self.tree_state, langs=tuple(self.lang), keep_deleted=self.keep_deleted,
+                            keep_synthetic=self.keep_synthetic, keep_failed_review=self.keep_failed_review,
+                            branches=self.oasst_branches, max_responses=self.max_responses, split=split,
+                            val_fraction=val_fraction, seed=seed)
+
+
+def tree_position(tree_id: str, seed: int = 0) -> float:
+    """A tree's place in [0, 1), a pure function of (seed, tree id): the trees below ``val_fraction`` are held
+    out."""
+    digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def tree_split(tree_id: str, val_fraction: float, seed: int = 0) -> str:
     """``"train"`` or ``"val"`` for a tree, a pure function of (seed, tree id): every message and ranking of one
     tree lands on the same side, whatever else the file holds."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    digest = hashlib.sha256(f"{seed}:{tree_id}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    return "val" if tree_position(tree_id, seed) < val_fraction else "train"
+
+
+@contextlib.contextmanager
+def without_cycle_collection():
+    """Pause Python's cyclic garbage collector while a file is read: the readers allocate millions of small dicts
+    and lists and no reference cycles, and the collector's repeated passes over the growing heap took most of the
+    time of reading an Open-Assistant export (benchmarks/README.md). Plain reference counting still frees memory."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = True,
@@ -417,16 +508,24 @@ def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = 
 
     ``strict``: the first malformed row raises a DataError naming ``FILE:ROW`` and the field; otherwise malformed
     rows are skipped and listed in ``bad``."""
+    with without_cycle_collection():
+        return _read_examples(path, format, strict, oasst)
+
+
+def _read_examples(path, format: str, strict: bool, oasst: OasstFilters | None) -> Examples:
     fmt = file_format(path, format)
-    rows = list(iter_rows(path))
-    out = Examples(fmt, rows=len(rows))
-    if not rows:
-        raise DataError(f"{path}: no records")
+    out = Examples(fmt)
 
     def bad(where: str, row: int, problem: str) -> None:
         if strict:
             raise DataError(f"{where}: {problem}")
         out.bad.append((row, f"{where}: {problem}"))
+
+    rows = list(iter_rows(path, bad))
+    out.rows = len(rows) + len(out.bad)
+    if not rows:
+        raise DataError(f"{path}: no records" if not out.bad else
+                        f"{path}: no readable records ({len(out.bad)} malformed, the first at {out.bad[0][1]})")
 
     if fmt in ("oasst", "oasst-messages"):
         _read_oasst(rows, fmt, oasst or OasstFilters(), out, bad)
@@ -441,7 +540,26 @@ def read_examples(path: str | os.PathLike, format: str = "auto", strict: bool = 
                 bad(where, row, str(e))
     if fmt != "palmchat":
         out.unpaired = unpaired_from_rankings(out.rankings)
+    if "rankings" in out.trees:
+        out.trees["unpaired"] = [tree for tree in out.trees["rankings"] for _ in range(2)]
     return out
+
+
+def report_lines(examples: Examples, shown: int = 5) -> list[str]:
+    """What a file's reading dropped (reason: count and rows) and its malformed rows (``FILE:ROW: PROBLEM``), at
+    most ``shown`` rows of each, as `palmchat data inspect` and the stages print them."""
+    def rows(numbers: list[int]) -> str:
+        return "rows " + ", ".join(str(r) for r in numbers[:shown]) + (", ..." if len(numbers) > shown else "")
+
+    lines = []
+    if examples.dropped:
+        lines.append("dropped:")
+        lines += [f"  {reason}: {len(numbers)} ({rows(numbers)})"
+                  for reason, numbers in sorted(examples.dropped.items())]
+    if examples.bad:
+        lines.append(f"malformed rows: {len(examples.bad)} ({rows([row for row, _ in examples.bad])})")
+        lines += [f"  {problem}" for _, problem in examples.bad[:shown]]
+    return lines
 
 
 def _read_palmchat(rows, out: Examples, bad) -> None:
@@ -773,6 +891,7 @@ def _read_oasst(rows, fmt: str, filters: OasstFilters, out: Examples, bad) -> No
         if root["m"]["role"] != "prompter":
             bad(root["where"], root["row"], f"tree {tree_id}: the root message's role must be prompter")
             continue
+        before = {part: len(getattr(out, part)) for part in ("conversations", "rankings", "prompts")}
         paths: list[list[dict]] = []  # every path from the root to a leaf of the kept tree
         _walk_oasst(root, [], filters, out, paths)
         if filters.branches == "best":
@@ -785,6 +904,8 @@ def _read_oasst(rows, fmt: str, filters: OasstFilters, out: Examples, bad) -> No
             if path and key not in seen:
                 seen.add(key)
                 out.conversations.append(path)
+        for part, start in before.items():
+            out.trees.setdefault(part, []).extend([tree_id] * (len(getattr(out, part)) - start))
 
 
 def _walk_oasst(node: dict, path: list[dict], filters: OasstFilters, out: Examples, paths: list) -> None:

@@ -10,43 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from palmchat.data.formats import FORMATS, Examples, OasstFilters, read_examples
+from palmchat.data.formats import FORMAT_NAMES, Examples, FormatArgs, OasstFilters, read_examples, report_lines
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import write_jsonl
 
 __all__ = ["DataInspectArgs", "DataConvertArgs", "inspect_text", "inspect_main", "convert_records", "convert_main"]
 
-FORMAT_NAMES = {
-    "palmchat": "palmchat / OpenAI chat / TRL records",
-    "oasst": "Open-Assistant message trees",
-    "oasst-messages": "Open-Assistant messages (flat table)",
-    "hh-rlhf": "Anthropic HH-RLHF",
-    "ultrafeedback": "UltraFeedback (raw, per-aspect ratings)",
-    "ultrafeedback-binarized": "UltraFeedback binarized",
-    "openai-preference": "OpenAI preference fine-tuning",
-    "sharegpt": "ShareGPT",
-    "alpaca": "Alpaca",
-}
 TARGETS = ("sft", "rankings", "pairs", "prompts", "kto")
 SHOWN_ROWS = 5  # row numbers listed per drop reason
 
 
 @dataclass
-class DataInspectArgs:
+class DataInspectArgs(FormatArgs):
     """Show a data file's detected format, what each stage would get from it, and what is dropped and why."""
 
     file: str = arg("", "a JSONL, JSON or Parquet file, or a Hugging Face datasets folder", positional=True)
-    format: str = arg("auto", "the file's format; auto = detected from the records' keys",
-                      choices=["auto", *FORMATS])
-    lang: list[str] = arg([], "Open-Assistant: keep only these languages (e.g. en de); default: all")
-    tree_state: str = arg("ready_for_export", "Open-Assistant: keep only trees in this state; '' = all")
-    keep_deleted: bool = arg(False, "Open-Assistant: keep deleted messages")
-    keep_synthetic: bool = arg(False, "Open-Assistant: keep synthetic messages")
-    keep_failed_review: bool = arg(False, "Open-Assistant: keep messages whose review failed")
-    branches: str = arg("best", "Open-Assistant SFT: the best-ranked path of each tree, or a path to every leaf",
-                        choices=["best", "all"])
-    k: int = arg(9, "Open-Assistant rankings: keep the best K replies")
-    split: str = arg("all", "Open-Assistant: every tree, or the trees of one side of the split by tree",
+    split: str = arg("all", "Open-Assistant: every tree, or the trees of one side of the split by tree (a stage "
+                            "with the same --val-fraction and --seed holds out the same trees)",
                      choices=["all", "train", "val"])
     val_fraction: float = arg(0.05, "Open-Assistant: the share of trees in the val split")
     seed: int = arg(0, "Open-Assistant: the seed of the split by tree")
@@ -62,16 +42,7 @@ class DataConvertArgs(DataInspectArgs):
 
 
 def _oasst_filters(args: DataInspectArgs) -> OasstFilters:
-    return OasstFilters(tree_state=args.tree_state, langs=tuple(args.lang), keep_deleted=args.keep_deleted,
-                        keep_synthetic=args.keep_synthetic, keep_failed_review=args.keep_failed_review,
-                        branches=args.branches, max_responses=args.k,
-                        split="" if args.split == "all" else args.split, val_fraction=args.val_fraction,
-                        seed=args.seed)
-
-
-def _rows(rows: list[int]) -> str:
-    shown = ", ".join(str(r) for r in rows[:SHOWN_ROWS])
-    return f"rows {shown}" + (", ..." if len(rows) > SHOWN_ROWS else "")
+    return args.oasst_filters("" if args.split == "all" else args.split, args.val_fraction, args.seed)
 
 
 def inspect_text(examples: Examples, path: str) -> str:
@@ -85,15 +56,9 @@ def inspect_text(examples: Examples, path: str) -> str:
              f"  pairs                {pairs:>7}   every better/worse pair of the rankings",
              f"  prompts              {len(examples.prompts):>7}   palmchat ppo, grpo, rloo",
              f"  kto examples         {len(examples.unpaired):>7}   palmchat kto"]
-    if examples.dropped:
-        lines.append("dropped:")
-        lines += [f"  {reason}: {len(rows)} ({_rows(rows)})" for reason, rows in sorted(examples.dropped.items())]
-    else:
+    if not examples.dropped:
         lines.append("dropped: nothing")
-    if examples.bad:
-        lines.append(f"malformed rows: {len(examples.bad)} ({_rows([row for row, _ in examples.bad])})")
-        lines += [f"  {problem}" for _, problem in examples.bad[:SHOWN_ROWS]]
-    return "\n".join(lines)
+    return "\n".join(lines + report_lines(examples, SHOWN_ROWS))
 
 
 def inspect_main(args: DataInspectArgs) -> Examples:

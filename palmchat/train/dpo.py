@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch
+from palmchat.data.chat import group_by_ranking, ranking_batch, read_stage_data, split_by_tree
+from palmchat.data.formats import FormatArgs
 from palmchat.losses import dpo_ranking_loss
 from palmchat.model.logprobs import response_logprobs
 from palmchat.train.common import (
@@ -47,7 +48,7 @@ from palmchat.world.defaults import bundled_rankings
 
 
 @dataclass
-class DPOArgs(TrainArgs):
+class DPOArgs(FormatArgs, TrainArgs):
     """Align a policy directly on preferences with DPO, IPO or RPO."""
 
     base: str = arg("", "checkpoint to start from and to use as the reference (usually the SFT model)",
@@ -122,10 +123,9 @@ def main(args: DPOArgs) -> Path:
     model, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, dtype=dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     max_len = args.max_len or model.config.max_seq_len
-    rankings = [r for path in args.data for r in load_rankings(path)] if args.data else bundled_rankings(args.seed)
-    random.Random(args.seed).shuffle(rankings)
-    n_val = max(1, int(len(rankings) * args.val_fraction))
-    val, train = rankings[:n_val], rankings[n_val:]
+    data = read_stage_data(args.data, "rankings", args, "dpo") if args.data else None
+    rankings = data.items if data else bundled_rankings(args.seed)
+    train, val = split_by_tree(rankings, data.trees if data else [None] * len(rankings), args.val_fraction, args.seed)
     if not train:
         raise ValueError("DPO needs at least 2 rankings")
     mean = args.loss == "ipo"  # IPO works on length-normalised log-probs

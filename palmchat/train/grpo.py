@@ -96,7 +96,7 @@ def main(args: GRPOArgs) -> Path:
     policy.gradient_checkpointing = args.gradient_checkpointing
     reference = None if args.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
     score_fn, _ = make_scorer(args.reward, tokenizer, device, dtype, args.seed)
-    prompts = load_prompt_messages(args.prompts, args.seed)
+    prompts = load_prompt_messages(args.prompts, args.seed, args, "grpo")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     out = Path(args.out)

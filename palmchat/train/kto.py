@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.data.chat import encode_response, load_unpaired, pad_right, unpaired_from_rankings
+from palmchat.data.chat import encode_response, pad_right, read_stage_data, split_by_tree, unpaired_from_rankings
+from palmchat.data.formats import FormatArgs
 from palmchat.losses import kto_loss
 from palmchat.model.logprobs import response_logprobs
 from palmchat.train.common import (
@@ -46,13 +47,14 @@ from palmchat.world.defaults import bundled_rankings
 
 
 @dataclass
-class KTOArgs(TrainArgs):
+class KTOArgs(FormatArgs, TrainArgs):
     """Align a policy on unpaired desirable/undesirable completions (thumbs up/down) with KTO."""
 
     base: str = arg("", "checkpoint to start from and to use as the reference (usually the SFT model)",
                     positional=True)
     data: list[str] = arg([], "JSONL {'prompt', 'completion', 'label': bool} (palmchat feedback export --format "
-                              "kto); default: the bundled world's rankings, best desirable and worst undesirable")
+                              "kto), or a preference format (each ranking's best reply desirable, its worst "
+                              "undesirable: palmchat data inspect); default: the bundled world's rankings, read so")
     out: str = arg("runs/kto", "output folder")
     beta: float = arg(0.1, "strength of the KL constraint to the reference")
     desirable_weight: float = arg(1.0, "lambda_D, the weight of desirable examples (the paper: keep lambda_D n_D / "
@@ -103,11 +105,10 @@ def main(args: KTOArgs) -> Path:
     model.gradient_checkpointing = args.gradient_checkpointing
     max_len = args.max_len or model.config.max_seq_len
     pad_id = tokenizer.chat_format.pad_id
-    examples = [x for path in args.data for x in load_unpaired(path)] if args.data \
-        else unpaired_from_rankings(bundled_rankings(args.seed))
-    random.Random(args.seed).shuffle(examples)
-    n_val = max(1, int(len(examples) * args.val_fraction))
-    val, train = examples[:n_val], examples[n_val:]
+    data = read_stage_data(args.data, "unpaired", args, "kto") if args.data else None
+    examples = data.items if data else unpaired_from_rankings(bundled_rankings(args.seed))
+    train, val = split_by_tree(examples, data.trees if data else [None] * len(examples), args.val_fraction,
+                               args.seed)
     if not {e.desirable for e in train} == {True, False}:
         raise ValueError("KTO needs desirable and undesirable examples to train on (label true and false)")
     train_seqs, train_kl = encode_examples(tokenizer, train, max_len, args.max_prompt_len)

@@ -138,7 +138,7 @@ def main(args: PPOArgs) -> Path:
     policy, tokenizer, _ = load_policy(args.base, args.lora_rank, args.lora_alpha, device, adapter_name="actor",
                                        dtype=dtype)
     score_fn, reward_model = make_scorer(args.reward, tokenizer, device, dtype, args.seed)
-    prompts = load_prompt_messages(args.prompts, args.seed)
+    prompts = load_prompt_messages(args.prompts, args.seed, args, "ppo")
 
     if args.ptx_coef > 0 and not args.ptx_data:
         raise ValueError("--ptx-coef needs --ptx-data (text or JSONL documents, e.g. the pretraining corpus)")

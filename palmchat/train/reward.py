@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from palmchat import checkpoint
 from palmchat.checkpoint.heads import save_reward_model
-from palmchat.data.chat import group_by_ranking, load_rankings, ranking_batch
+from palmchat.data.chat import group_by_ranking, ranking_batch, read_stage_data, split_by_tree
+from palmchat.data.formats import FormatArgs
 from palmchat.eval.reward import ranking_ceilings, ranking_metrics, score_rankings
 from palmchat.losses import ranking_loss, sequence_logprobs
 from palmchat.model.heads import RewardModel
@@ -37,7 +38,7 @@ from palmchat.world.synthetic import DEFAULT_NOISE, World
 
 
 @dataclass
-class RewardArgs(TrainArgs):
+class RewardArgs(FormatArgs, TrainArgs):
     """Train a reward model on K-wise rankings (or chosen/rejected pairs)."""
 
     base: str = arg("", "checkpoint to start from (usually the SFT model)", positional=True)
@@ -121,18 +122,20 @@ def main(args: RewardArgs) -> Path:
     # the new head is trainable either way
     model = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id).to(device)
     max_len = args.max_len or backbone.config.max_seq_len
-    rankings = ([r for path in args.data for r in load_rankings(path)] if args.data
-                else bundled_rankings(args.seed, args.bundled_rankings))
+    data = read_stage_data(args.data, "rankings", args, "reward") if args.data else None
+    rankings = data.items if data else bundled_rankings(args.seed, args.bundled_rankings)
     if args.val_data:
-        train, val = rankings, [r for path in args.val_data for r in load_rankings(path)]
+        train, val = rankings, read_stage_data(args.val_data, "rankings", args, "reward").items
         if not train or not val:
             raise ValueError("the reward model needs at least 1 ranking to train on and 1 held out")
     else:
         if len(rankings) < 2:
             raise ValueError("the reward model needs at least 2 rankings")
-        random.Random(args.seed).shuffle(rankings)
-        n_val = max(1, int(len(rankings) * args.val_fraction))
-        val, train = rankings[:n_val], rankings[n_val:]
+        train, val = split_by_tree(rankings, data.trees if data else [None] * len(rankings), args.val_fraction,
+                                   args.seed)
+        if not train:
+            raise ValueError("the reward model needs rankings to train on: every one is held out (an "
+                             "Open-Assistant file of one tree cannot be split by tree; give --val-data)")
     # what the accuracy is read against: how often two of the world's simulated labellers agree on these pairs
     # (None for rankings whose prompts the bundled world does not know)
     world = World(seed=args.seed if args.world_seed < 0 else args.world_seed)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from palmchat.data.chat import pad_right
+from palmchat.data.formats import FormatArgs
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.reward_scoring import score_responses
 from palmchat.losses import masked_mean
@@ -41,13 +42,14 @@ Messages = list[dict]  # [{"role": ..., "content": ...}, ...] ending with a user
 
 
 @dataclass
-class RLArgs(TrainArgs):
+class RLArgs(FormatArgs, TrainArgs):
     """The arguments PPO, GRPO and RLOO all take (beside TrainArgs'). Each stage's dataclass subclasses it."""
 
     base: str = arg("", "the policy to start from and the reference (usually the SFT model)", positional=True)
     reward: str = arg("verifier", "a reward-model checkpoint, or 'verifier' for the bundled world's verifier")
-    prompts: list[str] = arg([], "JSONL prompts ({'prompt': str} or {'messages': [...]}, the whole conversation "
-                                 "is the prompt); default: the bundled world's training prompts")
+    prompts: list[str] = arg([], "prompts ({'prompt': str} or {'messages': [...]}, the whole conversation is the "
+                                 "prompt), or any public format's prompts (palmchat data inspect); default: the "
+                                 "bundled world's training prompts")
     iterations: int = arg(30, "rollout + update rounds")
     max_new_tokens: int = arg(48, "response length limit")
     max_prompt_len: int = arg(0, "prompt tokens kept at most: a longer prompt loses its oldest tokens after bos "
@@ -102,17 +104,16 @@ def as_messages(prompt: str | Sequence[dict]) -> Messages:
     return [dict(m) for m in prompt]
 
 
-def load_prompt_messages(paths: list[str], seed: int) -> list[Messages]:
-    """Prompts as whole conversations (message lists ending with a user turn) from JSONL files ({'prompt': str} or
-    {'messages': [...]}), or the bundled world's."""
+def load_prompt_messages(paths: list[str], seed: int, options: FormatArgs | None = None,
+                         stage: str = "rl") -> list[Messages]:
+    """Prompts as whole conversations (message lists ending with a user turn) from files of any format
+    ({'prompt': str} or {'messages': [...]}, or every prompt of a public data set, read with ``options``), or the
+    bundled world's."""
     if not paths:
         return [as_messages(p) for p in bundled_prompts(seed)]
-    from palmchat.data.chat import load_prompts
+    from palmchat.data.chat import read_stage_data
 
-    prompts = [messages for path in paths for messages in load_prompts(path)]
-    if not prompts:
-        raise ValueError("no prompts in " + ", ".join(paths))
-    return prompts
+    return read_stage_data(paths, "prompts", options or FormatArgs(), stage).items
 
 
 def prompt_limit(context: int, max_new_tokens: int, max_prompt_len: int = 0) -> int:

@@ -1,6 +1,8 @@
 """Supervised fine-tuning: `palmchat sft BASE --data conversations.jsonl --out runs/sft`.
 
-Conversations in the OpenAI fine-tuning format ({"messages": [{"role", "content"}, ...]}); the loss
+Conversations in the OpenAI fine-tuning format ({"messages": [{"role", "content"}, ...]}), or in any format that
+holds conversations (Open-Assistant trees, ShareGPT, Alpaca, ...: palmchat/data/formats.py, detected or named with
+`--format`; an Open-Assistant file is split into train and validation by tree); the loss
 is on assistant tokens only (each reply and its end-of-turn token). Batches are right-padded and the
 padding carries no loss. Full fine-tuning, or LoRA with `--lora-rank`.
 
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from palmchat.data.chat import encode_sft, load_conversations, pad_right
+from palmchat.data.chat import encode_sft, pad_right, read_stage_data, split_by_tree
+from palmchat.data.formats import FormatArgs
 from palmchat.losses import IGNORE_INDEX, cross_entropy
 from palmchat.train.common import (
     MetricsLog,
@@ -40,7 +43,7 @@ from palmchat.world.defaults import bundled_conversations
 
 
 @dataclass
-class SFTArgs(TrainArgs):
+class SFTArgs(FormatArgs, TrainArgs):
     """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
 
     base: str = arg("", "checkpoint to start from (usually the pretrained model)", positional=True)
@@ -80,15 +83,17 @@ def main(args: SFTArgs) -> Path:
     model, tokenizer, base_config = load_policy(args.base, args.lora_rank, args.lora_alpha, device, dtype=dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     max_len = args.max_len or model.config.max_seq_len
-    conversations = [c for path in args.data for c in load_conversations(path)] if args.data \
-        else bundled_conversations(args.seed)
-    examples = [encode_sft(tokenizer, c, max_len) for c in conversations]
-    examples = [e for e in examples if any(t != -100 for t in e[1])]  # truncation may drop every reply
-    if len(examples) < 2:
+    data = read_stage_data(args.data, "conversations", args, "sft") if args.data else None
+    conversations = data.items if data else bundled_conversations(args.seed)
+    trees = data.trees if data else [None] * len(conversations)
+    encoded = [(encode_sft(tokenizer, c, max_len), tree) for c, tree in zip(conversations, trees)]
+    encoded = [(e, tree) for e, tree in encoded if any(t != -100 for t in e[1])]  # truncation may drop every reply
+    if len(encoded) < 2:
         raise ValueError("SFT needs at least 2 conversations with an assistant reply inside --max-len")
-    random.Random(args.seed).shuffle(examples)
-    n_val = max(1, int(len(examples) * args.val_fraction))
-    val, train = examples[:n_val], examples[n_val:]
+    train, val = split_by_tree([e for e, _ in encoded], [tree for _, tree in encoded], args.val_fraction, args.seed)
+    if not train:
+        raise ValueError("SFT needs conversations to train on: every one is held out (an Open-Assistant file of "
+                         "one tree cannot be split by tree; add --data files)")
 
     index = list(range(len(train)))
     step_size = args.batch_size * args.grad_accum  # conversations per optimizer step

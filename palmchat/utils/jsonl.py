@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from palmchat.utils.atomic import atomic_write
@@ -36,8 +36,11 @@ def json_type(value: object) -> str:
     return type(value).__name__
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
-    """Yield ``(file name, line number, record)`` for each non-blank line of a JSONL file."""
+def iter_records(path: str | os.PathLike, on_bad: Callable[[str, int, str], None] | None = None
+                 ) -> Iterator[tuple[str, int, dict]]:
+    """Yield ``(file name, line number, record)`` for each non-blank line of a JSONL file. A line that is not a JSON
+    object is a DataError, or with ``on_bad`` is passed to it as ``("FILE:LINE", line number, problem)`` and
+    skipped."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}" if not p.exists() else f"not a file: {p}")
@@ -47,17 +50,22 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte {e.start + 1})") from None
-            if lineno == 1:
-                line = line.lstrip("\ufeff")  # tolerate a byte-order mark
-            if not line.strip():
+                record, problem = None, f"not valid UTF-8 (byte {e.start + 1})"
+            else:
+                if lineno == 1:
+                    line = line.lstrip("\ufeff")  # tolerate a byte-order mark
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    problem = "" if isinstance(record, dict) else f"expected a JSON object, got {json_type(record)}"
+                except json.JSONDecodeError as e:
+                    record, problem = None, f"invalid JSON ({e.msg} at column {e.colno})"
+            if problem:
+                if on_bad is None:
+                    raise DataError(f"{name}:{lineno}: {problem}")
+                on_bad(f"{name}:{lineno}", lineno, problem)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{name}:{lineno}: expected a JSON object, got {json_type(record)}")
             yield name, lineno, record
 
 
