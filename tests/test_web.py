@@ -369,6 +369,8 @@ def test_markdown_is_rendered_and_sanitised_and_shift_enter_is_a_newline(web):
         return d.innerHTML; }""")  # noqa: E501
     assert "<strong>bold</strong>" in html and "<code>code</code>" in html and "<pre><code>x = 1" in html
     assert "onclick" not in html and "<script" not in html and p.page.evaluate("window.hit") is None
+    # the Content-Security-Policy reports the handler the sanitiser met while parsing (in a document that runs nothing)
+    p.errors = [e for e in p.errors if not e.startswith("Executing inline event handler violates")]
     p.page.fill("#input", "line one")
     p.page.press("#input", "Shift+Enter")
     p.page.type("#input", "line two")
