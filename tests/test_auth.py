@@ -283,6 +283,8 @@ def test_every_page_and_static_file_carries_a_content_security_policy(keyed):
         assert "img-src 'self' data:" in policy and "connect-src 'self'" in policy
         assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
         assert response.headers["x-content-type-options"] == "nosniff"
+    docs = httpx.get(keyed.url + "/docs")  # FastAPI's API reference: its inline script and CDN files, no framing
+    assert docs.status_code == 200 and "frame-ancestors 'none'" in docs.headers["content-security-policy"]
     for page in ("/", "/label"):  # the pages hold no inline script or style the policy would block
         html = httpx.get(keyed.url + page).text
         assert not re.search(r"<script(?![^>]*\bsrc=)|\son[a-z]+=|<style|\sstyle=", html)
