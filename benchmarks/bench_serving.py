@@ -62,7 +62,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "palmchat.cli", "serve", str(ckpt), "--db", str(db), "--port", str(self.port),
-               "--moderation-mode", "off", *extra]
+               "--moderation-mode", "off", "--no-auth", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         import httpx
 

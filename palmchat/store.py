@@ -242,15 +242,15 @@ class Store:
     # -- API keys -----------------------------------------------------------------------------------
 
     def add_key(self, key_id: str, name: str, secret_hash: str, prefix: str, rate_limit: str | None,
-                admin: bool = False) -> None:
+                role: str = "user") -> None:
+        """Store a key by the hash of its secret; `role` is user, labeller or admin (palmchat/serve/state.py)."""
         with self.transaction() as db:
             db.execute("INSERT INTO api_keys (id, name, hash, prefix, rate_limit, created_at, revoked_at, admin, role) "
                        "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                       (key_id, name, secret_hash, prefix, rate_limit, int(time.time()), int(admin),
-                        "admin" if admin else "user"))
+                       (key_id, name, secret_hash, prefix, rate_limit, int(time.time()), int(role == "admin"), role))
 
     def keys(self) -> list[dict]:
-        fields = ("id", "name", "prefix", "rate_limit", "created_at", "revoked_at", "admin")
+        fields = ("id", "name", "prefix", "rate_limit", "created_at", "revoked_at", "role")
         rows = self._read(f"SELECT {', '.join(fields)} FROM api_keys ORDER BY created_at, id")
         return [dict(zip(fields, r)) for r in rows]
 
@@ -258,13 +258,11 @@ class Store:
         return self._read("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")[0][0]
 
     def key_by_hash(self, secret_hash: str) -> dict | None:
-        rows = self._read("SELECT id, rate_limit, admin, name FROM api_keys WHERE hash = ? AND revoked_at IS NULL",
+        """The active key whose secret hashes to `secret_hash`: {"id", "rate_limit", "role", "name"}, or None."""
+        fields = ("id", "rate_limit", "role", "name")
+        rows = self._read(f"SELECT {', '.join(fields)} FROM api_keys WHERE hash = ? AND revoked_at IS NULL",
                           (secret_hash,))
-        return dict(zip(("id", "rate_limit", "admin", "name"), rows[0])) if rows else None
-
-    def is_admin(self, key_id: str) -> bool:
-        rows = self._read("SELECT admin FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,))
-        return bool(rows and rows[0][0])
+        return dict(zip(fields, rows[0])) if rows else None
 
     def revoke_key(self, key_id_or_name: str) -> list[str]:
         with self.transaction() as db:

@@ -112,11 +112,12 @@ def _env() -> dict:
 
 
 class Server:
-    """`palmchat serve` in a subprocess on a free loopback port."""
+    """`palmchat serve` in a subprocess on a free loopback port. no_auth: started with --no-auth (no keys: every
+    caller is the one local person), as the tests of everything but keys and roles are."""
 
-    def __init__(self, ckpt: Path, db: Path, *extra: str, log: Path):
+    def __init__(self, ckpt: Path, db: Path, *extra: str, log: Path, no_auth: bool = False):
         self.args = [sys.executable, "-m", "palmchat.cli", "serve", str(ckpt), "--db", str(db),
-                     "--host", "127.0.0.1", "--log-level", "warning", *extra]
+                     "--host", "127.0.0.1", "--log-level", "warning", *(["--no-auth"] if no_auth else []), *extra]
         self.log_path = log
         self.proc: subprocess.Popen | None = None
         self.port = 0

@@ -163,7 +163,7 @@ def test_serving_an_aligned_imported_model_with_the_openai_client(aligned, tmp_p
     exported = tmp_path / "exported"
     assert cli(["export-hf", str(aligned["dpo"]), "--out", str(exported)]) == 0
     server = Server(aligned["dpo"], tmp_path / "db.sqlite", "--dtype", "fp32", "--moderation", "none",
-                    log=tmp_path / "server.log").start()
+                    log=tmp_path / "server.log", no_auth=True).start()
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
@@ -194,7 +194,7 @@ def test_a_template_that_rewrites_earlier_turns_is_served_by_rendering_again(tmp
     save_tiny_hf_model(folder, "qwen3", vocab_size=VOCAB, max_position_embeddings=512)
     save_tiny_hf_tokenizer(folder, "qwen3")
     server = Server(folder, tmp_path / "db.sqlite", "--dtype", "fp32", "--moderation", "none",
-                    log=tmp_path / "server.log").start()
+                    log=tmp_path / "server.log", no_auth=True).start()
     try:
         import httpx
 

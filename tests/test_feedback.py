@@ -50,7 +50,7 @@ def make_app(artifacts, db, **state_args):
 def app(artifacts):
     from fastapi.testclient import TestClient
 
-    application, state = make_app(artifacts, artifacts["root"] / "feedback.db", max_tokens_limit=64)
+    application, state = make_app(artifacts, artifacts["root"] / "feedback.db", max_tokens_limit=64, no_auth=True)
     with TestClient(application) as client:
         client.state = state
         yield client
@@ -329,7 +329,7 @@ def test_a_v1_database_is_upgraded_in_place(tmp_path):
     try:
         assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert store.get_conversation("key_1", "conv_1")["metadata"] == {"title": "old"}
-        assert store.keys()[0]["name"] == "alice" and store.keys()[0]["admin"] == 0
+        assert store.keys()[0]["name"] == "alice" and store.keys()[0]["role"] == "user"
         assert store.key_by_hash("hash")["id"] == "key_1"
         store.add_task({"id": "task_1", "kind": "label", "prompt": [{"role": "user", "content": "hi"}],
                         "params": {"k": 2}})
@@ -359,7 +359,8 @@ def test_admin_reload_needs_an_admin_key(artifacts, tmp_path, capsys):
     assert main(["keys", "list", "--db", str(db)]) == 0
     listed = capsys.readouterr().out.splitlines()
     lines = {line.split()[1]: line for line in listed}
-    assert lines["user"].endswith("active") and lines["loop"].endswith("active  admin")
+    assert lines["user"].split()[2] == "user" and lines["loop"].split()[2] == "admin"
+    assert lines["user"].endswith("active") and lines["loop"].endswith("active")
     application, state = make_app(artifacts, db)
     with TestClient(application) as client:
         body = {"reward_model": str(artifacts["reward"])}
@@ -385,7 +386,8 @@ def test_admin_reload_needs_an_admin_key(artifacts, tmp_path, capsys):
 
 
 def test_a_stopped_reply_is_stored_as_it_stood(artifacts, tmp_path):
-    srv = Server(artifacts["policy"], tmp_path / "stop.db", "--moderation", "none", log=tmp_path / "stop.log").start()
+    srv = Server(artifacts["policy"], tmp_path / "stop.db", "--moderation", "none", log=tmp_path / "stop.log",
+                 no_auth=True).start()
     try:
         conv = httpx.post(srv.url + "/v1/conversations", json={}).json()["id"]
         item_id, text = None, ""

@@ -42,7 +42,8 @@ def test_eval_with_a_palmchat_server_as_the_judge(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("What pet does Briruul have?",
                                                                           "Add 3 and 4.", "Spell 'cactus'.")))
-    judge = Server(policy, tmp_path / "judge.db", "--moderation", "none", log=tmp_path / "judge.log").start()
+    judge = Server(policy, tmp_path / "judge.db", "--moderation", "none", log=tmp_path / "judge.log",
+                   no_auth=True).start()
     try:
         out = tmp_path / "report.json"
         assert cli(["eval", str(policy), "--baseline", str(policy), "--prompts", str(prompts), "--judge",

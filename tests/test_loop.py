@@ -68,7 +68,7 @@ def test_one_round_end_to_end(tmp_path, capsys):
     policy, reward = build_checkpoints(tmp_path)
     db = tmp_path / "loop.db"
     srv = Server(policy, db, "--reward-model", str(reward), "--moderation", "none",
-                 log=tmp_path / "server.log").start()
+                 log=tmp_path / "server.log", no_auth=True).start()
     add_thumbs(db)
     try:
         before = greedy(srv.url)
@@ -135,7 +135,7 @@ def test_admin_reload_swaps_the_served_policy(tmp_path):
         for p in model.blocks.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     other = checkpoint.save_checkpoint(tmp_path / "other", 0, model, config, ckpt / checkpoint.TOKENIZER_FILE)
-    srv = Server(policy, tmp_path / "a.db", "--moderation", "none", log=tmp_path / "server.log").start()
+    srv = Server(policy, tmp_path / "a.db", "--moderation", "none", log=tmp_path / "server.log", no_auth=True).start()
     try:
         before = greedy(srv.url)
         bad = httpx.post(srv.url + "/v1/admin/reload", json={"policy": str(tmp_path / "nothing")}, timeout=60)

@@ -337,11 +337,6 @@ def test_rate_limit_answers_429_with_retry_after(server):
     assert httpx.get(server.url + "/v1/models", headers=auth(server, "bob")).status_code == 200  # per key
 
 
-def test_refuses_a_public_address_without_keys(artifacts, tmp_path):
-    result = palmchat("serve", str(artifacts["policy"]), "--db", str(tmp_path / "empty.db"), "--host", "0.0.0.0")
-    assert result.returncode == 2 and "no API key" in result.stderr and "0.0.0.0" in result.stderr
-
-
 # -- conversations longer than the context (a server of the demo's shape, context included) -------------
 
 
@@ -353,7 +348,8 @@ def demo_shaped_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_shaped(demo_shaped_checkpoint):
     root = demo_shaped_checkpoint.parent
-    srv = Server(demo_shaped_checkpoint, root / "demo.db", "--moderation", "none", log=root / "server.log").start()
+    srv = Server(demo_shaped_checkpoint, root / "demo.db", "--moderation", "none", log=root / "server.log",
+                 no_auth=True).start()
     srv.context = httpx.get(srv.url + "/health").json()["limits"]["context_tokens"]
     srv.model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
     yield srv
@@ -477,7 +473,8 @@ def test_fuzz_openapi_schema_finds_no_server_error(server):
 
 @pytest.fixture
 def crash_server(artifacts, tmp_path):
-    srv = Server(artifacts["policy"], tmp_path / "crash.db", "--moderation", "none", log=tmp_path / "crash.log")
+    srv = Server(artifacts["policy"], tmp_path / "crash.db", "--moderation", "none", log=tmp_path / "crash.log",
+                 no_auth=True)
     srv.db = tmp_path / "crash.db"
     yield srv
     srv.stop()
@@ -554,7 +551,7 @@ def test_a_stored_conversation_continues_under_another_tokenizer(tmp_path):
     greedy = {"model": "m", "temperature": 0}
     q1, q2 = "What pet does Briruul have?", "And where does Briruul live?"
 
-    srv = Server(ckpts[0], db, *flags, log=tmp_path / "a.log").start()
+    srv = Server(ckpts[0], db, *flags, log=tmp_path / "a.log", no_auth=True).start()
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         r1 = c.responses.create(input=q1, max_output_tokens=8, **greedy)
@@ -566,7 +563,7 @@ def test_a_stored_conversation_continues_under_another_tokenizer(tmp_path):
     with sqlite3.connect(db) as conn:  # a response stored by an older palmchat: ids without their text
         conn.execute("UPDATE responses SET messages = NULL WHERE id = ?", (legacy.id,))
 
-    srv = Server(ckpts[1], db, *flags, log=tmp_path / "b.log").start()
+    srv = Server(ckpts[1], db, *flags, log=tmp_path / "b.log", no_auth=True).start()
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         for previous, system, first in ((dict(previous_response_id=r1.id), [], r1),
@@ -638,7 +635,8 @@ def block_app(artifacts, tmp_path_factory):
     model, _, ckpt = checkpoint.load_model(artifacts["policy"])
     store = Store(tmp_path_factory.mktemp("block") / "block.db")
     state = ServerState(model_id=MODEL, tokenizer=checkpoint.load_tokenizer(ckpt), scheduler=Scheduler(model.eval()),
-                        store=store, moderator=Moderator.load(artifacts["moderation"]), moderation_mode="block")
+                        store=store, moderator=Moderator.load(artifacts["moderation"]), moderation_mode="block",
+                        no_auth=True)
     with TestClient(create_app(state)) as test_client:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client, max_retries=0)
     store.close()

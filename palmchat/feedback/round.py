@@ -1,7 +1,7 @@
 """`palmchat loop`: one round of the human-feedback loop, end to end, against a running server.
 
     palmchat loop --db palmchat.db --base runs/sft --reward-model runs/reward --out runs/loop \\
-        --server http://127.0.0.1:8000   # the admin key, if the server has keys, in $PALMCHAT_API_KEY
+        --server http://127.0.0.1:8000   # an admin key in $PALMCHAT_API_KEY, or --api-key-file FILE
 
 One round (a folder OUT/round-NNN holds everything it wrote):
 1. **Export** the database's feedback as rankings (labelling queue, compare view and thumbs pairs, several
@@ -18,7 +18,8 @@ One round (a folder OUT/round-NNN holds everything it wrote):
    candidate pairs each orders as the people did.
 5. **Promote** the new model only if it beats the champion by more than --min-gain: OUT/champion then names
    it, and with --server the running server swaps it in without a restart (POST /v1/admin/reload, which
-   needs an admin key when the server has keys: `palmchat keys create --admin`). The served reward model
+   needs an admin key unless the server runs with --no-auth: `palmchat keys create --role admin`; the key is read
+   from an environment variable or a file, never from the command line, where `ps` shows it). The served reward model
    is the one best-of-n uses (`model: "NAME:best-of-8"`).
 6. **The policy too** (unless --no-train-policy): candidate LoRA adapters on the served policy's base (--policy,
    default --base): DPO on the training rankings (palmchat.train.dpo) and KTO on the thumbs up/down whose prompt
@@ -68,8 +69,11 @@ class LoopArgs:
     batch_size: int = arg(8, "rankings per step")
     lr: float = arg(3e-4, "peak learning rate")
     server: str = arg("", "URL of a running `palmchat serve` to hot-swap a promoted model into")
-    api_key_env: str = arg("PALMCHAT_API_KEY", "environment variable holding the admin API key for --server (when "
-                                               "the server has keys; never on the command line, where `ps` shows it)")
+    api_key_env: str = arg("PALMCHAT_API_KEY", "environment variable holding the admin API key for --server (not "
+                                               "needed under --no-auth; never on the command line, where `ps` "
+                                               "shows it)")
+    api_key_file: str = arg("", "file holding the admin API key for --server (its first line), instead of "
+                                "--api-key-env")
     train_policy: bool = arg(True, "also improve the policy: DPO (rankings) and KTO (thumbs) LoRA adapters, "
                                    "hot-swapped in when better on the held-out rankings")
     policy: str = arg("", "the served policy's base checkpoint, which the policy adapters are trained on "
@@ -105,6 +109,16 @@ def http_json(method: str, url: str, body: dict | None = None, headers: dict | N
         raise RuntimeError(f"{method} {url}: {e.code} {message}") from None
     except urllib.error.URLError as e:
         raise RuntimeError(f"{method} {url}: cannot reach the server ({e.reason})") from None
+
+
+def admin_key(args: LoopArgs) -> str:
+    """The admin key for --server: the first line of --api-key-file, else $--api-key-env ('' when unset)."""
+    if args.api_key_file:
+        lines = Path(args.api_key_file).read_text().splitlines()
+        if not lines or not lines[0].strip():
+            raise ValueError(f"--api-key-file {args.api_key_file}: the file is empty; its first line must be the key")
+        return lines[0].strip()
+    return os.environ.get(args.api_key_env, "")
 
 
 def reload_server(url: str, reward_model: str | Path | None = None, api_key: str = "",
@@ -211,7 +225,7 @@ def improve_policy(args: LoopArgs, out: Path, round_dir: Path, train_path: Path,
     if promoted:
         atomic_write(champion, str(Path(candidates[best]).resolve()) + "\n")
         if args.server:
-            reload_server(args.server, api_key=os.environ.get(args.api_key_env, ""), policy=candidates[best])
+            reload_server(args.server, api_key=admin_key(args), policy=candidates[best])
             report["reloaded"] = True
     return report
 
@@ -260,6 +274,8 @@ def main(args: LoopArgs) -> dict:
         raise FileNotFoundError(f"--db: {args.db} does not exist")
     if not 0 < args.heldout < 1:
         raise ValueError("--heldout must be between 0 and 1")
+    if args.server:
+        admin_key(args)  # an unreadable --api-key-file fails now, not after the training
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     champion = args.reward_model or ((out / "champion").read_text().strip() if (out / "champion").is_file() else "")
@@ -298,7 +314,7 @@ def main(args: LoopArgs) -> dict:
     if promoted:
         atomic_write(out / "champion", str(Path(new).resolve()) + "\n")
         if args.server:
-            reload_server(args.server, new, os.environ.get(args.api_key_env, ""))
+            reload_server(args.server, new, admin_key(args))
             report["reloaded"] = True
     old = "none" if old_accuracy is None else f"{old_accuracy:.3f}"
     served = f", now served by {args.server}" if args.server else ""

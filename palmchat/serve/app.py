@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from palmchat.serve.errors import ASCIIJSONResponse, BodyLimit, LocalOnly, add_error_handlers
 from palmchat.serve.metrics import CountRequests, metrics_registry
 from palmchat.serve.routes import chat, completions, conversations, feedback, health, models, moderations, responses
+from palmchat.serve.security import SecurityHeaders
 from palmchat.serve.state import ServerState
 
 ROUTERS = [health, models, chat, completions, responses, conversations, moderations, feedback]  # OpenAPI order
@@ -56,5 +57,6 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimit, limit=state.max_request_bytes)
     if state.local_hosts is not None:
         app.add_middleware(LocalOnly, hosts=state.local_hosts)
+    app.add_middleware(SecurityHeaders)  # every response: the pages' Content-Security-Policy, nosniff
     app.add_middleware(CountRequests, counter=counter)  # outermost: also counts the 413s
     return app

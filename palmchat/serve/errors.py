@@ -2,17 +2,26 @@
 endpoint raised APIError, FastAPI's validation refused the body, no route matched, the body was too large, or
 the server failed. `add_error_handlers(app)` installs the handlers; `BodyLimit` is the middleware that answers
 413 before anything reads an oversized body.
+
+A client's mistake (a 4xx) is explained to it. The server's own failure (a 500: an unexpected exception, or a
+generation the scheduler failed) is not: its text may name files, settings or what other callers sent. The client
+gets a generic message with an error id, and the server's log gets that id with the exception and its traceback
+(`client_error_body`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's error log: where `palmchat serve` reports its own failures
 
 
 class APIError(Exception):
@@ -33,6 +42,25 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def internal_error_body(exc: BaseException) -> dict:
+    """A failure of the server's own, as a client sees it: a generic message and an id; the exception, with its
+    traceback, goes to the server's log under that id."""
+    error_id = "err_" + secrets.token_hex(8)
+    log.error("internal error %s: %s: %s", error_id, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return error_body(f"The server had an error while processing your request (error id {error_id}: its operator "
+                      f"finds the details in the server's log under that id).", type="server_error",
+                      code="internal_error")
+
+
+def client_error_body(exc: BaseException) -> dict:
+    """What a client is told of `exc`: an APIError's own message, unless it is a 500 (a server failure, whose
+    text the scheduler or a library wrote), and nothing of any other exception."""
+    if isinstance(exc, APIError) and exc.status != 500:
+        return exc.body()
+    return internal_error_body(exc)
+
+
 def not_found(what: str, id: str) -> APIError:
     return APIError(404, f"{what} with id '{id}' not found.", param=None, code="not_found")
 
@@ -50,7 +78,7 @@ def error_response(status: int, body: dict, headers: dict | None = None) -> ASCI
 
 
 async def api_error(request: Request, exc: APIError):
-    return error_response(exc.status, exc.body(), exc.headers)
+    return error_response(exc.status, client_error_body(exc), exc.headers)
 
 
 async def validation_error(request: Request, exc: RequestValidationError):
@@ -78,8 +106,7 @@ async def http_error(request: Request, exc: StarletteHTTPException):
 
 
 async def server_error(request: Request, exc: Exception):
-    return error_response(500, error_body(f"The server had an error ({type(exc).__name__}); the request was not "
-                                          f"completed", type="server_error"))
+    return error_response(500, internal_error_body(exc))
 
 
 def add_error_handlers(app: FastAPI) -> None:

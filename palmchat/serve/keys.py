@@ -1,13 +1,16 @@
-"""API keys and per-key rate limits.
+"""API keys, their roles, and per-key rate limits.
 
-    palmchat keys create --db palmchat.db --name alice      # prints the secret once: pc-...
-    palmchat keys create --db palmchat.db --name loop --admin   # may also call /v1/admin/reload
+    palmchat keys create --db palmchat.db --name alice                  # prints the secret once: pc-...
+    palmchat keys create --db palmchat.db --name ann --role labeller    # may also use the labelling queue
+    palmchat keys create --db palmchat.db --name loop --role admin      # and POST /v1/admin/reload (= --admin)
     palmchat keys list --db palmchat.db
     palmchat keys revoke --db palmchat.db alice             # by name or id; takes effect at the next request
 
 A key is `pc-` + 43 url-safe characters (256 random bits). The database keeps only its sha256 (see store.py), so
-a copy of the database does not give anyone access. A server whose database holds no active key accepts
-requests without one, and for that reason refuses to listen anywhere but loopback.
+a copy of the database does not give anyone access. A key's role says what it may do (ROLES, each role may do
+what the ones before it may): `user` chats, rates and compares replies in its own conversations; `labeller` also
+ranks the labelling queue, whose rankings `palmchat loop` trains on; `admin` also swaps models in. A server
+needs a key on every request unless it was started with `--no-auth` (loopback only; see run.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from palmchat.utils.args import arg
 
 KEY_PREFIX = "pc-"
+ROLES = ("user", "labeller", "admin")  # each may do everything the ones before it may
 
 
 def hash_secret(secret: str) -> str:
@@ -78,7 +82,9 @@ class KeysCreateArgs:
     name: str = arg("", "a name to recognise the key by (default: its id)")
     db: str = arg("palmchat.db", "the server's database file")
     rate_limit: str = arg("", "this key's rate limit, e.g. 60/min (default: the server's --rate-limit)")
-    admin: bool = arg(False, "may also call the admin endpoints (POST /v1/admin/reload, used by palmchat loop)")
+    role: str = arg("user", "user: chat, feedback, compare; labeller: also the labelling queue (/label, "
+                            "/v1/label/*); admin: also POST /v1/admin/reload (palmchat loop)", choices=list(ROLES))
+    admin: bool = arg(False, "the same as --role admin")
 
 
 @dataclass
@@ -96,25 +102,30 @@ class KeysRevokeArgs:
     db: str = arg("palmchat.db", "the server's database file")
 
 
-def create_key(store, name: str = "", rate_limit: str = "", admin: bool = False) -> tuple[str, str]:
+def create_key(store, name: str = "", rate_limit: str = "", role: str = "user") -> tuple[str, str]:
     """Add a key to `store`; returns (key id, secret)."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
     if rate_limit:
         parse_rate(rate_limit)  # fail now, not at the first request
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(6)
-    store.add_key(key_id, name or key_id, hash_secret(secret), secret[:8], rate_limit or None, admin)
+    store.add_key(key_id, name or key_id, hash_secret(secret), secret[:8], rate_limit or None, role)
     return key_id, secret
 
 
 def create_main(args: KeysCreateArgs) -> None:
     from palmchat.store import Store
 
+    if args.admin and args.role not in ("user", "admin"):
+        raise ValueError(f"--admin is --role admin: it contradicts --role {args.role}")
+    role = "admin" if args.admin else args.role
     store = Store(args.db)
     try:
-        key_id, secret = create_key(store, args.name, args.rate_limit, args.admin)
+        key_id, secret = create_key(store, args.name, args.rate_limit, role)
     finally:
         store.close()
-    print(f"created {'admin ' if args.admin else ''}{key_id} ({args.name or key_id}); the secret is shown only now:")
+    print(f"created {role} key {key_id} ({args.name or key_id}); the secret is shown only now:")
     print(secret)
 
 
@@ -127,15 +138,16 @@ def list_main(args: KeysListArgs) -> None:
     finally:
         store.close()
     if not keys:
-        print(f"no API keys in {args.db}: the server accepts requests without a key, on loopback only")
+        print(f"no API keys in {args.db}: a server on it answers every request with 401 (unless started with "
+              f"--no-auth, on loopback only). Create one with `palmchat keys create --db {args.db}`")
         return
     for k in keys:
         revoked = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["revoked_at"])) if k["revoked_at"] else ""
         state = f"revoked {revoked}" if revoked else "active"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
         limit = k["rate_limit"] or "server default"
-        print(f"{k['id']}  {k['name']:<20} {k['prefix']}...  created {created}  rate {limit}  {state}"
-              + ("  admin" if k["admin"] else ""))
+        print(f"{k['id']}  {k['name']:<20} {k['role']:<8}  {k['prefix']}...  created {created}  rate {limit}  "
+              f"{state}")
 
 
 def revoke_main(args: KeysRevokeArgs) -> None:

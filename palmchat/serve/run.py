@@ -1,6 +1,12 @@
 """`palmchat serve CHECKPOINT`: load a checkpoint (and optionally a reward model and a moderator) and serve
 the OpenAI-compatible API (app.py) with uvicorn until Ctrl-C.
 
+Every request needs an API key of --db (`palmchat keys create`; a database without one gets every request a 401
+saying so), unless the server is started with --no-auth: then every caller is the one person on this machine and
+may do everything, which is why --no-auth is refused anywhere but loopback. A server on loopback also answers only
+requests addressed to a loopback name from pages of the same (errors.LocalOnly): a web page the user opens cannot
+reach it by DNS rebinding or cross-site requests.
+
 This module imports neither FastAPI nor torch at import time: the `palmchat` command builds its parser from
 ServeArgs for every sub-command.
 """
@@ -24,7 +30,9 @@ class ServeArgs:
     reward_model: str = arg("", "reward-model checkpoint: enables best_of and the ':best-of-N' model suffix (it must "
                                 "have been trained with the checkpoint's tokenizer)")
     db: str = arg("palmchat.db", "SQLite file for responses, conversations and API keys (created if missing)")
-    host: str = arg("127.0.0.1", "address to listen on; anything but loopback needs an API key in --db")
+    host: str = arg("127.0.0.1", "address to listen on")
+    auth: bool = arg(True, "every request needs an API key of --db (palmchat keys create). --no-auth: no keys, every "
+                           "caller may do everything (one person on this machine); allowed only on a loopback --host")
     port: int = arg(8000, "port")
     model_name: str = arg("", "model id clients use (default: the checkpoint folder's name)")
     moderation: str = arg("default", "moderator folder (palmchat moderation train), 'default' (trained on the "
@@ -36,7 +44,7 @@ class ServeArgs:
     prefix_cache_tokens: int = arg(65536, "tokens of K/V the prefix cache keeps (least recently used evicted)")
     max_request_bytes: int = arg(1 << 20, "largest request body accepted (413 above)")
     max_tokens_limit: int = arg(4096, "largest max_tokens / max_output_tokens a request may ask for (400 above)")
-    rate_limit: str = arg("600/min", "requests per key (one shared budget when there are no keys): N/s, N/min or "
+    rate_limit: str = arg("600/min", "requests per key (one shared budget under --no-auth): N/s, N/min or "
                                      "N/hour; 0 = none; `palmchat keys create --rate-limit` sets one key's")
     dtype: str = arg("auto", "decode precision: auto (bf16 where the CPU has it), bf16 or fp32",
                      choices=["auto", "bf16", "fp32"])
@@ -97,7 +105,7 @@ def load_state(args: ServeArgs, store):
                        reward_model=reward_model, reward_model_path=args.reward_model, moderator=moderator,
                        moderation_mode=args.moderation_mode if moderator is not None else "off",
                        max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
-                       rate_limit=args.rate_limit, require_key=not is_loopback(args.host),
+                       rate_limit=args.rate_limit, no_auth=not args.auth,
                        local_hosts=LOCAL_HOSTS | {args.host.strip("[]")} if is_loopback(args.host) else None)
 
 
@@ -106,12 +114,13 @@ def main(args: ServeArgs) -> None:
 
     if not args.checkpoint:
         raise ValueError("a checkpoint folder is required: palmchat serve CHECKPOINT")
+    if not args.auth and not is_loopback(args.host):
+        raise ValueError(f"--no-auth is allowed only on loopback (127.0.0.1, ::1, localhost), not --host "
+                         f"{args.host}: without keys anyone who can reach the port could use the server, read "
+                         f"every conversation and swap models. Create a key with `palmchat keys create --db "
+                         f"{args.db}` and drop --no-auth, or listen on 127.0.0.1")
     store = Store(args.db)
     try:
-        if not is_loopback(args.host) and store.active_key_count() == 0:
-            raise ValueError(f"refusing to listen on {args.host}: {args.db} holds no API key, so anyone who can "
-                             f"reach the port could use the server. Create one with `palmchat keys create --db "
-                             f"{args.db}`, or listen on 127.0.0.1")
         state = load_state(args, store)
         import uvicorn
 
@@ -119,13 +128,19 @@ def main(args: ServeArgs) -> None:
 
         app = create_app(state)
         host = f"[{args.host}]" if ":" in args.host else args.host
+        keys = store.active_key_count()
         extras = ", ".join(x for x in (
             f"best-of-n with {args.reward_model}" if state.reward_model is not None else "",
             f"moderation {state.moderation_mode}" if state.moderator is not None else "moderation off",
-            f"{store.active_key_count()} API key(s)" if store.active_key_count() else "no API keys (loopback only)",
+            "no authentication (--no-auth): every local caller may do everything" if not args.auth
+            else f"{keys} API key(s)",
         ) if x)
         print(f"palmchat serve: model '{state.model_id}' at http://{host}:{args.port}/v1 ({extras}; db {args.db}). "
               f"Ctrl-C stops.", flush=True)
+        if args.auth and not keys:
+            print(f"palmchat serve: {args.db} holds no active API key, so every request gets 401 until you create "
+                  f"one: `palmchat keys create --db {args.db} --role admin` (or restart with --no-auth, for one "
+                  f"person on this machine)", flush=True)
         if not state.tokenizer.chat_format.prefix_stable:
             print("palmchat serve: the chat template rewrites earlier turns (it is not prefix-stable): every turn of "
                   "a stored conversation is rendered again from its text, and the prefix cache reuses only what "

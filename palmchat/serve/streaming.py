@@ -8,7 +8,7 @@ import json
 import anyio
 from fastapi.responses import StreamingResponse
 
-from palmchat.serve.errors import APIError, error_body
+from palmchat.serve.errors import client_error_body
 
 
 def sse(data: dict) -> str:
@@ -36,6 +36,4 @@ def stream_response(events) -> StreamingResponse:
 
 def error_event(exc: Exception) -> dict:
     """An error met mid-stream, as the data of its event (the status line has already been sent)."""
-    if isinstance(exc, APIError):
-        return exc.body()
-    return error_body(str(exc), type="server_error")
+    return client_error_body(exc)

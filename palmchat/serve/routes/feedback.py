@@ -14,8 +14,9 @@ API has nothing for feedback. What is stored, and how it becomes training data: 
     GET  /v1/label/stats                   {tasks, rankings, labellers, mine, agreement, agreement_tasks}
     POST /v1/admin/reload                  load another reward model and/or policy and swap it in, without a restart
 
-A labeller is an API key (its id). A server without keys listens on loopback only and trusts its callers:
-the `X-Palmchat-Labeller` header names the labeller there (default "local").
+The labelling queue needs a key with the role labeller or admin, the reload an admin key (state.py). A labeller
+is an API key (its id). A server started with --no-auth listens on loopback only and trusts its callers: the
+`X-Palmchat-Labeller` header names the labeller there (default "local").
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.generate import generate_replies, moderate_input
 from palmchat.serve.routes.responses import prepare_turn
 from palmchat.serve.sampling import model_candidates, sampling_params
-from palmchat.serve.state import ServerState, caller, owned_conversation, server_state
+from palmchat.serve.state import ServerState, admin_key, caller, labeller_key, owned_conversation, server_state
 from palmchat.store import StoreError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
@@ -253,7 +254,7 @@ async def with_candidates(state: ServerState, locks: dict, task: dict) -> dict:
 
 
 @router.get("/label/next")
-async def next_task(request: Request, owner: str = Depends(caller)):
+async def next_task(request: Request, owner: str = Depends(labeller_key)):
     state, who = server_state(request), labeller_of(request, owner)
     locks = request.app.state.label_locks
     while True:
@@ -271,7 +272,7 @@ async def next_task(request: Request, owner: str = Depends(caller)):
 
 
 @router.post("/label/tasks/{task_id}/ranking")
-async def rank_task(task_id: str, body: RankingRequest, request: Request, owner: str = Depends(caller)):
+async def rank_task(task_id: str, body: RankingRequest, request: Request, owner: str = Depends(labeller_key)):
     state, who = server_state(request), labeller_of(request, owner)
     task = state.store.get_task(task_id)
     if task is None or task["kind"] != "label":
@@ -284,7 +285,7 @@ async def rank_task(task_id: str, body: RankingRequest, request: Request, owner:
 
 
 @router.get("/label/stats")
-async def label_stats(request: Request, owner: str = Depends(caller)):
+async def label_stats(request: Request, owner: str = Depends(labeller_key)):
     state, who = server_state(request), labeller_of(request, owner)
     rankings = state.store.rankings("label")
     by_task: dict[str, list[list[str]]] = {}
@@ -345,13 +346,10 @@ def _swap_policy(state: ServerState, model) -> None:
 
 
 @router.post("/admin/reload")
-async def reload_reward_model(body: ReloadRequest, request: Request, owner: str = Depends(caller)):
+async def reload_reward_model(body: ReloadRequest, request: Request, owner: str = Depends(admin_key)):
     """Swap the reward model (best-of-n) and/or the policy for other checkpoints without a restart. Needs an admin
-    key (`palmchat keys create --admin`); a server without keys (loopback only) lets any caller."""
+    key (`palmchat keys create --role admin`); a server started with --no-auth lets its one local caller."""
     state = server_state(request)
-    if (owner or state.require_key) and not state.store.is_admin(owner):
-        raise APIError(403, "This endpoint needs an admin API key (palmchat keys create --admin).",
-                       type="permission_error", code="forbidden")
     if body.reward_model is None and body.policy is None:
         raise APIError(400, "name a reward_model, a policy, or both", param="reward_model")
     out = {"object": "admin.reload"}

@@ -22,7 +22,7 @@ async function api(method, path, body, signal) {
   const headers = { "Content-Type": "application/json" };
   const key = settings.get("apiKey", "");
   if (key) headers.Authorization = "Bearer " + key;
-  const labeller = settings.get("labeller", "");  // names a labeller on a server without keys
+  const labeller = settings.get("labeller", "");  // names a labeller on a server started with --no-auth
   if (labeller) headers["X-Palmchat-Labeller"] = labeller;
   let response;
   try {
@@ -87,8 +87,29 @@ async function* sse(response) {
   }
 }
 
+// A reply is untrusted text (the model can be made to write anything): its markdown becomes HTML that keeps only
+// text structure. No images (a request to anywhere, or a tracking pixel), forms, inputs, styles, SVG or scripts;
+// links only to http, https or mailto, opened in a new tab that cannot reach back to this page.
+const MARKDOWN_HTML = {
+  ALLOWED_TAGS: ["p", "br", "strong", "em", "code", "pre", "blockquote", "ul", "ol", "li", "a",
+    "h1", "h2", "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td", "hr", "del"],
+  ALLOWED_ATTR: ["href", "title", "start", "align"],  // start: an ordered list's first number; align: a column's
+  ADD_URI_SAFE_ATTR: ["start", "align"],  // not URLs: not held to ALLOWED_URI_REGEXP
+  ALLOWED_URI_REGEXP: /^(?:https?|mailto):/i,
+  ALLOW_DATA_ATTR: false,
+  ALLOW_ARIA_ATTR: false,
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName !== "A") return;
+  if (node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+});
+
 function renderMarkdown(element, text) {
-  element.innerHTML = DOMPurify.sanitize(marked.parse(text, { breaks: true, gfm: true }));
+  element.innerHTML = DOMPurify.sanitize(marked.parse(text, { breaks: true, gfm: true }), MARKDOWN_HTML);
 }
 
 function el(tag, attrs = {}, ...children) {

@@ -1,5 +1,6 @@
 // The labelling page: the next queued prompt this labeller has not ranked, its candidates, click-to-rank.
-// A labeller is their API key; on a server without keys, the name typed here (sent as X-Palmchat-Labeller).
+// A labeller is their API key (of the role labeller or admin: the queue's rankings become training data); on a
+// server started with --no-auth, the name typed here (sent as X-Palmchat-Labeller).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
