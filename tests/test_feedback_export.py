@@ -311,7 +311,7 @@ def server(tmp_path_factory):
     tokenizer = world_tokenizer()
     policy, _ = build_policy(root / "tiny-chat", tokenizer, tokenizer.save(root / "tokenizer.json"))
     store = Store(root / "palmchat.db")
-    keys = {name: create_key(store, name) for name in ("alice", "bob")}  # name -> (key id, secret)
+    keys = {name: create_key(store, name, role="labeller") for name in ("alice", "bob")}  # name -> (key id, secret)
     store.close()
     srv = Server(policy, root / "palmchat.db", "--max-tokens-limit", "8", log=root / "server.log").start()
     srv.keys, srv.db, srv.root = keys, root / "palmchat.db", root
