@@ -16,6 +16,7 @@ from pathlib import Path
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 FAMILIES = ("qwen2.5", "llama3", "mistral", "smollm2", "qwen3", "chatml-generation", "llama2")
+TOOL_FAMILIES = ("qwen2.5", "llama3.1")  # whose templates render tools, tool calls and their results
 
 SENTENCES = [
     "The cat sat on the mat. The dog sat on the log.",
@@ -109,6 +110,99 @@ LLAMA3_TEMPLATE = """{{- bos_token }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+# Llama 3.1's template with its custom-tool branches (the tools in the first user message, a call as the JSON
+# {"name", "parameters"}, a result as an ipython turn); the built-in tools (brave_search, wolfram_alpha) are trimmed.
+LLAMA31_TOOLS_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message + builtin tools #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
 """
 
@@ -228,6 +322,10 @@ SPECS = {
                 "<|eot_id|>"], [],
                dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"), LLAMA3_TEMPLATE,
                ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+    "llama3.1": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                  "<|eot_id|>", "<|python_tag|>"], [],
+                 dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), LLAMA31_TOOLS_TEMPLATE,
+                 ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
     "mistral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], [],
                 dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), MISTRAL_TEMPLATE, ["</s>"]),
     "smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [],
@@ -245,7 +343,7 @@ SPECS = {
 
 
 def save_tiny_hf_tokenizer(folder, family: str, vocab_size: int = 600, chat_template: str | None = None) -> Path:
-    """A tiny tokenizer of ``family`` (one of FAMILIES) saved with ``save_pretrained`` into ``folder``, plus the
+    """A tiny tokenizer of ``family`` (one of FAMILIES or TOOL_FAMILIES) saved with ``save_pretrained`` into ``folder``, plus the
     family's eos ids in its generation_config.json (merged into one a model wrote there before); ``chat_template``
     replaces the family's.  Returns the folder.  Its vocabulary (about ``vocab_size`` ids plus the added tokens,
     ``len(AutoTokenizer.from_pretrained(folder))``) must fit a model saved beside it."""

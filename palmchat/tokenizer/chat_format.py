@@ -23,11 +23,23 @@ message's content is encoded independently, so rendering is prefix-stable: appen
 of earlier turns (the server relies on this for prefix KV-cache reuse).  Special ids only enter a sequence through
 this format: the tokenizer's ``encode`` never produces them.
 
+Tools are plain text inside those turns (no special token of their own, so the vocabulary, and with it every
+checkpoint's tokenizer hash, stays as it is); the tags are Hermes' (Qwen's) without their newlines:
+
+* the tools offered (``tools=``, OpenAI's ``{"type": "function", "function": {...}}`` objects) are a system turn
+  right after bos: ``<|system|># Tools`` and one line per tool, its JSON, then ``<|end|>``;
+* an assistant message's ``tool_calls`` follow its content in the same turn, each as
+  ``<tool_call>{"name": NAME, "arguments": {...}}</tool_call>`` (the JSON of the call; ``arguments`` as an object);
+* a ``tool`` message (a call's result) is a user turn ``<|user|><tool_response>RESULT</tool_response><|end|>``.
+
+``palmchat.tokenizer.tools`` parses such calls out of a reply (its ``palmchat`` syntax).
+
 This module deliberately imports neither torch nor the rest of palmchat.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -52,6 +64,9 @@ __all__ = [
     "EOT_ID",
     "ROLES",
     "PALMCHAT_CHAT_TEMPLATE",
+    "TOOLS_HEADER",
+    "tool_call_text",
+    "tools_text",
 ]
 
 PAD_TOKEN = "<|pad|>"
@@ -68,6 +83,11 @@ NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
 
 ROLES: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
 
+# the tool protocol's text (see the module docstring)
+TOOLS_HEADER = "# Tools"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+
 # palmchat's format as a Jinja chat template, for the tools that render chats with one (transformers'
 # apply_chat_template, llama.cpp, Ollama): bos, then per message <|role|>content<|end|>, then <|assistant|> to ask
 # for a reply. The rendered text is tokenized with special tokens parsed, which splits it at the specials exactly
@@ -76,14 +96,40 @@ _ROLE_TOKENS = ", ".join(f"'{role}': '{SPECIAL_TOKENS[i]}'" for role, i in ROLES
 PALMCHAT_CHAT_TEMPLATE = (
     "{%- set role_tokens = {" + _ROLE_TOKENS + "} -%}"
     "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in role_tokens -%}"
-    "{{- raise_exception('palmchat chats have system, user and assistant messages only, not ' + message['role']) -}}"
+    "{%- if tools -%}"
+    "{{- '" + SYSTEM_TOKEN + TOOLS_HEADER + "' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '" + EOT_TOKEN + "' -}}"
     "{%- endif -%}"
-    "{{- role_tokens[message['role']] + message['content'] + '" + EOT_TOKEN + "' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '" + USER_TOKEN + TOOL_RESPONSE_OPEN + "' + message['content'] + '" + TOOL_RESPONSE_CLOSE + EOT_TOKEN + "' -}}"
+    "{%- elif message['role'] not in role_tokens -%}"
+    "{{- raise_exception('palmchat chats have system, user, assistant and tool messages only, not '"
+    " + message['role']) -}}"
+    "{%- else -%}"
+    "{{- role_tokens[message['role']] + (message['content'] if message['content'] is string else '') -}}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{{- '" + TOOL_CALL_OPEN + "' + ({'name': call['name'], 'arguments': call['arguments']} | tojson) + '"
+    + TOOL_CALL_CLOSE + "' -}}"
+    "{%- endfor -%}"
+    "{{- '" + EOT_TOKEN + "' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}"
 )
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call as palmchat's format writes it in an assistant turn (``arguments``: the JSON object, or text that
+    is not JSON, which is written as a JSON string)."""
+    return TOOL_CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + TOOL_CALL_CLOSE
+
+
+def tools_text(tools: Sequence[Mapping]) -> str:
+    """The system turn's text that offers ``tools``."""
+    return "\n".join([TOOLS_HEADER] + [json.dumps(tool, ensure_ascii=False) for tool in tools])
 
 
 @runtime_checkable
@@ -214,15 +260,21 @@ class PalmChatFormat:
         role, content = _validate_message(message, len(history))
         return [ROLES[role]] + self.codec.encode(content) + [EOT_ID]
 
+    def tools_turn(self, tools: Sequence[Mapping]) -> list[int]:
+        """The system turn offering ``tools`` (after bos, before the messages)."""
+        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
+                isinstance(t, Mapping) for t in tools):
+            raise ValueError("tools must be a list of JSON-schema dicts")
+        return [SYSTEM_ID] + self.codec.encode(tools_text(tools)) + [EOT_ID]
+
     def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
                tools: Sequence[Mapping] | None = None) -> tuple[list[int], list[int]]:
         """Render a conversation to ``(ids, loss_mask)``.
 
-        ``loss_mask`` is 1 exactly on assistant content tokens and their closing eot, 0 elsewhere.  With
-        ``add_generation_prompt`` an ``<|assistant|>`` token (mask 0) is appended as the prompt for the model's reply.
+        ``loss_mask`` is 1 exactly on assistant content tokens (their tool calls included) and their closing eot, 0
+        elsewhere.  With ``add_generation_prompt`` an ``<|assistant|>`` token (mask 0) is appended as the prompt for
+        the model's reply.  ``tools`` are offered in a system turn after bos (see the module docstring).
         """
-        if tools:
-            raise ValueError("tools: palmchat's own chat format has no way to describe tools")
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise ValueError(
                 f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
@@ -233,7 +285,9 @@ class PalmChatFormat:
         contents = self.codec.encode_batch([c for _, c in validated])
 
         ids: list[int] = [BOS_ID]
-        mask: list[int] = [0]
+        if tools:
+            ids += self.tools_turn(tools)
+        mask: list[int] = [0] * len(ids)
         for (role, _), body in zip(validated, contents):
             ids.append(ROLES[role])
             mask.append(0)
@@ -271,21 +325,35 @@ class PalmChatFormat:
 
 
 def _validate_message(message: object, index: int) -> tuple[str, str]:
-    """``(role, content)`` of one chat message, or a ValueError naming message ``index`` and what is wrong."""
+    """``(role, text)`` of one chat message's turn, or a ValueError naming message ``index`` and what is wrong: a
+    ``tool`` message is a user turn holding its result, an assistant message's ``tool_calls`` follow its content."""
     if not isinstance(message, Mapping):
         raise ValueError(
             f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}"
         )
     role = message.get("role")
-    if role not in ROLES:
+    if role not in ROLES and role != "tool":
         raise ValueError(
-            f"message {index}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
+            f"message {index}: unknown role {role!r} (expected one of {', '.join(ROLES)}, tool)"
         )
-    if "content" not in message:
+    calls = (message.get("tool_calls") or []) if role == "assistant" else []
+    if "content" not in message and not calls:
         raise ValueError(f"message {index}: missing 'content'")
-    content = message["content"]
+    content = message.get("content")
+    if content is None and calls:
+        content = ""
     if not isinstance(content, str):
         raise ValueError(
             f"message {index}: 'content' must be a string, got {type(content).__name__}"
         )
+    if role == "tool":
+        return "user", TOOL_RESPONSE_OPEN + content + TOOL_RESPONSE_CLOSE
+    if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+        raise ValueError(f"message {index}: 'tool_calls' must be a list")
+    for k, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or (
+                "arguments" not in function):
+            raise ValueError(f"message {index}: tool_calls[{k}] must have a 'name' and 'arguments'")
+        content += tool_call_text(function["name"], function["arguments"])
     return role, content

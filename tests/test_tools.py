@@ -1,0 +1,177 @@
+"""Function calling: tool calls rendered by each chat format as transformers renders them, parsed out of replies
+(whole and streamed, malformed ones as content), and served through Chat Completions and the Responses API to the
+official openai client and LangChain's ChatOpenAI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hf_tokenizers import TOOL_FAMILIES, load_transformers_tokenizer, save_tiny_hf_tokenizer
+
+from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.tokenizer.chat_format import PALMCHAT_CHAT_TEMPLATE, tool_call_text
+from palmchat.tokenizer.hf import HFTokenizer
+from palmchat.tokenizer.tools import SYNTAXES, ToolCallParser, call_syntax, parse_tool_calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                         "parameters": {"type": "object", "properties": {}}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the weather like in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny."},
+    {"role": "user", "content": "And the dog?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizers(tmp_path_factory):
+    """family -> (palmchat's HFTokenizer, transformers' tokenizer) of the same folder."""
+    out = {}
+    for family in TOOL_FAMILIES:
+        folder = save_tiny_hf_tokenizer(tmp_path_factory.mktemp(family), family)
+        out[family] = (HFTokenizer.load(folder), load_transformers_tokenizer(folder))
+    return out
+
+
+@pytest.fixture(scope="module")
+def palm_tokenizer():
+    return train_tokenizer(["the cat sat on the mat", "What is the weather like in Paris? It is sunny.",
+                            '{"name": "get_weather", "arguments": {"city": "Paris"}}'], vocab_size=300)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+@pytest.mark.parametrize("family", TOOL_FAMILIES)
+def test_tool_conversations_render_as_transformers_renders_them(tool_tokenizers, family):
+    tok, ref = tool_tokenizers[family]
+    for k in (2, 3, 4, 5, 6):
+        messages = CONVERSATION[:k]
+        for prompt in (False, True):
+            ids = tok.chat_format.render(messages, add_generation_prompt=prompt, tools=[WEATHER, TIME])[0]
+            assert ids == ref.apply_chat_template(messages, tools=[WEATHER, TIME], tokenize=True,
+                                                  add_generation_prompt=prompt)["input_ids"], (family, k, prompt)
+    text = tok.decode(tok.chat_format.render(CONVERSATION, tools=[WEATHER])[0], skip_special_tokens=False)
+    assert '"description": "The weather in a city."' in text  # the tools are in the prompt
+    syntax = call_syntax(tok.chat_format.tokenizer.chat_templates["default"])
+    assert syntax.name == {"qwen2.5": "hermes", "llama3.1": "llama3_json"}[family]
+    assert syntax.render("get_weather", '{"city": "Paris"}') in text  # the syntax writes calls as the template does
+
+
+def test_a_template_without_tools_has_no_call_syntax(tmp_path):
+    tok = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path, "llama3"))
+    assert call_syntax(tok.chat_templates["default"]) is None
+
+
+def test_palmchat_format_renders_tools_as_plain_text_turns(palm_tokenizer):
+    fmt = palm_tokenizer.chat_format
+    ids, mask = fmt.render(CONVERSATION, tools=[WEATHER])
+    tools_turn = [fmt.system_id] + palm_tokenizer.encode("# Tools\n" + json.dumps(WEATHER)) + [fmt.eot_id]
+    assert ids[:len(tools_turn) + 1] == [fmt.bos_id] + tools_turn
+    call_turn = fmt.render_turn(CONVERSATION[2])
+    assert call_turn == [fmt.assistant_id] + palm_tokenizer.encode(
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>') + [fmt.eot_id]
+    assert fmt.render_turn(CONVERSATION[3]) == [fmt.user_id] + palm_tokenizer.encode(
+        "<tool_response>sunny</tool_response>") + [fmt.eot_id]
+    # the call is trained on (SFT teaches calls), the result is not; the vocabulary has no new token
+    start = len(ids) - sum(len(fmt.render_turn(m)) for m in CONVERSATION[2:])
+    assert mask[start:start + len(call_turn)] == [0] + [1] * (len(call_turn) - 1)
+    assert max(ids) < palm_tokenizer.vocab_size and palm_tokenizer.vocab_size == 300
+    # prefix-stable with tools too: each message's turn is its own
+    assert ids == [fmt.bos_id] + tools_turn + [t for m in CONVERSATION for t in fmt.render_turn(m)]
+    # the call parses back with palmchat's syntax
+    reply = fmt.decode_reply(call_turn[1:])
+    content, calls = parse_tool_calls(reply, SYNTAXES["palmchat"])
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_palmchat_chat_template_renders_tools_as_the_format_does(palm_tokenizer, tmp_path):
+    """The Jinja template a palmchat tokenizer folder carries (for transformers, llama.cpp...) gives the same ids."""
+    folder = tmp_path / "palm"
+    palm_tokenizer.save_pretrained(folder)
+    ref = load_transformers_tokenizer(folder)
+    assert ref.chat_template == PALMCHAT_CHAT_TEMPLATE
+    for tools in (None, [WEATHER, TIME]):
+        for prompt in (False, True):
+            ids = palm_tokenizer.chat_format.render(CONVERSATION, add_generation_prompt=prompt, tools=tools)[0]
+            assert ids == ref.apply_chat_template(CONVERSATION, tools=tools, tokenize=True,
+                                                  add_generation_prompt=prompt)["input_ids"]
+    assert tool_call_text("f", {"a": 1}) == SYNTAXES["palmchat"].render("f", '{"a": 1}')
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def streamed(text: str, syntax, tools=(), step: int = 1):
+    """(content, [(name, arguments)], events) of ``text`` fed ``step`` characters at a time."""
+    parser = ToolCallParser(syntax, tools)
+    events = []
+    for i in range(0, len(text), step):
+        events += parser.feed(text[i:i + step])
+    events += parser.finish()
+    return parser.content, [(c.name, c.arguments) for c in parser.calls], events
+
+
+HERMES_REPLY = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, '
+                '{"note": "a } and a \\" inside"}]}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
+                '{}}\n</tool_call><junk after the calls')
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_hermes_calls_parse_the_same_streamed_or_whole(step):
+    content, calls, events = streamed(HERMES_REPLY, SYNTAXES["hermes"], ["get_weather", "get_time"], step)
+    assert content == "Let me check.\n"
+    assert calls == [("get_weather", '{"city": "Paris", "days": [1, {"note": "a } and a \\" inside"}]}'),
+                     ("get_time", "{}")]
+    assert json.loads(calls[0][1])["days"][1]["note"] == 'a } and a " inside'
+    # no piece of a tag ever reaches the content; a call starts before its arguments arrive
+    assert "".join(e[1] for e in events if e[0] == "content") == "Let me check.\n"
+    assert [e[:2] for e in events if e[0] == "call"] == [("call", 0), ("call", 1)]
+    assert "".join(e[2] for e in events if e[0] == "arguments" and e[1] == 0) == calls[0][1]
+    if step == 1:  # the arguments arrive piece by piece, as the model writes them
+        assert len([e for e in events if e[0] == "arguments" and e[1] == 0]) > 10
+
+
+def test_llama3_json_calls_parse_the_same_streamed_or_whole():
+    syntax = SYNTAXES["llama3_json"]
+    for text in (' {"name": "get_weather", "parameters": {"city": "Paris"}}',
+                 '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+                 '{"parameters": {"city": "Paris"}, "name": "get_weather"}'):
+        for step in (1, 3, 100):
+            assert streamed(text, syntax, step=step)[:2] == ("", [("get_weather", '{"city": "Paris"}')]), text
+    assert streamed('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}', syntax)[1] == [
+        ("a", "{}"), ("b", '{"x": 1}')]
+    content, calls, events = streamed("It is {sunny} today.", syntax)
+    assert (content, calls) == ("It is {sunny} today.", [])
+    assert len(events) > 5  # plain text streams as it comes
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call>not json at all</tool_call>",
+    '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',  # no such tool offered
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}, "extra": 1}\n</tool_call>',
+    "The answer is <tool_cal",
+    "<tool_call>\n{\"name\": \"get_we",  # cut off before the name ended
+])
+def test_malformed_calls_are_content(text):
+    for step in (1, 1000):
+        content, calls, _ = streamed(text, SYNTAXES["hermes"], ["get_weather"], step)
+        if "extra" in text:  # the arguments were streamed before the extra key showed up: still a call
+            assert calls == [("get_weather", '{"city": "Paris"}')]
+            continue
+        assert (content, calls) == (text, []), step
+
+
+def test_a_call_cut_off_keeps_the_arguments_written_so_far():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    assert streamed(text, SYNTAXES["hermes"])[:2] == ("", [("get_weather", '{"city": "Par')])
+    # arguments that are not JSON at all (an untrained model after a forced call's opening) are kept as written
+    text = SYNTAXES["hermes"].opening("get_weather") + "the cat sat}\n</tool_call> and more"
+    assert streamed(text, SYNTAXES["hermes"])[:2] == ("", [("get_weather", "the cat sat")])
