@@ -60,14 +60,14 @@ def test_tool_conversations_render_as_transformers_renders_them(tool_tokenizers,
                                                   add_generation_prompt=prompt)["input_ids"], (family, k, prompt)
     text = tok.decode(tok.chat_format.render(CONVERSATION, tools=[WEATHER])[0], skip_special_tokens=False)
     assert '"description": "The weather in a city."' in text  # the tools are in the prompt
-    syntax = call_syntax(tok.chat_format.tokenizer.chat_templates["default"])
+    syntax = tok.chat_format.tool_syntax
     assert syntax.name == {"qwen2.5": "hermes", "llama3.1": "llama3_json"}[family]
     assert syntax.render("get_weather", '{"city": "Paris"}') in text  # the syntax writes calls as the template does
 
 
 def test_a_template_without_tools_has_no_call_syntax(tmp_path):
     tok = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path, "llama3"))
-    assert call_syntax(tok.chat_templates["default"]) is None
+    assert tok.chat_format.tool_syntax is None and call_syntax(tok.chat_templates["default"]) is None
 
 
 def test_palmchat_format_renders_tools_as_plain_text_turns(palm_tokenizer):
@@ -175,3 +175,78 @@ def test_a_call_cut_off_keeps_the_arguments_written_so_far():
     # arguments that are not JSON at all (an untrained model after a forced call's opening) are kept as written
     text = SYNTAXES["hermes"].opening("get_weather") + "the cat sat}\n</tool_call> and more"
     assert streamed(text, SYNTAXES["hermes"])[:2] == ("", [("get_weather", "the cat sat")])
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    """`palmchat serve` on a tiny random Qwen2 folder with Qwen2.5's template (Hermes tool calls)."""
+    from hf_models import save_tiny_hf_model
+    from server_fixtures import Server
+
+    root = tmp_path_factory.mktemp("qwen-tools")
+    folder = root / "tiny-qwen"
+    save_tiny_hf_model(folder, "qwen2", seed=1, vocab_size=700, max_position_embeddings=2048)
+    save_tiny_hf_tokenizer(folder, "qwen2.5")
+    server = Server(folder, root / "db.sqlite", "--dtype", "fp32", "--moderation", "none", log=root / "server.log",
+                    no_auth=True).start()
+    server.folder, server.db = folder, root / "db.sqlite"
+    yield server
+    server.stop()
+
+
+def client_of(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    return client, client.models.list().data[0].id
+
+
+def reference_prompt(folder, messages, tools):
+    """transformers' ids of a conversation the openai client sent (arguments as the objects they hold)."""
+    ref = load_transformers_tokenizer(folder)
+    plain = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+                "name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                for c in m["tool_calls"]]
+        plain.append(m)
+    return ref.apply_chat_template(plain, tools=tools, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_two_step_tool_loop_with_the_openai_client(qwen_server, stream):
+    """The model calls the function tool_choice names; the client answers with a tool message; the model finishes.
+    The follow-up runs exactly transformers' rendering of the whole conversation, call and result included."""
+    client, model = client_of(qwen_server)
+    messages = [{"role": "user", "content": "What time is it?"}]
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    if stream:
+        from openai.lib.streaming.chat import ChatCompletionStreamState
+
+        state = ChatCompletionStreamState()
+        for chunk in client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME],
+                                                    tool_choice=choice, max_tokens=6, temperature=0, stream=True):
+            state.handle_chunk(chunk)
+        first = state.get_final_completion()
+    else:
+        first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME],
+                                               tool_choice=choice, max_tokens=6, temperature=0)
+    reply = first.choices[0]
+    assert reply.finish_reason == "tool_calls"
+    assert reply.message.content in (None, "")
+    [call] = reply.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+    messages += [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": call.id, "type": "function",
+                      "function": {"name": "get_time", "arguments": call.function.arguments}}]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "12:30"}]
+    second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=4,
+                                            temperature=0)
+    assert second.choices[0].message.content and second.choices[0].finish_reason in ("length", "stop")
+    assert second.usage.prompt_tokens == len(reference_prompt(qwen_server.folder, messages, [WEATHER, TIME]))

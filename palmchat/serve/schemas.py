@@ -3,8 +3,7 @@
 
 The shapes follow what the official `openai` Python client parses (ChatCompletion, ChatCompletionChunk,
 Completion, Response and its stream events, Conversation, ConversationItem, ModerationCreateResponse). Unknown
-request fields are accepted and ignored, as clients send parameters this server has no use for (tools,
-logit_bias, user, ...).
+request fields are accepted and ignored, as clients send parameters this server has no use for (user, ...).
 """
 
 from __future__ import annotations
@@ -47,9 +46,31 @@ class TextPart(Body):
     text: str
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: str = Field(description="the call's arguments as JSON text")
+
+
+class ToolCallIn(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
+
+
+class ToolsFields(Body):
+    """Function calling (serve/tools.py checks them, so that an error names the tool and field at fault)."""
+
+    tools: list[dict] | None = Field(None, description="function tools, at most 128")
+    tool_choice: str | dict | None = Field(None, description='"none", "auto" (default with tools), "required" or '
+                                           "a named function")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply")
 
 
 class StreamOptions(Body):
@@ -82,7 +103,7 @@ class _Sampling(Body):
 Truncation = Literal["auto", "disabled"] | None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(ToolsFields, _Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -102,13 +123,33 @@ class InputMessage(Body):
     content: str | list[TextPart]
 
 
+class FunctionCallItem(Body):
+    """A call the model made (an earlier response's output item, sent back as input)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(Body):
+    """The result of a call, for the model to go on with."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[TextPart]
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+
+
 class ConversationRef(Body):
     id: str
 
 
-class ResponseRequest(Body):
+class ResponseRequest(ToolsFields):
     model: str
-    input: str | list[InputMessage]
+    input: str | list[InputItem]
     instructions: str | None = Field(None, description="a system message for this response only (not carried over)")
     previous_response_id: str | None = None
     conversation: str | ConversationRef | None = None
@@ -174,9 +215,12 @@ def chat_completion(id: str, model: str, created: int, choices: list[dict], usag
             "usage": usage, "system_fingerprint": None, **extra}
 
 
-def chat_choice(index: int, text: str, finish_reason: str, refusal: str | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": refusal},
-            "finish_reason": finish_reason, "logprobs": None}
+def chat_choice(index: int, text: str | None, finish_reason: str, refusal: str | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text, "refusal": refusal}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
 
 
 def chat_chunk(id: str, model: str, created: int, choices: list[dict], usage: dict | None = None, **extra) -> dict:

@@ -34,7 +34,7 @@ checkpoint's tokenizer hash, stays as it is); the tags are Hermes' (Qwen's) with
 
 ``palmchat.tokenizer.tools`` parses such calls out of a reply (its ``palmchat`` syntax).
 
-This module deliberately imports neither torch nor the rest of palmchat.
+This module deliberately imports neither torch nor the rest of palmchat (but the call syntaxes of tools.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
+
+from palmchat.tokenizer.tools import SYNTAXES, CallSyntax
 
 __all__ = [
     "ChatFormat",
@@ -85,7 +87,7 @@ ROLES: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSI
 
 # the tool protocol's text (see the module docstring)
 TOOLS_HEADER = "# Tools"
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = SYNTAXES["palmchat"].open, SYNTAXES["palmchat"].close
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 
 # palmchat's format as a Jinja chat template, for the tools that render chats with one (transformers'
@@ -124,7 +126,7 @@ PALMCHAT_CHAT_TEMPLATE = (
 def tool_call_text(name: str, arguments) -> str:
     """One call as palmchat's format writes it in an assistant turn (``arguments``: the JSON object, or text that
     is not JSON, which is written as a JSON string)."""
-    return TOOL_CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + TOOL_CALL_CLOSE
+    return SYNTAXES["palmchat"].render(name, json.dumps(arguments, ensure_ascii=False))
 
 
 def tools_text(tools: Sequence[Mapping]) -> str:
@@ -196,6 +198,12 @@ class ChatFormat(Protocol):
         the ids after :func:`conversation_start`).  Only for prefix-stable formats (see ``prefix_stable``)."""
         ...
 
+    @property
+    def tool_syntax(self) -> CallSyntax | None:
+        """How the format writes a tool call in a reply (palmchat.tokenizer.tools); None when it cannot describe
+        tools (a template that renders none)."""
+        ...
+
     def message_starts(self, ids: Sequence[int]) -> list[tuple[str, int]]:
         """(role, index) of each message that starts in a rendering ``ids``; a trailing generation prompt counts
         as an assistant message.  A format may leave out messages it cannot find (a template whose turns open with
@@ -232,6 +240,7 @@ class PalmChatFormat:
     user_id = USER_ID
     assistant_id = ASSISTANT_ID
     prefix_stable = True  # each message's content is encoded on its own
+    tool_syntax = SYNTAXES["palmchat"]
 
     def __init__(self, codec: TextCodec):
         self.codec = codec

@@ -39,6 +39,8 @@ user/assistant turns, with and without a system message):
 * ``prefix_stable``: whether every rendering's ids start with the ids of the conversation one message shorter, and
   every assistant turn's with the generation prompt before it.  Templates that rewrite earlier turns (Qwen3's
   dropping the reasoning of earlier replies, one putting the system prompt in the last user turn) are not;
+* ``tool_syntax``: how the template writes a tool call (palmchat/tokenizer/tools.py: Hermes tags, Llama 3.1's JSON),
+  None when it renders none;
 * the role markers ``message_starts`` looks for: the ids that open every turn of a role, kept when they hold a
   special token (which text never produces, so they cannot occur inside a message).
 
@@ -69,6 +71,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, pre_tokenizers
 
 from palmchat.tokenizer.bpe import encode_plain
+from palmchat.tokenizer.tools import call_syntax
 from palmchat.utils.atomic import atomic_write
 
 __all__ = [
@@ -545,6 +548,8 @@ class TemplateChatFormat:
         self.reply_lead = ""
         self.prefix_stable = False
         self.markers: list[tuple[str, list[int]]] = []
+        templates = tokenizer.chat_templates
+        self.tool_syntax = call_syntax(templates.get("tool_use", templates.get("default", "")))
         if self.has_template:
             self._probe()
         else:

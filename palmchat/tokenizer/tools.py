@@ -31,6 +31,8 @@ a malformed call from the model reaches the client as text, never as an error. A
 arguments that are not valid JSON. Text after the last call is dropped, as vLLM's parsers drop it (a model ends its
 turn there; an untrained one may ramble on).
 
+A format names its syntax as ``chat_format.tool_syntax`` (None: it cannot describe tools).
+
 This module imports neither torch nor the rest of palmchat.
 """
 
@@ -72,11 +74,8 @@ SYNTAXES = {
 }
 
 
-def call_syntax(template: str | None) -> CallSyntax | None:
-    """The syntax a chat template renders assistant tool calls in (None: palmchat's own format), or None when the
-    template renders no tool calls at all."""
-    if template is None:
-        return SYNTAXES["palmchat"]
+def call_syntax(template: str) -> CallSyntax | None:
+    """The syntax a Hugging Face chat template renders assistant tool calls in, or None when it renders none."""
     if "<tool_call>" in template:
         return SYNTAXES["hermes"]
     if '"parameters": ' in template and "tool_calls" in template:
@@ -89,6 +88,7 @@ class ToolCall:
     name: str
     arguments: str = ""  # JSON text as the model wrote it
     index: int = 0
+    ended: bool = False  # the call's JSON object ended (False: the reply was cut inside it)
 
 
 @dataclass
@@ -232,6 +232,7 @@ class ToolCallParser:
         if self.mode == AFTER:  # the object's "}", then the close tag; then maybe another call
             stripped = rest.lstrip(WHITESPACE)
             if stripped.startswith("}"):
+                self.calls[-1].ended = True
                 after = stripped[1:].lstrip(WHITESPACE) if self.syntax.close else stripped[1:]
                 if after.startswith(self.syntax.close):
                     self.pos += len(rest) - len(after) + len(self.syntax.close)
@@ -262,7 +263,7 @@ class ToolCallParser:
 
     def _add_whole(self, events: list, call: tuple[str, str]) -> None:
         name, arguments = call
-        self.calls.append(ToolCall(name, arguments, len(self.calls)))
+        self.calls.append(ToolCall(name, arguments, len(self.calls), ended=True))
         events.append(("call", len(self.calls) - 1, name))
         events.append(("arguments", len(self.calls) - 1, arguments))
 

@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: stateless chat, streamed or not; n, best_of, stop, seed, usage; truncation as
-an opt-in extension."""
+"""POST /v1/chat/completions: stateless chat, streamed or not; n, best_of, stop, seed, usage; function calling
+(tools, tool_choice, parallel_tool_calls: serve/tools.py); truncation as an opt-in extension."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from palmchat.serve.generate import (
 from palmchat.serve.sampling import choice_counts, fit_prompt, sampling_params, stops_of
 from palmchat.serve.state import caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
+from palmchat.serve.tools import ReplyReader, chat_messages, tool_setup
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
@@ -29,13 +30,20 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 async def chat_completions(body: S.ChatCompletionRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
     n, candidates = choice_counts(state, body)
-    messages = [{"role": S.role_of(m.role), "content": S.text_of(m.content)} for m in body.messages]
+    chat_format = state.tokenizer.chat_format
+    tools = tool_setup(chat_format, body.tools, body.tool_choice, body.parallel_tool_calls)
+    messages = chat_messages(body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    fitted = fit_prompt(state, state.tokenizer.chat_format.render_prompt(messages), max_tokens, body.truncation)
-    prompt = fitted.prompt
+    try:
+        rendered = chat_format.render_prompt(messages, **({"tools": tools.tools} if tools else {}))
+    except ValueError as e:  # what the chat template refuses (a role, an order of roles, several calls at once)
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    fitted = fit_prompt(state, rendered, max_tokens, body.truncation)
+    # a forced call's opening follows the generation prompt: the reply starts inside the call
+    prompt = fitted.prompt + (state.tokenizer.encode(tools.opening()) if tools and tools.opening() else [])
     params = sampling_params(state, body, len(prompt), max_tokens, param, "messages", owner)
-    stops = stops_of(body.stop)
+    stops = stops_of(body.stop) + (tools.stops() if tools else [])
     flagged_in = await moderate_input(state, [m["content"] for m in messages if m["role"] != "assistant"])
     id, created = S.new_id("chatcmpl-"), int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -65,9 +73,14 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
 
         return stream_response(refused())
 
+    readers = [ReplyReader(tools) for _ in range(n)]
     if not body.stream:
         generation, replies = await generate_replies(state, prompt, params, n, candidates, stops)
-        choices = [S.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(replies)]
+        choices = []
+        for i, (r, reader) in enumerate(zip(replies, readers)):
+            reader.read(r.text)
+            choices.append(S.chat_choice(i, reader.content or (None if reader.calls else ""),
+                                         reader.finish_reason(r.finish_reason), tool_calls=reader.tool_calls()))
         usage = S.chat_usage(len(prompt), generation.completion_tokens, generation.cached_tokens)
         return S.chat_completion(id, body.model, created, choices, usage,
                                  **extra([moderate_output(state, r) for r in replies]))
@@ -83,23 +96,26 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
         try:
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
+                for delta in readers[i].start():
+                    yield chunk(i, delta)
             finishes = []  # (index, finish_reason) in the order the replies ended
             if generation is None:  # best-of: nothing to stream before the reward model chose
                 generation, replies = await generate_replies(state, prompt, params, n, candidates, stops)
                 for i, r in enumerate(replies):
-                    yield chunk(i, {"content": r.text})
-                    finishes.append((i, r.finish_reason))
+                    for delta in readers[i].feed(r.text) + readers[i].finish():
+                        yield chunk(i, delta)
+                    finishes.append((i, readers[i].finish_reason(r.finish_reason)))
                     if i < n - 1:
-                        yield chunk(i, {}, r.finish_reason)
+                        yield chunk(i, {}, finishes[-1][1])
             else:
                 replies = generation.replies
-                async for i, delta, finish in generation.deltas():
-                    if delta:
-                        yield chunk(i, {"content": delta})
+                async for i, text, finish in generation.deltas():
+                    for delta in readers[i].feed(text) + (readers[i].finish() if finish else []):
+                        yield chunk(i, delta)
                     if finish:
-                        finishes.append((i, finish))
+                        finishes.append((i, readers[i].finish_reason(finish)))
                         if len(finishes) < n:
-                            yield chunk(i, {}, finish)
+                            yield chunk(i, {}, finishes[-1][1])
             # the last reply's finish carries the moderation verdicts, known only now
             last, finish = finishes[-1]
             yield chunk(last, {}, finish, **extra([moderate_output(state, r) for r in replies]))
