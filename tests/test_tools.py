@@ -250,3 +250,68 @@ def test_a_two_step_tool_loop_with_the_openai_client(qwen_server, stream):
                                             temperature=0)
     assert second.choices[0].message.content and second.choices[0].finish_reason in ("length", "stop")
     assert second.usage.prompt_tokens == len(reference_prompt(qwen_server.folder, messages, [WEATHER, TIME]))
+
+
+FLAT_TOOLS = [{"type": "function", **TIME["function"]}, {"type": "function", **WEATHER["function"]}]
+
+
+def responses_create(client, stream: bool, **kwargs):
+    """A response through the SDK's own stream helper (which rebuilds it from the events) or plainly."""
+    if not stream:
+        return client.responses.create(**kwargs)
+    kinds, final = [], None
+    with client.responses.stream(**kwargs) as events:
+        for event in events:
+            kinds.append(event.type)
+            if event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+    final.kinds = kinds
+    return final
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_loop_through_the_responses_api(qwen_server, stream):
+    """A function_call output item, its result sent back as a function_call_output item, by previous_response_id
+    and through a stored conversation; the follow-up runs transformers' rendering of the whole conversation."""
+    client, model = client_of(qwen_server)
+    common = dict(model=model, tools=FLAT_TOOLS, max_output_tokens=6, temperature=0)
+    first = responses_create(client, stream, input="What time is it?",
+                             tool_choice={"type": "function", "name": "get_time"}, **common)
+    assert first.status == "completed"
+    [call] = first.output
+    assert (call.type, call.name, json.loads(call.arguments), call.status) == ("function_call", "get_time", {},
+                                                                             "completed")
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert first.tools[0].name == "get_time" and first.tool_choice.name == "get_time"
+    if stream:
+        assert "response.function_call_arguments.done" in first.kinds and "response.output_text.delta" not in first.kinds
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "12:30"}
+    second = responses_create(client, stream, input=[result], previous_response_id=first.id, **common)
+    assert [o.type for o in second.output] == ["message"]  # (its text may be empty: ids past the tokenizer's)
+    conversation = [{"role": "user", "content": "What time is it?"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": call.call_id, "type": "function",
+                                                                         "function": {"name": "get_time",
+                                                                                      "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": call.call_id, "content": "12:30"}]
+    chat_tools = [TIME, WEATHER]
+    assert second.usage.input_tokens == len(reference_prompt(qwen_server.folder, conversation, chat_tools))
+    # a third turn without tools continues the stored conversation, calls and results rendered from their text
+    third = responses_create(client, stream, model=model, input="Thanks!", previous_response_id=second.id,
+                             max_output_tokens=3, temperature=0)
+    whole = conversation + [{"role": "assistant", "content": second.output_text},
+                            {"role": "user", "content": "Thanks!"}]
+    assert third.usage.input_tokens == len(reference_prompt(qwen_server.folder, whole, None))
+
+    # the same through a stored conversation: its items keep the call and its result
+    stored = client.conversations.create()
+    first = responses_create(client, stream, input="What time is it?", conversation=stored.id,
+                             tool_choice="required", **{**common, "tools": FLAT_TOOLS[:1]})
+    [call] = first.output
+    assert call.name == "get_time"
+    result["call_id"] = call.call_id
+    second = responses_create(client, stream, input=[result], conversation=stored.id, **common)
+    items = client.conversations.items.list(stored.id, order="asc").data
+    assert [i.type for i in items] == ["message", "function_call", "function_call_output", "message"]
+    assert items[2].call_id == call.call_id and items[2].output == "12:30"
+    conversation[1]["tool_calls"][0]["id"] = conversation[2]["tool_call_id"] = call.call_id
+    assert second.usage.input_tokens == len(reference_prompt(qwen_server.folder, conversation, chat_tools))

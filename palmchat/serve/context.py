@@ -7,6 +7,7 @@ from __future__ import annotations
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError
 from palmchat.serve.state import ServerState
+from palmchat.serve.tools import add_item
 from palmchat.tokenizer.chat_format import conversation_start
 
 
@@ -25,17 +26,21 @@ def conversation_history(state: ServerState, items: list[tuple[dict, list[int], 
                          ) -> tuple[list[int], list[dict]]:
     """(ids, messages) of a conversation's items that are part of its token history (a blocked turn is not): each
     item's stored ids when this server's tokenizer made them, else the item rendered again from its text; with a
-    chat template that is not prefix-stable, the whole history rendered again from its text."""
-    chat_format, ids, messages = state.tokenizer.chat_format, conversation_start(state.tokenizer.chat_format), []
-    for item, tokens, tokenizer in items:
-        if item.get("type") != "message" or not tokens:
-            continue
+    chat template that is not prefix-stable, or tool calls and results among the items (whose ids are stand-ins),
+    the whole history rendered again from its text."""
+    chat_format = state.tokenizer.chat_format
+    kept = [(item, tokens, tokenizer) for item, tokens, tokenizer in items
+            if tokens and item.get("type") in ("message", "function_call", "function_call_output")]
+    if not chat_format.prefix_stable or any(item["type"] != "message" for item, _, _ in kept):
+        messages: list[dict] = []
+        for item, _, _ in kept:
+            add_item(messages, item)
+        return render_history(chat_format, messages), messages
+    ids, messages = conversation_start(chat_format), []
+    for item, tokens, tokenizer in kept:
         message = message_of(item)
-        if chat_format.prefix_stable:
-            ids += tokens if tokenizer == state.tokenizer_sha256 else chat_format.render_turn(message, messages)
+        ids += tokens if tokenizer == state.tokenizer_sha256 else chat_format.render_turn(message, messages)
         messages.append(message)
-    if not chat_format.prefix_stable:
-        ids = render_history(chat_format, messages)
     return ids, messages
 
 

@@ -244,12 +244,24 @@ def message_item(id: str, role: str, text: str, status: str = "completed", refus
     return {"id": id, "type": "message", "role": role, "status": status, "content": content}
 
 
+def function_call_item(id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    """A call the model made, as a response's output item (and a conversation's item)."""
+    return {"id": id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def function_call_output_item(id: str, call_id: str, output: str) -> dict:
+    """A call's result the client sent, as a conversation's item."""
+    return {"id": id, "type": "function_call_output", "call_id": call_id, "output": output, "status": "completed"}
+
+
 def response_object(id: str, model: str, created_at: float, status: str, output: list[dict], *,
                     instructions: str | None, previous_response_id: str | None, conversation_id: str | None,
                     max_output_tokens: int | None, temperature: float | None, top_p: float | None,
                     metadata: dict | None, store: bool, usage: dict | None, incomplete_reason: str | None = None,
                     moderation: dict | None = None, truncation: str = "disabled",
-                    truncation_details: dict | None = None) -> dict:
+                    truncation_details: dict | None = None, tools: list[dict] | None = None,
+                    tool_choice: str | dict = "none", parallel_tool_calls: bool = False) -> dict:
     return {
         "id": id, "object": "response", "created_at": created_at, "status": status, "model": model,
         "output": output, "error": None,
@@ -257,8 +269,9 @@ def response_object(id: str, model: str, created_at: float, status: str, output:
         "instructions": instructions, "previous_response_id": previous_response_id,
         "conversation": {"id": conversation_id} if conversation_id else None,
         "max_output_tokens": max_output_tokens, "temperature": temperature, "top_p": top_p,
-        "metadata": metadata or {}, "store": store, "usage": usage, "parallel_tool_calls": False,
-        "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "truncation": truncation,
+        "metadata": metadata or {}, "store": store, "usage": usage, "parallel_tool_calls": parallel_tool_calls,
+        "tool_choice": tool_choice, "tools": tools or [], "text": {"format": {"type": "text"}},
+        "truncation": truncation,
         "completed_at": time.time() if status in ("completed", "incomplete") else None,
         **({"moderation": moderation} if moderation else {}),
         **({"truncation_details": truncation_details} if truncation_details else {}),

@@ -238,6 +238,28 @@ def check_tool_results(messages: Sequence[dict], param: str = "messages") -> Non
                                     f"assistant message", param=f"{param}[{i}].tool_call_id")
 
 
+def add_item(messages: list[dict], item: dict) -> None:
+    """Append a Responses API item (message, function_call, function_call_output; a model or a dict) to chat
+    messages: a call joins the assistant message before it (its text, or the calls before it), a call's output is a
+    tool message."""
+    item = item if isinstance(item, dict) else item.model_dump()
+    kind = item.get("type") or "message"
+    if kind == "function_call":
+        call = template_call(item["call_id"], item["name"], item["arguments"])
+        if messages and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item["output"]
+        text = output if isinstance(output, str) else "".join(p.get("text", "") for p in output)
+        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": S.clean_text(text)})
+    else:
+        content = item.get("content")
+        text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content or ())
+        messages.append({"role": S.role_of(item["role"]), "content": S.clean_text(text)})
+
+
 def chat_messages(messages) -> list[dict]:
     """Chat Completions' messages (schemas.ChatMessage) as a chat template renders them, tool calls and tool
     results included; a tool message must answer an earlier call (else a 400)."""
@@ -257,33 +279,50 @@ def chat_messages(messages) -> list[dict]:
 
 
 class ReplyReader:
-    """One reply's text as it arrives -> its content and tool calls, and Chat Completions' deltas of them. Without
-    tools (or with tool_choice "none") all of the text is content."""
+    """One reply's text as it arrives -> its content and tool calls (parser events, or Chat Completions' deltas of
+    them). Without tools (or with tool_choice "none") all of the text is content."""
 
     def __init__(self, setup: ToolSetup | None):
         self.parser, self.opened = setup.parser() if setup is not None and setup.parses_calls else (None, [])
         self.ids: list[str] = []  # the calls' ids, made as they are found
+        self.item_ids: list[str] = []  # the Responses API's ids of their function_call items
         self.text = ""
 
-    def start(self) -> list[dict]:
-        """The deltas of what the forced opening already says (a call's name)."""
+    def start_events(self) -> list[tuple]:
+        """What the forced opening already says (a call's start and name)."""
         events, self.opened = self.opened, []
-        return chat_deltas(events, self.ids)
+        return self._named(events)
 
-    def feed(self, text: str) -> list[dict]:
+    def feed_events(self, text: str) -> list[tuple]:
         self.text += text
         if self.parser is None:
-            return [{"content": text}] if text else []
-        return chat_deltas(self.parser.feed(text), self.ids)
+            return [("content", text)] if text else []
+        return self._named(self.parser.feed(text))
+
+    def finish_events(self) -> list[tuple]:
+        return [] if self.parser is None else self._named(self.parser.finish())
+
+    def _named(self, events: list[tuple]) -> list[tuple]:
+        for event in events:
+            if event[0] == "call":
+                self.ids.append(new_call_id())
+                self.item_ids.append("fc_" + secrets.token_hex(16))
+        return events
+
+    def start(self) -> list[dict]:
+        return chat_deltas(self.start_events(), self.ids)
+
+    def feed(self, text: str) -> list[dict]:
+        return chat_deltas(self.feed_events(text), self.ids)
 
     def finish(self) -> list[dict]:
-        return [] if self.parser is None else chat_deltas(self.parser.finish(), self.ids)
+        return chat_deltas(self.finish_events(), self.ids)
 
     def read(self, text: str) -> None:
         """The whole reply at once."""
-        self.start()
-        self.feed(text)
-        self.finish()
+        self.start_events()
+        self.feed_events(text)
+        self.finish_events()
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -295,11 +334,25 @@ class ReplyReader:
 
     def tool_calls(self) -> list[dict] | None:
         """Chat Completions' `message.tool_calls` (None when the reply made no call)."""
-        return chat_tool_calls(self.calls, ensure_ids(self.ids, self.calls)) or None
+        return chat_tool_calls(self.calls, self.ids) or None
 
     def finish_reason(self, reason: str) -> str:
         return finish_reason(reason, self.calls)
 
+    def message(self) -> dict:
+        """The reply as a chat message a template renders."""
+        message = {"role": "assistant", "content": self.content}
+        if self.calls:
+            message["tool_calls"] = [template_call(self.ids[c.index], c.name, c.arguments) for c in self.calls]
+        return message
+
+    def output_items(self, message_id: str, status: str) -> list[dict]:
+        """The reply as the Responses API's output items: its text as a message (left out when it only made
+        calls), then a function_call item per call."""
+        items = [S.message_item(message_id, "assistant", self.content, status=status)] if (
+            self.content or not self.calls) else []
+        return items + [S.function_call_item(self.item_ids[c.index], self.ids[c.index], c.name, c.arguments,
+                                             "completed" if c.ended else "incomplete") for c in self.calls]
 
 
 def chat_tool_calls(calls: list[ToolCall], ids: list[str]) -> list[dict]:
@@ -318,8 +371,6 @@ def chat_deltas(events: list[tuple], ids: list[str]) -> list[dict]:
             out.append({"content": event[1]})
         elif event[0] == "call":
             index = event[1]
-            while len(ids) <= index:
-                ids.append(new_call_id())
             out.append({"tool_calls": [{"index": index, "id": ids[index], "type": "function",
                                         "function": {"name": event[2], "arguments": ""}}]})
         else:
@@ -331,9 +382,3 @@ def finish_reason(reason: str, calls: list[ToolCall]) -> str:
     """"tool_calls" when a reply made calls and ended on its own, or was cut only after its last call ended (what
     follows a call is dropped); a reply cut inside a call ("length") or filtered keeps its reason."""
     return "tool_calls" if calls and (reason == "stop" or (reason == "length" and calls[-1].ended)) else reason
-
-
-def ensure_ids(ids: list[str], calls: list[ToolCall]) -> list[str]:
-    while len(ids) < len(calls):
-        ids.append(new_call_id())
-    return ids

@@ -31,6 +31,13 @@ A streamed reply whose client goes away (the page's Stop button aborts the reque
 the input and the text released so far, as an assistant item with status `incomplete`, in a stored response
 with status `cancelled`; the conversation continues from those tokens. A killed server commits nothing of the
 turn it was generating.
+
+Function calling (serve/tools.py): `tools` and `tool_choice` apply to one response, as in OpenAI's API. A reply's
+calls are `function_call` output items, and the client sends each result back as a `function_call_output` input
+item (with previous_response_id, a conversation, or the whole history as `input`); both are stored as items of
+their own. A turn with tools is run as the whole conversation rendered with them (the tools sit at its start; the
+prefix cache still serves what did not change), and a context that holds calls or results is stored and continued
+as its text rendered again, never as the ids sampled for a call (a call's ids are a stand-in in the store).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from palmchat.serve.generate import (
 from palmchat.serve.sampling import fit_prompt, model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
+from palmchat.serve.tools import ReplyReader, ToolSetup, add_item, check_tool_results, has_tool_parts, tool_setup
 from palmchat.store import CURRENT, StoreError, context_digest
 from palmchat.tokenizer.chat_format import PalmChatFormat, conversation_start
 
@@ -69,8 +77,9 @@ class Turn:
 
     history: list[int]  # the stored context it continues (starts with bos), in this server's tokenizer's ids
     history_messages: list[dict] | None  # the same as text ({"role", "content"}); None: a response stored before v3
-    texts: list[tuple[str, str]]  # (role, text) of each input message
-    turn_tokens: list[list[int]]  # each input message rendered
+    texts: list[tuple[str, str]]  # (role, text) of each input item, for moderation
+    new_messages: list[dict]  # the input as chat messages (tool calls and results included)
+    turn_tokens: list[list[int]]  # each input item rendered (a stand-in for calls and results)
     input_items: list[dict]
     context: list[int]  # history and input, up to and including the generation prompt that opens the reply
     prompt: list[int]  # what runs: the context (with instructions), or with truncation "auto" what is left of it
@@ -78,15 +87,21 @@ class Turn:
     truncation_details: dict | None = None
     digest: str = ""  # context_digest of the conversation's ids as stored (compare checks it did not change)
     after: object = CURRENT  # the conversation item the new items follow (store.CURRENT: the current branch's end)
+    tools: ToolSetup | None = None
+    opening: list[int] = ()  # a forced call's opening, after the prompt: the start of the reply's ids
 
-    def messages(self, reply: str | None) -> list[dict] | None:
-        """The context as text once `reply` answers this turn (None: the input was blocked and is not part of it)."""
+    def messages(self, reply: dict | None) -> list[dict] | None:
+        """The context as text once the message `reply` answers this turn (None: the input was blocked and is not
+        part of it)."""
         if self.history_messages is None:
             return None
         if reply is None:
             return self.history_messages
-        return (self.history_messages + [{"role": S.role_of(role), "content": text} for role, text in self.texts]
-                + [{"role": "assistant", "content": reply}])
+        return self.history_messages + self.new_messages + [reply]
+
+    @property
+    def with_tool_parts(self) -> bool:
+        return has_tool_parts(self.history_messages) or has_tool_parts(self.new_messages)
 
 
 def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Turn:
@@ -116,26 +131,93 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
     if body.branch_from is not None and not body.conversation:
         raise APIError(400, "branch_from names an item of a conversation: send `conversation` too",
                        param="branch_from")
-    messages = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
-    if not messages and not (body.branch_from and history_messages and history_messages[-1]["role"] == "user"):
+    items = [S.InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+    if not items and not (body.branch_from and history_messages and history_messages[-1]["role"] == "user"):
         raise APIError(400, "input must hold at least one message (it may be empty only with `branch_from` naming a "
                             "user message, to write another reply to it)", param="input")
-    texts = [(m.role, S.text_of(m.content)) for m in messages]
-    new_messages = [{"role": S.role_of(role), "content": text} for role, text in texts]
-    context, turn_tokens = new_turns(chat_format, history, history_messages, new_messages)
+    tools = tool_setup(chat_format, body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
+    new_messages: list[dict] = []
+    for item in items:
+        add_item(new_messages, item)
+    texts = [(m["role"], m["content"]) for m in new_messages]
+    input_items = [input_item(item) for item in items]
+    tool_parts = has_tool_parts(history_messages) or has_tool_parts(new_messages)
+    if tool_parts:
+        if history_messages is None:
+            raise APIError(400, "this conversation was stored by an older palmchat without its text, so tool calls "
+                                "cannot be added to it: send the whole conversation as `input`", param="input")
+        check_tool_results(history_messages + new_messages, param="input")
+        context = render_or_400(chat_format, history_messages + new_messages)
+        turn_tokens = [item_tokens(chat_format, item, history_messages) for item in input_items]
+    else:
+        context, turn_tokens = new_turns(chat_format, history, history_messages, new_messages)
     context = context + chat_format.generation_prompt  # up to and including what opens the reply
-    input_items = [S.message_item(S.new_id("msg_"), role, text) for role, text in texts]
     prompt = context
-    if body.instructions:
-        system = {"role": "system", "content": S.clean_text(body.instructions)}
+    system = [{"role": "system", "content": S.clean_text(body.instructions)}] if body.instructions else []
+    if tools or tool_parts:  # the whole conversation, with the tools at its start
+        prompt = render_or_400(chat_format, system + (history_messages or []) + new_messages, tools, prompt=True)
+    elif body.instructions:
         if isinstance(chat_format, PalmChatFormat):  # its turns do not depend on what comes before them
             start = conversation_start(chat_format)
-            prompt = start + chat_format.render_turn(system) + prompt[len(start):]
+            prompt = start + chat_format.render_turn(system[0]) + prompt[len(start):]
         else:  # a template may write a default system prompt when there is none: render with this one instead
-            prompt = chat_format.render_prompt([system, *(history_messages or []), *new_messages])
+            prompt = chat_format.render_prompt(system + (history_messages or []) + new_messages)
     fitted = fit_prompt(state, prompt, body.max_output_tokens, body.truncation)
-    return Turn(history, history_messages, texts, turn_tokens, input_items, context, fitted.prompt, conversation_id,
-                fitted.details(), digest, after)
+    opening = state.tokenizer.encode(tools.opening()) if tools and tools.opening() else []
+    return Turn(history, history_messages, texts, new_messages, turn_tokens, input_items, context,
+                fitted.prompt + opening, conversation_id, fitted.details(), digest, after, tools, opening)
+
+
+def input_item(item) -> dict:
+    """An input item as it is stored (and listed by input_items): a new id, the shape OpenAI lists it in."""
+    if isinstance(item, S.FunctionCallItem):
+        return S.function_call_item(S.new_id("fc_"), item.call_id, item.name, item.arguments)
+    if isinstance(item, S.FunctionCallOutputItem):
+        return S.function_call_output_item(S.new_id("fco_"), item.call_id, S.text_of(item.output))
+    return S.message_item(S.new_id("msg_"), item.role, S.text_of(item.content))
+
+
+def render_or_400(chat_format, messages: list[dict], tools: ToolSetup | None = None, prompt: bool = False
+                  ) -> list[int]:
+    """The ids of a conversation (with the generation prompt: `prompt`), or a 400 with what the chat template
+    refused (a role, an order of roles, several calls in one reply...)."""
+    try:
+        if prompt:
+            return chat_format.render_prompt(messages, **({"tools": tools.tools} if tools else {}))
+        return chat_format.render(messages)[0]
+    except ValueError as e:
+        raise APIError(400, f"input: {e}", param="input") from None
+
+
+def item_tokens(chat_format, item: dict, earlier: list[dict]) -> list[int]:
+    """The ids a stored item of a turn with tool calls keeps: a message's turn where the format renders one on its
+    own, else (a call, a result) a stand-in, the end-of-turn id: such a context is always rendered again from its
+    text (context.conversation_history)."""
+    if item["type"] == "message" and chat_format.prefix_stable and not has_tool_parts(earlier):
+        try:
+            return chat_format.render_turn({"role": S.role_of(item["role"]),
+                                            "content": item["content"][0].get("text", "")}, earlier)
+        except ValueError:
+            pass
+    return [chat_format.eot_id]
+
+
+def stored_turn(chat_format, turn: Turn, output: list[dict], reply_tokens: list[int], reader: ReplyReader
+                ) -> tuple[list[int], list[tuple[dict, list[int]]], list[dict] | None]:
+    """(context ids, (item, ids) of each new item, context as text) of a turn answered by `output`. A reply as
+    plain text keeps its sampled ids; with tool calls or results anywhere in the turn, the context is its text
+    rendered (calls as the template writes them) and the output items keep a stand-in (see item_tokens)."""
+    items = list(zip(turn.input_items, turn.turn_tokens))
+    if reader.calls or turn.with_tool_parts:
+        messages = turn.messages(reader.message())
+        try:
+            context = chat_format.render(messages)[0] if messages is not None else turn.context + reply_tokens
+        except ValueError:  # a template refusing the reply as the model wrote it: its ids as sampled
+            context = turn.context + reply_tokens
+        return context, items + [(item, [chat_format.eot_id]) for item in output], messages
+    items.append((output[0], chat_format.generation_prompt + reply_tokens))
+    return turn.context + reply_tokens, items, turn.messages(
+        {"role": "assistant", "content": message_of(output[0])["content"]})
 
 
 def branch_point(state: ServerState, conversation_id: str, branch_from: str | None):
@@ -177,18 +259,17 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                                  temperature=body.temperature, top_p=body.top_p, metadata=body.metadata,
                                  store=body.store, usage=usage, incomplete_reason=reason, moderation=moderation,
                                  truncation=body.truncation or "disabled",
-                                 truncation_details=turn.truncation_details)
+                                 truncation_details=turn.truncation_details, tools=body.tools,
+                                 tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+                                 parallel_tool_calls=body.parallel_tool_calls is not False)
 
-    async def commit(final: dict, reply_tokens: list[int] | None) -> None:
+    async def commit(final: dict, reply_tokens: list[int] | None, reader: ReplyReader | None = None) -> None:
         """Store the turn. A blocked input never enters the token history: its items are kept with no tokens."""
         if reply_tokens is None:
             context, items = turn.history, [(item, []) for item in turn.input_items + final["output"]]
             messages = turn.messages(None)
         else:
-            context = turn.context + reply_tokens
-            reply = (final["output"][0], chat_format.generation_prompt + reply_tokens)
-            items = list(zip(turn.input_items, turn.turn_tokens)) + [reply]
-            messages = turn.messages(message_of(final["output"][0])["content"])
+            context, items, messages = stored_turn(chat_format, turn, final["output"], reply_tokens, reader)
         try:
             await asyncio.to_thread(state.store.commit_turn, owner, final if body.store else None, turn.input_items,
                                     context, turn.conversation_id, items, state.tokenizer_sha256, messages, turn.after)
@@ -199,13 +280,15 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
             raise APIError(409, f"{e} during this response; nothing was stored.", param="branch_from",
                            code="conflict") from None
 
-    def finished(reply, output_moderation) -> dict:
-        status, reason = {"stop": ("completed", None), "length": ("incomplete", "max_output_tokens"),
-                          "content_filter": ("incomplete", "content_filter")}[reply.finish_reason]
-        item = S.message_item(item_id, "assistant", reply.text,
-                              status="completed" if status == "completed" else "incomplete")
+    def finished(reply, reader: ReplyReader, output_moderation) -> dict:
+        status, reason = {"stop": ("completed", None), "tool_calls": ("completed", None),
+                          "length": ("incomplete", "max_output_tokens"),
+                          "content_filter": ("incomplete", "content_filter")}[reader.finish_reason(reply.finish_reason)]
+        output = reader.output_items(item_id, status="completed" if status == "completed" else "incomplete")
         usage = S.response_usage(len(turn.prompt), generation.completion_tokens, generation.cached_tokens)
-        return response(status, [item], usage, reason, output_moderation)
+        return response(status, output, usage, reason, output_moderation)
+
+    stops = turn.tools.stops() if turn.tools else []
 
     if blocked:
         final = response("incomplete", [S.message_item(item_id, "assistant", "", refusal=REFUSAL)],
@@ -215,13 +298,16 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         if blocked:
             await commit(final, None)
             return final
-        generation, replies = await generate_replies(state, turn.prompt, params, 1, candidates, [])
-        final = finished(replies[0], moderate_output(state, replies[0]))
-        await commit(final, replies[0].context_tokens())
+        generation, replies = await generate_replies(state, turn.prompt, params, 1, candidates, stops)
+        reader = ReplyReader(turn.tools)
+        reader.read(replies[0].text)
+        final = finished(replies[0], reader, moderate_output(state, replies[0]))
+        await commit(final, list(turn.opening) + replies[0].context_tokens(), reader)
         return final
 
     if not blocked and not candidates:
-        generation = Generation(state, turn.prompt, params, 1, [], block_output)
+        generation = Generation(state, turn.prompt, params, 1, stops, block_output)
+    reader = ReplyReader(turn.tools)
     settled = False  # committed, or failed: a disconnect from then on stores nothing
 
     def commit_stopped() -> None:
@@ -230,15 +316,13 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         if settled or generation is None or candidates:
             return
         reply = generation.replies[0]
-        item = S.message_item(item_id, "assistant", reply.text, status="incomplete")
-        final = response("cancelled", [item], S.response_usage(len(turn.prompt), generation.completion_tokens,
-                                                                generation.cached_tokens))
-        items = list(zip(turn.input_items, turn.turn_tokens))
-        items.append((item, chat_format.generation_prompt + reply.context_tokens()))
+        final = response("cancelled", reader.output_items(item_id, status="incomplete"),
+                         S.response_usage(len(turn.prompt), generation.completion_tokens, generation.cached_tokens))
+        context, items, messages = stored_turn(chat_format, turn, final["output"],
+                                               list(turn.opening) + reply.context_tokens(), reader)
         try:
-            state.store.commit_turn(owner, final if body.store else None, turn.input_items,
-                                    turn.context + reply.context_tokens(), turn.conversation_id, items,
-                                    state.tokenizer_sha256, turn.messages(reply.text), turn.after)
+            state.store.commit_turn(owner, final if body.store else None, turn.input_items, context,
+                                    turn.conversation_id, items, state.tokenizer_sha256, messages, turn.after)
         except (KeyError, StoreError):  # the conversation or the branch point was deleted meanwhile
             pass
 
@@ -249,7 +333,6 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         def event(type: str, **data) -> str:
             return f"event: {type}\n" + sse({"type": type, "sequence_number": next(sequence), **data})
 
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
         started = response("in_progress", [], None)
         try:
             yield event("response.created", response=started)
@@ -258,36 +341,90 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                 item = final["output"][0]
                 yield event("response.output_item.added", output_index=0,
                             item={**item, "status": "in_progress", "content": []})
-                yield event("response.content_part.added", **where, part={"type": "refusal", "refusal": ""})
-                yield event("response.refusal.delta", **where, delta=REFUSAL)
-                yield event("response.refusal.done", **where, refusal=REFUSAL)
-                yield event("response.content_part.done", **where, part=item["content"][0])
+                at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+                yield event("response.content_part.added", **at, part={"type": "refusal", "refusal": ""})
+                yield event("response.refusal.delta", **at, delta=REFUSAL)
+                yield event("response.refusal.done", **at, refusal=REFUSAL)
+                yield event("response.content_part.done", **at, part=item["content"][0])
                 yield event("response.output_item.done", output_index=0, item=item)
                 await commit(final, None)
                 yield event("response.incomplete", response=final)
                 return
-            yield event("response.output_item.added", output_index=0,
-                        item={"id": item_id, "type": "message", "role": "assistant", "status": "in_progress",
-                              "content": []})
-            yield event("response.content_part.added", **where,
-                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            opened: list[str] = []  # the ids of the output items opened so far, in order
+
+            def open_message() -> list[str]:
+                opened.append(item_id)
+                return [event("response.output_item.added", output_index=len(opened) - 1,
+                              item={"id": item_id, "type": "message", "role": "assistant", "status": "in_progress",
+                                    "content": []}),
+                        event("response.content_part.added", **where(),
+                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+            def close_message(item: dict) -> list[str]:
+                return [event("response.output_text.done", **where(), text=item["content"][0]["text"], logprobs=[]),
+                        event("response.content_part.done", **where(), part=item["content"][0]),
+                        event("response.output_item.done", output_index=opened.index(item_id), item=item)]
+
+            def on(events: list[tuple]) -> list[str]:
+                """Parser events as the Responses API's stream events: text into the message item (opened at its
+                first text), each call as a function_call item whose arguments stream."""
+                out = []
+                for e in events:
+                    if e[0] == "content":
+                        out += [] if item_id in opened else open_message()
+                        out.append(event("response.output_text.delta", **where(), delta=e[1], logprobs=[]))
+                    elif e[0] == "call":
+                        if e[1] == 0 and item_id in opened:  # the text before the calls is final
+                            out += close_message(S.message_item(item_id, "assistant", reader.content))
+                        if e[1] > 0:
+                            out += close_call(e[1] - 1, "completed")
+                        opened.append(reader.item_ids[e[1]])
+                        out.append(event("response.output_item.added", output_index=len(opened) - 1, item=(
+                            S.function_call_item(reader.item_ids[e[1]], reader.ids[e[1]], e[2], "", "in_progress"))))
+                    else:
+                        out.append(event("response.function_call_arguments.delta", item_id=reader.item_ids[e[1]],
+                                         output_index=opened.index(reader.item_ids[e[1]]), delta=e[2]))
+                return out
+
+            def close_call(index: int, status: str) -> list[str]:
+                call = reader.calls[index]
+                item = S.function_call_item(reader.item_ids[index], reader.ids[index], call.name, call.arguments,
+                                            status)
+                at = opened.index(item["id"])
+                return [event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                              arguments=call.arguments),
+                        event("response.output_item.done", output_index=at, item=item)]
+
+            def where() -> dict:
+                return {"item_id": item_id, "output_index": opened.index(item_id), "content_index": 0}
+
+            if reader.parser is None:  # plain text: the message opens at once
+                for e in open_message():
+                    yield e
+            for e in on(reader.start_events()):
+                yield e
             if generation is None:
-                generation, replies = await generate_replies(state, turn.prompt, params, 1, candidates, [])
+                generation, replies = await generate_replies(state, turn.prompt, params, 1, candidates, stops)
                 reply = replies[0]
-                if reply.text:
-                    yield event("response.output_text.delta", **where, delta=reply.text, logprobs=[])
+                for e in on(reader.feed_events(reply.text)):
+                    yield e
             else:
                 async for _, delta, _ in generation.deltas():
-                    if delta:
-                        yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                    for e in on(reader.feed_events(delta)):
+                        yield e
                 reply = generation.replies[0]
-            result = finished(reply, moderate_output(state, reply))
-            item = result["output"][0]
-            yield event("response.output_text.done", **where, text=reply.text, logprobs=[])
-            yield event("response.content_part.done", **where, part=item["content"][0])
-            yield event("response.output_item.done", output_index=0, item=item)
+            for e in on(reader.finish_events()):
+                yield e
+            result = finished(reply, reader, moderate_output(state, reply))
+            for item in result["output"]:
+                if item["type"] == "message" and not reader.calls:  # (with calls it closed at the first one)
+                    for e in ([] if item_id in opened else open_message()) + close_message(item):
+                        yield e
+            if reader.calls:
+                for e in close_call(len(reader.calls) - 1, result["output"][-1]["status"]):
+                    yield e
             settled = True
-            await commit(result, reply.context_tokens())
+            await commit(result, list(turn.opening) + reply.context_tokens(), reader)
             yield event(f"response.{result['status']}", response=result)
         except (APIError, GenerationError) as e:
             settled = True
