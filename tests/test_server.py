@@ -316,8 +316,11 @@ def test_bad_requests_get_openai_errors(server):
     post = {"headers": {**headers, "content-type": "application/json"}}
     assert_openai_error(httpx.post(url + "/chat/completions", content=b'{"model": ', **post), 400)
     error = assert_openai_error(httpx.post(url + "/chat/completions", json={"model": MODEL, "messages": [
-        {"role": "tool", "content": "x"}]}, headers=headers), 400)
+        {"role": "function", "content": "x"}]}, headers=headers), 400)
     assert error["param"] == "messages.0.role"
+    error = assert_openai_error(httpx.post(url + "/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "tool", "content": "x"}]}, headers=headers), 400)  # a result of no call (tests/test_tools.py)
+    assert error["param"] == "messages[0].tool_call_id"
     assert_openai_error(httpx.post(url + "/chat/completions", json={"model": MODEL, "messages": [
         {"role": "user", "content": "x"}], "temperature": -1}, headers=headers), 400, "temperature")
     assert_openai_error(httpx.post(url + "/responses", json={"model": MODEL, "input": "x" * 70000},
