@@ -248,7 +248,7 @@ def test_a_two_step_tool_loop_with_the_openai_client(qwen_server, stream):
                  {"role": "tool", "tool_call_id": call.id, "content": "12:30"}]
     second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=4,
                                             temperature=0)
-    assert second.choices[0].message.content and second.choices[0].finish_reason in ("length", "stop")
+    assert second.choices[0].finish_reason in ("length", "stop")  # (its text may be empty: ids past the tokenizer's)
     assert second.usage.prompt_tokens == len(reference_prompt(qwen_server.folder, messages, [WEATHER, TIME]))
 
 
@@ -284,7 +284,8 @@ def test_a_tool_loop_through_the_responses_api(qwen_server, stream):
     assert call.call_id.startswith("call_") and call.id.startswith("fc_")
     assert first.tools[0].name == "get_time" and first.tool_choice.name == "get_time"
     if stream:
-        assert "response.function_call_arguments.done" in first.kinds and "response.output_text.delta" not in first.kinds
+        assert "response.function_call_arguments.done" in first.kinds
+        assert "response.output_text.delta" not in first.kinds
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "12:30"}
     second = responses_create(client, stream, input=[result], previous_response_id=first.id, **common)
     assert [o.type for o in second.output] == ["message"]  # (its text may be empty: ids past the tokenizer's)
@@ -315,3 +316,140 @@ def test_a_tool_loop_through_the_responses_api(qwen_server, stream):
     assert items[2].call_id == call.call_id and items[2].output == "12:30"
     conversation[1]["tool_calls"][0]["id"] = conversation[2]["tool_call_id"] = call.call_id
     assert second.usage.input_tokens == len(reference_prompt(qwen_server.folder, conversation, chat_tools))
+
+
+def test_langchain_bind_tools_returns_tool_calls(qwen_server):
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_time() -> str:
+        """The time now."""
+        return "12:30"
+
+    _, model = client_of(qwen_server)
+    llm = ChatOpenAI(base_url=qwen_server.url + "/v1", api_key="unused", model=model, temperature=0, max_tokens=6)
+    bound = llm.bind_tools([get_time], tool_choice="get_time")
+    message = bound.invoke("What time is it?")
+    [call] = message.tool_calls
+    assert (call["name"], call["args"]) == ("get_time", {}) and call["id"].startswith("call_")
+    chunks = list(bound.stream("What time is it?"))  # LangChain merges the streamed deltas by index
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole += chunk
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_time", {})]
+    # the loop closes: the result goes back as a ToolMessage and the model answers
+    answer = llm.bind_tools([get_time]).invoke(["What time is it?", message,
+                                                ToolMessage(get_time.invoke({}), tool_call_id=call["id"])])
+    assert answer.tool_calls == [] and answer.response_metadata["finish_reason"] in ("length", "stop")
+
+
+def test_bad_tool_requests_get_a_400_naming_the_field(qwen_server):
+    import httpx
+
+    _, model = client_of(qwen_server)
+    user = {"role": "user", "content": "What time is it?"}
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+
+    def error(path: str, **body) -> tuple[str, str]:
+        r = httpx.post(qwen_server.url + "/v1/" + path, json={"model": model, **body}, timeout=30)
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["param"], r.json()["error"]["message"]
+
+    chat = "chat/completions"
+    assert error(chat, messages=[user, call, {"role": "tool", "tool_call_id": "call_b", "content": "x"}])[0] == \
+        "messages[2].tool_call_id"
+    assert error(chat, messages=[user, {"role": "tool", "content": "x"}])[0] == "messages[1].tool_call_id"
+    bad_schema = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"city": {"type": "strin"}}}}}
+    param, message = error(chat, messages=[user], tools=[TIME, bad_schema])
+    assert param == "tools[1].function.parameters" and "properties.city.type" in message
+    assert error(chat, messages=[user], tools=[{"type": "function", "function": {"name": "no spaces"}}])[0] == \
+        "tools[0].function.name"
+    assert error(chat, messages=[user], tools=[TIME, TIME])[0] == "tools"
+    assert error(chat, messages=[user], tools=[{"type": "code_interpreter"}])[0] == "tools[0].type"
+    param, message = error(chat, messages=[user], tools=[TIME],
+                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert param == "tool_choice" and "get_weather" in message
+    assert error(chat, messages=[user], tool_choice="required")[0] == "tool_choice"
+    assert error(chat, messages=[user], tools=[TIME], tool_choice="sometimes")[0] == "tool_choice"
+    # the Responses API's shapes
+    assert error("responses", input=[{"type": "function_call_output", "call_id": "call_x", "output": "1"}],
+                 tools=FLAT_TOOLS)[0].startswith("input[0]")
+    assert error("responses", input="hi", tools=FLAT_TOOLS, tool_choice={"type": "function", "name": "nope"})[0] == \
+        "tool_choice"
+    assert error("responses", input="hi", tools=[{"type": "function", "name": "f", "parameters": []}])[0] == \
+        "tools[0].parameters"
+
+
+def test_a_template_without_tools_refuses_them(tmp_path):
+    from palmchat.serve.errors import APIError
+    from palmchat.serve.tools import tool_setup
+
+    fmt = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path, "llama3")).chat_format
+    with pytest.raises(APIError, match="no way to describe tools") as e:
+        tool_setup(fmt, [TIME], None, None)
+    assert e.value.param == "tools" and e.value.status == 400
+    assert tool_setup(fmt, None, "auto", None) is None  # no tools: nothing to refuse
+
+
+@pytest.fixture(scope="module")
+def palm_server(tmp_path_factory):
+    """`palmchat serve` on a checkpoint in palmchat's own chat format (tiny, random weights: it never writes a
+    special token, so every reply runs to max_tokens)."""
+    from server_fixtures import Server, build_checkpoints
+
+    root = tmp_path_factory.mktemp("palm-tools")
+    policy, _ = build_checkpoints(root)
+    server = Server(policy, root / "db.sqlite", "--moderation", "none", log=root / "server.log", no_auth=True).start()
+    server.policy = policy
+    yield server
+    server.stop()
+
+
+def test_palmchat_format_tool_loop_streamed(palm_server):
+    """palmchat's own format: the forced call streams as deltas the SDK accumulates; a call to a function with
+    parameters keeps the arguments the (untrained) model wrote, cut at max_tokens; the follow-up prompt is the
+    format's rendering of the conversation with the tools, the call and its result."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    from palmchat import checkpoint
+
+    client, model = client_of(palm_server)
+    messages = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    # "required" with two tools: the opening stops before the name, which the model writes; an untrained model
+    # writes no tool's name, and its malformed call comes back as content
+    required = client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
+        max_tokens=5, temperature=0)
+    message = required.choices[0].message
+    assert message.tool_calls or message.content.startswith('<tool_call>{"name": "')
+    forced = client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER, TIME], tool_choice={"type": "function",
+                                                                           "function": {"name": "get_weather"}},
+        max_tokens=5, temperature=0, stream=True)
+    state = ChatCompletionStreamState()
+    pieces = []
+    for chunk in forced:
+        state.handle_chunk(chunk)
+        for delta in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            pieces.append(delta.function.arguments)
+    reply = state.current_completion_snapshot.choices[0]  # (get_final_completion refuses a reply cut by length)
+    [call] = reply.message.tool_calls
+    assert call.function.name == "get_weather" and reply.finish_reason == "length"
+    assert pieces[0] == "" and len(pieces) > 2 and "".join(pieces) == call.function.arguments  # piece by piece
+    timed = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=5,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    [call] = timed.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments, timed.choices[0].finish_reason) == (
+        "get_time", "{}", "tool_calls")
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "12:30"}]
+    second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=3)
+    fmt = checkpoint.load_tokenizer(palm_server.policy).chat_format
+    plain = [dict(m, tool_calls=[{**c, "function": {**c["function"], "arguments": {}}} for c in m["tool_calls"]])
+             if m.get("tool_calls") else m for m in messages]
+    assert second.usage.prompt_tokens == len(fmt.render_prompt(plain, tools=[WEATHER, TIME]))
+    assert second.choices[0].message.content and second.choices[0].message.tool_calls is None
