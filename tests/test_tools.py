@@ -148,6 +148,10 @@ def test_llama3_json_calls_parse_the_same_streamed_or_whole():
             assert streamed(text, syntax, step=step)[:2] == ("", [("get_weather", '{"city": "Paris"}')]), text
     assert streamed('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}', syntax)[1] == [
         ("a", "{}"), ("b", '{"x": 1}')]
+    one = ToolCallParser(syntax, max_calls=1)  # parallel_tool_calls false: what follows the first call is dropped
+    one.feed('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}')
+    one.finish()
+    assert [c.name for c in one.calls] == ["a"] and one.content == ""
     content, calls, events = streamed("It is {sunny} today.", syntax)
     assert (content, calls) == ("It is {sunny} today.", [])
     assert len(events) > 5  # plain text streams as it comes

@@ -12,11 +12,12 @@ How a request with tools runs:
   function's name, up to its arguments) is put into the prompt after the generation prompt, so the reply is that
   call's arguments and what follows; for a function without parameters the whole call (arguments `{}`) is.
   With "required" and several tools the function is not guessed: the opening stops before the name, which the
-  model writes. The arguments are the model's own: a grammar (constrained decoding
-  against the function's JSON schema, through the engine's per-request logits processor) is what will make them
-  valid JSON for any model; until then an untrained model's arguments are returned as written, as OpenAI's
-  non-strict calls may be.
-* `parallel_tool_calls: false` ends the reply at its first call's close.
+  model writes (a name that is no tool's makes the call malformed: content). The arguments are the model's own:
+  constrained decoding against the function's JSON schema (a grammar through the engine's per-request logits
+  processor, from the name on) is what will make every forced call valid for any model; until then an untrained
+  model's arguments are returned as written, as OpenAI's non-strict calls may be.
+* `parallel_tool_calls: false` ends the reply at its first call's close (a stop string where the call has a close
+  tag; what follows the first call is dropped in any case).
 
 Assistant messages' `tool_calls[].function.arguments` (a JSON string on the wire) are given to templates as the
 object they hold, as vLLM does (templates write them with `tojson`); arguments that are not a JSON object stay the
@@ -82,7 +83,7 @@ class ToolSetup:
 
     def parser(self) -> tuple[ToolCallParser, list[tuple]]:
         """A parser for one reply, already fed the forced opening (and the events that opening gave)."""
-        parser = ToolCallParser(self.syntax, self.names)
+        parser = ToolCallParser(self.syntax, self.names, max_calls=None if self.parallel else 1)
         return parser, parser.feed(self.opening())
 
 

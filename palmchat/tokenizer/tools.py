@@ -117,11 +117,12 @@ class ToolCallParser:
 
     ``feed`` and ``finish`` return events: ``("content", text)``, ``("call", index, name)`` when a call starts,
     ``("arguments", index, text)`` for a piece of its arguments. ``tools`` are the names a call may have (empty:
-    any). ``content`` and ``calls`` hold everything found so far.
+    any), ``max_calls`` how many calls a reply may make. ``content`` and ``calls`` hold everything found so far.
     """
 
     syntax: CallSyntax
     tools: Collection[str] = ()
+    max_calls: int | None = None  # 1: the reply ends with its first call (what follows is dropped)
     text: str = ""
     pos: int = 0  # text[:pos] is settled
     mode: str = CONTENT
@@ -158,6 +159,8 @@ class ToolCallParser:
 
     def _step(self, events: list, final: bool) -> bool:
         """Advance as far as the text allows; True when the mode changed (call again)."""
+        if self.mode in (CONTENT, SEPARATOR) and self.max_calls is not None and len(self.calls) >= self.max_calls:
+            self.pos, self.mode = len(self.text), DONE
         rest = self.text[self.pos:]
         if self.mode == CONTENT:
             at = rest.find(self.syntax.open)

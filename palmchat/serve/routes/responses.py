@@ -43,6 +43,7 @@ as its text rendered again, never as the ids sampled for a call (a call's ids ar
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -148,7 +149,10 @@ def prepare_turn(state: ServerState, owner: str, body: S.ResponseRequest) -> Tur
                                 "cannot be added to it: send the whole conversation as `input`", param="input")
         check_tool_results(history_messages + new_messages, param="input")
         context = render_or_400(chat_format, history_messages + new_messages)
-        turn_tokens = [item_tokens(chat_format, item, history_messages) for item in input_items]
+        turn_tokens, earlier = [], copy.deepcopy(history_messages)
+        for item in input_items:
+            turn_tokens.append(item_tokens(chat_format, item, earlier))
+            add_item(earlier, item)
     else:
         context, turn_tokens = new_turns(chat_format, history, history_messages, new_messages)
     context = context + chat_format.generation_prompt  # up to and including what opens the reply
