@@ -254,6 +254,11 @@ def test_a_two_step_tool_loop_with_the_openai_client(qwen_server, stream):
                                             temperature=0)
     assert second.choices[0].finish_reason in ("length", "stop")  # (its text may be empty: ids past the tokenizer's)
     assert second.usage.prompt_tokens == len(reference_prompt(qwen_server.folder, messages, [WEATHER, TIME]))
+    # tool_choice "none": the tools stay in the prompt, and the reply is text even where it looks like a call
+    plain = client.chat.completions.create(model=model, messages=messages[:1], tools=[WEATHER, TIME],
+                                           tool_choice="none", max_tokens=4, temperature=0)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+    assert plain.usage.prompt_tokens == len(reference_prompt(qwen_server.folder, messages[:1], [WEATHER, TIME]))
 
 
 FLAT_TOOLS = [{"type": "function", **TIME["function"]}, {"type": "function", **WEATHER["function"]}]
@@ -299,6 +304,8 @@ def test_a_tool_loop_through_the_responses_api(qwen_server, stream):
                                                                                       "arguments": "{}"}}]},
                     {"role": "tool", "tool_call_id": call.call_id, "content": "12:30"}]
     chat_tools = [TIME, WEATHER]
+    listed = client.responses.input_items.list(second.id).data
+    assert [(i.type, i.call_id, i.output) for i in listed] == [("function_call_output", call.call_id, "12:30")]
     assert second.usage.input_tokens == len(reference_prompt(qwen_server.folder, conversation, chat_tools))
     # a third turn without tools continues the stored conversation, calls and results rendered from their text
     third = responses_create(client, stream, model=model, input="Thanks!", previous_response_id=second.id,
@@ -457,3 +464,30 @@ def test_palmchat_format_tool_loop_streamed(palm_server):
              if m.get("tool_calls") else m for m in messages]
     assert second.usage.prompt_tokens == len(fmt.render_prompt(plain, tools=[WEATHER, TIME]))
     assert second.choices[0].message.content and second.choices[0].message.tool_calls is None
+
+
+def test_a_llama31_tool_loop_runs_transformers_rendering(tmp_path):
+    """Llama 3.1's JSON calls through the server: the forced call, its result as an ipython turn, and the follow-up
+    prompt as transformers renders it (the tools in the first user message)."""
+    from hf_models import save_tiny_hf_model
+    from server_fixtures import Server
+
+    folder = tmp_path / "tiny-llama"
+    save_tiny_hf_model(folder, "llama", vocab_size=700, max_position_embeddings=2048)
+    save_tiny_hf_tokenizer(folder, "llama3.1")
+    server = Server(folder, tmp_path / "db.sqlite", "--dtype", "fp32", "--moderation", "none",
+                    log=tmp_path / "server.log", no_auth=True).start()
+    try:
+        client, model = client_of(server)
+        messages = [{"role": "user", "content": "What time is it?"}]
+        first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=4,
+                                               tool_choice={"type": "function", "function": {"name": "get_time"}})
+        [call] = first.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments, first.choices[0].finish_reason) == (
+            "get_time", "{}", "tool_calls")
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "12:30"}]
+        second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=3)
+        assert second.usage.prompt_tokens == len(reference_prompt(folder, messages, [WEATHER, TIME]))
+    finally:
+        server.stop()

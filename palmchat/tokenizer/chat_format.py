@@ -139,8 +139,9 @@ class ChatFormat(Protocol):
     """What the code above the tokenizer needs to know about how a tokenizer lays out chats.
 
     Implemented by :class:`PalmChatFormat` and by ``palmchat.tokenizer.hf.TemplateChatFormat`` (a Hugging Face
-    tokenizer's Jinja chat template).  Formats with tools take ``tools=`` (a list of JSON-schema dicts) in
-    ``render`` and ``render_prompt``; palmchat's own format refuses them.
+    tokenizer's Jinja chat template).  ``render`` and ``render_prompt`` take ``tools=`` (OpenAI's function tools,
+    JSON-schema dicts), and messages may carry assistant ``tool_calls`` and ``tool`` results; ``tool_syntax`` says
+    how the format writes a call in a reply.
     """
 
     @property
