@@ -29,7 +29,9 @@ from palmchat.serve.errors import ASCIIJSONResponse, BodyLimit, LocalOnly, add_e
 from palmchat.serve.metrics import CountRequests, metrics_registry
 from palmchat.serve.routes import chat, completions, conversations, feedback, health, models, moderations, responses
 from palmchat.serve.state import ServerState
+from palmchat.serve.streaming import WatchClient
 
+SHUTDOWN_WAIT_STEPS = 100  # of 50 ms: how long shutdown waits for cancelled requests to leave the scheduler
 ROUTERS = [health, models, chat, completions, responses, conversations, moderations, feedback]  # OpenAPI order
 
 
@@ -42,6 +44,12 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
+            # the requests uvicorn cancelled at shutdown clean up first (a stream commits what it had, then its
+            # generation leaves the scheduler): stopping the scheduler under them would fail them instead
+            for _ in range(SHUTDOWN_WAIT_STEPS):
+                if state.scheduler.idle:
+                    break
+                await asyncio.sleep(0.05)
             await asyncio.to_thread(state.scheduler.stop)
 
     app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan, default_response_class=ASCIIJSONResponse,
@@ -56,5 +64,6 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimit, limit=state.max_request_bytes)
     if state.local_hosts is not None:
         app.add_middleware(LocalOnly, hosts=state.local_hosts)
+    app.add_middleware(WatchClient)  # outside BodyLimit: it keeps the server's own receive
     app.add_middleware(CountRequests, counter=counter)  # outermost: also counts the 413s
     return app
