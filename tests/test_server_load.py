@@ -41,7 +41,7 @@ class LoopbackServer:
     """create_app under uvicorn in a thread, on a free loopback port; `model` is the scheduler's model itself (no
     inference copy), so a test may wrap its forward."""
 
-    def __init__(self, policy: Path, db: Path, keys: tuple[str, ...] = (), **limits):
+    def __init__(self, policy: Path, db: Path, keys: tuple[str, ...] = (), moderator=None, **limits):
         import uvicorn
 
         from palmchat import checkpoint
@@ -57,7 +57,8 @@ class LoopbackServer:
         self.keys = {name: create_key(self.store, name)[1] for name in keys}
         self.scheduler = Scheduler(self.model, **limits)
         self.state = ServerState(model_id=MODEL, tokenizer=checkpoint.load_tokenizer(ckpt), scheduler=self.scheduler,
-                                 store=self.store, moderation_mode="off")
+                                 store=self.store, moderator=moderator,
+                                 moderation_mode="off" if moderator is None else "block")
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=self.port,
                                                     log_level="warning", timeout_graceful_shutdown=1))
@@ -167,6 +168,7 @@ def test_a_full_queue_answers_503_with_retry_after(serve):
     running.result()
     assert queued.result().status_code == 200  # the queued one runs once the row frees
     assert srv.health().json()["refused_total"] == 2
+    assert "palmchat_refused_total 2.0" in httpx.get(srv.url + "/metrics").text
 
 
 def test_a_key_over_its_cap_gets_429_while_another_key_gets_through(serve):
@@ -257,6 +259,29 @@ def test_stop_matching_only_looks_at_the_unreleased_tail():
     assert held_back("one two thr", "three") == 3 and held_back("one two", "three") == 0
     assert held_back("aaaa", "aaab") == 3 and held_back("xa", "a") == 0  # a whole stop is a match, not a hold
     assert held_back("ab" * 50 + "a", "abab" * 64) == 101
+
+
+class ThreadRecordingModerator:
+    """Flags nothing; records the thread of every call."""
+
+    def __init__(self):
+        self.threads = []
+
+    def moderate(self, texts):
+        from palmchat.moderation.classifier import ModerationResult
+
+        self.threads.append(threading.current_thread())
+        return [ModerationResult(False, {"harassment": False}, {"harassment": 0.0}) for _ in texts]
+
+
+def test_block_mode_moderation_runs_off_the_event_loop(serve):
+    moderator = ThreadRecordingModerator()
+    srv = serve(moderator=moderator)
+    reply = srv.client().chat.completions.create(**chat(max_tokens=40))
+    chunks = list(srv.client().chat.completions.create(**chat(max_tokens=40), stream=True))
+    assert reply.choices[0].finish_reason == "length" and chunks[-1].choices[0].finish_reason == "length"
+    assert len(moderator.threads) >= 2 * (1 + 40 // 8)  # the input, and the reply every 8 tokens, twice
+    assert srv.thread not in moderator.threads  # uvicorn's event loop runs in srv.thread
 
 
 # -- health, keep-alive ---------------------------------------------------------------------------------------
