@@ -77,7 +77,6 @@ class Request:
     _prefilled: int = 0  # prompt tokens in the row's cache so far
     _sampled: list[int] = field(default_factory=list)  # every sampled token (the output may drop a stop sequence)
     _generator: torch.Generator | None = None  # the row's random stream, kept when the batch around it changes
-
     _group: list[int] = field(default_factory=lambda: [1])  # unfinished requests of its submit_all, shared
 
     def __post_init__(self):

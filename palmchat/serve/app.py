@@ -14,7 +14,7 @@ endpoint family has its file in routes/:
 
 What they share: state.py (ServerState, the caller's key and rate limit), errors.py (OpenAI-shaped errors, the
 body limit), sampling.py (request -> sampling parameters and fitted prompt), generate.py (prompt -> replies,
-moderation), streaming.py (server-sent events), metrics.py (Prometheus).
+moderation), streaming.py (server-sent events, client presence), metrics.py (Prometheus).
 """
 
 from __future__ import annotations

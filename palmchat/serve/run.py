@@ -39,8 +39,8 @@ class ServeArgs:
     rate_limit: str = arg("600/min", "requests per key (one shared budget when there are no keys): N/s, N/min or "
                                      "N/hour; 0 = none; `palmchat keys create --rate-limit` sets one key's")
     max_queue: int = arg(256, "requests waiting for a batch row at most; more get 503 with retry-after (0: no limit)")
-    max_requests_per_key: int = arg(16, "requests of one key generating or waiting at once; more get 429 with "
-                                        "retry-after (0: no limit)")
+    max_requests_per_key: int = arg(16, "requests of one key generating or waiting at once (without keys: of all "
+                                        "clients together); more get 429 with retry-after (0: no limit)")
     max_rows_per_key: int = arg(0, "batch rows one key's requests hold at once; its other samples wait for rows "
                                    "to free (0: half of --max-batch, rounded up)")
     drain_timeout: float = arg(30.0, "seconds SIGTERM lets running requests finish (new ones get 503) before the "
