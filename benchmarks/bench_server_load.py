@@ -102,7 +102,7 @@ async def run(args, url: str, keys: list[str], pid: int) -> dict:
                                              max_tokens=4)  # warm-up: the inference copy is built
     rss_start = rss_mb(pid)
     deadline = time.monotonic() + args.seconds
-    ttft, ok, errors, bad, bad_4xx, health = [], [0], [], [0], [0], []
+    ttft, ok, errors, bad, bad_4xx, health, rss, cache = [], [0], [], [0], [0], [], [], [0]
     prompts = World(1).prompts(64)
 
     async def well_formed(i: int):
@@ -148,8 +148,11 @@ async def run(args, url: str, keys: list[str], pid: int) -> dict:
                 start = time.perf_counter()
                 r = await http.get(url + "/health")
                 health.append(time.perf_counter() - start)
+                rss.append(rss_mb(pid))
                 if r.status_code != 200:
                     errors.append(f"/health answered {r.status_code}: {r.text[:200]}")
+                else:
+                    cache[0] = r.json()["prefix_cache_tokens"]
                 await asyncio.sleep(0.5)
 
     await asyncio.gather(*(well_formed(i) for i in range(args.clients)), misbehaving(), poll_health())
@@ -164,6 +167,8 @@ async def run(args, url: str, keys: list[str], pid: int) -> dict:
             "health_p99_ms": round(percentile(health, 0.99) * 1000, 1),
             "health_max_ms": round(max(health, default=float("nan")) * 1000, 1),
             "rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_mb(pid), 1),
+            "rss_quarters_mb": [round(rss[min(len(rss) - 1, q * len(rss) // 4)], 1) for q in range(1, 5) if rss],
+            "prefix_cache_tokens": cache[0],
             "first_errors": errors[:5]}
 
 
@@ -219,7 +224,9 @@ def main() -> None:
     print(f"  time to first token: p50 {s['ttft_p50_ms']:.0f} ms, p99 {s['ttft_p99_ms']:.0f} ms")
     print(f"  /health latency: p50 {s['health_p50_ms']:.1f} ms, p99 {s['health_p99_ms']:.1f} ms, "
           f"max {s['health_max_ms']:.1f} ms ({s['health_failures']} not 200)")
-    print(f"  server RSS: {s['rss_start_mb']:.0f} MB after warm-up, {s['rss_end_mb']:.0f} MB at the end")
+    print(f"  server RSS: {s['rss_start_mb']:.0f} MB after warm-up; at each quarter of the run "
+          f"{', '.join(f'{m:.0f}' for m in s['rss_quarters_mb'])} MB; {s['rss_end_mb']:.0f} MB at the end "
+          f"(the prefix cache holds {s['prefix_cache_tokens']} tokens of K/V, of --prefix-cache-tokens 65536)")
     for e in s["first_errors"]:
         print("  error:", e)
     print(json.dumps(s))

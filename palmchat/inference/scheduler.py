@@ -246,8 +246,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         waiting = len(self._waiting) + (self._prefilling is not None)
-        return dict(self.counters, running=len(self._running), waiting=waiting, max_batch=self.max_batch,
-                    max_queue=self.max_queue, heartbeat_age=round(time.monotonic() - self.heartbeat, 3),
+        return dict(self.counters, running=len(self._running), waiting=waiting,
+                    heartbeat_age=round(time.monotonic() - self.heartbeat, 3),
                     prefix_cache_tokens=self.prefix_cache.tokens, prefix_cache_entries=len(self.prefix_cache.entries))
 
     # -- the scheduler's thread -----------------------------------------------------------------------
