@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_fixtures import Server, build_checkpoints, free_port
+from server_fixtures import Server, build_checkpoints, build_policy, free_port
 
 MODEL = "tiny-chat"
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +107,18 @@ def serve(artifacts, tmp_path):
         server.close()
 
 
+def throttle(srv: LoopbackServer, seconds: float = 0.005) -> None:
+    """Make every forward of the server's model take `seconds` longer: a long reply then lasts long enough for a
+    test to act while it runs, however fast the machine."""
+    forward = srv.model.hidden_states
+
+    def hidden_states(idx, cache=None, **kw):
+        time.sleep(seconds)
+        return forward(idx, cache=cache, **kw)
+
+    srv.model.hidden_states = hidden_states
+
+
 def chat(content: str = "Tell me a story.", max_tokens: int = 8, **more) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **more}
 
@@ -151,6 +163,7 @@ def stream_lines(url: str, body: dict, headers: dict, lines: list, stop: threadi
 
 def test_a_full_queue_answers_503_with_retry_after(serve):
     srv = serve(max_batch=1, max_queue=1)
+    throttle(srv)
     stop, lines = threading.Event(), []
     running = Background(lambda: stream_lines(srv.url, chat(max_tokens=1500), {}, lines, stop))
     srv.wait_for(lambda s: s["running"] == 1, "the long stream to run")
@@ -173,12 +186,14 @@ def test_a_full_queue_answers_503_with_retry_after(serve):
 
 def test_a_key_over_its_cap_gets_429_while_another_key_gets_through(serve):
     srv = serve(keys=("alice", "bob"), max_requests_per_owner=1)
+    throttle(srv)
     stop, lines = threading.Event(), []
     running = Background(lambda: stream_lines(srv.url, chat(max_tokens=1500), srv.headers("alice"), lines, stop))
     srv.wait_for(lambda s: s["running"] == 1, "alice's stream to run")
     refused = httpx.post(srv.url + "/v1/chat/completions", json=chat(), headers=srv.headers("alice"), timeout=30)
     assert refused.status_code == 429, refused.text
     assert "--max-requests-per-key" in refused.json()["error"]["message"] and "1 at a time" in refused.text
+    assert refused.json()["error"]["code"] == "too_many_requests_in_flight"
     assert int(refused.headers["retry-after"]) >= 1
     bob = srv.client("bob").chat.completions.create(**chat(max_tokens=5))
     assert bob.choices[0].finish_reason == "length" and bob.usage.completion_tokens == 5
@@ -191,6 +206,7 @@ def test_a_key_over_its_cap_gets_429_while_another_key_gets_through(serve):
 
 def test_n_samples_of_one_request_wait_for_rows_beyond_the_keys_share(serve):
     srv = serve(keys=("alice", "bob"), max_batch=4, max_rows_per_owner=2)
+    throttle(srv)
     many = Background(lambda: srv.client("alice").chat.completions.create(**chat(max_tokens=200, n=6)))
     stats = srv.wait_for(lambda s: s["running"] == 2 and s["waiting"] == 4, "two of alice's six samples to run")
     assert stats["running"] == 2  # the batch has room for four, her share is two
@@ -204,6 +220,7 @@ def test_n_samples_of_one_request_wait_for_rows_beyond_the_keys_share(serve):
 
 def test_a_fault_in_one_request_fails_only_it_while_a_stream_completes(serve):
     srv = serve()
+    throttle(srv)
     forward = srv.model.hidden_states
 
     def hidden_states(idx, cache=None, **kw):  # an out-of-memory on any long prefill
@@ -230,6 +247,7 @@ def test_a_fault_in_one_request_fails_only_it_while_a_stream_completes(serve):
 
 def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(serve):
     srv = serve()
+    throttle(srv)
     before = srv.health().json()["generated_tokens_total"]
     body = json.dumps(chat(max_tokens=2000)).encode()
     with socket.create_connection(("127.0.0.1", srv.port)) as s:
@@ -318,6 +336,7 @@ def test_health_reports_readiness_and_a_stalled_scheduler(serve):
     assert httpx.get(srv.url + "/health/live").status_code == 200  # alive, not ready
     refused = httpx.post(srv.url + "/v1/chat/completions", json=chat(), timeout=30)
     assert refused.status_code == 503 and "retry-after" in refused.headers
+    assert refused.json()["error"]["code"] == "server_shutting_down"
 
 
 def test_health_is_not_ready_when_the_database_is_not_writable(serve, monkeypatch):
@@ -368,8 +387,13 @@ def test_streams_send_keep_alive_comments_while_silent(serve, monkeypatch):
 
 
 def test_sigterm_drains_then_commits_the_running_stream_as_incomplete(artifacts, tmp_path):
+    from palmchat.tokenizer.bpe import Tokenizer
+
+    # the `small` shape: its 2000-token reply lasts well past the drain's second (the tiny model may finish it)
+    tok_path = artifacts["root"] / "tokenizer.json"
+    policy, _ = build_policy(tmp_path / "small-chat", Tokenizer.load(tok_path), tok_path, "small")
     db = tmp_path / "drain.db"
-    srv = Server(artifacts["policy"], db, "--moderation", "none", "--drain-timeout", "1",
+    srv = Server(policy, db, "--moderation", "none", "--drain-timeout", "1", "--model-name", MODEL,
                  log=tmp_path / "drain.log").start()
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)

@@ -108,11 +108,12 @@ class Request:
 
 class Refused(RuntimeError):
     """submit refused a request for now: the queue is full or the server is draining (status 503), or its owner
-    has too many requests in flight (429). retry_after: seconds to wait before trying again."""
+    has too many requests in flight (429). code: which of these; retry_after: seconds to wait before trying
+    again."""
 
-    def __init__(self, message: str, status: int, retry_after: float = RETRY_AFTER):
+    def __init__(self, message: str, status: int, code: str, retry_after: float = RETRY_AFTER):
         super().__init__(message)
-        self.status, self.retry_after = status, retry_after
+        self.status, self.code, self.retry_after = status, code, retry_after
 
 
 @dataclass
@@ -176,16 +177,17 @@ class Scheduler:
         with self._wake:
             if self._stopping or self.draining:
                 self.counters["refused_total"] += 1
-                raise Refused("the server is shutting down and takes no new requests", 503, retry_after=10.0)
+                raise Refused("the server is shutting down and takes no new requests", 503, "server_shutting_down",
+                              retry_after=10.0)
             if self.max_queue and self._waiting and len(self._waiting) + len(requests) > self.max_queue:
                 self.counters["refused_total"] += 1
                 raise Refused(f"the server is overloaded: {len(self._waiting)} requests are waiting, the queue's "
-                              f"limit is {self.max_queue} (--max-queue); retry later", 503)
+                              f"limit is {self.max_queue} (--max-queue); retry later", 503, "server_overloaded")
             if self.max_requests_per_owner and self._in_flight[owner] >= self.max_requests_per_owner:
                 self.counters["refused_total"] += 1
                 raise Refused(f"too many requests in flight for this key: the limit is "
                               f"{self.max_requests_per_owner} at a time (--max-requests-per-key); wait for one "
-                              f"to finish", 429)
+                              f"to finish", 429, "too_many_requests_in_flight")
             if self.idle:  # the loop wakes now: its last iteration may be long ago
                 self.heartbeat = time.monotonic()
             self._in_flight[owner] += 1

@@ -138,8 +138,7 @@ class Generation:
         except ValueError as e:  # the scheduler's checks: context length, token ids
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
         except Refused as e:  # the queue is full, the key has too many in flight, or the server is draining
-            raise APIError(e.status, str(e), type="requests" if e.status == 429 else "server_error",
-                           code="too_many_requests_in_flight" if e.status == 429 else "server_overloaded",
+            raise APIError(e.status, str(e), type="requests" if e.status == 429 else "server_error", code=e.code,
                            headers={"retry-after": retry_after_header(e.retry_after)}) from None
 
     @property
