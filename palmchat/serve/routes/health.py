@@ -27,12 +27,16 @@ _identities: dict[tuple, dict] = {}  # (weight files, sizes, mtimes) -> {"name",
 
 
 def model_identity(path: str) -> dict:
-    """{"name": the checkpoint's run folder name, "sha256": of its *.safetensors files, in name order}."""
+    """{"name": the checkpoint's run folder name, "sha256": of its *.safetensors files, in name order}; sha256
+    None when the folder can no longer be read (the model in memory is still served)."""
     from palmchat.checkpoint import resolve
 
-    folder = resolve(path)
-    files = sorted(folder.glob("*.safetensors"))
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    try:
+        folder = resolve(path)
+        files = sorted(folder.glob("*.safetensors"))
+        key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except Exception:  # noqa: BLE001 - a folder moved or deleted since it was loaded: /health must still answer
+        return {"name": Path(path).name, "sha256": None}
     if key not in _identities:
         digest = hashlib.sha256()
         for f in files:
