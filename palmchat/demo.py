@@ -264,7 +264,8 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     url = f"http://127.0.0.1:{args.port}"
     db = out / "palmchat.db"
     command = [sys.executable, "-m", "palmchat.cli", "serve", ckpts[best], "--reward-model", ckpts["reward"],
-               "--db", str(db), "--port", str(args.port), "--model-name", best, "--log-level", "warning"]
+               "--db", str(db), "--port", str(args.port), "--model-name", best, "--log-level", "warning",
+               "--drain-timeout", "5"]  # terminate() below drains: requests running get 5 s of the 30 it waits
     server = subprocess.Popen(command)
 
     def stop(signum, frame):  # `kill` (SIGTERM) stops the demo as Ctrl-C does: the server never outlives it
