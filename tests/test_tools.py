@@ -173,6 +173,15 @@ def test_malformed_calls_are_content(text):
         assert (content, calls) == (text, []), step
 
 
+def test_a_tagged_call_in_another_key_order_is_taken_at_its_close():
+    text = 'Sure. <tool_call>\n{"arguments": {"city": "Paris"}, "name": "get_weather"}\n</tool_call>'
+    for step in (1, 2, 3, 1000):
+        assert streamed(text, SYNTAXES["hermes"], ["get_weather"], step)[:2] == (
+            "Sure. ", [("get_weather", '{"city": "Paris"}')]), step
+    long_name = '<tool_call>{"name": "' + "x" * 100 + '", "arguments": {}}</tool_call>'
+    assert streamed(long_name, SYNTAXES["hermes"], step=7)[:2] == (long_name, [])  # no function has such a name
+
+
 def test_a_call_cut_off_keeps_the_arguments_written_so_far():
     text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
     assert streamed(text, SYNTAXES["hermes"])[:2] == ("", [("get_weather", '{"city": "Par')])

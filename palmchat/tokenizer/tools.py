@@ -108,6 +108,7 @@ class _Scan:
 CONTENT, HEAD, WHOLE, WHOLE_JSON, ARGUMENTS, AFTER, SEPARATOR, TEXT, DONE = (
     "content", "head", "whole", "whole_json", "arguments", "after", "separator", "text", "done")
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1 may open a call with it
+MAX_NAME = 64  # a function name's longest (OpenAI's limit): a longer one is no call
 WHITESPACE = " \t\r\n"
 
 
@@ -129,6 +130,7 @@ class ToolCallParser:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     scan: _Scan = field(default_factory=_Scan)
+    searched: int = 0  # WHOLE: where in the held call the next search for its close tag starts
 
     def __post_init__(self):
         if not self.syntax.open:  # a bare JSON call: only at the start of the reply
@@ -203,6 +205,7 @@ class ToolCallParser:
                 self.mode = ARGUMENTS
                 return True
             self.mode = WHOLE if self.syntax.open else WHOLE_JSON
+            self.searched = 0
             return True
         if self.mode == WHOLE_JSON:  # all of the rest is one call in another key order, or content
             if not final:
@@ -214,8 +217,9 @@ class ToolCallParser:
             self.mode = TEXT
             return True
         if self.mode == WHOLE:  # a tagged call in another key order: taken when it closes, if it is valid JSON
-            end = rest.find(self.syntax.close)
+            end = rest.find(self.syntax.close, self.searched)
             if end < 0:
+                self.searched = max(0, len(rest) - len(self.syntax.close))  # each feed searches only what is new
                 return False if not final else self._settle_whole(events, rest, len(rest))
             return self._settle_whole(events, rest[len(self.syntax.open):end], end + len(self.syntax.close))
         if self.mode == ARGUMENTS:
@@ -352,7 +356,7 @@ def _match_head(text: str, syntax: CallSyntax):
         pos += len(literal)
     name_end = pos
     while name_end < len(text) and text[name_end] != '"':
-        if text[name_end] == "\\" or text[name_end] in "\n{}":
+        if text[name_end] == "\\" or text[name_end] in "\n{}" or name_end - pos >= MAX_NAME:
             return None
         name_end += 1
     if name_end == len(text):
@@ -384,7 +388,7 @@ def _call_of_json(body: str, syntax: CallSyntax, tools: Collection[str]) -> tupl
         value = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or len(value["name"]) > MAX_NAME:
         return None
     arguments = value.get(syntax.arguments_key, value.get("arguments", value.get("parameters")))
     if not isinstance(arguments, dict) or set(value) - {"name", "arguments", "parameters"}:
