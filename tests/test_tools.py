@@ -395,6 +395,9 @@ def test_bad_tool_requests_get_a_400_naming_the_field(qwen_server):
     assert param == "tool_choice" and "get_weather" in message
     assert error(chat, messages=[user], tool_choice="required")[0] == "tool_choice"
     assert error(chat, messages=[user], tools=[TIME], tool_choice="sometimes")[0] == "tool_choice"
+    strict = {"type": "function", "function": {**TIME["function"], "strict": True}}
+    assert error(chat, messages=[user], tools=[strict])[0] == "tools[0].function.strict"
+    assert error(chat, messages=[user], functions=[TIME["function"]])[0] == "functions"
     # the Responses API's shapes
     assert error("responses", input=[{"type": "function_call_output", "call_id": "call_x", "output": "1"}],
                  tools=FLAT_TOOLS)[0].startswith("input[0]")

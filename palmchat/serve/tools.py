@@ -16,6 +16,8 @@ How a request with tools runs:
   constrained decoding against the function's JSON schema (a grammar through the engine's per-request logits
   processor, from the name on) is what will make every forced call valid for any model; until then an untrained
   model's arguments are returned as written, as OpenAI's non-strict calls may be.
+* `strict: true` on a function is refused (400 unsupported_parameter) until constrained decoding keeps its promise
+  of schema-valid arguments; so are the deprecated `functions` and `function_call`;
 * `parallel_tool_calls: false` ends the reply at its first call's close (a stop string where the call has a close
   tag; what follows the first call is dropped in any case).
 
@@ -87,6 +89,15 @@ class ToolSetup:
         return parser, parser.feed(self.opening())
 
 
+def refuse_legacy_functions(extra: dict | None) -> None:
+    """Chat Completions' deprecated `functions` and `function_call` change what a reply may be: refused (by name)
+    rather than ignored."""
+    for field in ("functions", "function_call"):
+        if extra and field in extra:
+            raise APIError(400, f"{field} is not supported: use `tools` and `tool_choice`", param=field,
+                           code="unsupported_parameter")
+
+
 def tool_setup(chat_format, tools: list | None, tool_choice, parallel_tool_calls: bool | None, *,
                flat: bool = False) -> ToolSetup | None:
     """The checked tools of a request, or None when it offers none (and forces none). ``flat``: the Responses
@@ -155,6 +166,10 @@ def check_tool(tool, where: str, flat: bool) -> dict:
         if problem:
             raise APIError(400, f"{fwhere}.parameters: invalid schema for function '{name}': {problem}",
                            param=f"{fwhere}.parameters")
+    if function.get("strict"):  # a promise of schema-valid arguments that only constrained decoding keeps
+        raise APIError(400, f"{fwhere}.strict: strict function calling is not supported yet (arguments are not "
+                            f"constrained to the schema); leave strict unset or false", param=f"{fwhere}.strict",
+                       code="unsupported_parameter")
     kept = {k: function[k] for k in ("name", "description", "parameters", "strict") if k in function}
     return {"type": "function", "function": kept}
 

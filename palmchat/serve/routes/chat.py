@@ -21,7 +21,7 @@ from palmchat.serve.generate import (
 from palmchat.serve.sampling import choice_counts, fit_prompt, sampling_params, stops_of
 from palmchat.serve.state import caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
-from palmchat.serve.tools import ReplyReader, chat_messages, tool_setup
+from palmchat.serve.tools import ReplyReader, chat_messages, refuse_legacy_functions, tool_setup
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
@@ -31,6 +31,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
     state = server_state(request)
     n, candidates = choice_counts(state, body)
     chat_format = state.tokenizer.chat_format
+    refuse_legacy_functions(body.model_extra)
     tools = tool_setup(chat_format, body.tools, body.tool_choice, body.parallel_tool_calls)
     messages = chat_messages(body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
