@@ -277,13 +277,13 @@ def responses_create(client, stream: bool, **kwargs):
     """A response through the SDK's own stream helper (which rebuilds it from the events) or plainly."""
     if not stream:
         return client.responses.create(**kwargs)
-    kinds, final = [], None
+    seen, final = [], None
     with client.responses.stream(**kwargs) as events:
         for event in events:
-            kinds.append(event.type)
+            seen.append(event)
             if event.type in ("response.completed", "response.incomplete"):
                 final = event.response
-    final.kinds = kinds
+    final.kinds, final.events = [e.type for e in seen], seen
     return final
 
 
@@ -304,6 +304,15 @@ def test_a_tool_loop_through_the_responses_api(qwen_server, stream):
     if stream:
         assert "response.function_call_arguments.done" in first.kinds
         assert "response.output_text.delta" not in first.kinds
+        # a call with arguments streams them piece by piece into its item, as the SDK accumulates them
+        weather = responses_create(client, stream, input="Weather in Paris?", **{**common, "max_output_tokens": 5},
+                                   tool_choice={"type": "function", "name": "get_weather"})
+        [item] = weather.output
+        added = [e for e in weather.events if e.type == "response.output_item.added"]
+        assert [(e.output_index, e.item.type, e.item.name) for e in added] == [(0, "function_call", "get_weather")]
+        pieces = [e.delta for e in weather.events if e.type == "response.function_call_arguments.delta"]
+        assert all(e.item_id == item.id for e in weather.events if e.type.startswith("response.function_call"))
+        assert len(pieces) > 1 and "".join(pieces) == item.arguments and item.status == "incomplete"
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "12:30"}
     second = responses_create(client, stream, input=[result], previous_response_id=first.id, **common)
     assert [o.type for o in second.output] == ["message"]  # (its text may be empty: ids past the tokenizer's)
