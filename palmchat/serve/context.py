@@ -35,7 +35,10 @@ def conversation_history(state: ServerState, items: list[tuple[dict, list[int], 
         messages: list[dict] = []
         for item, _, _ in kept:
             add_item(messages, item)
-        return render_history(chat_format, messages), messages
+        try:
+            return render_history(chat_format, messages), messages
+        except ValueError as e:  # what the chat template refuses (several calls in one reply for Llama 3.1...)
+            raise APIError(400, f"the conversation cannot be rendered: {e}", param="conversation") from None
     ids, messages = conversation_start(chat_format), []
     for item, tokens, tokenizer in kept:
         message = message_of(item)
