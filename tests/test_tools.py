@@ -477,6 +477,10 @@ def test_palmchat_format_tool_loop_streamed(palm_server):
     [call] = timed.choices[0].message.tool_calls
     assert (call.function.name, call.function.arguments, timed.choices[0].finish_reason) == (
         "get_time", "{}", "tool_calls")
+    two = client.chat.completions.create(model=model, messages=messages, tools=[TIME], tool_choice="required", n=2,
+                                         max_tokens=2)  # one function: "required" names it
+    ids = [c.message.tool_calls[0].id for c in two.choices]
+    assert [c.message.tool_calls[0].function.name for c in two.choices] == ["get_time"] * 2 and ids[0] != ids[1]
     messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                  {"role": "tool", "tool_call_id": call.id, "content": "12:30"}]
     second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], max_tokens=3)
