@@ -57,7 +57,7 @@ class LoopbackServer:
         self.keys = {name: create_key(self.store, name)[1] for name in keys}
         self.scheduler = Scheduler(self.model, **limits)
         self.state = ServerState(model_id=MODEL, tokenizer=checkpoint.load_tokenizer(ckpt), scheduler=self.scheduler,
-                                 store=self.store, moderator=moderator,
+                                 store=self.store, moderator=moderator, no_auth=not keys,
                                  moderation_mode="off" if moderator is None else "block")
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=self.port,
@@ -394,7 +394,7 @@ def test_sigterm_drains_then_commits_the_running_stream_as_incomplete(artifacts,
     policy, _ = build_policy(tmp_path / "small-chat", Tokenizer.load(tok_path), tok_path, "small")
     db = tmp_path / "drain.db"
     srv = Server(policy, db, "--moderation", "none", "--drain-timeout", "1", "--model-name", MODEL,
-                 log=tmp_path / "drain.log").start()
+                 log=tmp_path / "drain.log", no_auth=True).start()
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         first = c.responses.create(model=MODEL, input="First turn.", max_output_tokens=5)

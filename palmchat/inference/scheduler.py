@@ -70,6 +70,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache; set before the first event
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    exception: BaseException | None = None  # what failed it (error), for the server's log
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter() when the first token was sampled
     _row: Row = field(init=False)
@@ -266,9 +267,9 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     self._iteration()
-            except Exception:  # a bug outside any one request must not hang every client: fail those in flight
+            except Exception as e:  # a bug outside any one request must not hang every client: fail those in flight
                 log.exception("scheduler iteration failed; failing every request in flight")
-                self._fail_all("the server had an error while generating")
+                self._fail_all("the server had an error while generating", exception=e)
             self.heartbeat = time.monotonic()
         self._fail_all("the server is shutting down", reason="cancelled")
 
@@ -444,6 +445,7 @@ class Scheduler:
         self.counters["failed_total"] += 1
         request._row.finish_reason = "error"
         request.error = f"the server had an error while generating this reply ({type(error).__name__})"
+        request.exception = error
         self._emit(request, [], finish="error")
 
     def _emit(self, request: Request, released: list[tuple[int, float]], finish: str | None) -> None:
@@ -464,13 +466,14 @@ class Scheduler:
         except Exception:  # a consumer's bug (or a closed event loop) must not stop the batch
             request.cancel()
 
-    def _fail_all(self, message: str, reason: str = "error") -> None:
+    def _fail_all(self, message: str, reason: str = "error", exception: BaseException | None = None) -> None:
         with self._wake:
             pending = list(self._waiting)
             self._waiting.clear()
         for request in self._running + ([self._prefilling] if self._prefilling else []) + pending:
             if request.finish_reason is None:
                 request.error = message if reason == "error" else None
+                request.exception = exception
                 self._emit(request, [], finish=reason)
         self._running, self._prefilling, self._logits, self._sampler = [], None, None, None
 

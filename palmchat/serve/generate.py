@@ -164,7 +164,7 @@ class Generation:
                 else:  # the moderator's check runs off the event loop
                     delta = await asyncio.to_thread(reply.add, event.tokens, finish)
                 if reply.finish_reason == "error":
-                    raise GenerationError(event.request.error or "generation failed")
+                    raise GenerationError(event.request.error or "generation failed") from event.request.exception
                 if reply.finish_reason == "cancelled":
                     raise GenerationError("the server is shutting down", status=503)
                 if reply.finish_reason is not None:
@@ -232,8 +232,8 @@ async def generate_replies(state: ServerState, prompt: list[int], params: Sampli
             return generation, [generation.replies[j] for j in order]
         generation = Generation(state, prompt, params, n, stops, block)
         return generation, await generation.run()
-    except GenerationError as e:
-        raise APIError(e.status, str(e), type="server_error") from None
+    except GenerationError as e:  # the scheduler's exception stays the cause, for the server's log
+        raise APIError(e.status, str(e), type="server_error") from e.__cause__
 
 
 # -- moderation ------------------------------------------------------------------------------------------
