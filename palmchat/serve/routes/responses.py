@@ -177,7 +177,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                                  temperature=body.temperature, top_p=body.top_p, metadata=body.metadata,
                                  store=body.store, usage=usage, incomplete_reason=reason, moderation=moderation,
                                  truncation=body.truncation or "disabled",
-                                 truncation_details=turn.truncation_details)
+                                 truncation_details=turn.truncation_details,
+                                 text_format=body.text.format if body.text else None)
 
     async def commit(final: dict, reply_tokens: list[int] | None) -> None:
         """Store the turn. A blocked input never enters the token history: its items are kept with no tokens."""
