@@ -9,8 +9,8 @@ BPE with Qwen2's pre-tokenizer trained on this machine's Python standard library
 (no download: the mask cost depends on the vocabulary's size and shape, not on which text trained it).
 
 1. Mask cost: every library compiles the same JSON schema, then B matchers (batch 1 and 8) walk the tokens of a
-   valid document; per step each fills its row of the batch's token mask. Printed: milliseconds per decode step
-   (all B rows), compile time, and for palmchat's glue (palmchat.serve.structured, xgrammar) the time including
+   valid document; per step each fills its row of the batch's token mask. Printed: median milliseconds per decode
+   step (all B rows), compile time, and for palmchat's glue (palmchat.serve.structured, xgrammar) the time including
    the bool mask the sampler applies.
 2. Decode: palmchat's engine (the demo's model shape, random weights, bf16 inference copy) generates 64 tokens per
    row unconstrained and constrained to the schema, batch 1 and 8; printed: tokens/s and the slowdown.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -183,19 +184,18 @@ def mask_cost(vocab: Vocab, library: str, batch: int, repeats: int) -> tuple[flo
     compile_s = time.perf_counter() - start
     trajectory = vocab.encode(json.dumps(DOCUMENT, separators=(",", ":"))) + [vocab.stop_id]
     bitmask = bitmask_of(batch)
-    total, steps = 0.0, 0
+    times = []
     for _ in range(repeats):
         matchers = [make() for _ in range(batch)]
         for token in trajectory:
             start = time.perf_counter()
             for b, m in enumerate(matchers):
                 m.fill(bitmask, b)
-            total += time.perf_counter() - start
-            steps += 1
+            times.append(time.perf_counter() - start)
             assert (bitmask[0, token // 32] >> (token % 32)) & 1, f"{library}: the document's token {token} masked"
             for m in matchers:
                 m.accept(token) if token != vocab.stop_id else None
-    return compile_s, 1000 * total / steps
+    return compile_s, 1000 * statistics.median(times)
 
 
 def glue_cost(vocab: Vocab, batch: int, repeats: int) -> float:
@@ -207,19 +207,18 @@ def glue_cost(vocab: Vocab, batch: int, repeats: int) -> float:
     grammars = Grammars(Tok(), vocab.size, [vocab.stop_id])
     new = grammars.processor(grammars.json_schema(SCHEMA, "schema"))
     trajectory = vocab.encode(json.dumps(DOCUMENT, separators=(",", ":")))
-    total, steps = 0.0, 0
+    times = []
     new().allowed(())  # warm-up
     for _ in range(repeats):
         rows = [new() for _ in range(batch)]
         for token in trajectory:
             start = time.perf_counter()
             masks = [r.allowed(()) for r in rows]
-            total += time.perf_counter() - start
-            steps += 1
+            times.append(time.perf_counter() - start)
             assert masks[0][token]
             for r in rows:
                 r.advance(token)
-    return 1000 * total / steps
+    return 1000 * statistics.median(times)
 
 
 def decode_slowdown(vocab: Vocab, batch: int, tokens: int) -> tuple[float, float]:

@@ -67,6 +67,9 @@ def token_bytes(hf_tokenizer) -> list[bytes]:
     return out
 
 
+_BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8) & 1).bool()  # (256, 8): the bits of each byte value
+
+
 class GrammarMatcher:
     """One row's LogitsProcessor: xgrammar's matcher over the compiled grammar, with its own bitmask buffer."""
 
@@ -74,14 +77,14 @@ class GrammarMatcher:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32
-        self.bits = torch.arange(32, dtype=torch.int32)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32, bit j of word i: 32i + j
         self.vocab_size = vocab_size
 
     def allowed(self, tokens: Sequence[int]) -> torch.Tensor:
         """(V,) bool: the tokens that keep the output a prefix of a valid document (only stop tokens at its end)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        return ((self.bitmask[0, :, None] >> self.bits) & 1).bool().flatten()[: self.vocab_size]
+        # little-endian words: byte k holds tokens 8k..8k+7, its bit j token 8k + j; one table lookup per byte
+        return _BYTE_BITS[self.bitmask.view(torch.uint8).flatten().long()].flatten()[: self.vocab_size]
 
     def advance(self, token: int) -> None:
         if not self.matcher.is_terminated():
@@ -92,7 +95,12 @@ class Grammars:
     """Compiles JSON grammars for one tokenizer and model vocabulary (xgrammar's compiler caches them)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: Sequence[int]):
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise APIError(400, "this server cannot constrain replies to JSON: its Python environment lacks xgrammar "
+                                "(pip install 'palmchat[structured]')", param="response_format",
+                           code="unsupported_parameter") from None
 
         info = xgr.TokenizerInfo(token_bytes_of(tokenizer), xgr.VocabType.RAW, vocab_size=vocab_size,
                                  stop_token_ids=list(stop_ids))
