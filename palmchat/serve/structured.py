@@ -73,9 +73,10 @@ _BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8) & 1).bool()  # (256,
 class GrammarMatcher:
     """One row's LogitsProcessor: xgrammar's matcher over the compiled grammar, with its own bitmask buffer."""
 
-    def __init__(self, compiled, vocab_size: int):
+    def __init__(self, compiled, vocab_size: int, json_safe: torch.Tensor):
         import xgrammar as xgr
 
+        self.json_safe = json_safe
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32, bit j of word i: 32i + j
         self.vocab_size = vocab_size
@@ -84,7 +85,8 @@ class GrammarMatcher:
         """(V,) bool: the tokens that keep the output a prefix of a valid document (only stop tokens at its end)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         # little-endian words: byte k holds tokens 8k..8k+7, its bit j token 8k + j; one table lookup per byte
-        return _BYTE_BITS[self.bitmask.view(torch.uint8).flatten().long()].flatten()[: self.vocab_size]
+        allowed = _BYTE_BITS[self.bitmask.view(torch.uint8).flatten().long()].flatten()[: self.vocab_size]
+        return allowed & self.json_safe
 
     def advance(self, token: int) -> None:
         if not self.matcher.is_terminated():
@@ -106,6 +108,11 @@ class Grammars:
                                  stop_token_ids=list(stop_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
+        # No raw byte below 0x20 is valid anywhere in compact JSON (in a string it must be escaped), but xgrammar's
+        # rule for a string with maxLength lets them through: such tokens are masked here for every grammar.
+        pieces = token_bytes_of(tokenizer)
+        self.json_safe = torch.ones(vocab_size, dtype=torch.bool)
+        self.json_safe[[i for i, b in enumerate(pieces[:vocab_size]) if any(c < 0x20 for c in b)]] = False
 
     def json_schema(self, schema: dict, param: str):
         """A compiled grammar for documents valid under `schema`, compact (no whitespace between tokens, so that
@@ -130,7 +137,7 @@ class Grammars:
 
     def processor(self, compiled) -> Callable[[], GrammarMatcher]:
         """SamplingParams.new_logits_processor: a fresh matcher for each sampled row."""
-        return lambda: GrammarMatcher(compiled, self.vocab_size)
+        return lambda: GrammarMatcher(compiled, self.vocab_size, self.json_safe)
 
     def for_response_format(self, response_format: dict | None, param: str = "response_format"):
         """The compiled grammar a Chat Completions `response_format` (or a Responses `text.format`) asks for, or
