@@ -182,3 +182,23 @@ def test_scheduler_keeps_counts_when_the_batch_changes(model):
 def test_out_of_range_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+class NothingAllowed:
+    def allowed(self, tokens):
+        return torch.zeros(VOCAB, dtype=torch.bool)
+
+    def advance(self, token):
+        pass
+
+
+def test_a_row_left_with_no_token_stops_instead_of_failing_the_batch(model):
+    engine = Engine(model)
+    dead = SamplingParams(max_new_tokens=5, temperature=1.0, seed=0, stop_token_ids=(3,),
+                          new_logits_processor=NothingAllowed)
+    banned = SamplingParams(max_new_tokens=5, temperature=1.0, seed=0, logit_bias={t: -100 for t in range(VOCAB)})
+    fine = SamplingParams(max_new_tokens=5, temperature=0)
+    outs = engine.generate(PROMPTS, [dead, banned, fine])
+    assert outs[0].tokens == [3] and outs[0].finish_reason == "stop"  # only its stop token was left
+    assert len(outs[1].tokens) == 5  # no stop token: it samples unconstrained rather than from NaNs
+    assert outs[2].tokens == engine.generate([PROMPTS[2]], fine)[0].tokens

@@ -100,11 +100,6 @@ class SamplingParams:
     # called once per row (n samples of a request get one each): that row's LogitsProcessor; None -> unconstrained
     new_logits_processor: Callable[[], LogitsProcessor] | None = None
 
-    @property
-    def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias or self.new_logits_processor is not None)
-
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"sampling params: {name}={getattr(self, name)!r} {why}")
@@ -273,6 +268,7 @@ class Sampler:
         rows' logits processors (a new tensor when anything changes, else `logits` itself)."""
         if self.vocab is None:
             self._make_state(logits.shape[-1])
+        raw = logits
         if self.seen is not None:  # vLLM's repetition penalty: shrink a seen token's logit towards (below) zero
             penalised = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
             logits = torch.where(self.seen, penalised, logits)
@@ -286,9 +282,19 @@ class Sampler:
         masks = [(b, r.processor.allowed(r.tokens)) for b, r in enumerate(self.rows) if r.processor is not None]
         masks = [(b, m) for b, m in masks if m is not None]
         if masks:
-            logits = logits.clone()
+            logits = logits.clone() if logits is raw else logits
             for b, allowed in masks:
                 logits[b].masked_fill_(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
+        if masks or self.bias is not None:
+            # a row left with no token at all (every one banned, or a constraint at a dead end) ends: only its
+            # stop tokens stay, else it samples unconstrained, rather than failing the whole batch on NaNs
+            for b in torch.nonzero(torch.isneginf(logits).all(dim=-1)).flatten().tolist():
+                stops = [t for t in self.rows[b].params.stop_token_ids if t < logits.shape[-1]]
+                logits[b] = raw[b]
+                if stops:
+                    keep = torch.zeros_like(logits[b], dtype=torch.bool)
+                    keep[stops] = True
+                    logits[b].masked_fill_(~keep, float("-inf"))
         return logits
 
     def __call__(self, logits: torch.Tensor) -> Sampled:
@@ -312,10 +318,10 @@ class Sampler:
             self.counts[torch.arange(B, device=tokens.device), tokens] += 1
         if self.seen is not None:
             self.seen[torch.arange(B, device=tokens.device), tokens] = True
-        token_list = tokens.tolist()
-        for r, token in zip(self.rows, token_list):
-            if r.processor is not None:
-                r.processor.advance(token)
+        if any(r.processor is not None for r in self.rows):
+            for r, token in zip(self.rows, tokens.tolist()):
+                if r.processor is not None:
+                    r.processor.advance(token)
         return Sampled(tokens, logprobs, self._reported(raw, tokens))
 
     def _reported(self, raw: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:

@@ -192,3 +192,9 @@ def compile_format(state, response_format: dict | None, param: str) -> Callable[
 def token_bytes_of(tokenizer) -> list[bytes]:
     """token_bytes of a palmchat tokenizer (palmchat's own or a Hugging Face one), computed once."""
     return token_bytes(tokenizer.hf_tokenizer)
+
+
+def tool_arguments_processor(state, parameters: dict, param: str = "tools") -> Callable[[], GrammarMatcher]:
+    """SamplingParams.new_logits_processor that keeps a tool call's arguments valid under the tool's JSON schema
+    (`parameters`), for the server's tokenizer; an invalid schema is a 400 naming `param`."""
+    return server_grammars(state).tool_arguments_processor(parameters, param)
