@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from palmchat.serve.errors import APIError
@@ -67,13 +68,11 @@ def token_bytes(hf_tokenizer) -> list[bytes]:
     return out
 
 
-_BYTE_BITS = (torch.arange(256)[:, None] >> torch.arange(8) & 1).bool()  # (256, 8): the bits of each byte value
-
-
 class GrammarMatcher:
     """One row's LogitsProcessor: xgrammar's matcher over the compiled grammar, with its own bitmask buffer."""
 
     def __init__(self, compiled, vocab_size: int, json_safe: torch.Tensor):
+        """json_safe: (ceil(V / 32),) int32, the bits of the tokens any JSON document may hold (Grammars)."""
         import xgrammar as xgr
 
         self.json_safe = json_safe
@@ -84,9 +83,10 @@ class GrammarMatcher:
     def allowed(self, tokens: Sequence[int]) -> torch.Tensor:
         """(V,) bool: the tokens that keep the output a prefix of a valid document (only stop tokens at its end)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        # little-endian words: byte k holds tokens 8k..8k+7, its bit j token 8k + j; one table lookup per byte
-        allowed = _BYTE_BITS[self.bitmask.view(torch.uint8).flatten().long()].flatten()[: self.vocab_size]
-        return allowed & self.json_safe
+        self.bitmask[0] &= self.json_safe
+        # little-endian words: byte k holds tokens 8k..8k+7, bit j of it token 8k + j
+        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]
+        return torch.from_numpy(bits).view(torch.bool)
 
     def advance(self, token: int) -> None:
         if not self.matcher.is_terminated():
@@ -111,8 +111,9 @@ class Grammars:
         # No raw byte below 0x20 is valid anywhere in compact JSON (in a string it must be escaped), but xgrammar's
         # rule for a string with maxLength lets them through: such tokens are masked here for every grammar.
         pieces = token_bytes_of(tokenizer)
-        self.json_safe = torch.ones(vocab_size, dtype=torch.bool)
-        self.json_safe[[i for i, b in enumerate(pieces[:vocab_size]) if any(c < 0x20 for c in b)]] = False
+        safe = np.ones(-(-vocab_size // 32) * 32, dtype=np.uint8)
+        safe[[i for i, b in enumerate(pieces[:vocab_size]) if any(c < 0x20 for c in b)]] = 0
+        self.json_safe = torch.from_numpy(np.packbits(safe, bitorder="little").view(np.int32).copy())
 
     def json_schema(self, schema: dict, param: str):
         """A compiled grammar for documents valid under `schema`, compact (no whitespace between tokens, so that
