@@ -12,8 +12,9 @@ BPE with Qwen2's pre-tokenizer trained on this machine's Python standard library
    valid document; per step each fills its row of the batch's token mask. Printed: median milliseconds per decode
    step (all B rows), compile time (the tokenizer's vocabulary and the schema), and for palmchat's glue
    (palmchat.serve.structured over xgrammar) the time including the bool mask the sampler applies.
-2. Decode: palmchat's engine (the demo's model shape, random weights, bf16 inference copy) generates 64 tokens per
-   row unconstrained and constrained to the schema, batch 1 and 8; printed: tokens/s and the slowdown.
+2. Decode: palmchat's engine (the demo's model shape, random weights, bf16 inference copy) generates up to 64
+   tokens per row unconstrained and constrained to the schema, batch 1 and 8; printed: the median milliseconds per
+   decode step while every row is still generating, and the slowdown.
 """
 
 from __future__ import annotations
@@ -221,8 +222,10 @@ def glue_cost(vocab: Vocab, batch: int, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def decode_slowdown(vocab: Vocab, batch: int, tokens: int) -> tuple[float, float]:
-    """(unconstrained, constrained) tokens/s of palmchat's engine on the demo's model shape (random weights)."""
+def decode_step_ms(vocab: Vocab, batch: int, tokens: int) -> tuple[float, float]:
+    """(unconstrained, constrained) median milliseconds per decode step of palmchat's engine on the demo's model
+    shape (random weights, bf16 copy), over the steps where all `batch` rows were still generating (a constrained
+    row ends when its document does, so whole-run tokens/s would compare batches of different sizes)."""
 
     class Tok:
         hf_tokenizer = vocab.hf_tokenizer
@@ -233,15 +236,18 @@ def decode_slowdown(vocab: Vocab, batch: int, tokens: int) -> tuple[float, float
     grammars = Grammars(Tok(), vocab.size, [vocab.stop_id])
     new = grammars.processor(grammars.json_schema(SCHEMA, "schema"))
     prompt = vocab.encode("Write the record as JSON:")
-    rates = []
+    medians = []
     for constrained in (False, True):
-        params = [SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=i,
+        params = [SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=i, stop_token_ids=(vocab.stop_id,),
                                  new_logits_processor=new if constrained else None) for i in range(batch)]
         engine.generate([prompt] * batch, params)  # warm-up (and the bf16 copy)
-        start = time.perf_counter()
-        outs = engine.generate([prompt] * batch, params)
-        rates.append(sum(len(o.tokens) for o in outs) / (time.perf_counter() - start))
-    return rates[0], rates[1]
+        times, full = [], []
+        for events in engine.stream([prompt] * batch, params):
+            times.append(time.perf_counter())
+            full.append(len(events) == batch)
+        steps = [b - a for a, b, all_rows in zip(times, times[1:], full[1:]) if all_rows]
+        medians.append(1000 * statistics.median(steps))
+    return medians[0], medians[1]
 
 
 def main():
@@ -266,11 +272,11 @@ def main():
                 print(f"{vocab.name:44} {library:14} failed: {type(e).__name__}: {str(e)[:80]}")
         print(f"{vocab.name:44} {'palmchat glue':14} {'':9} {glue_cost(vocab, 1, repeats):17.3f} "
               f"{glue_cost(vocab, 8, repeats):8.3f}   (xgrammar + the bool mask the sampler applies)")
-    print(f"\n{'tokenizer':44} {'batch':>5} {'free tok/s':>10} {'JSON tok/s':>10} {'slowdown':>8}")
+    print(f"\n{'tokenizer':44} {'batch':>5} {'free ms/step':>12} {'JSON ms/step':>12} {'slowdown':>8}")
     for vocab in vocabs:
         for batch in (1, 8):
-            free, constrained = decode_slowdown(vocab, batch, 32 if args.quick else 64)
-            print(f"{vocab.name:44} {batch:5} {free:10.1f} {constrained:10.1f} {free / constrained:7.2f}x")
+            free, constrained = decode_step_ms(vocab, batch, 32 if args.quick else 64)
+            print(f"{vocab.name:44} {batch:5} {free:12.2f} {constrained:12.2f} {constrained / free:7.2f}x")
 
 
 if __name__ == "__main__":

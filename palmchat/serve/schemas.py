@@ -133,7 +133,7 @@ class _Sampling(_RefusesUnsupported):
     top_k: int | None = Field(None, ge=-1, description="vLLM's extra: sample among the k most likely (0 or -1: off)")
     min_p: float | None = Field(None, ge=0, le=1, description="vLLM's extra: keep tokens at least this times as "
                                 "likely as the most likely one")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM's extra (Hugging Face's "
+    repetition_penalty: float | None = Field(None, gt=0, description="vLLM's extra (Hugging Face's "
                                              "definition, over prompt + reply): > 1 discourages repeats; 1 is off")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
