@@ -265,7 +265,8 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
     db = out / "palmchat.db"
     command = [sys.executable, "-m", "palmchat.cli", "serve", ckpts[best], "--reward-model", ckpts["reward"],
                "--db", str(db), "--port", str(args.port), "--model-name", best, "--log-level", "warning",
-               "--no-auth"]  # on 127.0.0.1, for the one person running the demo
+               "--no-auth",  # on 127.0.0.1, for the one person running the demo
+               "--drain-timeout", "5"]  # terminate() below drains: requests running get 5 s of the 30 it waits
     server = subprocess.Popen(command)
 
     def stop(signum, frame):  # `kill` (SIGTERM) stops the demo as Ctrl-C does: the server never outlives it

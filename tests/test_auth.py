@@ -223,7 +223,7 @@ def logged_with_traceback(caplog, message: str) -> None:
     error_id = message.split("error id ")[1].split(":")[0]
     assert error_id.startswith("err_")
     records = [r for r in caplog.records if error_id in r.getMessage()]
-    assert records and SECRET in records[0].getMessage() and records[0].exc_info is not None
+    assert records and records[0].exc_info is not None and SECRET in logging.Formatter().format(records[0])
 
 
 def test_an_unexpected_exception_gives_a_500_without_its_text(in_process, monkeypatch, caplog):

@@ -374,7 +374,9 @@ def test_admin_reload_needs_an_admin_key(artifacts, tmp_path, capsys):
         assert models == [MODEL]
         swapped = ok(client.post("/v1/admin/reload", json=body, headers=admin_auth))
         assert swapped["reward_model"] == str(artifacts["reward"]) and swapped["previous"] is None
-        assert client.get("/health").json()["reward_model"] == str(artifacts["reward"])
+        served = client.get("/health").json()["reward_model"]
+        assert served["name"] == artifacts["reward"].name and len(served["sha256"]) == 64
+        assert str(artifacts["reward"]) not in client.get("/health").text  # no file paths
         assert f"{MODEL}:best-of-4" in [m["id"] for m in ok(client.get("/v1/models", headers=admin_auth))["data"]]
         best = ok(client.post("/v1/chat/completions", headers=admin_auth, json={
             "model": f"{MODEL}:best-of-2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))

@@ -6,6 +6,7 @@ hot-swaps the better one; report.md tells both outcomes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -62,6 +63,13 @@ def greedy(url, text="hi"):
     return reply.json()["choices"][0]["message"]["content"]
 
 
+def weights_sha256(path) -> str:
+    """The sha256 of a checkpoint's weight files, as /health names the reward model it serves."""
+    from palmchat.checkpoint import resolve
+
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(resolve(path).glob("*.safetensors")))).hexdigest()
+
+
 def test_one_round_end_to_end(tmp_path, capsys):
     from palmchat.cli import main
 
@@ -83,7 +91,8 @@ def test_one_round_end_to_end(tmp_path, capsys):
         champion = (tmp_path / "loop" / "champion").read_text().strip()
         assert champion == report["new"]
         health = httpx.get(srv.url + "/health").json()
-        assert health["reward_model"] == champion  # swapped in without a restart
+        assert health["reward_model"]["sha256"] == weights_sha256(champion)  # swapped in without a restart
+        assert str(tmp_path) not in json.dumps(health)  # no file paths
         best = httpx.post(srv.url + "/v1/chat/completions", json={
             "model": "tiny-chat:best-of-2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             timeout=60)
@@ -112,7 +121,7 @@ def test_one_round_end_to_end(tmp_path, capsys):
         second = json.loads((tmp_path / "loop" / "round-002" / "round.json").read_text())
         assert second["previous"] == champion and not second["promoted"] and not second["reloaded"]
         assert (tmp_path / "loop" / "champion").read_text().strip() == champion
-        assert httpx.get(srv.url + "/health").json()["reward_model"] == champion
+        assert httpx.get(srv.url + "/health").json()["reward_model"]["sha256"] == weights_sha256(champion)
         assert not second["policy"]["promoted"] and second["policy"]["current"] == promoted
         assert (tmp_path / "loop" / "policy_champion").read_text().strip() == promoted
         assert "**kept** the current one" in (tmp_path / "loop" / "round-002" / "report.md").read_text()

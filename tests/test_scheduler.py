@@ -224,3 +224,121 @@ def test_prefix_cache_budget_lru_and_subsumed_entries():
     assert cache.tokens <= 10
     assert cache.lookup("lora", torch.tensor([1, 2, 3]), limit=3)[1] == 0
     assert cache.lookup(None, torch.tensor([1, 2, 3, 4, 5, 6]), limit=5)[1] == 5
+
+
+# -- limits, fair admission, faults ---------------------------------------------------------------------------
+
+
+def test_queue_and_per_owner_limits_refuse_with_a_status(model):
+    from palmchat.inference.scheduler import Refused
+
+    scheduler = Scheduler(model, max_queue=3, max_requests_per_owner=1)  # not started: everything waits
+    c = Collector(scheduler)
+    scheduler.submit_all(PROMPTS[0], [(greedy(3, cache_salt="a"), lambda ev: None)] * 2)  # n=2 counts once
+    with pytest.raises(Refused) as busy:
+        c.submit(PROMPTS[0], greedy(3, cache_salt="a"))
+    assert busy.value.status == 429 and "--max-requests-per-key" in str(busy.value) and busy.value.retry_after > 0
+    c.submit(PROMPTS[1], greedy(3, cache_salt="b"))  # another key still gets through
+    with pytest.raises(Refused) as full:
+        c.submit(PROMPTS[1], greedy(3, cache_salt="c"))
+    assert full.value.status == 503 and "--max-queue" in str(full.value)
+    assert scheduler.counters["refused_total"] == 2
+    scheduler.drain()
+    with pytest.raises(Refused) as draining:
+        c.submit(PROMPTS[1], greedy(3, cache_salt="d"))
+    assert draining.value.status == 503
+
+
+def test_a_finished_request_frees_its_owners_slot(model):
+    scheduler = Scheduler(model, max_requests_per_owner=1).start()
+    try:
+        for _ in range(3):  # one at a time, each after the last finished
+            (r,), _ = run_all(scheduler, [PROMPTS[2]], [greedy(3, cache_salt="a")])
+            assert r.finish_reason == "length"
+        c = Collector(scheduler)
+        r = c.submit(PROMPTS[2], greedy(100, cache_salt="a"))
+        r.cancel()  # cancelled also frees it
+        c.wait()
+        run_all(scheduler, [PROMPTS[2]], [greedy(3, cache_salt="a")])
+    finally:
+        scheduler.stop()
+
+
+def test_admission_is_fair_across_owners_not_first_come(model):
+    scheduler = Scheduler(model, max_batch=2)  # not started: all four are queued before the first admission
+    c = Collector(scheduler)
+    a = [c.submit(PROMPTS[i], greedy(4 if i == 0 else 20, cache_salt="a")) for i in range(3)]
+    b = c.submit(PROMPTS[3], greedy(20, cache_salt="b"))
+    scheduler.start()
+    try:
+        c.wait()
+    finally:
+        scheduler.stop()
+    # first come, first served would run a[0] and a[1] together and b only after a[0] finished
+    assert b.first_token < a[1].first_token < a[2].first_token
+
+
+def test_a_per_owner_row_cap_keeps_one_requests_samples_from_taking_the_batch(model):
+    scheduler = Scheduler(model, max_batch=4, max_rows_per_owner=1).start()
+    c = Collector(scheduler)
+    try:
+        group = [c.submit(PROMPTS[1], greedy(6, cache_salt="a")) for _ in range(3)]
+        other = c.submit(PROMPTS[2], greedy(6, cache_salt="b"))
+        c.wait()
+    finally:
+        scheduler.stop()
+    assert all(r.finish_reason == "length" for r in group + [other])
+    # never more than one row of "a" and one of "b" decoding together, though the batch has room for four
+    assert scheduler.counters["decode_rows_total"] <= 2 * scheduler.counters["decode_steps_total"]
+
+
+def faulty(model, fails):
+    """Make the model's forward raise (as an out-of-memory would) when fails(idx, cache) is true."""
+    forward = model.hidden_states
+
+    def hidden_states(idx, cache=None, **kw):
+        if fails(idx, cache):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return forward(idx, cache=cache, **kw)
+
+    model.hidden_states = hidden_states
+
+
+LONG = [int(t) for t in torch.arange(40) * 7 % VOCAB]  # longer than every prompt of PROMPTS
+
+
+def test_a_fault_in_one_prefill_fails_only_that_request(model):
+    engine = Engine(model)
+    expected = [engine.generate([p], greedy(12))[0].tokens for p in PROMPTS[:3]]
+    faulty(model, lambda idx, cache: idx.shape[1] >= len(LONG))  # the long prompt's prefill
+    scheduler = Scheduler(model, prefill_chunk=64).start()
+    try:
+        c = Collector(scheduler)
+        others = [c.submit(p, greedy(12)) for p in PROMPTS[:2]]
+        bad = c.submit(LONG, greedy(12))
+        others.append(c.submit(PROMPTS[2], greedy(12)))
+        c.wait()
+        (after,), _ = run_all(scheduler, [PROMPTS[0]], [greedy(12)])  # the scheduler goes on
+    finally:
+        scheduler.stop()
+    assert bad.finish_reason == "error" and "RuntimeError" in bad.error and "memory" not in bad.error
+    assert [r.tokens for r in others] == expected and all(r.finish_reason == "length" for r in others)
+    assert after.tokens == expected[0] and scheduler.counters["failed_total"] == 1
+
+
+def test_a_fault_in_one_decode_row_fails_only_that_row(model):
+    engine = Engine(model)
+    expected = [engine.generate([p], greedy(12))[0].tokens for p in PROMPTS[:3]]
+    # a decode step fails whenever the long request's row is in it, from its third token on
+    faulty(model, lambda idx, cache: idx.shape[1] == 1 and cache is not None
+           and bool((cache.lengths >= len(LONG) + 3).any()))
+    scheduler = Scheduler(model).start()
+    try:
+        c = Collector(scheduler)
+        bad = c.submit(LONG, greedy(12))
+        others = [c.submit(p, greedy(12)) for p in PROMPTS[:3]]
+        c.wait()
+    finally:
+        scheduler.stop()
+    assert bad.finish_reason == "error" and 1 <= len(bad.tokens) < 12
+    assert [r.tokens for r in others] == expected and all(r.finish_reason == "length" for r in others)

@@ -23,14 +23,29 @@ decode step runs the model on a view of the slab with no copy. Each iteration of
 
 Events (newly final tokens of one request) are passed to each request's `on_event` from the scheduler's thread;
 `stream` bridges them to asyncio.
+
+Limits, so that a server stays usable under load and one client cannot take it over:
+- `max_queue`: requests waiting for a row at most; `submit` refuses more with `Refused` (status 503).
+- `max_requests_per_owner`: submissions (a group of n samples counts once) of one owner in flight at most
+  (429). The owner is `SamplingParams.cache_salt`, the server's API key.
+- `max_rows_per_owner`: batch rows one owner's requests hold at once; the rest of its samples wait for rows to
+  free, so that one n=16 request cannot take every row while others wait.
+- Fair admission: when a row frees, the waiting request of the owner holding the fewest rows goes first (the
+  oldest among equals), not the oldest overall.
+
+Faults are isolated: an exception while one request prefills fails that request only; an exception in a decode
+step runs each row alone to find the one that fails, and the others go on. `heartbeat` is the monotonic time of
+the loop's last iteration, for a health check that the thread is making progress; `drain()` refuses new work
+while what runs finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +57,9 @@ from palmchat.inference.kv_cache import KVCache
 from palmchat.inference.prefix_cache import PrefixCache
 from palmchat.model.lora import adapters, use_adapter
 
+log = logging.getLogger(__name__)
+RETRY_AFTER = 2.0  # seconds a refused client is told to wait: about one reply's time on a busy server
+
 
 @dataclass
 class Request:
@@ -52,6 +70,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache; set before the first event
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    exception: BaseException | None = None  # what failed it (error), for the server's log
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter() when the first token was sampled
     _row: Row = field(init=False)
@@ -59,9 +78,15 @@ class Request:
     _prefilled: int = 0  # prompt tokens in the row's cache so far
     _sampled: list[int] = field(default_factory=list)  # every sampled token (the output may drop a stop sequence)
     _generator: torch.Generator | None = None  # the row's random stream, kept when the batch around it changes
+    _group: list[int] = field(default_factory=lambda: [1])  # unfinished requests of its submit_all, shared
 
     def __post_init__(self):
         self._row = Row(self.params, self.prompt)
+
+    @property
+    def owner(self) -> str:
+        """Who the request counts against for the per-owner limits: the cache salt (the server's API key)."""
+        return self.params.cache_salt or ""
 
     @property
     def cache_key(self) -> tuple[str | None, str | None]:
@@ -86,6 +111,16 @@ class Request:
         self._cancelled = True
 
 
+class Refused(RuntimeError):
+    """submit refused a request for now: the queue is full or the server is draining (status 503), or its owner
+    has too many requests in flight (429). code: which of these; retry_after: seconds to wait before trying
+    again."""
+
+    def __init__(self, message: str, status: int, code: str, retry_after: float = RETRY_AFTER):
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
 @dataclass
 class Event:
     request: Request
@@ -97,41 +132,75 @@ class Event:
 
 class Scheduler:
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, max_batch: int = 16,
-                 prefix_cache_tokens: int = 65536, prefill_chunk: int = 256):
+                 prefix_cache_tokens: int = 65536, prefill_chunk: int = 256, max_queue: int = 0,
+                 max_requests_per_owner: int = 0, max_rows_per_owner: int = 0, stall_seconds: float = 60.0):
+        """max_queue, max_requests_per_owner, max_rows_per_owner: the limits above (0: none). stall_seconds: how
+        long the loop may go without an iteration while work is pending before `stalled` says so."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
+        if min(max_queue, max_requests_per_owner, max_rows_per_owner) < 0:
+            raise ValueError("max_queue, max_requests_per_owner and max_rows_per_owner must be >= 0 (0: no limit)")
         self.engine = Engine(model, dtype=dtype)
         self.config = model.config
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_queue, self.max_requests_per_owner = max_queue, max_requests_per_owner
+        self.max_rows_per_owner, self.stall_seconds = max_rows_per_owner, stall_seconds
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
-        self._wake = threading.Condition()
-        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()  # (an RLock inside: _emit may take it while it is held)
+        self._waiting: list[Request] = []
+        self._in_flight: Counter[str] = Counter()  # owner -> its unfinished submissions
         self._running: list[Request] = []  # row b of the slab decodes _running[b]
         self._prefilling: Request | None = None  # in the spare row, slab row max_batch
         self._logits: torch.Tensor | None = None  # (n, V): the running rows' next-token logits
         self._sampler: Sampler | None = None  # rebuilt when the running set changes
         self._slab: KVCache | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stopping = self.draining = False
+        self.heartbeat = time.monotonic()  # the loop's last sign of life
         self.counters = dict(requests_total=0, prompt_tokens_total=0, cached_tokens_total=0,
-                             generated_tokens_total=0, decode_steps_total=0, decode_rows_total=0)
+                             generated_tokens_total=0, decode_steps_total=0, decode_rows_total=0,
+                             refused_total=0, failed_total=0)
 
     # -- the public side (any thread) -------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                adapter: str | None = None) -> Request:
-        """Queue a request; raises ValueError for one that can never run (see Engine.check)."""
-        self.engine.check(prompt, params)
+        """Queue a request; raises ValueError for one that can never run (see Engine.check), Refused for one
+        that does not fit now (see the limits above)."""
+        return self.submit_all(prompt, [(params, on_event)], adapter)[0]
+
+    def submit_all(self, prompt: list[int], samples: list[tuple[SamplingParams, Callable[[Event], None]]],
+                   adapter: str | None = None) -> list[Request]:
+        """Queue several samples of one prompt, all or none: one submission of one owner (the first sample's
+        cache_salt) for the per-owner limit. Raises as submit does."""
+        for params, _ in samples:
+            self.engine.check(prompt, params)
         if adapter is not None and adapter not in adapters(self.engine.model):
             raise ValueError(f"unknown adapter {adapter!r}; loaded: {adapters(self.engine.model) or 'none'}")
-        request = Request(list(prompt), params, on_event, adapter)
+        group = [len(samples)]
+        requests = [Request(list(prompt), params, on_event, adapter, _group=group) for params, on_event in samples]
+        owner = requests[0].owner
         with self._wake:
-            if self._stopping:
-                raise RuntimeError("the scheduler is stopped")
-            self._waiting.append(request)
-            self.counters["requests_total"] += 1
+            if self._stopping or self.draining:
+                self.counters["refused_total"] += 1
+                raise Refused("the server is shutting down and takes no new requests", 503, "server_shutting_down",
+                              retry_after=10.0)
+            if self.max_queue and self._waiting and len(self._waiting) + len(requests) > self.max_queue:
+                self.counters["refused_total"] += 1
+                raise Refused(f"the server is overloaded: {len(self._waiting)} requests are waiting, the queue's "
+                              f"limit is {self.max_queue} (--max-queue); retry later", 503, "server_overloaded")
+            if self.max_requests_per_owner and self._in_flight[owner] >= self.max_requests_per_owner:
+                self.counters["refused_total"] += 1
+                raise Refused(f"too many requests in flight for this key: the limit is "
+                              f"{self.max_requests_per_owner} at a time (--max-requests-per-key); wait for one "
+                              f"to finish", 429, "too_many_requests_in_flight")
+            if self.idle:  # the loop wakes now: its last iteration may be long ago
+                self.heartbeat = time.monotonic()
+            self._in_flight[owner] += 1
+            self._waiting.extend(requests)
+            self.counters["requests_total"] += len(requests)
             self._wake.notify()
-        return request
+        return requests
 
     async def stream(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
                      on_submit: Callable[[Request], None] | None = None) -> AsyncIterator[Event]:
@@ -158,6 +227,23 @@ class Scheduler:
             self._thread.start()
         return self
 
+    def drain(self) -> None:
+        """Refuse new requests (Refused, 503) from now on; those already submitted run to their end."""
+        with self._wake:
+            self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        return not (self._waiting or self._running or self._prefilling)
+
+    @property
+    def stalled(self) -> bool:
+        """Work is pending, but the loop has not completed an iteration for stall_seconds (or its thread died)."""
+        if self.idle:
+            return False
+        dead = self._thread is None or not self._thread.is_alive()
+        return dead or time.monotonic() - self.heartbeat > self.stall_seconds
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -169,6 +255,7 @@ class Scheduler:
     def stats(self) -> dict:
         waiting = len(self._waiting) + (self._prefilling is not None)
         return dict(self.counters, running=len(self._running), waiting=waiting,
+                    heartbeat_age=round(time.monotonic() - self.heartbeat, 3),
                     prefix_cache_tokens=self.prefix_cache.tokens, prefix_cache_entries=len(self.prefix_cache.entries))
 
     # -- the scheduler's thread -----------------------------------------------------------------------
@@ -181,11 +268,14 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
+            self.heartbeat = time.monotonic()
             try:
                 with torch.inference_mode():
                     self._iteration()
-            except Exception as e:  # a bug must not hang every client: fail the requests in flight, go on
-                self._fail_all(f"{type(e).__name__}: {e}")
+            except Exception as e:  # a bug outside any one request must not hang every client: fail those in flight
+                log.exception("scheduler iteration failed; failing every request in flight")
+                self._fail_all("the server had an error while generating", exception=e)
+            self.heartbeat = time.monotonic()
         self._fail_all("the server is shutting down", reason="cancelled")
 
     def _iteration(self) -> None:
@@ -199,23 +289,43 @@ class Scheduler:
         if self._prefilling is not None and self._prefilling._cancelled:
             self._emit(self._prefilling, [], finish="cancelled")
             self._prefilling = None
+        with self._wake:  # cancelled while waiting: leave now, not when a row would have freed
+            for request in [r for r in self._waiting if r._cancelled]:
+                self._waiting.remove(request)
+                self._emit(request, [], finish="cancelled")
         if self._prefilling is None and len(self._running) < self.max_batch:
-            self._admit()
+            request = self._next_waiting()
+            if request is not None:
+                try:
+                    self._admit(request)
+                except Exception as e:
+                    self._fail(request, e)
         if self._prefilling is not None:
-            self._prefill_chunk(runner)
+            try:
+                self._prefill_chunk(runner)
+            except Exception as e:  # say an out-of-memory on one long prompt: only that request fails
+                request, self._prefilling = self._prefilling, None
+                self._fail(request, e)
         if self._running:
             self._decode_step(runner)
 
-    def _admit(self) -> None:
+    def _next_waiting(self) -> Request | None:
+        """Take the waiting request of the owner holding the fewest rows (the oldest among equals), skipping
+        owners at max_rows_per_owner."""
+        rows = Counter(r.owner for r in self._running)
         with self._wake:
-            while self._waiting:
-                request = self._waiting.popleft()
-                if request._cancelled:
-                    self._emit(request, [], finish="cancelled")
+            best, fewest = None, None
+            for i, request in enumerate(self._waiting):
+                held = rows[request.owner]
+                if self.max_rows_per_owner and held >= self.max_rows_per_owner:
                     continue
-                break
-            else:
-                return
+                if fewest is None or held < fewest:
+                    best, fewest = i, held
+                    if held == 0:
+                        break
+            return None if best is None else self._waiting.pop(best)
+
+    def _admit(self, request: Request) -> None:
         prompt = torch.tensor(request.prompt, dtype=torch.long)
         # at least the prompt's last token is computed: its logits give the first new token
         entry, m = self.prefix_cache.lookup(request.cache_key, prompt, limit=len(request.prompt) - 1)
@@ -246,8 +356,8 @@ class Scheduler:
         logits = self._project(runner, hidden[:, -1]).float()  # (1, V)
         b = len(self._running)  # join the batch as row b
         self._copy_row(self.max_batch, b, n)
-        self._running.append(request)
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._running.append(request)
         self._sampler = None
         self._prefilling = None
 
@@ -275,11 +385,31 @@ class Scheduler:
         # rows moved when others left: each row feeds back its own last sampled token
         tokens = torch.tensor([[r._sampled[-1]] for r in self._running], device=batch.lengths.device)  # (n, 1)
         names = [r.adapter for r in self._running]
-        with use_adapter(runner, names if any(names) else None):
-            hidden = runner.hidden_states(tokens, cache=batch)  # (n, 1, C)
-        self._logits = self._project(runner, hidden[:, -1]).float()  # (n, V)
+        try:
+            with use_adapter(runner, names if any(names) else None):
+                hidden = runner.hidden_states(tokens, cache=batch)  # (n, 1, C)
+            self._logits = self._project(runner, hidden[:, -1]).float()  # (n, V)
+        except Exception as e:  # the cache advances only after a forward succeeded: each row can run again
+            self._decode_rows_alone(runner, tokens, e)
         self.counters["decode_steps_total"] += 1
         self.counters["decode_rows_total"] += n
+
+    def _decode_rows_alone(self, runner: nn.Module, tokens: torch.Tensor, batch_error: Exception) -> None:
+        """The batch's decode step failed: run each row alone; the rows that fail alone leave with an error."""
+        log.warning("decode step of %d rows failed (%s: %s); running each row alone", len(self._running),
+                    type(batch_error).__name__, batch_error)
+        logits, failed = [], []
+        for b, request in enumerate(self._running):
+            try:
+                with use_adapter(runner, request.adapter):
+                    hidden = runner.hidden_states(tokens[b:b + 1], cache=self._slab.rows(b, b + 1))  # (1, 1, C)
+                logits.append(self._project(runner, hidden[:, -1]).float())
+            except Exception as e:
+                failed.append((b, e))
+                logits.append(torch.zeros_like(self._logits[b:b + 1]))
+        self._logits = torch.cat(logits)
+        for b, e in reversed(failed):
+            self._finish(b, "error", error=e)
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -293,10 +423,12 @@ class Scheduler:
             self._slab.v[:, dst, :, :length] = self._slab.v[:, src, :, :length]
         self._slab.lengths[dst] = length
 
-    def _finish(self, b: int, reason: str | None) -> None:
+    def _finish(self, b: int, reason: str | None, error: Exception | None = None) -> None:
         """Row b leaves the batch: its K/V goes to the prefix cache, the last row moves into its place."""
         request = self._running[b]
-        if reason is not None:  # cancelled (a finished row has its reason and final event already)
+        if error is not None:
+            self._fail(request, error)
+        elif reason is not None:  # cancelled (a finished row has its reason and final event already)
             request._row.finish_reason = reason
             self._emit(request, [], finish=reason)
         length = int(self._slab.lengths[b])  # prompt + the sampled tokens fed back (all but the last)
@@ -312,8 +444,25 @@ class Scheduler:
         self._logits = self._logits[: len(self._running)]
         self._sampler = None
 
+    def _fail(self, request: Request, error: Exception) -> None:
+        """One request failed on its own (its prefill, or its row of a decode step): it ends with an error, and
+        the exception goes to the log, not to the client."""
+        log.error("request failed: %s: %s", type(error).__name__, error, exc_info=error)
+        self.counters["failed_total"] += 1
+        request._row.finish_reason = "error"
+        request.error = f"the server had an error while generating this reply ({type(error).__name__})"
+        request.exception = error
+        self._emit(request, [], finish="error")
+
     def _emit(self, request: Request, released: list[tuple[int, float, TokenLogprobs | None]],
               finish: str | None) -> None:
+        if finish is not None and request.finish_reason is None:
+            with self._wake:  # the last of its group to end frees its owner's in-flight slot
+                request._group[0] -= 1
+                if request._group[0] == 0:
+                    self._in_flight[request.owner] -= 1
+                    if self._in_flight[request.owner] <= 0:
+                        del self._in_flight[request.owner]
         if finish is not None:
             request.finish_reason = finish
         if not released and finish is None:
@@ -325,15 +474,16 @@ class Scheduler:
         except Exception:  # a consumer's bug (or a closed event loop) must not stop the batch
             request.cancel()
 
-    def _fail_all(self, message: str, reason: str = "error") -> None:
+    def _fail_all(self, message: str, reason: str = "error", exception: BaseException | None = None) -> None:
         with self._wake:
             pending = list(self._waiting)
             self._waiting.clear()
         for request in self._running + ([self._prefilling] if self._prefilling else []) + pending:
             if request.finish_reason is None:
                 request.error = message if reason == "error" else None
+                request.exception = exception
                 self._emit(request, [], finish=reason)
         self._running, self._prefilling, self._logits, self._sampler = [], None, None, None
 
 
-__all__ = ["Scheduler", "Request", "Event"]
+__all__ = ["Scheduler", "Request", "Event", "Refused"]

@@ -3,6 +3,7 @@ a restart, prefix-cache reuse, continuous batching, best-of-n, moderation and AP
 people chat on and rank replies on, whose feedback trains the next reward model.
 
     run.py        `palmchat serve`: ServeArgs, loading, uvicorn
+    drain.py      uvicorn with a drain on SIGTERM: refuse new work, let running requests finish, exit 0
     app.py        create_app: assembles the routers, error handlers, middleware and the scheduler's lifespan
     routes/       one file per endpoint family: health (+ metrics, pages), models, chat, completions, responses,
                   conversations, moderations, feedback (thumbs, compare, the labelling queue, admin reload)
@@ -10,7 +11,7 @@ people chat on and rank replies on, whose feedback trains the next reward model.
     errors.py     OpenAI-shaped errors and their handlers, the request-body limit
     sampling.py   request -> model check, best-of count, sampling parameters, the prompt fitted to the context
     generate.py   prompt ids -> reply text through the scheduler: stop strings, moderation, best-of-n
-    streaming.py  server-sent events
+    streaming.py  server-sent events (with keep-alive comments), and whether a request's client went away
     metrics.py    Prometheus metrics
     schemas.py    request bodies and the OpenAI objects returned
     truncation.py leaving out the oldest messages of a conversation too long for the context

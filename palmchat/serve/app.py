@@ -14,7 +14,7 @@ endpoint family has its file in routes/:
 
 What they share: state.py (ServerState, the caller's key and rate limit), errors.py (OpenAI-shaped errors, the
 body limit), sampling.py (request -> sampling parameters and fitted prompt), generate.py (prompt -> replies,
-moderation), streaming.py (server-sent events), metrics.py (Prometheus).
+moderation), streaming.py (server-sent events, client presence), metrics.py (Prometheus).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from palmchat.serve.metrics import CountRequests, metrics_registry
 from palmchat.serve.routes import chat, completions, conversations, feedback, health, models, moderations, responses
 from palmchat.serve.security import SecurityHeaders
 from palmchat.serve.state import ServerState
+from palmchat.serve.streaming import WatchClient
 
+SHUTDOWN_WAIT_STEPS = 100  # of 50 ms: how long shutdown waits for cancelled requests to leave the scheduler
 ROUTERS = [health, models, chat, completions, responses, conversations, moderations, feedback]  # OpenAPI order
 
 
@@ -43,6 +45,12 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
+            # the requests uvicorn cancelled at shutdown clean up first (a stream commits what it had, then its
+            # generation leaves the scheduler): stopping the scheduler under them would fail them instead
+            for _ in range(SHUTDOWN_WAIT_STEPS):
+                if state.scheduler.idle:
+                    break
+                await asyncio.sleep(0.05)
             await asyncio.to_thread(state.scheduler.stop)
 
     app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan, default_response_class=ASCIIJSONResponse,
@@ -58,5 +66,6 @@ def create_app(state: ServerState) -> FastAPI:
     if state.local_hosts is not None:
         app.add_middleware(LocalOnly, hosts=state.local_hosts)
     app.add_middleware(SecurityHeaders)  # every response: the pages' Content-Security-Policy, nosniff
+    app.add_middleware(WatchClient)  # outside BodyLimit: it keeps the server's own receive
     app.add_middleware(CountRequests, counter=counter)  # outermost: also counts the 413s
     return app

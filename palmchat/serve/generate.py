@@ -10,10 +10,18 @@ Each reply's text is released only when it is final:
 - whole characters only: byte-level BPE splits multi-byte characters across tokens, so a tail that decodes to
   U+FFFD waits for the next tokens (up to 4: a character has at most 4 bytes);
 - stop strings are matched on text, not tokens (a stop string need not start on a token boundary), and a tail
-  that may be the start of one is held back; the request is cancelled at the match;
+  that may be the start of one is held back; the request is cancelled at the match. Only the text not yet
+  released is searched (a stop never starts in released text: it would have been held back), so the work per
+  token is bounded by the stops' length, not the reply's;
 - with output moderation in block mode, text leaves only after the whole reply so far passed the moderator,
-  checked every `CHECK_EVERY` tokens and at the end; a flagged reply stops with finish_reason "content_filter"
-  and its unchecked tail is never sent.
+  checked every `CHECK_EVERY` tokens and at the end, in a worker thread so that the event loop serving every
+  other stream does not wait for it (the classifier scores a text's feature set as a whole: each check scores
+  the reply so far); a flagged reply stops with finish_reason "content_filter" and its unchecked tail is never
+  sent.
+
+A non-streamed generation watches its client (streaming.client_disconnected) and is cancelled when it goes away,
+as a stream is. Requests the scheduler refuses for now (queue full, too many in flight for the key, draining)
+are answered 503 or 429 with a retry-after header.
 
 Sample j of a seeded request uses best_of_n.sample_seed(seed, j), as best-of-n does, so n > 1 samples differ.
 """
@@ -26,16 +34,20 @@ from collections.abc import AsyncIterator
 
 from palmchat.inference.best_of_n import sample_seed, score_completions
 from palmchat.inference.engine import SamplingParams
+from palmchat.inference.scheduler import Refused
 from palmchat.serve.errors import APIError
+from palmchat.serve.keys import retry_after_header
 from palmchat.serve.state import ServerState
+from palmchat.serve.streaming import client_disconnected
 
 CHECK_EVERY = 8  # tokens between output-moderation checks in block mode
+WATCH_CLIENT_EVERY = 1.0  # seconds between checks that a non-streamed request's client is still connected
 REFUSAL = "I can't help with that request."
 MODERATION_MODEL = "palmchat-moderation"
 
 
 class GenerationError(RuntimeError):
-    """The scheduler failed a request (status 500) or is shutting down (503)."""
+    """The scheduler failed a request (status 500), is shutting down (503), or the client went away (499)."""
 
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
@@ -73,23 +85,21 @@ class Reply:
         tail = self.tokenizer.decode(self.tokens[self.decoded_upto:])
         if not tail.endswith("\ufffd") or finish is not None or len(self.tokens) - self.decoded_upto >= 4:
             self.decoded, self.decoded_upto = self.decoded + tail, len(self.tokens)
-        full, reason, hold = self.decoded, finish, 0
-        hits = [i for i in (full.find(s, max(0, len(self.text) - len(s))) for s in self.stops) if i >= 0]
+        new, reason, hold = self.decoded[len(self.text):], finish, 0  # decoded always extends text
+        hits = [i for i in (new.find(s) for s in self.stops) if i >= 0]
         if hits:
-            full, reason = full[:min(hits)], "stop"
+            new, reason = new[:min(hits)], "stop"
         elif reason is None:  # hold back a tail that may be the start of a stop string
-            for s in self.stops:
-                hold = max([hold] + [n for n in range(1, min(len(s), len(full) + 1)) if full.endswith(s[:n])])
-        candidate = full[:len(full) - hold]
+            hold = max((held_back(new, s) for s in self.stops), default=0)
+        delta = new[:len(new) - hold]
         if self.moderator is not None:
             if reason is None and len(self.tokens) - self.checked < CHECK_EVERY:
                 return ""
             self.checked = len(self.tokens)
-            self.moderation = self.moderator.moderate([candidate])[0]
+            self.moderation = self.moderator.moderate([self.text + delta])[0]
             if self.moderation.flagged:
                 self.finish_reason = "content_filter"
                 return ""
-        delta = candidate[len(self.text):] if candidate.startswith(self.text) else ""
         self.text += delta
         if not hits and hold == 0 and self.decoded_upto == len(self.tokens):
             self.kept = len(self.tokens)
@@ -99,6 +109,17 @@ class Reply:
     def context_tokens(self) -> list[int]:
         """The reply as it enters a stored conversation: its released tokens, closed by end-of-turn."""
         return self.tokens[:self.kept] + self.tokenizer.chat_format.reply_end
+
+
+def held_back(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that is the start of `stop` (but not all of it)."""
+    tail = text[len(text) - len(stop) + 1:] if len(stop) > 1 else ""
+    start = tail.find(stop[0])
+    while start >= 0:  # each place the stop's first character appears, from the longest candidate on
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[0], start + 1)
+    return 0
 
 
 class Generation:
@@ -112,17 +133,16 @@ class Generation:
         moderator = state.moderator if block_output else None
         self.replies = [Reply(state.tokenizer, stops or [], moderator) for _ in range(n)]
         self.requests = []
+        samples = [(params if params.seed is None else dataclasses.replace(params, seed=sample_seed(params.seed, j)),
+                    lambda event, j=j: loop.call_soon_threadsafe(self.queue.put_nowait, (j, event)))
+                   for j in range(n)]
         try:
-            for j in range(n):
-                p = params if params.seed is None else dataclasses.replace(params, seed=sample_seed(params.seed, j))
-                self.requests.append(state.scheduler.submit(
-                    prompt, p, lambda event, j=j: loop.call_soon_threadsafe(self.queue.put_nowait, (j, event))))
+            self.requests = state.scheduler.submit_all(prompt, samples)
         except ValueError as e:  # the scheduler's checks: context length, token ids
-            self.cancel()
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
-        except RuntimeError as e:  # stopping
-            self.cancel()
-            raise APIError(503, str(e), type="server_error") from None
+        except Refused as e:  # the queue is full, the key has too many in flight, or the server is draining
+            raise APIError(e.status, str(e), type="requests" if e.status == 429 else "server_error", code=e.code,
+                           headers={"retry-after": retry_after_header(e.retry_after)}) from None
 
     @property
     def cached_tokens(self) -> int:
@@ -141,10 +161,13 @@ class Generation:
                 reply = self.replies[j]
                 if reply.finish_reason is not None:
                     continue  # ended early by a stop string or the filter; its request was cancelled
-                delta = reply.add(event.tokens, event.request.finish_reason if event.finished else None,
-                                  event.reported)
+                finish = event.request.finish_reason if event.finished else None
+                if reply.moderator is None:
+                    delta = reply.add(event.tokens, finish, event.reported)
+                else:  # the moderator's check runs off the event loop
+                    delta = await asyncio.to_thread(reply.add, event.tokens, finish, event.reported)
                 if reply.finish_reason == "error":
-                    raise GenerationError(event.request.error or "generation failed")
+                    raise GenerationError(event.request.error or "generation failed") from event.request.exception
                 if reply.finish_reason == "cancelled":
                     raise GenerationError("the server is shutting down", status=503)
                 if reply.finish_reason is not None:
@@ -157,9 +180,24 @@ class Generation:
             self.cancel()
 
     async def run(self) -> list[Reply]:
-        async for _ in self.deltas():
-            pass
-        return self.replies
+        """Every reply to its end. Cancelled (GenerationError 499) when the request's client goes away."""
+
+        async def consume():
+            async for _ in self.deltas():
+                pass
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=WATCH_CLIENT_EVERY)
+                if not task.done() and await client_disconnected():
+                    raise GenerationError("the client closed the connection", status=499)
+            task.result()  # raises what the replies' generation raised
+            return self.replies
+        finally:
+            if not task.done():
+                task.cancel()
+                self.cancel()
 
     def cancel(self) -> None:
         for r in self.requests:
@@ -197,8 +235,8 @@ async def generate_replies(state: ServerState, prompt: list[int], params: Sampli
             return generation, [generation.replies[j] for j in order]
         generation = Generation(state, prompt, params, n, stops, block)
         return generation, await generation.run()
-    except GenerationError as e:
-        raise APIError(e.status, str(e), type="server_error") from None
+    except GenerationError as e:  # the scheduler's exception stays the cause, for the server's log
+        raise APIError(e.status, str(e), type="server_error") from e.__cause__
 
 
 # -- moderation ------------------------------------------------------------------------------------------

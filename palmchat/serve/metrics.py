@@ -17,13 +17,17 @@ def metrics_registry(state: ServerState):
             for name, help in (("requests", "generation requests submitted to the scheduler"),
                                ("prompt_tokens", "prompt tokens of those requests"),
                                ("cached_tokens", "prompt tokens whose K/V came from the prefix cache"),
-                               ("generated_tokens", "tokens sampled")):
+                               ("generated_tokens", "tokens sampled"),
+                               ("refused", "requests refused for now: queue full, key at its limit, draining"),
+                               ("failed", "requests that failed on their own (the others went on)")):
                 yield CounterMetricFamily(f"palmchat_{name}", help, value=stats.get(f"{name}_total", 0))
             prompt = stats.get("prompt_tokens_total", 0)
             yield GaugeMetricFamily("palmchat_prefix_cache_hit_rate", "cached / prompt tokens since start",
                                     value=stats.get("cached_tokens_total", 0) / prompt if prompt else 0.0)
             for name, key, help in (("batch_size", "running", "requests decoding in the batch now"),
                                     ("queue_length", "waiting", "requests waiting to join the batch"),
+                                    ("scheduler_heartbeat_age_seconds", "heartbeat_age",
+                                     "seconds since the scheduler's loop last completed an iteration"),
                                     ("prefix_cache_tokens", "prefix_cache_tokens", "tokens held by the prefix cache"),
                                     ("prefix_cache_entries", "prefix_cache_entries", "sequences in the prefix cache")):
                 yield GaugeMetricFamily(f"palmchat_{name}", help, value=stats.get(key, 0))

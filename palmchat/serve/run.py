@@ -1,5 +1,5 @@
 """`palmchat serve CHECKPOINT`: load a checkpoint (and optionally a reward model and a moderator) and serve
-the OpenAI-compatible API (app.py) with uvicorn until Ctrl-C.
+the OpenAI-compatible API (app.py) with uvicorn until Ctrl-C, or until drained after SIGTERM (drain.py).
 
 Every request needs an API key of --db (`palmchat keys create`; a database without one gets every request a 401
 saying so), unless the server is started with --no-auth: then every caller is the one person on this machine and
@@ -46,6 +46,13 @@ class ServeArgs:
     max_tokens_limit: int = arg(4096, "largest max_tokens / max_output_tokens a request may ask for (400 above)")
     rate_limit: str = arg("600/min", "requests per key (one shared budget under --no-auth): N/s, N/min or "
                                      "N/hour; 0 = none; `palmchat keys create --rate-limit` sets one key's")
+    max_queue: int = arg(256, "requests waiting for a batch row at most; more get 503 with retry-after (0: no limit)")
+    max_requests_per_key: int = arg(16, "requests of one key generating or waiting at once (without keys: of all "
+                                        "clients together); more get 429 with retry-after (0: no limit)")
+    max_rows_per_key: int = arg(0, "batch rows one key's requests hold at once; its other samples wait for rows "
+                                   "to free (0: half of --max-batch, rounded up)")
+    drain_timeout: float = arg(30.0, "seconds SIGTERM lets running requests finish (new ones get 503) before the "
+                                     "rest are cancelled and the server exits")
     dtype: str = arg("auto", "decode precision: auto (bf16 where the CPU has it), bf16 or fp32",
                      choices=["auto", "bf16", "fp32"])
     log_level: str = arg("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
@@ -77,6 +84,8 @@ def load_state(args: ServeArgs, store):
     if args.max_batch < 1 or args.max_tokens_limit < 1 or args.max_request_bytes < 1 or args.prefix_cache_tokens < 0:
         raise ValueError("--max-batch, --max-tokens-limit and --max-request-bytes must be >= 1, "
                          "--prefix-cache-tokens >= 0")
+    if min(args.max_queue, args.max_requests_per_key, args.max_rows_per_key, args.drain_timeout) < 0:
+        raise ValueError("--max-queue, --max-requests-per-key, --max-rows-per-key and --drain-timeout must be >= 0")
     model, _, ckpt = checkpoint.load_model(args.checkpoint)
     model.eval().requires_grad_(False)
     tokenizer = checkpoint.load_tokenizer(ckpt)
@@ -98,7 +107,9 @@ def load_state(args: ServeArgs, store):
         moderator = default_moderator() if args.moderation == "default" else Moderator.load(args.moderation)
     dtype = decode_dtype(args.dtype)
     scheduler = Scheduler(model, dtype=None if dtype == torch.float32 and args.dtype == "auto" else dtype,
-                          max_batch=args.max_batch, prefix_cache_tokens=args.prefix_cache_tokens)
+                          max_batch=args.max_batch, prefix_cache_tokens=args.prefix_cache_tokens,
+                          max_queue=args.max_queue, max_requests_per_owner=args.max_requests_per_key,
+                          max_rows_per_owner=args.max_rows_per_key or -(-args.max_batch // 2))
     folder = Path(args.checkpoint).resolve()
     name = args.model_name or (folder.parent.name if re.fullmatch(r"step-\d+", folder.name) else folder.name)
     return ServerState(model_id=name, tokenizer=tokenizer, scheduler=scheduler, store=store,
@@ -122,8 +133,7 @@ def main(args: ServeArgs) -> None:
     store = Store(args.db)
     try:
         state = load_state(args, store)
-        import uvicorn
-
+        from palmchat.serve import drain
         from palmchat.serve.app import create_app
 
         app = create_app(state)
@@ -145,7 +155,7 @@ def main(args: ServeArgs) -> None:
             print("palmchat serve: the chat template rewrites earlier turns (it is not prefix-stable): every turn of "
                   "a stored conversation is rendered again from its text, and the prefix cache reuses only what "
                   "did not change", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+        drain.serve(app, args.host, args.port, args.log_level, state.scheduler, args.drain_timeout)
     finally:
         store.close()
 

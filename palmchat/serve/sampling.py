@@ -13,6 +13,9 @@ from palmchat.serve.errors import APIError
 from palmchat.serve.state import ServerState
 from palmchat.serve.truncation import Fitted, drop_oldest_messages
 
+MAX_STOPS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
+
 
 def model_candidates(state: ServerState, model: str) -> int | None:
     """Check `model` names this server's model; returns N of a ':best-of-N' suffix."""
@@ -111,4 +114,13 @@ def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, tr
 
 
 def stops_of(stop) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
+    """The body's stop strings (schemas allow MAX_STOPS of them), each at most MAX_STOP_CHARS long: every
+    generated token is matched against the reply's unreleased tail, as long as the longest stop."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop sequences, got {len(stops)}", param="stop")
+    longest = max(stops, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise APIError(400, f"stop: a stop sequence is at most {MAX_STOP_CHARS} characters, got one of "
+                            f"{len(longest)}", param="stop", code="string_above_max_length")
+    return stops
