@@ -80,3 +80,29 @@ def test_tool_arguments_processor_and_schema_errors():
         grammars.tool_arguments_processor({"type": "nope"}, param="tools.0.function.parameters")
     assert e.value.param == "tools.0.function.parameters" and "nope" in e.value.message
     assert "json_schema_converter" not in e.value.message  # not the library's C++ log prefix
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "mistral"])
+def test_every_released_token_gets_its_logprobs(family, tmp_path):
+    """The chat log-probs of a reply cover all its released tokens, in byte-level and SentencePiece-style
+    vocabularies; the tokens a stop string cuts are not reported."""
+    from palmchat.inference.engine import TokenLogprobs
+    from palmchat.serve.generate import Reply
+    from palmchat.serve.logprobs import LogprobsCursor, chat_logprobs
+
+    tokenizer = HFTokenizer.load(save_tiny_hf_tokenizer(tmp_path, family))
+    tokens = tokenizer.encode("Hello there! How are you today?")
+    for stops in ([], ["you"]):
+        reply = Reply(tokenizer, stops=stops)
+        cursor, entries = LogprobsCursor(tokenizer, reply), []
+        for i, t in enumerate(tokens):
+            reply.add([t], "length" if i == len(tokens) - 1 else None, [TokenLogprobs(-0.5 * i, ((t, -0.1),))])
+            entries += chat_logprobs(cursor)["content"]
+            if reply.finish_reason:
+                break
+        assert [e["logprob"] for e in entries] == [-0.5 * i for i in range(len(entries))]
+        assert "".join(e["token"] for e in entries).strip() == reply.text.strip()
+        if not stops:
+            assert len(entries) == len(tokens) and reply.text.strip() == "Hello there! How are you today?"
+        else:
+            assert reply.text.strip() == "Hello there! How are"

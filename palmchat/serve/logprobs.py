@@ -22,21 +22,31 @@ class LogprobsCursor:
         self.bytes = token_bytes_of(tokenizer)
         self.reply = reply
         self.done = 0  # tokens reported so far
+        self.covered = 0  # bytes those tokens spell
         self.offset = 0  # characters of text before token `done`
+        self.spelled, self.spelled_upto = 0, 0  # bytes the first `spelled_upto` tokens spell
+
+    def piece(self, token: int) -> bytes:
+        return self.bytes[token] if token < len(self.bytes) else b""  # a model's padding ids spell nothing
 
     def take(self) -> list[tuple[int, bytes, object, int]]:
         """The newly released tokens: (token id, its bytes, its TokenLogprobs, text offset of its start)."""
-        released = len(self.reply.text.encode("utf-8"))
-        covered = len(b"".join(self.bytes[t] for t in self.reply.tokens[:self.done]))
+        reply = self.reply
+        while self.spelled_upto < reply.decoded_upto:
+            self.spelled += len(self.piece(reply.tokens[self.spelled_upto]))
+            self.spelled_upto += 1
+        # a SentencePiece-style decode drops the leading space its first token spells: the released text counts
+        # as many bytes as the tokens spell beyond the decoded text (of which the released text is a prefix)
+        released = len(reply.text.encode("utf-8")) + max(0, self.spelled - len(reply.decoded.encode("utf-8")))
         out = []
-        while self.done < len(self.reply.tokens) and self.done < len(self.reply.reported):
-            token = self.reply.tokens[self.done]
-            piece = self.bytes[token] if token < len(self.bytes) else b""
-            if covered + len(piece) > released:
+        while self.done < min(len(reply.tokens), len(reply.reported)):
+            token = reply.tokens[self.done]
+            piece = self.piece(token)
+            if self.covered + len(piece) > released:
                 break
-            out.append((token, piece, self.reply.reported[self.done], self.offset))
-            covered += len(piece)
-            self.offset += len(piece.decode("utf-8", "replace")) if piece else 0
+            out.append((token, piece, reply.reported[self.done], self.offset))
+            self.covered += len(piece)
+            self.offset += len(_text(piece))
             self.done += 1
         return out
 
