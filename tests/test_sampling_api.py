@@ -79,6 +79,7 @@ MESSAGES = [{"role": "user", "content": "Where does Zorbo live?"}]
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "the end"),
     ("/v1/completions", "use_beam_search", True),
+    ("/v1/completions", "skip_special_tokens", False),
     ("/v1/responses", "reasoning", {"effort": "low"}),
     ("/v1/responses", "background", True),
     ("/v1/responses", "include", ["message.output_text.logprobs"]),
@@ -89,8 +90,9 @@ def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == field and error["code"] == "unsupported_parameter" and field in error["message"]
-    # null, false and ["text"] ask for nothing: accepted
-    ok = post(server, path, {**body, field: [] if field == "include" else None, "modalities": ["text"]})
+    # null, false, empty and what palmchat does anyway (modalities ["text"], skip_special_tokens) are accepted
+    ok = post(server, path, {**body, field: [] if field == "include" else None, "modalities": ["text"],
+                             "skip_special_tokens": True})
     assert ok.status_code == 200, ok.text
 
 

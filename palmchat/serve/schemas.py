@@ -55,10 +55,16 @@ UNSUPPORTED_VLLM = {  # vLLM's extra sampling fields, beside the ones palmchat i
     "bad_words": "banned words", "stop_token_ids": "stop token ids", "include_stop_str_in_output": "stop strings "
     "kept in the output", "skip_special_tokens": "special tokens in the output",
 }
+WHAT_HAPPENS_ANYWAY = {"modalities": ["text"], "skip_special_tokens": True}  # values asking for what palmchat does
 
 
-def _is_set(value: Any) -> bool:
-    return value not in (None, False, "", [], {}) and value != ["text"]  # modalities ["text"] is what happens
+def _is_set(name: str, value: Any) -> bool:
+    """Whether a request's value of an unsupported field asks for something palmchat would not do."""
+    if value is None:
+        return False
+    if name in WHAT_HAPPENS_ANYWAY:
+        return value != WHAT_HAPPENS_ANYWAY[name]
+    return value not in (False, "", [], {})
 
 
 class _RefusesUnsupported(Body):
@@ -71,7 +77,7 @@ class _RefusesUnsupported(Body):
     def _refuse_unsupported(cls, data):
         if isinstance(data, dict):
             for name, what in cls.UNSUPPORTED.items():
-                if name in data and _is_set(data[name]):
+                if name in data and _is_set(name, data[name]):
                     # raised as APIError, not ValueError: pydantic lets it through to the error handler as it is
                     raise APIError(400, f"{name}: this server does not support {what}; remove the field",
                                    param=name, code="unsupported_parameter")
