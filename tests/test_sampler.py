@@ -202,3 +202,44 @@ def test_a_row_left_with_no_token_stops_instead_of_failing_the_batch(model):
     assert outs[0].tokens == [3] and outs[0].finish_reason == "stop"  # only its stop token was left
     assert len(outs[1].tokens) == 5  # no stop token: it samples unconstrained rather than from NaNs
     assert outs[2].tokens == engine.generate([PROMPTS[2]], fine)[0].tokens
+
+
+class FailsAtStep3:
+    def __init__(self):
+        self.steps = 0
+
+    def allowed(self, tokens):
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("grammar bug")
+        return None
+
+    def advance(self, token):
+        pass
+
+
+def test_a_failing_logits_processor_fails_its_request_only(model):
+    import asyncio
+
+    healthy = SamplingParams(max_new_tokens=8, temperature=0)
+    broken = SamplingParams(max_new_tokens=8, temperature=0, new_logits_processor=FailsAtStep3)
+
+    async def run():
+        scheduler = Scheduler(model, max_batch=4).start()
+        try:
+            async def one(prompt, p):
+                tokens, finish, request = [], None, None
+                async for event in scheduler.stream(prompt, p):
+                    tokens += event.tokens
+                    finish, request = event.request.finish_reason, event.request
+                return tokens, finish, request.error
+
+            return await asyncio.gather(one(PROMPTS[0], broken), one(PROMPTS[1], healthy))
+        finally:
+            scheduler.stop()
+
+    (bad_tokens, bad_finish, error), (good_tokens, good_finish, _) = asyncio.run(run())
+    assert bad_finish == "error" and "RuntimeError" in error and len(bad_tokens) == 2
+    assert good_finish == "length" and good_tokens == Engine(model).generate([PROMPTS[1]], healthy)[0].tokens
+    with pytest.raises(RuntimeError, match="grammar bug"):  # the engine, offline, raises it
+        Engine(model).generate([PROMPTS[0]], broken)

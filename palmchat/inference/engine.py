@@ -279,12 +279,15 @@ class Sampler:
                 logits = logits - (self.counts > 0).float() * self.presence
         if self.bias is not None:
             logits = logits + self.bias
-        masks = [(b, r.processor.allowed(r.tokens)) for b, r in enumerate(self.rows) if r.processor is not None]
+        masks = [(b, self._allowed(r)) for b, r in enumerate(self.rows) if r.processor is not None]
         masks = [(b, m) for b, m in masks if m is not None]
         if masks:
             logits = logits.clone() if logits is raw else logits
             for b, allowed in masks:
-                logits[b].masked_fill_(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
+                if len(allowed):
+                    logits[b].masked_fill_(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
+                else:
+                    logits[b] = float("-inf")
         if masks or self.bias is not None:
             # a row left with no token at all (every one banned, or a constraint at a dead end) ends: only its
             # stop tokens stay, else it samples unconstrained, rather than failing the whole batch on NaNs
@@ -296,6 +299,18 @@ class Sampler:
                     keep[stops] = True
                     logits[b].masked_fill_(~keep, float("-inf"))
         return logits
+
+    @staticmethod
+    def _allowed(row: Row) -> torch.Tensor | None:
+        """The row's processor's mask; a processor that fails ends its row (only its stop tokens stay allowed, and
+        the error is kept in row.error for the caller to fail that request alone)."""
+        if row.error is not None:
+            return torch.zeros(0, dtype=torch.bool)  # nothing allowed: the row falls back to its stop tokens
+        try:
+            return row.processor.allowed(row.tokens)
+        except Exception as e:
+            row.error = e
+            return torch.zeros(0, dtype=torch.bool)
 
     def __call__(self, logits: torch.Tensor) -> Sampled:
         """logits: (B, V) float32 -> the sampled tokens, their log-probs in the unfiltered (adjusted,
@@ -320,8 +335,11 @@ class Sampler:
             self.seen[torch.arange(B, device=tokens.device), tokens] = True
         if any(r.processor is not None for r in self.rows):
             for r, token in zip(self.rows, tokens.tolist()):
-                if r.processor is not None:
-                    r.processor.advance(token)
+                if r.processor is not None and r.error is None:
+                    try:
+                        r.processor.advance(token)
+                    except Exception as e:
+                        r.error = e
         return Sampled(tokens, logprobs, self._reported(raw, tokens))
 
     def _reported(self, raw: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:
@@ -378,6 +396,7 @@ class Row:
     released: int = 0
     finish_reason: str | None = None
     processor: LogitsProcessor | None = None  # made from params.new_logits_processor
+    error: Exception | None = None  # what its processor raised: the row's request fails, not the batch
 
     def __post_init__(self):
         if self.params.new_logits_processor is not None and self.processor is None:
@@ -561,6 +580,9 @@ class Engine:
             while True:
                 sampled = sampler(logits)
                 tokens = sampled.tokens  # (B,)
+                for i in live:
+                    if rows[i].error is not None:
+                        raise rows[i].error
                 events = []
                 for i, token, logprob, reported in zip(live, tokens.tolist(), sampled.logprobs.tolist(),
                                                        sampled.reported):

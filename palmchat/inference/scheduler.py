@@ -371,12 +371,16 @@ class Scheduler:
         now = time.perf_counter()
         for request, token, logprob, reported in zip(self._running, sampled.tokens.tolist(),
                                                      sampled.logprobs.tolist(), sampled.reported):
+            if request._row.error is not None:  # its logits processor failed: it leaves below
+                continue
             request.first_token = request.first_token or now
             request._sampled.append(token)
             self._emit(request, request._row.add(token, logprob, reported), finish=request._row.finish_reason)
         self.counters["generated_tokens_total"] += len(self._running)
         for b in reversed(range(len(self._running))):
-            if self._running[b]._row.finish_reason is not None:
+            if self._running[b]._row.error is not None:
+                self._finish(b, "error", error=self._running[b]._row.error)
+            elif self._running[b]._row.finish_reason is not None:
                 self._finish(b, None)
         if not self._running:
             return
