@@ -14,10 +14,18 @@ How a batch runs (B rows, prompts of different lengths):
 2. decode: one token per step for every live row. When rows finish, the batch is compacted (their cache rows are
    dropped), so the remaining rows run at the smaller batch size; the copy is cheap next to a decode step.
 
-Log-probabilities are those of the distribution the token is drawn from *before* top-k/top-p filtering: the
-log-softmax of the temperature-scaled logits (of the raw logits when greedy). They equal what a forward pass over
-prompt + response gives with its logits divided by the same temperature, which is what the RL stages recompute
-(palmchat/train/rollout.py; tests/test_engine.py and tests/test_rollout.py check it).
+Sampling one step (Sampler, every setting a per-row tensor): the raw logits are adjusted by the request's
+repetition penalty (over prompt + output), frequency and presence penalties (over the output so far), logit bias
+and its logits processor (a constraint such as a JSON grammar), then divided by the temperature and filtered by
+min-p, top-k and top-p before one token is drawn.
+
+Log-probabilities are those of the distribution the token is drawn from *before* min-p/top-k/top-p filtering: the
+log-softmax of the adjusted, temperature-scaled logits (of the adjusted logits when greedy). Without penalties,
+bias or a processor they equal what a forward pass over prompt + response gives with its logits divided by the
+same temperature, which is what the RL stages recompute (palmchat/train/rollout.py; tests/test_engine.py and
+tests/test_rollout.py check it). A request with `logprobs` set also gets, per token, what OpenAI's API reports:
+the token's log-prob under the raw model distribution (temperature 1, before any adjustment or filter) and the
+`logprobs` most likely tokens there (TokenLogprobs).
 
 `dtype` (decode speed of each choice: benchmarks/README.md):
 - None: the model itself runs, in its own dtype. Nothing is copied, the numerics are exactly the model's, and
@@ -35,8 +43,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -51,6 +60,20 @@ from palmchat.kernels.cpu_linear import PackedLinear, can_pack, pack_linears
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (the legacy completions endpoint allows 5)
+
+
+class LogitsProcessor(Protocol):
+    """One row's constraint on what it may sample next (structured outputs: palmchat/serve/structured.py)."""
+
+    def allowed(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        """The row's output so far -> a (V,) bool mask of the tokens it may sample next, or None (any)."""
+
+    def advance(self, token: int) -> None:
+        """The row sampled `token`."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
@@ -63,6 +86,19 @@ class SamplingParams:
     # whose prefix-cache entries this request may reuse (vLLM's name): requests of different salts share none, so
     # one API key can never find out, by cached_tokens or by timing, what another one sent; None shares with None
     cache_salt: str | None = None
+    # OpenAI's penalties, over the tokens generated so far: logit - frequency_penalty * count - presence_penalty *
+    # (count > 0), each in [-2, 2]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's and Hugging Face's (Keskar et al. 2019), over prompt + output: a logit of a token seen so far is divided
+    # by it when positive and multiplied by it when negative; 1.0 -> off
+    repetition_penalty: float = 1.0
+    # token id -> bias in [-100, 100] added to its logit; -100 bans the token (as OpenAI documents)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0  # keep tokens with probability >= min_p * the most likely one's (after temperature); 0 -> off
+    logprobs: int | None = None  # report TokenLogprobs with this many top alternatives (0..20); None -> not reported
+    # called once per row (n samples of a request get one each): that row's LogitsProcessor; None -> unconstrained
+    new_logits_processor: Callable[[], LogitsProcessor] | None = None
 
     def __post_init__(self):
         def bad(name, why):
@@ -76,6 +112,23 @@ class SamplingParams:
             bad("top_k", "must be >= 0 (0 is off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1] (1 is off)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1] (0 is off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1 is off)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            bad("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            bad("logit_bias", f"holds at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            bad("logit_bias", "values must be in [-100, 100]")
+        if any(t < 0 for t, _ in self.logit_bias):
+            bad("logit_bias", "token ids must be >= 0")
         # accept lists from JSON callers; store tuples so the params stay hashable
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
@@ -83,11 +136,21 @@ class SamplingParams:
             bad("stop_sequences", "must not contain an empty sequence")
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-prob under the raw model distribution (temperature 1, before penalties, bias,
+    constraints and filters: what OpenAI's API reports), and the `top` most likely (token id, log-prob) there."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Completion:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
+    token_logprobs: list[TokenLogprobs] | None = None  # when the params asked for `logprobs`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,19 +159,24 @@ class Completion:
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
-                  top_p: torch.Tensor | float = 1.0) -> torch.Tensor:
+                  top_p: torch.Tensor | float = 1.0, min_p: torch.Tensor | float = 0.0) -> torch.Tensor:
     """logits: (B, V) -> (B, V), -inf outside each row's kept set.
 
-    A row keeps its top_k largest logits (0 keeps all), then, of those, the smallest set taken from the most
-    likely down whose probability mass is at least top_p (1.0 keeps all). As in Hugging Face transformers, top-p
-    measures mass after the top-k cut. top_k, top_p: scalars or (B,) tensors, one value per row.
+    A row keeps the tokens whose probability is at least min_p times the most likely one's (0 keeps all: vLLM's
+    min-p, applied first as vLLM does), of those its top_k largest logits (0 keeps all), then, of those, the
+    smallest set taken from the most likely down whose probability mass is at least top_p (1.0 keeps all). As in
+    Hugging Face transformers, top-p measures mass after the top-k cut. top_k, top_p, min_p: scalars or (B,)
+    tensors, one value per row.
     """
     B, V = logits.shape
     top_k = torch.as_tensor(top_k, device=logits.device).expand(B)
     top_p = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(B)
+    min_p = torch.as_tensor(min_p, dtype=torch.float32, device=logits.device).expand(B)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     rank = torch.arange(V, device=logits.device)
     keep = rank[None, :] < torch.where(top_k > 0, top_k, V)[:, None]  # (B, V), in sorted order
+    # p >= min_p * p_max  <=>  logit >= logit_max + log(min_p); the most likely token always stays
+    keep &= sorted_logits >= sorted_logits[:, :1] + min_p.log()[:, None]
     probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
     # the most likely token always has mass_before 0 < top_p; `top_p >= 1` guards against cumsum rounding
@@ -118,13 +186,23 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
 
 
 class Sampler:
-    """Per-row sampling settings as (B,) tensors plus one torch.Generator per sampled row."""
+    """Per-row sampling settings as (B,) tensors plus one torch.Generator per sampled row.
 
-    def __init__(self, params: list[SamplingParams], device, generators: list[torch.Generator | None] | None = None):
-        """generators: the rows' random streams carried over from an earlier batch (None entries: new ones)."""
+    The penalties need each row's token counts: a (B, V) tensor of output-token counts (frequency, presence) and
+    a (B, V) mask of the tokens seen in prompt + output (repetition), built once from the rows' tokens when the
+    sampler is made and updated with each sampled token, only when some row uses them. The logit bias is a (B, V)
+    tensor made once.
+    """
+
+    def __init__(self, rows: list[Row], device, generators: list[torch.Generator | None] | None = None):
+        """rows: the batch's rows (their params, prompts, outputs so far and logits processors); generators: their
+        random streams carried over from an earlier batch (None entries: new ones)."""
+        params = [r.params for r in rows]
+        self.rows = rows
         self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
         self.greedy = self.temperature == 0
         self.generators: list[torch.Generator | None] = []  # None for greedy rows
         for p, g in zip(params, generators or [None] * len(params)):
@@ -133,33 +211,160 @@ class Sampler:
                 # unseeded rows draw their seed from torch's global RNG, so torch.manual_seed makes them repeatable
                 g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ())))
             self.generators.append(g)
+        self.device, self.vocab = device, None  # vocab: V, known at the first call
+        self.frequency = self._column([p.frequency_penalty for p in params])
+        self.presence = self._column([p.presence_penalty for p in params])
+        self.repetition = self._column([p.repetition_penalty for p in params], off=1.0)
+        self.counts = self.seen = self.bias = None  # (B, V) each, made at the first call when some row needs it
+        self.report = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         self._refresh()
+
+    def _column(self, values: list[float], off: float = 0.0) -> torch.Tensor | None:
+        """(B, 1) per-row values, or None when every row has the `off` value."""
+        if all(v == off for v in values):
+            return None
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
 
     def _refresh(self):
         self.all_greedy = bool(self.greedy.all())
-        self.any_filter = bool(((self.top_k > 0) | (self.top_p < 1)).any())
+        self.any_filter = bool(((self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0)).any())
+
+    def _make_state(self, V: int) -> None:
+        """The count, seen and bias tensors, from the rows' tokens so far (once: later steps update them)."""
+        self.vocab, B = V, len(self.rows)
+        if self.frequency is not None or self.presence is not None:
+            self.counts = torch.zeros(B, V, dtype=torch.float32, device=self.device)
+            for b, r in enumerate(self.rows):
+                if r.tokens:
+                    self.counts[b] = torch.bincount(torch.tensor(r.tokens, device=self.device), minlength=V)[:V]
+        if self.repetition is not None:
+            self.seen = torch.zeros(B, V, dtype=torch.bool, device=self.device)
+            for b, r in enumerate(self.rows):
+                ids = [t for t in list(r.prompt) + r.tokens if t < V]
+                if ids:
+                    self.seen[b, torch.tensor(ids, device=self.device)] = True
+        if any(r.params.logit_bias for r in self.rows):
+            self.bias = torch.zeros(B, V, dtype=torch.float32, device=self.device)
+            for b, r in enumerate(self.rows):
+                for t, value in r.params.logit_bias:
+                    if t < V:
+                        # -100 bans the token: added as -inf, so that it is never sampled whatever its logit
+                        self.bias[b, t] = float("-inf") if value <= -100 else value
 
     def keep(self, rows: list[int]):
         """Keep only these batch rows, in this order (finished rows leave the batch)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
-        self.temperature, self.top_k, self.top_p, self.greedy = (
-            t[index] for t in (self.temperature, self.top_k, self.top_p, self.greedy))
+        self.temperature, self.top_k, self.top_p, self.min_p, self.greedy = (
+            t[index] for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.greedy))
+        self.frequency, self.presence, self.repetition, self.counts, self.seen, self.bias = (
+            None if t is None else t[index]
+            for t in (self.frequency, self.presence, self.repetition, self.counts, self.seen, self.bias))
         self.generators = [self.generators[i] for i in rows]
+        self.rows = [self.rows[i] for i in rows]
         self._refresh()
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits: (B, V) float32 -> tokens (B,), logprobs (B,) of the unfiltered (temperature-scaled) distribution."""
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, V) raw -> (B, V) after repetition, frequency and presence penalties, logit bias and the
+        rows' logits processors (a new tensor when anything changes, else `logits` itself)."""
+        if self.vocab is None:
+            self._make_state(logits.shape[-1])
+        raw = logits
+        if self.seen is not None:  # vLLM's repetition penalty: shrink a seen token's logit towards (below) zero
+            penalised = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.counts is not None:  # OpenAI's: mu - c * alpha_frequency - (c > 0) * alpha_presence
+            if self.frequency is not None:
+                logits = logits - self.counts * self.frequency
+            if self.presence is not None:
+                logits = logits - (self.counts > 0).float() * self.presence
+        if self.bias is not None:
+            logits = logits + self.bias
+        masks = [(b, self._allowed(r)) for b, r in enumerate(self.rows) if r.processor is not None]
+        masks = [(b, m) for b, m in masks if m is not None]
+        if masks:
+            logits = logits.clone() if logits is raw else logits
+            for b, allowed in masks:
+                if len(allowed):
+                    logits[b].masked_fill_(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
+                else:
+                    logits[b] = float("-inf")
+        if masks or self.bias is not None:
+            # a row left with no token at all (every one banned, or a constraint at a dead end) ends: only its
+            # stop tokens stay, else it samples unconstrained, rather than failing the whole batch on NaNs
+            for b in torch.nonzero(torch.isneginf(logits).all(dim=-1)).flatten().tolist():
+                stops = [t for t in self.rows[b].params.stop_token_ids if t < logits.shape[-1]]
+                logits[b] = raw[b]
+                if stops:
+                    keep = torch.zeros_like(logits[b], dtype=torch.bool)
+                    keep[stops] = True
+                    logits[b].masked_fill_(~keep, float("-inf"))
+        return logits
+
+    @staticmethod
+    def _allowed(row: Row) -> torch.Tensor | None:
+        """The row's processor's mask; a processor that fails ends its row (only its stop tokens stay allowed, and
+        the error is kept in row.error for the caller to fail that request alone)."""
+        if row.error is not None:
+            return torch.zeros(0, dtype=torch.bool)  # nothing allowed: the row falls back to its stop tokens
+        try:
+            return row.processor.allowed(row.tokens)
+        except Exception as e:
+            row.error = e
+            return torch.zeros(0, dtype=torch.bool)
+
+    def __call__(self, logits: torch.Tensor) -> Sampled:
+        """logits: (B, V) float32 -> the sampled tokens, their log-probs in the unfiltered (adjusted,
+        temperature-scaled) distribution, and the raw ones of the rows that asked for them."""
+        raw = logits
+        logits = self.adjust(logits)
         if self.all_greedy:
             tokens = logits.argmax(dim=-1)  # (B,)
-            return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
-        scaled = logits / torch.where(self.greedy, 1.0, self.temperature)[:, None]  # (B, V)
-        logprobs = scaled.log_softmax(dim=-1)
-        filtered = filter_logits(scaled, self.top_k, self.top_p) if self.any_filter else scaled
-        probs = filtered.softmax(dim=-1)
-        tokens = scaled.argmax(dim=-1)  # greedy rows keep this
-        for i in torch.nonzero(~self.greedy).flatten().tolist():
-            tokens[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
-        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+            logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+        else:
+            scaled = logits / torch.where(self.greedy, 1.0, self.temperature)[:, None]  # (B, V)
+            filtered = filter_logits(scaled, self.top_k, self.top_p, self.min_p) if self.any_filter else scaled
+            probs = filtered.softmax(dim=-1)
+            tokens = scaled.argmax(dim=-1)  # greedy rows keep this
+            for i in torch.nonzero(~self.greedy).flatten().tolist():
+                tokens[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
+            logprobs = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+        B = len(self.rows)
+        if self.counts is not None:
+            self.counts[torch.arange(B, device=tokens.device), tokens] += 1
+        if self.seen is not None:
+            self.seen[torch.arange(B, device=tokens.device), tokens] = True
+        if any(r.processor is not None for r in self.rows):
+            for r, token in zip(self.rows, tokens.tolist()):
+                if r.processor is not None and r.error is None:
+                    try:
+                        r.processor.advance(token)
+                    except Exception as e:
+                        r.error = e
+        return Sampled(tokens, logprobs, self._reported(raw, tokens))
+
+    def _reported(self, raw: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:
+        """What OpenAI reports, for the rows that asked: the raw distribution's log-prob and top alternatives."""
+        if self.report is None:
+            return [None] * len(self.rows)
+        raw_logprobs = raw.log_softmax(dim=-1)  # (B, V): temperature 1, nothing adjusted or filtered
+        chosen = raw_logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+        top_values, top_ids = raw_logprobs.topk(max(self.report, 1), dim=-1) if self.report else (None, None)
+        out = []
+        for b, r in enumerate(self.rows):
+            k = r.params.logprobs
+            if k is None:
+                out.append(None)
+            else:
+                top = tuple(zip(top_ids[b, :k].tolist(), top_values[b, :k].tolist())) if k else ()
+                out.append(TokenLogprobs(chosen[b], top))
+        return out
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor  # (B,)
+    logprobs: torch.Tensor  # (B,) in the distribution sampled from, before min-p/top-k/top-p
+    reported: list[TokenLogprobs | None]  # per row: OpenAI's raw log-probs, for the rows whose params ask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,28 +389,39 @@ class Row:
     the start of a stop sequence and are held back."""
 
     params: SamplingParams
+    prompt: Sequence[int] = ()  # for the repetition penalty
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    reported: list[TokenLogprobs | None] = field(default_factory=list)  # OpenAI's log-probs, when params ask
     released: int = 0
     finish_reason: str | None = None
+    processor: LogitsProcessor | None = None  # made from params.new_logits_processor
+    error: Exception | None = None  # what its processor raised: the row's request fails, not the batch
 
-    def add(self, token: int, logprob: float) -> list[tuple[int, float]]:
-        """Append one sampled token; return the (token, logprob) pairs that are now final."""
+    def __post_init__(self):
+        if self.params.new_logits_processor is not None and self.processor is None:
+            self.processor = self.params.new_logits_processor()
+
+    def add(self, token: int, logprob: float,
+            reported: TokenLogprobs | None = None) -> list[tuple[int, float, TokenLogprobs | None]]:
+        """Append one sampled token; return the (token, logprob, reported) triples that are now final."""
         p = self.params
         self.tokens.append(token)
         self.logprobs.append(logprob)
+        self.reported.append(reported)
         if token in p.stop_token_ids:
             self.finish_reason = "stop"
         else:
             for seq in p.stop_sequences:
                 if len(self.tokens) >= len(seq) and tuple(self.tokens[-len(seq):]) == seq:
-                    del self.tokens[-len(seq):], self.logprobs[-len(seq):]
+                    del self.tokens[-len(seq):], self.logprobs[-len(seq):], self.reported[-len(seq):]
                     self.finish_reason = "stop"
                     break
         if self.finish_reason is None and len(self.tokens) >= p.max_new_tokens:
             self.finish_reason = "length"
         end = len(self.tokens) if self.finish_reason else len(self.tokens) - self._held_back()
-        out = list(zip(self.tokens[self.released:end], self.logprobs[self.released:end]))
+        out = list(zip(self.tokens[self.released:end], self.logprobs[self.released:end],
+                       self.reported[self.released:end]))
         self.released = max(self.released, end)
         return out
 
@@ -298,7 +514,8 @@ class Engine:
         rows = self._rows(prompts, params)
         for _ in self._decode(prompts, rows):
             pass
-        return [Completion(r.tokens, r.logprobs, r.finish_reason) for r in rows]
+        return [Completion(r.tokens, r.logprobs, r.finish_reason,
+                           r.reported if r.params.logprobs is not None else None) for r in rows]
 
     def stream(self, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams]) -> Iterator[list[tuple[int, int, float]]]:
@@ -321,7 +538,7 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         for prompt, p in zip(prompts, params):
             self.check(prompt, p)
-        return [Row(p) for p in params]
+        return [Row(p, prompt) for prompt, p in zip(prompts, params)]
 
     def _decode(self, prompts: list[list[int]], rows: list[Row]) -> Iterator[list[tuple[int, int, float]]]:
         for r in rows:
@@ -359,12 +576,17 @@ class Engine:
             logits = head(last).float()  # (B, V)
 
             # decode: sample one token per live row, release what is final, feed the tokens back
-            sampler = Sampler([rows[i].params for i in live], device)
+            sampler = Sampler([rows[i] for i in live], device)
             while True:
-                tokens, logprobs = sampler(logits)  # (B,), (B,)
+                sampled = sampler(logits)
+                tokens = sampled.tokens  # (B,)
+                for i in live:
+                    if rows[i].error is not None:
+                        raise rows[i].error
                 events = []
-                for i, token, logprob in zip(live, tokens.tolist(), logprobs.tolist()):
-                    events += [(i, t, lp) for t, lp in rows[i].add(token, logprob)]
+                for i, token, logprob, reported in zip(live, tokens.tolist(), sampled.logprobs.tolist(),
+                                                       sampled.reported):
+                    events += [(i, t, lp) for t, lp, _ in rows[i].add(token, logprob, reported)]
                 if events:
                     yield events
                 still = [b for b, i in enumerate(live) if rows[i].finish_reason is None]
@@ -383,4 +605,5 @@ class Engine:
                 module.row_slots = slots
 
 
-__all__ = ["SamplingParams", "Completion", "Engine", "Row", "Sampler", "filter_logits"]
+__all__ = ["SamplingParams", "Completion", "Engine", "Row", "Sampler", "Sampled", "TokenLogprobs", "LogitsProcessor",
+           "filter_logits"]

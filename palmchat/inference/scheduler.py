@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from palmchat.inference.engine import Engine, Row, Sampler, SamplingParams
+from palmchat.inference.engine import Engine, Row, Sampler, SamplingParams, TokenLogprobs
 from palmchat.inference.kv_cache import KVCache
 from palmchat.inference.prefix_cache import PrefixCache
 from palmchat.model.lora import adapters, use_adapter
@@ -81,7 +81,7 @@ class Request:
     _group: list[int] = field(default_factory=lambda: [1])  # unfinished requests of its submit_all, shared
 
     def __post_init__(self):
-        self._row = Row(self.params)
+        self._row = Row(self.params, self.prompt)
 
     @property
     def owner(self) -> str:
@@ -101,6 +101,10 @@ class Request:
     @property
     def logprobs(self) -> list[float]:
         return self._row.logprobs
+
+    @property
+    def reported(self) -> list[TokenLogprobs | None]:
+        return self._row.reported
 
     def cancel(self) -> None:
         """Thread-safe: the request leaves the batch at the scheduler's next iteration."""
@@ -123,6 +127,7 @@ class Event:
     tokens: list[int]
     logprobs: list[float]
     finished: bool
+    reported: list[TokenLogprobs | None] = field(default_factory=list)  # per token, when the params ask for logprobs
 
 
 class Scheduler:
@@ -358,19 +363,24 @@ class Scheduler:
 
     def _decode_step(self, runner: nn.Module) -> None:
         if self._sampler is None:
-            self._sampler = Sampler([r.params for r in self._running], self._logits.device,
+            self._sampler = Sampler([r._row for r in self._running], self._logits.device,
                                     generators=[r._generator for r in self._running])
             for r, g in zip(self._running, self._sampler.generators):
                 r._generator = g
-        tokens, logprobs = self._sampler(self._logits)  # (n,), (n,)
+        sampled = self._sampler(self._logits)
         now = time.perf_counter()
-        for request, token, logprob in zip(self._running, tokens.tolist(), logprobs.tolist()):
+        for request, token, logprob, reported in zip(self._running, sampled.tokens.tolist(),
+                                                     sampled.logprobs.tolist(), sampled.reported):
+            if request._row.error is not None:  # its logits processor failed: it leaves below
+                continue
             request.first_token = request.first_token or now
             request._sampled.append(token)
-            self._emit(request, request._row.add(token, logprob), finish=request._row.finish_reason)
+            self._emit(request, request._row.add(token, logprob, reported), finish=request._row.finish_reason)
         self.counters["generated_tokens_total"] += len(self._running)
         for b in reversed(range(len(self._running))):
-            if self._running[b]._row.finish_reason is not None:
+            if self._running[b]._row.error is not None:
+                self._finish(b, "error", error=self._running[b]._row.error)
+            elif self._running[b]._row.finish_reason is not None:
                 self._finish(b, None)
         if not self._running:
             return
@@ -448,7 +458,8 @@ class Scheduler:
         request.exception = error
         self._emit(request, [], finish="error")
 
-    def _emit(self, request: Request, released: list[tuple[int, float]], finish: str | None) -> None:
+    def _emit(self, request: Request, released: list[tuple[int, float, TokenLogprobs | None]],
+              finish: str | None) -> None:
         if finish is not None and request.finish_reason is None:
             with self._wake:  # the last of its group to end frees its owner's in-flight slot
                 request._group[0] -= 1
@@ -460,7 +471,8 @@ class Scheduler:
             request.finish_reason = finish
         if not released and finish is None:
             return
-        event = Event(request, [t for t, _ in released], [lp for _, lp in released], finish is not None)
+        event = Event(request, [t for t, _, _ in released], [lp for _, lp, _ in released], finish is not None,
+                      [r for _, _, r in released])
         try:
             request.on_event(event)
         except Exception:  # a consumer's bug (or a closed event loop) must not stop the batch

@@ -60,6 +60,7 @@ class Reply:
     def __init__(self, tokenizer, stops: list[str], moderator=None):
         self.tokenizer, self.stops, self.moderator = tokenizer, stops, moderator
         self.tokens: list[int] = []  # content tokens: the sampled ids without end-of-turn / end-of-text
+        self.reported: list = []  # per content token: its TokenLogprobs, when the request asked for logprobs
         self.generated = 0  # every sampled id, for usage
         self.decoded, self.decoded_upto = "", 0  # text of tokens[:decoded_upto], only ever appended to
         self.text = ""  # released so far: a prefix of `decoded`
@@ -68,15 +69,17 @@ class Reply:
         self.finish_reason: str | None = None
         self.moderation = None  # the last ModerationResult of the output (block mode)
 
-    def add(self, tokens: list[int], finish: str | None) -> str:
-        """Take newly sampled ids (finish: the scheduler's reason when this was the last event); return the text
-        that can now be released. Sets finish_reason when the reply ends (possibly before the scheduler's)."""
+    def add(self, tokens: list[int], finish: str | None, reported: list | None = None) -> str:
+        """Take newly sampled ids (finish: the scheduler's reason when this was the last event; reported: their
+        log-probs, if asked for); return the text that can now be released. Sets finish_reason when the reply ends
+        (possibly before the scheduler's)."""
         self.generated += len(tokens)
         if finish in ("cancelled", "error"):
             self.finish_reason = finish
             return ""
         special = self.tokenizer.chat_format.reply_stop_ids
         self.tokens += [t for t in tokens if t not in special]
+        self.reported += [r for t, r in zip(tokens, reported or [None] * len(tokens)) if t not in special]
         # A character's UTF-8 bytes may span tokens (at most 4): a tail that decodes to U+FFFD waits for the next
         # token, unless 4 tokens did not complete it (then it is not a character: it is released as it is).
         tail = self.tokenizer.decode(self.tokens[self.decoded_upto:])
@@ -160,9 +163,9 @@ class Generation:
                     continue  # ended early by a stop string or the filter; its request was cancelled
                 finish = event.request.finish_reason if event.finished else None
                 if reply.moderator is None:
-                    delta = reply.add(event.tokens, finish)
+                    delta = reply.add(event.tokens, finish, event.reported)
                 else:  # the moderator's check runs off the event loop
-                    delta = await asyncio.to_thread(reply.add, event.tokens, finish)
+                    delta = await asyncio.to_thread(reply.add, event.tokens, finish, event.reported)
                 if reply.finish_reason == "error":
                     raise GenerationError(event.request.error or "generation failed") from event.request.exception
                 if reply.finish_reason == "cancelled":

@@ -8,6 +8,7 @@ import re
 
 from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
+from palmchat.serve import structured
 from palmchat.serve.errors import APIError
 from palmchat.serve.state import ServerState
 from palmchat.serve.truncation import Fitted, drop_oldest_messages
@@ -34,11 +35,12 @@ def model_candidates(state: ServerState, model: str) -> int | None:
     return int(m.group(1))
 
 
-def choice_counts(state: ServerState, body) -> tuple[int, int | None]:
-    """(n, candidates): candidates is the best-of count (the body's best_of, else the model suffix) or None."""
+def choice_counts(state: ServerState, body, mean_logprob_fallback: bool = False) -> tuple[int, int | None]:
+    """(n, candidates): candidates is the best-of count (the body's best_of, else the model suffix) or None.
+    mean_logprob_fallback: best_of without a reward model ranks by mean log-prob (completions, as OpenAI's)."""
     suffix = model_candidates(state, body.model)
     candidates = body.best_of or suffix
-    if body.best_of and state.reward_model is None:
+    if body.best_of and state.reward_model is None and not mean_logprob_fallback:
         raise APIError(400, "best_of needs a reward model; start the server with --reward-model", param="best_of")
     if candidates is not None and candidates < body.n:
         raise APIError(400, f"best_of ({candidates}) must be at least n ({body.n})", param="best_of")
@@ -68,7 +70,37 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
     seed = body.seed if "seed" in type(body).model_fields else None  # not an extra field a client made up
     return SamplingParams(max_new_tokens=max_tokens or min(room, limit, default_max or room), temperature=temperature,
                           top_p=top_p, seed=None if seed is None else seed % 2**62,
-                          stop_token_ids=state.tokenizer.chat_format.reply_stop_ids, cache_salt=owner)
+                          stop_token_ids=state.tokenizer.chat_format.reply_stop_ids, cache_salt=owner,
+                          **sampling_controls(state, body))
+
+
+def sampling_controls(state: ServerState, body) -> dict:
+    """The SamplingParams fields of the body's penalties, logit bias, top-k, min-p, log-probs and response format
+    (only the fields its type declares: an extra a client made up is not read)."""
+    declared = type(body).model_fields
+
+    def field(name, default=None):
+        value = getattr(body, name, None) if name in declared else None
+        return default if value is None else value
+
+    vocab = state.scheduler.config.vocab_size
+    bias = {int(k): v for k, v in field("logit_bias", {}).items()}
+    if any(t >= vocab for t in bias):
+        raise APIError(400, f"logit_bias: token id {max(bias)} is not in the model's vocabulary of {vocab} tokens",
+                       param="logit_bias")
+    logprobs = field("logprobs")
+    if "top_logprobs" in declared:  # Chat Completions: logprobs true/false, and top_logprobs alternatives
+        if field("top_logprobs") is not None and not logprobs:
+            raise APIError(400, "top_logprobs: logprobs must be true when top_logprobs is set", param="top_logprobs")
+        logprobs = field("top_logprobs", 0) if logprobs else None
+    grammar = None
+    if "response_format" in declared:
+        grammar = structured.compile_format(state, field("response_format"), "response_format")
+    elif "text" in declared and body.text is not None:
+        grammar = structured.compile_format(state, body.text.format, "text.format")
+    return dict(presence_penalty=field("presence_penalty", 0.0), frequency_penalty=field("frequency_penalty", 0.0),
+                repetition_penalty=field("repetition_penalty", 1.0), logit_bias=bias, top_k=max(field("top_k", 0), 0),
+                min_p=field("min_p", 0.0), logprobs=logprobs, new_logits_processor=grammar)
 
 
 def fit_prompt(state: ServerState, prompt: list[int], max_tokens: int | None, truncation: str | None) -> Fitted:

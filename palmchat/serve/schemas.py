@@ -2,17 +2,19 @@
 /openapi.json) and builders of the OpenAI objects the server returns (errors: errors.py).
 
 The shapes follow what the official `openai` Python client parses (ChatCompletion, ChatCompletionChunk,
-Completion, Response and its stream events, Conversation, ConversationItem, ModerationCreateResponse). Unknown
-request fields are accepted and ignored, as clients send parameters this server has no use for (user, ...).
+Completion, Response and its stream events, Conversation, ConversationItem, ModerationCreateResponse). Request
+fields a body does not declare are accepted and ignored, as clients send parameters that change nothing in the
+reply (user, metadata, service_tier, prompt_cache_key, ...); an OpenAI or vLLM field that would change the reply
+and that this server does not implement is refused with a 400 `unsupported_parameter` naming it (UNSUPPORTED).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from palmchat.serve.errors import APIError
 
@@ -28,6 +30,58 @@ def new_id(prefix: str) -> str:
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # fields a body does not declare are accepted and ignored
+
+
+# Fields of OpenAI's API (and vLLM's extras) that would change the reply and that palmchat does not implement: a
+# request that sets one (to anything but null, false or an empty value) gets a 400 naming it, never a reply that
+# silently ignored it. field -> what it asks for.
+UNSUPPORTED_CHAT = {
+    "audio": "audio output", "modalities": "output modalities other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning effort (palmchat's models do not reason)",
+    "verbosity": "a verbosity level", "store": "stored chat completions (the Responses API stores replies)",
+}
+UNSUPPORTED_COMPLETIONS = {"echo": "echoing the prompt", "suffix": "a suffix (insertion)"}
+UNSUPPORTED_RESPONSES = {
+    "reasoning": "reasoning settings (palmchat's models do not reason)", "background": "background responses",
+    "prompt": "prompt templates", "include": "extra output data", "top_logprobs": "log-probs in the Responses API "
+    "(Chat Completions and completions report them)",
+}
+UNSUPPORTED_VLLM = {  # vLLM's extra sampling fields, beside the ones palmchat implements (top_k, min_p, ...)
+    "guided_json": "vLLM's guided decoding (use response_format)", "guided_regex": "vLLM's guided decoding",
+    "guided_choice": "vLLM's guided decoding", "guided_grammar": "vLLM's guided decoding",
+    "structured_outputs": "vLLM's structured outputs (use response_format)", "use_beam_search": "beam search",
+    "length_penalty": "beam search", "min_tokens": "a minimum reply length", "ignore_eos": "ignoring end-of-turn",
+    "prompt_logprobs": "log-probs of the prompt", "allowed_token_ids": "an allowed-token list",
+    "bad_words": "banned words", "stop_token_ids": "stop token ids", "include_stop_str_in_output": "stop strings "
+    "kept in the output", "skip_special_tokens": "special tokens in the output",
+}
+WHAT_HAPPENS_ANYWAY = {"modalities": ["text"], "skip_special_tokens": True}  # values asking for what palmchat does
+
+
+def _is_set(name: str, value: Any) -> bool:
+    """Whether a request's value of an unsupported field asks for something palmchat would not do."""
+    if value is None:
+        return False
+    if name in WHAT_HAPPENS_ANYWAY:
+        return value != WHAT_HAPPENS_ANYWAY[name]
+    return value not in (False, "", [], {})
+
+
+class _RefusesUnsupported(Body):
+    """A body that refuses the fields in its UNSUPPORTED with a 400 `unsupported_parameter`."""
+
+    UNSUPPORTED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, what in cls.UNSUPPORTED.items():
+                if name in data and _is_set(name, data[name]):
+                    # raised as APIError, not ValueError: pydantic lets it through to the error handler as it is
+                    raise APIError(400, f"{name}: this server does not support {what}; remove the field",
+                                   param=name, code="unsupported_parameter")
+        return data
 
 
 def _check_metadata(value: dict[str, str]) -> dict[str, str]:
@@ -77,10 +131,38 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class _Sampling(Body):
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return value
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise ValueError(f"keys are token ids (digits), got '{key:.20}'")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"token {key}: the bias must be in [-100, 100], got {bias}")
+    return value
+
+
+MAX_LOGIT_BIAS = 300
+
+
+class _Sampling(_RefusesUnsupported):
+    UNSUPPORTED: ClassVar[dict[str, str]] = UNSUPPORTED_VLLM
     model: str
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
     top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI's: minus this for every token "
+                                           "already in the reply")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI's: minus this times the times "
+                                            "each token is in the reply so far")
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_check_logit_bias)] = Field(
+        None, description="token id (a string) -> bias in [-100, 100] added to its logit; -100 bans it")
+    top_k: int | None = Field(None, ge=-1, description="vLLM's extra: sample among the k most likely (0 or -1: off)")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM's extra: keep tokens at least this times as "
+                                "likely as the most likely one")
+    repetition_penalty: float | None = Field(None, gt=0, description="vLLM's extra (Hugging Face's "
+                                             "definition, over prompt + reply): > 1 discourages repeats; 1 is off")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -104,7 +186,14 @@ Truncation = Literal["auto", "disabled"] | None
 
 
 class ChatCompletionRequest(ToolsFields, _Sampling):
+    UNSUPPORTED: ClassVar[dict[str, str]] = {**UNSUPPORTED_VLLM, **UNSUPPORTED_CHAT}
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = Field(None, description="report each reply token's log-prob (choice.logprobs)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: also the most likely tokens "
+                                     "at each position, this many")
+    response_format: dict | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                         '{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: '
+                                         "guaranteed by constrained decoding")
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     truncation: Truncation = Field(None, description='palmchat extension: "auto" leaves out the oldest messages '
@@ -113,8 +202,13 @@ class ChatCompletionRequest(ToolsFields, _Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="a string (a list of one string is accepted)")
+    UNSUPPORTED: ClassVar[dict[str, str]] = {**UNSUPPORTED_VLLM, **UNSUPPORTED_COMPLETIONS}
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists: each prompt gets "
+                    "n choices, choice index = prompt index * n + j")
     max_tokens: int | None = Field(None, ge=1, description="default 16, as in OpenAI's API")
+    logprobs: int | None = Field(None, ge=0, le=5, description="report each token's log-prob and this many most "
+                                 "likely alternatives (choice.logprobs)")
 
 
 class InputMessage(Body):
@@ -147,7 +241,14 @@ class ConversationRef(Body):
     id: str
 
 
-class ResponseRequest(ToolsFields):
+class TextFormat(_RefusesUnsupported):
+    UNSUPPORTED: ClassVar[dict[str, str]] = {"verbosity": "a verbosity level (text.verbosity)"}
+    format: dict | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or {"type": '
+                                '"json_schema", "name", "schema", "strict"}')
+
+
+class ResponseRequest(ToolsFields, _RefusesUnsupported):
+    UNSUPPORTED: ClassVar[dict[str, str]] = UNSUPPORTED_RESPONSES
     model: str
     input: str | list[InputItem]
     instructions: str | None = Field(None, description="a system message for this response only (not carried over)")
@@ -158,6 +259,7 @@ class ResponseRequest(ToolsFields):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+    text: TextFormat | None = Field(None, description="the reply's format: text (default) or JSON")
     metadata: Metadata | None = None
     truncation: Truncation = Field(None, description='"auto" leaves out the oldest messages (never the leading '
                                    "system ones, the instructions or the newest) when the conversation does not fit "
@@ -261,7 +363,8 @@ def response_object(id: str, model: str, created_at: float, status: str, output:
                     metadata: dict | None, store: bool, usage: dict | None, incomplete_reason: str | None = None,
                     moderation: dict | None = None, truncation: str = "disabled",
                     truncation_details: dict | None = None, tools: list[dict] | None = None,
-                    tool_choice: str | dict = "none", parallel_tool_calls: bool = False) -> dict:
+                    tool_choice: str | dict = "none", parallel_tool_calls: bool = False,
+                    text_format: dict | None = None) -> dict:
     return {
         "id": id, "object": "response", "created_at": created_at, "status": status, "model": model,
         "output": output, "error": None,
@@ -270,7 +373,7 @@ def response_object(id: str, model: str, created_at: float, status: str, output:
         "conversation": {"id": conversation_id} if conversation_id else None,
         "max_output_tokens": max_output_tokens, "temperature": temperature, "top_p": top_p,
         "metadata": metadata or {}, "store": store, "usage": usage, "parallel_tool_calls": parallel_tool_calls,
-        "tool_choice": tool_choice, "tools": tools or [], "text": {"format": {"type": "text"}},
+        "tool_choice": tool_choice, "tools": tools or [], "text": {"format": text_format or {"type": "text"}},
         "truncation": truncation,
         "completed_at": time.time() if status in ("completed", "incomplete") else None,
         **({"moderation": moderation} if moderation else {}),

@@ -18,6 +18,7 @@ from palmchat.serve.generate import (
     moderate_output,
     moderation_results,
 )
+from palmchat.serve.logprobs import LogprobsCursor, chat_logprobs
 from palmchat.serve.sampling import choice_counts, fit_prompt, sampling_params, stops_of
 from palmchat.serve.state import caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
@@ -82,16 +83,25 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
             reader.read(r.text)
             choices.append(S.chat_choice(i, reader.content or (None if reader.calls else ""),
                                          reader.finish_reason(r.finish_reason), tool_calls=reader.tool_calls()))
+        if params.logprobs is not None:
+            for choice, r in zip(choices, replies):
+                choice["logprobs"] = chat_logprobs(LogprobsCursor(state.tokenizer, r))
         usage = S.chat_usage(len(prompt), generation.completion_tokens, generation.cached_tokens)
         return S.chat_completion(id, body.model, created, choices, usage,
                                  **extra([moderate_output(state, r) for r in replies]))
 
     generation = None if candidates else Generation(state, prompt, params, n, stops, state.moderation_mode == "block")
 
+    cursors = {}  # reply index -> LogprobsCursor, when the request asked for logprobs
+
     async def events():
         def chunk(index, delta, finish=None, **more):
+            logprobs = None
+            if params.logprobs is not None and "content" in delta and index in cursors:
+                logprobs = chat_logprobs(cursors[index])
             return sse(S.chat_chunk(id, body.model, created, [{"index": index, "delta": delta,
-                                                                "finish_reason": finish, "logprobs": None}], **more))
+                                                                "finish_reason": finish, "logprobs": logprobs}],
+                                    **more))
 
         nonlocal generation
         try:
@@ -102,6 +112,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
             finishes = []  # (index, finish_reason) in the order the replies ended
             if generation is None:  # best-of: nothing to stream before the reward model chose
                 generation, replies = await generate_replies(state, prompt, params, n, candidates, stops)
+                cursors.update((i, LogprobsCursor(state.tokenizer, r)) for i, r in enumerate(replies))
                 for i, r in enumerate(replies):
                     for delta in readers[i].feed(r.text) + readers[i].finish():
                         yield chunk(i, delta)
@@ -110,6 +121,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
                         yield chunk(i, {}, finishes[-1][1])
             else:
                 replies = generation.replies
+                cursors.update((i, LogprobsCursor(state.tokenizer, r)) for i, r in enumerate(replies))
                 async for i, text, finish in generation.deltas():
                     for delta in readers[i].feed(text) + (readers[i].finish() if finish else []):
                         yield chunk(i, delta)

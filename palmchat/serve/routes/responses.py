@@ -265,7 +265,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                                  truncation=body.truncation or "disabled",
                                  truncation_details=turn.truncation_details, tools=body.tools,
                                  tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
-                                 parallel_tool_calls=body.parallel_tool_calls is not False)
+                                 parallel_tool_calls=body.parallel_tool_calls is not False,
+                                 text_format=body.text.format if body.text else None)
 
     async def commit(final: dict, reply_tokens: list[int] | None, reader: ReplyReader | None = None) -> None:
         """Store the turn. A blocked input never enters the token history: its items are kept with no tokens."""
