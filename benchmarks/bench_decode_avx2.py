@@ -13,7 +13,7 @@ inference engine) generating greedily from a model with random weights (speed on
 - bf16 PyTorch: the model itself in bf16, every op PyTorch's own (emulated in fp32 on such a CPU);
 - bf16 no C kernel: the bf16 copy with the C kernel switched off (cpu_linear.onednn_only and unfuse_blocks).
 
-Decode tokens/s is the decode-step rate, the prefill and first token taken out (a run of 1 new token timed apart).
+Decode tokens/s is 1 / the median time between streamed tokens (prefill and first token left out).
 The bound is what memory allows: copy bandwidth (read + written, measured before and after the decode runs, the
 better kept) / bytes a step reads (every weight once, the tied embedding as output projection, plus the KV cache
 at the average length). The script prints the CPU, its flags and the caps in force, so no figure is read without
@@ -84,14 +84,17 @@ def bytes_per_token(config: ModelConfig, dtype: torch.dtype, avg_len: float) -> 
 
 
 def decode_rate(engine: Engine, prompt: list[int], new_tokens: int, reps: int) -> float:
-    """Decode steps per second: (new_tokens - 1) / (time of new_tokens - time of 1), medians of `reps`."""
-    def run(n):
-        return timed(lambda: engine.generate([prompt], SamplingParams(max_new_tokens=n, temperature=0.0)))
-
-    run(4)  # warm-up; builds the inference copy
-    full = statistics.median(run(new_tokens) for _ in range(reps))
-    first = statistics.median(run(1) for _ in range(reps))
-    return (new_tokens - 1) / max(full - first, 1e-9)
+    """Decode steps per second: 1 / the median interval between consecutive streamed tokens over `reps` greedy
+    runs (as benchmarks/bench_byom.py): the prefill and first token are left out, and on a shared machine a step
+    whose thread was descheduled is an outlier, not the rate."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    for _ in engine.stream([prompt], SamplingParams(max_new_tokens=4, temperature=0.0)):  # builds the copy
+        pass
+    intervals = []
+    for _ in range(reps):
+        stamps = [time.perf_counter() for _ in engine.stream([prompt], params)]
+        intervals += [b - a for a, b in zip(stamps, stamps[1:])]
+    return 1 / statistics.median(intervals)
 
 
 def bench_shape(name: str, new_tokens: int, reps: int, pytorch_bf16: bool) -> list[tuple[str, float, torch.dtype]]:

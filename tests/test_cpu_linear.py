@@ -10,7 +10,7 @@ from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.fused_block import FusedBlock, unfuse_blocks
 from palmchat.inference.kv_cache import KVCache
 from palmchat.kernels import cpu_linear
-from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, can_pack, linear_bf16, onednn_only
+from palmchat.kernels.cpu_linear import MAX_AVX2_ROWS, MAX_KERNEL_ROWS, PackedLinear, can_pack, linear_bf16, onednn_only
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
 from palmchat.utils import cpu
@@ -76,12 +76,27 @@ def test_linear_bf16_uses_every_thread_and_keeps_batch_dims(level):
 
 @needs_kernel
 def test_linear_bf16_refuses_what_it_cannot_compute():
-    with pytest.raises(ValueError, match="rows"):
-        linear_bf16(torch.randn(MAX_KERNEL_ROWS + 1, 32).bfloat16(), torch.randn(8, 32).bfloat16())
+    for level in cpu_linear.DECODE_KERNELS:
+        if cpu_linear.decode_kernel(level) is not None:
+            most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+            with pytest.raises(ValueError, match=f"takes 1..{most} rows"):
+                linear_bf16(torch.randn(most + 1, 32).bfloat16(), torch.randn(8, 32).bfloat16(), level=level)
     with pytest.raises(ValueError, match="float32"):
         linear_bf16(torch.randn(1, 32).bfloat16(), torch.randn(8, 32))
     with pytest.raises(ValueError, match="no decode kernel for CPU level 'neon'"):
         linear_bf16(torch.randn(1, 32).bfloat16(), torch.randn(8, 32).bfloat16(), level="neon")
+
+
+@pytest.mark.parametrize("rows", [5, 8, 13, 30, MAX_AVX2_ROWS])
+@pytest.mark.parametrize("out_features, in_features", [(33, 100), (300, 64), (19, 47)])
+def test_the_avx2_gemv_takes_a_batch_of_rows(rows, out_features, in_features):
+    """Below AVX-512 there is no oneDNN bf16 to hand a batch of decode steps to: decode_avx2.c takes up to
+    MAX_AVX2_ROWS rows, in groups of 4 over each few rows of W, the last group short."""
+    if cpu_linear.decode_kernel("avx2") is None:
+        pytest.skip("needs decode_avx2.c (built by setup.py) and a CPU with AVX2 and FMA")
+    x, w = torch.randn(rows, in_features).bfloat16(), torch.randn(out_features, in_features).bfloat16()
+    b = torch.randn(out_features).bfloat16()
+    assert_bf16_close(linear_bf16(x, w, b, level="avx2"), x, w, b)
 
 
 def test_the_kernels_of_both_levels_agree():
@@ -161,10 +176,11 @@ def test_under_the_avx2_cap_the_avx2_kernel_is_chosen_and_said_once(avx2_only, c
     assert said == ["palmchat: bf16 decode kernel: decode_avx2.c (AVX2 + FMA) on a CPU of level avx2"]
 
 
-@pytest.mark.parametrize("rows", [1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, 33])
+@pytest.mark.parametrize("rows", [1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, MAX_AVX2_ROWS, MAX_AVX2_ROWS + 1, 40])
 def test_below_avx512_a_bf16_packed_linear_runs_the_kernel_or_fp32_products(avx2_only, rows):
-    """oneDNN cannot pack bf16 there: decode rows go to decode_avx2.c, more rows (prefill) to fp32 products of the
-    bf16 values, rounded once, with the bias. Not PyTorch's bf16 matmul, which such a CPU emulates."""
+    """oneDNN cannot pack bf16 there: up to MAX_AVX2_ROWS rows (decode steps) go to decode_avx2.c, more (prefill)
+    to fp32 products of the bf16 values, rounded once, with the bias. Not PyTorch's bf16 matmul, which such a CPU
+    emulates."""
     assert can_pack(torch.bfloat16)
     w, b = torch.randn(90, 45).bfloat16(), (10 * torch.randn(90)).bfloat16()
     packed = PackedLinear(w, b)

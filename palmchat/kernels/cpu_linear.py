@@ -2,18 +2,19 @@
 
 A decode step reads every weight once per token, so on a CPU it is bound by how fast the linears stream their
 weights from memory. Two kernels, picked per call by the number of rows (tokens) in it:
-- prefill and batches of more than 4 rows: oneDNN with the weight pre-packed in its blocked layout
-  (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing). Below AVX-512
-  oneDNN cannot pack bf16, so there a bf16 layer computes these in fp32 (the bf16 values widened, fp32 products
-  and sums, one rounding to bf16: the numerics of every other path), since PyTorch's bf16 matmul is emulated;
-- 1 to 4 rows of bf16 (decode steps): palmchat's own C kernel, one per instruction set, the best the CPU runs
-  chosen once per process (decode_kernel_level() says which; a line on stderr at first use too):
+- 1 to 4 rows of bf16 (decode steps; up to MAX_AVX2_ROWS on AVX2, a batch of them): palmchat's own C kernel, one
+  per instruction set, the best the CPU runs chosen once per process (decode_kernel_level() says which; a line
+  on stderr at first use too):
     avx512_bf16  decode_bf16.c, VDPBF16PS on the bf16 pairs (Zen 4 and later, Intel since Cooper Lake);
     avx2         decode_avx2.c, bf16 widened to fp32 in registers and fp32 FMAs (any x86-64 since ~2013).
-  Each reads each thread's rows of W as one stream in memory order, which draws more bandwidth from DRAM than
-  oneDNN's blocked layout (measured in benchmarks/README.md). They are built by setup.py on x86-64 Linux; without
-  them (not built, or another architecture such as ARM, where none exists yet) oneDNN and PyTorch serve every
-  call, and the engine decodes in fp32 there by default (utils/device.decode_dtype).
+- prefill and larger batches: oneDNN with the weight pre-packed in its blocked layout
+  (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing). Below AVX-512
+  oneDNN cannot pack bf16, so there a bf16 layer computes these in fp32 (the bf16 values widened, fp32 products
+  and sums, one rounding to bf16: the numerics of every other path), since PyTorch's bf16 matmul is emulated.
+The C kernels read each thread's rows of W as one stream in memory order, which draws more bandwidth from DRAM
+than oneDNN's blocked layout (measured in benchmarks/README.md). They are built by setup.py on x86-64 Linux;
+without them (not built, or another architecture such as ARM, where none exists yet) oneDNN and PyTorch serve
+every call, and the engine decodes in fp32 there by default (utils/device.decode_dtype).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from palmchat.kernels.loader import load
 from palmchat.utils import cpu
 
 MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
+# decode_avx2.c's gemv takes more rows (a batch of decode steps, a short prefill) in groups of 4, reading W once.
+# With no oneDNN bf16 below AVX-512 the alternative is fp32 products of W widened at each call: the gemv is faster
+# up to about this many rows on a cache-resident W, and several times faster on one read from memory
+MAX_AVX2_ROWS = 64
 
 
 # the C decode kernel of each CPU level (cpu.LEVELS), best first
@@ -73,16 +78,19 @@ def bf16_kernel() -> ctypes.CDLL | None:
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 level: str | None = None) -> torch.Tensor:
-    """x (..., K) with at most MAX_KERNEL_ROWS rows, weight (N, K) and bias (N,) or None, all bf16 on CPU -> (..., N):
-    F.linear(x, weight, bias) through the C decode kernel of `level` (default: this process's,
-    decode_kernel_level()). Callers check bf16_kernel() (or decode_kernel(level)) first."""
+    """x (..., K) with at most MAX_KERNEL_ROWS rows (MAX_AVX2_ROWS for decode_avx2.c), weight (N, K) and bias (N,)
+    or None, all bf16 on CPU -> (..., N): F.linear(x, weight, bias) through the C decode kernel of `level`
+    (default: this process's, decode_kernel_level()). Callers check bf16_kernel() (or decode_kernel(level))
+    first."""
     x = x.contiguous()
     rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
-    if not 1 <= rows <= MAX_KERNEL_ROWS or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or (
+    level = level or decode_kernel_level()
+    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    if not 1 <= rows <= most or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or (
             bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous())):
-        raise ValueError(f"linear_bf16: takes 1..{MAX_KERNEL_ROWS} rows and a contiguous bf16 weight and bias, got "
+        raise ValueError(f"linear_bf16: takes 1..{most} rows and a contiguous bf16 weight and bias, got "
                          f"{rows} rows and a {weight.dtype} weight")
-    kernel = bf16_kernel() if level is None else decode_kernel(level)
+    kernel = None if level is None else decode_kernel(level)
     if kernel is None:
         raise ValueError(f"linear_bf16: no decode kernel for level {level or 'of this CPU'} (not built, or the CPU "
                          f"or PALMCHAT_MAX_CPU_ISA does not allow it)")
@@ -108,11 +116,12 @@ class PackedLinear(nn.Module):
         onednn = not bf16 or cpu.cpu_supports("avx512")
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn else None
         self.unpacked = None if onednn else weight
-        self.plain = weight if bf16 and bf16_kernel() is not None else None  # for the C kernel
+        self.plain = weight if bf16 and bf16_kernel() is not None else None  # for the C kernel, up to kernel_rows
+        self.kernel_rows = MAX_KERNEL_ROWS if onednn else MAX_AVX2_ROWS
         self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few_rows = 0 < x.numel() <= MAX_KERNEL_ROWS * self.in_features
+        few_rows = 0 < x.numel() <= self.kernel_rows * self.in_features
         if self.plain is not None and x.dtype == torch.bfloat16 and few_rows:
             return linear_bf16(x, self.plain, self.bias)
         if self.packed is None:  # bf16 below AVX-512: fp32 products of the bf16 values, rounded once
@@ -157,4 +166,4 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 __all__ = ["PackedLinear", "pack_linears", "onednn_only", "can_pack", "bf16_kernel", "decode_kernel",
-           "decode_kernel_level", "linear_bf16", "MAX_KERNEL_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]
+           "decode_kernel_level", "linear_bf16", "MAX_KERNEL_ROWS", "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]

@@ -1,7 +1,7 @@
 /* bf16 decode steps on a CPU with AVX2 and FMA (Intel since Haswell, AMD since Zen 1): the same two entry points
    as decode_bf16.c, for the CPUs without AVX512-BF16 that most laptops and many cloud VMs have.
 
-   1. palmchat_linear_bf16: y = x @ W^T (+ b) for 1-4 rows, each thread streaming its band of rows of W in memory
+   1. palmchat_linear_bf16: y = x @ W^T (+ b) for a few rows, each thread streaming its band of rows of W in memory
       order (decode_bf16.c says why). The weights stay bf16 in memory, half the bytes per token of fp32, and are
       widened to fp32 in registers: a bf16 is the upper half of the fp32 with the same value, so widening is a
       shift or a mask, and the products and their sums are fp32 FMAs.
@@ -104,21 +104,31 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
     }
 }
 
-/* This thread's contiguous band of rows n0..n1-1 of W: each thread streams its own part of the weight. */
+/* This thread's contiguous band of rows of W: each thread streams its own part of the weight. More than MAX_ROWS
+   rows of x (a batch of decode steps; palmchat_linear_bf16 only) go in groups of MAX_ROWS over each 16 rows of W,
+   which stay in L1 between the groups, so W is still read from memory once. */
 AVX2_KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
                                   int64_t K) {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
     const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
-    switch (M) {
-        case 1: rows(x, W, b, y, 1, N, K, n0, n1); break;
-        case 2: rows(x, W, b, y, 2, N, K, n0, n1); break;
-        case 3: rows(x, W, b, y, 3, N, K, n0, n1); break;
-        default: rows(x, W, b, y, 4, N, K, n0, n1); break;
+    for (int64_t n = n0; n < n1; n += 16) {
+        const int64_t end = n + 16 < n1 ? n + 16 : n1;
+        for (int g = 0; g < M; g += MAX_ROWS) {
+            const bf16 *xg = x + g * K;
+            bf16 *yg = y + g * N;
+            switch (M - g) {
+                case 1: rows(xg, W, b, yg, 1, N, K, n, end); break;
+                case 2: rows(xg, W, b, yg, 2, N, K, n, end); break;
+                case 3: rows(xg, W, b, yg, 3, N, K, n, end); break;
+                default: rows(xg, W, b, yg, 4, N, K, n, end); break;
+            }
+        }
     }
 }
 
-/* y (M, N) = x (M, K) @ W (N, K)^T, all bf16 and contiguous, 1 <= M <= MAX_ROWS. The OpenMP threads are the
-   same runtime and thread count as PyTorch's. */
+/* y (M, N) = x (M, K) @ W (N, K)^T, all bf16 and contiguous, M >= 1 rows (a decode step's few; cpu_linear.py
+   sends more to fp32 products, which run faster once the arithmetic outweighs reading W). The OpenMP threads are
+   the same runtime and thread count as PyTorch's. */
 AVX2_KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
                                       int64_t K) {
     #pragma omp parallel
