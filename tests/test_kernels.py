@@ -100,7 +100,7 @@ from palmchat.kernels.cpu_linear import can_pack, decode_kernel_level
 from palmchat.inference.engine import Engine
 from palmchat.kernels import blocked_attention, cpu_attention
 from palmchat.model.transformer import Transformer
-from palmchat.utils.device import autocast_dtype
+from palmchat.utils.device import autocast_dtype, decode_dtype
 
 model = Transformer(preset("tiny", vocab_size=97)).eval()
 modules = {str(dtype): [type(m).__name__ for m in Engine(model, dtype=dtype).sync().modules()]
@@ -115,6 +115,7 @@ print(json.dumps({
     "packs bf16": can_pack(torch.bfloat16),
     "packs fp32": can_pack(torch.float32),
     "autocast auto": str(autocast_dtype("auto", torch.device("cpu"))),
+    "decode auto": str(decode_dtype("auto")),
     "fp32 copy packed": "PackedLinear" in modules["torch.float32"],
     "bf16 copy packed": "PackedLinear" in modules["torch.bfloat16"],
     "bf16 copy fused": "FusedBlock" in modules["torch.bfloat16"],
@@ -157,6 +158,8 @@ def test_under_a_cap_palmchat_takes_what_a_cpu_of_that_level_takes(cap):
     assert not got["attention_bf16.c on AMX"] and not got["attention_bf16.c in training"]
     assert not got["SDPA in training"]
     assert got["autocast auto"] == ("torch.bfloat16" if has["avx512_bf16"] else "None")
+    # serving: bf16 wherever a decode kernel reads it (half the bytes per token of fp32), even without bf16 training
+    assert got["decode auto"] == ("torch.bfloat16" if got["decode kernel"] else "torch.float32")
     assert got["packs fp32"] and got["fp32 copy packed"]
     if not has["avx512"]:
         assert got["packs bf16"] == (got["decode kernel"] is not None)
@@ -174,7 +177,32 @@ def test_the_avx2_cap_leaves_only_what_an_avx2_cpu_runs():
     assert choices_under("avx2") == {
         "level": "avx2", "decode kernel": "avx2", "attention_bf16.c": False, "attention_bf16.c on AMX": False,
         "attention_bf16.c in training": False, "SDPA in training": False, "packs bf16": True, "packs fp32": True,
-        "autocast auto": "None", "fp32 copy packed": True, "bf16 copy packed": True, "bf16 copy fused": True}
+        "autocast auto": "None", "decode auto": "torch.bfloat16", "fp32 copy packed": True, "bf16 copy packed": True,
+        "bf16 copy fused": True}
+
+
+def test_a_cpu_below_avx2_or_not_x86_gets_no_kernel_and_fp32(monkeypatch, fresh_detection):
+    """ARM (Apple, Graviton) or a pre-AVX2 x86 CPU: palmchat detects no level, loads no C kernel, keeps bf16
+    layers plain (PyTorch's own kernels) and serves and trains in fp32 by default."""
+    import torch
+
+    from palmchat.kernels import cpu_linear
+    from palmchat.utils.device import autocast_dtype, decode_dtype
+
+    def forget():
+        cpu_linear.decode_kernel.cache_clear()
+        cpu_linear.decode_kernel_level.cache_clear()
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(AVX_ONLY.split()))
+    forget()
+    try:
+        assert cpu.cpu_isa() == "baseline"
+        assert cpu_linear.decode_kernel_level() is None and cpu_linear.bf16_kernel() is None
+        assert all(cpu_linear.decode_kernel(level) is None for level in cpu_linear.DECODE_KERNELS)
+        assert not cpu_linear.can_pack(torch.bfloat16)
+        assert decode_dtype("auto") == torch.float32 and autocast_dtype("auto", torch.device("cpu")) is None
+    finally:
+        forget()
 
 
 @pytest.mark.parametrize("module, supported, level", [
