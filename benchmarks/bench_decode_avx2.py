@@ -37,7 +37,6 @@ from palmchat.model.config import ModelConfig, preset
 from palmchat.model.transformer import Transformer
 from palmchat.utils import cpu
 
-THREADS = 2
 PROMPT = 16  # tokens of prompt: short, since PyTorch's emulated bf16 prefill is slow
 SHAPES = {
     "small": lambda: preset("small", vocab_size=8192),  # the demo's tokenizer size
@@ -97,26 +96,32 @@ def decode_rate(engine: Engine, prompt: list[int], new_tokens: int, reps: int) -
     return 1 / statistics.median(intervals)
 
 
-def bench_shape(name: str, new_tokens: int, reps: int, pytorch_bf16: bool) -> list[tuple[str, float, torch.dtype]]:
+SETTINGS = ("bf16 + C kernel", "fp32", "bf16 no C kernel", "bf16 PyTorch")
+
+
+def bench_shape(name: str, new_tokens: int, reps: int, settings: list[str]) -> list[tuple[str, float, torch.dtype]]:
     torch.manual_seed(0)
     config = SHAPES[name]()
     model = Transformer(config).eval().requires_grad_(False)
     prompt = torch.randint(0, config.vocab_size, (PROMPT,)).tolist()
     results = []
-    kernel = Engine(model, dtype=torch.bfloat16)
-    results.append(("bf16 + C kernel", decode_rate(kernel, prompt, new_tokens, reps), torch.bfloat16))
-    del kernel
-    results.append(("fp32", decode_rate(Engine(model, dtype=torch.float32), prompt, new_tokens, reps),
-                    torch.float32))
-    plain = Engine(model, dtype=torch.bfloat16)
-    onednn_only(plain.sync(), plain.packed_head)
-    unfuse_blocks(plain.sync())
-    results.append(("bf16 no C kernel", decode_rate(plain, prompt, min(new_tokens, 16), reps), torch.bfloat16))
-    del plain
-    if pytorch_bf16:
-        bf16_model = model.to(torch.bfloat16)
-        results.append(("bf16 PyTorch", decode_rate(Engine(bf16_model), prompt, min(new_tokens, 8), 1),
-                        torch.bfloat16))
+    if "bf16 + C kernel" in settings:
+        engine = Engine(model, dtype=torch.bfloat16)
+        results.append(("bf16 + C kernel", decode_rate(engine, prompt, new_tokens, reps), torch.bfloat16))
+        del engine
+    if "fp32" in settings:
+        engine = Engine(model, dtype=torch.float32)
+        results.append(("fp32", decode_rate(engine, prompt, new_tokens, reps), torch.float32))
+        del engine
+    if "bf16 no C kernel" in settings:  # slow: below AVX-512 every weight is widened to fp32 at every step
+        engine = Engine(model, dtype=torch.bfloat16)
+        onednn_only(engine.sync(), engine.packed_head)
+        unfuse_blocks(engine.sync())
+        results.append(("bf16 no C kernel", decode_rate(engine, prompt, min(new_tokens, 16), reps), torch.bfloat16))
+        del engine
+    if "bf16 PyTorch" in settings:  # slow where emulated: few tokens, one run
+        engine = Engine(model.to(torch.bfloat16))
+        results.append(("bf16 PyTorch", decode_rate(engine, prompt, min(new_tokens, 8), 1), torch.bfloat16))
     return results
 
 
@@ -124,14 +129,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per setting (the median is kept)")
-    ap.add_argument("--no-pytorch-bf16", action="store_true",
-                    help="skip the model run in PyTorch's own bf16 (slow where it is emulated)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per setting (their intervals pooled)")
+    ap.add_argument("--threads", type=int, default=2, help="torch (and OpenMP) threads")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, metavar="SETTING",
+                    help=f"which to time (default all): {', '.join(repr(s) for s in SETTINGS)}")
     args = ap.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
 
     flags = cpu.cpu_flags()
-    print(f"CPU: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {THREADS} threads used")
+    print(f"CPU: {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {args.threads} threads used; "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share the CPUs)")
     print(f"ISA flags: {' '.join(f for f in ISA_FLAGS if f in flags) or '(none read)'}")
     caps = ", ".join(f"{v}={os.environ[v]}" for v in CAPS if os.environ.get(v)) or "none"
     print(f"palmchat CPU level: {cpu.cpu_isa()} (detected {cpu.detected_isa()}); caps: {caps}")
@@ -141,12 +148,12 @@ def main():
 
     for name in args.shapes:
         before = copy_bandwidth()
-        results = bench_shape(name, args.new_tokens, args.reps, not args.no_pytorch_bf16)
+        results = bench_shape(name, args.new_tokens, args.reps, args.settings)
         bandwidth = max(before, copy_bandwidth())
         config = SHAPES[name]()
         avg_len = PROMPT + args.new_tokens / 2
         print(f"\n{name} ({config.num_params() / 1e6:.0f}M parameters): batch-1 decode, {PROMPT}-token prompt; "
-              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written)")
+              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written); load average {os.getloadavg()[0]:.1f}")
         print(f"  {'setting':<20}{'tokens/s':>10}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
         for setting, rate, dtype in results:
             per_token = bytes_per_token(config, dtype, avg_len)
@@ -154,7 +161,7 @@ def main():
             print(f"  {setting:<20}{rate:>10.1f}{per_token / 1e6:>10.0f}{bound:>13.1f}{rate / bound:>10.2f}")
         rates = {setting: rate for setting, rate, _ in results}
         for peer in ("fp32", "bf16 no C kernel", "bf16 PyTorch"):
-            if peer in rates:
+            if peer in rates and "bf16 + C kernel" in rates:
                 print(f"  {name}: bf16 + C kernel / {peer}: {rates['bf16 + C kernel'] / rates[peer]:.2f}x")
 
 
