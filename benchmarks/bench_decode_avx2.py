@@ -82,24 +82,27 @@ def bytes_per_token(config: ModelConfig, dtype: torch.dtype, avg_len: float) -> 
     return (weights + kv) * size
 
 
-def decode_rate(engine: Engine, prompt: list[int], new_tokens: int, reps: int) -> float:
-    """Decode steps per second: 1 / the median interval between consecutive streamed tokens over `reps` greedy
-    runs (as benchmarks/bench_byom.py): the prefill and first token are left out, and on a shared machine a step
-    whose thread was descheduled is an outlier, not the rate."""
+def decode_rate(engine: Engine, prompt: list[int], new_tokens: int, reps: int) -> tuple[float, float]:
+    """(decode steps per second, seconds to the first token). The rate is 1 / the median interval between
+    consecutive streamed tokens over `reps` greedy runs (as benchmarks/bench_byom.py): prefill and first token
+    left out, and on a shared machine a step whose thread was descheduled is an outlier, not the rate. The first
+    token's time (prefill included) is the median over the runs."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     for _ in engine.stream([prompt], SamplingParams(max_new_tokens=4, temperature=0.0)):  # builds the copy
         pass
-    intervals = []
+    intervals, first = [], []
     for _ in range(reps):
+        start = time.perf_counter()
         stamps = [time.perf_counter() for _ in engine.stream([prompt], params)]
+        first.append(stamps[0] - start)
         intervals += [b - a for a, b in zip(stamps, stamps[1:])]
-    return 1 / statistics.median(intervals)
+    return 1 / statistics.median(intervals), statistics.median(first)
 
 
 SETTINGS = ("bf16 + C kernel", "fp32", "bf16 no C kernel", "bf16 PyTorch")
 
 
-def bench_shape(name: str, new_tokens: int, reps: int, settings: list[str]) -> list[tuple[str, float, torch.dtype]]:
+def bench_shape(name: str, new_tokens: int, reps: int, settings: list[str]) -> list[tuple]:
     torch.manual_seed(0)
     config = SHAPES[name]()
     model = Transformer(config).eval().requires_grad_(False)
@@ -107,21 +110,21 @@ def bench_shape(name: str, new_tokens: int, reps: int, settings: list[str]) -> l
     results = []
     if "bf16 + C kernel" in settings:
         engine = Engine(model, dtype=torch.bfloat16)
-        results.append(("bf16 + C kernel", decode_rate(engine, prompt, new_tokens, reps), torch.bfloat16))
+        results.append(("bf16 + C kernel", *decode_rate(engine, prompt, new_tokens, reps), torch.bfloat16))
         del engine
     if "fp32" in settings:
         engine = Engine(model, dtype=torch.float32)
-        results.append(("fp32", decode_rate(engine, prompt, new_tokens, reps), torch.float32))
+        results.append(("fp32", *decode_rate(engine, prompt, new_tokens, reps), torch.float32))
         del engine
     if "bf16 no C kernel" in settings:  # slow: below AVX-512 every weight is widened to fp32 at every step
         engine = Engine(model, dtype=torch.bfloat16)
         onednn_only(engine.sync(), engine.packed_head)
         unfuse_blocks(engine.sync())
-        results.append(("bf16 no C kernel", decode_rate(engine, prompt, min(new_tokens, 16), reps), torch.bfloat16))
+        results.append(("bf16 no C kernel", *decode_rate(engine, prompt, min(new_tokens, 16), reps), torch.bfloat16))
         del engine
     if "bf16 PyTorch" in settings:  # slow where emulated: few tokens, one run
         engine = Engine(model.to(torch.bfloat16))
-        results.append(("bf16 PyTorch", decode_rate(engine, prompt, min(new_tokens, 8), 1), torch.bfloat16))
+        results.append(("bf16 PyTorch", *decode_rate(engine, prompt, min(new_tokens, 8), 1), torch.bfloat16))
     return results
 
 
@@ -154,12 +157,14 @@ def main():
         avg_len = PROMPT + args.new_tokens / 2
         print(f"\n{name} ({config.num_params() / 1e6:.0f}M parameters): batch-1 decode, {PROMPT}-token prompt; "
               f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written); load average {os.getloadavg()[0]:.1f}")
-        print(f"  {'setting':<20}{'tokens/s':>10}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}")
-        for setting, rate, dtype in results:
+        print(f"  {'setting':<20}{'tokens/s':>10}{'MB/token':>10}{'bound tok/s':>13}{'of bound':>10}"
+              f"{'first token ms':>16}")
+        for setting, rate, first, dtype in results:
             per_token = bytes_per_token(config, dtype, avg_len)
             bound = bandwidth / per_token
-            print(f"  {setting:<20}{rate:>10.1f}{per_token / 1e6:>10.0f}{bound:>13.1f}{rate / bound:>10.2f}")
-        rates = {setting: rate for setting, rate, _ in results}
+            print(f"  {setting:<20}{rate:>10.1f}{per_token / 1e6:>10.0f}{bound:>13.1f}{rate / bound:>10.2f}"
+                  f"{first * 1e3:>16.0f}")
+        rates = {setting: rate for setting, rate, _, _ in results}
         for peer in ("fp32", "bf16 no C kernel", "bf16 PyTorch"):
             if peer in rates and "bf16 + C kernel" in rates:
                 print(f"  {name}: bf16 + C kernel / {peer}: {rates['bf16 + C kernel'] / rates[peer]:.2f}x")
