@@ -10,7 +10,8 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test bench bench-byom screenshots install browser clean
 
-$(STAMP): pyproject.toml setup.py palmchat/kernels/decode_bf16.c palmchat/kernels/attention_bf16.c Makefile
+$(STAMP): pyproject.toml setup.py palmchat/kernels/decode_bf16.c palmchat/kernels/decode_avx2.c \
+		palmchat/kernels/decode_block.h palmchat/kernels/attention_bf16.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"

@@ -36,7 +36,7 @@ from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.fused_block import unfuse_blocks
 from palmchat.kernels import cpu_attention
 from palmchat.kernels.blocked_attention import SDPA_IS_FASTER_ON_THIS_CPU
-from palmchat.kernels.cpu_linear import bf16_kernel, onednn_only
+from palmchat.kernels.cpu_linear import KERNEL_NAMES, decode_kernel_level, onednn_only
 from palmchat.model.config import ModelConfig, preset
 from palmchat.model.transformer import Transformer
 from palmchat.utils import cpu
@@ -173,7 +173,7 @@ def bench_decode(config: ModelConfig, new_tokens: int, reps: int) -> dict[str, d
         "ours bf16, blocks op by op": (Engine(model, dtype=torch.bfloat16), False, torch.bfloat16),
         "ours bf16, oneDNN only": (Engine(model, dtype=torch.bfloat16), False, torch.bfloat16),
     }
-    # the same copy with its blocks run op by op in PyTorch (linears still through decode_bf16.c's gemv) ...
+    # the same copy with its blocks run op by op in PyTorch (linears still through the C kernel's gemv) ...
     unfuse_blocks(engines["ours bf16, blocks op by op"][0].sync())
     onednn = engines["ours bf16, oneDNN only"][0]
     onednn_only(onednn.sync(), onednn.packed_head)  # ... and with no C kernel at all
@@ -230,8 +230,9 @@ def main():
                  else "PyTorch's SDPA" if SDPA_IS_FASTER_ON_THIS_CPU else "blocked_attention.py")
     cap = f" (capped by {cpu.MAX_ISA_VARIABLE}; the CPU has {cpu.detected_isa()})" if cpu.max_isa() else ""
     print(f"CPU level palmchat uses: {cpu.cpu_isa()}{cap}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernels "
-          f"(decode_bf16.c): {'on' if bf16_kernel() else 'not available'}; bf16 training attention: {attention}")
+    decode = decode_kernel_level()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; palmchat's bf16 decode kernel: "
+          f"{KERNEL_NAMES[decode] if decode else 'not available'}; bf16 training attention: {attention}")
     peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
     print(f"machine: matmul 2048^3 fp32 {fmt(peak['fp32'] / 1e12)} TFLOP/s, bf16 {fmt(peak['bf16'] / 1e12)} TFLOP/s; "
           f"copy bandwidth {fmt(copy_bandwidth() / 1e9)} GB/s (read + written)")
@@ -293,7 +294,7 @@ def main():
             f"{dec_ours[0] / dec_ref[0]:.3g}x ({dec_ours[1]} vs {dec_ref[1]})",
             f"decode fraction of memory-bandwidth limit (ours, bf16, {shape} shape): "
             f"{fraction['ours bf16 packed copy']:.2f}",
-            f"decode steps/s, bf16 copy with decode_bf16.c vs oneDNN only ({shape} shape): "
+            f"decode steps/s, bf16 copy with its C decode kernel vs oneDNN only ({shape} shape): "
             f"{decode['ours bf16 packed copy']['step/s'] / decode['ours bf16, oneDNN only']['step/s']:.2f}x; "
             f"fused blocks vs op by op: "
             f"{decode['ours bf16 packed copy']['step/s'] / decode['ours bf16, blocks op by op']['step/s']:.2f}x",

@@ -1,14 +1,28 @@
+"""PackedLinear and the C decode kernels (decode_bf16.c on AVX512-BF16, decode_avx2.c on AVX2 + FMA): each
+kernel this machine runs against the exact product, and the AVX2 path taken in-process (PALMCHAT_MAX_CPU_ISA=avx2)
+through whole decode steps and generations."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from palmchat.inference.engine import Engine, SamplingParams
-from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel, can_pack, linear_bf16, onednn_only
+from palmchat.inference.fused_block import FusedBlock, unfuse_blocks
+from palmchat.inference.kv_cache import KVCache
+from palmchat.kernels import cpu_linear
+from palmchat.kernels.cpu_linear import MAX_AVX2_ROWS, MAX_KERNEL_ROWS, PackedLinear, can_pack, linear_bf16, onednn_only
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
+from palmchat.utils import cpu
 
 pytestmark = pytest.mark.kernels
-needs_kernel = pytest.mark.skipif(bf16_kernel() is None, reason="needs AVX512-BF16 (decode_bf16.c, built by setup.py)")
+needs_kernel = pytest.mark.skipif(cpu_linear.bf16_kernel() is None, reason="needs a decode kernel (decode_bf16.c or "
+                                  "decode_avx2.c, built by setup.py) that this CPU runs")
+# every decode kernel, each run where it was built and the CPU (under PALMCHAT_MAX_CPU_ISA) runs it
+LEVELS = [pytest.param(level, marks=pytest.mark.skipif(
+    cpu_linear.decode_kernel(level) is None,
+    reason=f"needs {cpu_linear.KERNEL_NAMES[level]}, built by setup.py, and a CPU that runs it"))
+    for level in cpu_linear.DECODE_KERNELS]
 
 
 def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
@@ -19,38 +33,41 @@ def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torc
     assert ((y.double() - exact).abs() <= slack).all(), (y.double() - exact).abs().max()
 
 
-@needs_kernel
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("rows", range(1, MAX_KERNEL_ROWS + 1))
-@pytest.mark.parametrize("out_features, in_features",
-                         [(1, 32), (7, 16), (33, 100), (300, 64), (96, 512), (5, 31), (64, 4)])
-def test_linear_bf16_equals_the_exact_product_rounded_to_bf16(rows, out_features, in_features):
+@pytest.mark.parametrize("out_features, in_features",  # K below, at and past the 16/32-element steps, odd K and N
+                         [(1, 32), (7, 16), (33, 100), (300, 64), (96, 512), (5, 31), (64, 4), (19, 47), (3, 80)])
+def test_linear_bf16_equals_the_exact_product_rounded_to_bf16(level, rows, out_features, in_features):
     x = torch.randn(rows, in_features).bfloat16()
     w = torch.randn(out_features, in_features).bfloat16()
-    y = linear_bf16(x, w)
+    y = linear_bf16(x, w, level=level)
     assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
     assert_bf16_close(y, x, w)
 
 
-@needs_kernel
-@pytest.mark.parametrize("rows", [1, MAX_KERNEL_ROWS])
-def test_a_bias_joins_the_sum_before_its_one_rounding(rows):
-    """Qwen2's q/k/v biases: the C kernel and oneDNN (PackedLinear's two paths) both round x @ w.T + b once."""
-    x, w, b = torch.randn(rows, 96).bfloat16(), torch.randn(70, 96).bfloat16(), (50 * torch.randn(70)).bfloat16()
-    assert_bf16_close(linear_bf16(x, w, b), x, w, b)
-    packed = PackedLinear(w, b)
-    assert_bf16_close(packed(x), x, w, b)
-    many = torch.randn(3 * MAX_KERNEL_ROWS, 96).bfloat16()
-    assert_bf16_close(packed(many), many, w, b)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("rows", [1, 2, MAX_KERNEL_ROWS])
+@pytest.mark.parametrize("in_features", [96, 37])
+def test_a_bias_joins_the_sum_before_its_one_rounding(level, rows, in_features):
+    """Qwen2's q/k/v biases: each C kernel and PackedLinear's other path round x @ w.T + b once."""
+    x, w = torch.randn(rows, in_features).bfloat16(), torch.randn(70, in_features).bfloat16()
+    b = (50 * torch.randn(70)).bfloat16()
+    assert_bf16_close(linear_bf16(x, w, b, level=level), x, w, b)
     with pytest.raises(ValueError, match="bias"):
-        linear_bf16(x, w, b.float())
+        linear_bf16(x, w, b.float(), level=level)
+    if level == cpu_linear.decode_kernel_level():  # PackedLinear takes the process's kernel, and oneDNN or fp32
+        packed = PackedLinear(w, b)
+        assert_bf16_close(packed(x), x, w, b)
+        many = torch.randn(3 * MAX_KERNEL_ROWS, in_features).bfloat16()
+        assert_bf16_close(packed(many), many, w, b)
 
 
-@needs_kernel
-def test_linear_bf16_uses_every_thread_and_keeps_batch_dims():
+@pytest.mark.parametrize("level", LEVELS)
+def test_linear_bf16_uses_every_thread_and_keeps_batch_dims(level):
     torch.set_num_threads(2)
     try:
         x, w = torch.randn(2, 2, 256).bfloat16(), torch.randn(1031, 256).bfloat16()  # rows split unevenly
-        y = linear_bf16(x, w)
+        y = linear_bf16(x, w, level=level)
         assert y.shape == (2, 2, 1031)
         assert_bf16_close(y.view(4, -1), x.view(4, -1), w)
     finally:
@@ -59,10 +76,38 @@ def test_linear_bf16_uses_every_thread_and_keeps_batch_dims():
 
 @needs_kernel
 def test_linear_bf16_refuses_what_it_cannot_compute():
-    with pytest.raises(ValueError, match="rows"):
-        linear_bf16(torch.randn(MAX_KERNEL_ROWS + 1, 32).bfloat16(), torch.randn(8, 32).bfloat16())
+    for level in cpu_linear.DECODE_KERNELS:
+        if cpu_linear.decode_kernel(level) is not None:
+            most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+            with pytest.raises(ValueError, match=f"takes 1..{most} rows"):
+                linear_bf16(torch.randn(most + 1, 32).bfloat16(), torch.randn(8, 32).bfloat16(), level=level)
     with pytest.raises(ValueError, match="float32"):
         linear_bf16(torch.randn(1, 32).bfloat16(), torch.randn(8, 32))
+    with pytest.raises(ValueError, match="no decode kernel for CPU level 'neon'"):
+        linear_bf16(torch.randn(1, 32).bfloat16(), torch.randn(8, 32).bfloat16(), level="neon")
+
+
+@pytest.mark.parametrize("rows", [5, 8, 13, 30, MAX_AVX2_ROWS])
+@pytest.mark.parametrize("out_features, in_features", [(33, 100), (300, 64), (19, 47)])
+def test_the_avx2_gemv_takes_a_batch_of_rows(rows, out_features, in_features):
+    """Below AVX-512 there is no oneDNN bf16 to hand a batch of decode steps to: decode_avx2.c takes up to
+    MAX_AVX2_ROWS rows, in groups of 4 over each few rows of W, the last group short."""
+    if cpu_linear.decode_kernel("avx2") is None:
+        pytest.skip("needs decode_avx2.c (built by setup.py) and a CPU with AVX2 and FMA")
+    x, w = torch.randn(rows, in_features).bfloat16(), torch.randn(out_features, in_features).bfloat16()
+    b = torch.randn(out_features).bfloat16()
+    assert_bf16_close(linear_bf16(x, w, b, level="avx2"), x, w, b)
+
+
+def test_the_kernels_of_both_levels_agree():
+    """decode_avx2.c and decode_bf16.c both sum fp32 products of the same bf16 values, rounded once: they differ
+    only where the order of fp32 additions moves a rounding (here: nowhere, or nearly)."""
+    if any(cpu_linear.decode_kernel(level) is None for level in cpu_linear.DECODE_KERNELS):
+        pytest.skip("needs both decode kernels (a CPU with AVX512-BF16)")
+    x, w, b = torch.randn(3, 999).bfloat16(), torch.randn(517, 999).bfloat16(), torch.randn(517).bfloat16()
+    a, z = linear_bf16(x, w, b, level="avx2"), linear_bf16(x, w, b, level="avx512_bf16")
+    assert (a == z).float().mean() >= 0.99
+    torch.testing.assert_close(a.float(), z.float(), atol=0, rtol=2**-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,3 +143,111 @@ def test_batch_one_decode_through_the_kernel_equals_onednn():
     a, b = kernel.generate(prompt, params)[0], onednn.generate(prompt, params)[0]
     assert a.tokens == b.tokens
     torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.05, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The AVX2 path in this process: what an AVX2-only CPU runs, on any CPU with AVX2
+# ---------------------------------------------------------------------------------------------
+
+
+def forget_the_cpu():
+    cpu.cpu_isa.cache_clear()
+    cpu_linear.decode_kernel.cache_clear()
+    cpu_linear.decode_kernel_level.cache_clear()
+
+
+@pytest.fixture
+def avx2_only(monkeypatch):
+    """This process as on an AVX2-only CPU (PALMCHAT_MAX_CPU_ISA=avx2): decode_avx2.c is the decode kernel, and
+    oneDNN packs no bf16 weight. The cached choices are forgotten before and after."""
+    if cpu_linear.decode_kernel("avx2") is None:
+        pytest.skip("needs decode_avx2.c (built by setup.py) and a CPU with AVX2 and FMA")
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, "avx2")
+    forget_the_cpu()
+    yield
+    forget_the_cpu()
+
+
+def test_under_the_avx2_cap_the_avx2_kernel_is_chosen_and_said_once(avx2_only, capfd):
+    assert cpu_linear.decode_kernel_level() == "avx2" and cpu_linear.bf16_kernel() is cpu_linear.decode_kernel("avx2")
+    assert cpu_linear.decode_kernel("avx512_bf16") is None  # the cap holds for every level above it
+    cpu_linear.bf16_kernel()
+    said = [line for line in capfd.readouterr().err.splitlines() if "decode kernel" in line]
+    assert said == ["palmchat: bf16 decode kernel: decode_avx2.c (AVX2 + FMA) on a CPU of level avx2"]
+
+
+@pytest.mark.parametrize("rows", [1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, MAX_AVX2_ROWS, MAX_AVX2_ROWS + 1, 40])
+def test_below_avx512_a_bf16_packed_linear_runs_the_kernel_or_fp32_products(avx2_only, rows):
+    """oneDNN cannot pack bf16 there: up to MAX_AVX2_ROWS rows (decode steps) go to decode_avx2.c, more (prefill)
+    to fp32 products of the bf16 values, rounded once, with the bias. Not PyTorch's bf16 matmul, which such a CPU
+    emulates."""
+    assert can_pack(torch.bfloat16)
+    w, b = torch.randn(90, 45).bfloat16(), (10 * torch.randn(90)).bfloat16()
+    packed = PackedLinear(w, b)
+    assert packed.packed is None and packed.plain is not None
+    x = torch.randn(1, rows, 45).bfloat16()
+    assert_bf16_close(packed(x)[0], x[0], w, b)
+    onednn_only(packed)  # the kernel off: fp32 products for every call
+    assert_bf16_close(packed(x)[0], x[0], w, b)
+
+
+TINY_SHAPES = {
+    "parallel, multi-query": dict(),
+    "sequential, grouped-query, q/k/v biases (Qwen2)": dict(block="sequential", norm="rmsnorm", n_kv_heads=2,
+                                                             qkv_bias=True),
+    "odd widths, head dim 12": dict(dim=72, n_heads=6, n_kv_heads=3, head_dim=12, ffn_hidden=100),
+}
+
+
+def tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=97, max_seq_len=96, **overrides)).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(8.0)  # peaked distributions: greedy choices are not decided by rounding
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # initialised at zero: make them count
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+@pytest.mark.parametrize("lengths", [[0], [37], [40, 3, 0, 21][:MAX_KERNEL_ROWS]])
+def test_an_avx2_decode_step_equals_the_block_op_by_op(avx2_only, shape, lengths):
+    """decode_avx2.c's whole block (norm, projections, rotary, cache write, attention over the bf16 cache, SwiGLU)
+    against PyTorch's bf16 ops: rows at different positions, the first token of an empty row included."""
+    model = tiny_model(**TINY_SHAPES[shape])
+    runner = Engine(model, dtype=torch.bfloat16).sync()
+    block = runner.blocks[1]
+    assert isinstance(block, FusedBlock)
+    config = model.config
+    fused, ops = (KVCache(config, len(lengths), max_len=64, dtype=torch.bfloat16) for _ in range(2))
+    fused.k.normal_(), fused.v.normal_()
+    ops.k.copy_(fused.k), ops.v.copy_(fused.v)
+    fused.lengths.copy_(torch.tensor(lengths)), ops.lengths.copy_(fused.lengths)
+    positions = fused.lengths[:, None]
+    rope = runner.rope_cos[positions][:, None], runner.rope_sin[positions][:, None]
+    x = (3 * torch.randn(len(lengths), 1, config.dim)).bfloat16()
+    with torch.inference_mode():
+        y_fused, y_ops = block(x, rope, positions, fused, 1, None), block.block(x, rope, positions, ops, 1, None)
+    assert (y_fused == y_ops).float().mean() >= 0.97  # fp32 sums in another order: a few elements a step apart
+    torch.testing.assert_close(y_fused.float(), y_ops.float(), atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(fused.k.float(), ops.k.float(), atol=1e-2, rtol=2**-7)
+    assert torch.equal(fused.v, ops.v)
+
+
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_greedy_generation_with_the_avx2_kernel_equals_generation_without_it(avx2_only, shape):
+    """The engine's bf16 copy on an AVX2 CPU (decode_avx2.c for decode steps, fp32 products for prefill) against
+    the same copy with the kernel off (blocks op by op in PyTorch): the same tokens, log-probs to bf16 precision;
+    batch 1 and two rows of different lengths."""
+    model = tiny_model(**TINY_SHAPES[shape])
+    kernel, plain = Engine(model, dtype=torch.bfloat16), Engine(model, dtype=torch.bfloat16)
+    assert all(isinstance(b, FusedBlock) for b in kernel.sync().blocks)
+    runner = plain.sync()
+    onednn_only(runner, plain.packed_head)
+    unfuse_blocks(runner)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    for prompts in ([[5, 17, 42, 8, 2, 3]], [[5, 17, 42, 8, 2, 3], [9, 1]]):
+        for a, b in zip(kernel.generate(prompts, params), plain.generate(prompts, params)):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.05, rtol=0)

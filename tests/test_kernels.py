@@ -96,18 +96,18 @@ import json, torch
 from palmchat.kernels.loader import load
 from palmchat.utils import cpu
 from palmchat.model.config import preset
-from palmchat.kernels.cpu_linear import bf16_kernel, can_pack
+from palmchat.kernels.cpu_linear import can_pack, decode_kernel_level
 from palmchat.inference.engine import Engine
 from palmchat.kernels import blocked_attention, cpu_attention
 from palmchat.model.transformer import Transformer
-from palmchat.utils.device import autocast_dtype
+from palmchat.utils.device import autocast_dtype, decode_dtype
 
 model = Transformer(preset("tiny", vocab_size=97)).eval()
 modules = {str(dtype): [type(m).__name__ for m in Engine(model, dtype=dtype).sync().modules()]
            for dtype in (torch.float32, torch.bfloat16)}
 print(json.dumps({
     "level": cpu.cpu_isa(),
-    "decode_bf16.c": bf16_kernel() is not None,
+    "decode kernel": decode_kernel_level(),
     "attention_bf16.c": cpu_attention.KERNEL is not None,
     "attention_bf16.c on AMX": bool(cpu_attention.KERNEL and cpu_attention.KERNEL[1]),
     "attention_bf16.c in training": cpu_attention.ON_THIS_CPU,
@@ -115,6 +115,7 @@ print(json.dumps({
     "packs bf16": can_pack(torch.bfloat16),
     "packs fp32": can_pack(torch.float32),
     "autocast auto": str(autocast_dtype("auto", torch.device("cpu"))),
+    "decode auto": str(decode_dtype("auto")),
     "fp32 copy packed": "PackedLinear" in modules["torch.float32"],
     "bf16 copy packed": "PackedLinear" in modules["torch.bfloat16"],
     "bf16 copy fused": "FusedBlock" in modules["torch.bfloat16"],
@@ -124,11 +125,13 @@ print(json.dumps({
 
 def choices_under(cap: str) -> dict:
     """palmchat's choices in a process capped at `cap`, with PyTorch's own ISA switches (`make test`'s second pass
-    sets them) removed: the cap alone must decide."""
+    sets them) removed: the cap alone must decide. The decode kernel's line on stderr must come exactly once."""
     pytorch_switches = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
     env = {k: v for k, v in os.environ.items() if k not in pytorch_switches}
     result = subprocess.run([sys.executable, "-c", CHOICES], capture_output=True, text=True, check=True,
                             env={**env, cpu.MAX_ISA_VARIABLE: cap})
+    said = [line for line in result.stderr.splitlines() if line.startswith("palmchat: bf16 decode kernel: ")]
+    assert len(said) == 1, result.stderr
     return json.loads(result.stdout)
 
 
@@ -138,41 +141,78 @@ def built(module: str) -> bool:
 
 @pytest.mark.parametrize("cap", ["avx2", "avx512", "avx512_bf16"])
 def test_under_a_cap_palmchat_takes_what_a_cpu_of_that_level_takes(cap):
-    """Below AVX512-BF16: no C kernel, fp32 by default; below AVX-512: no packed bf16 (oneDNN's reorder would raise
-    on such a CPU); below AMX: the blocked kernel (or SDPA's fallback), never the AMX tiles. fp32 packs everywhere."""
+    """The decode kernel of the highest level the CPU has (decode_bf16.c on AVX512-BF16, else decode_avx2.c);
+    below AVX512-BF16 no bf16 training (autocast stays off: bf16 is emulated there) and no attention_bf16.c; below
+    AVX-512 no bf16 weight packed by oneDNN (its reorder would raise on such a CPU), the bf16 copy packed and fused
+    for the AVX2 kernel instead; below AMX the blocked kernel (or SDPA's fallback), never the AMX tiles. fp32
+    packs everywhere."""
     level = min(cpu.detected_isa(), cap, key=RANK.get)
     has = {name: RANK[level] >= RANK[name] for name in cpu.LEVELS}
     got = choices_under(cap)
     assert got["level"] == level
-    assert got["decode_bf16.c"] == (has["avx512_bf16"] and built("palmchat.kernels._decode_bf16"))
+    if has["avx512_bf16"] and built("palmchat.kernels._decode_bf16"):
+        assert got["decode kernel"] == "avx512_bf16"
+    else:
+        assert got["decode kernel"] == ("avx2" if has["avx2"] and built("palmchat.kernels._decode_avx2") else None)
     assert got["attention_bf16.c"] == (has["avx512_bf16"] and built("palmchat.kernels._attention_bf16"))
     assert not got["attention_bf16.c on AMX"] and not got["attention_bf16.c in training"]
     assert not got["SDPA in training"]
     assert got["autocast auto"] == ("torch.bfloat16" if has["avx512_bf16"] else "None")
+    # serving: bf16 wherever a decode kernel reads it (half the bytes per token of fp32), even without bf16 training
+    assert got["decode auto"] == ("torch.bfloat16" if got["decode kernel"] else "torch.float32")
     assert got["packs fp32"] and got["fp32 copy packed"]
     if not has["avx512"]:
-        assert not got["packs bf16"] and not got["bf16 copy packed"]
+        assert got["packs bf16"] == (got["decode kernel"] is not None)
     assert got["bf16 copy packed"] == got["packs bf16"]
-    assert got["bf16 copy fused"] == (got["decode_bf16.c"] and got["packs bf16"])
+    assert got["bf16 copy fused"] == (got["decode kernel"] is not None and got["packs bf16"])
 
 
-def test_the_avx2_cap_switches_every_fast_path_off():
-    """What `make test`'s second pass relies on: on any CPU with AVX2, the cap leaves only the fallbacks."""
+def test_the_avx2_cap_leaves_only_what_an_avx2_cpu_runs():
+    """What `make test`'s second pass relies on: on any CPU with AVX2, the cap leaves the AVX2 decode kernel (the
+    bf16 copy packed for it and fused) and the fallbacks of everything else; bf16 training stays off."""
     if cpu.detected_isa() == cpu.BELOW_ALL_LEVELS:
         pytest.skip("needs AVX2 (this CPU is below every level palmchat distinguishes)")
+    if not built("palmchat.kernels._decode_avx2"):
+        pytest.skip("decode_avx2.c was not built")
     assert choices_under("avx2") == {
-        "level": "avx2", "decode_bf16.c": False, "attention_bf16.c": False, "attention_bf16.c on AMX": False,
-        "attention_bf16.c in training": False, "SDPA in training": False, "packs bf16": False, "packs fp32": True,
-        "autocast auto": "None", "fp32 copy packed": True, "bf16 copy packed": False, "bf16 copy fused": False}
+        "level": "avx2", "decode kernel": "avx2", "attention_bf16.c": False, "attention_bf16.c on AMX": False,
+        "attention_bf16.c in training": False, "SDPA in training": False, "packs bf16": True, "packs fp32": True,
+        "autocast auto": "None", "decode auto": "torch.bfloat16", "fp32 copy packed": True, "bf16 copy packed": True,
+        "bf16 copy fused": True}
 
 
-@pytest.mark.parametrize("module, supported", [
-    ("palmchat.kernels._decode_bf16", "palmchat_linear_bf16_supported"),
-    ("palmchat.kernels._attention_bf16", "palmchat_attention_bf16_supported"),
+def test_a_cpu_below_avx2_or_not_x86_gets_no_kernel_and_fp32(monkeypatch, fresh_detection):
+    """ARM (Apple, Graviton) or a pre-AVX2 x86 CPU: palmchat detects no level, loads no C kernel, keeps bf16
+    layers plain (PyTorch's own kernels) and serves and trains in fp32 by default."""
+    import torch
+
+    from palmchat.kernels import cpu_linear
+    from palmchat.utils.device import autocast_dtype, decode_dtype
+
+    def forget():
+        cpu_linear.decode_kernel.cache_clear()
+        cpu_linear.decode_kernel_level.cache_clear()
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(AVX_ONLY.split()))
+    forget()
+    try:
+        assert cpu.cpu_isa() == "baseline"
+        assert cpu_linear.decode_kernel_level() is None and cpu_linear.bf16_kernel() is None
+        assert all(cpu_linear.decode_kernel(level) is None for level in cpu_linear.DECODE_KERNELS)
+        assert not cpu_linear.can_pack(torch.bfloat16)
+        assert decode_dtype("auto") == torch.float32 and autocast_dtype("auto", torch.device("cpu")) is None
+    finally:
+        forget()
+
+
+@pytest.mark.parametrize("module, supported, level", [
+    ("palmchat.kernels._decode_bf16", "palmchat_linear_bf16_supported", "avx512_bf16"),
+    ("palmchat.kernels._decode_avx2", "palmchat_linear_bf16_supported", "avx2"),
+    ("palmchat.kernels._attention_bf16", "palmchat_attention_bf16_supported", "avx512_bf16"),
 ])
-def test_the_c_kernels_are_built_and_load_where_the_cpu_can_run_them(module, supported):
+def test_the_c_kernels_are_built_and_load_where_the_cpu_can_run_them(module, supported, level):
     source = module.rsplit(".", 1)[1].lstrip("_") + ".c"
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or not cpu.cpu_supports("avx512_bf16"):
-        pytest.skip(f"needs AVX512-BF16 ({source}) on x86-64 Linux")
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not cpu.cpu_supports(level):
+        pytest.skip(f"needs {level} ({source}) on x86-64 Linux")
     assert built(module), f"{source} was not built: run `pip install -e .` with a C compiler"
-    assert load(module, supported, "avx512_bf16") is not None
+    assert load(module, supported, level) is not None

@@ -2,18 +2,26 @@
 
 A decode step reads every weight once per token, so on a CPU it is bound by how fast the linears stream their
 weights from memory. Two kernels, picked per call by the number of rows (tokens) in it:
-- prefill and batches of more than 4 rows: oneDNN with the weight pre-packed in its blocked layout
-  (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing);
-- 1 to 4 rows of bf16 (decode steps): palmchat's own kernel (decode_bf16.c), on CPUs with AVX512-BF16. It reads
-  each thread's rows of W as one stream in memory order, which draws more bandwidth from DRAM than oneDNN's blocked
-  layout (measured in benchmarks/README.md). It is built by setup.py where possible; without it oneDNN serves
-  every call.
+- 1 to 4 rows of bf16 (decode steps; up to MAX_AVX2_ROWS on AVX2, a batch of them): palmchat's own C kernel, one
+  per instruction set, the best the CPU runs chosen once per process (decode_kernel_level() says which; a line
+  on stderr at first use too):
+    avx512_bf16  decode_bf16.c, VDPBF16PS on the bf16 pairs (Zen 4 and later, Intel since Cooper Lake);
+    avx2         decode_avx2.c, bf16 widened to fp32 in registers and fp32 FMAs (any x86-64 since ~2013).
+- prefill and larger batches: oneDNN with the weight pre-packed in its blocked layout
+  (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing). Below AVX-512
+  oneDNN cannot pack bf16, so there a bf16 layer computes these in fp32 (the bf16 values widened, fp32 products
+  and sums, one rounding to bf16: the numerics of every other path), since PyTorch's bf16 matmul is emulated.
+The C kernels read each thread's rows of W as one stream in memory order, which draws more bandwidth from DRAM
+than oneDNN's blocked layout (measured in benchmarks/README.md). They are built by setup.py on x86-64 Linux;
+without them (not built, or another architecture such as ARM, where none exists yet) oneDNN and PyTorch serve
+every call, and the engine decodes in fp32 there by default (utils/device.decode_dtype).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +31,25 @@ from palmchat.kernels.loader import load
 from palmchat.utils import cpu
 
 MAX_KERNEL_ROWS = 4  # decode_bf16.c's MAX_ROWS; measured faster than oneDNN up to ~6 rows, so 4 keeps a margin
+# decode_avx2.c's gemv takes more rows (a batch of decode steps, a short prefill) in groups of 4, reading W once.
+# With no oneDNN bf16 below AVX-512 the alternative is fp32 products of W widened at each call: the gemv is faster
+# up to about this many rows on a cache-resident W, and several times faster on one read from memory
+MAX_AVX2_ROWS = 64
+
+
+# the C decode kernel of each CPU level (cpu.LEVELS), best first
+DECODE_KERNELS = {"avx512_bf16": "palmchat.kernels._decode_bf16", "avx2": "palmchat.kernels._decode_avx2"}
+KERNEL_NAMES = {"avx512_bf16": "decode_bf16.c (AVX512-BF16)", "avx2": "decode_avx2.c (AVX2 + FMA)"}
 
 
 @functools.cache
-def bf16_kernel() -> ctypes.CDLL | None:
-    """The compiled decode_bf16.c, or None where it was not built or this CPU lacks AVX512-BF16 (as
-    cpu.cpu_supports sees it, under PALMCHAT_MAX_CPU_ISA)."""
-    library = load("palmchat.kernels._decode_bf16", "palmchat_linear_bf16_supported", "avx512_bf16")
+def decode_kernel(level: str) -> ctypes.CDLL | None:
+    """The compiled decode kernel of `level` (a key of DECODE_KERNELS), or None where it was not built or this CPU
+    cannot run it (as cpu.cpu_supports sees it, under PALMCHAT_MAX_CPU_ISA). Both export the same two functions:
+    palmchat_linear_bf16 and palmchat_block_bf16 (fused_block.py)."""
+    if level not in DECODE_KERNELS:
+        raise ValueError(f"no decode kernel for CPU level {level!r}: there are {', '.join(DECODE_KERNELS)}")
+    library = load(DECODE_KERNELS[level], "palmchat_linear_bf16_supported", level)
     if library is None:
         return None
     library.palmchat_linear_bf16.restype = None
@@ -40,23 +60,48 @@ def bf16_kernel() -> ctypes.CDLL | None:
     return library
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) with at most MAX_KERNEL_ROWS rows, weight (N, K) and bias (N,) or None, all bf16 on CPU -> (..., N):
-    F.linear(x, weight, bias) through decode_bf16.c. Callers check bf16_kernel() first."""
+@functools.cache
+def decode_kernel_level() -> str | None:
+    """The level of the decode kernel this process uses: the best of DECODE_KERNELS that loads, or None (then
+    oneDNN and PyTorch serve every linear, and blocks run op by op). Says which on stderr, once."""
+    level = next((level for level in DECODE_KERNELS if decode_kernel(level) is not None), None)
+    print(f"palmchat: bf16 decode kernel: {KERNEL_NAMES[level] if level else 'none (PyTorch)'}"
+          f" on a CPU of level {cpu.cpu_isa()}", file=sys.stderr, flush=True)
+    return level
+
+
+def bf16_kernel() -> ctypes.CDLL | None:
+    """The decode kernel this process uses (decode_kernel_level()), or None."""
+    level = decode_kernel_level()
+    return None if level is None else decode_kernel(level)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                level: str | None = None) -> torch.Tensor:
+    """x (..., K) with at most MAX_KERNEL_ROWS rows (MAX_AVX2_ROWS for decode_avx2.c), weight (N, K) and bias (N,)
+    or None, all bf16 on CPU -> (..., N): F.linear(x, weight, bias) through the C decode kernel of `level`
+    (default: this process's, decode_kernel_level()). Callers check bf16_kernel() (or decode_kernel(level))
+    first."""
     x = x.contiguous()
     rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
-    if not 1 <= rows <= MAX_KERNEL_ROWS or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or (
+    level = level or decode_kernel_level()
+    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    if not 1 <= rows <= most or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or (
             bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous())):
-        raise ValueError(f"linear_bf16: takes 1..{MAX_KERNEL_ROWS} rows and a contiguous bf16 weight and bias, got "
+        raise ValueError(f"linear_bf16: takes 1..{most} rows and a contiguous bf16 weight and bias, got "
                          f"{rows} rows and a {weight.dtype} weight")
+    kernel = None if level is None else decode_kernel(level)
+    if kernel is None:
+        raise ValueError(f"linear_bf16: no decode kernel for level {level or 'of this CPU'} (not built, or the CPU "
+                         f"or PALMCHAT_MAX_CPU_ISA does not allow it)")
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    bf16_kernel().palmchat_linear_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                                       y.data_ptr(), rows, out_features, in_features)
+    kernel.palmchat_linear_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                y.data_ptr(), rows, out_features, in_features)
     return y
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear for CPU inference (see the module docstring for its two kernels), with its bias if it has one.
+    """An nn.Linear for CPU inference (see the module docstring for its kernels), with its bias if it has one.
 
     The packed tensor is opaque (no storage): this module cannot be saved, copied or moved to another device;
     rebuild it from the source weight.
@@ -66,14 +111,22 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = weight.detach().contiguous()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # plain attributes, not parameters
-        self.plain = weight if weight.dtype == torch.bfloat16 and bf16_kernel() is not None else None
+        bf16 = weight.dtype == torch.bfloat16
+        # plain attributes, not parameters. oneDNN's packed weight, or below AVX-512 for bf16 the weight itself
+        onednn = not bf16 or cpu.cpu_supports("avx512")
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn else None
+        self.unpacked = None if onednn else weight
+        self.plain = weight if bf16 and bf16_kernel() is not None else None  # for the C kernel, up to kernel_rows
+        self.kernel_rows = MAX_KERNEL_ROWS if onednn else MAX_AVX2_ROWS
         self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few_rows = 0 < x.numel() <= MAX_KERNEL_ROWS * self.in_features
+        few_rows = 0 < x.numel() <= self.kernel_rows * self.in_features
         if self.plain is not None and x.dtype == torch.bfloat16 and few_rows:
             return linear_bf16(x, self.plain, self.bias)
+        if self.packed is None:  # bf16 below AVX-512: fp32 products of the bf16 values, rounded once
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.unpacked.float(), bias).to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -88,8 +141,9 @@ def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
 
 
 def onednn_only(*modules: nn.Module) -> None:
-    """Switch the C kernels off in these modules (in place): every linear goes to oneDNN, and fused blocks
-    (fused_block.py) run op by op. For measuring and testing one kernel against the other."""
+    """Switch the C kernels off in these modules (in place): every linear goes to oneDNN (below AVX-512, a bf16
+    one to fp32 products in PyTorch), and fused blocks (fused_block.py) run op by op. For measuring and testing
+    one kernel against the other."""
     for module in modules:
         for child in module.modules():
             if isinstance(child, PackedLinear):
@@ -97,11 +151,12 @@ def onednn_only(*modules: nn.Module) -> None:
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    """oneDNN packing works on this build and CPU and gives the same numbers as F.linear. oneDNN reorders bf16
-    weights only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT and raises elsewhere; palmchat packs bf16 from the
-    `avx512` level up (cpu.cpu_supports, under PALMCHAT_MAX_CPU_ISA), so below it (the rare AVX2 CPUs with
-    AVX-NE-CONVERT included, which decode in fp32 by default) a bf16 inference copy keeps plain nn.Linear layers."""
-    if dtype == torch.bfloat16 and not cpu.cpu_supports("avx512"):
+    """PackedLinear works on this build and CPU for `dtype` and gives the same numbers as F.linear. oneDNN reorders
+    bf16 weights only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT and raises elsewhere, so palmchat packs bf16 from
+    the `avx512` level up (cpu.cpu_supports, under PALMCHAT_MAX_CPU_ISA); below it a bf16 PackedLinear is worth
+    having only with a decode kernel (decode_avx2.c), which serves its decode steps while fp32 serves the rest.
+    Without either, a bf16 inference copy keeps plain nn.Linear layers."""
+    if dtype == torch.bfloat16 and not cpu.cpu_supports("avx512") and bf16_kernel() is None:
         return False
     try:
         w, x = torch.randn(24, 16, dtype=dtype), torch.randn(8, 16, dtype=dtype)
@@ -110,4 +165,5 @@ def can_pack(dtype: torch.dtype) -> bool:
         return False
 
 
-__all__ = ["PackedLinear", "pack_linears", "onednn_only", "can_pack", "bf16_kernel", "linear_bf16", "MAX_KERNEL_ROWS"]
+__all__ = ["PackedLinear", "pack_linears", "onednn_only", "can_pack", "bf16_kernel", "decode_kernel",
+           "decode_kernel_level", "linear_bf16", "MAX_KERNEL_ROWS", "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]

@@ -3,10 +3,13 @@
 Every CPU-dependent choice in palmchat asks `cpu_supports(level)`: its own C kernels, bf16 autocast and the
 inference dtype, SDPA against the blocked attention kernel, oneDNN's packed bf16 linears. The levels, lowest first:
 
-    avx2         AVX2 and FMA (any x86-64 CPU since ~2013)
+    avx2         AVX2 and FMA (any x86-64 CPU since ~2013): decode_avx2.c, so bf16 decoding but fp32 training
     avx512       AVX-512 F, BW, VL and DQ (what oneDNN's bf16 weight reorder needs)
     avx512_bf16  AVX-512 BF16 (decode_bf16.c, attention_bf16.c; bf16 matmuls several times faster than fp32)
     amx          AMX tiles for bf16 (attention_bf16.c's tile products; PyTorch's SDPA on oneDNN brgemm)
+
+Below every level ("baseline": ARM such as Apple and Graviton, or a pre-AVX2 x86 CPU) palmchat loads no C kernel
+and PyTorch's own kernels serve everything, in fp32 by default.
 
 The environment variable PALMCHAT_MAX_CPU_ISA caps the level palmchat believes the CPU has, as oneDNN's
 ONEDNN_MAX_CPU_ISA does for oneDNN: `PALMCHAT_MAX_CPU_ISA=avx2` makes an AMX machine take every fallback an

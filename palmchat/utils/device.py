@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import sys
 
 import torch
@@ -57,8 +58,21 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 def decode_dtype(setting: str) -> torch.dtype:
     """The dtype of the engine's inference copy for --dtype auto/bf16/fp32: as autocast_dtype on this machine's
-    device, with fp32 spelled torch.float32."""
-    return autocast_dtype(setting, pick_device()) or torch.float32
+    device, with fp32 spelled torch.float32. On a CPU with AVX2 but no AVX512-BF16, 'auto' is bf16 too where
+    palmchat's AVX2 decode kernel (kernels/decode_avx2.c) was built: a decode step reads every weight once, and
+    bf16 weights widened in registers are half the bytes of fp32 (benchmarks/bench_decode_avx2.py). Training there
+    stays fp32 (autocast_dtype), since its bf16 matmuls would be emulated."""
+    device = pick_device()
+    dtype = autocast_dtype(setting, device)
+    if dtype is None and setting == "auto" and device.type == "cpu" and _avx2_decode_kernel():
+        return torch.bfloat16
+    return dtype or torch.float32
+
+
+def _avx2_decode_kernel() -> bool:
+    """The CPU runs AVX2 + FMA (under PALMCHAT_MAX_CPU_ISA) and decode_avx2.c was built. Looked up by name, not
+    imported: utils sits below kernels (docs/architecture.md)."""
+    return cpu.cpu_supports("avx2") and importlib.util.find_spec("palmchat.kernels._decode_avx2") is not None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -1,0 +1,168 @@
+/* bf16 decode steps on a CPU with AVX2 and FMA (Intel since Haswell, AMD since Zen 1): the same two entry points
+   as decode_bf16.c, for the CPUs without AVX512-BF16 that most laptops and many cloud VMs have.
+
+   1. palmchat_linear_bf16: y = x @ W^T (+ b) for a few rows, each thread streaming its band of rows of W in memory
+      order (decode_bf16.c says why). The weights stay bf16 in memory, half the bytes per token of fp32, and are
+      widened to fp32 in registers: a bf16 is the upper half of the fp32 with the same value, so widening is a
+      shift or a mask, and the products and their sums are fp32 FMAs.
+   2. palmchat_block_bf16: one decode step through one transformer block, attention over the bf16 KV cache
+      included (decode_block.h, the same code as decode_bf16.c's).
+
+   Numerics: those of decode_bf16.c (the PyTorch bf16 path op by op, fp32 accumulation of bf16 products); an FMA
+   rounds each product-and-add once, as VDPBF16PS's fp32 accumulation does, so only the order of fp32 additions
+   differs. Loaded by palmchat/kernels/cpu_linear.py where the CPU has AVX2 and FMA but not AVX512-BF16 (or under
+   PALMCHAT_MAX_CPU_ISA=avx2); built by setup.py (optional). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX2_KERNEL __attribute__((target("avx2,fma")))
+#define KERNEL AVX2_KERNEL
+
+#include "decode_block.h"
+
+int palmchat_linear_bf16_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* 16 bf16 -> their even and odd elements as 8 fp32 each. Seen as eight 32-bit lanes, element 2i is the lane's low
+   half (shifted up, it is the fp32 of the same value) and element 2i+1 its high half (masked, likewise). Two
+   integer ops and no lane-crossing shuffle; both operands of a product are split alike, so the pairs still meet. */
+AVX2_KERNEL static inline void widen(const bf16 *p, __m256 *even, __m256 *odd) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+AVX2_KERNEL static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   The gemv
+   ------------------------------------------------------------------------------------------------------------ */
+
+/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T + b (N,) (b may be NULL). Inlined with M a constant, so the
+   accumulators stay in registers: two per input row and 16-element chunk (even and odd elements), and two chunks
+   per step when there are 1 or 2 rows, so that at least four FMA chains are in flight (an FMA waits ~4 cycles for
+   the one before it in its chain). The last K % 16 elements go through zero-padded copies. The bias joins the fp32
+   sum before its one rounding to bf16, as nn.Linear's does. */
+AVX2_KERNEL static inline __attribute__((always_inline)) void
+rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const int chunks = M <= 2 ? 2 : 1;
+    const int64_t step = 16 * chunks, stepped = K / step * step, full = K / 16 * 16, left = K - full;
+    bf16 x_tail[MAX_ROWS][16], w_tail[16];
+    memset(x_tail, 0, sizeof x_tail);
+    memset(w_tail, 0, sizeof w_tail);
+    for (int m = 0; m < M; m++) memcpy(x_tail[m], x + m * K + full, sizeof(bf16) * left);
+    for (int64_t n = n0; n < n1; n++) {
+        const bf16 *w = W + n * K;
+        __m256 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
+        for (int m = 0; m < M; m++)
+            for (int a = 0; a < 4; a++) acc[m][a] = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k < stepped; k += step)
+            for (int c = 0; c < chunks; c++) {
+                widen(w + k + 16 * c, &w_even, &w_odd);
+                for (int m = 0; m < M; m++) {
+                    widen(x + m * K + k + 16 * c, &x_even, &x_odd);
+                    acc[m][2 * c] = _mm256_fmadd_ps(w_even, x_even, acc[m][2 * c]);
+                    acc[m][2 * c + 1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][2 * c + 1]);
+                }
+            }
+        for (; k < full; k += 16) {  /* a last whole chunk after the steps */
+            widen(w + k, &w_even, &w_odd);
+            for (int m = 0; m < M; m++) {
+                widen(x + m * K + k, &x_even, &x_odd);
+                acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
+                acc[m][1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][1]);
+            }
+        }
+        if (left) {
+            memcpy(w_tail, w + full, sizeof(bf16) * left);
+            widen(w_tail, &w_even, &w_odd);
+            for (int m = 0; m < M; m++) {
+                widen(x_tail[m], &x_even, &x_odd);
+                acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
+                acc[m][1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][1]);
+            }
+        }
+        const float bias = b ? to_f32(b[n]) : 0.0f;
+        for (int m = 0; m < M; m++) {
+            __m256 sum = _mm256_add_ps(acc[m][0], acc[m][1]);
+            if (chunks == 2) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[m][2], acc[m][3]));
+            y[m * N + n] = to_bf16(sum8(sum) + bias);
+        }
+    }
+}
+
+/* This thread's contiguous band of rows of W: each thread streams its own part of the weight. More than MAX_ROWS
+   rows of x (a batch of decode steps; palmchat_linear_bf16 only) go in groups of MAX_ROWS over each 16 rows of W,
+   which stay in L1 between the groups, so W is still read from memory once. */
+AVX2_KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
+                                  int64_t K) {
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
+    for (int64_t n = n0; n < n1; n += 16) {
+        const int64_t end = n + 16 < n1 ? n + 16 : n1;
+        for (int g = 0; g < M; g += MAX_ROWS) {
+            const bf16 *xg = x + g * K;
+            bf16 *yg = y + g * N;
+            switch (M - g) {
+                case 1: rows(xg, W, b, yg, 1, N, K, n, end); break;
+                case 2: rows(xg, W, b, yg, 2, N, K, n, end); break;
+                case 3: rows(xg, W, b, yg, 3, N, K, n, end); break;
+                default: rows(xg, W, b, yg, 4, N, K, n, end); break;
+            }
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) @ W (N, K)^T, all bf16 and contiguous, M >= 1 rows (a decode step's few; cpu_linear.py
+   sends more to fp32 products, which run faster once the arithmetic outweighs reading W). The OpenMP threads are
+   the same runtime and thread count as PyTorch's. */
+AVX2_KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
+                                      int64_t K) {
+    #pragma omp parallel
+    gemv_band(x, W, b, y, M, N, K);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Attention's two products (decode_block.h's attend): scores q . k, and the probability-weighted sum of V
+   ------------------------------------------------------------------------------------------------------------ */
+
+/* sum of a[i] * b[i] over D bf16 pairs, in fp32 */
+AVX2_KERNEL static inline float dot_bf16(const bf16 *a, const bf16 *b, int64_t D) {
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps(), a_even, a_odd, b_even, b_odd;
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        widen(a + d, &a_even, &a_odd);
+        widen(b + d, &b_even, &b_odd);
+        even = _mm256_fmadd_ps(a_even, b_even, even);
+        odd = _mm256_fmadd_ps(a_odd, b_odd, odd);
+    }
+    float sum = sum8(_mm256_add_ps(even, odd));
+    for (; d < D; d++) sum = fmaf(to_f32(a[d]), to_f32(b[d]), sum);
+    return sum;
+}
+
+/* acc[d] += weight * v[d] for D bf16 values, fp32 accumulators. Here the elements keep their order (acc is
+   indexed by d), so each 8 bf16 are zero-extended to 32 bits and shifted up. */
+AVX2_KERNEL static inline void axpy_bf16(float *acc, float weight, const bf16 *v, int64_t D) {
+    const __m256 w = _mm256_set1_ps(weight);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        __m256 values = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + d))), 16));
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, values, _mm256_loadu_ps(acc + d)));
+    }
+    for (; d < D; d++) acc[d] = fmaf(weight, to_f32(v[d]), acc[d]);
+}
