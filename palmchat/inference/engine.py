@@ -63,6 +63,7 @@ class SamplingParams:
     # whose prefix-cache entries this request may reuse (vLLM's name): requests of different salts share none, so
     # one API key can never find out, by cached_tokens or by timing, what another one sent; None shares with None
     cache_salt: str | None = None
+    adapter: str | None = None  # the LoRA adapter the scheduler runs this request with (None: the base model)
 
     def __post_init__(self):
         def bad(name, why):
