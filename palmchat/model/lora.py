@@ -126,23 +126,25 @@ class LoRALinear(nn.Module):
 
     def _add_per_row_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + each row's own delta: row b's A and B (gathered once per batch, see `_row_weights`), then two batched
-        matmuls, the second adding onto the base output (the BGMV idea of Punica / S-LoRA: the base matmul stays
-        shared by the batch, no loop over rows or adapters). Dropout is not applied in this mode (it is for serving)."""
+        matmuls (the BGMV idea of Punica / S-LoRA: the base matmul stays shared by the batch, no loop over rows or
+        adapters). They run in float32: on CPUs PyTorch's small bf16 batched matmuls are slower than fp32 ones
+        (benchmarks/bench_multi_lora.py). Dropout is not applied in this mode (it is for serving)."""
         if x.shape[0] != self.row_slots.shape[0]:
             raise AdapterError(f"set_row_adapters gave {self.row_slots.shape[0]} rows but the batch has {x.shape[0]}")
         A, Bm = self._row_weights()  # (B, I, r), (B, r, O)
         if A is None:
             return y
         xb = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, I)
-        h = torch.bmm(xb.to(A.dtype), A)  # (B, T, r)
-        out = torch.baddbmm(y.reshape(h.shape[0], -1, self.out_features).to(A.dtype), h, Bm)  # (B, T, O)
-        return out.to(y.dtype).reshape(y.shape)
+        delta = torch.bmm(torch.bmm(xb.float(), A), Bm).reshape(y.shape)  # (B, T, r) -> (B, T, O)
+        if torch.is_grad_enabled():
+            return y + delta.to(y.dtype)
+        return y.add_(delta)  # one op: adds and rounds to y's dtype (y is this call's own output)
 
     def _row_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Row b's adapter as (B, I, r) A-transposes and (B, r, O) B-transposes with the scale folded in (zeros for a
-        row without an adapter on this layer; ranks padded with zeros to the largest, which adds nothing), or (None,
-        None) when no row has one here. Outside autograd they are kept until the rows change (set_row_adapters or
-        the engine dropping finished rows give a new `row_slots` tensor), so a decode step gathers nothing; they
+        """Row b's adapter as float32 (B, I, r) A-transposes and (B, r, O) B-transposes with the scale folded in (zeros
+        for a row without an adapter on this layer; ranks padded with zeros to the largest, which adds nothing), or
+        (None, None) when no row has one here. Outside autograd they are kept until the rows change (set_row_adapters
+        or the engine dropping finished rows give a new `row_slots` tensor), so a decode step gathers nothing; they
         hold batch * r * (I + O) numbers. With gradients on they are gathered at every call, so they train."""
         cached = self._row_cache
         if cached is not None and cached[0] is self.row_slots and not torch.is_grad_enabled():
@@ -153,9 +155,11 @@ class LoRALinear(nn.Module):
         if present:
             r = max(self.rank[n] for n in present)
             ref = self.lora_A[present[0]]
-            zero_A, zero_B = ref.new_zeros(self.in_features, r), ref.new_zeros(r, self.out_features)
-            A_of = {n: F.pad(self.lora_A[n], (0, 0, 0, r - self.rank[n])).t() for n in present}  # (I, r)
-            B_of = {n: F.pad(self.lora_B[n] * self.scaling[n], (0, r - self.rank[n])).t() for n in present}  # (r, O)
+            zero_A = ref.new_zeros(self.in_features, r, dtype=torch.float32)
+            zero_B = ref.new_zeros(r, self.out_features, dtype=torch.float32)
+            A_of = {n: F.pad(self.lora_A[n].float(), (0, 0, 0, r - self.rank[n])).t() for n in present}  # (I, r)
+            B_of = {n: F.pad(self.lora_B[n].float() * self.scaling[n], (0, r - self.rank[n])).t()
+                    for n in present}  # (r, O)
             A = torch.stack([A_of.get(n, zero_A) for n in names])  # (B, I, r)
             Bm = torch.stack([B_of.get(n, zero_B) for n in names])  # (B, r, O)
         self._row_cache = None if torch.is_grad_enabled() else (self.row_slots, A, Bm)
