@@ -14,10 +14,12 @@ import torch
 from openai import NotFoundError, OpenAI, PermissionDeniedError
 
 from palmchat import checkpoint
+from palmchat.checkpoint.heads import save_reward_model
 from palmchat.cli import MergeArgs, merge_main
 from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.scheduler import Scheduler
 from palmchat.model.config import preset
+from palmchat.model.heads import RewardModel
 from palmchat.model.lora import adapters, add_lora, lora_config, lora_layers, use_adapter
 from palmchat.model.transformer import Transformer
 from palmchat.serve.adapters import AdapterRefused, read_adapter
@@ -169,6 +171,44 @@ def test_an_adapter_of_another_base_is_refused_by_name(checkpoints):
     assert result.returncode != 0 and "adapter 'f'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_peft_adapter_folder_serves_the_same_tokens_as_the_palmchat_adapter(tmp_path):
+    """A Llama-style base: palmchat's adapter exported as a PEFT folder (q/k/v and gate/up split as Hugging Face
+    stores them) and read back by the server's loader gives the same replies in one batch with the original."""
+    from palmchat.checkpoint.hf import hf_family_for
+    from palmchat.checkpoint.peft import export_peft
+    from palmchat.model.lora import adapter_state_dict
+    from palmchat.serve.adapters import add_to_model
+
+    tokenizer = world_tokenizer()
+    tok_path = Path(tokenizer.save(tmp_path / "tokenizer.json"))
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, block="sequential", norm="rmsnorm", n_kv_heads=2,
+                    tie_embeddings=False, init_std=0.3)
+    torch.manual_seed(0)
+    base_model = Transformer(config).eval()
+    base = checkpoint.save_checkpoint(tmp_path / "llama", 0, base_model, {"model": config.to_dict()}, tok_path)
+    add_random_adapter(base_model, "native", rank=4, seed=5)
+    peft = export_peft(adapter_state_dict(base_model, "native"), lora_config(base_model, "native"), config,
+                       hf_family_for(config), tmp_path / "peft", base_model=str(base))
+    tensors, lora = read_adapter(str(peft), "p", str(base), config, tokenizer)
+    add_to_model(base_model, "p", tensors, lora)
+    prompts = [tokenizer.chat_format.render_prompt([{"role": "user", "content": "Who is Ada?"}]), PROMPTS[3]]
+    rows = [(prompts[0], "native"), (prompts[0], "p"), (prompts[1], "p"), (prompts[1], None)]
+    scheduler = Scheduler(base_model).start()
+    try:
+        c = Collector(scheduler)
+        requests = [c.submit(p, greedy(10), adapter=a) for p, a in rows]
+        c.wait()
+    finally:
+        scheduler.stop()
+    out = [r.tokens for r in requests]
+    assert out[0] == out[1] and out[2] != out[3]
+    assert out[2] == alone(base_model, prompts[1], 10, "native")
+    other = checkpoint.save_checkpoint(tmp_path / "llama-other", 0, Transformer(config), {"model": config.to_dict()},
+                                       tok_path)
+    with pytest.raises(AdapterRefused, match=r"adapter 'p': its adapter_config.json names the base .*llama/"):
+        read_adapter(str(peft), "p", str(other), config, tokenizer)
+
+
 def test_unloading_waits_for_the_requests_using_it_and_loading_joins_a_running_batch():
     model = make_model()
     add_random_adapter(model, "a", rank=4, seed=1)
@@ -209,8 +249,11 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
     base = checkpoints["base"]
     db = tmp_path / "keys.db"
     admin_key, user_key = create_key(db, "--name", "ops", "--admin"), create_key(db, "--name", "ada")
+    config = checkpoint.load_model(base)[0].config
+    reward = save_reward_model(RewardModel(Transformer(config), checkpoints["tokenizer"].chat_format.eot_id),
+                               tmp_path / "rm", 0, {"stage": "reward"}, base / checkpoint.TOKENIZER_FILE).parent
     server = Server(base, db, "--model-name", "tiny", "--moderation", "none", "--lora", f"a={checkpoints['a']}",
-                    log=tmp_path / "server.log").start()
+                    "--reward-model", str(reward), log=tmp_path / "server.log").start()
     try:
         admin = OpenAI(base_url=server.url + "/v1", api_key=admin_key)
         user = OpenAI(base_url=server.url + "/v1", api_key=user_key)
@@ -222,9 +265,11 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
             return out.choices[0].message.content
 
         cards = {m.id: m for m in user.models.list().data}
-        assert set(cards) == {"tiny", "a"}
+        assert set(cards) == {"tiny", "a", "tiny:best-of-4", "tiny:best-of-8", "a:best-of-4", "a:best-of-8"}
         assert cards["a"].model_extra["parent"] == "tiny" and cards["tiny"].model_extra["parent"] is None
-        assert cards["a"].model_extra["max_model_len"] == cards["tiny"].model_extra["max_model_len"] == 2048
+        assert cards["a:best-of-4"].model_extra["parent"] == "a"
+        assert {c.model_extra["max_model_len"] for c in cards.values()} == {2048}
+        assert user.models.retrieve("tiny:a").model_extra["parent"] == "tiny"
 
         with pytest.raises(PermissionDeniedError):  # a user key may not load adapters
             user.post("/load_lora_adapter", body={"lora_name": "b", "lora_path": str(checkpoints["b"])},
@@ -232,7 +277,7 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
         loaded = admin.post("/load_lora_adapter", body={"lora_name": "b", "lora_path": str(checkpoints["b"])},
                             cast_to=object)
         assert loaded["status"] == "loaded" and loaded["parent"] == "tiny"
-        assert {m.id for m in user.models.list().data} == {"tiny", "a", "b"}
+        assert {"tiny", "a", "b", "b:best-of-4"} <= {m.id for m in user.models.list().data}
         refused = httpx.post(server.url + "/v1/load_lora_adapter", headers={"authorization": f"Bearer {admin_key}"},
                              json={"lora_name": "f", "lora_path": str(checkpoints["foreign"])})
         assert refused.status_code == 400 and "adapter 'f'" in refused.json()["error"]["message"]
@@ -243,6 +288,10 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
             together = list(pool.map(lambda m: reply(user, m), models))
         assert together == [reply(user, m) for m in models]  # one at a time
         assert together[1] == together[3] and len({together[0], together[1], together[2]}) == 3
+        assert reply(user, "a:best-of-2") == together[1]  # greedy candidates of adapter a, the reward model's pick
+        assert reply(user, "tiny:a:best-of-2") == together[1]
+        response = user.responses.create(model="b", input="Where does Ada live?", max_output_tokens=4)
+        assert response.model == "b" and response.output_text
 
         with pytest.raises(NotFoundError):
             reply(user, "nope")
@@ -255,7 +304,7 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
             reply(user, "b")
         with pytest.raises(NotFoundError):
             admin.post("/unload_lora_adapter", body={"lora_name": "b"}, cast_to=object)
-        assert {m.id for m in user.models.list().data} == {"tiny", "a"}
+        assert "b" not in {m.id for m in user.models.list().data}
         assert reply(user, "a") == together[1]  # the others are untouched
     finally:
         server.stop()
