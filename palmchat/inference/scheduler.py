@@ -114,6 +114,7 @@ class Scheduler:
         # refused to new requests; each leaves the model (and its future is done) when no request in flight uses it
         self._unloading: dict[str, concurrent.futures.Future] = {}
         self._row_adapters: tuple[str | None, ...] = ()
+        self._adapters = frozenset(adapters(model))  # the model's adapters, read on the scheduler's thread only
         self.counters = dict(requests_total=0, prompt_tokens_total=0, cached_tokens_total=0,
                              generated_tokens_total=0, decode_steps_total=0, decode_rows_total=0)
 
@@ -126,8 +127,8 @@ class Scheduler:
         adapter = adapter if adapter is not None else params.adapter
         request = Request(list(prompt), params, on_event, adapter)
         with self._wake:  # under the lock: an adapter being unloaded is either refused here or waited for
-            if adapter is not None and (adapter in self._unloading or adapter not in adapters(self.engine.model)):
-                raise ValueError(f"unknown adapter {adapter!r}; loaded: {adapters(self.engine.model) or 'none'}")
+            if adapter is not None and (adapter in self._unloading or adapter not in self._loaded_adapters()):
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self._loaded_adapters()) or 'none'}")
             if self._stopping:
                 raise RuntimeError("the scheduler is stopped")
             self._waiting.append(request)
@@ -156,6 +157,7 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         if self._thread is None:
+            self._adapters = frozenset(adapters(self.engine.model))
             self._thread = threading.Thread(target=self._loop, name="palmchat-scheduler", daemon=True)
             self._thread.start()
         return self
@@ -313,13 +315,18 @@ class Scheduler:
         it leaves the model with its prefix-cache entries (the future's result: None)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
-            if name not in adapters(self.engine.model) or name in self._unloading:
-                raise ValueError(f"unknown adapter {name!r}; loaded: {adapters(self.engine.model) or 'none'}")
+            if name not in self._loaded_adapters() or name in self._unloading:
+                raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self._loaded_adapters()) or 'none'}")
             self._unloading[name] = future
             self._wake.notify()
         if self._thread is None:
             self._release_unused_adapters()
         return future
+
+    def _loaded_adapters(self) -> frozenset[str]:
+        """The model's adapters: while the scheduler runs, as its thread last saw them (another thread must not walk
+        the model while `between_steps` changes it)."""
+        return self._adapters if self._thread is not None else frozenset(adapters(self.engine.model))
 
     def _release_unused_adapters(self) -> None:
         """Remove the adapters being unloaded that no request in flight uses any more (the scheduler's thread)."""
@@ -335,6 +342,7 @@ class Scheduler:
             else:
                 future.set_result(None)
             del self._unloading[name]
+            self._adapters = frozenset(adapters(self.engine.model))
             self._row_adapters = ()  # the rows' adapters are set again at the next decode step
             for entry_id, entry in list(self.prefix_cache.entries.items()):
                 if entry.key[0] == name:  # a later adapter of the same name has other weights
@@ -347,9 +355,12 @@ class Scheduler:
             self._between_steps.clear()
         for change, future in pending:
             try:
-                future.set_result(change())
+                result = change()
             except Exception as e:  # noqa: BLE001 - handed to the caller through the future
                 future.set_exception(e)
+            else:
+                self._adapters = frozenset(adapters(self.engine.model))  # before the caller learns it is done
+                future.set_result(result)
 
     def _set_row_adapters(self, names: tuple[str | None, ...]) -> None:
         """Each decode row applies its request's adapter in the same batched step (model/lora.py gathers the rows'

@@ -23,7 +23,7 @@ from palmchat import checkpoint
 from palmchat.checkpoint.peft import is_peft_folder, native_lora, read_peft_config
 from palmchat.model.config import ModelConfig
 
-NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 BEST_OF = re.compile(r"best-of-\d+")
 
 
@@ -32,7 +32,7 @@ class AdapterRefused(ValueError):
 
 
 def check_adapter_name(name: str, base_id: str) -> None:
-    if not NAME.fullmatch(name or "") or "." in name:
+    if not NAME.fullmatch(name or ""):
         raise AdapterRefused(f"adapter name {name!r}: use 1 to 64 letters, digits, '-' or '_' (no ':' or '.', which "
                              f"model names split on)")
     if BEST_OF.fullmatch(name) or name == base_id:
