@@ -281,6 +281,15 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
         refused = httpx.post(server.url + "/v1/load_lora_adapter", headers={"authorization": f"Bearer {admin_key}"},
                              json={"lora_name": "f", "lora_path": str(checkpoints["foreign"])})
         assert refused.status_code == 400 and "adapter 'f'" in refused.json()["error"]["message"]
+        b_path = str(checkpoints["b"])
+        for body, param, says in [({"lora_name": "x:y", "lora_path": b_path}, "lora_name", "'x:y'"),
+                                  ({"lora_name": "best-of-2", "lora_path": b_path}, "lora_name", "suffix"),
+                                  ({"lora_name": "a", "lora_path": b_path}, "lora_name", "already"),
+                                  ({"lora_name": "c", "lora_path": str(tmp_path / "none")}, "lora_path", "not found")]:
+            bad = httpx.post(server.url + "/v1/load_lora_adapter", json=body,
+                             headers={"authorization": f"Bearer {admin_key}"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+            assert says in bad.json()["error"]["message"]
 
         # concurrently (one batch): the base, both adapters and the base's id with the adapter's name
         models = ["tiny", "a", "b", "tiny:a"]
