@@ -23,6 +23,11 @@ decode step runs the model on a view of the slab with no copy. Each iteration of
 
 Events (newly final tokens of one request) are passed to each request's `on_event` from the scheduler's thread;
 `stream` bridges them to asyncio.
+
+Each request may name a LoRA adapter of the model (palmchat/model/lora.py): rows of different adapters decode in
+the same step, each adding its own low-rank delta to the shared base matmuls. Adapters join the model between two
+iterations (`between_steps`) and leave it once no request in flight uses them (`unload_adapter`), with their
+prefix-cache entries; the prefix cache never shares K/V across adapters.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ class Scheduler:
         # refused to new requests; each leaves the model (and its future is done) when no request in flight uses it
         self._unloading: dict[str, concurrent.futures.Future] = {}
         self._row_adapters: tuple[str | None, ...] = ()
-        self._adapters = frozenset(adapters(model))  # the model's adapters, read on the scheduler's thread only
+        self._adapters = frozenset(adapters(model))  # the model's adapters as the scheduler's thread last saw them
         self.counters = dict(requests_total=0, prompt_tokens_total=0, cached_tokens_total=0,
                              generated_tokens_total=0, decode_steps_total=0, decode_rows_total=0)
 

@@ -127,8 +127,8 @@ class LoRALinear(nn.Module):
     def _add_per_row_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + each row's own delta: row b's A and B (gathered once per batch, see `_row_weights`), then two batched
         matmuls (the BGMV idea of Punica / S-LoRA: the base matmul stays shared by the batch, no loop over rows or
-        adapters). They run in float32: on CPUs PyTorch's small bf16 batched matmuls are slower than fp32 ones
-        (benchmarks/bench_multi_lora.py). Dropout is not applied in this mode (it is for serving)."""
+        adapters). They run in float32, as PyTorch's small bf16 batched matmuls are slower than fp32 ones on CPUs.
+        Dropout is not applied in this mode (it is for serving)."""
         if x.shape[0] != self.row_slots.shape[0]:
             raise AdapterError(f"set_row_adapters gave {self.row_slots.shape[0]} rows but the batch has {x.shape[0]}")
         A, Bm = self._row_weights()  # (B, I, r), (B, r, O)
