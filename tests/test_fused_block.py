@@ -122,11 +122,24 @@ def test_a_full_cache_is_a_clear_error():
         runner.hidden_states(torch.tensor([[1]]), cache=cache)
 
 
-def test_lora_and_fp32_copies_are_not_fused():
-    from palmchat.model.lora import add_lora
+def test_fp32_copies_are_not_fused_and_lora_steps_run_op_by_op():
+    from palmchat.model.lora import add_lora, lora_layers, set_adapter
 
     config = preset("tiny")
     model = Transformer(config).eval()
     assert not any(isinstance(b, FusedBlock) for b in Engine(model, dtype=torch.float32).sync().blocks)
     add_lora(model, "a", rank=2, targets=("attn_out",))
-    assert not any(isinstance(b, FusedBlock) for b in Engine(model, dtype=torch.bfloat16).sync().blocks)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["a"].normal_(std=0.5)
+    engine = Engine(model, dtype=torch.bfloat16)
+    assert all(isinstance(b, FusedBlock) for b in engine.sync().blocks)  # base-only steps still run in C
+    prompts, params = [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, temperature=0.0)
+    outs = {}
+    for name in ("a", None):
+        set_adapter(model, name)
+        outs[name] = [c.tokens for c in engine.generate(prompts, params)]
+        unfused = Engine(model, dtype=torch.bfloat16)
+        unfuse_blocks(unfused.sync())
+        assert [c.tokens for c in unfused.generate(prompts, params)] == outs[name]
+    assert outs["a"] != outs[None]  # the adapter was applied, not skipped by the kernel

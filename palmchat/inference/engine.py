@@ -54,6 +54,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from palmchat.inference.fused_block import fuse_blocks
 from palmchat.inference.kv_cache import KVCache
 from palmchat.kernels.cpu_linear import PackedLinear, can_pack, pack_linears
+from palmchat.model.lora import lora_layers
 
 # ---------------------------------------------------------------------------------------------
 # Requests and results
@@ -99,6 +100,7 @@ class SamplingParams:
     logprobs: int | None = None  # report TokenLogprobs with this many top alternatives (0..20); None -> not reported
     # called once per row (n samples of a request get one each): that row's LogitsProcessor; None -> unconstrained
     new_logits_processor: Callable[[], LogitsProcessor] | None = None
+    adapter: str | None = None  # the LoRA adapter the scheduler runs this request with (None: the base model)
 
     def __post_init__(self):
         def bad(name, why):
@@ -470,13 +472,11 @@ class Engine:
                     pack_linears(runner, skip=("lm_head",))
                     fuse_blocks(runner)
             self._copy, self._copy_versions, self.packed_head = runner, versions, head
-        # which LoRA adapter is active (palmchat.model.lora) is module state, not a parameter: mirror it
-        copies = dict(self._copy.named_modules())
-        for name, module in self.model.named_modules():
-            if hasattr(module, "row_slots"):
-                target = copies[name]
-                target.active_adapter, target.row_adapters, target.row_slots = (
-                    module.active_adapter, module.row_adapters, module.row_slots)
+        # which LoRA adapter is active (palmchat.model.lora) is module state, not a parameter: mirror it (the copy's
+        # LoRA layers come in the same order, also inside fused blocks)
+        for (_, module), (_, target) in zip(lora_layers(self.model), lora_layers(self._copy), strict=True):
+            target.active_adapter, target.row_adapters, target.row_slots = (
+                module.active_adapter, module.row_adapters, module.row_slots)
         return self._copy
 
     # -- context length ---------------------------------------------------------------------

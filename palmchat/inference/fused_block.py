@@ -5,7 +5,7 @@ attention, SwiGLU, two projections, residual sums); at one token per row each op
 arithmetic, and on 2 CPU cores they took more time than streaming the weights (benchmarks/README.md). The engine's
 bf16 inference copy wraps each block in a FusedBlock: decode steps of 1-4 rows (one new token each, into a KV
 cache) run in C, with the numerics of the PyTorch bf16 path up to the order of fp32 additions; every other call
-(prefill, training, LoRA, fp32) runs the block itself.
+(prefill, training, fp32, and any step while a LoRA adapter is active in the block) runs the block itself.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel
+from palmchat.model.lora import LoRALinear
 from palmchat.model.transformer import ParallelBlock, SequentialBlock
 
 
@@ -32,7 +33,10 @@ class BlockCall(ctypes.Structure):
 
 
 def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
-    """The bf16 weight the C kernel reads, when `linear` is a PackedLinear that has one (not a LoRA layer)."""
+    """The bf16 weight the C kernel reads, when `linear` is a PackedLinear that has one, or a LoRA layer over one (whose
+    base weight the kernel runs while none of its adapters is active)."""
+    if isinstance(linear, LoRALinear):
+        linear = linear.base
     return linear.plain if isinstance(linear, PackedLinear) else None
 
 
@@ -44,6 +48,7 @@ class FusedBlock(nn.Module):
         sequential = isinstance(block, SequentialBlock)
         norms = (block.attn_norm, block.ff_norm) if sequential else (block.norm, block.norm)
         linears = (block.qkv, block.gate_up) if sequential else (block.in_proj, block.in_proj)
+        self._lora = [m for m in block.modules() if isinstance(m, LoRALinear)]
         self._weights = [n.weight for n in norms] + [_plain_weight(m) for m in (*linears, block.attn_out, block.ff_out)]
         self.call = BlockCall(dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                               ffn_hidden=c.ffn_hidden, sequential=sequential, rmsnorm=c.norm == "rmsnorm",
@@ -79,7 +84,8 @@ class FusedBlock(nn.Module):
         B, T, _ = x.shape
         cos, sin = rope  # (B, 1, 1, D) rows of the model's tables, in the copy's dtype
         if (cache is None or padding_mask is not None or T != 1 or not 1 <= B <= MAX_KERNEL_ROWS
-                or self.block.attn_out.plain is None  # cpu_linear.onednn_only switched the C kernels off
+                or _plain_weight(self.block.attn_out) is None  # cpu_linear.onednn_only switched the C kernels off
+                or any(m.active_adapter is not None or m.row_slots is not None for m in self._lora)
                 or x.dtype != torch.bfloat16 or cache.k.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16
                 or cache.k.stride() != cache.v.stride() or cache.k.stride(-1) != 1):
             return self.block(x, rope, positions, cache, layer, padding_mask)

@@ -37,15 +37,21 @@ Faults are isolated: an exception while one request prefills fails that request 
 step runs each row alone to find the one that fails, and the others go on. `heartbeat` is the monotonic time of
 the loop's last iteration, for a health check that the thread is making progress; `drain()` refuses new work
 while what runs finishes.
+
+Each request may name a LoRA adapter of the model (palmchat/model/lora.py): rows of different adapters decode in
+the same step, each adding its own low-rank delta to the shared base matmuls. Adapters join the model between two
+iterations (`between_steps`) and leave it once no request in flight uses them (`unload_adapter`), with their
+prefix-cache entries; the prefix cache never shares K/V across adapters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -55,7 +61,7 @@ from torch import nn
 from palmchat.inference.engine import Engine, Row, Sampler, SamplingParams, TokenLogprobs
 from palmchat.inference.kv_cache import KVCache
 from palmchat.inference.prefix_cache import PrefixCache
-from palmchat.model.lora import adapters, use_adapter
+from palmchat.model.lora import adapters, remove_adapter, set_adapter, set_row_adapters, use_adapter
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = 2.0  # seconds a refused client is told to wait: about one reply's time on a busy server
@@ -157,6 +163,12 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = self.draining = False
         self.heartbeat = time.monotonic()  # the loop's last sign of life
+        # adapters: changes to the model wait for the scheduler's thread; what the decode rows use now
+        self._between_steps: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        # refused to new requests; each leaves the model (and its future is done) when no request in flight uses it
+        self._unloading: dict[str, concurrent.futures.Future] = {}
+        self._row_adapters: tuple[str | None, ...] = ()
+        self._adapters = frozenset(adapters(model))  # the model's adapters as the scheduler's thread last saw them
         self.counters = dict(requests_total=0, prompt_tokens_total=0, cached_tokens_total=0,
                              generated_tokens_total=0, decode_steps_total=0, decode_rows_total=0,
                              refused_total=0, failed_total=0)
@@ -175,12 +187,13 @@ class Scheduler:
         cache_salt) for the per-owner limit. Raises as submit does."""
         for params, _ in samples:
             self.engine.check(prompt, params)
-        if adapter is not None and adapter not in adapters(self.engine.model):
-            raise ValueError(f"unknown adapter {adapter!r}; loaded: {adapters(self.engine.model) or 'none'}")
+        adapter = adapter if adapter is not None else samples[0][0].adapter
         group = [len(samples)]
         requests = [Request(list(prompt), params, on_event, adapter, _group=group) for params, on_event in samples]
         owner = requests[0].owner
-        with self._wake:
+        with self._wake:  # under the lock: an adapter being unloaded is either refused here or waited for
+            if adapter is not None and (adapter in self._unloading or adapter not in self._loaded_adapters()):
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self._loaded_adapters()) or 'none'}")
             if self._stopping or self.draining:
                 self.counters["refused_total"] += 1
                 raise Refused("the server is shutting down and takes no new requests", 503, "server_shutting_down",
@@ -223,6 +236,7 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         if self._thread is None:
+            self._adapters = frozenset(adapters(self.engine.model))
             self._thread = threading.Thread(target=self._loop, name="palmchat-scheduler", daemon=True)
             self._thread.start()
         return self
@@ -264,12 +278,15 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._running or self._prefilling):
+                while not (self._stopping or self._waiting or self._running or self._prefilling
+                           or self._between_steps or self._unloading):
                     self._wake.wait()
                 if self._stopping:
                     break
             self.heartbeat = time.monotonic()
             try:
+                self._run_between_steps()
+                self._release_unused_adapters()
                 with torch.inference_mode():
                     self._iteration()
             except Exception as e:  # a bug outside any one request must not hang every client: fail those in flight
@@ -277,6 +294,12 @@ class Scheduler:
                 self._fail_all("the server had an error while generating", exception=e)
             self.heartbeat = time.monotonic()
         self._fail_all("the server is shutting down", reason="cancelled")
+        with self._wake:
+            pending = [f for _, f in self._between_steps] + list(self._unloading.values())
+            self._between_steps.clear()
+            self._unloading.clear()
+        for future in pending:
+            future.set_exception(RuntimeError("the scheduler is stopped"))
 
     def _iteration(self) -> None:
         runner = self.engine.sync()
@@ -388,10 +411,9 @@ class Scheduler:
         batch = self._slab.rows(0, n)
         # rows moved when others left: each row feeds back its own last sampled token
         tokens = torch.tensor([[r._sampled[-1]] for r in self._running], device=batch.lengths.device)  # (n, 1)
-        names = [r.adapter for r in self._running]
+        self._set_row_adapters(tuple(r.adapter for r in self._running))
         try:
-            with use_adapter(runner, names if any(names) else None):
-                hidden = runner.hidden_states(tokens, cache=batch)  # (n, 1, C)
+            hidden = runner.hidden_states(tokens, cache=batch)  # (n, 1, C)
             self._logits = self._project(runner, hidden[:, -1]).float()  # (n, V)
         except Exception as e:  # the cache advances only after a forward succeeded: each row can run again
             self._decode_rows_alone(runner, tokens, e)
@@ -414,6 +436,89 @@ class Scheduler:
         self._logits = torch.cat(logits)
         for b, e in reversed(failed):
             self._finish(b, "error", error=e)
+
+    # -- adapters: per-row LoRA, and loading / unloading while serving ---------------------------------------
+
+    def between_steps(self, change: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `change()` (e.g. adding an adapter to the model) on the scheduler's thread between two iterations, so
+        that no step reads the model while it changes; at once when the scheduler is not running. The future holds
+        its result or exception. The inference copy is rebuilt at the next step (engine.sync sees new parameters)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._thread is not None:
+                self._between_steps.append((change, future))
+                self._wake.notify()
+                return future
+        try:
+            future.set_result(change())
+        except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(e)
+        return future
+
+    def unload_adapter(self, name: str) -> concurrent.futures.Future:
+        """Refuse new requests for adapter `name` from now on; the requests in flight that use it finish with it, then
+        it leaves the model with its prefix-cache entries (the future's result: None)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if name not in self._loaded_adapters() or name in self._unloading:
+                raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self._loaded_adapters()) or 'none'}")
+            self._unloading[name] = future
+            self._wake.notify()
+        if self._thread is None:
+            self._release_unused_adapters()
+        return future
+
+    def _loaded_adapters(self) -> frozenset[str]:
+        """The model's adapters: while the scheduler runs, as its thread last saw them (another thread must not walk
+        the model while `between_steps` changes it)."""
+        return self._adapters if self._thread is not None else frozenset(adapters(self.engine.model))
+
+    def _release_unused_adapters(self) -> None:
+        """Remove the adapters being unloaded that no request in flight uses any more (the scheduler's thread)."""
+        for name, future in list(self._unloading.items()):
+            with self._wake:
+                in_flight = [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]
+            if any(r.adapter == name for r in in_flight):
+                continue
+            try:
+                remove_adapter(self.engine.model, name)
+            except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(e)
+            else:
+                future.set_result(None)
+            del self._unloading[name]
+            self._adapters = frozenset(adapters(self.engine.model))
+            self._row_adapters = ()  # the rows' adapters are set again at the next decode step
+            for entry_id, entry in list(self.prefix_cache.entries.items()):
+                if entry.key[0] == name:  # a later adapter of the same name has other weights
+                    del self.prefix_cache.entries[entry_id]
+                    self.prefix_cache.tokens -= len(entry.tokens)
+
+    def _run_between_steps(self) -> None:
+        with self._wake:
+            pending = list(self._between_steps)
+            self._between_steps.clear()
+        for change, future in pending:
+            try:
+                result = change()
+            except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(e)
+            else:
+                self._adapters = frozenset(adapters(self.engine.model))  # before the caller learns it is done
+                future.set_result(result)
+
+    def _set_row_adapters(self, names: tuple[str | None, ...]) -> None:
+        """Each decode row applies its request's adapter in the same batched step (model/lora.py gathers the rows'
+        A and B once per batch). Set on the model, which engine.sync mirrors onto its copy, only when the rows
+        change: the per-row weights are kept while the `row_slots` tensor stays the same."""
+        if names == self._row_adapters:
+            return
+        if any(names):
+            set_row_adapters(self.engine.model, list(names))
+        else:
+            set_adapter(self.engine.model, None)
+        self._row_adapters = names
+        self.engine.sync()
 
     # -- helpers --------------------------------------------------------------------------------------
 

@@ -82,6 +82,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.row_adapters: tuple[str, ...] | None = None  # slot -> adapter name, per-row mode only
         self.row_slots: torch.Tensor | None = None  # (B,) long, index into row_adapters, -1 = none
+        self._row_cache: tuple | None = None  # (row_slots, A, B) gathered per row for those slots
 
     @property
     def weight(self) -> torch.Tensor:
@@ -106,6 +107,7 @@ class LoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(B)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank[name], self.alpha[name], self.scaling[name] = rank, float(alpha), alpha / rank
+        self._row_cache = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scale * B @ A: (O, I), computed in float32."""
@@ -115,50 +117,53 @@ class LoRALinear(nn.Module):
         """x: (B, ..., I) -> (B, ..., O)."""
         y = self.base(x)
         if self.row_slots is not None:
-            delta = self._per_row_delta(x)
-        elif self.active_adapter is not None and self.active_adapter in self.lora_A:
+            return self._add_per_row_delta(x, y)
+        if self.active_adapter is not None and self.active_adapter in self.lora_A:
             n = self.active_adapter
             h = F.linear(self.lora_dropout[n](x), self.lora_A[n])  # (B, ..., r)
-            delta = F.linear(h, self.lora_B[n]) * self.scaling[n]  # (B, ..., O)
-        else:
-            delta = None
-        return y if delta is None else y + delta.to(y.dtype)
+            y = y + (F.linear(h, self.lora_B[n]) * self.scaling[n]).to(y.dtype)  # (B, ..., O)
+        return y
 
-    def _per_row_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Each row b gets its own adapter: gather the stacked A/B of the adapters used in this batch by
-        the row slots, then two batched matmuls (the BGMV idea of Punica / S-LoRA). No loop over rows.
-        Dropout is not applied in this mode (it is meant for serving)."""
-        names, slots = self.row_adapters, self.row_slots
-        if x.shape[0] != slots.shape[0]:
-            raise AdapterError(f"set_row_adapters gave {slots.shape[0]} rows but the batch has {x.shape[0]}")
-        present = [n for n in names if n in self.lora_A]
-        if not present:
-            return None
-        # adapters may differ in rank: pad each to the largest with zero rows of A / zero columns of B,
-        # which adds nothing to the product; the scale is folded into B
-        r = max(self.rank[n] for n in present)
-        ref = self.lora_A[present[0]]
-        zero_A = ref.new_zeros(r, self.in_features)  # (r, I)
-        zero_B = ref.new_zeros(self.out_features, r)  # (O, r)
-        As, Bs = [], []
-        for n in names:
-            if n in self.lora_A:
-                pad = r - self.rank[n]
-                As.append(F.pad(self.lora_A[n], (0, 0, 0, pad)))
-                Bs.append(F.pad(self.lora_B[n] * self.scaling[n], (0, pad)))
-            else:  # the adapter is in the batch but not on this layer
-                As.append(zero_A)
-                Bs.append(zero_B)
-        As.append(zero_A)  # the last slot means "no adapter" (slot -1)
-        Bs.append(zero_B)
-        A = torch.stack(As)  # (N+1, r, I)
-        Bm = torch.stack(Bs)  # (N+1, O, r)
-        slots = slots.to(x.device)
-        index = torch.where(slots >= 0, slots, len(names))  # (B,)
-        xb = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, I)
-        h = torch.einsum("bti,bri->btr", xb, A[index])  # (B, T, r)
-        delta = torch.einsum("btr,bor->bto", h, Bm[index])  # (B, T, O)
-        return delta.reshape(*x.shape[:-1], self.out_features)
+    def _add_per_row_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + each row's own delta: row b's A and B (gathered once per batch, see `_row_weights`), then two batched
+        matmuls (the BGMV idea of Punica / S-LoRA: the base matmul stays shared by the batch, no loop over rows or
+        adapters). They run in float32, as PyTorch's small bf16 batched matmuls are slower than fp32 ones on CPUs.
+        Dropout is not applied in this mode (it is for serving)."""
+        if x.shape[0] != self.row_slots.shape[0]:
+            raise AdapterError(f"set_row_adapters gave {self.row_slots.shape[0]} rows but the batch has {x.shape[0]}")
+        A, Bm = self._row_weights()  # (B, I, r), (B, r, O)
+        if A is None:
+            return y
+        xb = x.reshape(x.shape[0], -1, self.in_features)  # (B, T, I)
+        delta = torch.bmm(torch.bmm(xb.float(), A), Bm).reshape(y.shape)  # (B, T, r) -> (B, T, O)
+        if torch.is_grad_enabled():
+            return y + delta.to(y.dtype)
+        return y.add_(delta)  # one op: adds and rounds to y's dtype (y is this call's own output)
+
+    def _row_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Row b's adapter as float32 (B, I, r) A-transposes and (B, r, O) B-transposes with the scale folded in (zeros
+        for a row without an adapter on this layer; ranks padded with zeros to the largest, which adds nothing), or
+        (None, None) when no row has one here. Outside autograd they are kept until the rows change (set_row_adapters
+        or the engine dropping finished rows give a new `row_slots` tensor), so a decode step gathers nothing; they
+        hold batch * r * (I + O) numbers. With gradients on they are gathered at every call, so they train."""
+        cached = self._row_cache
+        if cached is not None and cached[0] is self.row_slots and not torch.is_grad_enabled():
+            return cached[1], cached[2]
+        names = [self.row_adapters[s] if s >= 0 else None for s in self.row_slots.tolist()]
+        present = [n for n in dict.fromkeys(names) if n is not None and n in self.lora_A]
+        A = Bm = None
+        if present:
+            r = max(self.rank[n] for n in present)
+            ref = self.lora_A[present[0]]
+            zero_A = ref.new_zeros(self.in_features, r, dtype=torch.float32)
+            zero_B = ref.new_zeros(r, self.out_features, dtype=torch.float32)
+            A_of = {n: F.pad(self.lora_A[n].float(), (0, 0, 0, r - self.rank[n])).t() for n in present}  # (I, r)
+            B_of = {n: F.pad(self.lora_B[n].float() * self.scaling[n], (0, r - self.rank[n])).t()
+                    for n in present}  # (r, O)
+            A = torch.stack([A_of.get(n, zero_A) for n in names])  # (B, I, r)
+            Bm = torch.stack([B_of.get(n, zero_B) for n in names])  # (B, r, O)
+        self._row_cache = None if torch.is_grad_enabled() else (self.row_slots, A, Bm)
+        return A, Bm
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.rank[n]}, alpha={self.alpha[n]:g})" for n in self.lora_A)
@@ -254,7 +259,7 @@ def set_row_adapters(model: nn.Module, names: list[str | None]) -> None:
     for n in used:
         _require(model, n)
     slot_of = {n: i for i, n in enumerate(used)}
-    device = next((m.base.weight.device for _, m in lora_layers(model)), None)
+    device = next((p.device for _, m in lora_layers(model) for p in m.lora_A.values()), None)
     slots = torch.tensor([-1 if n is None else slot_of[n] for n in names], dtype=torch.long, device=device)
     _set_state(model, None, tuple(used), slots)
 
@@ -285,6 +290,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if name in m.lora_A:
             del m.lora_A[name], m.lora_B[name], m.lora_dropout[name]
             del m.rank[name], m.alpha[name], m.scaling[name]
+            m._row_cache = None
         if not m.lora_A:
             parent_name, _, attr = full.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, m.base)
@@ -348,6 +354,8 @@ def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torc
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key])
+    for _, m in lora_layers(model):
+        m._row_cache = None  # per-row copies of the old weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +442,20 @@ def read_adapter_file(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     return tensors, config
 
 
+def add_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], lora_config: dict) -> None:
+    """Add adapter `name` holding `tensors` (as adapter_state_dict gives them), shaped by `lora_config` ({"rank",
+    "alpha", "targets"}), frozen and inactive: which adapter runs is left as it was (a server adds one while others
+    decode). On a mismatch the model is left as it was and AdapterError names the offending tensor."""
+    _add_adapter(model, name, int(lora_config["rank"]), float(lora_config["alpha"]), lora_config["targets"], 0.0)
+    for p in lora_parameters(model, name):
+        p.requires_grad_(False)
+    try:
+        load_adapter_state_dict(model, name, tensors)
+    except AdapterError:
+        remove_adapter(model, name)
+        raise
+
+
 def load_adapter(folder: str | os.PathLike, model: nn.Module, name: str | None = None,
                  lora_config: dict | None = None) -> str:
     """Load folder/adapter.safetensors into adapter `name` (default: the name saved in the file).
@@ -446,24 +468,21 @@ def load_adapter(folder: str | os.PathLike, model: nn.Module, name: str | None =
     name = name or (config or {}).get("name")
     if name is None:
         raise AdapterError(f"{folder}: no adapter name given and none saved in {ADAPTER_FILE}")
-    created = name not in adapters(model)
-    if created:
-        if config is None:
-            raise AdapterError(f"{folder}: model has no adapter {name!r} and no lora config to create it")
-        _add_adapter(model, name, int(config["rank"]), float(config["alpha"]), config["targets"], 0.0)
-        for p in lora_parameters(model, name):
-            p.requires_grad_(False)
     try:
-        load_adapter_state_dict(model, name, tensors)
+        if name in adapters(model):
+            load_adapter_state_dict(model, name, tensors)
+        elif config is None:
+            raise AdapterError(f"model has no adapter {name!r} and no lora config to create it")
+        else:
+            add_adapter_weights(model, name, tensors, config)
     except AdapterError as e:
-        if created:  # leave the model as it was
-            remove_adapter(model, name)
         raise AdapterError(f"{Path(folder) / ADAPTER_FILE}: {e}") from None
     return name
 
 
 __all__ = [
-    "ADAPTER_FILE", "DEFAULT_TARGETS", "AdapterError", "LoRALinear", "add_lora", "adapter_state_dict",
+    "ADAPTER_FILE", "DEFAULT_TARGETS", "AdapterError", "LoRALinear", "add_adapter_weights", "add_lora",
+    "adapter_state_dict",
     "adapters", "load_adapter", "load_adapter_state_dict", "lora_config", "lora_layers", "lora_parameters",
     "mark_trainable", "merge_lora", "merged_state_dict", "read_adapter_file", "remove_adapter", "save_adapter",
     "set_adapter", "set_row_adapters", "use_adapter",

@@ -11,6 +11,7 @@ endpoint family has its file in routes/:
     moderations.py    POST /v1/moderations
     feedback.py       /v1/feedback, /v1/conversations/{id}/compare, /v1/comparisons/{id}/ranking, /v1/label/*,
                       /v1/admin/reload (extensions: OpenAI's API has no feedback endpoints)
+    admin.py          POST /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM's): LoRA adapters at run time
 
 What they share: state.py (ServerState, the caller's key and rate limit), errors.py (OpenAI-shaped errors, the
 body limit), sampling.py (request -> sampling parameters and fitted prompt), generate.py (prompt -> replies,
@@ -27,13 +28,23 @@ from fastapi.staticfiles import StaticFiles
 
 from palmchat.serve.errors import ASCIIJSONResponse, BodyLimit, LocalOnly, add_error_handlers
 from palmchat.serve.metrics import CountRequests, metrics_registry
-from palmchat.serve.routes import chat, completions, conversations, feedback, health, models, moderations, responses
+from palmchat.serve.routes import (
+    admin,
+    chat,
+    completions,
+    conversations,
+    feedback,
+    health,
+    models,
+    moderations,
+    responses,
+)
 from palmchat.serve.security import SecurityHeaders
 from palmchat.serve.state import ServerState
 from palmchat.serve.streaming import WatchClient
 
 SHUTDOWN_WAIT_STEPS = 100  # of 50 ms: how long shutdown waits for cancelled requests to leave the scheduler
-ROUTERS = [health, models, chat, completions, responses, conversations, moderations, feedback]  # OpenAPI order
+ROUTERS = [health, models, chat, completions, responses, conversations, moderations, feedback, admin]  # OpenAPI order
 
 
 def create_app(state: ServerState) -> FastAPI:

@@ -35,6 +35,9 @@ class ServeArgs:
                            "caller may do everything (one person on this machine); allowed only on a loopback --host")
     port: int = arg(8000, "port")
     model_name: str = arg("", "model id clients use (default: the checkpoint folder's name)")
+    lora: list[str] = arg([], "LoRA adapters served beside the checkpoint, NAME=PATH each (a palmchat LoRA checkpoint "
+                              "or a PEFT folder, trained on this checkpoint): requests choose one by model 'NAME' or "
+                              "'MODEL:NAME'; more load at run time through POST /v1/load_lora_adapter")
     moderation: str = arg("default", "moderator folder (palmchat moderation train), 'default' (trained on the "
                                      "bundled world at startup, a few seconds) or 'none'")
     moderation_mode: str = arg("warn", "off: no checks; warn: report verdicts in replies; block: refuse flagged "
@@ -89,6 +92,9 @@ def load_state(args: ServeArgs, store):
     model, _, ckpt = checkpoint.load_model(args.checkpoint)
     model.eval().requires_grad_(False)
     tokenizer = checkpoint.load_tokenizer(ckpt)
+    folder = Path(args.checkpoint).resolve()
+    name = args.model_name or (folder.parent.name if re.fullmatch(r"step-\d+", folder.name) else folder.name)
+    adapters = load_adapters(args.lora, model, args.checkpoint, name, tokenizer)
     reward_model = None
     if args.reward_model:
         from palmchat.checkpoint.heads import load_reward_model
@@ -110,14 +116,25 @@ def load_state(args: ServeArgs, store):
                           max_batch=args.max_batch, prefix_cache_tokens=args.prefix_cache_tokens,
                           max_queue=args.max_queue, max_requests_per_owner=args.max_requests_per_key,
                           max_rows_per_owner=args.max_rows_per_key or -(-args.max_batch // 2))
-    folder = Path(args.checkpoint).resolve()
-    name = args.model_name or (folder.parent.name if re.fullmatch(r"step-\d+", folder.name) else folder.name)
     return ServerState(model_id=name, tokenizer=tokenizer, scheduler=scheduler, store=store,
                        reward_model=reward_model, reward_model_path=args.reward_model, moderator=moderator,
                        moderation_mode=args.moderation_mode if moderator is not None else "off",
                        max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
                        rate_limit=args.rate_limit, no_auth=not args.auth,
-                       local_hosts=LOCAL_HOSTS | {args.host.strip("[]")} if is_loopback(args.host) else None)
+                       local_hosts=LOCAL_HOSTS | {args.host.strip("[]")} if is_loopback(args.host) else None,
+                       adapters=adapters, base_path=args.checkpoint)
+
+
+def load_adapters(flags: list[str], model, base: str, model_id: str, tokenizer) -> dict[str, str]:
+    """--lora NAME=PATH ...: each adapter checked against the base and added to the model; {name: path}."""
+    from palmchat.serve.adapters import add_to_model, check_adapter_name, parse_lora_flags, read_adapter
+
+    adapters = parse_lora_flags(flags)
+    for name, path in adapters.items():
+        check_adapter_name(name, model_id)
+        tensors, lora = read_adapter(path, name, base, model.config, tokenizer)
+        add_to_model(model, name, tensors, lora)
+    return adapters
 
 
 def main(args: ServeArgs) -> None:
@@ -141,6 +158,7 @@ def main(args: ServeArgs) -> None:
         keys = store.active_key_count()
         extras = ", ".join(x for x in (
             f"best-of-n with {args.reward_model}" if state.reward_model is not None else "",
+            f"LoRA adapters {', '.join(state.adapters)}" if state.adapters else "",
             f"moderation {state.moderation_mode}" if state.moderator is not None else "moderation off",
             "no authentication (--no-auth): every local caller may do everything" if not args.auth
             else f"{keys} API key(s)",

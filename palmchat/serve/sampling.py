@@ -17,14 +17,25 @@ MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
 
 
-def model_candidates(state: ServerState, model: str) -> int | None:
-    """Check `model` names this server's model; returns N of a ':best-of-N' suffix."""
-    base, _, suffix = model.partition(":")
-    if base != state.model_id:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{state.model_id}'",
-                       param="model", code="model_not_found")
+def route_model(state: ServerState, model: str | None) -> tuple[str | None, int | None]:
+    """A request's `model` -> (LoRA adapter or None for the base, N of a ':best-of-N' suffix or None). Names are
+    the base's id, an adapter's name alone or after the base's id ("BASE:name", as vLLM and LoRAX take them), each
+    with an optional ':best-of-N' suffix; None (the Responses API's default) is the base."""
+    if model is None:
+        return None, None
+    rest = model[len(state.model_id) + 1:] if model.startswith(state.model_id + ":") else model
+    if rest == state.model_id:
+        rest = ""
+    name, _, suffix = rest.partition(":")
+    if re.fullmatch(r"best-of-.*", name) and rest != model:  # "BASE:best-of-N"
+        name, suffix = "", name if not suffix else f"{name}:{suffix}"
+    if name and name not in state.adapters:
+        served = f"'{state.model_id}'" + (f" and the adapters {', '.join(map(repr, state.adapters))}"
+                                          if state.adapters else "")
+        raise APIError(404, f"The model '{model}' does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
     if not suffix:
-        return None
+        return name or None, None
     m = re.fullmatch(r"best-of-(\d{1,3})", suffix)
     if not m or not 1 <= int(m.group(1)) <= S.MAX_CHOICES:
         raise APIError(400, f"model '{model}': the only suffix is ':best-of-N' with N from 1 to {S.MAX_CHOICES}",
@@ -32,7 +43,12 @@ def model_candidates(state: ServerState, model: str) -> int | None:
     if state.reward_model is None:
         raise APIError(400, f"model '{model}': best-of-n needs a reward model; start the server with --reward-model",
                        param="model")
-    return int(m.group(1))
+    return name or None, int(m.group(1))
+
+
+def model_candidates(state: ServerState, model: str | None) -> int | None:
+    """Check `model` names this server's model or one of its adapters; returns N of a ':best-of-N' suffix."""
+    return route_model(state, model)[1]
 
 
 def choice_counts(state: ServerState, body, mean_logprob_fallback: bool = False) -> tuple[int, int | None]:
@@ -71,7 +87,7 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
     return SamplingParams(max_new_tokens=max_tokens or min(room, limit, default_max or room), temperature=temperature,
                           top_p=top_p, seed=None if seed is None else seed % 2**62,
                           stop_token_ids=state.tokenizer.chat_format.reply_stop_ids, cache_salt=owner,
-                          **sampling_controls(state, body))
+                          adapter=route_model(state, body.model)[0], **sampling_controls(state, body))
 
 
 def sampling_controls(state: ServerState, body) -> dict:

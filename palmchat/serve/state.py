@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
@@ -35,6 +36,11 @@ class ServerState:
     local_hosts: frozenset[str] | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
     tokenizer_sha256: str = ""  # what stored token ids are tagged with (default: the tokenizer's sha256)
+    # LoRA adapters served beside the base (serve/adapters.py): name -> the folder it was loaded from. A request's
+    # model "name" or "MODEL_ID:name" routes to it; the base checkpoint folder is what an adapter must be trained on
+    adapters: dict[str, str] = field(default_factory=dict)
+    base_path: str = ""
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
     def __post_init__(self):
         if not self.tokenizer_sha256:

@@ -35,7 +35,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             if positional:
                 parser.add_argument(f.name, nargs="+", type=item, help=help_text)
             else:
-                parser.add_argument(flag, nargs="+", type=item, default=default, help=help_text, dest=f.name)
+                # "extend": `--lora a=X b=Y` and `--lora a=X --lora b=Y` give the same list
+                parser.add_argument(flag, nargs="+", type=item, default=default, help=help_text, dest=f.name,
+                                    action="extend")
         elif positional:
             parser.add_argument(f.name, type=kind, help=help_text)
         else:

@@ -370,4 +370,6 @@ async def reload_reward_model(body: ReloadRequest, request: Request, owner: str 
         out.update(policy=body.policy, previous_policy=getattr(state, "policy_path", None))
         _swap_policy(state, policy)
         state.policy_path = body.policy
+        # LoRA adapters were trained on the old weights: the new policy serves none until loaded for it
+        state.adapters, state.base_path = {}, body.policy
     return out
