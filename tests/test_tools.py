@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from hf_tokenizers import TOOL_FAMILIES, load_transformers_tokenizer, save_tiny_hf_tokenizer
 
@@ -268,6 +269,41 @@ def test_a_two_step_tool_loop_with_the_openai_client(qwen_server, stream):
                                            tool_choice="none", max_tokens=4, temperature=0)
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
     assert plain.usage.prompt_tokens == len(reference_prompt(qwen_server.folder, messages[:1], [WEATHER, TIME]))
+
+
+ROUTE = {"type": "function", "function": {"name": "plan_route", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                     "stops": {"type": "integer", "enum": [1, 2, 3]}, "by_train": {"type": "boolean"}},
+    "required": ["city", "stops", "by_train"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_calls_arguments_follow_its_schema_for_any_seed(qwen_server, stream):
+    """A random model writes no JSON by itself: with tool_choice naming a function, constrained decoding keeps the
+    arguments valid under its schema, whatever is sampled."""
+    client, model = client_of(qwen_server)
+    choice = {"type": "function", "function": {"name": "plan_route"}}
+    for seed in range(4):
+        kwargs = dict(model=model, messages=[{"role": "user", "content": "Plan it."}], tools=[WEATHER, ROUTE],
+                      tool_choice=choice, max_tokens=60, temperature=1.0, seed=seed)
+        if stream:
+            from openai.lib.streaming.chat import ChatCompletionStreamState
+
+            state = ChatCompletionStreamState()
+            for chunk in client.chat.completions.create(**kwargs, stream=True):
+                state.handle_chunk(chunk)
+            reply = state.get_final_completion().choices[0]
+        else:
+            reply = client.chat.completions.create(**kwargs).choices[0]
+        [call] = reply.message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name == "plan_route" and reply.finish_reason == "tool_calls"
+        assert set(arguments) == {"city", "stops", "by_train"} and arguments["city"] in ("Paris", "Rome", "Oslo")
+        assert arguments["stops"] in (1, 2, 3) and isinstance(arguments["by_train"], bool)
+    bad = httpx.post(qwen_server.url + "/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "x"}], "tools": [ROUTE], "tool_choice": choice,
+        "response_format": {"type": "json_object"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
 
 
 FLAT_TOOLS = [{"type": "function", **TIME["function"]}, {"type": "function", **WEATHER["function"]}]

@@ -5,6 +5,7 @@ the context."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from palmchat.inference.engine import SamplingParams
 from palmchat.serve import schemas as S
@@ -140,3 +141,15 @@ def stops_of(stop) -> list[str]:
         raise APIError(400, f"stop: a stop sequence is at most {MAX_STOP_CHARS} characters, got one of "
                             f"{len(longest)}", param="stop", code="string_above_max_length")
     return stops
+
+
+def constrain_forced_call(state: ServerState, params: SamplingParams, tools) -> SamplingParams:
+    """A forced call's arguments (the reply starts right after its opening) kept valid under the function's JSON
+    schema by constrained decoding; a response format cannot apply at the same time."""
+    schema = tools.arguments_schema() if tools is not None else None
+    if schema is None:
+        return params
+    if params.new_logits_processor is not None:
+        raise APIError(400, "a response format and a forced tool call cannot be combined: the reply is the call",
+                       param="tool_choice")
+    return replace(params, new_logits_processor=structured.tool_arguments_processor(state, schema, "tools"))

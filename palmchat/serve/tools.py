@@ -78,6 +78,13 @@ class ToolSetup:
             return self.syntax.opening(self.forced).rstrip()
         return self.syntax.opening(NAME_MARKER).split(NAME_MARKER)[0]  # the open tag and '{"name": "'
 
+    def arguments_schema(self) -> dict | None:
+        """The JSON schema a forced call's arguments are constrained to (constrained decoding from the opening on),
+        or None when no call with arguments to write is forced."""
+        if self.forced is None or takes_no_arguments(self.tools[self.names.index(self.forced)]):
+            return None
+        return self.tools[self.names.index(self.forced)]["function"].get("parameters") or {"type": "object"}
+
     def stops(self) -> list[str]:
         """Stop strings of the reply: a call's close tag when only one call is allowed (the tag itself is then
         not part of the reply, which the parser takes as closed)."""
