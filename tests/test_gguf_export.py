@@ -214,8 +214,8 @@ def test_chat_template_renders_palmchats_format(tokenizer):
     for piece in re.split("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")", text):
         ids += [SPECIAL_TOKENS.index(piece)] if piece in SPECIAL_TOKENS else tokenizer.encode(piece)
     assert ids == tokenizer.chat_format.render_prompt(messages)
-    with pytest.raises(ValueError, match="tool"):
-        template.render(messages=[{"role": "tool", "content": "x"}], bos_token="", raise_exception=raise_exception)
+    with pytest.raises(ValueError, match="not robot"):
+        template.render(messages=[{"role": "robot", "content": "x"}], bos_token="", raise_exception=raise_exception)
 
 
 # ------------------------------------------------------------------------------------------------- refusals
