@@ -204,6 +204,23 @@ def test_a_key_over_its_cap_gets_429_while_another_key_gets_through(serve):
     assert again.usage.completion_tokens == 3
 
 
+def test_a_keys_token_budget_is_charged_at_admission_and_spent_budget_gets_429(serve):
+    srv = serve(keys=("alice", "bob"))
+    srv.state.token_rate_limit = "100/min"  # model tokens: prompt + max_tokens x n, charged when admitted
+    first = srv.client("alice").chat.completions.create(**chat(max_tokens=30))
+    charged = first.usage.prompt_tokens + 30
+    assert charged < 100 < charged + first.usage.prompt_tokens + 60 - 10  # a second of 60 does not fit (10: refill)
+    spent = httpx.post(srv.url + "/v1/chat/completions", json=chat(max_tokens=60), headers=srv.headers("alice"),
+                       timeout=30)
+    assert spent.status_code == 429 and spent.json()["error"]["type"] == "tokens", spent.text
+    assert int(spent.headers["retry-after"]) >= 1
+    bob = srv.client("bob").chat.completions.create(**chat(max_tokens=30))  # another key's budget is its own
+    assert bob.usage.completion_tokens == 30
+    whole = httpx.post(srv.url + "/v1/chat/completions", json=chat(max_tokens=40, n=3), headers=srv.headers("bob"),
+                       timeout=30)
+    assert whole.status_code == 429 and "more than this key's whole budget" in whole.json()["error"]["message"]
+
+
 def test_n_samples_of_one_request_wait_for_rows_beyond_the_keys_share(serve):
     srv = serve(keys=("alice", "bob"), max_batch=4, max_rows_per_owner=2)
     throttle(srv)

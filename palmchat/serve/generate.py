@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import AsyncIterator
 
 from palmchat.inference.best_of_n import sample_seed, score_completions
 from palmchat.inference.engine import SamplingParams
 from palmchat.inference.scheduler import Refused
 from palmchat.serve.errors import APIError
-from palmchat.serve.keys import retry_after_header
+from palmchat.serve.keys import parse_rate, retry_after_header
 from palmchat.serve.state import ServerState
 from palmchat.serve.streaming import client_disconnected
 
@@ -122,6 +123,21 @@ def held_back(text: str, stop: str) -> int:
     return 0
 
 
+def take_tokens(state, owner: str | None, tokens: int) -> None:
+    """Charge a generation to its key's token budget (--token-rate-limit): the prompt and the most its replies may
+    take, as OpenAI counts tokens per minute at admission; a 429 with retry-after when the budget is spent."""
+    rate = parse_rate(state.token_rate_limit)
+    wait = state.token_limiter.take(owner or "anonymous", rate, tokens)
+    if wait == math.inf:
+        raise APIError(429, f"This request may use {tokens} tokens (prompt + max tokens x samples), more than this "
+                            f"key's whole budget of {state.token_rate_limit} tokens (--token-rate-limit): ask for "
+                            f"fewer tokens or samples", type="tokens", code="rate_limit_exceeded")
+    if wait:
+        raise APIError(429, f"Token rate limit reached ({state.token_rate_limit} tokens): this request may use "
+                            f"{tokens}. Please try again in {wait:.1f}s.", type="tokens", code="rate_limit_exceeded",
+                       headers={"retry-after": retry_after_header(wait)})
+
+
 class Generation:
     """n replies to one prompt, sampled concurrently in the scheduler's batch."""
 
@@ -136,6 +152,7 @@ class Generation:
         samples = [(params if params.seed is None else dataclasses.replace(params, seed=sample_seed(params.seed, j)),
                     lambda event, j=j: loop.call_soon_threadsafe(self.queue.put_nowait, (j, event)))
                    for j in range(n)]
+        take_tokens(state, params.cache_salt, n * (len(prompt) + params.max_new_tokens))
         try:
             self.requests = state.scheduler.submit_all(prompt, samples)
         except ValueError as e:  # the scheduler's checks: context length, token ids

@@ -46,26 +46,30 @@ def parse_rate(text: str | None) -> float | None:
 
 
 class RateLimiter:
-    """A token bucket per key: `capacity` requests at once (the per-minute count, at least 1), refilled at `rate`
-    per second. take() returns 0 when the request may go on, else the seconds until it could."""
+    """A token bucket per key: `capacity` units at once (the per-minute count, at least 1), refilled at `rate` per
+    second; a unit is a request (--rate-limit) or a model token (--token-rate-limit)."""
 
     def __init__(self):
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last update)
         self._lock = threading.Lock()
 
-    def take(self, key: str, rate: float | None) -> float:
+    def take(self, key: str, rate: float | None, cost: float = 1.0) -> float:
+        """Take `cost` from `key`'s bucket: 0 when it may go on, else the seconds until it could (inf when `cost` is
+        more than the bucket holds when full)."""
         if rate is None:
             return 0.0
         capacity = max(1.0, rate * 60)
+        if cost > capacity:
+            return math.inf
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key, (capacity, now))
             tokens = min(capacity, tokens + (now - last) * rate)
-            if tokens >= 1:
-                self._buckets[key] = (tokens - 1, now)
+            if tokens >= cost:
+                self._buckets[key] = (tokens - cost, now)
                 return 0.0
             self._buckets[key] = (tokens, now)
-            return (1 - tokens) / rate
+            return (cost - tokens) / rate
 
 
 def retry_after_header(seconds: float) -> str:

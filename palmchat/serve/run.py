@@ -49,6 +49,9 @@ class ServeArgs:
     max_tokens_limit: int = arg(4096, "largest max_tokens / max_output_tokens a request may ask for (400 above)")
     rate_limit: str = arg("600/min", "requests per key (one shared budget under --no-auth): N/s, N/min or "
                                      "N/hour; 0 = none; `palmchat keys create --rate-limit` sets one key's")
+    token_rate_limit: str = arg("0", "model tokens per key, counted at admission as OpenAI does (prompt + the most its "
+                                     "replies may take, times the samples), e.g. 200000/min; more get 429 with "
+                                     "retry-after; 0 = none")
     max_queue: int = arg(256, "requests waiting for a batch row at most; more get 503 with retry-after (0: no limit)")
     max_requests_per_key: int = arg(16, "requests of one key generating or waiting at once (without keys: of all "
                                         "clients together); more get 429 with retry-after (0: no limit)")
@@ -84,6 +87,7 @@ def load_state(args: ServeArgs, store):
     from palmchat.utils.device import decode_dtype
 
     parse_rate(args.rate_limit)  # a typo fails here, not at the first request
+    parse_rate(args.token_rate_limit)
     if args.max_batch < 1 or args.max_tokens_limit < 1 or args.max_request_bytes < 1 or args.prefix_cache_tokens < 0:
         raise ValueError("--max-batch, --max-tokens-limit and --max-request-bytes must be >= 1, "
                          "--prefix-cache-tokens >= 0")
@@ -120,7 +124,7 @@ def load_state(args: ServeArgs, store):
                        reward_model=reward_model, reward_model_path=args.reward_model, moderator=moderator,
                        moderation_mode=args.moderation_mode if moderator is not None else "off",
                        max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
-                       rate_limit=args.rate_limit, no_auth=not args.auth,
+                       rate_limit=args.rate_limit, token_rate_limit=args.token_rate_limit, no_auth=not args.auth,
                        local_hosts=LOCAL_HOSTS | {args.host.strip("[]")} if is_loopback(args.host) else None,
                        adapters=adapters, base_path=args.checkpoint)
 

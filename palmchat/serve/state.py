@@ -35,6 +35,9 @@ class ServerState:
     # page elsewhere reaching it by DNS rebinding or cross-site requests is refused); None: no check
     local_hosts: frozenset[str] | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    # model tokens per key (prompt + the most a reply may take, times the samples), e.g. "200000/min"; 0 = none
+    token_rate_limit: str = "0"
+    token_limiter: RateLimiter = field(default_factory=RateLimiter)
     tokenizer_sha256: str = ""  # what stored token ids are tagged with (default: the tokenizer's sha256)
     # LoRA adapters served beside the base (serve/adapters.py): name -> the folder it was loaded from. A request's
     # model "name" or "MODEL_ID:name" routes to it; the base checkpoint folder is what an adapter must be trained on
