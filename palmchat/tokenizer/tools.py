@@ -342,18 +342,9 @@ def _could_close(rest: str, closing: str) -> bool:
 def _match_head(text: str, syntax: CallSyntax):
     """Match ``open {"name": "NAME", "<key>": `` (any whitespace between the JSON tokens) at the start of ``text``:
     (name, end), "partial" when ``text`` may still become it, or None."""
-    pos = 0
-    steps = ([syntax.open] if syntax.open else []) + ["{", '"name"', ":", '"']
-    for literal in steps:
-        pos = _skip_ws(text, pos)
-        if pos == len(text):
-            return "partial"
-        piece = text[pos:pos + len(literal)]
-        if not literal.startswith(piece):
-            return None
-        if len(piece) < len(literal):
-            return "partial"
-        pos += len(literal)
+    pos = _match_literals(text, 0, ([syntax.open] if syntax.open else []) + ["{", '"name"', ":", '"'])
+    if not isinstance(pos, int):
+        return pos
     name_end = pos
     while name_end < len(text) and text[name_end] != '"':
         if text[name_end] == "\\" or text[name_end] in "\n{}" or name_end - pos >= MAX_NAME:
@@ -361,9 +352,14 @@ def _match_head(text: str, syntax: CallSyntax):
         name_end += 1
     if name_end == len(text):
         return "partial"
-    name = text[pos:name_end]
-    pos = name_end + 1
-    for literal in (",", f'"{syntax.arguments_key}"', ":"):
+    end = _match_literals(text, name_end + 1, [",", f'"{syntax.arguments_key}"', ":"])
+    return (text[pos:name_end], end) if isinstance(end, int) else end
+
+
+def _match_literals(text: str, pos: int, literals: list[str]):
+    """The position after ``literals`` (any whitespace between them) from ``pos``, "partial" when ``text`` ends
+    inside them, or None when it holds something else."""
+    for literal in literals:
         pos = _skip_ws(text, pos)
         if pos == len(text):
             return "partial"
@@ -373,7 +369,7 @@ def _match_head(text: str, syntax: CallSyntax):
         if len(piece) < len(literal):
             return "partial"
         pos += len(literal)
-    return name, pos
+    return pos
 
 
 def _skip_ws(text: str, pos: int) -> int:
