@@ -235,8 +235,11 @@ def test_oasst_export_writes_every_tree_with_ranks_and_each_labellers_ranking(st
     assert [label[f"lab_1:{c}"]["rank"] for c in "xyz"] == [0, 1, 2]
 
 
-def without_system(prompt) -> list[dict]:
-    messages = [user(prompt)] if isinstance(prompt, str) else prompt
+def messages_of(prompt) -> list[dict]:
+    return [user(prompt)] if isinstance(prompt, str) else prompt
+
+
+def without_system(messages: list[dict]) -> list[dict]:
     return [m for m in messages if m["role"] != "system"]
 
 
@@ -250,17 +253,16 @@ def test_oasst_export_reads_back_as_the_rankings_export_and_the_best_paths(store
     assert "wrote 5 oasst trees" in capsys.readouterr().out
     back = read_examples(out)
     assert back.format == "oasst" and back.bad == []
-    # the oasst form has no system message (the system prompt is palmchat's extension on the root): compare
-    # without it
-    expected = sorted(json.dumps([without_system(r["prompt"]), best_first(r)])
+    # the oasst form has no system message: a conversation's system prompt is palmchat's extension on the root
+    expected = sorted(json.dumps([messages_of(r["prompt"]), best_first(r)])
                       for r in export_records(store, "rankings", merge_method) if r["source"] != "thumbs")
     assert sorted(json.dumps([r.prompt_messages, r.responses]) for r in back.rankings) == expected
     assert back.conversations == [
-        [user("Hi"), assistant("Hey there"), user("Name a fruit"), assistant("Apple"), user("ok then"),
+        [SYSTEM, user("Hi"), assistant("Hey there"), user("Name a fruit"), assistant("Apple"), user("ok then"),
          assistant("Fine")],
         [user("Q"), assistant("A")], [user("Q2"), assistant("A2")],
         [user("Hi"), assistant("Hello!"), user("Old question"), assistant("Old two")],
-        [user("Sort 3 1 2."), assistant("1 2 3" if merge_method == "ranked-pairs" else "3 2 1")]]
+        [SYSTEM, user("Sort 3 1 2."), assistant("1 2 3" if merge_method == "ranked-pairs" else "3 2 1")]]
     assert back.dropped == {"failed review": [1], "unranked reply": [1]}  # the blocked turn, the repeated "Apple"
 
 
@@ -275,7 +277,7 @@ def test_a_ranking_whose_reply_was_deleted_is_a_tree_of_its_own_and_still_round_
     assert c1["a2"]["rank"] is None and "labeller_rankings" not in c1["u2"]
     out = tmp_path / "trees.jsonl"
     out.write_text("".join(json.dumps(t) + "\n" for t in trees))
-    expected = sorted(json.dumps([without_system(r["prompt"]), best_first(r)])
+    expected = sorted(json.dumps([messages_of(r["prompt"]), best_first(r)])
                       for r in export_records(store, "rankings"))
     assert sorted(json.dumps([r.prompt_messages, r.responses]) for r in read_examples(out).rankings) == expected
 
@@ -387,8 +389,10 @@ def test_chat_regenerate_compare_rank_then_oasst_export_round_trips(server):
     records = [json.loads(line) for line in ranked.read_text().splitlines()]
     assert sorted(r["source"] for r in records) == ["compare", "label", "siblings"]
     back = read_examples(out)
-    expected = sorted(json.dumps([without_system(r["prompt"]), best_first(r)]) for r in records)
-    assert sorted(json.dumps([r.prompt_messages, r.responses]) for r in back.rankings) == expected
+    # the comparison's `instructions` (a system message for that request only) are not part of the conversation
+    # and so not of its tree: compared without system messages
+    expected = sorted(json.dumps([without_system(messages_of(r["prompt"])), best_first(r)]) for r in records)
+    assert sorted(json.dumps([without_system(r.prompt_messages), r.responses]) for r in back.rankings) == expected
 
     # the best paths: the conversation through the best-ranked reply to the question and the best compared
     # candidate; the label task's prompt with its merged best candidate

@@ -17,7 +17,9 @@ Formats (:data:`FORMATS`; :func:`detect_format` picks one from the first record'
   prompter turn with its >= 2 ranked assistant replies, best (lowest ``rank``) first, at most K; prompts are every
   thread prefix ending in a prompter turn. Filters (:class:`OasstFilters`): deleted, synthetic, failed review
   (``review_result`` false), language, ``tree_state``; a dropped message takes its replies with it.
-  :func:`tree_split` splits by tree, so siblings never straddle train and validation.
+  :func:`tree_split` splits by tree, so siblings never straddle train and validation. A root's ``system_prompt``
+  (palmchat's extension, written by ``palmchat feedback export --format oasst``) opens each of its threads as a
+  system message.
 * ``hh-rlhf`` -- Anthropic HH-RLHF (``chosen``/``rejected`` transcripts of "\\n\\nHuman: ..." and
   "\\n\\nAssistant: ..." turns): the shared prefix and the two final replies as a pair.
 * ``ultrafeedback`` -- UltraFeedback's raw form (``instruction`` and ``completions`` with per-aspect ``Rating``s):
@@ -893,9 +895,11 @@ def _read_oasst(rows, fmt: str, filters: OasstFilters, out: Examples, bad) -> No
             continue
         before = {part: len(getattr(out, part)) for part in ("conversations", "rankings", "prompts")}
         paths: list[list[dict]] = []  # every path from the root to a leaf of the kept tree
-        _walk_oasst(root, [], filters, out, paths)
+        system = root["m"].get("system_prompt")  # palmchat's extension (feedback export --format oasst)
+        start = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+        _walk_oasst(root, start, filters, out, paths)
         if filters.branches == "best":
-            paths = [_best_path(root, filters)]
+            paths = [start + _best_path(root, filters)]
         seen = set()
         for path in paths:
             while path and path[-1]["role"] != "assistant":

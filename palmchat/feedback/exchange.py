@@ -53,7 +53,8 @@ What each format holds:
   * every ranked set that is not replies in a conversation (label tasks, comparisons whose replies are not all
     there): its prompt's messages as a chain ("TASK:0", "TASK:1", ...), its candidates as replies to the last one
     ("TASK:CANDIDATE").
-  palmchat's extensions, which the reader ignores: `labeller_rankings` on a message whose replies were ranked
+  palmchat's extensions (Open-Assistant's readers ignore them; palmchat's reads `system_prompt` back as each
+  thread's system message): `labeller_rankings` on a message whose replies were ranked
   (`[{"labeller": API key id or name, "ranking": [message ids, best first]}]`, each labeller's raw ranking, a
   subset of the replies allowed); `system_prompt` on a root (the conversation's system items before it, or the
   task prompt's system messages; oasst has no system role, and a system item later in a branch is not written);
