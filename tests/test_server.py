@@ -518,6 +518,50 @@ def test_sigkill_mid_stream_loses_nothing_committed(crash_server):
     assert len(list(c.conversations.items.list(conv.id))) == 4
 
 
+def test_sigkill_under_load_loses_no_turn_a_client_saw_complete(crash_server):
+    """Eight clients, each sending turns back to back in its own conversation, while the server is killed: every
+    turn a client was told about is there after the restart, in its conversation, and the database is intact."""
+    import threading
+
+    srv = crash_server.start()
+    completed, stop, lock = [], threading.Event(), threading.Lock()
+
+    def client_loop(k: int) -> None:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        conv = c.conversations.create().id
+        while not stop.is_set():
+            try:
+                r = c.responses.create(model=MODEL, input=f"Turn of client {k}.", conversation=conv,
+                                       max_output_tokens=6)
+            except (openai.APIError, httpx.HTTPError):
+                return  # the server is gone
+            with lock:
+                completed.append((conv, r.id, r.output[0].id, r.output_text))
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(completed) < 24 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    srv.kill()  # mid-load: turns are in flight on several connections
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(completed) >= 24
+
+    srv.start()
+    with sqlite3.connect(srv.db) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    items = {}
+    for conv, response_id, item_id, text in completed:
+        assert c.responses.retrieve(response_id).output_text == text
+        if conv not in items:
+            items[conv] = {i.id for i in c.conversations.items.list(conv, limit=100)}
+        assert item_id in items[conv]
+
+
 def test_client_disconnect_cancels_generation(crash_server):
     srv = crash_server.start()
     before = httpx.get(srv.url + "/health").json()["generated_tokens_total"]
