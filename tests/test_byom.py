@@ -362,6 +362,6 @@ def test_a_broken_hugging_face_folder_is_one_line_naming_the_file(qwen, tmp_path
     (broken / "config.json").write_text(json.dumps(config))
     (broken / "model.safetensors").unlink()
     (broken / "pytorch_model.bin").write_bytes(b"\x80\x04not unpickled")
-    run = palmchat("serve", str(broken))
+    run = palmchat("serve", str(broken), "--db", str(tmp_path / "palmchat.db"))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "pytorch_model.bin" in run.stderr and "safetensors" in run.stderr
