@@ -25,6 +25,9 @@ class LogprobsCursor:
         self.covered = 0  # bytes those tokens spell
         self.offset = 0  # characters of text before token `done`
         self.spelled, self.spelled_upto = 0, 0  # bytes the first `spelled_upto` tokens spell
+        # UTF-8 bytes of the reply's released and decoded text (both only ever appended to), and their lengths then
+        self.text_bytes, self.text_seen = 0, 0
+        self.decoded_bytes, self.decoded_seen = 0, 0
 
     def piece(self, token: int) -> bytes:
         return self.bytes[token] if token < len(self.bytes) else b""  # a model's padding ids spell nothing
@@ -37,7 +40,10 @@ class LogprobsCursor:
             self.spelled_upto += 1
         # a SentencePiece-style decode drops the leading space its first token spells: the released text counts
         # as many bytes as the tokens spell beyond the decoded text (of which the released text is a prefix)
-        released = len(reply.text.encode("utf-8")) + max(0, self.spelled - len(reply.decoded.encode("utf-8")))
+        self.text_bytes += len(reply.text[self.text_seen:].encode("utf-8"))
+        self.decoded_bytes += len(reply.decoded[self.decoded_seen:].encode("utf-8"))
+        self.text_seen, self.decoded_seen = len(reply.text), len(reply.decoded)
+        released = self.text_bytes + max(0, self.spelled - self.decoded_bytes)
         out = []
         while self.done < min(len(reply.tokens), len(reply.reported)):
             token = reply.tokens[self.done]
