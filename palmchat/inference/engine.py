@@ -218,7 +218,6 @@ class Sampler:
         self.presence = self._column([p.presence_penalty for p in params])
         self.repetition = self._column([p.repetition_penalty for p in params], off=1.0)
         self.counts = self.seen = self.bias = None  # (B, V) each, made at the first call when some row needs it
-        self.report = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         self._refresh()
 
     def _column(self, values: list[float], off: float = 0.0) -> torch.Tensor | None:
@@ -228,6 +227,7 @@ class Sampler:
         return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
 
     def _refresh(self):
+        self.report = max((r.params.logprobs for r in self.rows if r.params.logprobs is not None), default=None)
         self.all_greedy = bool(self.greedy.all())
         self.any_filter = bool(((self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0)).any())
 

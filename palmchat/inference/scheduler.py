@@ -545,13 +545,14 @@ class Scheduler:
         self.prefix_cache.insert(request.cache_key, tokens, self._slab.k[:, b, :, :length].clone(),
                                  self._slab.v[:, b, :, :length].clone())
         last = len(self._running) - 1
+        if self._sampler is not None:  # the same move in its per-row state (counts, bias, random streams)
+            self._sampler.keep([last if i == b else i for i in range(last)])
         if b != last:
             self._copy_row(last, b, int(self._slab.lengths[last]))
             self._running[b] = self._running[last]
             self._logits[b] = self._logits[last]
         self._running.pop()
         self._logits = self._logits[: len(self._running)]
-        self._sampler = None
 
     def _fail(self, request: Request, error: Exception) -> None:
         """One request failed on its own (its prefill, or its row of a decode step): it ends with an error, and
