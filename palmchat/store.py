@@ -716,8 +716,7 @@ class Store:
             missing = [i for i in ranking if i not in replies]
             if missing:
                 raise KeyError(missing[0])
-            texts = {i: "".join(p.get("text", "") or p.get("refusal", "") for p in replies[i].get("content", []))
-                     for i in ranking}
+            texts = {i: item_text(replies[i]) for i in ranking}
             row = db.execute("SELECT id, candidates FROM tasks WHERE kind = 'siblings' AND owner = ? "
                              "AND conversation_id = ? AND json_extract(params, '$.parent_item') = ?",
                              (owner, conversation_id, parent_id)).fetchone()
@@ -742,6 +741,11 @@ class Store:
         rows = self._read(f"SELECT r.task_id, r.labeller, r.ranking, r.created_at FROM rankings r {join} "
                           f"ORDER BY r.created_at, r.rowid", (kind,) if kind else ())
         return [{"task_id": t, "labeller": lab, "ranking": json.loads(rk), "created_at": c} for t, lab, rk, c in rows]
+
+
+def item_text(item: dict) -> str:
+    """A message item's text (its text parts, or its refusal)."""
+    return "".join(part.get("text", "") or part.get("refusal", "") for part in item.get("content", []))
 
 
 def context_digest(tokens: list[int]) -> str:

@@ -79,6 +79,7 @@ from pathlib import Path
 from palmchat.data.formats import MAX_RESPONSES
 from palmchat.feedback.rankings import MERGES
 from palmchat.feedback.rankings import merge as merge_rankings
+from palmchat.store import item_text
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import write_jsonl
 
@@ -95,11 +96,6 @@ def prompt_field(messages: list[dict]):
     if len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def reply_text(item: dict) -> str:
-    """A message item's text (its text parts, or its refusal)."""
-    return "".join(part.get("text", "") or part.get("refusal", "") for part in item.get("content", []))
 
 
 def ranked_parent(task: dict, tree: dict) -> str | None:
@@ -261,7 +257,7 @@ def conversation_trees(store, conversation_id: str, owner: str, ranked_nodes: di
             parent = items[parent][1]
         return parent if parent in items else None
 
-    messages = {i: oasst_message(i, parent_of(i), items[i][0]["role"], reply_text(items[i][0]),
+    messages = {i: oasst_message(i, parent_of(i), items[i][0]["role"], item_text(items[i][0]),
                                  owner if items[i][0]["role"] == "user" else None, i in in_context)
                 for i in items if i in written}
     for item_id, m in messages.items():
@@ -287,7 +283,7 @@ def conversation_trees(store, conversation_id: str, owner: str, ranked_nodes: di
         system, node = [], items[item_id][1]
         while node in items:
             if items[node][0].get("role") in ("system", "developer"):
-                system.insert(0, reply_text(items[node][0]))
+                system.insert(0, item_text(items[node][0]))
             node = items[node][1]
         if system:
             m["system_prompt"] = "\n\n".join(system)

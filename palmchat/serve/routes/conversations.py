@@ -137,7 +137,7 @@ async def delete_branch(conversation_id: str, item_id: str, request: Request, ow
     if not await asyncio.to_thread(state.store.delete_branch, conversation_id, item_id):
         raise not_found("Item", item_id)
     return {"id": item_id, "object": "conversation.branch.deleted", "deleted": True,
-            "current_item": state.store.tree(conversation_id)["current_item"]}
+            "current_item": await asyncio.to_thread(state.store.current_item, conversation_id)}
 
 
 @router.get("/conversations/{conversation_id}/items/{item_id}")
