@@ -43,7 +43,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from palmchat.tokenizer.tools import SYNTAXES, CallSyntax
+from palmchat.tokenizer.tools import SYNTAXES, CallSyntax, check_tools
 
 __all__ = [
     "ChatFormat",
@@ -272,9 +272,7 @@ class PalmChatFormat:
 
     def tools_turn(self, tools: Sequence[Mapping]) -> list[int]:
         """The system turn offering ``tools`` (after bos, before the messages)."""
-        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
-                isinstance(t, Mapping) for t in tools):
-            raise ValueError("tools must be a list of JSON-schema dicts")
+        check_tools(tools)
         return [SYSTEM_ID] + self.codec.encode(tools_text(tools)) + [EOT_ID]
 
     def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,

@@ -71,7 +71,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, pre_tokenizers
 
 from palmchat.tokenizer.bpe import encode_plain
-from palmchat.tokenizer.tools import call_syntax
+from palmchat.tokenizer.tools import call_syntax, check_tools
 from palmchat.utils.atomic import atomic_write
 
 __all__ = [
@@ -590,9 +590,7 @@ class TemplateChatFormat:
         entry = self._template(name)
         control_re, where = entry.control_re, entry.where
         if tools is not None:
-            if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
-                    isinstance(t, Mapping) for t in tools):
-                raise ValueError("tools must be a list of JSON-schema dicts")
+            check_tools(tools)
             tools = _mark(_plain_data(list(tools), "tools"), control_re)
         variables = dict(messages=_mark(copy.deepcopy(messages), control_re), tools=tools, documents=None,
                          add_generation_prompt=add_generation_prompt, **self.variables)

@@ -40,10 +40,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["CallSyntax", "SYNTAXES", "call_syntax", "ToolCall", "ToolCallParser", "parse_tool_calls"]
+__all__ = ["CallSyntax", "SYNTAXES", "call_syntax", "check_tools", "ToolCall", "ToolCallParser", "parse_tool_calls"]
+
+
+def check_tools(tools: object) -> None:
+    """A ValueError unless ``tools`` is a list of dicts (the JSON-schema tools a chat format renders)."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(
+            isinstance(t, Mapping) for t in tools):
+        raise ValueError("tools must be a list of JSON-schema dicts")
 
 
 @dataclass(frozen=True)
