@@ -80,3 +80,10 @@ class PrefixCache:
     def clear(self) -> None:
         self.entries.clear()
         self.tokens = 0
+
+    def drop(self, where) -> None:
+        """Forget the entries whose key `where(key)` holds (e.g. those of an adapter that left the model)."""
+        for entry_id, entry in list(self.entries.items()):
+            if where(entry.key):
+                del self.entries[entry_id]
+                self.tokens -= len(entry.tokens)

@@ -489,10 +489,8 @@ class Scheduler:
             del self._unloading[name]
             self._adapters = frozenset(adapters(self.engine.model))
             self._row_adapters = ()  # the rows' adapters are set again at the next decode step
-            for entry_id, entry in list(self.prefix_cache.entries.items()):
-                if entry.key[0] == name:  # a later adapter of the same name has other weights
-                    del self.prefix_cache.entries[entry_id]
-                    self.prefix_cache.tokens -= len(entry.tokens)
+            # a later adapter of the same name has other weights: its K/V must not be reused
+            self.prefix_cache.drop(lambda key, name=name: key[0] == name)
 
     def _run_between_steps(self) -> None:
         with self._wake:

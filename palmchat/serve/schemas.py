@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from palmchat.inference.engine import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS
 from palmchat.serve.errors import APIError
 
 MAX_CHOICES = 16  # n and best_of, each
@@ -134,17 +135,14 @@ class StreamOptions(Body):
 def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
     if value is None:
         return value
-    if len(value) > MAX_LOGIT_BIAS:
-        raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
     for key, bias in value.items():
         if not key.isdigit():
             raise ValueError(f"keys are token ids (digits), got '{key:.20}'")
         if not -100 <= bias <= 100:
             raise ValueError(f"token {key}: the bias must be in [-100, 100], got {bias}")
     return value
-
-
-MAX_LOGIT_BIAS = 300
 
 
 class _Sampling(_RefusesUnsupported):
@@ -189,8 +187,8 @@ class ChatCompletionRequest(ToolsFields, _Sampling):
     UNSUPPORTED: ClassVar[dict[str, str]] = {**UNSUPPORTED_VLLM, **UNSUPPORTED_CHAT}
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = Field(None, description="report each reply token's log-prob (choice.logprobs)")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: also the most likely tokens "
-                                     "at each position, this many")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: also the most "
+                                     "likely tokens at each position, this many")
     response_format: dict | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
                                          '{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: '
                                          "guaranteed by constrained decoding")
