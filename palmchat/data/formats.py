@@ -151,9 +151,11 @@ def _table_rows(path: Path) -> Iterator[dict]:
     except ImportError:
         raise DataError(f"{path}: reading Parquet files and datasets folders needs the 'datasets' package "
                         "(pip install 'palmchat[data]')") from None
-    def parquet(file: Path) -> list[dict]:
+    def parquet(file: Path) -> Iterator[dict]:
+        """The file's rows a record batch at a time (detecting a format reads only the first)."""
         try:
-            return pq.read_table(file).to_pylist()
+            for batch in pq.ParquetFile(file).iter_batches():
+                yield from batch.to_pylist()
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
             raise DataError(f"{file}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
