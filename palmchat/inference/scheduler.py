@@ -250,6 +250,13 @@ class Scheduler:
     def idle(self) -> bool:
         return not (self._waiting or self._running or self._prefilling)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running, for at most `timeout` seconds; whether it is idle now."""
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.idle
+
     @property
     def stalled(self) -> bool:
         """Work is pending, but the loop has not completed an iteration for stall_seconds (or its thread died)."""

@@ -43,7 +43,7 @@ from palmchat.serve.security import SecurityHeaders
 from palmchat.serve.state import ServerState
 from palmchat.serve.streaming import WatchClient
 
-SHUTDOWN_WAIT_STEPS = 100  # of 50 ms: how long shutdown waits for cancelled requests to leave the scheduler
+SHUTDOWN_WAIT = 5.0  # seconds shutdown waits at most for cancelled requests to leave the scheduler
 ROUTERS = [health, models, chat, completions, responses, conversations, moderations, feedback, admin]  # OpenAPI order
 
 
@@ -58,10 +58,7 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             # the requests uvicorn cancelled at shutdown clean up first (a stream commits what it had, then its
             # generation leaves the scheduler): stopping the scheduler under them would fail them instead
-            for _ in range(SHUTDOWN_WAIT_STEPS):
-                if state.scheduler.idle:
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(state.scheduler.wait_idle, SHUTDOWN_WAIT)
             await asyncio.to_thread(state.scheduler.stop)
 
     app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan, default_response_class=ASCIIJSONResponse,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import uvicorn
 
@@ -35,10 +34,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_thread.start()
 
     def _exit_when_drained(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout
-        while not self.scheduler.idle and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not self.scheduler.idle:  # the drain's time is up: what still runs is cancelled now
+        if not self.scheduler.wait_idle(self.drain_timeout):  # the drain's time is up: what still runs is cancelled
             self.config.timeout_graceful_shutdown = 0.1
         self.should_exit = True
 
