@@ -222,6 +222,22 @@ class Generation:
                 r.cancel()
 
 
+async def rank_by_mean_logprob(state, prompt: list[int], params: SamplingParams, n: int, candidates: int,
+                               stops: list[str] | None = None, block_output: bool = False
+                               ) -> tuple[Generation, list[int]]:
+    """OpenAI's best_of without a reward model: sample `candidates` replies and return the generation and the
+    indices of the n with the highest mean log-prob per token, best first."""
+    params = dataclasses.replace(params, logprobs=params.logprobs or 0)  # the raw log-probs rank them
+    generation = Generation(state, prompt, params, candidates, stops, block_output)
+    replies = await generation.run()
+
+    def mean(r) -> float:
+        values = [t.logprob for t in r.reported if t is not None]
+        return sum(values) / len(values) if values else float("-inf")
+
+    return generation, sorted(range(candidates), key=lambda j: (-mean(replies[j]), j))[:n]
+
+
 async def rank_best_of(state, prompt: list[int], params: SamplingParams, n: int, candidates: int,
                        stops: list[str] | None = None, block_output: bool = False) -> tuple[Generation, list[int]]:
     """Sample `candidates` replies, score each with the reward model (read at its end-of-turn token), and return
@@ -244,11 +260,13 @@ async def rank_best_of(state, prompt: list[int], params: SamplingParams, n: int,
 
 async def generate_replies(state: ServerState, prompt: list[int], params: SamplingParams, n: int,
                            candidates: int | None, stops: list[str]) -> tuple[Generation, list]:
-    """Non-streamed: the n replies (the reward model's n best of `candidates` when set)."""
+    """Non-streamed: the n replies (of `candidates` when set: the n best by the reward model, or without one by mean
+    log-prob)."""
     block = state.moderation_mode == "block"
     try:
-        if candidates:
-            generation, order = await rank_best_of(state, prompt, params, n, candidates, stops, block)
+        if candidates:  # by the reward model, or (only /v1/completions allows it) by mean log-prob
+            rank = rank_best_of if state.reward_model is not None else rank_by_mean_logprob
+            generation, order = await rank(state, prompt, params, n, candidates, stops, block)
             return generation, [generation.replies[j] for j in order]
         generation = Generation(state, prompt, params, n, stops, block)
         return generation, await generation.run()

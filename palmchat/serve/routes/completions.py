@@ -8,7 +8,6 @@ by the reward model when the server has one, else by the highest mean log-prob p
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -53,30 +52,6 @@ def prompts_of(state, prompt) -> tuple[list[list[int]], list[str]]:
     return ids, texts
 
 
-async def best_by_mean_logprob(state, prompt: list[int], params, n: int, candidates: int,
-                               stops: list[str]) -> tuple[Generation, list]:
-    """OpenAI's best_of: `candidates` samples, the n with the highest mean log-prob per token, best first."""
-    params = dataclasses.replace(params, logprobs=params.logprobs or 0)  # the raw log-probs rank them
-    generation = Generation(state, prompt, params, candidates, stops, state.moderation_mode == "block")
-    try:
-        replies = await generation.run()
-    except GenerationError as e:
-        raise APIError(e.status, str(e), type="server_error") from None
-
-    def mean(r) -> float:
-        values = [t.logprob for t in r.reported if t is not None]
-        return sum(values) / len(values) if values else float("-inf")
-
-    order = sorted(range(candidates), key=lambda j: (-mean(replies[j]), j))
-    return generation, [replies[j] for j in order[:n]]
-
-
-async def replies_for(state, prompt, params, n, candidates, stops) -> tuple[Generation, list]:
-    if candidates and state.reward_model is None:
-        return await best_by_mean_logprob(state, prompt, params, n, candidates, stops)
-    return await generate_replies(state, prompt, params, n, candidates, stops)
-
-
 @router.post("/completions")
 async def completions(body: S.CompletionRequest, request: Request, owner: str = Depends(caller)):
     state = server_state(request)
@@ -109,7 +84,7 @@ async def completions(body: S.CompletionRequest, request: Request, owner: str = 
                             sum(g.cached_tokens for g in generations))
 
     if not body.stream:
-        results = await asyncio.gather(*(replies_for(state, p, ps, n, candidates, stops)
+        results = await asyncio.gather(*(generate_replies(state, p, ps, n, candidates, stops)
                                          for p, ps in zip(prompts, params)))
         choices = [{"index": k * n + i, "text": r.text, "finish_reason": r.finish_reason,
                     "logprobs": logprobs_of(LogprobsCursor(state.tokenizer, r))}
@@ -128,7 +103,7 @@ async def completions(body: S.CompletionRequest, request: Request, owner: str = 
         tasks = []
         try:
             if candidates:
-                results = await asyncio.gather(*(replies_for(state, p, ps, n, candidates, stops)
+                results = await asyncio.gather(*(generate_replies(state, p, ps, n, candidates, stops)
                                                  for p, ps in zip(prompts, params)))
                 generations.extend(g for g, _ in results)
                 for k, (_, replies) in enumerate(results):
