@@ -1,6 +1,8 @@
 """Do PPO, DPO, GRPO, RLOO and KTO beat SFT on held-out prompts by more than the seed-to-seed spread?
 
-Runs the demo pipeline (data -> pretrain -> SFT -> reward -> PPO, DPO, GRPO, RLOO, KTO -> evaluation) once per seed,
+Runs the demo pipeline (data -> pretrain -> SFT -> reward -> PPO, DPO, GRPO, RLOO, KTO -> evaluation) once per
+training seed on one bundled world (`--world-seed`: the same people, tasks, data and held-out prompts for every seed,
+so the spread is the training's, as a benchmark's seeds are; `--world-seed -1` draws a world per seed as well),
 plus the demo's PPO with the verifier as reward instead of the reward model (`ppo_verifier`), and prints, per
 stage, the mean and spread (min..max, std) of the held-out verifier score and of the gain over SFT. Not a
 test: it took 12-16 minutes per seed on 2 CPU cores with AMX before RLOO and KTO joined the demo, and much longer
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from palmchat.demo import DemoArgs, run_pipeline  # noqa: E402
 
 
-def ppo_with_verifier(out: Path, seed: int, results: dict, quick: bool) -> dict:
+def ppo_with_verifier(out: Path, seed: int, results: dict) -> dict:
     """The demo's PPO (same settings, same SFT start) with the verifier as its reward instead of the reward
     model: separates what PPO does from what the learned reward model lets it do."""
     import torch
@@ -42,7 +44,7 @@ def ppo_with_verifier(out: Path, seed: int, results: dict, quick: bool) -> dict:
     ckpt = ppo(PPOArgs(base=sft_ckpt, reward="verifier", prompts=[str(out / "data" / "prompts_train.jsonl")],
                        out=str(out / "ppo_verifier"), iterations=settings["ppo_iterations"],
                        kl_coef=settings["ppo_kl_coef"], seed=seed))
-    world = World(seed=seed)
+    world = World(seed=settings["world_seed"])
     sft_model, _, _ = checkpoint.load_model(sft_ckpt)
     model, _, _ = checkpoint.load_model(ckpt)
     with torch.no_grad():
@@ -56,22 +58,27 @@ def ppo_with_verifier(out: Path, seed: int, results: dict, quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--world-seed", type=int, default=0, help="the bundled world every seed trains and is "
+                        "evaluated on; -1: each seed its own world")
     parser.add_argument("--out", default="runs/bench_alignment")
     parser.add_argument("--quick", action="store_true", help="toy settings (checks the script runs)")
     args = parser.parse_args()
 
     per_seed = {}
     for seed in args.seeds:
-        out = Path(args.out) / f"seed{seed}"
+        world = seed if args.world_seed < 0 else args.world_seed
+        out = Path(args.out) / f"world{world}-seed{seed}"
         if (out / "results.json").exists():  # resume a partly finished benchmark
             per_seed[seed] = json.loads((out / "results.json").read_text())
         else:  # fresh=False: stages already trained in the seed's folder with the same arguments are reused
-            per_seed[seed] = run_pipeline(DemoArgs(out=str(out), seed=seed, quick=args.quick, fresh=False))["results"]
-        per_seed[seed]["stages"]["ppo_verifier"] = ppo_with_verifier(out, seed, per_seed[seed], args.quick)
+            per_seed[seed] = run_pipeline(DemoArgs(out=str(out), seed=seed, world_seed=args.world_seed,
+                                                    quick=args.quick, fresh=False))["results"]
+        per_seed[seed]["stages"]["ppo_verifier"] = ppo_with_verifier(out, seed, per_seed[seed])
 
     aligned = [s for s in ("ppo", "dpo", "rpo", "grpo", "rloo", "kto") if s in per_seed[args.seeds[0]]["stages"]]
     stages = ["sft", *aligned, "ppo_verifier"]
-    print(f"\nheld-out verifier score over seeds {args.seeds} (mean, std, min..max)")
+    worlds = sorted({per_seed[s]["settings"].get("world_seed", s) for s in args.seeds})
+    print(f"\nheld-out verifier score over seeds {args.seeds}, world(s) {worlds} (mean, std, min..max)")
     print(f"{'stage':12} {'score':>24} {'gain over SFT':>28} {'win rate vs SFT':>16} {'KL':>8}")
     summary = {}
     for stage in stages:

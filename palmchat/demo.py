@@ -24,7 +24,9 @@ class DemoArgs:
 
     out: str = arg("runs/demo", "output folder")
     quick: bool = arg(False, "tiny settings for tests (seconds instead of minutes)")
-    seed: int = arg(0, "random seed")
+    seed: int = arg(0, "random seed of the training stages (initialisation, data order, sampling)")
+    world_seed: int = arg(-1, "seed of the bundled world: its people, tasks, training data and held-out prompts; "
+                              "-1 = --seed. Benchmarks fix it to compare training seeds on one test set")
     # enough that the SFT models of different seeds agree, so the aligned stages' gains exceed the seed spread
     # (docs/decisions.md)
     pretrain_steps: int = arg(1100, "pretraining steps")
@@ -102,6 +104,7 @@ def run_pipeline(args: DemoArgs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started, minutes = time.time(), {}
     seed = args.seed
+    world_seed = seed if args.world_seed < 0 else args.world_seed
 
     def timed(name, fn):
         t0 = time.time()
@@ -113,7 +116,7 @@ def run_pipeline(args: DemoArgs) -> dict:
     data = out / "data"
     quick_sizes = dict(pretrain=600, sft=300, rankings=150, pairs=60, prompts_train=64, prompts_heldout=32,
                        moderation=20)
-    timed("data", lambda: write_bundle(data, seed=seed, sizes=quick_sizes if args.quick else None))
+    timed("data", lambda: write_bundle(data, seed=world_seed, sizes=quick_sizes if args.quick else None))
 
     reused: set[str] = set()
 
@@ -159,13 +162,14 @@ def run_pipeline(args: DemoArgs) -> dict:
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         prompts = load_prompt_messages([str(data / "prompts_train.jsonl")], seed)  # whole conversations
         records = rank_policy_samples(model.eval(), tokenizer, prompts[:s.policy_rankings], k=4, seed=seed,
-                                      dtype=autocast_dtype("auto", pick_device("auto")))
+                                      world=World(seed=world_seed), dtype=autocast_dtype("auto", pick_device("auto")))
         write_jsonl(data / "sft_rankings.jsonl", records)
 
     timed("rank SFT samples", rank_sft_samples)
     rankings = [str(data / "rankings.jsonl"), str(data / "sft_rankings.jsonl")]
     rm_ckpt = stage("reward", reward, RewardArgs(base=str(sft_ckpt), data=rankings, out=str(out / "reward"),
-                                                 epochs=s.reward_epochs, normalize=s.reward_normalize, seed=seed),
+                                                 epochs=s.reward_epochs, normalize=s.reward_normalize, seed=seed,
+                                                 world_seed=world_seed),
                     ("sft",))
     # plain DPO (no RPO term) with beta 0.5: at 0.1 it drifted 5.7 nats from SFT and lost to it (docs/decisions.md)
     dpo_ckpt = stage("dpo", dpo, DPOArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")],
@@ -193,10 +197,10 @@ def run_pipeline(args: DemoArgs) -> dict:
                "rloo": rloo_ckpt, "kto": kto_ckpt}
 
     def evaluate():
-        world = World(seed=seed)
+        world = World(seed=world_seed)
         prompts = world.prompts(s.eval_prompts, "heldout")
         # the same questions asked as the last turn of a conversation (earlier turns about other tasks)
-        later_turns = world.multi_turn_prompts(prompts, seed=seed, turns=(1, 1) if args.quick else (1, 3))
+        later_turns = world.multi_turn_prompts(prompts, seed=world_seed, turns=(1, 1) if args.quick else (1, 3))
         sft_model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
@@ -221,7 +225,7 @@ def run_pipeline(args: DemoArgs) -> dict:
         "plots": {"pretraining loss": "pretrain/loss.png", "SFT loss": "sft/loss.png",
                   "reward model": "reward/accuracy.png", "DPO": "dpo/loss.png", "PPO": "ppo/reward.png",
                   "GRPO": "grpo/reward.png", "RLOO": "rloo/reward.png", "KTO": "kto/loss.png"},
-        "settings": {"seed": seed, "quick": args.quick, **vars(s), "minutes": minutes,
+        "settings": {"seed": seed, "world_seed": world_seed, "quick": args.quick, **vars(s), "minutes": minutes,
                      "total_minutes": (time.time() - started) / 60,
                      "checkpoints": {k: str(v) for k, v in {"pretrain": pt, "sft": sft_ckpt, "reward": rm_ckpt,
                                                             **aligned}.items()}},
@@ -288,7 +292,7 @@ def serve_with_feedback_round(args: DemoArgs, run: dict) -> None:
         print(f"\nfeedback round: simulated labellers rank prompts on {url}/label ...", flush=True)
         round_ = demo_round(url, db, out / "loop", base=ckpts["sft"], reward_model=ckpts["reward"], prompts=100,
                             labellers=3, extra_data=[str(out / "data" / "rankings.jsonl")], epochs=1.0,
-                            policy=ckpts[best], seed=args.seed)
+                            policy=ckpts[best], seed=run["results"]["settings"]["world_seed"])
         previous = round_["previous_accuracy"]
         summary = (f"\n## One round of the human-feedback loop\n\n"
                    f"Served `{best}` (the best held-out verifier score) with the reward model on {url}. Three "
