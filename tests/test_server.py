@@ -9,6 +9,7 @@ server on a database of their own. Block-mode moderation and the reply text logi
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -518,9 +519,11 @@ def test_sigkill_mid_stream_loses_nothing_committed(crash_server):
     assert len(list(c.conversations.items.list(conv.id))) == 4
 
 
-def test_sigkill_under_load_loses_no_turn_a_client_saw_complete(crash_server):
-    """Eight clients, each sending turns back to back in its own conversation, while the server is killed: every
-    turn a client was told about is there after the restart, in its conversation, and the database is intact."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_or_terminated_under_load_loses_no_turn_a_client_saw_complete(crash_server, stop_signal):
+    """Eight clients, each sending turns back to back in its own conversation, while the server is killed
+    (SIGKILL: no shutdown code runs) or terminated (SIGTERM: it drains, then exits 0): every turn a client was told
+    about is there after the restart, in its conversation, and the database is intact."""
     import threading
 
     srv = crash_server.start()
@@ -544,7 +547,8 @@ def test_sigkill_under_load_loses_no_turn_a_client_saw_complete(crash_server):
     deadline = time.monotonic() + 60
     while len(completed) < 24 and time.monotonic() < deadline:
         time.sleep(0.02)
-    srv.kill()  # mid-load: turns are in flight on several connections
+    srv.proc.send_signal(stop_signal)  # mid-load: turns are in flight on several connections
+    assert srv.proc.wait(timeout=60) == (0 if stop_signal == signal.SIGTERM else -signal.SIGKILL), srv.log()
     stop.set()
     for t in threads:
         t.join(30)
