@@ -469,24 +469,44 @@ class Store:
         rows = self._read("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,))
         return rows[0][0] if rows else None
 
-    def _branch(self, conversation_id: str, leaf=CURRENT, db=None) -> list[tuple]:
+    def _branch(self, conversation_id: str, leaf=CURRENT, db=None,
+                columns: str = "i.body, i.tokens, i.tokenizer, i.id") -> list[tuple]:
         """(body, tokens, tokenizer, id) of each item from the first to `leaf` (default: the end of the current
-        branch), following parents; `db`: the connection to read with (a writer's, inside its transaction)."""
+        branch), following parents; `db`: the connection to read with (a writer's, inside its transaction);
+        `columns`: what to read of each item, in that shape."""
         with self._snapshot() if db is None else nullcontext(db) as db:
             if leaf is CURRENT:
                 row = db.execute("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
                 leaf = row[0] if row else None
             if leaf is None:
                 return []
-            return db.execute("""
+            return db.execute(f"""
                 WITH RECURSIVE path(id, depth) AS (
                     SELECT ?, 0
                     UNION ALL
                     SELECT i.parent_id, path.depth + 1 FROM items i JOIN path ON i.id = path.id
                     WHERE i.conversation_id = ? AND i.parent_id IS NOT NULL)
-                SELECT i.body, i.tokens, i.tokenizer, i.id FROM path JOIN items i ON i.id = path.id
+                SELECT {columns} FROM path JOIN items i ON i.id = path.id
                 WHERE i.conversation_id = ? ORDER BY path.depth DESC""",
                               (leaf, conversation_id, conversation_id)).fetchall()
+
+    def branch_page(self, conversation_id: str, limit: int, newest_first: bool, after: str | None = None
+                    ) -> tuple[list[dict], bool]:
+        """One page of the current branch's items (a list endpoint's): `limit` items from the one after `after`,
+        oldest or newest first, and whether more follow. The walk reads only ids; bodies only for the page. KeyError
+        when `after` is not an item of the branch."""
+        with self._snapshot() as db:
+            ids = [row[3] for row in self._branch(conversation_id, db=db, columns="NULL, NULL, NULL, i.id")]
+            if newest_first:
+                ids.reverse()
+            if after is not None:
+                ids = ids[ids.index(after) + 1:] if after in ids else None
+                if ids is None:
+                    raise KeyError(after)
+            page = ids[:limit]
+            bodies = dict(db.execute(f"SELECT id, body FROM items WHERE id IN ({', '.join('?' * len(page))})",
+                                     page).fetchall())
+        return [json.loads(bodies[i]) for i in page], len(ids) > limit
 
     def items(self, conversation_id: str, leaf=CURRENT) -> list[dict]:
         """The items of the conversation's current branch (or of the branch ending at `leaf`), first to last (the

@@ -98,6 +98,22 @@ def test_conversations_are_listed_a_page_at_a_time(store):
     assert [c["id"] for c in store.list_conversations("me")] == [f"conv_{n}" for n in range(5)]
 
 
+def test_a_branch_is_listed_a_page_at_a_time(store):
+    """Only the current branch's items, from the one after `after`, in either order; bodies read for the page only."""
+    store.create_conversation("me", {"id": "conv_1", "created_at": 0, "metadata": {}},
+                              [(message(f"m{n}"), [n]) for n in range(4)])
+    store.add_items("me", "conv_1", [(message("other"), [9])], after="m1")  # a sibling of m2: now the current branch
+    store.show_branch("me", "conv_1", "m3")
+    page, more = store.branch_page("conv_1", 2, newest_first=True)
+    assert [i["id"] for i in page] == ["m3", "m2"] and more
+    page, more = store.branch_page("conv_1", 2, newest_first=True, after="m2")
+    assert [i["id"] for i in page] == ["m1", "m0"] and not more
+    page, more = store.branch_page("conv_1", 3, newest_first=False, after="m0")
+    assert [i["id"] for i in page] == ["m1", "m2", "m3"] and not more
+    with pytest.raises(KeyError):
+        store.branch_page("conv_1", 2, newest_first=True, after="other")  # not on the branch shown
+
+
 def test_reads_do_not_wait_for_a_writer(store):
     store.create_conversation("me", {"id": "conv_1", "created_at": 0, "metadata": {"title": "t"}}, [])
     writing, release, read = threading.Event(), threading.Event(), []

@@ -87,7 +87,11 @@ async def list_items(conversation_id: str, request: Request, owner: str = Depend
                      after: str | None = None):
     state = server_state(request)
     owned_conversation(state, owner, conversation_id)
-    return S.item_page(await asyncio.to_thread(state.store.items, conversation_id), limit, order, after)
+    try:
+        items, more = await asyncio.to_thread(state.store.branch_page, conversation_id, limit, order == "desc", after)
+    except KeyError:
+        raise APIError(400, f"after: no item with id '{after}'", param="after") from None
+    return S.item_list(items, has_more=more)
 
 
 @router.post("/conversations/{conversation_id}/items")
