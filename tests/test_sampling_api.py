@@ -82,7 +82,7 @@ MESSAGES = [{"role": "user", "content": "Where does Zorbo live?"}]
     ("/v1/completions", "skip_special_tokens", False),
     ("/v1/responses", "reasoning", {"effort": "low"}),
     ("/v1/responses", "background", True),
-    ("/v1/responses", "include", ["message.output_text.logprobs"]),
+    ("/v1/responses", "include", ["reasoning.encrypted_content"]),
 ])
 def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
     body = {"messages": MESSAGES} if "chat" in path else {"input": "hi"} if "responses" in path else {"prompt": "hi"}
@@ -164,6 +164,33 @@ def test_chat_logprobs_sum_to_the_sequence_logprob(server, model):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
     plain = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
     assert plain.choices[0].logprobs is None
+
+
+def test_responses_include_logprobs_streamed_or_not(server, model):
+    c = client(server)
+    asked = dict(model=MODEL, input=MESSAGES[-1]["content"], max_output_tokens=12, temperature=0,
+                 include=["message.output_text.logprobs"], top_logprobs=2)
+    done = c.responses.create(**asked)
+    part = done.output[0].content[0]
+    assert "".join(e.token for e in part.logprobs) == part.text == done.output_text
+    prompt = server.tokenizer.chat_format.render_prompt([{"role": "user", "content": MESSAGES[-1]["content"]}])
+    assert sum(e.logprob for e in part.logprobs) == pytest.approx(
+        sequence_logprob(model, prompt, ids_of(server.tokenizer, part.logprobs)), abs=2e-3)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-5 for e in part.logprobs)
+    assert c.responses.retrieve(done.id).output[0].content[0].logprobs == part.logprobs  # stored with the reply
+
+    events = list(c.responses.create(**asked, stream=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [(x.token, round(x.logprob, 4)) for e in deltas for x in e.logprobs] == [
+        (x.token, round(x.logprob, 4)) for x in part.logprobs]
+    text_done = next(e for e in events if e.type == "response.output_text.done")
+    assert [x.token for x in text_done.logprobs] == [x.token for x in part.logprobs]
+    assert events[-1].response.output[0].content[0].logprobs == part.logprobs
+
+    assert c.responses.create(model=MODEL, input="Hi", max_output_tokens=3).output[0].content[0].logprobs == []
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=MODEL, input="Hi", include=["file_search_call.results"])
+    assert e.value.body["param"] == "include" and e.value.body["code"] == "unsupported_parameter"
 
 
 def test_completions_several_prompts_logprobs_and_token_prompts(server, model):

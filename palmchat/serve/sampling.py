@@ -106,7 +106,9 @@ def sampling_controls(state: ServerState, body) -> dict:
         raise APIError(400, f"logit_bias: token id {max(bias)} is not in the model's vocabulary of {vocab} tokens",
                        param="logit_bias")
     logprobs = field("logprobs")
-    if "top_logprobs" in declared:  # Chat Completions: logprobs true/false, and top_logprobs alternatives
+    if "include" in declared:  # the Responses API: included as output data, with top_logprobs alternatives
+        logprobs = field("top_logprobs", 0) if "message.output_text.logprobs" in field("include", []) else None
+    elif "top_logprobs" in declared:  # Chat Completions: logprobs true/false, and top_logprobs alternatives
         if field("top_logprobs") is not None and not logprobs:
             raise APIError(400, "top_logprobs: logprobs must be true when top_logprobs is set", param="top_logprobs")
         logprobs = field("top_logprobs", 0) if logprobs else None

@@ -44,9 +44,9 @@ UNSUPPORTED_CHAT = {
 UNSUPPORTED_COMPLETIONS = {"echo": "echoing the prompt", "suffix": "a suffix (insertion)"}
 UNSUPPORTED_RESPONSES = {
     "reasoning": "reasoning settings (palmchat's models do not reason)", "background": "background responses",
-    "prompt": "prompt templates", "include": "extra output data", "top_logprobs": "log-probs in the Responses API "
-    "(Chat Completions and completions report them)",
+    "prompt": "prompt templates",
 }
+RESPONSES_INCLUDE = ("message.output_text.logprobs",)  # the `include` values this server produces
 UNSUPPORTED_VLLM = {  # vLLM's extra sampling fields, beside the ones palmchat implements (top_k, min_p, ...)
     "guided_json": "vLLM's guided decoding (use response_format)", "guided_regex": "vLLM's guided decoding",
     "guided_choice": "vLLM's guided decoding", "guided_grammar": "vLLM's guided decoding",
@@ -258,10 +258,24 @@ class ResponseRequest(ToolsFields, _RefusesUnsupported):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     text: TextFormat | None = Field(None, description="the reply's format: text (default) or JSON")
+    include: list[str] | None = Field(None, description='"message.output_text.logprobs": each reply token\'s '
+                                      "log-prob in the message's output_text part")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with the log-probs: also the "
+                                     "most likely alternatives at each position")
     metadata: Metadata | None = None
     truncation: Truncation = Field(None, description='"auto" leaves out the oldest messages (never the leading '
                                    "system ones, the instructions or the newest) when the conversation does not fit "
                                    'the context; "disabled" (default) fails such a request with a 400')
+    @field_validator("include")
+    @classmethod
+    def known_include(cls, include: list[str] | None) -> list[str] | None:
+        for value in include or []:
+            if value not in RESPONSES_INCLUDE:
+                # raised as APIError, not ValueError: pydantic lets it through to the error handler as it is
+                raise APIError(400, f"include: this server does not produce {value!r}; it can include "
+                               f"{', '.join(RESPONSES_INCLUDE)}", param="include", code="unsupported_parameter")
+        return include
+
     branch_from: str | None = Field(None, description="palmchat's extension, with `conversation`: the item this turn "
                                     "follows, starting a new branch beside the replies that follow it already (an "
                                     "edited message, or with an empty `input` after a user message, a regenerated "

@@ -62,6 +62,7 @@ from palmchat.serve.generate import (
     moderate_output,
     moderation_result,
 )
+from palmchat.serve.logprobs import LogprobsCursor, chat_logprobs
 from palmchat.serve.sampling import constrain_forced_call, fit_prompt, model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
@@ -307,6 +308,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         reader = ReplyReader(turn.tools)
         reader.read(replies[0].text)
         final = finished(replies[0], reader, moderate_output(state, replies[0]))
+        if params.logprobs is not None:
+            with_logprobs(final, chat_logprobs(LogprobsCursor(state.tokenizer, replies[0]))["content"])
         await commit(final, list(turn.opening) + replies[0].context_tokens(), reader)
         return final
 
@@ -314,6 +317,18 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
         generation = Generation(state, turn.prompt, params, 1, stops, block_output)
     reader = ReplyReader(turn.tools)
     settled = False  # committed, or failed: a disconnect from then on stores nothing
+    logged: list[dict] = []  # the log-prob entries streamed so far, when the request included them
+    cursor: LogprobsCursor | None = None
+
+    def new_logprobs(reply) -> list[dict]:
+        """The log-prob entries of the reply's tokens released since the last call (none unless asked for)."""
+        nonlocal cursor
+        if params.logprobs is None or reply is None:
+            return []
+        cursor = cursor or LogprobsCursor(state.tokenizer, reply)
+        entries = chat_logprobs(cursor)["content"]
+        logged.extend(entries)
+        return entries
 
     def commit_stopped() -> None:
         """The client went away mid-reply: keep what was released so far (synchronously: this runs while the
@@ -366,7 +381,11 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                               part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
             def close_message(item: dict) -> list[str]:
-                return [event("response.output_text.done", **where(), text=item["content"][0]["text"], logprobs=[]),
+                part = item["content"][0]
+                if params.logprobs is not None:
+                    new_logprobs(reply)
+                    part["logprobs"] = list(logged)
+                return [event("response.output_text.done", **where(), text=part["text"], logprobs=part["logprobs"]),
                         event("response.content_part.done", **where(), part=item["content"][0]),
                         event("response.output_item.done", output_index=opened.index(item_id), item=item)]
 
@@ -377,7 +396,8 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                 for e in events:
                     if e[0] == "content":
                         out += [] if item_id in opened else open_message()
-                        out.append(event("response.output_text.delta", **where(), delta=e[1], logprobs=[]))
+                        out.append(event("response.output_text.delta", **where(), delta=e[1],
+                                         logprobs=new_logprobs(reply)))
                     elif e[0] == "call":
                         if e[1] == 0 and item_id in opened:  # the text before the calls is final
                             out += close_message(S.message_item(item_id, "assistant", reader.content))
@@ -403,6 +423,7 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
             def where() -> dict:
                 return {"item_id": item_id, "output_index": opened.index(item_id), "content_index": 0}
 
+            reply = None if generation is None else generation.replies[0]
             if reader.parser is None:  # plain text: the message opens at once
                 for e in open_message():
                     yield e
@@ -421,6 +442,9 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
             for e in on(reader.finish_events()):
                 yield e
             result = finished(reply, reader, moderate_output(state, reply))
+            if params.logprobs is not None:
+                new_logprobs(reply)
+                with_logprobs(result, list(logged))
             for item in result["output"]:
                 if item["type"] == "message" and not reader.calls:  # (with calls it closed at the first one)
                     for e in ([] if item_id in opened else open_message()) + close_message(item):
@@ -443,6 +467,15 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
                 generation.cancel()
 
     return stream_response(events())
+
+
+def with_logprobs(response: dict, entries: list[dict]) -> dict:
+    """`response` with `entries` (Chat Completions' log-prob entries of the reply's released tokens) as the
+    log-probs of its message's output_text part (a reply with tool calls: its tokens include the calls')."""
+    for item in response["output"]:
+        if item["type"] == "message" and item["content"] and item["content"][0]["type"] == "output_text":
+            item["content"][0]["logprobs"] = entries
+    return response
 
 
 def _stored_response(state: ServerState, owner: str, response_id: str) -> dict:
