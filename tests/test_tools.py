@@ -277,6 +277,18 @@ ROUTE = {"type": "function", "function": {"name": "plan_route", "parameters": {
     "required": ["city", "stops", "by_train"], "additionalProperties": False}}}
 
 
+def chat_reply(client, stream: bool, **kwargs):
+    """A chat choice, streamed (rebuilt by the SDK's own stream state) or not."""
+    if not stream:
+        return client.chat.completions.create(**kwargs).choices[0]
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        state.handle_chunk(chunk)
+    return state.get_final_completion().choices[0]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_forced_calls_arguments_follow_its_schema_for_any_seed(qwen_server, stream):
     """A random model writes no JSON by itself: with tool_choice naming a function, constrained decoding keeps the
@@ -284,17 +296,8 @@ def test_a_forced_calls_arguments_follow_its_schema_for_any_seed(qwen_server, st
     client, model = client_of(qwen_server)
     choice = {"type": "function", "function": {"name": "plan_route"}}
     for seed in range(4):
-        kwargs = dict(model=model, messages=[{"role": "user", "content": "Plan it."}], tools=[WEATHER, ROUTE],
-                      tool_choice=choice, max_tokens=60, temperature=1.0, seed=seed)
-        if stream:
-            from openai.lib.streaming.chat import ChatCompletionStreamState
-
-            state = ChatCompletionStreamState()
-            for chunk in client.chat.completions.create(**kwargs, stream=True):
-                state.handle_chunk(chunk)
-            reply = state.get_final_completion().choices[0]
-        else:
-            reply = client.chat.completions.create(**kwargs).choices[0]
+        reply = chat_reply(client, stream, model=model, messages=[{"role": "user", "content": "Plan it."}],
+                           tools=[WEATHER, ROUTE], tool_choice=choice, max_tokens=60, temperature=1.0, seed=seed)
         [call] = reply.message.tool_calls
         arguments = json.loads(call.function.arguments)
         assert call.function.name == "plan_route" and reply.finish_reason == "tool_calls"
@@ -304,6 +307,30 @@ def test_a_forced_calls_arguments_follow_its_schema_for_any_seed(qwen_server, st
         "model": model, "messages": [{"role": "user", "content": "x"}], "tools": [ROUTE], "tool_choice": choice,
         "response_format": {"type": "json_object"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_strict_functions_keep_the_calls_a_model_makes_by_itself_valid(qwen_server, stream):
+    """tool_choice "auto" with a strict function: a random model pushed to open a call (a logit bias on the tag)
+    names an offered function and writes arguments valid under its schema, whatever is sampled; without strict
+    the same model's calls are not JSON."""
+    client, model = client_of(qwen_server)
+    [tag] = HFTokenizer.load(qwen_server.folder).encode("<tool_call>")
+    strict_route = {"type": "function", "function": {**ROUTE["function"], "strict": True}}
+    asked = dict(model=model, messages=[{"role": "user", "content": "Plan it."}], tool_choice="auto",
+                 parallel_tool_calls=False, logit_bias={str(tag): 100}, max_tokens=80, temperature=1.0)
+    for seed in range(4):
+        reply = chat_reply(client, stream, **asked, tools=[WEATHER, strict_route], seed=seed)
+        [call] = reply.message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert reply.finish_reason == "tool_calls" and isinstance(arguments, dict)
+        if call.function.name == "plan_route":
+            assert set(arguments) == {"city", "stops", "by_train"} and arguments["city"] in ("Paris", "Rome", "Oslo")
+            assert arguments["stops"] in (1, 2, 3) and isinstance(arguments["by_train"], bool)
+        else:
+            assert call.function.name == "get_weather"
+    loose = [client.chat.completions.create(**asked, tools=[ROUTE], seed=seed).choices[0] for seed in range(4)]
+    assert not any(r.message.tool_calls for r in loose)  # a random model's own "calls" are not JSON: content
 
 
 FLAT_TOOLS = [{"type": "function", **TIME["function"]}, {"type": "function", **WEATHER["function"]}]
@@ -441,7 +468,10 @@ def test_bad_tool_requests_get_a_400_naming_the_field(qwen_server):
     assert error(chat, messages=[user], tool_choice="required")[0] == "tool_choice"
     assert error(chat, messages=[user], tools=[TIME], tool_choice="sometimes")[0] == "tool_choice"
     strict = {"type": "function", "function": {**TIME["function"], "strict": True}}
-    assert error(chat, messages=[user], tools=[strict])[0] == "tools[0].function.strict"
+    assert error(chat, messages=[user], tools=[strict, WEATHER], tool_choice="required")[0] == "tool_choice"
+    assert error(chat, messages=[user], tools=[{"type": "function", "function": {**TIME["function"], "strict": 1}}]
+                 )[0] == "tools[0].function.strict"
+    assert error(chat, messages=[user], tools=[strict], response_format={"type": "json_object"})[0] == "tools"
     assert error(chat, messages=[user], functions=[TIME["function"]])[0] == "functions"
     # the Responses API's shapes
     assert error("responses", input=[{"type": "function_call_output", "call_id": "call_x", "output": "1"}],

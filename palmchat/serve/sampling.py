@@ -145,13 +145,17 @@ def stops_of(stop) -> list[str]:
     return stops
 
 
-def constrain_forced_call(state: ServerState, params: SamplingParams, tools) -> SamplingParams:
-    """A forced call's arguments (the reply starts right after its opening) kept valid under the function's JSON
-    schema by constrained decoding; a response format cannot apply at the same time."""
+def constrain_tool_calls(state: ServerState, params: SamplingParams, tools) -> SamplingParams:
+    """Tool calls kept valid under their functions' JSON schemas by constrained decoding: a forced call's arguments
+    (the reply starts right after its opening), and with strict functions offered, every call the model makes by
+    itself. A response format cannot apply at the same time."""
     schema = tools.arguments_schema() if tools is not None else None
-    if schema is None:
+    strict = tools is not None and tools.strict_calls()
+    if schema is None and not strict:
         return params
     if params.new_logits_processor is not None:
-        raise APIError(400, "a response format and a forced tool call cannot be combined: the reply is the call",
-                       param="tool_choice")
-    return replace(params, new_logits_processor=structured.tool_arguments_processor(state, schema, "tools"))
+        raise APIError(400, "a response format cannot be combined with a forced tool call (the reply is the call) "
+                            "or with strict functions", param="tool_choice" if schema is not None else "tools")
+    if schema is not None:
+        return replace(params, new_logits_processor=structured.tool_arguments_processor(state, schema, "tools"))
+    return replace(params, new_logits_processor=structured.tool_calls_processor(state, tools.syntax, tools.tools))

@@ -138,9 +138,35 @@ class Grammars:
         return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(",", ":"),
                                                  strict_mode=False)
 
-    def processor(self, compiled) -> Callable[[], GrammarMatcher]:
-        """SamplingParams.new_logits_processor: a fresh matcher for each sampled row."""
-        return lambda: GrammarMatcher(compiled, self.vocab_size, self.json_safe)
+    def processor(self, compiled, json_only: bool = True) -> Callable[[], GrammarMatcher]:
+        """SamplingParams.new_logits_processor: a fresh matcher for each sampled row. `json_only`: the output is
+        JSON only (control bytes masked everywhere); False for a grammar that also allows free text."""
+        safe = self.json_safe if json_only else torch.full_like(self.json_safe, -1)
+        return lambda: GrammarMatcher(compiled, self.vocab_size, safe)
+
+    def tool_calls(self, syntax, tools: list[dict], param: str = "tools"):
+        """A compiled grammar for a reply of free text and tool calls written in `syntax` (a CallSyntax), where a
+        call's opening must name one of `tools` (chat-shaped) and its arguments follow that function's schema
+        when it is strict (else any JSON object): xgrammar's triggered tags, from the opening tag on."""
+        tags = [{"type": "tag", "begin": syntax.opening(t["function"]["name"]),
+                 "content": {"type": "json_schema", "json_schema": (
+                     t["function"].get("parameters") or {"type": "object"}) if t["function"].get("strict")
+                     else {"type": "object"}, "max_whitespace_cnt": 1},
+                 "end": "}" + syntax.tail + syntax.close} for t in tools]
+        structure = {"type": "structural_tag", "format": {
+            "type": "triggered_tags", "triggers": [syntax.open or '{"name": '], "tags": tags,
+            "at_least_one": False, "stop_after_first": False}}
+        text = json.dumps(structure)
+        if len(text) > MAX_SCHEMA_BYTES * 4:
+            raise APIError(400, f"{param}: the functions' schemas are larger than {MAX_SCHEMA_BYTES * 4} bytes",
+                           param=param)
+        try:
+            return self.compiler.compile_structural_tag(text)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", message)
+            raise APIError(400, f"{param}: invalid JSON schema in a strict function: {message}", param=param,
+                           code="invalid_json_schema") from None
 
     def for_response_format(self, response_format: dict | None, param: str = "response_format"):
         """The compiled grammar a Chat Completions `response_format` (or a Responses `text.format`) asks for, or
@@ -195,6 +221,13 @@ def compile_format(state, response_format: dict | None, param: str) -> Callable[
 def token_bytes_of(tokenizer) -> list[bytes]:
     """token_bytes of a palmchat tokenizer (palmchat's own or a Hugging Face one), computed once."""
     return token_bytes(tokenizer.hf_tokenizer)
+
+
+def tool_calls_processor(state, syntax, tools: list[dict]) -> Callable[[], GrammarMatcher]:
+    """SamplingParams.new_logits_processor for a reply whose tool calls keep their strict functions' schemas
+    (Grammars.tool_calls), for the server's tokenizer."""
+    grammars = server_grammars(state)
+    return grammars.processor(grammars.tool_calls(syntax, tools), json_only=False)
 
 
 def tool_arguments_processor(state, parameters: dict, param: str = "tools") -> Callable[[], GrammarMatcher]:

@@ -16,8 +16,12 @@ How a request with tools runs:
   constrained decoding against the function's JSON schema (a grammar through the engine's per-request logits
   processor, from the name on) is what will make every forced call valid for any model; until then an untrained
   model's arguments are returned as written, as OpenAI's non-strict calls may be.
-* `strict: true` on a function is refused (400 unsupported_parameter) until constrained decoding keeps its promise
-  of schema-valid arguments; so are the deprecated `functions` and `function_call`;
+* `strict: true` on a function keeps its promise of schema-valid arguments by the same constrained decoding: with
+  `tool_choice` "auto", the reply is free text in which every call the model opens names an offered function and
+  its arguments follow that function's schema (xgrammar's triggered structural tags, from the call's opening tag
+  on); a forced call's arguments always do. "required" over several functions with a strict one is refused, as
+  that call's name is the model's to write after an opening already in the prompt. The deprecated `functions` and
+  `function_call` are refused;
 * `parallel_tool_calls: false` ends the reply at its first call's close (a stop string where the call has a close
   tag; what follows the first call is dropped in any case).
 
@@ -85,6 +89,11 @@ class ToolSetup:
             return None
         return self.tools[self.names.index(self.forced)]["function"].get("parameters") or {"type": "object"}
 
+    def strict_calls(self) -> bool:
+        """Whether calls the model makes by itself must follow their functions' schemas (a strict function offered
+        with tool_choice "auto")."""
+        return self.choice == "auto" and any(t["function"].get("strict") for t in self.tools)
+
     def stops(self) -> list[str]:
         """Stop strings of the reply: a call's close tag when only one call is allowed (the tag itself is then
         not part of the reply, which the parser takes as closed)."""
@@ -143,6 +152,10 @@ def tool_setup(chat_format, tools: list | None, tool_choice, parallel_tool_calls
                        param="tool_choice")
     if choice == "required" and len(names) == 1:
         forced = names[0]
+    if choice == "required" and forced is None and any(t["function"].get("strict") for t in checked):
+        raise APIError(400, 'tools: strict functions with tool_choice "required" over several functions are not '
+                            "supported (name the function in tool_choice, or use \"auto\")", param="tool_choice",
+                       code="unsupported_parameter")
     parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
     return ToolSetup(checked, names, choice, forced, parallel, syntax)
 
@@ -173,10 +186,8 @@ def check_tool(tool, where: str, flat: bool) -> dict:
         if problem:
             raise APIError(400, f"{fwhere}.parameters: invalid schema for function '{name}': {problem}",
                            param=f"{fwhere}.parameters")
-    if function.get("strict"):  # a promise of schema-valid arguments that only constrained decoding keeps
-        raise APIError(400, f"{fwhere}.strict: strict function calling is not supported yet (arguments are not "
-                            f"constrained to the schema); leave strict unset or false", param=f"{fwhere}.strict",
-                       code="unsupported_parameter")
+    if not isinstance(function.get("strict", False), bool):
+        raise APIError(400, f"{fwhere}.strict must be true or false", param=f"{fwhere}.strict")
     kept = {k: function[k] for k in ("name", "description", "parameters", "strict") if k in function}
     return {"type": "function", "function": kept}
 

@@ -19,7 +19,7 @@ from palmchat.serve.generate import (
     moderation_results,
 )
 from palmchat.serve.logprobs import LogprobsCursor, chat_logprobs
-from palmchat.serve.sampling import choice_counts, constrain_forced_call, fit_prompt, sampling_params, stops_of
+from palmchat.serve.sampling import choice_counts, constrain_tool_calls, fit_prompt, sampling_params, stops_of
 from palmchat.serve.state import caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
 from palmchat.serve.tools import ReplyReader, chat_messages, refuse_legacy_functions, tool_setup
@@ -44,7 +44,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
     fitted = fit_prompt(state, rendered, max_tokens, body.truncation)
     # a forced call's opening follows the generation prompt: the reply starts inside the call
     prompt = fitted.prompt + (state.tokenizer.encode(tools.opening()) if tools and tools.opening() else [])
-    params = constrain_forced_call(state, sampling_params(state, body, len(prompt), max_tokens, param, "messages",
+    params = constrain_tool_calls(state, sampling_params(state, body, len(prompt), max_tokens, param, "messages",
                                                           owner), tools)
     stops = stops_of(body.stop) + (tools.stops() if tools else [])
     flagged_in = await moderate_input(state, [m["content"] for m in messages if m["role"] != "assistant"])

@@ -63,7 +63,7 @@ from palmchat.serve.generate import (
     moderation_result,
 )
 from palmchat.serve.logprobs import LogprobsCursor, chat_logprobs
-from palmchat.serve.sampling import constrain_forced_call, fit_prompt, model_candidates, sampling_params
+from palmchat.serve.sampling import constrain_tool_calls, fit_prompt, model_candidates, sampling_params
 from palmchat.serve.state import ServerState, caller, server_state
 from palmchat.serve.streaming import error_event, sse, stream_response
 from palmchat.serve.tools import ReplyReader, ToolSetup, add_item, check_tool_results, has_tool_parts, tool_setup
@@ -244,7 +244,7 @@ async def create_response(body: S.ResponseRequest, request: Request, owner: str 
     candidates = model_candidates(state, body.model)
     turn = await asyncio.to_thread(prepare_turn, state, owner, body)  # database reads and tokenizing
     chat_format = state.tokenizer.chat_format
-    params = constrain_forced_call(state, sampling_params(state, body, len(turn.prompt), body.max_output_tokens,
+    params = constrain_tool_calls(state, sampling_params(state, body, len(turn.prompt), body.max_output_tokens,
                                                           "max_output_tokens", "input", owner), turn.tools)
     flagged_in = await moderate_input(state, [text for role, text in turn.texts if role != "assistant"]
                                       + [S.clean_text(body.instructions or "")])
