@@ -19,12 +19,11 @@ import json
 import math
 import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from palmchat.utils.args import arg
+from palmchat.utils.http import http_json
 
 JUDGE_SYSTEM = ("You compare two replies of an AI assistant to the same conversation. Judge which reply is more "
                 "helpful, correct and harmless for the user's last message. Answer with one letter: A or B.")
@@ -88,18 +87,14 @@ def win_rate(verdicts: Sequence[tuple[str | None, str | None]]) -> dict:
 
 def ask_judge(url: str, model: str, messages: list[dict], api_key: str | None, timeout: float) -> str:
     """One chat completion from an OpenAI-compatible server (temperature 0, a few tokens), by plain HTTP."""
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 8}).encode()
-    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body, method="POST",
-                                     headers={"content-type": "application/json",
-                                              **({"authorization": f"Bearer {api_key}"} if api_key else {})})
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": 8}
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-    except urllib.error.HTTPError as e:
-        raise ValueError(f"judge {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:300]}") from None
-    except (urllib.error.URLError, TimeoutError) as e:
-        raise ValueError(f"judge {url}: {getattr(e, 'reason', e)}") from None
-    except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+        reply = http_json("POST", url.rstrip("/") + "/chat/completions", body, headers, timeout, retries=0)
+        return reply["choices"][0]["message"]["content"] or ""
+    except RuntimeError as e:
+        raise ValueError(f"judge: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError):
         raise ValueError(f"judge {url}: not an OpenAI chat completion response") from None
 
 

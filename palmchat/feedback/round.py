@@ -41,14 +41,12 @@ import hashlib
 import json
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from palmchat.eval.reward import pairwise_accuracy
 from palmchat.utils.args import arg
+from palmchat.utils.http import http_json
 
 
 @dataclass
@@ -81,34 +79,6 @@ class LoopArgs:
     policy_lr: float = arg(5e-4, "peak learning rate of the policy adapters")
     dtype: str = arg("auto", "auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
     seed: int = arg(0, "random seed")
-
-
-# =============================================================================================
-# HTTP (standard library: the loop needs no client package)
-# =============================================================================================
-
-
-def http_json(method: str, url: str, body: dict | None = None, headers: dict | None = None,
-              timeout: float = 600, retries: int = 5) -> dict:
-    """One request; an HTTP error raises RuntimeError with the server's message. A 429 (the server's rate
-    limit) is retried after the time it asks for, up to `retries` times."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        if e.code == 429 and retries > 0:
-            time.sleep(min(60.0, float(e.headers.get("retry-after") or 1)))
-            return http_json(method, url, body, headers, timeout, retries - 1)
-        try:
-            message = json.loads(e.read())["error"]["message"]
-        except Exception:  # noqa: BLE001 - not an OpenAI-shaped error: the status line says enough
-            message = e.reason
-        raise RuntimeError(f"{method} {url}: {e.code} {message}") from None
-    except urllib.error.URLError as e:
-        raise RuntimeError(f"{method} {url}: cannot reach the server ({e.reason})") from None
 
 
 def admin_key(args: LoopArgs) -> str:

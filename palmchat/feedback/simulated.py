@@ -8,7 +8,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from palmchat.feedback.round import LoopArgs, http_json, main
+from palmchat.feedback.round import LoopArgs, main
+from palmchat.utils.http import http_json
 
 
 def simulated_labellers(url: str, labellers: int | list[str] = 3, *, api_keys: list[str] | None = None,
