@@ -7,19 +7,27 @@ from __future__ import annotations
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError
 from palmchat.serve.state import ServerState
-from palmchat.serve.tools import add_item
+from palmchat.serve.tools import ToolSetup, add_item
 from palmchat.tokenizer.chat_format import conversation_start
+
+
+def render_or_400(chat_format, messages: list[dict], tools: ToolSetup | None = None, prompt: bool = False,
+                  param: str = "input") -> list[int]:
+    """The ids of a conversation (with the generation prompt: `prompt`; a stored context's may have no messages), or
+    a 400 naming `param` with what the chat template refused (a role, an order of roles, several calls in one
+    reply...)."""
+    try:
+        if prompt:
+            return chat_format.render_prompt(messages, **({"tools": tools.tools} if tools else {}))
+        return chat_format.render(messages)[0] if messages else conversation_start(chat_format)
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
 
 
 def message_of(item: dict) -> dict:
     """A conversation's message item as a chat message {"role", "content"}."""
     text = "".join(part.get("text", "") for part in item.get("content", []))
     return {"role": S.role_of(item["role"]), "content": text}
-
-
-def render_history(chat_format, messages: list[dict]) -> list[int]:
-    """A stored context as this server's tokenizer renders it from its text."""
-    return chat_format.render(messages)[0] if messages else conversation_start(chat_format)
 
 
 def conversation_history(state: ServerState, items: list[tuple[dict, list[int], str | None]]
@@ -35,10 +43,7 @@ def conversation_history(state: ServerState, items: list[tuple[dict, list[int], 
         messages: list[dict] = []
         for item, _, _ in kept:
             add_item(messages, item)
-        try:
-            return render_history(chat_format, messages), messages
-        except ValueError as e:  # what the chat template refuses (several calls in one reply for Llama 3.1...)
-            raise APIError(400, f"the conversation cannot be rendered: {e}", param="conversation") from None
+        return render_or_400(chat_format, messages, param="conversation"), messages
     ids, messages = conversation_start(chat_format), []
     for item, tokens, tokenizer in kept:
         message = message_of(item)
@@ -82,6 +87,7 @@ def previous_history(state: ServerState, previous: dict, response_id: str) -> tu
                             f"without its text, and this server's model uses another tokenizer than the one that "
                             f"stored it, so it cannot be continued. Send the whole conversation as `input` instead.",
                        param="previous_response_id", code="previous_response_unusable")
-    return render_history(state.tokenizer.chat_format, previous["messages"]), previous["messages"]
+    return render_or_400(state.tokenizer.chat_format, previous["messages"], param="previous_response_id"), \
+        previous["messages"]
 
 

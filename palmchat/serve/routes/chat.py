@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from palmchat.serve import schemas as S
+from palmchat.serve.context import render_or_400
 from palmchat.serve.errors import APIError
 from palmchat.serve.generate import (
     REFUSAL,
@@ -37,10 +38,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request, owne
     messages = chat_messages(body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    try:
-        rendered = chat_format.render_prompt(messages, **({"tools": tools.tools} if tools else {}))
-    except ValueError as e:  # what the chat template refuses (a role, an order of roles, several calls at once)
-        raise APIError(400, f"messages: {e}", param="messages") from None
+    rendered = render_or_400(chat_format, messages, tools, prompt=True, param="messages")
     fitted = fit_prompt(state, rendered, max_tokens, body.truncation)
     # a forced call's opening follows the generation prompt: the reply starts inside the call
     prompt = fitted.prompt + (state.tokenizer.encode(tools.opening()) if tools and tools.opening() else [])

@@ -51,7 +51,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from palmchat.serve import schemas as S
-from palmchat.serve.context import conversation_history, message_of, new_turns, previous_history
+from palmchat.serve.context import conversation_history, message_of, new_turns, previous_history, render_or_400
 from palmchat.serve.errors import APIError, not_found
 from palmchat.serve.generate import (
     REFUSAL,
@@ -180,18 +180,6 @@ def input_item(item) -> dict:
     if isinstance(item, S.FunctionCallOutputItem):
         return S.function_call_output_item(S.new_id("fco_"), item.call_id, S.text_of(item.output))
     return S.message_item(S.new_id("msg_"), item.role, S.text_of(item.content))
-
-
-def render_or_400(chat_format, messages: list[dict], tools: ToolSetup | None = None, prompt: bool = False
-                  ) -> list[int]:
-    """The ids of a conversation (with the generation prompt: `prompt`), or a 400 with what the chat template
-    refused (a role, an order of roles, several calls in one reply...)."""
-    try:
-        if prompt:
-            return chat_format.render_prompt(messages, **({"tools": tools.tools} if tools else {}))
-        return chat_format.render(messages)[0]
-    except ValueError as e:
-        raise APIError(400, f"input: {e}", param="input") from None
 
 
 def item_tokens(chat_format, item: dict, earlier: list[dict]) -> list[int]:
