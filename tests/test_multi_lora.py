@@ -298,6 +298,10 @@ def test_server_routes_adapters_lists_them_and_loads_and_unloads_at_run_time(che
         assert together == [reply(user, m) for m in models]  # one at a time
         assert together[1] == together[3] and len({together[0], together[1], together[2]}) == 3
         assert reply(user, "a:best-of-2") == together[1]  # greedy candidates of adapter a, the reward model's pick
+        # per model: "a" and "tiny:a" are a's requests (twice each, and best-of-2's two candidates)
+        latency = httpx.get(server.url + "/metrics").text
+        assert 'palmchat_e2e_request_latency_seconds_count{model_name="a"} 6.0' in latency
+        assert 'palmchat_e2e_request_latency_seconds_count{model_name="b"} 2.0' in latency
         assert reply(user, "tiny:a:best-of-2") == together[1]
         response = user.responses.create(model="b", input="Where does Ada live?", max_output_tokens=4)
         assert response.model == "b" and response.output_text

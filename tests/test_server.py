@@ -94,6 +94,31 @@ def test_models_health_metrics(server):
         assert name in metrics
 
 
+def test_latency_histograms_per_model(server):
+    """vLLM's latency histograms, labelled by model: one time to first token, queue time and end-to-end latency per
+    request, one inter-token latency per token after the first."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict:
+        text = httpx.get(server.url + "/metrics").text
+        return {(s.name, s.labels.get("model_name")): s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if "le" not in s.labels}
+
+    before = samples()
+    reply = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=6, temperature=0)
+    after = samples()
+
+    def added(name: str) -> float:
+        return after.get((name, MODEL), 0) - before.get((name, MODEL), 0)
+
+    assert added("palmchat_time_to_first_token_seconds_count") == 1
+    assert added("palmchat_inter_token_latency_seconds_count") == reply.usage.completion_tokens - 1
+    assert added("palmchat_request_queue_time_seconds_count") == 1
+    assert added("palmchat_e2e_request_latency_seconds_count") == 1
+    assert 0 < added("palmchat_time_to_first_token_seconds_sum") <= added("palmchat_e2e_request_latency_seconds_sum")
+
+
 def test_chat_plain_and_streamed(server):
     c = client(server)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": HARMLESS}]

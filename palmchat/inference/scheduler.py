@@ -79,6 +79,7 @@ class Request:
     exception: BaseException | None = None  # what failed it (error), for the server's log
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter() when the first token was sampled
+    admitted: float | None = None  # perf_counter() when it left the queue for the batch (its prefill began)
     _row: Row = field(init=False)
     _cancelled: bool = False
     _prefilled: int = 0  # prompt tokens in the row's cache so far
@@ -365,6 +366,7 @@ class Scheduler:
             row.v[:, 0, :, :m] = entry.v[:, :, :m]
         row.lengths.fill_(m)
         request.cached_tokens = request._prefilled = m
+        request.admitted = time.perf_counter()
         self.counters["prompt_tokens_total"] += len(request.prompt)
         self.counters["cached_tokens_total"] += m
         self._prefilling = request

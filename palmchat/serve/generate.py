@@ -149,9 +149,19 @@ class Generation:
         moderator = state.moderator if block_output else None
         self.replies = [Reply(state.tokenizer, stops or [], moderator) for _ in range(n)]
         self.requests = []
+        latency, model = state.latency, params.adapter or state.model_id
+
+        def on_event(j: int):
+            last = [None]  # the time of the request's previous tokens (RequestLatency)
+
+            def on(event):  # in the scheduler's thread
+                if latency is not None:
+                    latency.observe(event, model, last)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (j, event))
+            return on
+
         samples = [(params if params.seed is None else dataclasses.replace(params, seed=sample_seed(params.seed, j)),
-                    lambda event, j=j: loop.call_soon_threadsafe(self.queue.put_nowait, (j, event)))
-                   for j in range(n)]
+                    on_event(j)) for j in range(n)]
         take_tokens(state, params.cache_salt, n * (len(prompt) + params.max_new_tokens))
         try:
             self.requests = state.scheduler.submit_all(prompt, samples)

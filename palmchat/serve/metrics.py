@@ -1,9 +1,55 @@
-"""Prometheus metrics for GET /metrics: the scheduler's counters and gauges, read when scraped, and
-palmchat_http_requests_total{route, status}, counted by the CountRequests middleware."""
+"""Prometheus metrics for GET /metrics: the scheduler's counters and gauges, read when scraped;
+palmchat_http_requests_total{route, status}, counted by the CountRequests middleware; and per model (the base's id
+or an adapter's name) the latency histograms vLLM exports (RequestLatency): time to first token, inter-token
+latency, queue time and end-to-end latency of each generation request."""
 
 from __future__ import annotations
 
+import time
+
 from palmchat.serve.state import ServerState
+
+# vLLM's buckets, in seconds
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+
+
+class RequestLatency:
+    """The latency histograms of generation requests, labelled by model_name. `observe` runs in the scheduler's
+    thread at each of a request's events, so every time is the scheduler's own."""
+
+    def __init__(self, registry):
+        from prometheus_client import Histogram
+
+        def histogram(name, help, buckets):
+            return Histogram(f"palmchat_{name}_seconds", help, ["model_name"], buckets=buckets, registry=registry)
+
+        self.ttft = histogram("time_to_first_token", "from a request's arrival to its first token", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency", "between consecutive tokens of a reply", ITL_BUCKETS)
+        self.queue = histogram("request_queue_time", "from arrival to joining the batch (its prefill)",
+                               REQUEST_BUCKETS)
+        self.e2e = histogram("e2e_request_latency", "from arrival to the last token, of requests that finished "
+                                                    "(stop or length)", REQUEST_BUCKETS)
+
+    def observe(self, event, model: str, last: list) -> None:
+        """One scheduler event of a request for `model`; `last` holds the time of its previous tokens ([None]
+        before the first), kept by the caller per request."""
+        now, request = time.perf_counter(), event.request
+        if event.tokens:
+            if last[0] is None:
+                self.ttft.labels(model).observe(now - request.submitted)
+            else:
+                for _ in event.tokens:
+                    self.itl.labels(model).observe((now - last[0]) / len(event.tokens))
+            last[0] = now
+        if event.finished and request.finish_reason in ("stop", "length"):
+            if request.admitted is not None:
+                self.queue.labels(model).observe(request.admitted - request.submitted)
+            self.e2e.labels(model).observe(now - request.submitted)
 
 
 def metrics_registry(state: ServerState):
@@ -34,6 +80,7 @@ def metrics_registry(state: ServerState):
 
     registry = CollectorRegistry()
     registry.register(SchedulerMetrics())
+    state.latency = RequestLatency(registry)
     counter = Counter("palmchat_http_requests", "HTTP requests by route and status", ["route", "status"],
                       registry=registry)
     return registry, counter

@@ -44,6 +44,7 @@ class ServerState:
     adapters: dict[str, str] = field(default_factory=dict)
     base_path: str = ""
     adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
+    latency: object | None = None  # the app's metrics.RequestLatency (set by create_app), which generations feed
 
     def __post_init__(self):
         if not self.tokenizer_sha256:
