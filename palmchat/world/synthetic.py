@@ -83,6 +83,13 @@ are parsed back with the templates' regexes; in a conversation, the last user tu
   least 0.3, a correct and concise polite answer 1.0.  The demonstration mixture above
   averages ~0.57; always answering in the good style scores ~1.0 (the headroom).
 
+Tools
+-----
+The world has two tools (``palmchat.world.tools``): ``calculator`` for the arithmetic and ``lookup_person``, a
+directory of the entities. ``World.run_tool`` runs a call; ``tool_conversations`` are SFT records in which the
+arithmetic and people-fact questions are answered by calling the right tool first (OpenAI's messages, with the
+tools offered), and ``tool_questions`` asks such questions, e.g. held out for evaluation.
+
 Splits
 ------
 Every prompt has a canonical key (e.g. ``add:23:58``, ``fact:Zorbo:food``) independent of
