@@ -66,6 +66,7 @@ def test_quick_demo_with_tool_use_reports_it_per_stage(tmp_path):
         assert tools["n"] == 16 and 0.0 <= tools["both"] <= min(tools["right_call"], tools["right_answer"]) <= 1.0
         assert tools["right_call"] <= tools["called"]
         assert f"| {name} | {tools['called']:.3f} | {tools['right_call']:.3f} | {tools['right_answer']:.3f} |" in table
+    assert f"sft:\n\n```text\nuser: {stages['sft']['tool_use']['examples'][0]['question']}\nassistant: " in table
 
 
 @pytest.mark.slow

@@ -137,6 +137,8 @@ _PALMCHAT_RECORDS = {
     "prompts": "{'prompt'} or {'messages'}",
     "unpaired": "{'prompt', 'completion', 'label'}",
 }
+
+
 class ToolConversation(list):
     """An SFT conversation from a record that offers tools: its messages (a list, as every conversation is) and
     ``tools``, which :func:`encode_sft` renders with them. Assistant messages may carry ``tool_calls`` (each call's

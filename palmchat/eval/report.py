@@ -112,6 +112,12 @@ def _fenced(text: str) -> list[str]:
     return [fence + "text", *text.split("\n"), fence]
 
 
+def _tool_turn(message: dict) -> str:
+    """One message of a tool-use transcript on one line: its role, its text, its calls."""
+    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in message.get("tool_calls") or []]
+    return f"{message.get('role')}: " + " ".join(filter(None, [message.get("content") or "", *calls]))
+
+
 def _ordered_stages(stages: dict) -> list[str]:
     return [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
 
@@ -285,6 +291,12 @@ def write_report(out_dir, results: dict) -> Path:
         lines += _table(["stage", "made a call", "right call", "right answer", "both"],
                         [[s] + [_num(t.get(key)) for key in ("called", "right_call", "right_answer", "both")]
                          for s, t in zip(with_tools, tools)])
+        shown = [(s, t["examples"][0]) for s, t in zip(with_tools, tools) if t.get("examples")]
+        if shown:
+            lines += ["The first question's transcript per stage (a call as `name(arguments)`):", ""]
+        for s, example in shown:
+            lines += [f"{s}:", ""] + _fenced("\n".join([f"user: {example.get('question', '')}"] + [
+                _tool_turn(m) for m in example.get("transcript", [])])) + [""]
 
     # -- reward model
     rm = results.get("reward_model")

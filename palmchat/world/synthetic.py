@@ -993,8 +993,8 @@ class World:
         return run_tool(self, name, arguments)
 
     def tool_questions(self, n: int, split: str = "train") -> list[str]:
-        """``n`` questions of ``split`` that a tool answers, half arithmetic, half facts about people; distinct
-        while the split allows."""
+        """``n`` questions of ``split`` that a tool answers, about half arithmetic and half facts about people;
+        distinct while the split allows (the held-out facts about people run out first)."""
         self._check_split(split)
         rng, seen, out = self._rng("tool-questions", split), set(), []
         while len(out) < n:
