@@ -4,6 +4,7 @@ tiny model trained on the conversations."""
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -11,6 +12,7 @@ from palmchat.data.chat import ToolConversation, encode_sft, load_conversations,
 from palmchat.eval.tool_use import evaluate_tool_use, score_tool_use, tool_prompt
 from palmchat.losses import IGNORE_INDEX
 from palmchat.tokenizer.bpe import train_tokenizer
+from palmchat.utils.jsonl import RecordError
 from palmchat.world.synthetic import World, write_bundle
 from palmchat.world.tools import NO_SUCH_PERSON, WORLD_TOOLS, calculate, is_right_call
 
@@ -100,6 +102,26 @@ def test_loss_mask_covers_the_call_and_the_answer_not_the_tool_result(world, tok
     assert result not in trained and f"<tool_response>{result}</tool_response>" in context
     assert '"name": "calculator"' in context and '"name": "lookup_person"' in context  # the tools offered
     assert record["messages"][0]["content"] in context and record["messages"][0]["content"] not in trained
+
+
+def test_malformed_tool_records_are_named(world):
+    record = world.tool_conversations(1)[0]
+    assert parse_sft_record(record).tools == WORLD_TOOLS
+    bad = [({**record, "tools": {"type": "function"}}, "tools must be a list"),
+           ({**record, "messages": []}, "non-empty list"),
+           ({**record, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be an object whose role"),
+           ({**record, "messages": [record["messages"][0], {"role": "assistant", "content": None}]},
+            "messages[1].content must be a string"),
+           ({**record, "messages": [record["messages"][0], {"role": "assistant", "content": None,
+                                                            "tool_calls": [{"function": {"name": "calculator"}}]}]},
+            "messages[1].tool_calls[0] must be"),
+           ({**record, "messages": record["messages"][:1]}, "no assistant message")]
+    for broken, problem in bad:
+        with pytest.raises(RecordError, match=re.escape(problem)):
+            parse_sft_record(broken)
+    without_tools = {k: v for k, v in record.items() if k != "tools"}  # tool messages are for records with tools
+    with pytest.raises(RecordError):
+        parse_sft_record(without_tools)
 
 
 def test_the_evaluation_asks_as_the_training_data_renders(world, tokenizer):
