@@ -216,6 +216,11 @@ def test_a_tiny_model_learns_to_call_the_tools(tmp_path):
     for r in results.values():
         assert r["n"] == len(questions) == len(r["per_question"])
         assert r["both"] <= min(r["right_call"], r["right_answer"]) and r["right_call"] <= r["called"]
+        families = [world.parse(q).family for q in questions]
+        assert set(r["per_task"]) == {"arithmetic", "fact"}
+        for family, means in r["per_task"].items():
+            mine = [s for s, f in zip(r["per_question"], families) if f == family]
+            assert means["called"] == sum(s["called"] for s in mine) / len(mine)
         for s, example in zip(r["per_question"], r["examples"]):
             assert s == score_tool_use(world, example["question"], example["transcript"])
     assert results["untrained"]["right_call"] == 0.0

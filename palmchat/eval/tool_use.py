@@ -70,6 +70,10 @@ def renderable(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _means(scores: Sequence[dict]) -> dict[str, float]:
+    return {key: sum(s[key] for s in scores) / len(scores) for key in ("called", "right_call", "right_answer", "both")}
+
+
 def _object_or_text(arguments):
     if not isinstance(arguments, str):
         return arguments
@@ -103,7 +107,8 @@ def evaluate_tool_use(model, tokenizer, world, questions: Sequence[str], *, seed
                       dtype: torch.dtype | None = None, n_examples: int = 3) -> dict:
     """Offer the world's tools on each question, let the policy call them for up to ``max_rounds`` replies, and
     score every transcript (see the module docstring). Returns ``n``, ``called``, ``right_call``,
-    ``right_answer``, ``both`` (means), ``per_question`` (each question's scores) and ``examples`` (the first
+    ``right_answer``, ``both`` (means), ``per_task`` (the same means by task family: arithmetic for the
+    calculator, fact for the directory), ``per_question`` (each question's scores) and ``examples`` (the first
     ``n_examples`` transcripts)."""
     questions = list(questions)
     if not questions:
@@ -144,9 +149,11 @@ def evaluate_tool_use(model, tokenizer, world, questions: Sequence[str], *, seed
     finally:
         model.train(training)
     scores = [score_tool_use(world, q, t) for q, t in zip(questions, transcripts)]
-    result = {"n": len(questions),
-              **{key: sum(s[key] for s in scores) / len(scores) for key in ("called", "right_call", "right_answer",
-                                                                           "both")},
+    families: dict[str, list[dict]] = {}
+    for q, s in zip(questions, scores):
+        families.setdefault(world.parse(q).family, []).append(s)
+    result = {"n": len(questions), **_means(scores),
+              "per_task": {family: _means(s) for family, s in sorted(families.items())},
               "per_question": scores, "temperature": temperature, "seed": seed, "max_rounds": max_rounds}
     result["examples"] = [{"question": q, "transcript": t} for q, t in zip(questions[:n_examples], transcripts)]
     return result
