@@ -119,7 +119,7 @@ def evaluate_tool_use(model, tokenizer, world, questions: Sequence[str], *, seed
     if chat_format.tool_syntax is None:
         raise ValueError("this tokenizer's chat format cannot describe tools")
     engine = Engine(model, dtype=dtype)
-    context = model.config.max_seq_len
+    context = engine.config.max_seq_len
     transcripts: list[list[dict]] = [[] for _ in questions]
     open_ = list(range(len(questions)))
     training = model.training
