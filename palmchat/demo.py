@@ -2,7 +2,10 @@
 
     data -> tokenizer + pretraining -> SFT -> reward model -> PPO, DPO, GRPO, RLOO, KTO -> evaluation -> report.md
 
-Each step calls the same stage function a user runs from the command line, with small settings.
+Each step calls the same stage function a user runs from the command line, with small settings. With
+``--tool-use`` SFT also trains on the world's tool-use conversations (``tool_sft.jsonl``: a calculator for the
+arithmetic, a directory of the invented people) and every stage is also evaluated on held-out questions a tool
+answers (``palmchat.eval.tool_use``): how often it calls the right tool with the right arguments, and answers right.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class DemoArgs:
     serve: bool = arg(False, "after the report: start the server with the best aligned policy and the reward "
                              "model, run one feedback round with simulated labellers, then keep serving until Ctrl-C")
     port: int = arg(8000, "port for --serve (on 127.0.0.1)")
+    tool_use: bool = arg(False, "SFT also on the bundled world's tool-use conversations (a calculator, a directory of "
+                                "its people), and a tool-use evaluation of every stage in the report")
 
 
 @dataclass
@@ -78,6 +83,7 @@ def run_pipeline(args: DemoArgs) -> dict:
     from palmchat.data.chat import load_rankings, unpaired_from_rankings
     from palmchat.eval.policy import evaluate_best_of_n, evaluate_policy
     from palmchat.eval.report import write_report
+    from palmchat.eval.tool_use import evaluate_tool_use
     from palmchat.train.dpo import DPOArgs
     from palmchat.train.dpo import main as dpo
     from palmchat.train.grpo import GRPOArgs
@@ -115,7 +121,7 @@ def run_pipeline(args: DemoArgs) -> dict:
 
     data = out / "data"
     quick_sizes = dict(pretrain=600, sft=300, rankings=150, pairs=60, prompts_train=64, prompts_heldout=32,
-                       moderation=20)
+                       moderation=20, tool_sft=60, prompts_tools_heldout=16)
     timed("data", lambda: write_bundle(data, seed=world_seed, sizes=quick_sizes if args.quick else None))
 
     reused: set[str] = set()
@@ -127,9 +133,11 @@ def run_pipeline(args: DemoArgs) -> dict:
             print(f"reusing the finished pretraining run in {out / 'pretrain'}")
             reused.add("pretrain")
             return checkpoint.resolve(out / "pretrain")
+        # a tool-use prompt (the tools offered, the call, its result) is longer than the quick model's context
+        longer = "max_seq_len=768" if args.quick and args.tool_use else ""
         return pretrain(PretrainArgs(
             out=str(out / "pretrain"), preset=s.preset, data=[str(data / "pretrain.txt")], max_steps=s.pretrain_steps,
-            vocab_size=s.vocab_size, seq_len=s.seq_len, context_steps=s.context_steps,
+            vocab_size=s.vocab_size, seq_len=s.seq_len, context_steps=s.context_steps, model=longer,
             eval_every=max(10, s.pretrain_steps // 7), save_every=max(10, s.pretrain_steps // 2),
             warmup_steps=min(50, s.pretrain_steps // 5), seed=seed))
 
@@ -148,7 +156,8 @@ def run_pipeline(args: DemoArgs) -> dict:
         return timed(name, run)
 
     pt = timed("pretrain", pretrained)
-    sft_ckpt = stage("sft", sft, SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(out / "sft"),
+    sft_data = [str(data / "sft.jsonl")] + ([str(data / "tool_sft.jsonl")] if args.tool_use else [])
+    sft_ckpt = stage("sft", sft, SFTArgs(base=str(pt), data=sft_data, out=str(out / "sft"),
                                          epochs=s.sft_epochs, seed=seed), ("pretrain",))
 
     def rank_sft_samples():
@@ -205,6 +214,8 @@ def run_pipeline(args: DemoArgs) -> dict:
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
         reward_model.eval()
+        tool_questions = [json.loads(line)["prompt"]
+                          for line in (data / "prompts_tools_heldout.jsonl").read_text().splitlines()]
         stages = {}
         for name, ckpt in {"sft": sft_ckpt, **aligned}.items():
             model = sft_model if name == "sft" else checkpoint.load_model(ckpt)[0]
@@ -212,6 +223,9 @@ def run_pipeline(args: DemoArgs) -> dict:
             stages[name] = evaluate_policy(model.eval(), tokenizer, world, prompts, reference=sft_model,
                                            reward_model=reward_model, baseline_scores=baseline, seed=seed)
             stages[name]["multi_turn_score"] = evaluate_policy(model, tokenizer, world, later_turns, seed=seed)["score"]
+            if args.tool_use:
+                tools = evaluate_tool_use(model, tokenizer, world, tool_questions, seed=seed)
+                stages[name]["tool_use"] = {k: v for k, v in tools.items() if k != "per_question"}
         stages["sft"]["win_rate"] = 0.5
         best = evaluate_best_of_n(sft_model, reward_model, tokenizer, world, prompts, ns=s.best_of, seed=seed)
         return stages, best
@@ -241,6 +255,9 @@ def main(args: DemoArgs) -> None:
     stages = run["results"]["stages"]
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min")
     print("held-out verifier score: " + ", ".join(f"{k} {v['score']:.3f}" for k, v in stages.items()))
+    if args.tool_use:
+        print("tool use, right call / right answer: " + ", ".join(
+            f"{k} {v['tool_use']['right_call']:.3f}/{v['tool_use']['right_answer']:.3f}" for k, v in stages.items()))
     print(f"report:      {run['report']}")
     for name, path in run["checkpoints"].items():
         print(f"{name + ':':12} {path}")

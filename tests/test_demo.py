@@ -26,6 +26,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         metrics = results["stages"][stage]
         assert 0.0 <= metrics["score"] <= 1.0 and 0.0 <= metrics["win_rate"] <= 1.0
         assert 0.0 <= metrics["multi_turn_score"] <= 1.0
+    assert "## Tool use" not in report and not any("tool_use" in m for m in results["stages"].values())
     # every held-out ranking is one the world can judge, so the reward model is read against its ceiling
     assert 0.5 < results["reward_model"]["labeller_agreement"] <= 1.0
     assert (tmp_path / "demo" / "stage_scores.png").stat().st_size > 1000
@@ -47,6 +48,25 @@ def test_quick_demo_writes_the_report(tmp_path):
     for stage in ("sft", "dpo", "grpo"):
         assert rerun["checkpoints"][stage] == checkpoints[stage]
     assert minutes["sft"] < minutes["reward"] and minutes["dpo"] < minutes["ppo"]
+
+
+@pytest.mark.slow
+def test_quick_demo_with_tool_use_reports_it_per_stage(tmp_path):
+    """--tool-use: SFT trains on the tool conversations too, and every stage gets a row of tool-use numbers."""
+    from palmchat import checkpoint
+
+    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=True))
+    sft_data = checkpoint.read_config(run["checkpoints"]["sft"])["train"]["data"]
+    assert [os.path.basename(p) for p in sft_data] == ["sft.jsonl", "tool_sft.jsonl"]
+    report = run["report"].read_text()
+    table = report[report.index("## Tool use"):report.index("## Reward model")]
+    stages = run["results"]["stages"]
+    for name, metrics in stages.items():
+        tools = metrics["tool_use"]
+        assert tools["n"] == 16 and 0.0 <= tools["both"] <= min(tools["right_call"], tools["right_answer"]) <= 1.0
+        assert tools["right_call"] <= tools["called"]
+        assert f"| {name} | {tools['called']:.3f} | {tools['right_call']:.3f} | {tools['right_answer']:.3f} |" in table
+    assert f"sft:\n\n```text\nuser: {stages['sft']['tool_use']['examples'][0]['question']}\nassistant: " in table
 
 
 @pytest.mark.slow

@@ -7,7 +7,10 @@ File formats (JSON Lines, one record per line, blank lines skipped, unknown keys
       {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 
   with at least one assistant message.  TRL's prompt-completion records
-  ``{"prompt": str | messages, "completion": str | [assistant message]}`` are read too.
+  ``{"prompt": str | messages, "completion": str | [assistant message]}`` are read too.  A record that offers
+  tools (OpenAI's fine-tuning format for function calling) adds ``"tools": [...]`` (JSON-schema function tools);
+  its assistant messages may then carry ``tool_calls`` and its ``tool`` messages the calls' results, and the
+  conversation is read as a :class:`ToolConversation`, rendered with its tools.
 * **Rankings** (reward model, DPO)::
 
       {"prompt": str | messages, "responses": [K strings], "ranking": [indices, best first]}
@@ -48,6 +51,7 @@ Token-level helpers (pure functions on token ids)
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -80,6 +84,7 @@ from palmchat.data.formats import (
     without_cycle_collection,
 )
 from palmchat.losses import IGNORE_INDEX
+from palmchat.tokenizer.tools import check_tools
 from palmchat.utils.jsonl import DataError, RecordError, parse_records
 
 __all__ = [
@@ -89,6 +94,8 @@ __all__ = [
     "unpaired_from_rankings",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
+    "ToolConversation",
+    "parse_sft_record",
     "load_conversations",
     "load_rankings",
     "load_prompts",
@@ -130,7 +137,70 @@ _PALMCHAT_RECORDS = {
     "prompts": "{'prompt'} or {'messages'}",
     "unpaired": "{'prompt', 'completion', 'label'}",
 }
-_PARSERS = {"conversations": parse_conversation, "rankings": parse_ranking_record, "prompts": parse_prompt,
+
+
+class ToolConversation(list):
+    """An SFT conversation from a record that offers tools: its messages (a list, as every conversation is) and
+    ``tools``, which :func:`encode_sft` renders with them. Assistant messages may carry ``tool_calls`` (each call's
+    arguments as the object their JSON text holds, as chat templates write them), ``tool`` messages hold results."""
+
+    def __init__(self, messages: Sequence[dict], tools: Sequence[dict]):
+        super().__init__(messages)
+        self.tools = list(tools)
+
+
+def parse_sft_record(record: dict) -> list[dict]:
+    """An SFT record -> its messages (:func:`parse_conversation`), or for a record with ``"tools"`` a
+    :class:`ToolConversation`; RecordError if malformed."""
+    if "tools" not in record:
+        return parse_conversation(record)
+    try:
+        check_tools(record["tools"])
+    except ValueError as e:
+        raise RecordError(f"\"tools\": {e}") from None
+    value = record.get("messages")
+    if not isinstance(value, list) or not value:
+        raise RecordError("a record with \"tools\" needs \"messages\": a non-empty list of messages")
+    messages = [_tool_message(m, f"messages[{i}]") for i, m in enumerate(value)]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("no assistant message (nothing to train on)")
+    return ToolConversation(messages, record["tools"])
+
+
+def _tool_message(message: object, where: str) -> dict:
+    """One message of a conversation with tools: system, user, assistant (content and/or ``tool_calls``) or tool."""
+    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+        raise RecordError(f"{where} must be an object whose role is system, user, assistant or tool")
+    role, content = message["role"], message.get("content")
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None and not isinstance(calls, list):
+        raise RecordError(f"{where}.tool_calls must be a list")
+    if not isinstance(content, str) and not (content is None and calls):
+        raise RecordError(f"{where}.content must be a string")
+    clean = {"role": role, "content": content}
+    if calls:
+        clean["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{k}]") for k, call in enumerate(calls)]
+    if role == "assistant" and message.get("weight") == 0:
+        clean["weight"] = 0
+    return clean
+
+
+def _tool_call(call: object, where: str) -> dict:
+    """A call as templates take it: its arguments' JSON text (OpenAI's wire form) read into the object it holds."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
+        raise RecordError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    arguments = function["arguments"]
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            value = arguments
+        arguments = value if isinstance(value, dict) else arguments
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+_PARSERS = {"conversations": parse_sft_record, "rankings": parse_ranking_record, "prompts": parse_prompt,
             "unpaired": parse_unpaired}
 
 
@@ -341,6 +411,7 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     else ``-100``.  So the model is trained to produce each assistant reply and to end it.
 
     An assistant message with ``"weight": 0`` (OpenAI's fine-tuning format) gets no targets: it is context.
+    A :class:`ToolConversation` is rendered with its tools (tool calls are part of the reply, tool results not).
 
     Conversations longer than ``max_len`` input tokens are cut on the right; the result's
     ``.truncated`` says how many tokens were dropped.  A cut can remove every assistant token
@@ -348,7 +419,9 @@ def encode_sft(tokenizer, messages: Sequence[Mapping], max_len: int) -> EncodedS
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    full, mask = tokenizer.chat_format.render(messages)
+    tools = getattr(messages, "tools", None)  # a ToolConversation's
+    render = tokenizer.chat_format.render
+    full, mask = render(messages, tools=tools) if tools else render(messages)
     if any(m.get("weight") == 0 for m in messages):  # OpenAI's weight 0: the reply is context, not a target
         found = tokenizer.chat_format.message_starts(full)[-len(messages):]  # after a template's own system turn
         if [role for role, _ in found] != [m["role"] for m in messages]:

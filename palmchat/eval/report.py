@@ -24,7 +24,9 @@ The ``results`` schema (every key optional; missing values print as "n/a")::
 
     STAGE = palmchat.eval.evaluate_policy(...) output: "correct", "style", "score", "reward", "win_rate"
             (vs SFT's per-prompt scores), "kl" (to the reference), "length", "n", "per_task" {family: score},
-            "examples" [{"prompt", "reply", "verdict": {"task", "correct", "style", "score", ...}}, ...]
+            "examples" [{"prompt", "reply", "verdict": {"task", "correct", "style", "score", ...}}, ...],
+            optionally "tool_use": palmchat.eval.tool_use.evaluate_tool_use(...) output ("called", "right_call",
+            "right_answer", "both", "n", "temperature", "max_rounds")
     BON   = palmchat.eval.evaluate_best_of_n(...)[n]: "score", "correct", "style", "reward", "oracle_score"
 
 Written files (each written atomically: a temporary file in out_dir, then ``os.replace``):
@@ -108,6 +110,12 @@ def _fenced(text: str) -> list[str]:
         longest = max(longest, run)
     fence = "`" * max(3, longest + 1)
     return [fence + "text", *text.split("\n"), fence]
+
+
+def _tool_turn(message: dict) -> str:
+    """One message of a tool-use transcript on one line: its role, its text, its calls."""
+    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in message.get("tool_calls") or []]
+    return f"{message.get('role')}: " + " ".join(filter(None, [message.get("content") or "", *calls]))
 
 
 def _ordered_stages(stages: dict) -> list[str]:
@@ -265,6 +273,30 @@ def write_report(out_dir, results: dict) -> Path:
                       f"![score against KL]({KL_PLOT})", ""]
     else:
         lines += ["No stages were evaluated.", ""]
+
+    # -- tool use
+    with_tools = [s for s in names if isinstance(stages[s].get("tool_use"), dict)]
+    if with_tools:
+        tools = [stages[s]["tool_use"] for s in with_tools]
+        counts = sorted({t.get("n") for t in tools if isinstance(t.get("n"), int)})
+        temps = sorted({t.get("temperature") for t in tools if t.get("temperature") is not None})
+        asked = "asked with the world's tools offered"
+        asked += f", {'/'.join(map(str, counts))} questions" if counts else ""
+        asked += f", sampled at temperature {'/'.join(map(str, temps))}" if temps else ""
+        lines += ["## Tool use", "",
+                  f"Held-out questions a tool answers (arithmetic: the calculator; facts about people: the directory), "
+                  f"{asked}. The calls a policy makes are run and their results shown to it before its next reply. "
+                  "Right call: its first call is the right tool with the right arguments; right answer: the verifier "
+                  "finds its last reply correct; both: the two together.", ""]
+        lines += _table(["stage", "made a call", "right call", "right answer", "both"],
+                        [[s] + [_num(t.get(key)) for key in ("called", "right_call", "right_answer", "both")]
+                         for s, t in zip(with_tools, tools)])
+        shown = [(s, t["examples"][0]) for s, t in zip(with_tools, tools) if t.get("examples")]
+        if shown:
+            lines += ["The first question's transcript per stage (a call as `name(arguments)`):", ""]
+        for s, example in shown:
+            lines += [f"{s}:", ""] + _fenced("\n".join([f"user: {example.get('question', '')}"] + [
+                _tool_turn(m) for m in example.get("transcript", [])])) + [""]
 
     # -- reward model
     rm = results.get("reward_model")

@@ -83,6 +83,13 @@ are parsed back with the templates' regexes; in a conversation, the last user tu
   least 0.3, a correct and concise polite answer 1.0.  The demonstration mixture above
   averages ~0.57; always answering in the good style scores ~1.0 (the headroom).
 
+Tools
+-----
+The world has two tools (``palmchat.world.tools``): ``calculator`` for the arithmetic and ``lookup_person``, a
+directory of the entities. ``World.run_tool`` runs a call; ``tool_conversations`` are SFT records in which the
+arithmetic and people-fact questions are answered by calling the right tool first (OpenAI's messages, with the
+tools offered), and ``tool_questions`` asks such questions, e.g. held out for evaluation.
+
 Splits
 ------
 Every prompt has a canonical key (e.g. ``add:23:58``, ``fact:Zorbo:food``) independent of
@@ -112,6 +119,7 @@ from pathlib import Path
 
 from palmchat.utils.atomic import atomic_write
 from palmchat.utils.jsonl import jsonl_text
+from palmchat.world.tools import WORLD_TOOLS, run_tool, tool_conversation, uses_tool
 
 __all__ = [
     "MODERATION_CATEGORIES",
@@ -153,6 +161,8 @@ DEFAULT_SIZES = {
     "prompts_train": 2000,
     "prompts_heldout": 500,
     "moderation": 3000,
+    "tool_sft": 600,
+    "prompts_tools_heldout": 200,
 }
 
 # --------------------------------------------------------------------------- vocabulary
@@ -977,6 +987,30 @@ class World:
                                           turns=turns))
         return out
 
+    def run_tool(self, name: str, arguments) -> str:
+        """The result of calling one of the world's tools (``calculator``, ``lookup_person``: see
+        ``palmchat.world.tools``) with ``arguments`` (a dict or its JSON text); bad calls give ``"error: ..."``."""
+        return run_tool(self, name, arguments)
+
+    def tool_questions(self, n: int, split: str = "train") -> list[str]:
+        """``n`` questions of ``split`` that a tool answers, about half arithmetic and half facts about people;
+        distinct while the split allows (the held-out facts about people run out first)."""
+        self._check_split(split)
+        rng, seen, out = self._rng("tool-questions", split), set(), []
+        while len(out) < n:
+            task = self._sample_task(rng, split, family=rng.choice(("arithmetic", "fact")), avoid=seen)
+            if uses_tool(task):
+                seen.add(task.prompt)
+                out.append(task.prompt)
+        return out
+
+    def tool_conversations(self, n: int, split: str = "train") -> list[dict]:
+        """SFT records of ``tool_questions(n, split)`` answered with a tool: ``{"messages", "tools", "task"}``, the
+        messages as the OpenAI chat API writes them (question, the right call, the tool's result, the good answer)
+        and the world's tools (``palmchat.world.tools.WORLD_TOOLS``)."""
+        return [{"messages": tool_conversation(self, self.parse(q)), "tools": WORLD_TOOLS,
+                 "task": self.parse(q).family} for q in self.tool_questions(n, split)]
+
     def sft_conversations(self, n: int, split: str = "train", multi_turn: float = MULTI_TURN) -> list[dict]:
         """OpenAI fine-tuning records with mixed-quality demonstrations (see QUALITY_MIX).
 
@@ -1255,7 +1289,9 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
     (k=4), pairs.jsonl (in these three, ``MULTI_TURN`` of the records are conversations; a
     ranking's or pair's ``"prompt"`` is then a message list), prompts_train.jsonl (``{"messages": [...]}``
     ending with a user turn, ``MULTI_TURN`` of them with earlier turns: the RL stages' prompts),
-    prompts_heldout.jsonl (``{"prompt": str}``, single questions), moderation.jsonl.
+    prompts_heldout.jsonl (``{"prompt": str}``, single questions), moderation.jsonl, tool_sft.jsonl (questions
+    answered with a tool call: ``World.tool_conversations``) and prompts_tools_heldout.jsonl (held-out questions a
+    tool answers, ``{"prompt": str}``).
     ``sizes`` overrides entries of ``DEFAULT_SIZES``.
     """
     unknown = set(sizes or {}) - set(DEFAULT_SIZES)
@@ -1276,6 +1312,9 @@ def write_bundle(out_dir, seed: int = 0, sizes: dict | None = None) -> dict[str,
         "prompts_heldout": ("prompts_heldout.jsonl", jsonl_text(
             {"prompt": p} for p in world.prompts(sz["prompts_heldout"], "heldout"))),
         "moderation": ("moderation.jsonl", jsonl_text(world.moderation_examples(sz["moderation"]))),
+        "tool_sft": ("tool_sft.jsonl", jsonl_text(world.tool_conversations(sz["tool_sft"]))),
+        "prompts_tools_heldout": ("prompts_tools_heldout.jsonl", jsonl_text(
+            {"prompt": p} for p in world.tool_questions(sz["prompts_tools_heldout"], "heldout"))),
     }
     paths = {}
     for name, (fname, text) in contents.items():
