@@ -2,13 +2,13 @@
 determinism and place in the bundle), and the tool-use evaluation, scored on hand-written transcripts and run on a
 tiny model trained on the conversations."""
 
-import hashlib
 import json
 import re
 
 import pytest
 
-from palmchat.data.chat import ToolConversation, encode_sft, load_conversations, parse_sft_record
+from palmchat.data.chat import encode_sft, load_conversations
+from palmchat.data.formats import ToolConversation, parse_sft_record, read_examples
 from palmchat.eval.tool_use import evaluate_tool_use, score_tool_use, tool_prompt
 from palmchat.losses import IGNORE_INDEX
 from palmchat.tokenizer.bpe import train_tokenizer
@@ -135,23 +135,20 @@ def test_the_evaluation_asks_as_the_training_data_renders(world, tokenizer):
             assert full[:len(prompt)] == prompt
 
 
-def test_other_bundle_files_are_unchanged(tmp_path):
-    """The tool files are new streams: every other file is byte for byte what it was before they existed."""
+def test_the_tool_files_are_streams_of_their_own(tmp_path):
+    """However many tool conversations and questions are written, every other file of the bundle is the same, and a
+    tool SFT file reads as conversations (stages and `palmchat data inspect` alike)."""
     sizes = dict(pretrain=40, sft=40, rankings=20, pairs=20, prompts_train=20, prompts_heldout=20, moderation=20)
-    paths = write_bundle(tmp_path, seed=0, sizes={**sizes, "tool_sft": 20, "prompts_tools_heldout": 10})
-    before = {
-        "moderation": "a0e60f33772f53eadbc2d4c7c949330075670a6d4a392c34336c92a8d98349f1",
-        "pairs": "c4e7a1c7082c26e302805571f98394bbe30b3bb0335a567ea4ba13b03bc4c2a8",
-        "pretrain": "8c2e18b872f4b0753e53be88da72e41e73132934709bc309daf674f80cb502a6",
-        "prompts_heldout": "59d8b293e3b8553f1447aa4c23484ce4d683e16209de94300d4829869186cbb5",
-        "prompts_train": "f7aa9f493d3f812a28bec88681035e076a197d9288a2f375cfb07cd75d7f6580",
-        "rankings": "1c0469cdb7cd7330516316762187be7772f209ae18d2bc356c9ebc13ace0c210",
-        "sft": "914e8cfae5c49cfadd8947198310d278fcdca4f6288086452ee7c568deadd3da",
-    }
-    assert {name: hashlib.sha256(paths[name].read_bytes()).hexdigest() for name in before} == before
-    assert len(paths["tool_sft"].read_text().splitlines()) == 20
-    assert [json.loads(line) for line in paths["prompts_tools_heldout"].read_text().splitlines()] == [
+    few = write_bundle(tmp_path / "few", seed=0, sizes={**sizes, "tool_sft": 3, "prompts_tools_heldout": 2})
+    many = write_bundle(tmp_path / "many", seed=0, sizes={**sizes, "tool_sft": 20, "prompts_tools_heldout": 10})
+    for name in sizes:
+        assert few[name].read_bytes() == many[name].read_bytes(), name
+    assert len(many["tool_sft"].read_text().splitlines()) == 20
+    assert [json.loads(line) for line in many["prompts_tools_heldout"].read_text().splitlines()] == [
         {"prompt": q} for q in World(seed=0).tool_questions(10, "heldout")]
+    examples = read_examples(many["tool_sft"], strict=False)
+    assert len(examples.conversations) == 20 and not examples.bad
+    assert all(isinstance(c, ToolConversation) for c in examples.conversations)
 
 
 # ------------------------------------------------------------------------------------------- scoring

@@ -51,7 +51,6 @@ Token-level helpers (pure functions on token ids)
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -73,9 +72,9 @@ from palmchat.data.formats import (
     detect_format,
     file_format,
     iter_rows,
-    parse_conversation,
     parse_prompt,
     parse_ranking_record,
+    parse_sft_record,
     parse_unpaired,
     read_examples,
     report_lines,
@@ -84,7 +83,6 @@ from palmchat.data.formats import (
     without_cycle_collection,
 )
 from palmchat.losses import IGNORE_INDEX
-from palmchat.tokenizer.tools import check_tools
 from palmchat.utils.jsonl import DataError, RecordError, parse_records
 
 __all__ = [
@@ -94,8 +92,6 @@ __all__ = [
     "unpaired_from_rankings",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
-    "ToolConversation",
-    "parse_sft_record",
     "load_conversations",
     "load_rankings",
     "load_prompts",
@@ -137,67 +133,6 @@ _PALMCHAT_RECORDS = {
     "prompts": "{'prompt'} or {'messages'}",
     "unpaired": "{'prompt', 'completion', 'label'}",
 }
-
-
-class ToolConversation(list):
-    """An SFT conversation from a record that offers tools: its messages (a list, as every conversation is) and
-    ``tools``, which :func:`encode_sft` renders with them. Assistant messages may carry ``tool_calls`` (each call's
-    arguments as the object their JSON text holds, as chat templates write them), ``tool`` messages hold results."""
-
-    def __init__(self, messages: Sequence[dict], tools: Sequence[dict]):
-        super().__init__(messages)
-        self.tools = list(tools)
-
-
-def parse_sft_record(record: dict) -> list[dict]:
-    """An SFT record -> its messages (:func:`parse_conversation`), or for a record with ``"tools"`` a
-    :class:`ToolConversation`; RecordError if malformed."""
-    if "tools" not in record:
-        return parse_conversation(record)
-    try:
-        check_tools(record["tools"])
-    except ValueError as e:
-        raise RecordError(f"\"tools\": {e}") from None
-    value = record.get("messages")
-    if not isinstance(value, list) or not value:
-        raise RecordError("a record with \"tools\" needs \"messages\": a non-empty list of messages")
-    messages = [_tool_message(m, f"messages[{i}]") for i, m in enumerate(value)]
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("no assistant message (nothing to train on)")
-    return ToolConversation(messages, record["tools"])
-
-
-def _tool_message(message: object, where: str) -> dict:
-    """One message of a conversation with tools: system, user, assistant (content and/or ``tool_calls``) or tool."""
-    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
-        raise RecordError(f"{where} must be an object whose role is system, user, assistant or tool")
-    role, content = message["role"], message.get("content")
-    calls = message.get("tool_calls") if role == "assistant" else None
-    if calls is not None and not isinstance(calls, list):
-        raise RecordError(f"{where}.tool_calls must be a list")
-    if not isinstance(content, str) and not (content is None and calls):
-        raise RecordError(f"{where}.content must be a string")
-    clean = {"role": role, "content": content}
-    if calls:
-        clean["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{k}]") for k, call in enumerate(calls)]
-    if role == "assistant" and message.get("weight") == 0:
-        clean["weight"] = 0
-    return clean
-
-
-def _tool_call(call: object, where: str) -> dict:
-    """A call as templates take it: its arguments' JSON text (OpenAI's wire form) read into the object it holds."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
-        raise RecordError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
-    arguments = function["arguments"]
-    if isinstance(arguments, str):
-        try:
-            value = json.loads(arguments)
-        except ValueError:
-            value = arguments
-        arguments = value if isinstance(value, dict) else arguments
-    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 _PARSERS = {"conversations": parse_sft_record, "rankings": parse_ranking_record, "prompts": parse_prompt,

@@ -54,11 +54,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palmchat.tokenizer.tools import check_tools
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import DataError, RecordError, iter_records, json_type
 
 __all__ = [
     "FORMATS",
+    "ToolConversation",
+    "parse_sft_record",
     "FORMAT_NAMES",
     "MIN_RESPONSES",
     "MAX_RESPONSES",
@@ -396,6 +399,67 @@ def parse_unpaired(record: dict) -> Unpaired:
                     _response(record["completion"], "\"completion\""), record["label"])
 
 
+class ToolConversation(list):
+    """An SFT conversation from a record that offers tools: its messages (a list, as every conversation is) and
+    ``tools``, which :func:`encode_sft` renders with them. Assistant messages may carry ``tool_calls`` (each call's
+    arguments as the object their JSON text holds, as chat templates write them), ``tool`` messages hold results."""
+
+    def __init__(self, messages: Sequence[dict], tools: Sequence[dict]):
+        super().__init__(messages)
+        self.tools = list(tools)
+
+
+def parse_sft_record(record: dict) -> list[dict]:
+    """An SFT record -> its messages (:func:`parse_conversation`), or for a record with ``"tools"`` a
+    :class:`ToolConversation`; RecordError if malformed."""
+    if "tools" not in record:
+        return parse_conversation(record)
+    try:
+        check_tools(record["tools"])
+    except ValueError as e:
+        raise RecordError(f"\"tools\": {e}") from None
+    value = record.get("messages")
+    if not isinstance(value, list) or not value:
+        raise RecordError("a record with \"tools\" needs \"messages\": a non-empty list of messages")
+    messages = [_tool_message(m, f"messages[{i}]") for i, m in enumerate(value)]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("no assistant message (nothing to train on)")
+    return ToolConversation(messages, record["tools"])
+
+
+def _tool_message(message: object, where: str) -> dict:
+    """One message of a conversation with tools: system, user, assistant (content and/or ``tool_calls``) or tool."""
+    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+        raise RecordError(f"{where} must be an object whose role is system, user, assistant or tool")
+    role, content = message["role"], message.get("content")
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None and not isinstance(calls, list):
+        raise RecordError(f"{where}.tool_calls must be a list")
+    if not isinstance(content, str) and not (content is None and calls):
+        raise RecordError(f"{where}.content must be a string")
+    clean = {"role": role, "content": content}
+    if calls:
+        clean["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{k}]") for k, call in enumerate(calls)]
+    if role == "assistant" and message.get("weight") == 0:
+        clean["weight"] = 0
+    return clean
+
+
+def _tool_call(call: object, where: str) -> dict:
+    """A call as templates take it: its arguments' JSON text (OpenAI's wire form) read into the object it holds."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
+        raise RecordError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    arguments = function["arguments"]
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            value = arguments
+        arguments = value if isinstance(value, dict) else arguments
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
 def parse_prompt(record: dict) -> list[dict]:
     """A prompt record (``prompt`` or ``messages``, ending with a user turn) -> messages."""
     if "prompt" in record:
@@ -580,7 +644,7 @@ def _read_palmchat(rows, out: Examples, bad) -> None:
                 out.prompts.append(out.rankings[-1].prompt_messages)
             elif "messages" in record or "completion" in record:
                 try:
-                    out.conversations.append(parse_conversation(record))
+                    out.conversations.append(parse_sft_record(record))
                 except RecordError:
                     if "messages" not in record:
                         raise
