@@ -214,8 +214,8 @@ def run_pipeline(args: DemoArgs) -> dict:
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
         reward_model.eval()
-        tool_questions = [json.loads(line)["prompt"]
-                          for line in (data / "prompts_tools_heldout.jsonl").read_text().splitlines()]
+        tool_questions = [json.loads(line)["prompt"] for line in (data / "prompts_tools_heldout.jsonl").read_text()
+                          .splitlines()] if args.tool_use else []
         stages = {}
         for name, ckpt in {"sft": sft_ckpt, **aligned}.items():
             model = sft_model if name == "sft" else checkpoint.load_model(ckpt)[0]

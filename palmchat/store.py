@@ -471,9 +471,9 @@ class Store:
 
     def _branch(self, conversation_id: str, leaf=CURRENT, db=None,
                 columns: str = "i.body, i.tokens, i.tokenizer, i.id") -> list[tuple]:
-        """(body, tokens, tokenizer, id) of each item from the first to `leaf` (default: the end of the current
-        branch), following parents; `db`: the connection to read with (a writer's, inside its transaction);
-        `columns`: what to read of each item, in that shape."""
+        """`columns` (by default body, tokens, tokenizer, id) of each item from the first to `leaf` (default: the end
+        of the current branch), following parents; `db`: the connection to read with (a writer's, inside its
+        transaction)."""
         with self._snapshot() if db is None else nullcontext(db) as db:
             if leaf is CURRENT:
                 row = db.execute("SELECT current_item FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
@@ -496,13 +496,13 @@ class Store:
         oldest or newest first, and whether more follow. The walk reads only ids; bodies only for the page. KeyError
         when `after` is not an item of the branch."""
         with self._snapshot() as db:
-            ids = [row[3] for row in self._branch(conversation_id, db=db, columns="NULL, NULL, NULL, i.id")]
+            ids = [item_id for item_id, in self._branch(conversation_id, db=db, columns="i.id")]
             if newest_first:
                 ids.reverse()
             if after is not None:
-                ids = ids[ids.index(after) + 1:] if after in ids else None
-                if ids is None:
+                if after not in ids:
                     raise KeyError(after)
+                ids = ids[ids.index(after) + 1:]
             page = ids[:limit]
             bodies = dict(db.execute(f"SELECT id, body FROM items WHERE id IN ({', '.join('?' * len(page))})",
                                      page).fetchall())

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palmchat.tokenizer.tools import check_tools
+from palmchat.tokenizer.tools import arguments_object, check_tools
 from palmchat.utils.args import arg
 from palmchat.utils.jsonl import DataError, RecordError, iter_records, json_type
 
@@ -450,14 +450,8 @@ def _tool_call(call: object, where: str) -> dict:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
         raise RecordError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
-    arguments = function["arguments"]
-    if isinstance(arguments, str):
-        try:
-            value = json.loads(arguments)
-        except ValueError:
-            value = arguments
-        arguments = value if isinstance(value, dict) else arguments
-    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return {"type": "function",
+            "function": {"name": function["name"], "arguments": arguments_object(function["arguments"])}}
 
 
 def parse_prompt(record: dict) -> list[dict]:

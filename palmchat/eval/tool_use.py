@@ -28,14 +28,13 @@ Sampling is as ``palmchat.eval.policy`` does it: temperature 1.0 by default (0 =
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import torch
 
 from palmchat.eval.policy import prompt_seed
 from palmchat.inference.engine import Engine, SamplingParams
-from palmchat.tokenizer.tools import parse_tool_calls
+from palmchat.tokenizer.tools import arguments_object, parse_tool_calls
 from palmchat.world.tools import TOOL_NAMES, WORLD_TOOLS, is_right_call
 
 __all__ = ["evaluate_tool_use", "score_tool_use", "tool_prompt", "renderable"]
@@ -64,7 +63,7 @@ def renderable(messages: Sequence[dict]) -> list[dict]:
     for m in messages:
         if m.get("tool_calls"):
             m = {**m, "tool_calls": [{**c, "function": {**c["function"],
-                                                       "arguments": _object_or_text(c["function"]["arguments"])}}
+                                                       "arguments": arguments_object(c["function"]["arguments"])}}
                                      for c in m["tool_calls"]]}
         out.append(m)
     return out
@@ -72,16 +71,6 @@ def renderable(messages: Sequence[dict]) -> list[dict]:
 
 def _means(scores: Sequence[dict]) -> dict[str, float]:
     return {key: sum(s[key] for s in scores) / len(scores) for key in ("called", "right_call", "right_answer", "both")}
-
-
-def _object_or_text(arguments):
-    if not isinstance(arguments, str):
-        return arguments
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return arguments
-    return value if isinstance(value, dict) else arguments
 
 
 def tool_prompt(chat_format, question: str, transcript: Sequence[dict]) -> list[int]:

@@ -70,6 +70,12 @@ def token_bytes(hf_tokenizer) -> list[bytes]:
     return out
 
 
+def xgrammar_message(error: Exception) -> str:
+    """The first line of an xgrammar error, without the "[01:02:03] file.cc:12: " of its C++ log."""
+    text = str(error).strip()
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text.splitlines()[0]) if text else type(error).__name__
+
+
 class GrammarMatcher:
     """One row's LogitsProcessor: xgrammar's matcher over the compiled grammar, with its own bitmask buffer."""
 
@@ -128,9 +134,7 @@ class Grammars:
             return self.compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"),
                                                      strict_mode=True)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", message)  # "[01:02:03] file.cc:12: " of its C++ log
-            raise APIError(400, f"{param}: invalid JSON schema: {message}", param=param,
+            raise APIError(400, f"{param}: invalid JSON schema: {xgrammar_message(e)}", param=param,
                            code="invalid_json_schema") from None
 
     def json_object(self):
@@ -163,10 +167,8 @@ class Grammars:
         try:
             return self.compiler.compile_structural_tag(text)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", message)
-            raise APIError(400, f"{param}: invalid JSON schema in a strict function: {message}", param=param,
-                           code="invalid_json_schema") from None
+            raise APIError(400, f"{param}: invalid JSON schema in a strict function: {xgrammar_message(e)}",
+                           param=param, code="invalid_json_schema") from None
 
     def for_response_format(self, response_format: dict | None, param: str = "response_format"):
         """The compiled grammar a Chat Completions `response_format` (or a Responses `text.format`) asks for, or

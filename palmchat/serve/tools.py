@@ -12,10 +12,8 @@ How a request with tools runs:
   function's name, up to its arguments) is put into the prompt after the generation prompt, so the reply is that
   call's arguments and what follows; for a function without parameters the whole call (arguments `{}`) is.
   With "required" and several tools the function is not guessed: the opening stops before the name, which the
-  model writes (a name that is no tool's makes the call malformed: content). The arguments are the model's own:
-  constrained decoding against the function's JSON schema (a grammar through the engine's per-request logits
-  processor, from the name on) is what will make every forced call valid for any model; until then an untrained
-  model's arguments are returned as written, as OpenAI's non-strict calls may be.
+  model writes (a name that is no tool's makes the call malformed: content). A named function's arguments follow its
+  JSON schema by constrained decoding (a grammar through the engine's per-request logits processor), for any model.
 * `strict: true` on a function keeps its promise of schema-valid arguments by the same constrained decoding: with
   `tool_choice` "auto", the reply is free text in which every call the model opens names an offered function and
   its arguments follow that function's schema (xgrammar's triggered structural tags, from the call's opening tag
@@ -32,7 +30,6 @@ string they are.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -40,7 +37,7 @@ from dataclasses import dataclass
 
 from palmchat.serve import schemas as S
 from palmchat.serve.errors import APIError
-from palmchat.tokenizer.tools import CallSyntax, ToolCall, ToolCallParser
+from palmchat.tokenizer.tools import CallSyntax, ToolCall, ToolCallParser, arguments_object
 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -92,7 +89,7 @@ class ToolSetup:
     def strict_calls(self) -> bool:
         """Whether calls the model makes by itself must follow their functions' schemas (a strict function offered
         with tool_choice "auto")."""
-        return self.choice == "auto" and any(t["function"].get("strict") for t in self.tools)
+        return self.choice == "auto" and offers_strict(self.tools)
 
     def stops(self) -> list[str]:
         """Stop strings of the reply: a call's close tag when only one call is allowed (the tag itself is then
@@ -152,12 +149,17 @@ def tool_setup(chat_format, tools: list | None, tool_choice, parallel_tool_calls
                        param="tool_choice")
     if choice == "required" and len(names) == 1:
         forced = names[0]
-    if choice == "required" and forced is None and any(t["function"].get("strict") for t in checked):
+    if choice == "required" and forced is None and offers_strict(checked):
         raise APIError(400, 'tools: strict functions with tool_choice "required" over several functions are not '
                             "supported (name the function in tool_choice, or use \"auto\")", param="tool_choice",
                        code="unsupported_parameter")
     parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
     return ToolSetup(checked, names, choice, forced, parallel, syntax)
+
+
+def offers_strict(tools: list[dict]) -> bool:
+    """Whether any of the (checked, chat-shaped) tools is a strict function."""
+    return any(t["function"].get("strict") for t in tools)
 
 
 def takes_no_arguments(tool: dict) -> bool:
@@ -238,17 +240,8 @@ def schema_problem(schema, where: str, depth: int = 0) -> str | None:
 # -- messages --------------------------------------------------------------------------------------------
 
 
-def template_arguments(arguments: str):
-    """A call's arguments as templates get them: the JSON object a string holds, else the string itself."""
-    try:
-        value = json.loads(arguments)
-    except (TypeError, ValueError):
-        return arguments
-    return value if isinstance(value, dict) else arguments
-
-
 def template_call(call_id: str, name: str, arguments: str) -> dict:
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": template_arguments(arguments)}}
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments_object(arguments)}}
 
 
 def has_tool_parts(messages: Sequence[dict] | None) -> bool:

@@ -43,7 +43,20 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["CallSyntax", "SYNTAXES", "call_syntax", "check_tools", "ToolCall", "ToolCallParser", "parse_tool_calls"]
+__all__ = ["CallSyntax", "SYNTAXES", "arguments_object", "call_syntax", "check_tools", "ToolCall", "ToolCallParser",
+           "parse_tool_calls"]
+
+
+def arguments_object(arguments):
+    """A call's arguments as chat templates write them (with ``tojson``): the JSON object a string holds (OpenAI's
+    wire form), else the value unchanged (already an object, or text that is no JSON object)."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
 
 
 def check_tools(tools: object) -> None:
