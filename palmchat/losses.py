@@ -17,6 +17,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "masked_whiten",
     "cross_entropy",
     "token_logprobs",
+    "linear_token_logprobs",
     "sequence_logprobs",
     "ranking_loss",
     "dpo_loss",
@@ -186,6 +188,151 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
         lse = torch.logsumexp(logits, dim=-1)
     out = picked - lse
     return torch.where(targets < 0, torch.zeros_like(out), out)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature)[target] in blocks; see :func:`linear_token_logprobs`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_rows: int,
+                chunk_columns: int | None, compute_dtype: torch.dtype):
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        acc = _accumulate_dtype(compute_dtype)
+        # with a frozen weight the gradient to each row's hidden state is its own scalar upstream gradient times a
+        # fixed vector, d logp / d h = (W[y] - softmax @ W) / temperature: formed in the same pass over the
+        # vocabulary as the log-normaliser, so backward needs neither the logits nor another matmul
+        frozen = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        jacobian = torch.empty(h.shape, dtype=acc, device=h.device) if frozen else None
+        for rows in _row_chunks(h.shape[0], chunk_rows):
+            lse[rows], picked, mean_weight = _online_log_normaliser(h[rows], w, targets[rows], temperature,
+                                                                    chunk_columns, frozen)
+            out[rows] = picked - lse[rows]
+            if frozen:
+                jacobian[rows] = (w[targets[rows].clamp_min(0)].to(acc) - mean_weight) / temperature
+        ignored = targets < 0
+        out.masked_fill_(ignored, 0.0)
+        if frozen:
+            jacobian.masked_fill_(ignored[:, None], 0.0)
+        ctx.save_for_backward(hidden, weight, targets, jacobian if frozen else lse)
+        ctx.temperature, ctx.chunk_rows, ctx.chunk_columns, ctx.compute_dtype = (temperature, chunk_rows,
+                                                                                 chunk_columns, compute_dtype)
+        ctx.frozen = frozen
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, targets, saved = ctx.saved_tensors
+        acc = _accumulate_dtype(ctx.compute_dtype)
+        grad_out = grad_out.to(acc).masked_fill(targets < 0, 0.0)
+        if ctx.frozen:
+            return (grad_out[:, None] * saved).to(hidden.dtype), None, None, None, None, None, None
+        # the weight trains too: a second pass over the vocabulary with the log-normaliser known;
+        # G = g * (onehot(y) - softmax) / temperature, dh = G @ W, dW = G^T h
+        lse, temperature = saved, ctx.temperature
+        h, w = hidden.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)
+        grad_h = torch.zeros(h.shape, dtype=acc, device=h.device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
+        for rows in _row_chunks(h.shape[0], ctx.chunk_rows):
+            g = grad_out[rows] / temperature
+            safe = targets[rows].clamp_min(0)
+            for cols in _column_chunks(w.shape[0], rows.stop - rows.start, ctx.chunk_columns):
+                logits = (h[rows] @ w[cols].t()).to(acc)
+                if temperature != 1.0:
+                    logits.div_(temperature)
+                grad_logits = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -g * softmax
+                inside = (safe >= cols.start) & (safe < cols.stop)
+                grad_logits[inside, safe[inside] - cols.start] += g[inside]
+                grad_logits = grad_logits.to(ctx.compute_dtype)
+                if grad_h is not None:
+                    grad_h[rows] += (grad_logits @ w[cols]).to(acc)
+                if grad_w is not None:
+                    grad_w[cols] += (grad_logits.t() @ h[rows]).to(acc)
+        return (grad_h.to(hidden.dtype) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None, None)
+
+
+def _row_chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _column_chunks(vocab: int, rows: int, columns: int | None) -> list[slice]:
+    """Vocabulary tiles: ``columns`` wide, or by default as wide as keeps a float32 tile of logits near 4 MB
+    (a core's L2 cache) with at least 256 columns, so a tile is written, read and reduced while it is in cache."""
+    return _row_chunks(vocab, columns or max(256, (1 << 20) // max(rows, 1)))
+
+
+def _online_log_normaliser(h: Tensor, w: Tensor, targets: Tensor, temperature: float, columns: int | None,
+                           mean_weight: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """For rows ``h (R, C)`` and logits ``h @ w.T / temperature`` (divided in at least float32, as the engine's
+    sampler does), computed one vocabulary tile at a time with a running maximum (the online softmax of Milakov and
+    Gimelshein 2018, as flash attention uses it): the log-normaliser (R,), the target logits (R,) (column 0 for a
+    negative target; callers mask it) and, with ``mean_weight``, ``softmax @ w`` (R, C), all in at least float32."""
+    acc = _accumulate_dtype(h.dtype)
+    rows = h.shape[0]
+    running_max = torch.full((rows,), -math.inf, dtype=acc, device=h.device)
+    total = torch.zeros(rows, dtype=acc, device=h.device)
+    picked = torch.zeros(rows, dtype=acc, device=h.device)
+    weighted = torch.zeros(h.shape, dtype=acc, device=h.device) if mean_weight else None
+    safe = targets.clamp_min(0)
+    for cols in _column_chunks(w.shape[0], rows, columns):
+        logits = (h @ w[cols].t()).to(acc)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        inside = (safe >= cols.start) & (safe < cols.stop)
+        picked[inside] = logits[inside, safe[inside] - cols.start]
+        new_max = torch.maximum(running_max, logits.amax(1))
+        rescale = torch.exp(running_max - new_max)  # 0 for the first tile (exp(-inf))
+        probs = logits.sub_(new_max[:, None]).exp_()  # exp(logit - running max), in place
+        total.mul_(rescale).add_(probs.sum(1))
+        if weighted is not None:
+            weighted.mul_(rescale[:, None]).add_((probs.to(h.dtype) @ w[cols]).to(acc))
+        running_max = new_max
+    if weighted is not None:
+        weighted.div_(total[:, None])
+    return running_max + total.log(), picked, weighted
+
+
+def _accumulate_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision or float32 matmuls, float64 for float64 ones."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
+                          chunk_rows: int = 1024, chunk_columns: int | None = None) -> Tensor:
+    """``token_logprobs(hidden @ weight.T / temperature, targets)`` without the (..., V) logits: the output
+    projection, the log-normaliser and the gradient run over blocks of rows and vocabulary tiles with an online
+    softmax (the fused linear cross-entropy of Liger Kernel and Apple's Cut Cross-Entropy, Wijmans et al. 2024,
+    https://arxiv.org/abs/2411.09009), so a 150k-token vocabulary costs one cache-sized tile of logits at a time
+    instead of a float32 copy of all of them and of their gradient.
+
+    The matmuls run in the autocast dtype when autocast is on (as ``F.linear`` would), else in the inputs'
+    common dtype; the softmax in at least float32. With a frozen ``weight`` (LoRA, a reference model) the gradient
+    to ``hidden`` is formed in the forward pass (one pass over the vocabulary, two matmuls per tile); when
+    ``weight`` trains, backward makes a second pass.
+
+    Args:
+        hidden (Tensor): (..., C) hidden states.
+        weight (Tensor): (V, C) output projection.
+        targets (Tensor): (...) token ids; negative ids (e.g. -100) give 0 and no gradient.
+        temperature (float): the logits are divided by it in float32 (a sampler's temperature).
+        chunk_rows (int): rows per block.
+        chunk_columns (Optional[int]): vocabulary tile width; default: a ~4 MB float32 tile of logits.
+
+    Returns:
+        Tensor: (...) log-probs in float32 (float64 for float64 inputs).
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match targets {tuple(targets.shape)}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    flat = _LinearTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                      float(temperature), chunk_rows, chunk_columns, compute_dtype)
+    return flat.reshape(targets.shape)
 
 
 def sequence_logprobs(logits: Tensor, ids: Tensor, prompt_lens: Tensor, lengths: Tensor,

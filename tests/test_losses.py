@@ -14,6 +14,7 @@ from palmchat.losses import (
     gae,
     group_advantages,
     kl_penalty,
+    linear_token_logprobs,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -466,3 +467,48 @@ def test_sequence_logprobs_ignores_padding_garbage(tiny_config):
     logits[0, 4:] = float("nan")  # logits at/after the last real token never score anything
     logits[0, :1] = 1e4  # nor do logits that predict prompt tokens
     assert torch.equal(sequence_logprobs(logits, ids, prompt_lens, lengths), base)
+
+
+# --------------------------------------------------------------------------- #
+# fused output projection + log-probs
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_token_logprobs_equals_logits_then_log_softmax(weight_trains, temperature):
+    """Values and gradients (to the hidden states and, when it trains, the weight) equal log_softmax of the full
+    logits, in float64, with blocks of rows and vocabulary tiles smaller than the batch, and ignored targets."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=weight_trains)
+    targets = torch.randint(0, 11, (3, 5))
+    targets[0, 1] = targets[2, 4] = -100
+    upstream = torch.randn(3, 5, dtype=torch.float64)
+
+    ref = token_logprobs(F.linear(hidden, weight) / temperature, targets)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [hidden, weight] if weight_trains else [hidden])
+    # blocks of 2 rows, tiles of 4 columns (the last one 3 wide)
+    out = linear_token_logprobs(hidden, weight, targets, temperature, chunk_rows=2, chunk_columns=4)
+    grads = torch.autograd.grad((out * upstream).sum(), [hidden, weight] if weight_trains else [hidden])
+    assert out.dtype == torch.float64 and out[0, 1] == 0 and out[2, 4] == 0
+    close(out, ref, tol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        close(g, r, tol=1e-12)
+    assert float(grads[0][0, 1].abs().sum()) == 0.0  # an ignored target sends no gradient
+
+
+def test_linear_token_logprobs_under_bf16_autocast_matches_the_unfused_path():
+    """Under autocast both paths run the projection in bf16 and the softmax in float32: the same numbers."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 32, requires_grad=True)
+    weight = torch.randn(50, 32) / 6
+    targets = torch.randint(0, 50, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = token_logprobs(F.linear(hidden, weight), targets)
+        out = linear_token_logprobs(hidden, weight, targets, chunk_rows=4, chunk_columns=16)
+    assert out.dtype == torch.float32
+    (ref_grad,) = torch.autograd.grad(ref.sum(), hidden)
+    (grad,) = torch.autograd.grad(out.sum(), hidden)
+    close(out, ref, tol=1e-5)
+    close(grad, ref_grad, tol=2e-2)  # bf16 matmuls of the gradient on both sides

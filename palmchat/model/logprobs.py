@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from palmchat.losses import sequence_logprobs, token_logprobs
 from palmchat.utils.device import autocast
 
 __all__ = ["response_positions", "response_logprobs"]
@@ -78,14 +77,19 @@ def response_logprobs(model, ids: Tensor, prompt_lens: Tensor, lengths: Tensor, 
                                            reduce=reduce, width=width, dtype=dtype))
         return torch.cat(parts)
 
+    if bool((prompt_lens < 1).any()):
+        raise ValueError("prompt_lens must be >= 1 (the first token has no prediction)")
+    columns = width if reduce == "none" else (int((lengths - prompt_lens).max()) if len(lengths) else 0)
+    positions = response_positions(prompt_lens, columns, ids.shape[1])  # (N, columns)
+    in_response = torch.arange(columns, device=ids.device)[None, :] < (lengths - prompt_lens)[:, None]
+    targets = torch.where(in_response, ids.gather(1, positions + 1), -1)  # -1: no log-prob, no gradient
     with autocast(ids.device, dtype if dtype in (torch.bfloat16, torch.float16) else None):
         hidden = model.hidden_states(ids)
-        logits = model.logits(hidden)
-    if reduce == "none":
-        logp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (N, T-1): column j scores token j + 1
-        logp = logp.gather(1, response_positions(prompt_lens, width, ids.shape[1]))
-        in_response = torch.arange(width, device=ids.device)[None, :] < (lengths - prompt_lens)[:, None]
-        logp = torch.where(in_response, logp, torch.zeros((), device=ids.device))
-    else:
-        logp = sequence_logprobs(logits, ids, prompt_lens, lengths, mean=reduce == "mean")
+        # only the response positions go through the output layer: a prompt's logits are never needed
+        at_positions = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        logp = model.token_logprobs(at_positions, targets)  # (N, columns), 0 past each response
+    if reduce != "none":
+        logp = logp.sum(1)
+        if reduce == "mean":
+            logp = logp / in_response.sum(1).clamp_min(1).to(logp.dtype)
     return (logp, hidden) if return_hidden else logp

@@ -121,7 +121,10 @@ class LoRALinear(nn.Module):
         if self.active_adapter is not None and self.active_adapter in self.lora_A:
             n = self.active_adapter
             h = F.linear(self.lora_dropout[n](x), self.lora_A[n])  # (B, ..., r)
-            y = y + (F.linear(h, self.lora_B[n]) * self.scaling[n]).to(y.dtype)  # (B, ..., O)
+            # y + scale * h @ B^T as one GEMM that accumulates into y: no (B, ..., O) scaled copy to add
+            out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(y.dtype),
+                                self.lora_B[n].t().to(y.dtype), alpha=self.scaling[n])
+            return out.view(y.shape)
         return y
 
     def _add_per_row_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -210,8 +210,8 @@ class _Tempered:
     def hidden_states(self, ids):
         return self.model.hidden_states(ids)
 
-    def logits(self, hidden):
-        return self.model.logits(hidden).float() / self.temperature
+    def token_logprobs(self, hidden, targets):
+        return self.model.token_logprobs(hidden, targets, self.temperature)
 
 
 def rollout_logprobs(model, rollout: Rollout, rows=slice(None), device="cpu", dtype=None,

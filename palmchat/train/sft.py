@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from palmchat.data.chat import encode_sft, pad_right, read_stage_data, split_by_tree
 from palmchat.data.formats import FormatArgs
-from palmchat.losses import IGNORE_INDEX, cross_entropy
+from palmchat.losses import IGNORE_INDEX, masked_mean
 from palmchat.train.common import (
     MetricsLog,
     TrainArgs,
@@ -69,9 +69,10 @@ class SFTArgs(FormatArgs, TrainArgs):
 def batch_loss(model, examples, pad_id, device, dtype):
     ids, _ = pad_right([e[0] for e in examples], pad_id)
     targets, _ = pad_right([e[1] for e in examples], -100)
+    targets = targets.to(device)
     with autocast(device, dtype):
-        logits = model(ids.to(device))
-    return cross_entropy(logits, targets.to(device))[0]
+        logp = model.token_logprobs(model.hidden_states(ids.to(device)), targets)
+    return -masked_mean(logp, targets != IGNORE_INDEX)  # the token-mean cross-entropy
 
 
 def main(args: SFTArgs) -> Path:
