@@ -99,6 +99,13 @@ def main() -> None:
         g = summary[stage]
         verdict = "yes" if g["gain_min"] > spread else "no"
         print(f"{stage}: smallest gain over SFT {g['gain_min']:+.3f} > SFT spread {spread:.3f}? {verdict}")
+    with_tools = [s for s in stages if all("tool_use" in per_seed[seed]["stages"].get(s, {}) for seed in args.seeds)]
+    if with_tools:
+        print("\ntool use on held-out tool questions (mean over seeds): right call / right answer / both")
+        for stage in with_tools:
+            means = [statistics.mean(per_seed[seed]["stages"][stage]["tool_use"][k] for seed in args.seeds)
+                     for k in ("right_call", "right_answer", "both")]
+            print(f"{stage:12} {means[0]:.3f} / {means[1]:.3f} / {means[2]:.3f}")
     rm = [per_seed[s]["reward_model"]["pairwise_accuracy"] for s in args.seeds]
     ceiling = [per_seed[s]["reward_model"].get("labeller_agreement", float("nan")) for s in args.seeds]
     print(f"reward model held-out pairwise accuracy: {statistics.mean(rm):.3f} (min {min(rm):.3f}); ceiling (two "

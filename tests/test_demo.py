@@ -16,7 +16,7 @@ from palmchat.world.synthetic import World
 
 
 def test_quick_demo_writes_the_report(tmp_path):
-    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True))
+    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=False))
     report = run["report"].read_text()
     for stage in ("| sft |", "| ppo |", "| dpo |", "| grpo |", "| rloo |", "| kto |", "Kendall tau", "Best-of-n",
                   "ceiling: two simulated labellers agree"):
@@ -43,7 +43,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     # is gone is retrained, and so is everything trained from it, but nothing else
     checkpoints = run["checkpoints"]
     shutil.rmtree(tmp_path / "demo" / "reward")
-    rerun = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, fresh=False))
+    rerun = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=False, fresh=False))
     minutes = rerun["results"]["settings"]["minutes"]
     for stage in ("sft", "dpo", "grpo"):
         assert rerun["checkpoints"][stage] == checkpoints[stage]
@@ -55,7 +55,7 @@ def test_quick_demo_with_tool_use_reports_it_per_stage(tmp_path):
     """--tool-use: SFT trains on the tool conversations too, and every stage gets a row of tool-use numbers."""
     from palmchat import checkpoint
 
-    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=True))
+    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True))
     sft_data = checkpoint.read_config(run["checkpoints"]["sft"])["train"]["data"]
     assert [os.path.basename(p) for p in sft_data] == ["sft.jsonl", "tool_sft.jsonl"]
     report = run["report"].read_text()
@@ -79,9 +79,9 @@ def test_quick_demo_runs_a_feedback_round_then_serves_until_ctrl_c(tmp_path, sto
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # its own process group, so that a failing test can still kill the server the demo started
-    proc = subprocess.Popen([sys.executable, "-m", "palmchat.cli", "demo", "--quick", "--serve", "--port", str(port),
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "palmchat.cli", "demo", "--quick", "--no-tool-use", "--serve",
+                             "--port", str(port), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:

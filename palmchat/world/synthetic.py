@@ -161,7 +161,7 @@ DEFAULT_SIZES = {
     "prompts_train": 2000,
     "prompts_heldout": 500,
     "moderation": 3000,
-    "tool_sft": 600,
+    "tool_sft": 3000,
     "prompts_tools_heldout": 200,
 }
 
