@@ -1,5 +1,6 @@
 """Log-probs of responses under a model: one forward pass over prompt + response, each response token scored by
-the logits one position before it.
+the hidden state one position before it through the model's output layer (``Transformer.token_logprobs``: only
+response positions are projected, and no (rows, tokens, vocabulary) logits are kept).
 
 Every stage that scores responses calls :func:`response_logprobs`: PPO and GRPO (old, new and reference
 log-probs per token), DPO (summed or mean per response, for the policy and the reference) and the evaluation's

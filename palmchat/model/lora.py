@@ -123,7 +123,7 @@ class LoRALinear(nn.Module):
             h = F.linear(self.lora_dropout[n](x), self.lora_A[n])  # (B, ..., r)
             # y + scale * h @ B^T as one GEMM that accumulates into y: no (B, ..., O) scaled copy to add
             out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]).to(y.dtype),
-                                self.lora_B[n].t().to(y.dtype), alpha=self.scaling[n])
+                              self.lora_B[n].t().to(y.dtype), alpha=self.scaling[n])
             return out.view(y.shape)
         return y
 
