@@ -471,6 +471,36 @@ def test_markdown_is_rendered_and_sanitised_and_shift_enter_is_a_newline(web):
     p.close()
 
 
+def test_a_conversation_an_agent_ran_with_tools_shows_its_calls_and_results(web):
+    """A conversation that called a client's tool through the API: the page shows the call (name and arguments)
+    and the result the client sent back, between the question and the answer, after a reload too."""
+    srv, _ = web
+    model = httpx.get(f"{srv.url}/v1/models").json()["data"][0]["id"]
+    conversation = httpx.post(f"{srv.url}/v1/conversations", json={}).json()["id"]
+    calculator = {"type": "function", "name": "calculator", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}
+    first = httpx.post(f"{srv.url}/v1/responses", timeout=60, json={
+        "model": model, "input": "What is 17 + 25?", "conversation": conversation, "tools": [calculator],
+        "tool_choice": "required", "max_output_tokens": 48}).json()
+    call = next(item for item in first["output"] if item["type"] == "function_call")
+    answer = httpx.post(f"{srv.url}/v1/responses", timeout=60, json={
+        "model": model, "conversation": conversation, "max_output_tokens": 8,
+        "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "42"}]})
+    assert answer.status_code == 200, answer.text
+    p = Page(web)
+    for _ in range(2):  # opened, then reloaded
+        p.goto(f"/?c={conversation}")
+        p.page.wait_for_selector("#messages .message.assistant")
+        shown = [n.get_attribute("class").split()[0] for n in
+                 p.page.query_selector_all("#messages .message, #messages .tool-item")]
+        assert shown == ["message", "tool-item", "tool-item", "message"]
+        tools = [(n.query_selector(".role").text_content(), n.query_selector("pre").text_content())
+                 for n in p.page.query_selector_all("#messages .tool-item")]
+        assert tools == [("tool call", f"calculator({call['arguments']})"), ("tool result", "42")]
+    assert [role for role, _ in p.messages()] == ["user", "assistant"]
+    p.close()
+
+
 def test_phone_width(web):
     p = Page(web, width=390, height=844)
     p.goto("/")

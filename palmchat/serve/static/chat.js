@@ -76,6 +76,7 @@ async function showConversation(id) {
   const branch = [];
   for (let item = byId[tree.current_item]; item; item = byId[item.parent_id]) branch.unshift(item);
   for (const item of branch) {
+    if (item.type === "function_call" || item.type === "function_call_output") addToolItem(item);
     if (item.type !== "message") continue;
     const parts = item.content || [];
     const text = parts.map((part) => part.text || part.refusal || "").join("");
@@ -124,6 +125,15 @@ function addMessage(role, text, item, rating, siblings) {
   $("messages").append(msg);
   msg.scrollIntoView({ block: "end" });
   return msg;
+}
+
+// A call the model made to a client's tool, or the result the client sent back: conversations an agent ran
+// through the API (`tools` on /v1/responses) show them between the messages, as text.
+function addToolItem(item) {
+  const call = item.type === "function_call";
+  $("messages").append(el("article", { class: "tool-item", "data-item": item.id || "" },
+    el("div", { class: "role" }, call ? "tool call" : "tool result"),
+    el("pre", {}, call ? `${item.name}(${item.arguments})` : String(item.output ?? ""))));
 }
 
 function actionBar(msg, item, text, rating, siblings) {
