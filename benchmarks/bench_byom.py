@@ -6,7 +6,8 @@
 For each model shape (random bf16 weights made here; no download), with 2 threads on every side:
 1. batch-1 prefill tokens/s and decode tokens/s: palmchat's Engine on its bf16 inference copy, transformers'
    `generate` in fp32 and in bf16, and llama.cpp (llama-cpp-python) on the model exported by
-   palmchat.checkpoint.gguf_export in bf16;
+   palmchat.checkpoint.gguf_export in bf16; then with int8 weights: palmchat's Engine with `quantize="int8"`
+   (a scale per row) against llama.cpp on the Q8_0 export (a scale per 32 weights);
 2. LoRA SFT training tokens/s and peak memory (RSS): palmchat (add_lora + sft.batch_loss + optimizer_step) against
    transformers + peft in a plain loop, same weights, batch, sequence length, rank and optimizer.
 
@@ -160,10 +161,10 @@ def decode_rates(generate, n_prompt: int, new_tokens: int, reps: int) -> dict:
             "decode_mean": len(intervals) / sum(intervals)}
 
 
-def worker_decode_palmchat(folder, config, args):
+def worker_decode_palmchat(folder, config, args, quantize=None):
     from palmchat.inference.engine import Engine, SamplingParams
 
-    engine = Engine(load_palmchat(folder).eval(), dtype=torch.bfloat16)
+    engine = Engine(load_palmchat(folder).eval(), dtype=torch.bfloat16, quantize=quantize)
     prompt = prompt_ids(config, args.prompt)
 
     def generate(k):
@@ -202,11 +203,21 @@ def worker_decode_transformers(folder, config, args, dtype):
     return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
 
 
-def worker_decode_llama_cpp(folder, config, args):
+def q8_0_gguf(folder: Path) -> Path:
+    """The model as a Q8_0 GGUF (llama.cpp's int8: blocks of 32 weights sharing a scale), written once."""
+    path = folder / "model-q8_0.gguf"
+    if not path.is_file():
+        from palmchat.checkpoint.gguf_export import export_gguf
+
+        export_gguf(load_palmchat(folder, torch.bfloat16), folder, path, dtype="q8_0", name=folder.name)
+    return path
+
+
+def worker_decode_llama_cpp(folder, config, args, gguf="model.gguf"):
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(folder / "model.gguf"), n_ctx=args.prompt + args.new_tokens + 8, n_batch=args.prompt,
+    llm = Llama(model_path=str(folder / gguf), n_ctx=args.prompt + args.new_tokens + 8, n_batch=args.prompt,
                 n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
     prompt = prompt_ids(config, args.prompt)
     n_vocab = llm.n_vocab()
@@ -291,6 +302,8 @@ WORKERS = {
     "decode transformers fp32": lambda f, c, a: worker_decode_transformers(f, c, a, torch.float32),
     "decode transformers bf16": lambda f, c, a: worker_decode_transformers(f, c, a, torch.bfloat16),
     "decode llama.cpp bf16": worker_decode_llama_cpp,
+    "decode palmchat int8": lambda f, c, a: worker_decode_palmchat(f, c, a, quantize="int8"),
+    "decode llama.cpp q8_0": lambda f, c, a: worker_decode_llama_cpp(f, c, a, q8_0_gguf(f).name),
     "train palmchat LoRA": worker_train_palmchat,
     "train transformers+peft LoRA": worker_train_peft,
 }
@@ -399,6 +412,9 @@ def main():
             f"{shape}: decode tokens/s palmchat / transformers best ({best_hf[7:]}): "
             f"{ratio('decode palmchat bf16', best_hf, 'decode')}; palmchat / llama.cpp: "
             f"{ratio('decode palmchat bf16', 'decode llama.cpp bf16', 'decode')}",
+            f"{shape}: int8 weights: decode tokens/s palmchat int8 / transformers best ({best_hf[7:]}): "
+            f"{ratio('decode palmchat int8', best_hf, 'decode')}; / llama.cpp q8_0: "
+            f"{ratio('decode palmchat int8', 'decode llama.cpp q8_0', 'decode')}",
             f"{shape}: prefill tokens/s palmchat / transformers fp32: "
             f"{ratio('decode palmchat bf16', 'decode transformers fp32', 'prefill')}; palmchat / llama.cpp: "
             f"{ratio('decode palmchat bf16', 'decode llama.cpp bf16', 'prefill')}",

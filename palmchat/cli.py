@@ -26,9 +26,11 @@ class GenerateArgs:
     stop: list[str] = arg([], "stop sequences (text)")
     num_samples: int = arg(1, "independent samples, generated as one batch")
     dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    quantize: str = arg("none", "weights for decoding: none, or int8 (a scale per row: half of bf16's bytes)",
+                       choices=["none", "int8"])
 
 
-def _load_for_inference(path: str, dtype_setting: str):
+def _load_for_inference(path: str, dtype_setting: str, quantize: str = "none"):
     from palmchat import checkpoint
     from palmchat.inference.engine import Engine
     from palmchat.utils.device import decode_dtype
@@ -36,7 +38,8 @@ def _load_for_inference(path: str, dtype_setting: str):
     model, config, ckpt = checkpoint.load_model(path)
     model.eval()
     tokenizer = checkpoint.load_tokenizer(ckpt)
-    return Engine(model, dtype=decode_dtype(dtype_setting)), tokenizer, config
+    return Engine(model, dtype=decode_dtype(dtype_setting), quantize=None if quantize == "none" else quantize), \
+        tokenizer, config
 
 
 def generate_main(args: GenerateArgs) -> None:
@@ -45,7 +48,7 @@ def generate_main(args: GenerateArgs) -> None:
 
     if not args.prompt:
         raise ValueError("--prompt is required")
-    engine, tokenizer, config = _load_for_inference(args.checkpoint, args.dtype)
+    engine, tokenizer, config = _load_for_inference(args.checkpoint, args.dtype, args.quantize)
     chat = args.chat if args.chat is not None else config.get("stage") != "pretrain"
     if chat:
         prompt = tokenizer.chat_format.render_prompt([{"role": "user", "content": args.prompt}])
@@ -72,13 +75,15 @@ class ChatArgs:
     temperature: float = arg(0.7, "sampling temperature; 0 = greedy")
     top_p: float = arg(0.95, "nucleus sampling mass")
     dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
+    quantize: str = arg("none", "weights for decoding: none, or int8 (a scale per row: half of bf16's bytes)",
+                       choices=["none", "int8"])
 
 
 def chat_main(args: ChatArgs) -> None:
     from palmchat.inference.engine import SamplingParams
     from palmchat.serve.truncation import drop_oldest_messages
 
-    engine, tokenizer, _ = _load_for_inference(args.checkpoint, args.dtype)
+    engine, tokenizer, _ = _load_for_inference(args.checkpoint, args.dtype, args.quantize)
     chat_format = tokenizer.chat_format
     context = engine.model.config.max_seq_len
 

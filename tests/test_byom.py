@@ -54,6 +54,32 @@ def test_generate_on_a_hugging_face_folder_matches_transformers(qwen, capsys):
     assert theirs.strip() and ours == theirs
 
 
+def test_int8_weights_in_generate_and_serve_give_the_same_greedy_reply(qwen, tmp_path, capsys):
+    """--quantize int8: `palmchat generate` and `palmchat serve` (through the openai client) decode with int8
+    weights and give the same greedy reply, and it is the int8 engine's, not the bf16 one's answer passed off."""
+    from openai import OpenAI
+
+    assert cli(["generate", str(qwen), "--prompt", PROMPT[1]["content"], "--temperature", "0",
+                "--max-new-tokens", "12", "--dtype", "bf16", "--quantize", "int8"]) == 0
+    generated = capsys.readouterr().out.rstrip("\n")
+    server = Server(qwen, tmp_path / "db.sqlite", "--dtype", "bf16", "--quantize", "int8", "--moderation", "none",
+                    log=tmp_path / "server.log", no_auth=True).start()
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=PROMPT[1:],
+                                               temperature=0, max_tokens=12)
+    finally:
+        server.stop()
+    assert generated.strip() and reply.choices[0].message.content == generated
+    from palmchat.inference.engine import Engine, SamplingParams
+
+    model = checkpoint.load_model(str(qwen))[0].eval()
+    chat_format = checkpoint.load_tokenizer(str(qwen)).chat_format
+    int8 = Engine(model, dtype=torch.bfloat16, quantize="int8").generate(
+        [chat_format.render_prompt(PROMPT[1:])], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    assert chat_format.decode_reply(int8.tokens).strip() == generated.strip()
+
+
 def test_import_hf_gives_a_native_checkpoint_with_the_same_logits(qwen, tmp_path):
     assert cli(["import-hf", str(qwen), "--out", str(tmp_path / "native")]) == 0
     native = checkpoint.resolve(tmp_path / "native")

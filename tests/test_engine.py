@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from palmchat.inference.engine import Completion, Engine, SamplingParams, filter_logits
 from palmchat.kernels.cpu_linear import PackedLinear
@@ -271,3 +272,63 @@ def test_packed_copy_matches_other_model_variants(overrides):
     a = Engine(model).generate(PROMPTS, greedy(10))
     b = Engine(model, dtype=torch.float32).generate(PROMPTS, greedy(10))
     assert [x.tokens for x in a] == [x.tokens for x in b]
+
+
+# ---- int8 weights ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, {"block": "sequential", "n_kv_heads": 2, "tie_embeddings": False}])
+def test_int8_engine_decodes_what_its_int8_weights_say(overrides):
+    """quantize="int8": every linear layer and the output projection of the inference copy hold int8 weights; the
+    greedy tokens (batched, with the KV cache, prefill and decode steps) and their log-probs are those of one plain
+    float64 forward pass of the model with those int8 weights dequantized, within bf16 activations' rounding (logits
+    of this peaked model reach ~20, where a bf16 step is 0.125)."""
+    import copy
+
+    from torch import nn
+
+    from palmchat.kernels.cpu_linear import Int8Linear
+
+    model = make_model(**overrides)
+    engine = Engine(model, dtype=torch.bfloat16, quantize="int8")
+    outs = engine.generate(PROMPTS, greedy(12))
+    runner = engine.sync()
+    assert not any(isinstance(m, nn.Linear) for name, m in runner.named_modules() if name != "lm_head")
+    assert isinstance(engine.packed_head, Int8Linear) and any(isinstance(m, Int8Linear) for m in runner.modules())
+
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(Int8Linear(module.weight.to(torch.bfloat16)).dequantized())
+        head = engine.packed_head.dequantized().double()
+    for prompt, out in zip(PROMPTS, outs):
+        seq = torch.tensor([prompt + out.tokens])
+        with torch.no_grad():
+            logp = F.linear(reference.hidden_states(seq), head)[0, len(prompt) - 1:-1].log_softmax(-1)
+        torch.testing.assert_close(torch.tensor(out.logprobs, dtype=torch.float64),
+                                   logp.gather(-1, torch.tensor(out.tokens)[:, None])[:, 0], atol=0.05, rtol=0.1)
+        top2 = logp.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5  # where the choice is not a near-tie under bf16 rounding
+        assert (logp.argmax(-1)[clear] == torch.tensor(out.tokens)[clear]).all()
+
+
+def test_int8_linear_rounds_each_row_to_its_own_scale():
+    """Each row's scale is its largest |w| / 127; every weight is within half a step of its int8 value; the few-row
+    kernel and the widened-weight path compute x @ dequantized.T alike."""
+    from palmchat.kernels.cpu_linear import INT8_KERNEL_ROWS, Int8Linear
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 24) * torch.logspace(-2, 1, 40)[:, None]  # rows of very different sizes
+    w[3] = 0.0
+    layer = Int8Linear(w.to(torch.bfloat16))
+    scale = layer.scale.float()
+    assert layer.qweight.dtype == torch.int8 and int(layer.qweight.abs().max()) == 127
+    assert torch.equal(layer.qweight[3], torch.zeros(24, dtype=torch.int8))
+    # half a step of the row's scale, plus the rounding of q * scale to bf16
+    error = (layer.dequantized().float() - w.to(torch.bfloat16).float()).abs()
+    assert (error <= 0.5 * scale[:, None] + 2**-8 * w.abs() + 1e-6).all()
+    for rows in (1, INT8_KERNEL_ROWS, 3 * INT8_KERNEL_ROWS):
+        x = torch.randn(rows, 24, dtype=torch.bfloat16)
+        exact = F.linear(x.double(), layer.dequantized().double())
+        torch.testing.assert_close(layer(x).double(), exact, atol=0.02 * float(exact.abs().max()), rtol=0.01)

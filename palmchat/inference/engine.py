@@ -53,7 +53,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from palmchat.inference.fused_block import fuse_blocks
 from palmchat.inference.kv_cache import KVCache
-from palmchat.kernels.cpu_linear import PackedLinear, can_pack, pack_linears
+from palmchat.kernels.cpu_linear import Int8Linear, PackedLinear, can_pack, pack_linears, quantize_linears
 from palmchat.model.lora import lora_layers
 
 # ---------------------------------------------------------------------------------------------
@@ -439,10 +439,16 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, quantize: str | None = None):
+        """dtype: of the inference copy (None: decode with the model itself). quantize="int8": the copy's linear
+        layers and output projection hold int8 weights with a scale per row (kernels/cpu_linear.Int8Linear)."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+        if quantize and dtype is None:
+            raise ValueError("int8 weights are an inference copy's: give its dtype (bf16 or fp32)")
         self.model = model
         self.config = model.config
-        self.dtype = dtype
+        self.dtype, self.quantize = dtype, quantize
         self._copy: nn.Module | None = None
         self._copy_versions: list | None = None
         # set by sync(): the copy's output projection, packed (its weight is the tied embedding or lm_head), or None
@@ -464,7 +470,11 @@ class Engine:
             with torch.inference_mode():
                 runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
                 head = None
-                if next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
+                if self.quantize == "int8":  # every linear and the output projection (lm_head is read as above)
+                    lm_head = getattr(runner, "lm_head", None)
+                    head = Int8Linear(runner.embed.weight if lm_head is None else lm_head.weight)
+                    quantize_linears(runner, skip=("lm_head",))
+                elif next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
                     # Transformer.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects
                     # its decode steps with a packed copy of the output weight instead
                     lm_head = getattr(runner, "lm_head", None)

@@ -140,14 +140,16 @@ class Event:
 class Scheduler:
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, max_batch: int = 16,
                  prefix_cache_tokens: int = 65536, prefill_chunk: int = 256, max_queue: int = 0,
-                 max_requests_per_owner: int = 0, max_rows_per_owner: int = 0, stall_seconds: float = 60.0):
+                 max_requests_per_owner: int = 0, max_rows_per_owner: int = 0, stall_seconds: float = 60.0,
+                 quantize: str | None = None):
         """max_queue, max_requests_per_owner, max_rows_per_owner: the limits above (0: none). stall_seconds: how
-        long the loop may go without an iteration while work is pending before `stalled` says so."""
+        long the loop may go without an iteration while work is pending before `stalled` says so. quantize: the
+        engine's (Engine: "int8" weights in the inference copy)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         if min(max_queue, max_requests_per_owner, max_rows_per_owner) < 0:
             raise ValueError("max_queue, max_requests_per_owner and max_rows_per_owner must be >= 0 (0: no limit)")
-        self.engine = Engine(model, dtype=dtype)
+        self.engine = Engine(model, dtype=dtype, quantize=quantize)
         self.config = model.config
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.max_queue, self.max_requests_per_owner = max_queue, max_requests_per_owner

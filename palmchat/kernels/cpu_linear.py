@@ -130,6 +130,51 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+INT8_KERNEL_ROWS = 8  # torch's int8 GEMV beats widening the weight up to a few rows (a decode step, a small batch)
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear whose weight is held as int8 with one scale per output row (symmetric, rounded to nearest:
+    ``W ~ q * scale``, ``|q| <= 127``), for decoding where a step is bound by memory bandwidth: half the bytes of
+    bf16, as llama.cpp's Q8_0 (which scales blocks of 32 instead of rows). Up to INT8_KERNEL_ROWS rows run
+    PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``, gpt-fast's), which widens the int8 values in
+    registers (its CPU kernel reads the input dimension in steps of 16 and returns garbage otherwise, so other
+    layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul. The
+    scales are kept in the compute dtype, so both paths multiply by the same numbers."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = weight.detach().float()
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # an all-zero row stays zero
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.bias = None if bias is None else bias.detach().to(weight.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these int8 values and scales stand for, in the scales' dtype: (out, in)."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if 0 < rows <= INT8_KERNEL_ROWS and x.dtype == self.scale.dtype and self.in_features % 16 == 0:
+            y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scale)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every nn.Linear inside `module`, except those named in `skip`, by an Int8Linear (in place); returns
+    `module`."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name not in skip:
+                setattr(parent, name, Int8Linear(child.weight, child.bias))
+    return module
+
+
 def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear inside `module`, except those named in `skip`, by a PackedLinear (in place); returns
     `module`."""
@@ -165,5 +210,6 @@ def can_pack(dtype: torch.dtype) -> bool:
         return False
 
 
-__all__ = ["PackedLinear", "pack_linears", "onednn_only", "can_pack", "bf16_kernel", "decode_kernel",
-           "decode_kernel_level", "linear_bf16", "MAX_KERNEL_ROWS", "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]
+__all__ = ["PackedLinear", "pack_linears", "Int8Linear", "quantize_linears", "INT8_KERNEL_ROWS", "onednn_only",
+           "can_pack", "bf16_kernel", "decode_kernel", "decode_kernel_level", "linear_bf16", "MAX_KERNEL_ROWS",
+           "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]

@@ -61,6 +61,8 @@ class ServeArgs:
                                      "rest are cancelled and the server exits")
     dtype: str = arg("auto", "decode precision: auto (bf16 where the CPU has it), bf16 or fp32",
                      choices=["auto", "bf16", "fp32"])
+    quantize: str = arg("none", "weights for decoding: none, or int8 (a scale per row: half of bf16's bytes)",
+                       choices=["none", "int8"])
     log_level: str = arg("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -116,7 +118,9 @@ def load_state(args: ServeArgs, store):
 
         moderator = default_moderator() if args.moderation == "default" else Moderator.load(args.moderation)
     dtype = decode_dtype(args.dtype)
-    scheduler = Scheduler(model, dtype=None if dtype == torch.float32 and args.dtype == "auto" else dtype,
+    quantize = None if args.quantize == "none" else args.quantize  # int8 weights live in an inference copy
+    scheduler = Scheduler(model, dtype=None if dtype == torch.float32 and args.dtype == "auto" and not quantize
+                          else dtype, quantize=quantize,
                           max_batch=args.max_batch, prefix_cache_tokens=args.prefix_cache_tokens,
                           max_queue=args.max_queue, max_requests_per_owner=args.max_requests_per_key,
                           max_rows_per_owner=args.max_rows_per_key or -(-args.max_batch // 2))
