@@ -2,8 +2,8 @@
 
     data -> tokenizer + pretraining -> SFT -> reward model -> PPO, DPO, GRPO, RLOO, KTO -> evaluation -> report.md
 
-Each step calls the same stage function a user runs from the command line, with small settings. Unless
-``--no-tool-use``, SFT also trains on the world's tool-use conversations (``tool_sft.jsonl``: a calculator for the
+Each step calls the same stage function a user runs from the command line, with small settings. With
+``--tool-use`` SFT also trains on the world's tool-use conversations (``tool_sft.jsonl``: a calculator for the
 arithmetic, a directory of the invented people) and every stage is also evaluated on held-out questions a tool
 answers (``palmchat.eval.tool_use``): how often it calls the right tool with the right arguments, and answers right.
 """
@@ -38,8 +38,9 @@ class DemoArgs:
     serve: bool = arg(False, "after the report: start the server with the best aligned policy and the reward "
                              "model, run one feedback round with simulated labellers, then keep serving until Ctrl-C")
     port: int = arg(8000, "port for --serve (on 127.0.0.1)")
-    tool_use: bool = arg(True, "SFT also on the bundled world's tool-use conversations (a calculator, a directory of "
-                               "its people), and a tool-use evaluation of every stage in the report")
+    tool_use: bool = arg(False, "SFT also on the bundled world's 3000 tool-use conversations (a calculator, a "
+                                "directory of its people), and a tool-use evaluation of every stage in the report "
+                                "(SFT then takes ~6x as long: benchmarks/README.md)")
 
 
 @dataclass

@@ -55,7 +55,7 @@ def test_quick_demo_with_tool_use_reports_it_per_stage(tmp_path):
     """--tool-use: SFT trains on the tool conversations too, and every stage gets a row of tool-use numbers."""
     from palmchat import checkpoint
 
-    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True))
+    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=True))
     sft_data = checkpoint.read_config(run["checkpoints"]["sft"])["train"]["data"]
     assert [os.path.basename(p) for p in sft_data] == ["sft.jsonl", "tool_sft.jsonl"]
     report = run["report"].read_text()

@@ -165,24 +165,24 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every nn.Linear inside `module`, except those named in `skip`, by an Int8Linear (in place); returns
-    `module`."""
+def _replace_linears(module: nn.Module, skip: tuple[str, ...], make) -> nn.Module:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name not in skip:
-                setattr(parent, name, Int8Linear(child.weight, child.bias))
+                setattr(parent, name, make(child.weight, child.bias))
     return module
+
+
+def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every nn.Linear inside `module`, except those named in `skip`, by an Int8Linear (in place); returns
+    `module`."""
+    return _replace_linears(module, skip, Int8Linear)
 
 
 def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear inside `module`, except those named in `skip`, by a PackedLinear (in place); returns
     `module`."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name not in skip:
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-    return module
+    return _replace_linears(module, skip, PackedLinear)
 
 
 def onednn_only(*modules: nn.Module) -> None:
