@@ -451,7 +451,8 @@ class Engine:
         self.dtype, self.quantize = dtype, quantize
         self._copy: nn.Module | None = None
         self._copy_versions: list | None = None
-        # set by sync(): the copy's output projection, packed (its weight is the tied embedding or lm_head), or None
+        # set by sync(): the copy's output projection, int8 or packed (its weight is the tied embedding or
+        # lm_head's), or None
         self.packed_head = None
 
     # -- the module that runs --------------------------------------------------------------
@@ -469,16 +470,14 @@ class Engine:
         if self._copy is None or versions != self._copy_versions:
             with torch.inference_mode():
                 runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
+                # Transformer.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects its
+                # decode steps with an int8 or packed copy of the output weight instead
                 head = None
-                if self.quantize == "int8":  # every linear and the output projection (lm_head is read as above)
-                    lm_head = getattr(runner, "lm_head", None)
-                    head = Int8Linear(runner.embed.weight if lm_head is None else lm_head.weight)
+                if self.quantize == "int8":
+                    head = Int8Linear(runner.output_weight)
                     quantize_linears(runner, skip=("lm_head",))
                 elif next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
-                    # Transformer.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects
-                    # its decode steps with a packed copy of the output weight instead
-                    lm_head = getattr(runner, "lm_head", None)
-                    head = PackedLinear(runner.embed.weight if lm_head is None else lm_head.weight)
+                    head = PackedLinear(runner.output_weight)
                     pack_linears(runner, skip=("lm_head",))
                     fuse_blocks(runner)
             self._copy, self._copy_versions, self.packed_head = runner, versions, head

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from palmchat.losses import linear_token_logprobs, token_logprobs
+from palmchat.losses import linear_token_logprobs
 from palmchat.model.attention import attention
 from palmchat.model.config import ModelConfig
 from palmchat.model.rope import rotary_qk, rotary_tables
@@ -267,18 +267,19 @@ class Transformer(nn.Module):
             return cos[None, None, :T], sin[None, None, :T]
         return cos[positions][:, None], sin[positions][:, None]
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, C) matrix the output layer multiplies by: the tied embedding, or lm_head's weight."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)  # (B, T, V)
+        return F.linear(hidden, self.output_weight)  # (B, T, V)
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """(..., C) final hidden states and (...) target ids -> (...) float32 log-probs under logits / temperature
-        (0 where a target is negative), without the (..., V) logits when the output layer is a plain matrix
-        (losses.linear_token_logprobs); through them when it is not (a LoRA adapter on an untied lm_head)."""
-        if self.lm_head is None or type(self.lm_head) is nn.Linear:
-            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            return linear_token_logprobs(hidden, weight, targets, temperature)
-        return token_logprobs(self.logits(hidden).float() / temperature, targets)
+        (0 where a target is negative), as `logits` would give them but without the (..., V) logits
+        (losses.linear_token_logprobs)."""
+        return linear_token_logprobs(hidden, self.output_weight, targets, temperature)
 
     def forward(self, idx: torch.Tensor, cache=None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.hidden_states(idx, cache=cache, padding_mask=padding_mask))
