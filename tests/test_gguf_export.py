@@ -2,6 +2,7 @@
 and weights llama.cpp needs, and, where llama-cpp-python is installed, llama.cpp computes palmchat's logits and
 greedy continuations from it, for the parallel (command-r) and the sequential (llama) block."""
 
+import ctypes
 import json
 import re
 
@@ -344,6 +345,26 @@ def test_llama_cpp_runs_the_lower_precisions(dtype, tokenizer_dir, tokenizer, tm
         ours = model(torch.tensor([prompt]))[0]
     error = (theirs - ours).norm() / ours.norm()
     assert error < {"f16": 1e-3, "bf16": 2e-2, "q8_0": 5e-2}[dtype], float(error)
+
+
+def test_q8_0_equals_llama_cpps_own_quantizer(tokenizer_dir, tmp_path):
+    """The q8_0 file holds, byte for byte, what llama.cpp's quantizer writes from the bf16 export of the same
+    weights: the same tensor types (f32 norms, q8_0 matrices), shapes and blocks."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = make_model("sequential", tie_embeddings=False).to(torch.bfloat16)
+    ours = gguf.GGUFReader(export_gguf(model, tokenizer_dir, tmp_path / "ours.gguf", dtype="q8_0"))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1
+    source = export_gguf(model, tokenizer_dir, tmp_path / "bf16.gguf", dtype="bf16")
+    target = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+    theirs = {t.name: t for t in gguf.GGUFReader(target).tensors}
+    assert sorted(t.name for t in ours.tensors) == sorted(theirs)
+    assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in ours.tensors) > 0
+    for t in ours.tensors:
+        other = theirs[t.name]
+        assert (t.tensor_type, list(t.shape)) == (other.tensor_type, list(other.shape)), t.name
+        assert t.data.tobytes() == other.data.tobytes(), t.name
 
 
 def test_llama_cpp_tokenizes_and_renders_chats_as_palmchat(tokenizer_dir, tokenizer, tmp_path):
