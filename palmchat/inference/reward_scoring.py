@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from palmchat.data.chat import pad_right, scoring_sequences
+from palmchat.model.heads import rewards_by_length
 from palmchat.utils.device import autocast
 
 __all__ = ["score_responses"]
@@ -34,7 +35,7 @@ def score_responses(reward_model, prompts: Sequence[Sequence[int]], responses: S
     ``prompts`` are rendered prompts (bos first, the assistant token last); ``responses`` the replies' ids, with
     or without their eot (a reply cut short is scored as if it had ended there). ``max_len`` defaults to the
     reward model's context; ``max_prompt_len`` caps the prompt as in training (0: no cap of its own). Rows with
-    equal prompts share one prompt cut (module docstring). ``batch_size=None`` scores all rows in one forward;
+    equal prompts share one prompt cut (module docstring). ``batch_size`` caps the rows per forward (None: no cap);
     ``dtype`` runs the forward under autocast (None: the model's own dtype). The model is put in eval mode for
     the call and restored after.
     """
@@ -55,12 +56,9 @@ def score_responses(reward_model, prompts: Sequence[Sequence[int]], responses: S
     was_training = reward_model.training
     reward_model.eval()
     try:
-        out = []
-        step = batch_size or len(seqs)
-        for i in range(0, len(seqs), step):
-            ids, lengths = pad_right(seqs[i:i + step], pad_id)
-            with autocast(device, dtype):
-                out.append(reward_model(ids.to(device), (lengths - 1).to(device)).float().cpu())
-        return torch.cat(out)
+        ids, lengths = pad_right(seqs, pad_id)
+        with autocast(device, dtype):  # rows of similar length together, little padding (model/length_chunks.py)
+            rewards = rewards_by_length(reward_model, ids.to(device), (lengths - 1).to(device), batch_size)
+        return rewards.float().cpu()
     finally:
         reward_model.train(was_training)

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from palmchat.model.config import ModelConfig
+from palmchat.model.length_chunks import map_length_chunks
 from palmchat.model.transformer import Transformer
 
-__all__ = ["end_of_turn_index", "RewardModel", "ValueModel"]
+__all__ = ["end_of_turn_index", "rewards_by_length", "RewardModel", "ValueModel"]
 
 
 def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = None,
@@ -52,6 +53,12 @@ def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = No
         raise ValueError(f"row {row} has no end-of-turn token (id {eot_id}) among its real tokens{where}; "
                          f"{missing.numel()} row(s) affected")
     return index
+
+
+def rewards_by_length(reward_model, ids: Tensor, eot_index: Tensor, max_rows: int | None = None) -> Tensor:
+    """``reward_model(ids, eot_index)`` on right-padded rows that end at their eot, in chunks of similar length
+    (model/length_chunks.py): the same rewards with little padding. ``max_rows`` caps the rows per pass."""
+    return map_length_chunks(lambda chunk, rows: reward_model(chunk, eot_index[rows]), ids, eot_index + 1, max_rows)
 
 
 def _make_head(dim: int) -> nn.Linear:

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from palmchat.model.length_chunks import map_length_chunks
 from palmchat.utils.device import autocast
 
 __all__ = ["response_positions", "response_logprobs"]
@@ -52,10 +53,11 @@ def response_logprobs(model, ids: Tensor, prompt_lens: Tensor, lengths: Tensor, 
             rollout passes the rollout's width so its rows line up with the whole rollout's.
         dtype (Optional[torch.dtype]): bf16 or fp16 runs the forward pass under autocast; anything else (None,
             fp32) runs the model as it is. The log-probs themselves are always computed in float32.
-        batch_size (Optional[int]): forward at most this many rows at a time, each chunk cut to its own longest
-            row, so a long row elsewhere in the batch costs the chunk nothing; None: one pass over all rows.
+        batch_size (Optional[int]): forward at most this many rows at a time (memory). Whatever it is, the rows
+            go through the model in chunks of similar length, each cut to its own longest row
+            (``length_chunks.py``), so a long row costs the short ones nothing.
         return_hidden (bool): also return the (N, T, C) final hidden states, so a value head can share the
-            forward pass (one pass only: not with ``batch_size``).
+            forward pass (then all rows go in one pass, padded to the longest: not with ``batch_size``).
 
     Returns:
         Tensor: the log-probs in float32 (see ``reduce``), or ``(log-probs, hidden)`` with ``return_hidden``.
@@ -70,16 +72,16 @@ def response_logprobs(model, ids: Tensor, prompt_lens: Tensor, lengths: Tensor, 
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if return_hidden:
             raise ValueError("return_hidden needs a single forward pass: pass batch_size=None")
-        parts = []
-        for i in range(0, ids.shape[0], batch_size):
-            rows = slice(i, i + batch_size)
-            seq_len = max(1, int(lengths[rows].max()))
-            parts.append(response_logprobs(model, ids[rows, :seq_len], prompt_lens[rows], lengths[rows],
-                                           reduce=reduce, width=width, dtype=dtype))
-        return torch.cat(parts)
-
     if bool((prompt_lens < 1).any()):
         raise ValueError("prompt_lens must be >= 1 (the first token has no prediction)")
+    if return_hidden or len(lengths) < 2:
+        return _response_logprobs(model, ids, prompt_lens, lengths, reduce, width, dtype, return_hidden)
+    return map_length_chunks(lambda chunk, rows: _response_logprobs(model, chunk, prompt_lens[rows], lengths[rows],
+                                                                    reduce, width, dtype),
+                             ids, lengths, batch_size)
+
+
+def _response_logprobs(model, ids, prompt_lens, lengths, reduce, width, dtype, return_hidden=False):
     columns = width if reduce == "none" else (int((lengths - prompt_lens).max()) if len(lengths) else 0)
     positions = response_positions(prompt_lens, columns, ids.shape[1])  # (N, columns)
     in_response = torch.arange(columns, device=ids.device)[None, :] < (lengths - prompt_lens)[:, None]

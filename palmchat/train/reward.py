@@ -27,7 +27,7 @@ from palmchat.data.chat import group_by_ranking, ranking_batch, read_stage_data,
 from palmchat.data.formats import FormatArgs
 from palmchat.eval.reward import ranking_ceilings, ranking_metrics, score_rankings
 from palmchat.losses import ranking_loss, sequence_logprobs
-from palmchat.model.heads import RewardModel
+from palmchat.model.heads import RewardModel, rewards_by_length
 from palmchat.model.lora import lora_config
 from palmchat.train import resume
 from palmchat.train.common import MetricsLog, TrainArgs, adamw, cosine_lr, load_policy, optimizer_step, plot_metrics
@@ -182,12 +182,16 @@ def main(args: RewardArgs) -> Path:
         for micro in chunks:                                                                    # short of one step
             batch = ranking_batch(tokenizer, [train[i] for i in micro], max_len)
             num = batch["num_responses"].to(device)
+            ids, eot_index = batch["ids"].to(device), batch["eot_index"].to(device)
             with autocast(device, dtype):
-                rewards, hidden = model(batch["ids"].to(device), batch["eot_index"].to(device), return_hidden=True)
+                if args.lm_coef > 0:  # the language-model loss reads every row's hidden states: one forward
+                    rewards, hidden = model(ids, eot_index, return_hidden=True)
+                    lm_loss = best_response_nll(model.backbone, hidden, batch, device)
+                else:  # rows of similar length together, little padding (model/length_chunks.py)
+                    rewards = rewards_by_length(model, ids, eot_index)
+                    lm_loss = torch.zeros((), device=device)
                 grouped = group_by_ranking(rewards.float(), num)
                 loss, _ = ranking_loss(margin_rewards(grouped, args.margin), num)
-                lm_loss = (best_response_nll(model.backbone, hidden, batch, device) if args.lm_coef > 0
-                           else torch.zeros((), device=device))
             loss = loss + args.lm_coef * lm_loss
             (loss / len(chunks)).backward()  # micro-batches of batch_size rankings each: a mean of their means
             totals["loss"] += loss.item() / len(chunks)

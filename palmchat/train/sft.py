@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from palmchat.data.chat import encode_sft, pad_right, read_stage_data, split_by_tree
 from palmchat.data.formats import FormatArgs
-from palmchat.losses import IGNORE_INDEX, masked_mean
+from palmchat.losses import IGNORE_INDEX
+from palmchat.model.length_chunks import map_length_chunks
 from palmchat.train.common import (
     MetricsLog,
     TrainArgs,
@@ -67,12 +68,18 @@ class SFTArgs(FormatArgs, TrainArgs):
 
 
 def batch_loss(model, examples, pad_id, device, dtype):
-    ids, _ = pad_right([e[0] for e in examples], pad_id)
-    targets, _ = pad_right([e[1] for e in examples], -100)
-    targets = targets.to(device)
+    """The token-mean cross-entropy of the replies in `examples` ((ids, targets) pairs), the rows run through the
+    model in chunks of similar length (model/length_chunks.py)."""
+    ids, lengths = pad_right([e[0] for e in examples], pad_id)
+    targets, _ = pad_right([e[1] for e in examples], IGNORE_INDEX)
+    ids, lengths, targets = ids.to(device), lengths.to(device), targets.to(device)
+
+    def summed_logprobs(chunk, rows):
+        return model.token_logprobs(model.hidden_states(chunk), targets[rows, :chunk.shape[1]]).sum(1)
+
     with autocast(device, dtype):
-        logp = model.token_logprobs(model.hidden_states(ids.to(device)), targets)
-    return -masked_mean(logp, targets != IGNORE_INDEX)  # the token-mean cross-entropy
+        total = map_length_chunks(summed_logprobs, ids, lengths).sum()
+    return -total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def main(args: SFTArgs) -> Path:
