@@ -59,7 +59,7 @@ def test_map_keeps_the_row_order_and_cuts_each_chunk_to_its_longest_row():
         widths.append((chunk.shape[1], int(lengths[rows].max())))
         return chunk[:, 0]
 
-    assert map_length_chunks(first_token_and_width, ids, lengths).tolist() == list(range(6))
+    assert map_length_chunks(first_token_and_width, ids, lengths, forward_cost=8).tolist() == list(range(6))
     assert len(widths) > 1 and all(width == longest for width, longest in widths)
 
 
@@ -67,14 +67,14 @@ def rows(n: int, seed: int) -> list[list[int]]:
     """Right-paddable rows of very different lengths, each ending with an end-of-turn token."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(6, 97, (length,), generator=g).tolist() + [EOT] for length in
-            torch.randint(2, 60, (n,), generator=g).tolist()]
+            torch.randint(2, 120, (n,), generator=g).tolist()]
 
 
 def test_reward_model_by_length_equals_one_forward_with_its_gradients():
     torch.manual_seed(0)
     model = RewardModel(Transformer(preset("tiny", vocab_size=97)), EOT)
-    ids, lengths = pad_right(rows(12, seed=1), 0)
-    weights = torch.randn(12)  # a loss that weighs every row differently: a row in the wrong place changes it
+    ids, lengths = pad_right(rows(40, seed=1), 0)
+    weights = torch.randn(40)  # a loss that weighs every row differently: a row in the wrong place changes it
 
     def rewards_and_grads(forward):
         model.zero_grad()

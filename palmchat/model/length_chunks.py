@@ -20,7 +20,7 @@ __all__ = ["FORWARD_COST_TOKENS", "length_chunks", "map_length_chunks"]
 
 # what one more forward (and backward) pass costs beyond its tokens, in tokens: the per-call work of a small
 # model's layers on a CPU (benchmarks/README.md)
-FORWARD_COST_TOKENS = 64
+FORWARD_COST_TOKENS = 256
 
 
 def length_chunks(lengths: Tensor, max_rows: int | None = None,
