@@ -32,8 +32,9 @@ def length_chunks(lengths: Tensor, max_rows: int | None = None,
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     n = len(lengths)
-    order = torch.argsort(lengths.cpu(), stable=True)
-    sorted_lengths = lengths.cpu()[order].tolist()
+    lengths_cpu = lengths.cpu()
+    order = torch.argsort(lengths_cpu, stable=True)
+    sorted_lengths = lengths_cpu[order].tolist()
     # best[j]: the least cost of the first j sorted rows; cut[j]: where the last chunk of that best split starts
     best, cut = [0] * (n + 1), [0] * (n + 1)
     for j in range(1, n + 1):
