@@ -49,8 +49,9 @@ def ppo_with_verifier(out: Path, seed: int, results: dict) -> dict:
     model, _, _ = checkpoint.load_model(ckpt)
     with torch.no_grad():
         metrics = evaluate_policy(model.eval(), checkpoint.load_tokenizer(sft_ckpt), world,
-                                  world.prompts(settings["eval_prompts"], "heldout"), reference=sft_model.eval(),
-                                  baseline_scores=results["stages"]["sft"]["scores"], seed=seed)
+                                  world.prompts(settings["eval_prompts"], "heldout") * settings["eval_samples"],
+                                  reference=sft_model.eval(), baseline_scores=results["stages"]["sft"]["scores"],
+                                  seed=settings["world_seed"])
     saved.write_text(json.dumps(metrics))
     return metrics
 
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--world-seed", type=int, default=0, help="the bundled world every seed trains and is "
                         "evaluated on; -1: each seed its own world")
+    parser.add_argument("--eval-samples", type=int, default=4, help="replies sampled per held-out prompt: with "
+                        "one, the sampler's noise alone spreads one model's score over ~0.04 (benchmarks/README.md)")
     parser.add_argument("--out", default="runs/bench_alignment")
     parser.add_argument("--quick", action="store_true", help="toy settings (checks the script runs)")
     args = parser.parse_args()
@@ -72,7 +75,8 @@ def main() -> None:
             per_seed[seed] = json.loads((out / "results.json").read_text())
         else:  # fresh=False: stages already trained in the seed's folder with the same arguments are reused
             per_seed[seed] = run_pipeline(DemoArgs(out=str(out), seed=seed, world_seed=args.world_seed,
-                                                    quick=args.quick, fresh=False))["results"]
+                                                    eval_samples=args.eval_samples, quick=args.quick,
+                                                    fresh=False))["results"]
         per_seed[seed]["stages"]["ppo_verifier"] = ppo_with_verifier(out, seed, per_seed[seed])
 
     aligned = [s for s in ("ppo", "dpo", "rpo", "grpo", "rloo", "kto") if s in per_seed[args.seeds[0]]["stages"]]

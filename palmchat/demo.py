@@ -34,6 +34,8 @@ class DemoArgs:
     # (docs/decisions.md)
     pretrain_steps: int = arg(1100, "pretraining steps")
     eval_prompts: int = arg(500, "held-out prompts per evaluation")
+    eval_samples: int = arg(1, "replies sampled per held-out prompt in the evaluation: the score's sampling noise "
+                               "falls as 1/sqrt(prompts x samples) (benchmarks use 4)")
     fresh: bool = arg(True, "delete earlier outputs in --out first")
     serve: bool = arg(False, "after the report: start the server with the best aligned policy and the reward "
                              "model, run one feedback round with simulated labellers, then keep serving until Ctrl-C")
@@ -61,6 +63,7 @@ class Settings:
     kto_epochs: float
     eval_prompts: int
     best_of: tuple[int, ...]
+    eval_samples: int = 1
     reward_normalize: str = "standardize"
     ppo_kl_coef: float = 0.4
     policy_rankings: int = 1000  # training prompts whose SFT samples (4 each) the simulated labellers rank
@@ -68,14 +71,15 @@ class Settings:
 
 def settings(args: DemoArgs) -> Settings:
     if args.quick:
-        return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 2, 0.05, 16, (1, 2), policy_rankings=16)
+        return Settings("tiny", 30, 400, 128, 0, 0.2, 0.1, 0.05, 2, 2, 2, 0.05, 16, (1, 2), args.eval_samples,
+                        policy_rankings=16)
     # reward model: the bundle's 6000 rankings for 2 epochs (more rankings beat more epochs at the same steps:
     # docs/decisions.md), standardised so that the PPO KL coefficient means the same whatever the reward's scale;
     # DPO: half an epoch of them (the steps one epoch of 3000 took); PPO: kl_coef 0.4 against that unit-std reward,
     # 60 iterations (docs/decisions.md); RLOO: as many samples as GRPO (60 x 8 prompts x 4), the same KL as PPO
     # pretraining: sequences of 256 tokens, then 100 steps of whole 1024-token contexts (docs/decisions.md)
     return Settings("mini", args.pretrain_steps, 2048, 256, 100, 2.0, 2.0, 0.5, 60, 30, 60, 1.0, args.eval_prompts,
-                    (1, 4, 16))
+                    (1, 4, 16), args.eval_samples)
 
 
 def run_pipeline(args: DemoArgs) -> dict:
@@ -207,10 +211,14 @@ def run_pipeline(args: DemoArgs) -> dict:
                "rloo": rloo_ckpt, "kto": kto_ckpt}
 
     def evaluate():
+        """Every policy on the world's held-out prompts, each asked eval_samples times. The sampling seed is the
+        world's, like its prompts: every training seed's models are measured on the same draws, so the spread
+        between seeds is their training's and not the sampler's."""
         world = World(seed=world_seed)
         prompts = world.prompts(s.eval_prompts, "heldout")
         # the same questions asked as the last turn of a conversation (earlier turns about other tasks)
         later_turns = world.multi_turn_prompts(prompts, seed=world_seed, turns=(1, 1) if args.quick else (1, 3))
+        asked, later_asked = prompts * s.eval_samples, later_turns * s.eval_samples
         sft_model, _, _ = checkpoint.load_model(sft_ckpt)
         tokenizer = checkpoint.load_tokenizer(sft_ckpt)
         reward_model, _ = load_reward_model(rm_ckpt, eot_id=tokenizer.chat_format.eot_id, tokenizer=tokenizer)
@@ -221,14 +229,15 @@ def run_pipeline(args: DemoArgs) -> dict:
         for name, ckpt in {"sft": sft_ckpt, **aligned}.items():
             model = sft_model if name == "sft" else checkpoint.load_model(ckpt)[0]
             baseline = None if name == "sft" else stages["sft"]["scores"]
-            stages[name] = evaluate_policy(model.eval(), tokenizer, world, prompts, reference=sft_model,
-                                           reward_model=reward_model, baseline_scores=baseline, seed=seed)
-            stages[name]["multi_turn_score"] = evaluate_policy(model, tokenizer, world, later_turns, seed=seed)["score"]
+            stages[name] = evaluate_policy(model.eval(), tokenizer, world, asked, reference=sft_model,
+                                           reward_model=reward_model, baseline_scores=baseline, seed=world_seed)
+            stages[name]["multi_turn_score"] = evaluate_policy(model, tokenizer, world, later_asked,
+                                                               seed=world_seed)["score"]
             if args.tool_use:
-                tools = evaluate_tool_use(model, tokenizer, world, tool_questions, seed=seed)
+                tools = evaluate_tool_use(model, tokenizer, world, tool_questions, seed=world_seed)
                 stages[name]["tool_use"] = {k: v for k, v in tools.items() if k != "per_question"}
         stages["sft"]["win_rate"] = 0.5
-        best = evaluate_best_of_n(sft_model, reward_model, tokenizer, world, prompts, ns=s.best_of, seed=seed)
+        best = evaluate_best_of_n(sft_model, reward_model, tokenizer, world, prompts, ns=s.best_of, seed=world_seed)
         return stages, best
 
     stages, best = timed("evaluation", evaluate)

@@ -16,14 +16,16 @@ from palmchat.world.synthetic import World
 
 
 def test_quick_demo_writes_the_report(tmp_path):
-    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=False))
+    run = run_pipeline(DemoArgs(out=str(tmp_path / "demo"), quick=True, tool_use=False, eval_samples=2))
     report = run["report"].read_text()
-    for stage in ("| sft |", "| ppo |", "| dpo |", "| grpo |", "| rloo |", "| kto |", "Kendall tau", "Best-of-n",
+    for stage in ("16 held-out prompts, 2 replies each", "| sft |", "| ppo |", "| dpo |", "| grpo |", "| rloo |",
+                  "| kto |", "Kendall tau", "Best-of-n",
                   "ceiling: two simulated labellers agree"):
         assert stage in report
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     for stage in ("sft", "ppo", "dpo", "grpo", "rloo", "kto"):
         metrics = results["stages"][stage]
+        assert metrics["n"] == 2 * 16 and len(metrics["scores"]) == 32
         assert 0.0 <= metrics["score"] <= 1.0 and 0.0 <= metrics["win_rate"] <= 1.0
         assert 0.0 <= metrics["multi_turn_score"] <= 1.0
     assert "## Tool use" not in report and not any("tool_use" in m for m in results["stages"].values())

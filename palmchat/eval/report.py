@@ -253,8 +253,11 @@ def write_report(out_dir, results: dict) -> Path:
     if names:
         n_prompts = sorted({stages[s].get("n") for s in names if isinstance(stages[s].get("n"), int)})
         temps = sorted({stages[s].get("temperature") for s in names if stages[s].get("temperature") is not None})
-        what = "Means over " + (f"{'/'.join(map(str, n_prompts))} " if n_prompts else "") + "held-out prompts"
-        what += f", one reply each sampled at temperature {'/'.join(map(str, temps))}." if temps else "."
+        samples = (results.get("settings") or {}).get("eval_samples", 1)
+        what = "Means over " + (f"{'/'.join(str(n // samples) for n in n_prompts)} " if n_prompts else "") + \
+            "held-out prompts"
+        each = "one reply" if samples == 1 else f"{samples} replies"
+        what += f", {each} each sampled at temperature {'/'.join(map(str, temps))}." if temps else "."
         lines += [what + " Correctness, style and verifier score come from the world's verifier; "
                   "win rate vs SFT is per prompt (win 1, tie 0.5, loss 0) on the same prompts; "
                   "KL to reference is the summed per-token log-ratio on the sampled replies (k1 estimator).", ""]
