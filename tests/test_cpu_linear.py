@@ -10,7 +10,16 @@ from palmchat.inference.engine import Engine, SamplingParams
 from palmchat.inference.fused_block import FusedBlock, unfuse_blocks
 from palmchat.inference.kv_cache import KVCache
 from palmchat.kernels import cpu_linear
-from palmchat.kernels.cpu_linear import MAX_AVX2_ROWS, MAX_KERNEL_ROWS, PackedLinear, can_pack, linear_bf16, onednn_only
+from palmchat.kernels.cpu_linear import (
+    MAX_AVX2_ROWS,
+    MAX_KERNEL_ROWS,
+    Int8Linear,
+    PackedLinear,
+    can_pack,
+    linear_bf16,
+    linear_q8,
+    onednn_only,
+)
 from palmchat.model.config import preset
 from palmchat.model.transformer import Transformer
 from palmchat.utils import cpu
@@ -60,6 +69,28 @@ def test_a_bias_joins_the_sum_before_its_one_rounding(level, rows, in_features):
         assert_bf16_close(packed(x), x, w, b)
         many = torch.randn(3 * MAX_KERNEL_ROWS, in_features).bfloat16()
         assert_bf16_close(packed(many), many, w, b)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("rows", [1, 2, 3, MAX_KERNEL_ROWS, MAX_AVX2_ROWS])
+@pytest.mark.parametrize("out_features, in_features", [(1, 32), (33, 100), (300, 64), (96, 896), (5, 31), (19, 7)])
+def test_linear_q8_equals_the_exact_scaled_product_rounded_to_bf16(level, rows, out_features, in_features):
+    """int8 weights with a scale per row: each row's exact sum of int8 x bf16 products, times its scale, rounded
+    once to bf16; a bias added after that rounding and rounded again (Int8Linear's PyTorch path)."""
+    if rows > MAX_KERNEL_ROWS and level != "avx2":
+        pytest.skip("only decode_avx2.c takes more than MAX_KERNEL_ROWS rows")
+    layer = Int8Linear(torch.randn(out_features, in_features).bfloat16(), (10 * torch.randn(out_features)).bfloat16())
+    x = torch.randn(rows, in_features).bfloat16()
+    y = linear_q8(x, layer.qweight, layer.scale, level=level)
+    assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
+    assert_bf16_close(y, x, layer.qweight.double() * layer.scale.double()[:, None])
+    with_bias = linear_q8(x, layer.qweight, layer.scale, layer.bias, level=level)
+    assert_bf16_close(with_bias, y, torch.eye(out_features, dtype=torch.bfloat16), layer.bias)
+    with pytest.raises(ValueError, match="int8 weight"):
+        linear_q8(x, layer.qweight.float(), layer.scale, level=level)
+    if level == cpu_linear.decode_kernel_level():  # Int8Linear takes the process's kernel for a few rows
+        assert torch.equal(layer(x[:MAX_KERNEL_ROWS]), linear_q8(x[:MAX_KERNEL_ROWS], layer.qweight, layer.scale,
+                                                                 layer.bias))
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -243,6 +274,36 @@ def test_greedy_generation_with_the_avx2_kernel_equals_generation_without_it(avx
     model = tiny_model(**TINY_SHAPES[shape])
     kernel, plain = Engine(model, dtype=torch.bfloat16), Engine(model, dtype=torch.bfloat16)
     assert all(isinstance(b, FusedBlock) for b in kernel.sync().blocks)
+    runner = plain.sync()
+    onednn_only(runner, plain.packed_head)
+    unfuse_blocks(runner)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    for prompts in ([[5, 17, 42, 8, 2, 3]], [[5, 17, 42, 8, 2, 3], [9, 1]]):
+        for a, b in zip(kernel.generate(prompts, params), plain.generate(prompts, params)):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.05, rtol=0)
+
+
+@pytest.fixture(params=["native", "avx2"])
+def each_kernel(request, monkeypatch):
+    """This process's own decode kernel, then decode_avx2.c as on an AVX2-only CPU (PALMCHAT_MAX_CPU_ISA=avx2)."""
+    if request.param == "avx2":
+        request.getfixturevalue("avx2_only")
+    elif cpu_linear.bf16_kernel() is None:
+        pytest.skip("needs a decode kernel (decode_bf16.c or decode_avx2.c, built by setup.py) that this CPU runs")
+    return request.param
+
+
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_int8_greedy_generation_through_the_kernel_equals_pytorchs_int8_path(each_kernel, shape):
+    """quantize="int8" on a bf16 copy: decode steps through the fused blocks and the int8 gemv (the head too)
+    against the same int8 weights with the kernels off (PyTorch's int8 kernel or the dequantized weight, blocks op
+    by op): the same tokens, log-probs to bf16 precision; batch 1 and two rows of different lengths."""
+    model = tiny_model(**TINY_SHAPES[shape])
+    kernel, plain = (Engine(model, dtype=torch.bfloat16, quantize="int8") for _ in range(2))
+    blocks = kernel.sync().blocks
+    assert all(isinstance(b, FusedBlock) and b.call.s_attn_out for b in blocks)  # int8 weights in the kernel
+    assert kernel.packed_head.kernel_rows > 0
     runner = plain.sync()
     onednn_only(runner, plain.packed_head)
     unfuse_blocks(runner)

@@ -476,6 +476,7 @@ class Engine:
                 if self.quantize == "int8":
                     head = Int8Linear(runner.output_weight)
                     quantize_linears(runner, skip=("lm_head",))
+                    fuse_blocks(runner)  # where the decode kernel serves int8 (bf16 copies)
                 elif next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
                     head = PackedLinear(runner.output_weight)
                     pack_linears(runner, skip=("lm_head",))

@@ -3,9 +3,10 @@
 A decode step of the PaLM block in PyTorch is ~25 small ops (norm, projection, split, rotary, cache write,
 attention, SwiGLU, two projections, residual sums); at one token per row each op costs more in dispatch than in
 arithmetic, and on 2 CPU cores they took more time than streaming the weights (benchmarks/README.md). The engine's
-bf16 inference copy wraps each block in a FusedBlock: decode steps of 1-4 rows (one new token each, into a KV
-cache) run in C, with the numerics of the PyTorch bf16 path up to the order of fp32 additions; every other call
-(prefill, training, fp32, and any step while a LoRA adapter is active in the block) runs the block itself.
+bf16 inference copy (its linear weights bf16, or int8 with a scale per row) wraps each block in a FusedBlock: decode
+steps of 1-4 rows (one new token each, into a KV cache) run in C, with the numerics of the PyTorch bf16 path up to
+the order of fp32 additions; every other call (prefill, training, fp32, and any step while a LoRA adapter is active
+in the block) runs the block itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ctypes
 import torch
 from torch import nn
 
-from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, PackedLinear, bf16_kernel
+from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, Int8Linear, PackedLinear, bf16_kernel
 from palmchat.model.lora import LoRALinear
 from palmchat.model.transformer import ParallelBlock, SequentialBlock
 
@@ -30,14 +31,20 @@ class BlockCall(ctypes.Structure):
                  ("x", "y", "norm", "ff_norm", "w_in", "w_gate_up", "w_attn_out", "w_ff_out", "k_cache", "v_cache")]
     _fields_ += [(name, ctypes.c_int64) for name in ("row_stride", "head_stride", "slot_stride")]
     _fields_ += [(name, ctypes.c_void_p) for name in ("positions", "cos", "sin", "b_in")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("s_in", "s_gate_up", "s_attn_out", "s_ff_out")]
 
 
-def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
-    """The bf16 weight the C kernel reads, when `linear` is a PackedLinear that has one, or a LoRA layer over one (whose
-    base weight the kernel runs while none of its adapters is active)."""
+def kernel_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weight the C kernel reads and its per-row scales (None for bf16), when `linear` is a PackedLinear with a
+    plain bf16 weight, an Int8Linear of bf16 scales that the kernel serves, or a LoRA layer over either (whose base
+    weight the kernel runs while none of its adapters is active); else None."""
     if isinstance(linear, LoRALinear):
         linear = linear.base
-    return linear.plain if isinstance(linear, PackedLinear) else None
+    if isinstance(linear, PackedLinear) and linear.plain is not None:
+        return linear.plain, None
+    if isinstance(linear, Int8Linear) and linear.kernel_rows:
+        return linear.qweight, linear.scale
+    return None
 
 
 class FusedBlock(nn.Module):
@@ -49,12 +56,16 @@ class FusedBlock(nn.Module):
         norms = (block.attn_norm, block.ff_norm) if sequential else (block.norm, block.norm)
         linears = (block.qkv, block.gate_up) if sequential else (block.in_proj, block.in_proj)
         self._lora = [m for m in block.modules() if isinstance(m, LoRALinear)]
-        self._weights = [n.weight for n in norms] + [_plain_weight(m) for m in (*linears, block.attn_out, block.ff_out)]
+        weights = [kernel_weight(m) for m in (*linears, block.attn_out, block.ff_out)]
+        self._weights = [n.weight for n in norms] + [t for pair in weights for t in pair if t is not None]  # kept alive
         self.call = BlockCall(dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                               ffn_hidden=c.ffn_hidden, sequential=sequential, rmsnorm=c.norm == "rmsnorm",
                               eps=c.norm_eps)
-        (self.call.norm, self.call.ff_norm, self.call.w_in, self.call.w_gate_up, self.call.w_attn_out,
-         self.call.w_ff_out) = (w.data_ptr() for w in self._weights)
+        self.call.norm, self.call.ff_norm = (n.weight.data_ptr() for n in norms)
+        call = self.call
+        call.w_in, call.w_gate_up, call.w_attn_out, call.w_ff_out = (w.data_ptr() for w, _ in weights)
+        call.s_in, call.s_gate_up, call.s_attn_out, call.s_ff_out = (
+            None if s is None else s.data_ptr() for _, s in weights)
         if sequential and block.qkv.bias is not None:  # Qwen2's q, k and v biases
             self._weights.append(block.qkv.bias)
             self.call.b_in = block.qkv.bias.data_ptr()
@@ -63,8 +74,8 @@ class FusedBlock(nn.Module):
     def fusable(block: nn.Module) -> bool:
         """The block is one the kernel implements (palmchat's own blocks, and Qwen2's biases on q, k and v: SwiGLU,
         full rotary, no other biases, no q/k norms, no sliding window, no two-norm parallel wiring, none of Gemma's
-        norms or scales), every weight of it is in bf16 and every linear has a plain weight for the kernel. Any
-        other block runs its PyTorch forward, with the same numerics."""
+        norms or scales), every weight of it is in bf16 (or int8 with bf16 scales) and the kernel serves every
+        linear. Any other block runs its PyTorch forward, with the same numerics."""
         if not isinstance(block, (ParallelBlock, SequentialBlock)) or bf16_kernel() is None:
             return False
         c = block.config
@@ -76,7 +87,7 @@ class FusedBlock(nn.Module):
         sequential = isinstance(block, SequentialBlock)
         linears = (block.qkv, block.gate_up) if sequential else (block.in_proj,)
         norms = (block.attn_norm, block.ff_norm) if sequential else (block.norm,)
-        return (all(_plain_weight(m) is not None for m in (*linears, block.attn_out, block.ff_out))
+        return (all(kernel_weight(m) is not None for m in (*linears, block.attn_out, block.ff_out))
                 and all(n.weight is not None and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
                         for n in norms))
 
@@ -84,7 +95,7 @@ class FusedBlock(nn.Module):
         B, T, _ = x.shape
         cos, sin = rope  # (B, 1, 1, D) rows of the model's tables, in the copy's dtype
         if (cache is None or padding_mask is not None or T != 1 or not 1 <= B <= MAX_KERNEL_ROWS
-                or _plain_weight(self.block.attn_out) is None  # cpu_linear.onednn_only switched the C kernels off
+                or kernel_weight(self.block.attn_out) is None  # cpu_linear.onednn_only switched the C kernels off
                 or any(m.active_adapter is not None or m.row_slots is not None for m in self._lora)
                 or x.dtype != torch.bfloat16 or cache.k.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16
                 or cache.k.stride() != cache.v.stride() or cache.k.stride(-1) != 1):

@@ -55,6 +55,8 @@ def decode_kernel(level: str) -> ctypes.CDLL | None:
     library.palmchat_linear_bf16.restype = None
     library.palmchat_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                              ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    library.palmchat_linear_q8.restype = None
+    library.palmchat_linear_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.palmchat_block_bf16.restype = ctypes.c_int
     library.palmchat_block_bf16.argtypes = [ctypes.c_void_p]  # a pointer to fused_block.BlockCall
     return library
@@ -100,6 +102,28 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
+def linear_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              level: str | None = None) -> torch.Tensor:
+    """x (..., K) bf16 with at most as many rows as linear_bf16 takes, qweight (N, K) int8, scale (N,) and bias
+    (N,) or None bf16 -> (..., N): Int8Linear's forward (F.linear of the dequantized weight, the bias added after
+    the product's rounding) through the C decode kernel of `level` (default: this process's)."""
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.numel() // x.shape[-1], qweight.shape
+    level = level or decode_kernel_level()
+    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    kernel = None if level is None else decode_kernel(level)
+    if (kernel is None or not 1 <= rows <= most or x.dtype != torch.bfloat16 or qweight.dtype != torch.int8
+            or not qweight.is_contiguous() or scale.dtype != torch.bfloat16 or scale.shape != (out_features,)
+            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
+        raise ValueError(f"linear_q8: takes 1..{most} bf16 rows, a contiguous int8 weight, bf16 scales per row and "
+                         f"a bf16 bias, and a decode kernel (level {level}); got {rows} {x.dtype} rows, a "
+                         f"{qweight.dtype} weight and {scale.dtype} scales")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    kernel.palmchat_linear_q8(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_features, in_features)
+    return y
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear for CPU inference (see the module docstring for its kernels), with its bias if it has one.
 
@@ -136,11 +160,12 @@ INT8_KERNEL_ROWS = 8  # torch's int8 GEMV beats widening the weight up to a few 
 class Int8Linear(nn.Module):
     """An nn.Linear whose weight is held as int8 with one scale per output row (symmetric, rounded to nearest:
     ``W ~ q * scale``, ``|q| <= 127``), for decoding where a step is bound by memory bandwidth: half the bytes of
-    bf16, as llama.cpp's Q8_0 (which scales blocks of 32 instead of rows). Up to INT8_KERNEL_ROWS rows run
+    bf16, as llama.cpp's Q8_0 (which scales blocks of 32 instead of rows). A few bf16 rows (a decode step) go
+    through palmchat's C decode kernel (linear_q8) where it is built; without it, up to INT8_KERNEL_ROWS rows run
     PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``, gpt-fast's), which widens the int8 values in
     registers (its CPU kernel reads the input dimension in steps of 16 and returns garbage otherwise, so other
     layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul. The
-    scales are kept in the compute dtype, so both paths multiply by the same numbers."""
+    scales are kept in the compute dtype, so every path multiplies by the same numbers."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -149,7 +174,10 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # an all-zero row stays zero
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(weight.dtype))
-        self.bias = None if bias is None else bias.detach().to(weight.dtype)
+        self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
+        self.kernel_rows = 0  # rows linear_q8 takes here: none unless the weights are bf16 and a kernel is built
+        if weight.dtype == torch.bfloat16 and bf16_kernel() is not None:
+            self.kernel_rows = MAX_AVX2_ROWS if decode_kernel_level() == "avx2" else MAX_KERNEL_ROWS
 
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 values and scales stand for, in the scales' dtype: (out, in)."""
@@ -157,6 +185,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if 0 < rows <= self.kernel_rows and x.dtype == torch.bfloat16:
+            return linear_q8(x, self.qweight, self.scale, self.bias)
         if 0 < rows <= INT8_KERNEL_ROWS and x.dtype == self.scale.dtype and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features)
@@ -187,12 +217,14 @@ def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
 
 def onednn_only(*modules: nn.Module) -> None:
     """Switch the C kernels off in these modules (in place): every linear goes to oneDNN (below AVX-512, a bf16
-    one to fp32 products in PyTorch), and fused blocks (fused_block.py) run op by op. For measuring and testing
-    one kernel against the other."""
+    one to fp32 products in PyTorch; an int8 one to PyTorch's int8 kernel), and fused blocks (fused_block.py) run
+    op by op. For measuring and testing one kernel against the other."""
     for module in modules:
         for child in module.modules():
             if isinstance(child, PackedLinear):
                 child.plain = None
+            elif isinstance(child, Int8Linear):
+                child.kernel_rows = 0
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -211,5 +243,5 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 __all__ = ["PackedLinear", "pack_linears", "Int8Linear", "quantize_linears", "INT8_KERNEL_ROWS", "onednn_only",
-           "can_pack", "bf16_kernel", "decode_kernel", "decode_kernel_level", "linear_bf16", "MAX_KERNEL_ROWS",
-           "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]
+           "can_pack", "bf16_kernel", "decode_kernel", "decode_kernel_level", "linear_bf16", "linear_q8",
+           "MAX_KERNEL_ROWS", "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]

@@ -7,6 +7,7 @@
       shift or a mask, and the products and their sums are fp32 FMAs.
    2. palmchat_block_bf16: one decode step through one transformer block, attention over the bf16 KV cache
       included (decode_block.h, the same code as decode_bf16.c's).
+   3. palmchat_linear_q8: the gemv with int8 weights and a scale per row (decode_block.h); blocks take them too.
 
    Numerics: those of decode_bf16.c (the PyTorch bf16 path op by op, fp32 accumulation of bf16 products); an FMA
    rounds each product-and-add once, as VDPBF16PS's fp32 accumulation does, so only the order of fp32 additions
@@ -100,6 +101,66 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
             __m256 sum = _mm256_add_ps(acc[m][0], acc[m][1]);
             if (chunks == 2) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[m][2], acc[m][3]));
             y[m * N + n] = to_bf16(sum8(sum) + bias);
+        }
+    }
+}
+
+/* 16 int8 -> their even and odd elements as 8 fp32 each, paired as widen() pairs bf16: sign-extended to 16 bits,
+   each 32-bit lane holds elements 2i (low half) and 2i+1 (high half); arithmetic shifts take each half out with
+   its sign. One lane-crossing op per 16 weights. */
+AVX2_KERNEL static inline void widen_q8(const int8_t *p, __m256 *even, __m256 *odd) {
+    const __m256i pairs = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(pairs, 16), 16));
+    *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(pairs, 16));
+}
+
+/* rows() for int8 weights (decode_block.h's int8 section): the same accumulators and steps. */
+AVX2_KERNEL static inline __attribute__((always_inline)) void
+rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+        int64_t n0, int64_t n1) {
+    const int chunks = M <= 2 ? 2 : 1;
+    const int64_t step = 16 * chunks, stepped = K / step * step, full = K / 16 * 16, left = K - full;
+    bf16 x_tail[MAX_ROWS][16];
+    int8_t w_tail[16];
+    memset(x_tail, 0, sizeof x_tail);
+    memset(w_tail, 0, sizeof w_tail);
+    for (int m = 0; m < M; m++) memcpy(x_tail[m], x + m * K + full, sizeof(bf16) * left);
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *w = W + n * K;
+        __m256 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
+        for (int m = 0; m < M; m++)
+            for (int a = 0; a < 4; a++) acc[m][a] = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k < stepped; k += step)
+            for (int c = 0; c < chunks; c++) {
+                widen_q8(w + k + 16 * c, &w_even, &w_odd);
+                for (int m = 0; m < M; m++) {
+                    widen(x + m * K + k + 16 * c, &x_even, &x_odd);
+                    acc[m][2 * c] = _mm256_fmadd_ps(w_even, x_even, acc[m][2 * c]);
+                    acc[m][2 * c + 1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][2 * c + 1]);
+                }
+            }
+        for (; k < full; k += 16) {
+            widen_q8(w + k, &w_even, &w_odd);
+            for (int m = 0; m < M; m++) {
+                widen(x + m * K + k, &x_even, &x_odd);
+                acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
+                acc[m][1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][1]);
+            }
+        }
+        if (left) {
+            memcpy(w_tail, w + full, left);
+            widen_q8(w_tail, &w_even, &w_odd);
+            for (int m = 0; m < M; m++) {
+                widen(x_tail[m], &x_even, &x_odd);
+                acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
+                acc[m][1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][1]);
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            __m256 sum = _mm256_add_ps(acc[m][0], acc[m][1]);
+            if (chunks == 2) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[m][2], acc[m][3]));
+            y[m * N + n] = finish_q8(sum8(sum), scale, b, n);
         }
     }
 }

@@ -11,6 +11,7 @@
       per block, whose dispatch costs more than the block's arithmetic (benchmarks/README.md, bench_foundation).
       Its code is decode_block.h, shared with decode_avx2.c (the same two entry points on AVX2 + FMA); this file
       supplies the AVX512-BF16 gemv, dot product and axpy it is written in.
+   3. palmchat_linear_q8: the gemv with int8 weights and a scale per row (decode_block.h); blocks take them too.
 
    Numerics follow the PyTorch bf16 path op by op (palmchat/model/transformer.py run in bf16): products accumulated in
    fp32, and a rounding to bf16 wherever PyTorch stores a bf16 tensor (after the norm, each projection, each
@@ -73,6 +74,59 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
         const float bias = b ? to_f32(b[n]) : 0.0f;
         for (int m = 0; m < M; m++)
             y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + bias);
+    }
+}
+
+/* Rows n0..n1-1 of y = x @ (W * scale)^T (+ b) with int8 W (decode_block.h's int8 section). 32 int8 are
+   sign-extended to 16 bits, so that each 32-bit lane holds elements 2i and 2i+1, and arithmetic shifts take out
+   each with its sign; x's bf16 are split into even and odd elements alike (a bf16 is the upper half of the fp32
+   of the same value), and fp32 FMAs sum the exact products. Two chunks of 32 per step keep four FMA chains in
+   flight for one row. */
+BF16_KERNEL static inline void widen_q8(const int8_t *p, __mmask32 lanes, __m512 *even, __m512 *odd) {
+    const __m512i pairs = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, p));
+    *even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16));
+    *odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(pairs, 16));
+}
+
+BF16_KERNEL static inline void widen_x(const bf16 *p, __mmask32 lanes, __m512 *even, __m512 *odd) {
+    const __m512i raw = _mm512_maskz_loadu_epi16(lanes, p);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+BF16_KERNEL static inline __attribute__((always_inline)) void
+rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+        int64_t n0, int64_t n1) {
+    const int64_t full = K / 32 * 32;
+    const __mmask32 all = (__mmask32)-1, tail = (__mmask32)((1ull << (K - full)) - 1);
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *w = W + n * K;
+        __m512 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
+        for (int m = 0; m < M; m++)
+            for (int a = 0; a < 4; a++) acc[m][a] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64)
+            for (int c = 0; c < 2; c++) {
+                widen_q8(w + k + 32 * c, all, &w_even, &w_odd);
+                for (int m = 0; m < M; m++) {
+                    widen_x(x + m * K + k + 32 * c, all, &x_even, &x_odd);
+                    acc[m][2 * c] = _mm512_fmadd_ps(w_even, x_even, acc[m][2 * c]);
+                    acc[m][2 * c + 1] = _mm512_fmadd_ps(w_odd, x_odd, acc[m][2 * c + 1]);
+                }
+            }
+        for (; k < K; k += 32) {  /* a last whole chunk, then the last K % 32 (masked-off lanes load as zeros) */
+            const __mmask32 lanes = k < full ? all : tail;
+            widen_q8(w + k, lanes, &w_even, &w_odd);
+            for (int m = 0; m < M; m++) {
+                widen_x(x + m * K + k, lanes, &x_even, &x_odd);
+                acc[m][0] = _mm512_fmadd_ps(w_even, x_even, acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(w_odd, x_odd, acc[m][1]);
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+            y[m * N + n] = finish_q8(_mm512_reduce_add_ps(sum), scale, b, n);
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
        KERNEL                                   the function attribute of their instruction set
        gemv_band(x, W, b, y, M, N, K)           this thread's band of rows of y (M, N) = x (M, K) @ W^T (+ b)
+       rows_q8(x, W, scale, b, y, M, N, K, n0, n1)   rows n0..n1-1 of the same with W int8 and a scale per row
        dot_bf16(a, b, D) -> float               sum of a[i] * b[i] over D bf16 pairs, in fp32
        axpy_bf16(acc, weight, v, D)             acc[d] += weight * v[d] for D bf16 values, fp32 accumulators
 
@@ -39,6 +40,50 @@ static inline float round_bf16(float f) { return to_f32(to_bf16(f)); }
 KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K);
 KERNEL static inline float dot_bf16(const bf16 *a, const bf16 *b, int64_t D);
 KERNEL static inline void axpy_bf16(float *acc, float weight, const bf16 *v, int64_t D);
+KERNEL static inline __attribute__((always_inline)) void
+rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+        int64_t n0, int64_t n1);
+
+/* ------------------------------------------------------------------------------------------------------------
+   int8 weights (kernels/cpu_linear.Int8Linear): W ~ q * scale, one bf16 scale per output row, |q| <= 127. Half
+   the bytes of bf16, so a decode step that streams them from memory takes about half as long. A row's sum of
+   q * x is exact products added in fp32 (an int8 times a bf16 fits fp32's mantissa), times its scale, rounded
+   to bf16; a bias is added after that rounding and the sum rounded again: Int8Linear's PyTorch path, whose
+   torch._weight_int8pack_mm scales the fp32 sum and whose bias is a separate bf16 add.
+   ------------------------------------------------------------------------------------------------------------ */
+
+static inline bf16 finish_q8(float sum, const bf16 *scale, const bf16 *b, int64_t n) {
+    const float scaled = sum * to_f32(scale[n]);
+    return b ? to_bf16(round_bf16(scaled) + to_f32(b[n])) : to_bf16(scaled);
+}
+
+/* This thread's contiguous band of rows of W, in tiles of 16 rows; more than MAX_ROWS rows of x go in groups of
+   MAX_ROWS over each tile, which stays in L1 between the groups, so W is still read from memory once. */
+KERNEL static void gemv_band_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
+                                int64_t N, int64_t K) {
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
+    for (int64_t n = n0; n < n1; n += 16) {
+        const int64_t end = n + 16 < n1 ? n + 16 : n1;
+        for (int g = 0; g < M; g += MAX_ROWS) {
+            const bf16 *xg = x + g * K;
+            bf16 *yg = y + g * N;
+            switch (M - g) {
+                case 1: rows_q8(xg, W, scale, b, yg, 1, N, K, n, end); break;
+                case 2: rows_q8(xg, W, scale, b, yg, 2, N, K, n, end); break;
+                case 3: rows_q8(xg, W, scale, b, yg, 3, N, K, n, end); break;
+                default: rows_q8(xg, W, scale, b, yg, 4, N, K, n, end); break;
+            }
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) @ (W (N, K) * scale (N,))^T (+ b): Int8Linear's forward for a few rows (cpu_linear.py). */
+KERNEL void palmchat_linear_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
+                               int64_t N, int64_t K) {
+    #pragma omp parallel
+    gemv_band_q8(x, W, scale, b, y, M, N, K);
+}
 
 /* ------------------------------------------------------------------------------------------------------------
    The block. Shapes: M rows, C model dim, H query heads, Hkv key/value heads, D head dim, F SwiGLU hidden size.
@@ -53,15 +98,17 @@ typedef struct {  /* mirrored by fused_block.py's BlockCall */
     bf16 *y;             /* (M, C) its output */
     const bf16 *norm;    /* (C,) the pre-norm (parallel) or attention norm (sequential) weight */
     const bf16 *ff_norm; /* (C,) sequential only */
-    const bf16 *w_in;    /* parallel: (H*D + 2*Hkv*D + 2F, C) q, k, v, gate, up; sequential: (H*D + 2*Hkv*D, C) */
-    const bf16 *w_gate_up;  /* sequential only: (2F, C) */
-    const bf16 *w_attn_out; /* (C, H*D) */
-    const bf16 *w_ff_out;   /* (C, F) */
+    const void *w_in;    /* bf16, or int8 with a scale per row (s_in below); parallel: (H*D + 2*Hkv*D + 2F, C) q, k, v, gate, up; sequential: (H*D + 2*Hkv*D, C) */
+    const void *w_gate_up;  /* sequential only: (2F, C) */
+    const void *w_attn_out; /* (C, H*D) */
+    const void *w_ff_out;   /* (C, F) */
     bf16 *k_cache, *v_cache;  /* this layer's; element [m, h, s, d] at m*row_stride + h*head_stride + s*slot_stride + d */
     int64_t row_stride, head_stride, slot_stride;
     const int64_t *positions; /* (M,) the new token's position in each row = its cache slot */
     const bf16 *cos, *sin;    /* (M, D) rotary tables at those positions: [cos, cos] and [-sin, sin] */
     const bf16 *b_in;         /* sequential only: the q, k, v biases (Qwen2), or NULL */
+    /* the per-row scales of w_in, w_gate_up, w_attn_out, w_ff_out when that weight is int8; NULL: it is bf16 */
+    const bf16 *s_in, *s_gate_up, *s_attn_out, *s_ff_out;
 } Block;
 
 KERNEL static void norm_row(const Block *p, const bf16 *weight, const bf16 *x, bf16 *out) {
@@ -108,8 +155,11 @@ KERNEL static void attend(const Block *p, int64_t m, const bf16 *q, int64_t kv_h
     for (int64_t d = 0; d < D; d++) out[d] = to_bf16(acc[d] / sum);
 }
 
-/* y = x @ W^T for this thread's band, y rounded to bf16 (the M rows of x contiguous, K wide). */
-#define GEMV(x, W, b, y, N, K) gemv_band((x), (W), (b), (y), (int)M, (N), (K))
+/* y = x @ W^T for this thread's band, y rounded to bf16 (the M rows of x contiguous, K wide); W is int8 when it has
+   scales S. */
+#define GEMV(x, W, S, b, y, N, K) \
+    ((S) ? gemv_band_q8((x), (const int8_t *)(W), (S), (b), (y), (int)M, (N), (K)) \
+         : gemv_band((x), (const bf16 *)(W), (b), (y), (int)M, (N), (K)))
 
 /* Returns 0, or 1 when out of memory (nothing written then). */
 KERNEL int palmchat_block_bf16(const Block *p) {
@@ -137,7 +187,7 @@ KERNEL int palmchat_block_bf16(const Block *p) {
 
         #pragma omp for
         for (int64_t m = 0; m < M; m++) norm_row(p, p->norm, p->x + m * C, normed + m * C);
-        GEMV(normed, p->w_in, p->b_in, projected, IN, C);
+        GEMV(normed, p->w_in, p->s_in, p->b_in, projected, IN, C);
         #pragma omp barrier
 
         /* the new keys (rotated) and values into the cache */
@@ -165,20 +215,20 @@ KERNEL int palmchat_block_bf16(const Block *p) {
                 float g = to_f32(*gate);
                 swiglu[i] = to_bf16(round_bf16(g / (1.0f + expf(-g))) * to_f32(*up));
             }
-            GEMV(attn, p->w_attn_out, NULL, attn_proj, C, HD);
-            GEMV(swiglu, p->w_ff_out, NULL, ff_proj, C, F);
+            GEMV(attn, p->w_attn_out, p->s_attn_out, NULL, attn_proj, C, HD);
+            GEMV(swiglu, p->w_ff_out, p->s_ff_out, NULL, ff_proj, C, F);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++)
                 p->y[i] = to_bf16(round_bf16(to_f32(p->x[i]) + to_f32(attn_proj[i])) + to_f32(ff_proj[i]));
         } else {  /* h = x + attn_out(attention); y = h + ff_out(silu(gate) * up) of ff_norm(h) */
-            GEMV(attn, p->w_attn_out, NULL, attn_proj, C, HD);
+            GEMV(attn, p->w_attn_out, p->s_attn_out, NULL, attn_proj, C, HD);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) residual[i] = to_bf16(to_f32(p->x[i]) + to_f32(attn_proj[i]));
             #pragma omp for
             for (int64_t m = 0; m < M; m++) norm_row(p, p->ff_norm, residual + m * C, normed + m * C);
-            GEMV(normed, p->w_gate_up, NULL, gate_up, 2 * F, C);
+            GEMV(normed, p->w_gate_up, p->s_gate_up, NULL, gate_up, 2 * F, C);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * F; i++) {
@@ -186,7 +236,7 @@ KERNEL int palmchat_block_bf16(const Block *p) {
                 float g = to_f32(*gate);
                 swiglu[i] = to_bf16(round_bf16(g / (1.0f + expf(-g))) * to_f32(*up));
             }
-            GEMV(swiglu, p->w_ff_out, NULL, ff_proj, C, F);
+            GEMV(swiglu, p->w_ff_out, p->s_ff_out, NULL, ff_proj, C, F);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) p->y[i] = to_bf16(to_f32(residual[i]) + to_f32(ff_proj[i]));
