@@ -220,6 +220,9 @@ def test_below_avx512_a_bf16_packed_linear_runs_the_kernel_or_fp32_products(avx2
     assert_bf16_close(packed(x)[0], x[0], w, b)
     onednn_only(packed)  # the kernel off: fp32 products for every call
     assert_bf16_close(packed(x)[0], x[0], w, b)
+    int8 = Int8Linear(w)  # likewise with int8 weights (a dequantized copy for the fp32 products)
+    exact = F.linear(x[0].double(), int8.dequantized().double())
+    torch.testing.assert_close(int8(x)[0].double(), exact, atol=0.01 * float(exact.abs().max()), rtol=0.01)
 
 
 TINY_SHAPES = {

@@ -164,8 +164,9 @@ class Int8Linear(nn.Module):
     through palmchat's C decode kernel (linear_q8) where it is built; without it, up to INT8_KERNEL_ROWS rows run
     PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``, gpt-fast's), which widens the int8 values in
     registers (its CPU kernel reads the input dimension in steps of 16 and returns garbage otherwise, so other
-    layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul. The
-    scales are kept in the compute dtype, so every path multiplies by the same numbers."""
+    layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul (to
+    fp32 below AVX-512, where PyTorch emulates bf16 matmuls). The scales are kept in the compute dtype, so every
+    path multiplies by the same numbers."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -190,6 +191,8 @@ class Int8Linear(nn.Module):
         if 0 < rows <= INT8_KERNEL_ROWS and x.dtype == self.scale.dtype and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features)
+        elif x.dtype == torch.bfloat16 and not cpu.cpu_supports("avx512"):  # PyTorch emulates bf16 matmuls there
+            y = F.linear(x.float(), self.dequantized().float()).to(x.dtype)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
