@@ -35,7 +35,7 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check palmchat tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests  # each test single-threaded (tests/conftest.py): one per core
 	PALMCHAT_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m kernels tests
 
 screenshots: $(STAMP) browser  # the README's docs/*.png, taken by the browser tests
