@@ -98,7 +98,8 @@ typedef struct {  /* mirrored by fused_block.py's BlockCall */
     bf16 *y;             /* (M, C) its output */
     const bf16 *norm;    /* (C,) the pre-norm (parallel) or attention norm (sequential) weight */
     const bf16 *ff_norm; /* (C,) sequential only */
-    const void *w_in;    /* bf16, or int8 with a scale per row (s_in below); parallel: (H*D + 2*Hkv*D + 2F, C) q, k, v, gate, up; sequential: (H*D + 2*Hkv*D, C) */
+    /* the linears' weights: bf16, or int8 with a scale per row (s_in ... s_ff_out below) */
+    const void *w_in;    /* parallel: (H*D + 2*Hkv*D + 2F, C) q, k, v, gate, up; sequential: (H*D + 2*Hkv*D, C) */
     const void *w_gate_up;  /* sequential only: (2F, C) */
     const void *w_attn_out; /* (C, H*D) */
     const void *w_ff_out;   /* (C, F) */
