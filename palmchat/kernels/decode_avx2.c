@@ -165,37 +165,6 @@ rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *
     }
 }
 
-/* This thread's contiguous band of rows of W: each thread streams its own part of the weight. More than MAX_ROWS
-   rows of x (a batch of decode steps; palmchat_linear_bf16 only) go in groups of MAX_ROWS over each 16 rows of W,
-   which stay in L1 between the groups, so W is still read from memory once. */
-AVX2_KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
-                                  int64_t K) {
-    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
-    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
-    for (int64_t n = n0; n < n1; n += 16) {
-        const int64_t end = n + 16 < n1 ? n + 16 : n1;
-        for (int g = 0; g < M; g += MAX_ROWS) {
-            const bf16 *xg = x + g * K;
-            bf16 *yg = y + g * N;
-            switch (M - g) {
-                case 1: rows(xg, W, b, yg, 1, N, K, n, end); break;
-                case 2: rows(xg, W, b, yg, 2, N, K, n, end); break;
-                case 3: rows(xg, W, b, yg, 3, N, K, n, end); break;
-                default: rows(xg, W, b, yg, 4, N, K, n, end); break;
-            }
-        }
-    }
-}
-
-/* y (M, N) = x (M, K) @ W (N, K)^T, all bf16 and contiguous, M >= 1 rows (a decode step's few; cpu_linear.py
-   sends more to fp32 products, which run faster once the arithmetic outweighs reading W). The OpenMP threads are
-   the same runtime and thread count as PyTorch's. */
-AVX2_KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
-                                      int64_t K) {
-    #pragma omp parallel
-    gemv_band(x, W, b, y, M, N, K);
-}
-
 /* ------------------------------------------------------------------------------------------------------------
    Attention's two products (decode_block.h's attend): scores q . k, and the probability-weighted sum of V
    ------------------------------------------------------------------------------------------------------------ */

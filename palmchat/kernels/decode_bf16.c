@@ -130,27 +130,6 @@ rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *
     }
 }
 
-/* This thread's contiguous band of rows n0..n1-1 of W: each thread streams its own part of the weight. */
-BF16_KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
-                                  int64_t K) {
-    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
-    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
-    switch (M) {
-        case 1: rows(x, W, b, y, 1, N, K, n0, n1); break;
-        case 2: rows(x, W, b, y, 2, N, K, n0, n1); break;
-        case 3: rows(x, W, b, y, 3, N, K, n0, n1); break;
-        default: rows(x, W, b, y, 4, N, K, n0, n1); break;
-    }
-}
-
-/* y (M, N) = x (M, K) @ W (N, K)^T, all bf16 and contiguous, 1 <= M <= MAX_ROWS. The OpenMP threads are the
-   same runtime and thread count as PyTorch's. */
-BF16_KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N,
-                                      int64_t K) {
-    #pragma omp parallel
-    gemv_band(x, W, b, y, M, N, K);
-}
-
 /* sum of a[i] * b[i] over D bf16 pairs, in fp32 */
 BF16_KERNEL static inline float dot_bf16(const bf16 *a, const bf16 *b, int64_t D) {
     __m512 acc = _mm512_setzero_ps();

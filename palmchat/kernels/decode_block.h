@@ -2,8 +2,8 @@
    decode_bf16.c (AVX512-BF16) and decode_avx2.c (AVX2 + FMA) each include this file once, after defining
 
        KERNEL                                   the function attribute of their instruction set
-       gemv_band(x, W, b, y, M, N, K)           this thread's band of rows of y (M, N) = x (M, K) @ W^T (+ b)
-       rows_q8(x, W, scale, b, y, M, N, K, n0, n1)   rows n0..n1-1 of the same with W int8 and a scale per row
+       rows(x, W, b, y, M, N, K, n0, n1)        rows n0..n1-1 of y (M, N) = x (M, K) @ W^T (+ b), W bf16, M <= 4
+       rows_q8(x, W, scale, b, y, M, N, K, n0, n1)   the same with W int8 and a scale per row
        dot_bf16(a, b, D) -> float               sum of a[i] * b[i] over D bf16 pairs, in fp32
        axpy_bf16(acc, weight, v, D)             acc[d] += weight * v[d] for D bf16 values, fp32 accumulators
 
@@ -37,19 +37,21 @@ static inline bf16 to_bf16(float f) {  /* round to nearest even, as c10::BFloat1
 static inline float round_bf16(float f) { return to_f32(to_bf16(f)); }
 
 /* defined by the including file, for its instruction set (see above) */
-KERNEL static void gemv_band(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K);
-KERNEL static inline float dot_bf16(const bf16 *a, const bf16 *b, int64_t D);
-KERNEL static inline void axpy_bf16(float *acc, float weight, const bf16 *v, int64_t D);
+KERNEL static inline __attribute__((always_inline)) void
+rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1);
 KERNEL static inline __attribute__((always_inline)) void
 rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1);
+KERNEL static inline float dot_bf16(const bf16 *a, const bf16 *b, int64_t D);
+KERNEL static inline void axpy_bf16(float *acc, float weight, const bf16 *v, int64_t D);
 
 /* ------------------------------------------------------------------------------------------------------------
-   int8 weights (kernels/cpu_linear.Int8Linear): W ~ q * scale, one bf16 scale per output row, |q| <= 127. Half
-   the bytes of bf16, so a decode step that streams them from memory takes about half as long. A row's sum of
-   q * x is exact products added in fp32 (an int8 times a bf16 fits fp32's mantissa), times its scale, rounded
-   to bf16; a bias is added after that rounding and the sum rounded again: Int8Linear's PyTorch path, whose
-   torch._weight_int8pack_mm scales the fp32 sum and whose bias is a separate bf16 add.
+   The gemv. Weights are bf16, or int8 with one bf16 scale per output row (kernels/cpu_linear.Int8Linear: W ~ q *
+   scale, |q| <= 127), half the bytes, so a decode step that streams them from memory takes less time. An int8
+   row's sum of q * x is exact products added in fp32 (an int8 times a bf16 fits fp32's mantissa), times its
+   scale, rounded to bf16; a bias is added after that rounding and the sum rounded again: Int8Linear's PyTorch
+   path, whose torch._weight_int8pack_mm scales the fp32 sum and whose bias is a separate bf16 add. A bf16 row's
+   bias joins the fp32 sum before its one rounding, as nn.Linear's does.
    ------------------------------------------------------------------------------------------------------------ */
 
 static inline bf16 finish_q8(float sum, const bf16 *scale, const bf16 *b, int64_t n) {
@@ -57,32 +59,46 @@ static inline bf16 finish_q8(float sum, const bf16 *scale, const bf16 *b, int64_
     return b ? to_bf16(round_bf16(scaled) + to_f32(b[n])) : to_bf16(scaled);
 }
 
-/* This thread's contiguous band of rows of W, in tiles of 16 rows; more than MAX_ROWS rows of x go in groups of
+/* This thread's contiguous band of rows of W (int8 when it has scales), so that each thread streams its own part
+   of the weight, in tiles of 16 rows; more than MAX_ROWS rows of x (a batch of decode steps) go in groups of
    MAX_ROWS over each tile, which stays in L1 between the groups, so W is still read from memory once. */
-KERNEL static void gemv_band_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
-                                int64_t N, int64_t K) {
+KERNEL static void gemv_band(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
+                             int64_t N, int64_t K) {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
     const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
+    const bf16 *w16 = W;
+    const int8_t *w8 = W;
     for (int64_t n = n0; n < n1; n += 16) {
         const int64_t end = n + 16 < n1 ? n + 16 : n1;
         for (int g = 0; g < M; g += MAX_ROWS) {
             const bf16 *xg = x + g * K;
             bf16 *yg = y + g * N;
+            #define ROWS(m) (scale ? rows_q8(xg, w8, scale, b, yg, m, N, K, n, end) \
+                                   : rows(xg, w16, b, yg, m, N, K, n, end))
             switch (M - g) {
-                case 1: rows_q8(xg, W, scale, b, yg, 1, N, K, n, end); break;
-                case 2: rows_q8(xg, W, scale, b, yg, 2, N, K, n, end); break;
-                case 3: rows_q8(xg, W, scale, b, yg, 3, N, K, n, end); break;
-                default: rows_q8(xg, W, scale, b, yg, 4, N, K, n, end); break;
+                case 1: ROWS(1); break;
+                case 2: ROWS(2); break;
+                case 3: ROWS(3); break;
+                default: ROWS(4); break;
             }
+            #undef ROWS
         }
     }
+}
+
+/* y (M, N) = x (M, K) @ W (N, K)^T (+ b), all bf16 and contiguous, M >= 1 rows (a decode step's few; cpu_linear.py
+   sends more to oneDNN or fp32 products, which run faster once the arithmetic outweighs reading W). The OpenMP
+   threads are the same runtime and thread count as PyTorch's. */
+KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K) {
+    #pragma omp parallel
+    gemv_band(x, W, NULL, b, y, M, N, K);
 }
 
 /* y (M, N) = x (M, K) @ (W (N, K) * scale (N,))^T (+ b): Int8Linear's forward for a few rows (cpu_linear.py). */
 KERNEL void palmchat_linear_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
                                int64_t N, int64_t K) {
     #pragma omp parallel
-    gemv_band_q8(x, W, scale, b, y, M, N, K);
+    gemv_band(x, W, scale, b, y, M, N, K);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -158,9 +174,7 @@ KERNEL static void attend(const Block *p, int64_t m, const bf16 *q, int64_t kv_h
 
 /* y = x @ W^T for this thread's band, y rounded to bf16 (the M rows of x contiguous, K wide); W is int8 when it has
    scales S. */
-#define GEMV(x, W, S, b, y, N, K) \
-    ((S) ? gemv_band_q8((x), (const int8_t *)(W), (S), (b), (y), (int)M, (N), (K)) \
-         : gemv_band((x), (const bf16 *)(W), (b), (y), (int)M, (N), (K)))
+#define GEMV(x, W, S, b, y, N, K) gemv_band((x), (W), (S), (b), (y), (int)M, (N), (K))
 
 /* Returns 0, or 1 when out of memory (nothing written then). */
 KERNEL int palmchat_block_bf16(const Block *p) {
