@@ -51,60 +51,6 @@ AVX2_KERNEL static inline float sum8(__m256 v) {
    The gemv
    ------------------------------------------------------------------------------------------------------------ */
 
-/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T + b (N,) (b may be NULL). Inlined with M a constant, so the
-   accumulators stay in registers: two per input row and 16-element chunk (even and odd elements), and two chunks
-   per step when there are 1 or 2 rows, so that at least four FMA chains are in flight (an FMA waits ~4 cycles for
-   the one before it in its chain). The last K % 16 elements go through zero-padded copies. The bias joins the fp32
-   sum before its one rounding to bf16, as nn.Linear's does. */
-AVX2_KERNEL static inline __attribute__((always_inline)) void
-rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-    const int chunks = M <= 2 ? 2 : 1;
-    const int64_t step = 16 * chunks, stepped = K / step * step, full = K / 16 * 16, left = K - full;
-    bf16 x_tail[MAX_ROWS][16], w_tail[16];
-    memset(x_tail, 0, sizeof x_tail);
-    memset(w_tail, 0, sizeof w_tail);
-    for (int m = 0; m < M; m++) memcpy(x_tail[m], x + m * K + full, sizeof(bf16) * left);
-    for (int64_t n = n0; n < n1; n++) {
-        const bf16 *w = W + n * K;
-        __m256 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
-        for (int m = 0; m < M; m++)
-            for (int a = 0; a < 4; a++) acc[m][a] = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k < stepped; k += step)
-            for (int c = 0; c < chunks; c++) {
-                widen(w + k + 16 * c, &w_even, &w_odd);
-                for (int m = 0; m < M; m++) {
-                    widen(x + m * K + k + 16 * c, &x_even, &x_odd);
-                    acc[m][2 * c] = _mm256_fmadd_ps(w_even, x_even, acc[m][2 * c]);
-                    acc[m][2 * c + 1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][2 * c + 1]);
-                }
-            }
-        for (; k < full; k += 16) {  /* a last whole chunk after the steps */
-            widen(w + k, &w_even, &w_odd);
-            for (int m = 0; m < M; m++) {
-                widen(x + m * K + k, &x_even, &x_odd);
-                acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
-                acc[m][1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][1]);
-            }
-        }
-        if (left) {
-            memcpy(w_tail, w + full, sizeof(bf16) * left);
-            widen(w_tail, &w_even, &w_odd);
-            for (int m = 0; m < M; m++) {
-                widen(x_tail[m], &x_even, &x_odd);
-                acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
-                acc[m][1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][1]);
-            }
-        }
-        const float bias = b ? to_f32(b[n]) : 0.0f;
-        for (int m = 0; m < M; m++) {
-            __m256 sum = _mm256_add_ps(acc[m][0], acc[m][1]);
-            if (chunks == 2) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[m][2], acc[m][3]));
-            y[m * N + n] = to_bf16(sum8(sum) + bias);
-        }
-    }
-}
-
 /* 16 int8 -> their even and odd elements as 8 fp32 each, paired as widen() pairs bf16: sign-extended to 16 bits,
    each 32-bit lane holds elements 2i (low half) and 2i+1 (high half); arithmetic shifts take each half out with
    its sign. One lane-crossing op per 16 weights. */
@@ -114,34 +60,47 @@ AVX2_KERNEL static inline void widen_q8(const int8_t *p, __m256 *even, __m256 *o
     *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(pairs, 16));
 }
 
-/* rows() for int8 weights (decode_block.h's int8 section): the same accumulators and steps. */
+/* Weight elements i..i+15 of W (bf16, or int8 when q8) as even and odd fp32, paired as widen() pairs x's. */
 AVX2_KERNEL static inline __attribute__((always_inline)) void
-rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
-        int64_t n0, int64_t n1) {
+widen_weights(const void *W, int q8, int64_t i, __m256 *even, __m256 *odd) {
+    if (q8)
+        widen_q8((const int8_t *)W + i, even, odd);
+    else
+        widen((const bf16 *)W + i, even, odd);
+}
+
+/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T + b (N,) (b may be NULL), W bf16 or (q8) int8 with a scale per
+   row (decode_block.h's gemv section has both roundings). Inlined with M and q8 constants, so the accumulators
+   stay in registers: two per input row and 16-element chunk (even and odd elements), and two chunks per step when
+   there are 1 or 2 rows, so that at least four FMA chains are in flight (an FMA waits ~4 cycles for the one
+   before it in its chain). The last K % 16 elements go through zero-padded copies. */
+AVX2_KERNEL static inline __attribute__((always_inline)) void
+weight_rows(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+            int64_t n0, int64_t n1, const int q8) {
     const int chunks = M <= 2 ? 2 : 1;
+    const int64_t size = q8 ? 1 : sizeof(bf16);  /* bytes per weight */
     const int64_t step = 16 * chunks, stepped = K / step * step, full = K / 16 * 16, left = K - full;
-    bf16 x_tail[MAX_ROWS][16];
-    int8_t w_tail[16];
+    bf16 x_tail[MAX_ROWS][16], w_tail[16];  /* w_tail: 16 bf16 or (the first half) 16 int8 */
     memset(x_tail, 0, sizeof x_tail);
     memset(w_tail, 0, sizeof w_tail);
     for (int m = 0; m < M; m++) memcpy(x_tail[m], x + m * K + full, sizeof(bf16) * left);
     for (int64_t n = n0; n < n1; n++) {
-        const int8_t *w = W + n * K;
+        const char *w = (const char *)W + n * K * size;
         __m256 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
         for (int m = 0; m < M; m++)
             for (int a = 0; a < 4; a++) acc[m][a] = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k < stepped; k += step)
             for (int c = 0; c < chunks; c++) {
-                widen_q8(w + k + 16 * c, &w_even, &w_odd);
+                widen_weights(w, q8, k + 16 * c, &w_even, &w_odd);
                 for (int m = 0; m < M; m++) {
                     widen(x + m * K + k + 16 * c, &x_even, &x_odd);
                     acc[m][2 * c] = _mm256_fmadd_ps(w_even, x_even, acc[m][2 * c]);
                     acc[m][2 * c + 1] = _mm256_fmadd_ps(w_odd, x_odd, acc[m][2 * c + 1]);
                 }
             }
-        for (; k < full; k += 16) {
-            widen_q8(w + k, &w_even, &w_odd);
+        for (; k < full; k += 16) {  /* a last whole chunk after the steps */
+            widen_weights(w, q8, k, &w_even, &w_odd);
             for (int m = 0; m < M; m++) {
                 widen(x + m * K + k, &x_even, &x_odd);
                 acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
@@ -149,8 +108,8 @@ rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *
             }
         }
         if (left) {
-            memcpy(w_tail, w + full, left);
-            widen_q8(w_tail, &w_even, &w_odd);
+            memcpy(w_tail, w + full * size, size * left);
+            widen_weights(w_tail, q8, 0, &w_even, &w_odd);
             for (int m = 0; m < M; m++) {
                 widen(x_tail[m], &x_even, &x_odd);
                 acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
@@ -160,9 +119,20 @@ rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *
         for (int m = 0; m < M; m++) {
             __m256 sum = _mm256_add_ps(acc[m][0], acc[m][1]);
             if (chunks == 2) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[m][2], acc[m][3]));
-            y[m * N + n] = finish_q8(sum8(sum), scale, b, n);
+            y[m * N + n] = q8 ? finish_q8(sum8(sum), scale, b, n) : to_bf16(sum8(sum) + (b ? to_f32(b[n]) : 0.0f));
         }
     }
+}
+
+AVX2_KERNEL static inline __attribute__((always_inline)) void
+rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    weight_rows(x, W, NULL, b, y, M, N, K, n0, n1, 0);
+}
+
+AVX2_KERNEL static inline __attribute__((always_inline)) void
+rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+        int64_t n0, int64_t n1) {
+    weight_rows(x, W, scale, b, y, M, N, K, n0, n1, 1);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
