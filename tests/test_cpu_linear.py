@@ -208,10 +208,13 @@ def test_under_the_avx2_cap_the_avx2_kernel_is_chosen_and_said_once(avx2_only, c
 
 
 @pytest.mark.parametrize("rows", [1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, MAX_AVX2_ROWS, MAX_AVX2_ROWS + 1, 40])
-def test_below_avx512_a_bf16_packed_linear_runs_the_kernel_or_fp32_products(avx2_only, rows):
+@pytest.mark.parametrize("bands", ["one", "of 16 rows"])
+def test_below_avx512_a_bf16_packed_linear_runs_the_kernel_or_fp32_products(avx2_only, rows, bands, monkeypatch):
     """oneDNN cannot pack bf16 there: up to MAX_AVX2_ROWS rows (decode steps) go to decode_avx2.c, more (prefill)
     to fp32 products of the bf16 values, rounded once, with the bias. Not PyTorch's bf16 matmul, which such a CPU
-    emulates."""
+    emulates. The weight is widened in bands of its rows (here one, or six with the last one short)."""
+    if bands != "one":
+        monkeypatch.setattr(cpu_linear, "BAND_BYTES", 1)  # the smallest band: 16 rows
     assert can_pack(torch.bfloat16)
     w, b = torch.randn(90, 45).bfloat16(), (10 * torch.randn(90)).bfloat16()
     packed = PackedLinear(w, b)

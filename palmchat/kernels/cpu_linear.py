@@ -10,7 +10,8 @@ weights from memory. Two kernels, picked per call by the number of rows (tokens)
 - prefill and larger batches: oneDNN with the weight pre-packed in its blocked layout
   (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears with freezing). Below AVX-512
   oneDNN cannot pack bf16, so there a bf16 layer computes these in fp32 (the bf16 values widened, fp32 products
-  and sums, one rounding to bf16: the numerics of every other path), since PyTorch's bf16 matmul is emulated.
+  and sums, one rounding to bf16: the numerics of every other path), since PyTorch's bf16 matmul is emulated;
+  the weight is widened a band of rows at a time (banded_linear), so that its fp32 copy stays in the cache.
 The C kernels read each thread's rows of W as one stream in memory order, which draws more bandwidth from DRAM
 than oneDNN's blocked layout (measured in benchmarks/README.md). They are built by setup.py on x86-64 Linux;
 without them (not built, or another architecture such as ARM, where none exists yet) oneDNN and PyTorch serve
@@ -149,9 +150,25 @@ class PackedLinear(nn.Module):
         if self.plain is not None and x.dtype == torch.bfloat16 and few_rows:
             return linear_bf16(x, self.plain, self.bias)
         if self.packed is None:  # bf16 below AVX-512: fp32 products of the bf16 values, rounded once
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.unpacked.float(), bias).to(x.dtype)
+            return banded_linear(x, lambda band: self.unpacked[band].float(), self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+BAND_BYTES = 4 << 20  # banded_linear's widened copy of a band of W: fits a core's share of the L3
+
+
+def banded_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in the dtype of `weight_rows(band)`, which gives rows `band` of W widened (to fp32, from bf16 or
+    int8), rounded once to x's dtype. W is widened a band of ~BAND_BYTES at a time, so that each band
+    is still in the cache when the product reads it: widening a large W whole would write the copy to memory and
+    read it back (benchmarks/README.md: prefill below AVX-512)."""
+    rows = max(16, BAND_BYTES // (4 * x.shape[-1]))
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    for start in range(0, out_features, rows):
+        band = slice(start, start + rows)
+        w = weight_rows(band)
+        y[..., band] = F.linear(x.to(w.dtype), w, None if bias is None else bias[band].to(w.dtype))
+    return y
 
 
 INT8_KERNEL_ROWS = 8  # torch's int8 GEMV beats widening the weight up to a few rows (a decode step, a small batch)
@@ -180,9 +197,9 @@ class Int8Linear(nn.Module):
         if weight.dtype == torch.bfloat16 and bf16_kernel() is not None:
             self.kernel_rows = MAX_AVX2_ROWS if decode_kernel_level() == "avx2" else MAX_KERNEL_ROWS
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight these int8 values and scales stand for, in the scales' dtype: (out, in)."""
-        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight these int8 values and scales stand for (or those `rows` of it), in the scales' dtype."""
+        return self.qweight[rows].to(self.scale.dtype) * self.scale[rows, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -192,7 +209,7 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features)
         elif x.dtype == torch.bfloat16 and not cpu.cpu_supports("avx512"):  # PyTorch emulates bf16 matmuls there
-            y = F.linear(x.float(), self.dequantized().float()).to(x.dtype)
+            y = banded_linear(x, lambda band: self.dequantized(band).float(), self.out_features)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
