@@ -18,7 +18,10 @@ palmchat.checkpoint.hf, as a user's model.
 
 Every measurement runs in its own process (this script re-invoked with --worker), so that each side's peak RSS
 is its own and no side inherits another's allocator state; the model files are written once into --workdir.
-Timing: a warm-up, then the median of the timed repeats. Nothing is installed here.
+Timing: a warm-up, then the median of the timed repeats. With `--rounds N` every setting is measured N times,
+the settings taking turns (one round through all of them, then the next), and each figure is the median over the
+rounds: on a shared VM whose memory bandwidth drifts by tens of percent over minutes, back-to-back settings would
+otherwise be compared at different bandwidths. Nothing is installed here.
 """
 
 from __future__ import annotations
@@ -321,6 +324,14 @@ def run_worker(name: str, folder: Path, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_over_rounds(rounds: list[dict]) -> dict:
+    """One setting's result: the median of each figure over its rounds (an error in any round is the result)."""
+    for r in rounds:
+        if "error" in r:
+            return r
+    return {k: statistics.median(r[k] for r in rounds) if isinstance(v, float) else v for k, v in rounds[0].items()}
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -336,6 +347,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the decode measurement")
     ap.add_argument("--reps", type=int, default=2, help="timed generate calls per setting")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every setting this many times, the settings "
+                    "taking turns; each figure is the median over the rounds")
     ap.add_argument("--batch", type=int, default=2, help="LoRA SFT: sequences per step")
     ap.add_argument("--seq", type=int, default=257, help="LoRA SFT: tokens per sequence (targets: seq - 1)")
     ap.add_argument("--steps", type=int, default=3, help="LoRA SFT: timed steps (after one warm-up)")
@@ -372,16 +385,18 @@ def main():
               f"{config.head_dim}, {config.n_kv_heads} kv heads, ffn {config.ffn_hidden}, vocab {config.vocab_size}; "
               f"{fmt(config.num_params() / 1e6)}M parameters", flush=True)
         gguf_note = (folder / "gguf_refused.txt").read_text() if (folder / "gguf_refused.txt").is_file() else None
-        results = {}
-        for name in WORKERS:
-            if "llama.cpp" in name and (gguf_note or "not installed" in llama_version):
-                results[name] = {"error": gguf_note or "llama-cpp-python not installed"}
-                continue
-            results[name] = run_worker(name, folder, args)
-            print(f"  {name}: {results[name]}", flush=True)
+        runs = {name: [] for name in WORKERS}
+        for turn in range(args.rounds):
+            for name in WORKERS:
+                if "llama.cpp" in name and (gguf_note or "not installed" in llama_version):
+                    runs[name] = [{"error": gguf_note or "llama-cpp-python not installed"}]
+                    continue
+                runs[name].append(run_worker(name, folder, args))
+                print(f"  round {turn + 1}, {name}: {runs[name][-1]}", flush=True)
+        results = {name: median_over_rounds(r) for name, r in runs.items()}
 
-        print(f"batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens (greedy), {args.reps} repeats; "
-              f"decode = 1 / median step (mean alongside):")
+        print(f"batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens (greedy), {args.reps} repeats, "
+              f"{args.rounds} round(s); decode = 1 / median step (mean alongside):")
         print(f"  {'setting':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'(mean)':>8}{'decode vs palmchat':>20}")
         ours = results["decode palmchat bf16"]
         for name in [n for n in WORKERS if n.startswith("decode")]:
