@@ -158,16 +158,16 @@ BAND_BYTES = 4 << 20  # banded_linear's widened copy of a band of W: fits a core
 
 
 def banded_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear in the dtype of `weight_rows(band)`, which gives rows `band` of W widened (to fp32, from bf16 or
-    int8), rounded once to x's dtype. W is widened a band of ~BAND_BYTES at a time, so that each band
-    is still in the cache when the product reads it: widening a large W whole would write the copy to memory and
-    read it back (benchmarks/README.md: prefill below AVX-512)."""
+    """x @ W^T (+ bias) in fp32, rounded once to x's dtype, where `weight_rows(band)` gives rows `band` of W in fp32
+    (widened from bf16, or dequantized from int8). W is widened ~BAND_BYTES of rows at a time, so that each band is
+    still in the cache when the product reads it: widening a large W whole would write the copy to memory and read
+    it back (benchmarks/README.md: prefill below AVX-512)."""
+    xf = x.float()
     rows = max(16, BAND_BYTES // (4 * x.shape[-1]))
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     for start in range(0, out_features, rows):
         band = slice(start, start + rows)
-        w = weight_rows(band)
-        y[..., band] = F.linear(x.to(w.dtype), w, None if bias is None else bias[band].to(w.dtype))
+        y[..., band] = F.linear(xf, weight_rows(band), None if bias is None else bias[band].float())
     return y
 
 
