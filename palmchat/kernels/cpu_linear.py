@@ -181,9 +181,9 @@ class Int8Linear(nn.Module):
     through palmchat's C decode kernel (linear_q8) where it is built; without it, up to INT8_KERNEL_ROWS rows run
     PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``, gpt-fast's), which widens the int8 values in
     registers (its CPU kernel reads the input dimension in steps of 16 and returns garbage otherwise, so other
-    layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul (to
-    fp32 below AVX-512, where PyTorch emulates bf16 matmuls). The scales are kept in the compute dtype, so every
-    path multiplies by the same numbers."""
+    layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul
+    (below AVX-512, where PyTorch emulates bf16 matmuls, to fp32 a band of rows at a time: banded_linear). The
+    scales are kept in the compute dtype, so every path multiplies by the same numbers."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
