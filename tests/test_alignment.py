@@ -102,7 +102,7 @@ def test_reward_is_read_at_each_responses_own_end_of_turn(pipeline):
     for row in range(len(rollout.prompts)):
         n = int(rollout.prompt_lens[row] + rollout.response_lens[row])
         seq = rollout.ids[row, :n].tolist() + ([] if rollout.finished[row] else [tokenizer.chat_format.eot_id])
-        alone = rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]))
+        alone = rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]), response_start=rollout.prompt_lens[row:row + 1])
         assert abs(alone.item() - batch_scores[row].item()) < 1e-4
 
 
@@ -111,7 +111,9 @@ def test_reward_model_beats_chance_on_held_out_rankings(pipeline):
     and better than its own untrained start (the same head initialisation on the same backbone): a sign flip in the
     loss, a reward read at the wrong token or a head that does not train all fail this. The pipeline's own models
     are too raw for it (after 30 pretraining steps a trained reward model does no better than a random head), so
-    this one starts from 150 steps of pretraining (and SFT)."""
+    this one starts from 150 steps of pretraining (and SFT). Both readouts: the end-of-turn head alone, and the
+    default that adds the reply's logit gap, which orders pairs above chance before any training (what the
+    fine-tuned model knows) and more after."""
     from palmchat.data.chat import parse_ranking
     from palmchat.eval.reward import ranking_metrics, score_rankings
     from palmchat.model.heads import RewardModel
@@ -123,22 +125,29 @@ def test_reward_model_beats_chance_on_held_out_rankings(pipeline):
                                save_every=150, dtype="fp32"))
     sft_ckpt = sft(SFTArgs(base=str(pt), data=[str(data / "sft.jsonl")], out=str(root / "rm_sft"), epochs=1,
                            batch_size=16, lr=1e-3, dtype="fp32"))
-    rm = reward(RewardArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")], out=str(root / "rm_150"), epochs=2,
-                           batch_size=16, lr=1e-3, warmup_steps=2, dtype="fp32"))
-    config = checkpoint.read_config(rm)
-    after = config["eval"]["after"]
-    assert config["stage"] == "reward" and after["pairwise_accuracy"] < after["labeller_agreement"] < 1
-    tokenizer = checkpoint.load_tokenizer(rm)
+    tokenizer = checkpoint.load_tokenizer(sft_ckpt)
     rankings = [parse_ranking(r) for r in World(seed=0).ranking_examples(200, split="heldout")]
-    trained, _ = load_reward_model(rm)
-    torch.manual_seed(0)  # as the reward stage does before it loads its base: its head starts from this draw
-    backbone, _, _ = checkpoint.load_model(sft_ckpt)
-    untrained = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id)
-    with torch.no_grad():
-        accuracy = {name: ranking_metrics(*score_rankings(model.eval(), tokenizer, rankings, 128, 32, "cpu", None))
-                    ["pairwise_accuracy"] for name, model in (("trained", trained), ("untrained", untrained))}
-    assert accuracy["trained"] > 0.54, accuracy  # 0.565 measured; 0.45 with the loss's sign flipped
-    assert accuracy["trained"] > accuracy["untrained"] + 0.04, accuracy  # 0.495 untrained
+    accuracy = {}
+    for readout, lm_coef in (("eot", 0.0), ("eot+gap", 0.1)):
+        rm = reward(RewardArgs(base=str(sft_ckpt), data=[str(data / "rankings.jsonl")], out=str(root / readout),
+                               epochs=2, batch_size=16, lr=1e-3, warmup_steps=2, dtype="fp32", readout=readout,
+                               lm_coef=lm_coef))
+        config = checkpoint.read_config(rm)
+        after = config["eval"]["after"]
+        assert config["readout"] == readout and after["pairwise_accuracy"] < after["labeller_agreement"] < 1
+        trained, _ = load_reward_model(rm)
+        torch.manual_seed(0)  # as the reward stage does before it loads its base: its head starts from this draw
+        backbone, _, _ = checkpoint.load_model(sft_ckpt)
+        untrained = RewardModel(backbone, eot_id=tokenizer.chat_format.eot_id, readout=readout)
+        with torch.no_grad():
+            for name, model in (("trained", trained), ("untrained", untrained)):
+                metrics = ranking_metrics(*score_rankings(model.eval(), tokenizer, rankings, 128, 32, "cpu", None))
+                accuracy[readout, name] = metrics["pairwise_accuracy"]
+    assert accuracy["eot", "trained"] > 0.54, accuracy  # 0.565 measured; 0.45 with the loss's sign flipped
+    assert accuracy["eot", "trained"] > accuracy["eot", "untrained"] + 0.04, accuracy  # 0.526 untrained
+    # 0.552 untrained (with the gap's sign flipped: 0.48), 0.5675 trained
+    assert accuracy["eot+gap", "untrained"] > 0.54, accuracy
+    assert accuracy["eot+gap", "trained"] > accuracy["eot+gap", "untrained"], accuracy
 
 
 def test_dpo_with_lora_saves_only_the_adapter_and_merges(pipeline):
@@ -201,23 +210,28 @@ def test_ppo_and_grpo_run_and_save(pipeline):
 
 
 def test_reward_lm_regulariser_is_the_top_responses_own_next_token_loss(pipeline):
+    """The reward stage's one chunked forward gives each row's reward as a forward of it alone would, and the
+    summed log-prob of each ranking's top response (0 on the others) as the language model's own softmax does."""
     from palmchat.data.chat import load_rankings, ranking_batch
-    from palmchat.train.reward import best_response_nll
+    from palmchat.model.heads import RewardModel
+    from palmchat.train.reward import rewards_and_best_logprobs
 
-    model, _, ckpt = checkpoint.load_model(pipeline["sft"])
+    backbone, _, ckpt = checkpoint.load_model(pipeline["sft"])
     tokenizer = checkpoint.load_tokenizer(ckpt)
+    model = RewardModel(backbone, tokenizer.chat_format.eot_id, readout="eot+gap").eval()
     rankings = load_rankings(pipeline["data"] / "rankings.jsonl")[:3]
     batch = ranking_batch(tokenizer, rankings, 128)
     with torch.no_grad():
-        got = best_response_nll(model, model.hidden_states(batch["ids"]), batch, "cpu")
-        losses = []
-        for row in torch.nonzero(batch["rank"] == 0).flatten().tolist():  # one top response at a time, unpadded
+        rewards, logps = rewards_and_best_logprobs(model, batch, "cpu")
+        for row in range(len(batch["ids"])):  # one row at a time, unpadded
             n, p = int(batch["lengths"][row]), int(batch["prompt_lens"][row])
             ids = batch["ids"][row, :n]
-            logp = model(ids[None, :-1])[0].log_softmax(-1)
-            losses += [-logp[t - 1, ids[t]] for t in range(p, n)]  # every response token, the eot included
-        want = torch.stack(losses).mean()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            alone = model(ids[None], torch.tensor([n - 1]), response_start=torch.tensor([p]))
+            torch.testing.assert_close(rewards[row:row + 1], alone, rtol=1e-4, atol=1e-5)
+            logp = backbone(ids[None, :-1])[0].log_softmax(-1)
+            want = sum(logp[t - 1, ids[t]] for t in range(p, n)) if batch["rank"][row] == 0 else torch.tensor(0.)
+            torch.testing.assert_close(logps[row], want, rtol=1e-4, atol=1e-4)  # every token, the eot included
+        assert (logps[batch["rank"] == 0] < 0).all()
 
 
 def test_ppo_ptx_learns_the_pretraining_text(pipeline):

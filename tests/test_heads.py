@@ -192,3 +192,87 @@ def test_value_from_reward_model(tiny_config):
     with torch.no_grad():
         torch.testing.assert_close(vm(ids)[:, -1], rm(ids, torch.tensor([ids.shape[1] - 1])))
     assert vm.head.weight.data_ptr() != rm.head.weight.data_ptr()  # a copy, not shared
+
+
+# ============================================================================ the eot+gap readout
+def gap_model(block="parallel"):
+    model = RewardModel(Transformer(preset("tiny", vocab_size=97, block=block)), EOT_ID, readout="eot+gap").eval()
+    with torch.no_grad():
+        model.gap_weight.fill_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("block", ["parallel", "sequential"])
+def test_gap_readout_adds_the_replys_mean_logit_gap_by_hand(block):
+    model = gap_model(block)
+    seq = conversation(5, 4, seed=0)
+    start = 2 + 5 + 2  # bos, user, 5 prompt tokens, eot, assistant: the reply begins here
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        got = model(ids, torch.tensor([len(seq) - 1]), response_start=torch.tensor([start]))
+        hidden = model.backbone.hidden_states(ids)
+        logits = model.backbone.logits(hidden)[0]
+        gaps = [logits[t - 1, seq[t]] - logits[t - 1].max() for t in range(start, len(seq))]  # the eot included
+        want = model.head(hidden[0, -1]) + 0.5 * torch.stack(gaps).mean()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert all(g <= 0 for g in gaps) and min(gaps) < -1e-3  # random replies are not what the model would write
+
+
+def test_gap_is_zero_for_the_reply_the_model_would_write_itself():
+    from palmchat.model.heads import response_logit_gaps
+
+    model = gap_model()
+    seq = conversation(5, 0, seed=0)[:-1]  # the prompt, up to the assistant token
+    with torch.no_grad():
+        for _ in range(6):  # greedy decoding
+            seq.append(int(model.backbone(torch.tensor([seq]))[0, -1].argmax()))
+        ids = torch.tensor([seq])
+        hidden = model.backbone.hidden_states(ids)
+        greedy = response_logit_gaps(model.backbone, hidden, ids, torch.tensor([len(seq) - 6]),
+                                     torch.tensor([len(seq) - 1]))
+        ids[0, -3] = (seq[-3] + 1) % 97  # one token that is not the model's choice
+        other = response_logit_gaps(model.backbone, model.backbone.hidden_states(ids), ids,
+                                    torch.tensor([len(seq) - 6]), torch.tensor([len(seq) - 1]))
+    assert greedy.item() == 0.0 and other.item() < 0
+
+
+def test_gap_readout_same_alone_right_padded_left_padded(batch):
+    model = gap_model()
+    target, seqs = batch
+    starts = torch.tensor([len(s) - s[::-1].index(ASSISTANT_ID) for s in seqs])  # after the last assistant token
+    with torch.no_grad():
+        alone = model(torch.tensor([target]), torch.tensor([len(target) - 1]), response_start=starts[1:2])
+        ids, lengths = pad_right(seqs, 0)
+        right = model(ids, lengths - 1, response_start=starts)
+        ids_l, mask = pad_left(seqs, 0)
+        shift = ids_l.shape[1] - lengths
+        left = model(ids_l, torch.full_like(lengths, ids_l.shape[1] - 1), padding_mask=mask,
+                     response_start=starts + shift)
+        scored = model.score(ids_l, padding_mask=mask, start=starts + shift)
+        with pytest.raises(ValueError, match="response_start"):
+            model(ids, lengths - 1)
+    torch.testing.assert_close(right[1:2], alone, atol=ATOL, rtol=0)
+    torch.testing.assert_close(left, right, atol=ATOL, rtol=0)
+    torch.testing.assert_close(scored, right, atol=ATOL, rtol=0)
+
+
+def test_gap_readout_save_load_round_trip_and_a_head_without_its_weight(tmp_path, batch):
+    from safetensors.torch import load_file, save_file
+
+    model = gap_model()
+    _, seqs = batch
+    ids, lengths = pad_right(seqs, 0)
+    starts = torch.tensor([len(s) - s[::-1].index(ASSISTANT_ID) for s in seqs])
+    with torch.no_grad():
+        before = model(ids, lengths - 1, response_start=starts)
+    final = save_reward_model(model, tmp_path / "rm", 1, {})
+    loaded, config = load_reward_model(final)
+    assert config["readout"] == "eot+gap" and loaded.gap_weight.item() == 0.5
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids, lengths - 1, response_start=starts), before)
+    head = load_file(final / HEAD_FILE)
+    save_file({k: v for k, v in head.items() if k != "gap_weight"}, final / HEAD_FILE)
+    with pytest.raises(checkpoint.CheckpointError, match=r"head.safetensors: head tensors .* do not match"):
+        load_reward_model(final)
+    with pytest.raises(ValueError, match="unknown reward readout 'mean'"):
+        RewardModel(Transformer(preset("tiny", vocab_size=97)), EOT_ID, readout="mean")

@@ -137,7 +137,8 @@ def test_gradient_accumulation_takes_the_same_steps_in_smaller_pieces(tiny_base,
     other, _ = trained_weights(reward(reward_args(tiny_base, tmp_path / "other", batch_size=2, normalize="none")))
     for name in whole.keys() - {"head.bias"}:  # the loss sees only differences: the bias's gradient is 0 up to
         # rounding, which Adam turns into steps of +-lr either way
-        torch.testing.assert_close(pieces[name], whole[name], atol=1e-4, rtol=1e-4)
+        # (the LM loss normalised per micro-batch instead of per step: differences up to 1.3e-2)
+        torch.testing.assert_close(pieces[name], whole[name], atol=3e-4, rtol=1e-4)
     assert any(not torch.allclose(other[name], whole[name], atol=1e-3) for name in whole)  # batch 2 differs
 
 

@@ -25,17 +25,19 @@ LONG_PROMPT = [BOS_ID, USER_ID, *range(10, 20), EOT_ID, ASSISTANT_ID]
 KEPT = [BOS_ID, 14, 15, 16, 17, 18, 19, EOT_ID, ASSISTANT_ID, 30, 31, EOT_ID]
 
 
-@pytest.fixture(scope="module")
-def rm():
+@pytest.fixture(scope="module", params=["eot", "eot+gap"])
+def rm(request):
     torch.manual_seed(0)
-    model = RewardModel(preset("tiny", vocab_size=64, max_seq_len=CTX), EOT_ID).eval()
+    model = RewardModel(preset("tiny", vocab_size=64, max_seq_len=CTX), EOT_ID, readout=request.param).eval()
     torch.nn.init.normal_(model.head.weight, std=1.0)  # rewards far apart, so a different cut shows
     return model
 
 
 def alone(rm, ids):
+    """The reward of one sequence, its reply starting after its last assistant token."""
+    reply_start = len(ids) - ids[::-1].index(ASSISTANT_ID)
     with torch.no_grad():
-        return rm(torch.tensor([ids]), torch.tensor([len(ids) - 1])).item()
+        return rm(torch.tensor([ids]), torch.tensor([len(ids) - 1]), response_start=torch.tensor([reply_start])).item()
 
 
 def test_score_responses_cuts_the_oldest_prompt_tokens_and_keeps_bos(rm):

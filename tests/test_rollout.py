@@ -65,7 +65,7 @@ class RecordingRewardModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.seen = []
 
-    def forward(self, ids, index):
+    def forward(self, ids, index, response_start=None):
         self.seen += [row[: int(i) + 1].tolist() for row, i in zip(ids, index)]
         return torch.ones(len(ids)) + self.w
 

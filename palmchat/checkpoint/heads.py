@@ -2,8 +2,9 @@
 
     model.safetensors   the backbone's weights (same names as any model checkpoint:
                         ``checkpoint.load_model`` loads it as a language model)
-    head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,)
-    config.json         {"model": ..., "head": "reward" | "value", "eot_id": ... (reward only),
+    head.safetensors    the head: ``weight`` (1, dim), ``bias`` (1,), and ``gap_weight`` (1,) for a reward model
+                        whose readout is "eot+gap" (model/heads.py)
+    config.json         {"model": ..., "head": "reward" | "value", "eot_id": ..., "readout": ... (reward only),
                          "tokenizer": {"sha256": ..., "vocab_size": ...}, ...}
 
 A reward model or critic only means something with the tokenizer it was trained with: pass the policy's
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from palmchat.checkpoint import native as checkpoint
-from palmchat.model.heads import RewardModel, ScalarHeadModel, ValueModel
+from palmchat.model.heads import READOUTS, RewardModel, ScalarHeadModel, ValueModel
 
 HEAD_FILE = "head.safetensors"
 
@@ -29,7 +30,7 @@ def _save(model: ScalarHeadModel, run_dir, step, config, tokenizer_path, optimiz
     """adapter: save only that LoRA adapter of the backbone (config must then name "lora" and "base")."""
     config = {**config, "model": model.config.to_dict(), "head": model.kind}
     if isinstance(model, RewardModel):
-        config["eot_id"] = model.eot_id
+        config.update(eot_id=model.eot_id, readout=model.readout)
     return checkpoint.save_checkpoint(run_dir, step, model.backbone, config, tokenizer_path=tokenizer_path,
                                       optimizer=optimizer, keep_last=keep_last, adapter=adapter,
                                       extra_tensors={HEAD_FILE.removesuffix(".safetensors"): model.head_state_dict()})
@@ -75,19 +76,23 @@ def _load(cls, path, what: str, device, dtype, accept: tuple[str, ...], eot_id: 
         raise checkpoint.CheckpointError(f"{ckpt} is a {kind} model checkpoint, not a {what} checkpoint")
     if tokenizer is not None:
         checkpoint.check_tokenizer(ckpt, tokenizer, what=what)
-    args = (_reward_eot_id(ckpt, config, eot_id),) if cls is RewardModel else ()
+    kwargs = {}
+    if cls is RewardModel:
+        readout = config.get("readout", "eot")
+        if readout not in READOUTS:
+            raise checkpoint.CheckpointError(f"{ckpt}: config.json: unknown reward readout {readout!r} (this "
+                                             f"palmchat reads {', '.join(READOUTS)})")
+        kwargs = {"eot_id": _reward_eot_id(ckpt, config, eot_id), "readout": readout}
     backbone, _, _ = checkpoint.load_model(ckpt)  # full weights, or a base with its LoRA adapter merged in
-    model = cls(backbone, *args)
+    model = cls(backbone, **kwargs)
     try:
         tensors = load_file(ckpt / HEAD_FILE)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: unreadable safetensors file ({e})") from None
-    expected = model.head.state_dict()
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        want = {k: tuple(v.shape) for k, v in expected.items()}
-        raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: head tensors {got} do not match the model's {want}")
-    model.head.load_state_dict(tensors)
+    try:
+        model.load_head_state_dict(tensors)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{ckpt / HEAD_FILE}: {e}") from None
     model.to(device=device, dtype=dtype)
     return model, config
 

@@ -46,10 +46,11 @@ def score_responses(reward_model, prompts: Sequence[Sequence[int]], responses: S
     for i, p in enumerate(prompts):
         groups.setdefault(tuple(int(t) for t in p), []).append(i)
     seqs: list[list[int]] = [[] for _ in prompts]
+    starts = [0] * len(prompts)  # where each reply begins after its prompt's cut
     for prompt, rows in groups.items():
         for i, encoded in zip(rows, scoring_sequences(prompt, [responses[i] for i in rows], max_len, eot_id,
                                                       max_prompt_len)):
-            seqs[i] = encoded.ids
+            seqs[i], starts[i] = encoded.ids, encoded.prompt_len
     if not seqs:
         return torch.zeros(0)
     device = next(reward_model.parameters()).device
@@ -58,7 +59,8 @@ def score_responses(reward_model, prompts: Sequence[Sequence[int]], responses: S
     try:
         ids, lengths = pad_right(seqs, pad_id)
         with autocast(device, dtype):  # rows of similar length together, little padding (model/length_chunks.py)
-            rewards = rewards_by_length(reward_model, ids.to(device), (lengths - 1).to(device), batch_size)
+            rewards = rewards_by_length(reward_model, ids.to(device), (lengths - 1).to(device), batch_size,
+                                        response_start=torch.tensor(starts, device=device))
         return rewards.float().cpu()
     finally:
         reward_model.train(was_training)

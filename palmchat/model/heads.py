@@ -9,6 +9,13 @@ the explicit eot index (never "the last position", a pad, or a mean over tokens)
 * left padding: pass ``padding_mask`` so positions restart at each row's first real token and
   pads are masked out as keys (see ``Transformer.hidden_states``).
 
+The reward model can also read how far the reply is from what it would have said itself (``readout="eot+gap"``):
+the score at the end-of-turn token plus a learned multiple of the reply's mean *logit gap*, each reply token's logit
+under the backbone's own output layer minus the largest logit at its position (0 where the model would have
+picked that token itself). On the bundled world's held-out questions the end-of-turn score alone reads little of
+what the backbone knows (a fine-tuned model's own likelihood orders a correct reply over a wrong one far more
+often than its reward head does); the gap hands that knowledge to the score directly (docs/decisions.md).
+
 Saving and loading them: palmchat/checkpoint/heads.py. The end-of-turn id belongs to the tokenizer's chat format,
 not to the model: it is passed in, and stored in the reward model's config so that the checkpoint reads its score
 at the same token it was trained on.
@@ -19,13 +26,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from palmchat.model.config import ModelConfig
 from palmchat.model.length_chunks import map_length_chunks
 from palmchat.model.transformer import Transformer
 
-__all__ = ["end_of_turn_index", "rewards_by_length", "RewardModel", "ValueModel"]
+__all__ = ["end_of_turn_index", "rewards_by_length", "response_logit_gaps", "RewardModel", "ValueModel", "READOUTS"]
+
+READOUTS = ("eot", "eot+gap")  # what a reward model's score reads: the end-of-turn state, plus the mean logit gap
+GAP_ROWS = 1024  # response positions projected onto the vocabulary at a time by response_logit_gaps
 
 
 def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = None,
@@ -55,10 +66,43 @@ def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = No
     return index
 
 
-def rewards_by_length(reward_model, ids: Tensor, eot_index: Tensor, max_rows: int | None = None) -> Tensor:
-    """``reward_model(ids, eot_index)`` on right-padded rows that end at their eot, in chunks of similar length
-    (model/length_chunks.py): the same rewards with little padding. ``max_rows`` caps the rows per pass."""
-    return map_length_chunks(lambda chunk, rows: reward_model(chunk, eot_index[rows]), ids, eot_index + 1, max_rows)
+def rewards_by_length(reward_model, ids: Tensor, eot_index: Tensor, max_rows: int | None = None,
+                      response_start: Tensor | None = None) -> Tensor:
+    """``reward_model(ids, eot_index, response_start=response_start)`` on right-padded rows that end at their eot,
+    in chunks of similar length (model/length_chunks.py): the same rewards with little padding. ``max_rows`` caps
+    the rows per pass."""
+    def chunk_rewards(chunk, rows):
+        start = None if response_start is None else response_start[rows]
+        return reward_model(chunk, eot_index[rows], response_start=start)
+
+    return map_length_chunks(chunk_rewards, ids, eot_index + 1, max_rows)
+
+
+def response_logit_gaps(backbone: Transformer, hidden: Tensor, ids: Tensor, response_start: Tensor,
+                        eot_index: Tensor) -> Tensor:
+    """(N,) float32: each row's mean over its reply tokens ``ids[i, response_start[i]:eot_index[i] + 1]`` (its eot
+    included) of the token's logit minus the largest logit at the position that predicts it, under ``backbone``'s
+    output layer on ``hidden`` (N, T, C). Always <= 0; 0 for a reply the model would have written greedily.
+    The vocabulary projection runs on the reply positions alone, GAP_ROWS at a time, and is recomputed in backward
+    instead of kept, so a large vocabulary costs one block of logits."""
+    start = response_start.to(ids.device)
+    if bool((start < 1).any()) or bool((start > eot_index).any()):
+        raise ValueError("response_start must be >= 1 (the first token has no prediction) and at most eot_index")
+    positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    is_reply = (positions >= start[:, None]) & (positions <= eot_index[:, None])  # (N, T) reply tokens
+    rows, cols = is_reply.nonzero(as_tuple=True)
+    predicting, targets = hidden[rows, cols - 1], ids[rows, cols]
+
+    def gaps(h: Tensor, t: Tensor) -> Tensor:
+        logits = backbone.logits(h).float()
+        return logits.gather(-1, t[:, None]).squeeze(-1) - logits.amax(-1)
+
+    parts = [torch.utils.checkpoint.checkpoint(gaps, predicting[i:i + GAP_ROWS], targets[i:i + GAP_ROWS],
+                                               use_reentrant=False) if torch.is_grad_enabled()
+             else gaps(predicting[i:i + GAP_ROWS], targets[i:i + GAP_ROWS])
+             for i in range(0, len(rows), GAP_ROWS)]
+    total = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, torch.cat(parts))
+    return total / is_reply.sum(1).clamp_min(1)
 
 
 def _make_head(dim: int) -> nn.Linear:
@@ -84,25 +128,55 @@ class ScalarHeadModel(nn.Module):
     def head_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
 
+    def load_head_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of head_state_dict; ValueError naming the tensors if they are not this model's."""
+        expected = self.head_state_dict()
+        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+            got = {k: tuple(v.shape) for k, v in tensors.items()}
+            want = {k: tuple(v.shape) for k, v in expected.items()}
+            raise ValueError(f"head tensors {got} do not match the model's {want}")
+        self.head.load_state_dict({k: tensors[k] for k in ("weight", "bias")})
+
 
 class RewardModel(ScalarHeadModel):
-    """PaLM backbone + ``Linear(dim, 1)``: a scalar reward read at the response's end-of-turn token."""
+    """PaLM backbone + ``Linear(dim, 1)``: a scalar reward read at the response's end-of-turn token, plus
+    ``gap_weight`` times the reply's mean logit gap with ``readout="eot+gap"`` (module docstring)."""
 
     kind = "reward"
     end_of_turn_index = staticmethod(end_of_turn_index)
 
-    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int):
-        """``eot_id``: the end-of-turn id of the tokenizer's chat format (``tokenizer.chat_format.eot_id``)."""
+    def __init__(self, backbone: Transformer | ModelConfig, eot_id: int, readout: str = "eot"):
+        """``eot_id``: the end-of-turn id of the tokenizer's chat format (``tokenizer.chat_format.eot_id``);
+        ``readout``: one of READOUTS."""
         super().__init__(backbone)
+        if readout not in READOUTS:
+            raise ValueError(f"unknown reward readout {readout!r}: there are {', '.join(READOUTS)}")
         self.eot_id = eot_id
+        self.readout = readout
+        # starts at 1: a logit gap of -1 per token costs as much reward as one unit of the head's
+        self.gap_weight = nn.Parameter(torch.ones(())) if readout == "eot+gap" else None
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        tensors = super().head_state_dict()
+        if self.gap_weight is not None:
+            tensors["gap_weight"] = self.gap_weight.detach().reshape(1).cpu()
+        return tensors
+
+    def load_head_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        super().load_head_state_dict(tensors)
+        if self.gap_weight is not None:
+            with torch.no_grad():
+                self.gap_weight.copy_(tensors["gap_weight"].reshape(()))
 
     def forward(self, ids: Tensor, eot_index: Tensor, padding_mask: Tensor | None = None,
-                check: bool = True, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                check: bool = True, return_hidden: bool = False,
+                response_start: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """ids (N, T), eot_index (N,) -> (N,) float32 rewards, read at ``ids[i, eot_index[i]]``.
 
         Right padding needs no mask; left padding needs ``padding_mask`` (True on real tokens).
         ``check`` verifies that every ``eot_index`` points at a real end-of-turn token.
         ``return_hidden`` also returns the backbone's (N, T, C) final hidden states.
+        ``response_start`` (N,): the index of each reply's first token, which the "eot+gap" readout needs.
         """
         rows = torch.arange(ids.shape[0], device=ids.device)
         eot_index = eot_index.to(ids.device)
@@ -116,12 +190,19 @@ class RewardModel(ScalarHeadModel):
                                  f"end-of-turn token (id {self.eot_id}); found id {int(ids[row, eot_index[row]])}")
         hidden = self.backbone.hidden_states(ids, padding_mask=padding_mask)  # (N, T, C)
         rewards = self.head(hidden[rows, eot_index]).squeeze(-1).float()
+        if self.gap_weight is not None:
+            if response_start is None:
+                raise ValueError("this reward model reads the reply's logit gap (readout 'eot+gap'): pass "
+                                 "response_start, the index of each reply's first token")
+            gaps = response_logit_gaps(self.backbone, hidden, ids, response_start, eot_index)
+            rewards = rewards + self.gap_weight.float() * gaps
         return (rewards, hidden) if return_hidden else rewards
 
     def score(self, ids: Tensor, padding_mask: Tensor | None = None, start: Tensor | None = None) -> Tensor:
-        """Rewards read at each row's last real eot (see :func:`end_of_turn_index`)."""
+        """Rewards read at each row's last real eot (see :func:`end_of_turn_index`); ``start`` (N,), the index of
+        each reply's first token, is where the eot is looked for and the reply the "eot+gap" readout reads."""
         index = end_of_turn_index(ids, self.eot_id, padding_mask, start)
-        return self(ids, index, padding_mask, check=False)
+        return self(ids, index, padding_mask, check=False, response_start=start)
 
 
 class ValueModel(ScalarHeadModel):
