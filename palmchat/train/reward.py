@@ -198,9 +198,11 @@ def main(args: RewardArgs) -> Path:
         order = epoch_order(len(train), args.seed, epoch)[pos * per_step:(pos + 1) * per_step]
         lr = cosine_lr(step, max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
         totals = {"loss": 0.0, "accuracy": 0.0, "lm_loss": 0.0}
-        chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]  # fewer if data are
-        batches = [ranking_batch(tokenizer, [train[i] for i in micro], max_len) for micro in chunks]  # short of one
-        # the LM loss is a mean over the step's top-reply tokens, whichever micro-batch holds them          # step
+        # micro-batches of batch_size rankings (fewer if the data are short of one step)
+        batches = [ranking_batch(tokenizer, [train[i] for i in order[first:first + args.batch_size]], max_len)
+                   for first in range(0, len(order), args.batch_size)]
+        # the ranking loss is a mean of the micro-batches' means; the LM loss a mean over all of the step's top-reply
+        # tokens, whichever micro-batch holds them, so accumulation takes the steps one big batch would
         lm_tokens = sum(int((b["lengths"] - b["prompt_lens"])[b["rank"] == 0].sum()) for b in batches)
         for batch in batches:
             num = batch["num_responses"].to(device)
@@ -209,9 +211,9 @@ def main(args: RewardArgs) -> Path:
                 grouped = group_by_ranking(rewards.float(), num)
                 loss, _ = ranking_loss(margin_rewards(grouped, args.margin), num)
             lm_loss = -best_logp.sum() / max(lm_tokens, 1)
-            # micro-batches of batch_size rankings each: the ranking loss is a mean of their means
-            (loss / len(batches) + args.lm_coef * lm_loss).backward()
-            totals["loss"] += (loss / len(batches) + args.lm_coef * lm_loss).item()
+            step_loss = loss / len(batches) + args.lm_coef * lm_loss
+            step_loss.backward()
+            totals["loss"] += step_loss.item()
             totals["lm_loss"] += lm_loss.item()
             totals["accuracy"] += float(ranking_loss(grouped.detach(), num)[1]) / len(batches)
         optimizer_step(optimizer, model.parameters(), args.grad_clip, lr)
