@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -155,8 +157,16 @@ def test_reward_model_save_load_round_trip(tmp_path, tiny_config, batch):
 
     loaded, config = load_reward_model(tmp_path / "rm")  # a run folder resolves through `latest`
     assert config["stage"] == "reward" and config["head"] == "reward" and config["step"] == 7
+    assert config["readout"] == "eot"
     with torch.no_grad():
         assert torch.equal(loaded.eval()(ids, lengths - 1), before)
+    # a checkpoint written before reward models had readouts is an end-of-turn one
+    config_path = final / "config.json"
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items()
+                                       if k != "readout"}))
+    older, _ = load_reward_model(final)
+    with torch.no_grad():
+        assert older.readout == "eot" and torch.equal(older.eval()(ids, lengths - 1), before)
 
     # model.safetensors is a plain PaLM checkpoint: same names, loads as a language model
     lm, _, _ = checkpoint.load_model(final)

@@ -36,7 +36,7 @@ from palmchat.model.transformer import Transformer
 __all__ = ["end_of_turn_index", "rewards_by_length", "response_logit_gaps", "RewardModel", "ValueModel", "READOUTS"]
 
 READOUTS = ("eot", "eot+gap")  # what a reward model's score reads: the end-of-turn state, plus the mean logit gap
-GAP_ROWS = 1024  # response positions projected onto the vocabulary at a time by response_logit_gaps
+GAP_BLOCK_BYTES = 64 << 20  # the float32 logits response_logit_gaps holds at a time
 
 
 def end_of_turn_index(ids: Tensor, eot_id: int, padding_mask: Tensor | None = None,
@@ -83,8 +83,8 @@ def response_logit_gaps(backbone: Transformer, hidden: Tensor, ids: Tensor, resp
     """(N,) float32: each row's mean over its reply tokens ``ids[i, response_start[i]:eot_index[i] + 1]`` (its eot
     included) of the token's logit minus the largest logit at the position that predicts it, under ``backbone``'s
     output layer on ``hidden`` (N, T, C). Always <= 0; 0 for a reply the model would have written greedily.
-    The vocabulary projection runs on the reply positions alone, GAP_ROWS at a time, and is recomputed in backward
-    instead of kept, so a large vocabulary costs one block of logits."""
+    The vocabulary projection runs on the reply positions alone, GAP_BLOCK_BYTES of logits at a time, and is
+    recomputed in backward instead of kept, so a large vocabulary costs one block of logits."""
     start = response_start.to(ids.device)
     if bool((start < 1).any()) or bool((start > eot_index).any()):
         raise ValueError("response_start must be >= 1 (the first token has no prediction) and at most eot_index")
@@ -97,10 +97,11 @@ def response_logit_gaps(backbone: Transformer, hidden: Tensor, ids: Tensor, resp
         logits = backbone.logits(h).float()
         return logits.gather(-1, t[:, None]).squeeze(-1) - logits.amax(-1)
 
-    parts = [torch.utils.checkpoint.checkpoint(gaps, predicting[i:i + GAP_ROWS], targets[i:i + GAP_ROWS],
+    block = max(16, GAP_BLOCK_BYTES // (4 * backbone.config.vocab_size))
+    parts = [torch.utils.checkpoint.checkpoint(gaps, predicting[i:i + block], targets[i:i + block],
                                                use_reentrant=False) if torch.is_grad_enabled()
-             else gaps(predicting[i:i + GAP_ROWS], targets[i:i + GAP_ROWS])
-             for i in range(0, len(rows), GAP_ROWS)]
+             else gaps(predicting[i:i + block], targets[i:i + block])
+             for i in range(0, len(rows), block)]
     total = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, torch.cat(parts))
     return total / is_reply.sum(1).clamp_min(1)
 
