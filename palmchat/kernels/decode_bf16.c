@@ -77,51 +77,67 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
     }
 }
 
-/* Rows n0..n1-1 of y = x @ (W * scale)^T (+ b) with int8 W (decode_block.h's int8 section). 32 int8 are
-   sign-extended to 16 bits, so that each 32-bit lane holds elements 2i and 2i+1, and arithmetic shifts take out
-   each with its sign; x's bf16 are split into even and odd elements alike (a bf16 is the upper half of the fp32
-   of the same value), and fp32 FMAs sum the exact products. Two chunks of 32 per step keep four FMA chains in
-   flight for one row. */
-BF16_KERNEL static inline void widen_q8(const int8_t *p, __mmask32 lanes, __m512 *even, __m512 *odd) {
-    const __m512i pairs = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, p));
-    *even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16));
-    *odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(pairs, 16));
+/* x's M rows widened to fp32 once per call (exact: a bf16 is the upper half of the fp32 of the same value), in a
+   buffer of this thread's that grows as needed and lives as long as the thread (OpenMP's pool keeps its threads).
+   NULL when out of memory. */
+static float *widened_rows(const bf16 *x, int M, int64_t K) {
+    static __thread float *buffer;
+    static __thread int64_t capacity;
+    if (M * K > capacity) {
+        float *grown = realloc(buffer, (size_t)(M * K) * sizeof(float));
+        if (!grown) return NULL;
+        buffer = grown;
+        capacity = M * K;
+    }
+    for (int64_t i = 0; i < M * K; i++) buffer[i] = to_f32(x[i]);
+    return buffer;
 }
 
-BF16_KERNEL static inline void widen_x(const bf16 *p, __mmask32 lanes, __m512 *even, __m512 *odd) {
-    const __m512i raw = _mm512_maskz_loadu_epi16(lanes, p);
-    *even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-    *odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
-}
+/* How far ahead of its loads rows_q8 asks for the int8 weights: with the hardware prefetchers alone a core read
+   them more slowly through this kernel's 16-byte loads than the bf16 gemv reads its weights through 64-byte ones
+   (benchmarks/README.md, bench_byom.py); the bf16 gemv did not gain from it. */
+#define Q8_PREFETCH_BYTES 2048
 
+/* Rows n0..n1-1 of y = x @ (W * scale)^T (+ b) with int8 W (decode_block.h's int8 section). x is widened to fp32
+   once per call; each 16 int8 are sign-extended to 32 bits and converted to fp32 (exact), and fp32 FMAs sum the
+   exact products, four chains in flight per row. Three vector instructions per 16 weights, so that on a core that
+   streams ~10 GB/s the int8 weights, not the widening, set the pace (widening x's bf16 per weight as well cost
+   twice as many, more than a core's share of memory bandwidth takes). */
 BF16_KERNEL static inline __attribute__((always_inline)) void
 rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1) {
-    const int64_t full = K / 32 * 32;
-    const __mmask32 all = (__mmask32)-1, tail = (__mmask32)((1ull << (K - full)) - 1);
+    const float *xf = widened_rows(x, M, K);
+    if (!xf) {  /* out of memory: the same sums, widening x as they go */
+        for (int64_t n = n0; n < n1; n++)
+            for (int m = 0; m < M; m++) {
+                float sum = 0.0f;
+                for (int64_t k = 0; k < K; k++) sum = fmaf((float)W[n * K + k], to_f32(x[m * K + k]), sum);
+                y[m * N + n] = finish_q8(sum, scale, b, n);
+            }
+        return;
+    }
+    const int64_t full = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K - full)) - 1);
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *w = W + n * K;
-        __m512 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
+        __m512 acc[MAX_ROWS][4];
         for (int m = 0; m < M; m++)
             for (int a = 0; a < 4; a++) acc[m][a] = _mm512_setzero_ps();
         int64_t k = 0;
-        for (; k + 64 <= K; k += 64)
-            for (int c = 0; c < 2; c++) {
-                widen_q8(w + k + 32 * c, all, &w_even, &w_odd);
-                for (int m = 0; m < M; m++) {
-                    widen_x(x + m * K + k + 32 * c, all, &x_even, &x_odd);
-                    acc[m][2 * c] = _mm512_fmadd_ps(w_even, x_even, acc[m][2 * c]);
-                    acc[m][2 * c + 1] = _mm512_fmadd_ps(w_odd, x_odd, acc[m][2 * c + 1]);
-                }
+        for (; k + 64 <= K; k += 64) {
+            _mm_prefetch((const char *)(w + k) + Q8_PREFETCH_BYTES, _MM_HINT_T0);
+            for (int c = 0; c < 4; c++) {
+                const __m512 w16 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i *)(w + k + 16 * c))));
+                for (int m = 0; m < M; m++)
+                    acc[m][c] = _mm512_fmadd_ps(w16, _mm512_loadu_ps(xf + m * K + k + 16 * c), acc[m][c]);
             }
-        for (; k < K; k += 32) {  /* a last whole chunk, then the last K % 32 (masked-off lanes load as zeros) */
-            const __mmask32 lanes = k < full ? all : tail;
-            widen_q8(w + k, lanes, &w_even, &w_odd);
-            for (int m = 0; m < M; m++) {
-                widen_x(x + m * K + k, lanes, &x_even, &x_odd);
-                acc[m][0] = _mm512_fmadd_ps(w_even, x_even, acc[m][0]);
-                acc[m][1] = _mm512_fmadd_ps(w_odd, x_odd, acc[m][1]);
-            }
+        }
+        for (; k < K; k += 16) {  /* whole chunks of 16 after the steps, then the last K % 16 (masked: zeros) */
+            const __mmask16 lanes = k < full ? (__mmask16)-1 : tail;
+            const __m512 w16 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes, w + k)));
+            for (int m = 0; m < M; m++)
+                acc[m][0] = _mm512_fmadd_ps(w16, _mm512_maskz_loadu_ps(lanes, xf + m * K + k), acc[m][0]);
         }
         for (int m = 0; m < M; m++) {
             const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));

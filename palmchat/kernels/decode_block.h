@@ -60,16 +60,17 @@ static inline bf16 finish_q8(float sum, const bf16 *scale, const bf16 *b, int64_
 }
 
 /* This thread's contiguous band of rows of W (int8 when it has scales), so that each thread streams its own part
-   of the weight, in tiles of 16 rows; more than MAX_ROWS rows of x (a batch of decode steps) go in groups of
-   MAX_ROWS over each tile, which stays in L1 between the groups, so W is still read from memory once. */
+   of the weight: in one pass for up to MAX_ROWS rows of x, else in tiles of 16 rows, over each of which the rows
+   of x (a batch of decode steps) go in groups of MAX_ROWS while the tile stays in L1, so W is still read from
+   memory once. */
 KERNEL static void gemv_band(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
                              int64_t N, int64_t K) {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
-    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
+    const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads, tile = M <= MAX_ROWS ? n1 - n0 : 16;
     const bf16 *w16 = W;
     const int8_t *w8 = W;
-    for (int64_t n = n0; n < n1; n += 16) {
-        const int64_t end = n + 16 < n1 ? n + 16 : n1;
+    for (int64_t n = n0; n < n1; n += tile) {
+        const int64_t end = n + tile < n1 ? n + tile : n1;
         for (int g = 0; g < M; g += MAX_ROWS) {
             const bf16 *xg = x + g * K;
             bf16 *yg = y + g * N;
