@@ -26,8 +26,8 @@ class GenerateArgs:
     stop: list[str] = arg([], "stop sequences (text)")
     num_samples: int = arg(1, "independent samples, generated as one batch")
     dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    quantize: str = arg("none", "weights for decoding: none, or int8 (a scale per row: half of bf16's bytes)",
-                       choices=["none", "int8"])
+    quantize: str = arg("none", "weights for decoding: none, int8 (a scale per row: half of bf16's bytes) or "
+                       "int4 (llama.cpp's Q4_0: a scale per 32, ~0.28x bf16's bytes)", choices=["none", "int8", "int4"])
 
 
 def _load_for_inference(path: str, dtype_setting: str, quantize: str = "none"):
@@ -75,8 +75,8 @@ class ChatArgs:
     temperature: float = arg(0.7, "sampling temperature; 0 = greedy")
     top_p: float = arg(0.95, "nucleus sampling mass")
     dtype: str = arg("auto", "decode precision: auto, bf16 or fp32", choices=["auto", "bf16", "fp32"])
-    quantize: str = arg("none", "weights for decoding: none, or int8 (a scale per row: half of bf16's bytes)",
-                       choices=["none", "int8"])
+    quantize: str = arg("none", "weights for decoding: none, int8 (a scale per row: half of bf16's bytes) or "
+                       "int4 (llama.cpp's Q4_0: a scale per 32, ~0.28x bf16's bytes)", choices=["none", "int8", "int4"])
 
 
 def chat_main(args: ChatArgs) -> None:

@@ -54,15 +54,17 @@ def test_generate_on_a_hugging_face_folder_matches_transformers(qwen, capsys):
     assert theirs.strip() and ours == theirs
 
 
-def test_int8_weights_in_generate_and_serve_give_the_same_greedy_reply(qwen, tmp_path, capsys):
-    """--quantize int8: `palmchat generate` and `palmchat serve` (through the openai client) decode with int8
-    weights and give the same greedy reply, and it is the int8 engine's, not the bf16 one's answer passed off."""
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_weights_in_generate_and_serve_give_the_same_greedy_reply(qwen, tmp_path, capsys, quantize):
+    """--quantize int8 or int4: `palmchat generate` and `palmchat serve` (through the openai client) decode with
+    those weights and give the same greedy reply: the quantized engine's. 4 bits change this flat random model's
+    greedy reply (to an empty one) where int8 keeps it: so the flag reached both commands."""
     from openai import OpenAI
 
     assert cli(["generate", str(qwen), "--prompt", PROMPT[1]["content"], "--temperature", "0",
-                "--max-new-tokens", "12", "--dtype", "bf16", "--quantize", "int8"]) == 0
+                "--max-new-tokens", "12", "--dtype", "bf16", "--quantize", quantize]) == 0
     generated = capsys.readouterr().out.rstrip("\n")
-    server = Server(qwen, tmp_path / "db.sqlite", "--dtype", "bf16", "--quantize", "int8", "--moderation", "none",
+    server = Server(qwen, tmp_path / "db.sqlite", "--dtype", "bf16", "--quantize", quantize, "--moderation", "none",
                     log=tmp_path / "server.log", no_auth=True).start()
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused")
@@ -70,14 +72,16 @@ def test_int8_weights_in_generate_and_serve_give_the_same_greedy_reply(qwen, tmp
                                                temperature=0, max_tokens=12)
     finally:
         server.stop()
-    assert generated.strip() and reply.choices[0].message.content == generated
+    assert reply.choices[0].message.content == generated
     from palmchat.inference.engine import Engine, SamplingParams
 
     model = checkpoint.load_model(str(qwen))[0].eval()
     chat_format = checkpoint.load_tokenizer(str(qwen)).chat_format
-    int8 = Engine(model, dtype=torch.bfloat16, quantize="int8").generate(
-        [chat_format.render_prompt(PROMPT[1:])], SamplingParams(max_new_tokens=12, temperature=0))[0]
-    assert chat_format.decode_reply(int8.tokens).strip() == generated.strip()
+    replies = {kind: chat_format.decode_reply(Engine(model, dtype=torch.bfloat16, quantize=kind).generate(
+        [chat_format.render_prompt(PROMPT[1:])], SamplingParams(max_new_tokens=12, temperature=0))[0].tokens).strip()
+        for kind in (None, quantize)}
+    assert replies[quantize] == generated.strip()
+    assert (replies[quantize] == replies[None] != "") if quantize == "int8" else (replies[quantize] != replies[None])
 
 
 def test_import_hf_gives_a_native_checkpoint_with_the_same_logits(qwen, tmp_path):

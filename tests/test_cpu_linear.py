@@ -13,10 +13,12 @@ from palmchat.kernels import cpu_linear
 from palmchat.kernels.cpu_linear import (
     MAX_AVX2_ROWS,
     MAX_KERNEL_ROWS,
+    Int4Linear,
     Int8Linear,
     PackedLinear,
     can_pack,
     linear_bf16,
+    linear_q4,
     linear_q8,
     onednn_only,
 )
@@ -90,6 +92,30 @@ def test_linear_q8_equals_the_exact_scaled_product_rounded_to_bf16(level, rows, 
         linear_q8(x, layer.qweight.float(), layer.scale, level=level)
     if level == cpu_linear.decode_kernel_level():  # Int8Linear takes the process's kernel for a few rows
         assert torch.equal(layer(x[:MAX_KERNEL_ROWS]), linear_q8(x[:MAX_KERNEL_ROWS], layer.qweight, layer.scale,
+                                                                 layer.bias))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("rows", [1, 2, 3, MAX_KERNEL_ROWS, MAX_AVX2_ROWS])
+@pytest.mark.parametrize("out_features, in_features", [(1, 32), (33, 96), (300, 64), (96, 896), (5, 160)])
+def test_linear_q4_equals_the_exact_blockwise_product_rounded_to_bf16(level, rows, out_features, in_features):
+    """4-bit weights with a scale per block of 32 (odd and even numbers of blocks): each row's exact sum of the
+    dequantized weights times x, rounded once to bf16; a bias added after that rounding and rounded again."""
+    if rows > MAX_KERNEL_ROWS and level != "avx2":
+        pytest.skip("only decode_avx2.c takes more than MAX_KERNEL_ROWS rows")
+    w = torch.randn(out_features, in_features)
+    w[0, :32] = 0  # an all-zero block: scale 0
+    layer = Int4Linear(w.bfloat16(), (10 * torch.randn(out_features)).bfloat16())
+    x = torch.randn(rows, in_features).bfloat16()
+    y = linear_q4(x, layer.qweight, layer.scale, level=level)
+    assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
+    assert_bf16_close(y, x, layer.dequantized())
+    with_bias = linear_q4(x, layer.qweight, layer.scale, layer.bias, level=level)
+    assert_bf16_close(with_bias, y, torch.eye(out_features, dtype=torch.bfloat16), layer.bias)
+    with pytest.raises(ValueError, match="fp16 scales"):
+        linear_q4(x, layer.qweight, layer.scale.bfloat16(), level=level)
+    if level == cpu_linear.decode_kernel_level():  # Int4Linear takes the process's kernel for a few rows
+        assert torch.equal(layer(x[:MAX_KERNEL_ROWS]), linear_q4(x[:MAX_KERNEL_ROWS], layer.qweight, layer.scale,
                                                                  layer.bias))
 
 
@@ -300,15 +326,20 @@ def each_kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("shape", TINY_SHAPES)
-def test_int8_greedy_generation_through_the_kernel_equals_pytorchs_int8_path(each_kernel, shape):
-    """quantize="int8" on a bf16 copy: decode steps through the fused blocks and the int8 gemv (the head too)
-    against the same int8 weights with the kernels off (PyTorch's int8 kernel or the dequantized weight, blocks op
-    by op): the same tokens, log-probs to bf16 precision; batch 1 and two rows of different lengths."""
+def test_quantized_greedy_generation_through_the_kernel_equals_the_pytorch_path(each_kernel, shape, quantize):
+    """quantize="int8" or "int4" on a bf16 copy: decode steps through the fused blocks and the quantized gemv (the
+    head too) against the same weights with the kernels off (PyTorch's int8 kernel or the dequantized weight,
+    blocks op by op): the same tokens, log-probs to bf16 precision; batch 1 and two rows of different lengths. The
+    odd widths keep int8 under "int4" (no multiple of 32 in)."""
     model = tiny_model(**TINY_SHAPES[shape])
-    kernel, plain = (Engine(model, dtype=torch.bfloat16, quantize="int8") for _ in range(2))
+    kernel, plain = (Engine(model, dtype=torch.bfloat16, quantize=quantize) for _ in range(2))
     blocks = kernel.sync().blocks
-    assert all(isinstance(b, FusedBlock) and b.call.s_attn_out for b in blocks)  # int8 weights in the kernel
+    assert all(isinstance(b, FusedBlock) and b.call.s_attn_out for b in blocks)  # quantized weights in the kernel
+    four_bit = quantize == "int4" and model.config.dim % 32 == 0
+    assert all(b.call.q4 == (0b1111 if four_bit else 0) for b in blocks)
+    assert isinstance(kernel.packed_head, Int4Linear if four_bit else Int8Linear)
     assert kernel.packed_head.kernel_rows > 0
     runner = plain.sync()
     onednn_only(runner, plain.packed_head)

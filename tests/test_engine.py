@@ -277,30 +277,32 @@ def test_packed_copy_matches_other_model_variants(overrides):
 # ---- int8 weights ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("overrides", [{}, {"block": "sequential", "n_kv_heads": 2, "tie_embeddings": False}])
-def test_int8_engine_decodes_what_its_int8_weights_say(overrides):
-    """quantize="int8": every linear layer and the output projection of the inference copy hold int8 weights; the
-    greedy tokens (batched, with the KV cache, prefill and decode steps) and their log-probs are those of one plain
-    float64 forward pass of the model with those int8 weights dequantized, within bf16 activations' rounding (logits
-    of this peaked model reach ~20, where a bf16 step is 0.125)."""
+def test_quantized_engine_decodes_what_its_quantized_weights_say(overrides, quantize):
+    """quantize="int8" or "int4": every linear layer and the output projection of the inference copy hold int8
+    (or 4-bit) weights; the greedy tokens (batched, with the KV cache, prefill and decode steps) and their log-probs
+    are those of one plain float64 forward pass of the model with those weights dequantized, within bf16
+    activations' rounding (logits of this peaked model reach ~20, where a bf16 step is 0.125)."""
     import copy
 
     from torch import nn
 
-    from palmchat.kernels.cpu_linear import Int8Linear
+    from palmchat.kernels.cpu_linear import Int4Linear, Int8Linear, quantized_linear
 
     model = make_model(**overrides)
-    engine = Engine(model, dtype=torch.bfloat16, quantize="int8")
+    engine = Engine(model, dtype=torch.bfloat16, quantize=quantize)
     outs = engine.generate(PROMPTS, greedy(12))
     runner = engine.sync()
+    kind = Int8Linear if quantize == "int8" else Int4Linear
     assert not any(isinstance(m, nn.Linear) for name, m in runner.named_modules() if name != "lm_head")
-    assert isinstance(engine.packed_head, Int8Linear) and any(isinstance(m, Int8Linear) for m in runner.modules())
+    assert isinstance(engine.packed_head, kind) and any(isinstance(m, kind) for m in runner.modules())
 
     reference = copy.deepcopy(model).double()
     with torch.no_grad():
         for module in reference.modules():
             if isinstance(module, nn.Linear):
-                module.weight.copy_(Int8Linear(module.weight.to(torch.bfloat16)).dequantized())
+                module.weight.copy_(quantized_linear(module.weight.to(torch.bfloat16), None, quantize).dequantized())
         head = engine.packed_head.dequantized().double()
     for prompt, out in zip(PROMPTS, outs):
         seq = torch.tensor([prompt + out.tokens])

@@ -157,7 +157,8 @@ def test_metadata(block, tokenizer_dir, tokenizer, tmp_path):
     assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("f16", 1e-3), ("bf16", 0.0), ("q8_0", 2e-2)])
+# q4_0: a block's extreme maps to -8 d exactly, so a value of the other sign clips at 7 d: up to 1/8 of the largest
+@pytest.mark.parametrize("dtype, tolerance", [("f16", 1e-3), ("bf16", 0.0), ("q8_0", 2e-2), ("q4_0", 0.13)])
 def test_lower_precisions_dequantize_close(dtype, tolerance, tokenizer_dir, tmp_path):
     model = make_model("sequential")
     reader = gguf.GGUFReader(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf", dtype=dtype))
@@ -170,6 +171,39 @@ def test_lower_precisions_dequantize_close(dtype, tolerance, tokenizer_dir, tmp_
         else:
             scale = weight.abs().max()
             assert (rebuilt[name] - weight).abs().max() <= tolerance * scale, name
+
+
+def test_q4_0_blocks_are_llama_cpps_and_the_int4_engines(tokenizer_dir, tmp_path):
+    """quantize_q4_0 (the engine's --quantize int4) writes, byte for byte, the Q4_0 blocks of gguf-py's port of
+    llama.cpp's quantize_row_q4_0_ref (an all-zero block, a negative extreme, ties for the largest |w| included),
+    and the q4_0 export of a model holds those same blocks for its weights."""
+    from gguf import GGMLQuantizationType, quants
+
+    from palmchat.kernels.cpu_linear import dequantize_q4_0, quantize_q4_0
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    w[0, :32] = 0
+    w[1, 5] = -4 * w[1].abs().max()
+    w[2, :32] = w[2, 0]
+    w[3, 40], w[3, 41] = 3.0, -3.0
+    qweight, scale = quantize_q4_0(w)
+    blocks = np.concatenate([scale.numpy().view(np.uint8).reshape(16, 8, 2), qweight.numpy().reshape(16, 8, 16)], -1)
+    theirs = quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0)
+    assert np.array_equal(blocks.reshape(16, -1), theirs)
+    assert np.array_equal(dequantize_q4_0(qweight, scale).numpy(), quants.dequantize(theirs, GGMLQuantizationType.Q4_0))
+
+    model = make_model("sequential")
+    exported = {t.name: t for t in gguf.GGUFReader(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf",
+                                                               dtype="q4_0")).tensors}
+    for name, weight in (("blk.0.ffn_down.weight", model.blocks[0].ff_out.weight),
+                         ("blk.1.attn_output.weight", model.blocks[1].attn_out.weight)):
+        qweight, scale = quantize_q4_0(weight)
+        rows, blocks = qweight.shape[0], qweight.shape[1] // 16
+        ours = np.concatenate([scale.numpy().view(np.uint8).reshape(rows, blocks, 2),
+                               qweight.numpy().reshape(rows, blocks, 16)], -1)
+        assert exported[name].tensor_type == GGMLQuantizationType.Q4_0
+        assert exported[name].data.tobytes() == ours.tobytes(), name
 
 
 def test_permutation_makes_adjacent_pair_rotary_compute_palmchats_scores():

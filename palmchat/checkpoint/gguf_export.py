@@ -70,7 +70,7 @@ __all__ = ["DTYPES", "OLLAMA_MODELFILE", "ExportGGUFArgs", "export_gguf", "expor
 # dtype -> (tensor type of the 2-D weights, general.file_type). Norm weights stay f32, as llama.cpp's converter
 # writes them (ggml computes norms in f32 and the vectors are tiny).
 DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-          "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+          "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
 
 # ModelConfig fields whose every value the export maps (or that do not change what the model computes).
 # A field missing here (one a later family adds, such as q/k/v biases or a sliding window) is refused by name
@@ -258,8 +258,8 @@ def _encode(weight: torch.Tensor, tensor_type: str) -> tuple[np.ndarray, object]
     if tensor_type == "F16":
         return data.astype(np.float16), None
     kind = GGMLQuantizationType[tensor_type]
-    if kind == GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
-        return data.astype(np.float16), None  # q8_0 packs rows in blocks of 32 (llama.cpp's converter does this)
+    if kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0) and data.shape[-1] % 32:
+        return data.astype(np.float16), None  # they pack rows in blocks of 32 (llama.cpp's converter does this)
     return quants.quantize(data, kind), kind
 
 
@@ -459,7 +459,7 @@ def _write_metadata(writer, config: ModelConfig, arch: str, vocab: GGUFVocab, fi
     c = config
     writer.add_name(name)
     writer.add_file_type(int(LlamaFileType[file_type]))
-    if file_type == "MOSTLY_Q8_0":
+    if file_type in ("MOSTLY_Q8_0", "MOSTLY_Q4_0"):
         writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.dim)
@@ -503,8 +503,9 @@ def export_gguf(model: torch.nn.Module | str | os.PathLike, tokenizer_path_or_fo
     tokenizer (tokenizer.json or a folder holding it, palmchat's or a Hugging Face one; None: the checkpoint
     folder's) as one GGUF file at `out_file`, atomically.
 
-    dtype: "f32", "f16", "bf16" or "q8_0" for the 2-D weights (norms stay f32; q8_0 falls back to f16 for a
-    tensor whose rows are not a multiple of 32). Returns the path written."""
+    dtype: "f32", "f16", "bf16", "q8_0" or "q4_0" for the 2-D weights (norms stay f32; q8_0 and q4_0 fall back to
+    f16 for a tensor whose rows are not a multiple of 32; q4_0's blocks are those of `--quantize int4`). Returns the
+    path written."""
     import gguf
 
     if dtype not in DTYPES:

@@ -53,7 +53,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from palmchat.inference.fused_block import fuse_blocks
 from palmchat.inference.kv_cache import KVCache
-from palmchat.kernels.cpu_linear import Int8Linear, PackedLinear, can_pack, pack_linears, quantize_linears
+from palmchat.kernels.cpu_linear import (
+    QUANTIZATIONS,
+    PackedLinear,
+    can_pack,
+    pack_linears,
+    quantize_linears,
+    quantized_linear,
+)
 from palmchat.model.lora import lora_layers
 
 # ---------------------------------------------------------------------------------------------
@@ -441,17 +448,19 @@ class Row:
 class Engine:
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, quantize: str | None = None):
         """dtype: of the inference copy (None: decode with the model itself). quantize="int8": the copy's linear
-        layers and output projection hold int8 weights with a scale per row (kernels/cpu_linear.Int8Linear)."""
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+        layers and output projection hold int8 weights with a scale per row (kernels/cpu_linear.Int8Linear);
+        "int4": 4-bit weights with a scale per block of 32 (Int4Linear; int8 where a layer's input is not a
+        multiple of 32 wide)."""
+        if quantize not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantize must be None or one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
         if quantize and dtype is None:
-            raise ValueError("int8 weights are an inference copy's: give its dtype (bf16 or fp32)")
+            raise ValueError(f"{quantize} weights are an inference copy's: give its dtype (bf16 or fp32)")
         self.model = model
         self.config = model.config
         self.dtype, self.quantize = dtype, quantize
         self._copy: nn.Module | None = None
         self._copy_versions: list | None = None
-        # set by sync(): the copy's output projection, int8 or packed (its weight is the tied embedding or
+        # set by sync(): the copy's output projection, quantized or packed (its weight is the tied embedding or
         # lm_head's), or None
         self.packed_head = None
 
@@ -471,12 +480,12 @@ class Engine:
             with torch.inference_mode():
                 runner = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
                 # Transformer.logits reads lm_head.weight, so lm_head stays a plain Linear; the engine projects its
-                # decode steps with an int8 or packed copy of the output weight instead
+                # decode steps with a quantized or packed copy of the output weight instead
                 head = None
-                if self.quantize == "int8":
-                    head = Int8Linear(runner.output_weight)
-                    quantize_linears(runner, skip=("lm_head",))
-                    fuse_blocks(runner)  # where the decode kernel serves int8 (bf16 copies)
+                if self.quantize:
+                    head = quantized_linear(runner.output_weight, None, self.quantize)
+                    quantize_linears(runner, skip=("lm_head",), kind=self.quantize)
+                    fuse_blocks(runner)  # where the decode kernel serves the quantized weights (bf16 copies)
                 elif next(runner.parameters()).device.type == "cpu" and can_pack(self.dtype):
                     head = PackedLinear(runner.output_weight)
                     pack_linears(runner, skip=("lm_head",))

@@ -3,10 +3,10 @@
 A decode step of the PaLM block in PyTorch is ~25 small ops (norm, projection, split, rotary, cache write,
 attention, SwiGLU, two projections, residual sums); at one token per row each op costs more in dispatch than in
 arithmetic, and on 2 CPU cores they took more time than streaming the weights (benchmarks/README.md). The engine's
-bf16 inference copy (its linear weights bf16, or int8 with a scale per row) wraps each block in a FusedBlock: decode
-steps of 1-4 rows (one new token each, into a KV cache) run in C, with the numerics of the PyTorch bf16 path up to
-the order of fp32 additions; every other call (prefill, training, fp32, and any step while a LoRA adapter is active
-in the block) runs the block itself.
+bf16 inference copy (its linear weights bf16, int8 with a scale per row, or 4-bit) wraps each block in a
+FusedBlock: decode steps of 1-4 rows (one new token each, into a KV cache) run in C, with the numerics of the
+PyTorch bf16 path up to the order of fp32 additions; every other call (prefill, training, fp32, and any step while
+a LoRA adapter is active in the block) runs the block itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ctypes
 import torch
 from torch import nn
 
-from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, Int8Linear, PackedLinear, bf16_kernel
+from palmchat.kernels.cpu_linear import MAX_KERNEL_ROWS, Int4Linear, Int8Linear, PackedLinear, bf16_kernel
 from palmchat.model.lora import LoRALinear
 from palmchat.model.transformer import ParallelBlock, SequentialBlock
 
@@ -32,17 +32,18 @@ class BlockCall(ctypes.Structure):
     _fields_ += [(name, ctypes.c_int64) for name in ("row_stride", "head_stride", "slot_stride")]
     _fields_ += [(name, ctypes.c_void_p) for name in ("positions", "cos", "sin", "b_in")]
     _fields_ += [(name, ctypes.c_void_p) for name in ("s_in", "s_gate_up", "s_attn_out", "s_ff_out")]
+    _fields_ += [("q4", ctypes.c_int64)]  # bit i: weight i of w_in, w_gate_up, w_attn_out, w_ff_out is 4-bit
 
 
 def kernel_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The weight the C kernel reads and its per-row scales (None for bf16), when `linear` is a PackedLinear with a
-    plain bf16 weight, an Int8Linear of bf16 scales that the kernel serves, or a LoRA layer over either (whose base
-    weight the kernel runs while none of its adapters is active); else None."""
+    """The weight the C kernel reads and its scales (None for bf16), when `linear` is a PackedLinear with a plain
+    bf16 weight, an Int8Linear of bf16 scales or an Int4Linear that the kernel serves, or a LoRA layer over one
+    (whose base weight the kernel runs while none of its adapters is active); else None."""
     if isinstance(linear, LoRALinear):
         linear = linear.base
     if isinstance(linear, PackedLinear) and linear.plain is not None:
         return linear.plain, None
-    if isinstance(linear, Int8Linear) and linear.kernel_rows:
+    if isinstance(linear, (Int8Linear, Int4Linear)) and linear.kernel_rows:
         return linear.qweight, linear.scale
     return None
 
@@ -66,6 +67,7 @@ class FusedBlock(nn.Module):
         call.w_in, call.w_gate_up, call.w_attn_out, call.w_ff_out = (w.data_ptr() for w, _ in weights)
         call.s_in, call.s_gate_up, call.s_attn_out, call.s_ff_out = (
             None if s is None else s.data_ptr() for _, s in weights)
+        call.q4 = sum(1 << i for i, (w, _) in enumerate(weights) if w.dtype == torch.uint8)
         if sequential and block.qkv.bias is not None:  # Qwen2's q, k and v biases
             self._weights.append(block.qkv.bias)
             self.call.b_in = block.qkv.bias.data_ptr()
@@ -74,7 +76,7 @@ class FusedBlock(nn.Module):
     def fusable(block: nn.Module) -> bool:
         """The block is one the kernel implements (palmchat's own blocks, and Qwen2's biases on q, k and v: SwiGLU,
         full rotary, no other biases, no q/k norms, no sliding window, no two-norm parallel wiring, none of Gemma's
-        norms or scales), every weight of it is in bf16 (or int8 with bf16 scales) and the kernel serves every
+        norms or scales), every weight of it is in bf16 (or int8 with bf16 scales, or 4-bit) and the kernel serves every
         linear. Any other block runs its PyTorch forward, with the same numerics."""
         if not isinstance(block, (ParallelBlock, SequentialBlock)) or bf16_kernel() is None:
             return False

@@ -144,7 +144,7 @@ class Scheduler:
                  quantize: str | None = None):
         """max_queue, max_requests_per_owner, max_rows_per_owner: the limits above (0: none). stall_seconds: how
         long the loop may go without an iteration while work is pending before `stalled` says so. quantize: the
-        engine's (Engine: "int8" weights in the inference copy)."""
+        engine's (Engine: "int8" or "int4" weights in the inference copy)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         if min(max_queue, max_requests_per_owner, max_rows_per_owner) < 0:

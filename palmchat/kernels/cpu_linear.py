@@ -58,6 +58,8 @@ def decode_kernel(level: str) -> ctypes.CDLL | None:
                                              ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.palmchat_linear_q8.restype = None
     library.palmchat_linear_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    library.palmchat_linear_q4.restype = None
+    library.palmchat_linear_q4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.palmchat_block_bf16.restype = ctypes.c_int
     library.palmchat_block_bf16.argtypes = [ctypes.c_void_p]  # a pointer to fused_block.BlockCall
     return library
@@ -121,6 +123,32 @@ def linear_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
                          f"{qweight.dtype} weight and {scale.dtype} scales")
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     kernel.palmchat_linear_q8(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_features, in_features)
+    return y
+
+
+def linear_q4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              level: str | None = None) -> torch.Tensor:
+    """x (..., K) bf16 with at most as many rows as linear_bf16 takes, qweight (N, K/2) uint8 and scale (N, K/32)
+    fp16 (Int4Linear's) and bias (N,) bf16 or None -> (..., N): Int4Linear's forward through the C decode kernel of
+    `level` (default: this process's)."""
+    x = x.contiguous()
+    rows, out_features, in_features = x.numel() // x.shape[-1], qweight.shape[0], x.shape[-1]
+    level = level or decode_kernel_level()
+    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    kernel = None if level is None else decode_kernel(level)
+    if (kernel is None or not 1 <= rows <= most or x.dtype != torch.bfloat16 or qweight.dtype != torch.uint8
+            or qweight.shape != (out_features, in_features // 2) or not qweight.is_contiguous()
+            or scale.dtype != torch.float16 or scale.shape != (out_features, in_features // Q4_BLOCK)
+            or not scale.is_contiguous() or in_features % Q4_BLOCK
+            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
+        raise ValueError(f"linear_q4: takes 1..{most} bf16 rows of a multiple of {Q4_BLOCK} features, a contiguous "
+                         f"uint8 weight of half as many columns, fp16 scales per block of {Q4_BLOCK}, a bf16 bias, "
+                         f"and a decode kernel (level {level}); got {rows} {x.dtype} rows of {in_features}, a "
+                         f"{qweight.dtype} weight {tuple(qweight.shape)} and {scale.dtype} scales "
+                         f"{tuple(scale.shape)}")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    kernel.palmchat_linear_q4(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_features, in_features)
     return y
 
@@ -215,6 +243,70 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+Q4_BLOCK = 32  # elements per scale of an Int4Linear weight (llama.cpp's Q4_0 block)
+
+
+def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight, K % Q4_BLOCK == 0 -> (qweight (N, K/2) uint8, scale (N, K/32) fp16), bit for bit what
+    llama.cpp's quantize_row_q4_0_ref writes into its blocks' `qs` and `d`: per block of 32, d = -(the value of
+    largest magnitude, the first if tied) / 8, q = min(15, trunc(w / d + 8.5)) in fp32 arithmetic; byte j of a
+    block holds element j in its low nibble and element j + 16 in its high one. Element q stands for (q - 8) * d."""
+    rows, cols = weight.shape
+    if cols % Q4_BLOCK:
+        raise ValueError(f"4-bit weights take a multiple of {Q4_BLOCK} input features, not {cols}")
+    blocks = weight.detach().float().reshape(rows, cols // Q4_BLOCK, Q4_BLOCK)
+    largest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))  # (rows, blocks, 1), signed
+    d = largest / -8
+    inverse = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = (blocks * inverse + 8.5).to(torch.int32).clamp_(max=15).to(torch.uint8)  # >= 0: trunc is floor here
+    half = Q4_BLOCK // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    return packed.reshape(rows, cols // 2).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
+
+
+def dequantize_q4_0(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """quantize_q4_0's (qweight, scale) -> the (N, K) fp32 weight they stand for: (q - 8) * d, exact in fp32."""
+    rows = qweight.shape[0]
+    packed = qweight.reshape(rows, -1, Q4_BLOCK // 2)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float() - 8  # (rows, blocks, 32) in element order
+    return (q * scale.float()[..., None]).reshape(rows, -1)
+
+
+class Int4Linear(nn.Module):
+    """An nn.Linear whose weight is held as 4 bits per element with an fp16 scale per block of 32 along the input
+    (llama.cpp's Q4_0, quantize_q4_0): ~0.56 bytes per weight, a quarter of bf16's, so a decode step that streams
+    its weights from memory reads a quarter as many, for a larger loss of precision than Int8Linear's. A few bf16
+    rows (a decode step) go through palmchat's C decode kernel (linear_q4), which sums per block the exact products
+    of x's bf16 and q - 8 in fp32 and scales that sum; other inputs (a prefill, or no kernel) multiply the
+    dequantized weight: in x's dtype with AVX-512, in fp32 a band of rows at a time below it (banded_linear). The
+    C kernel and the fp32 path round the same fp32 sum once; a bias is added after that rounding (as Int8Linear's)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        qweight, scale = quantize_q4_0(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
+        self.kernel_rows = 0  # rows linear_q4 takes here: none unless the weights are bf16 and a kernel is built
+        if weight.dtype == torch.bfloat16 and bf16_kernel() is not None:
+            self.kernel_rows = MAX_AVX2_ROWS if decode_kernel_level() == "avx2" else MAX_KERNEL_ROWS
+
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight these 4-bit values and scales stand for (or those `rows` of it), in fp32."""
+        return dequantize_q4_0(self.qweight[rows], self.scale[rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if 0 < rows <= self.kernel_rows and x.dtype == torch.bfloat16:
+            return linear_q4(x, self.qweight, self.scale, self.bias)
+        if x.dtype == torch.bfloat16 and cpu.cpu_supports("avx512"):
+            y = F.linear(x, self.dequantized().to(x.dtype))  # a prefill: oneDNN's bf16 product
+        else:
+            y = banded_linear(x, self.dequantized, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 def _replace_linears(module: nn.Module, skip: tuple[str, ...], make) -> nn.Module:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -223,10 +315,23 @@ def _replace_linears(module: nn.Module, skip: tuple[str, ...], make) -> nn.Modul
     return module
 
 
-def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every nn.Linear inside `module`, except those named in `skip`, by an Int8Linear (in place); returns
-    `module`."""
-    return _replace_linears(module, skip, Int8Linear)
+QUANTIZATIONS = ("int8", "int4")
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
+    """An Int8Linear (kind "int8") or Int4Linear ("int4") of this weight; "int4" falls back to int8 for a layer
+    whose input features are not a multiple of Q4_BLOCK."""
+    if kind not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {kind!r}")
+    if kind == "int4" and weight.shape[1] % Q4_BLOCK == 0:
+        return Int4Linear(weight, bias)
+    return Int8Linear(weight, bias)
+
+
+def quantize_linears(module: nn.Module, skip: tuple[str, ...] = (), kind: str = "int8") -> nn.Module:
+    """Replace every nn.Linear inside `module`, except those named in `skip`, by quantized_linear(.., kind) (in
+    place); returns `module`."""
+    return _replace_linears(module, skip, lambda weight, bias: quantized_linear(weight, bias, kind))
 
 
 def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
@@ -243,7 +348,7 @@ def onednn_only(*modules: nn.Module) -> None:
         for child in module.modules():
             if isinstance(child, PackedLinear):
                 child.plain = None
-            elif isinstance(child, Int8Linear):
+            elif isinstance(child, (Int8Linear, Int4Linear)):
                 child.kernel_rows = 0
 
 
@@ -262,6 +367,7 @@ def can_pack(dtype: torch.dtype) -> bool:
         return False
 
 
-__all__ = ["PackedLinear", "pack_linears", "Int8Linear", "quantize_linears", "INT8_KERNEL_ROWS", "onednn_only",
-           "can_pack", "bf16_kernel", "decode_kernel", "decode_kernel_level", "linear_bf16", "linear_q8",
+__all__ = ["PackedLinear", "pack_linears", "Int8Linear", "Int4Linear", "quantize_linears", "quantized_linear",
+           "QUANTIZATIONS", "Q4_BLOCK", "quantize_q4_0", "dequantize_q4_0", "INT8_KERNEL_ROWS", "onednn_only",
+           "can_pack", "bf16_kernel", "decode_kernel", "decode_kernel_level", "linear_bf16", "linear_q8", "linear_q4",
            "MAX_KERNEL_ROWS", "MAX_AVX2_ROWS", "DECODE_KERNELS", "KERNEL_NAMES"]

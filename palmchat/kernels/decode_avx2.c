@@ -7,7 +7,8 @@
       shift or a mask, and the products and their sums are fp32 FMAs.
    2. palmchat_block_bf16: one decode step through one transformer block, attention over the bf16 KV cache
       included (decode_block.h, the same code as decode_bf16.c's).
-   3. palmchat_linear_q8: the gemv with int8 weights and a scale per row (decode_block.h); blocks take them too.
+   3. palmchat_linear_q8 and palmchat_linear_q4: the gemv with int8 weights and a scale per row, or 4-bit weights
+      and a scale per block of 32 (decode_block.h); blocks take them too.
 
    Numerics: those of decode_bf16.c (the PyTorch bf16 path op by op, fp32 accumulation of bf16 products); an FMA
    rounds each product-and-add once, as VDPBF16PS's fp32 accumulation does, so only the order of fp32 additions
@@ -21,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define AVX2_KERNEL __attribute__((target("avx2,fma")))
+#define AVX2_KERNEL __attribute__((target("avx2,fma,f16c")))
 #define KERNEL AVX2_KERNEL
 
 #include "decode_block.h"
@@ -133,6 +134,44 @@ AVX2_KERNEL static inline __attribute__((always_inline)) void
 rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1) {
     weight_rows(x, W, scale, b, y, M, N, K, n0, n1, 1);
+}
+
+/* Rows n0..n1-1 of y = x @ W^T (+ b) with 4-bit W (decode_block.h's 4-bit section). Per block of 32: the low and
+   the high nibbles of its 16 bytes, 8 at a time zero-extended to 32 bits, converted to fp32 and less 8 (exact),
+   meet x's bf16 widened alike in fp32 FMAs; the block's sum times its scale joins the row's accumulator. */
+AVX2_KERNEL static inline __attribute__((always_inline)) void
+rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+        int64_t n0, int64_t n1) {
+    const int64_t blocks = K / Q4_BLOCK;
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = W + n * (K / 2);
+        __m256 acc[MAX_ROWS];
+        for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < blocks; i++) {
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + 16 * i));
+            const __m128i halves[2] = {_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)};
+            __m256 q[4];  /* elements 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles) as q - 8 */
+            for (int h = 0; h < 2; h++) {
+                q[2 * h] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(halves[h])), eight);
+                q[2 * h + 1] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8))),
+                                             eight);
+            }
+            const __m256 block_scale = _mm256_set1_ps(_cvtsh_ss(scale[n * blocks + i]));
+            for (int m = 0; m < M; m++) {
+                const bf16 *xb = x + m * K + Q4_BLOCK * i;
+                __m256 sum = _mm256_setzero_ps();
+                for (int g = 0; g < 4; g++) {
+                    const __m256 xs = _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(xb + 8 * g))), 16));
+                    sum = _mm256_fmadd_ps(q[g], xs, sum);
+                }
+                acc[m] = _mm256_fmadd_ps(sum, block_scale, acc[m]);
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * N + n] = finish_q4(sum8(acc[m]), b, n);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------------------

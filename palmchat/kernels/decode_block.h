@@ -4,6 +4,7 @@
        KERNEL                                   the function attribute of their instruction set
        rows(x, W, b, y, M, N, K, n0, n1)        rows n0..n1-1 of y (M, N) = x (M, K) @ W^T (+ b), W bf16, M <= 4
        rows_q8(x, W, scale, b, y, M, N, K, n0, n1)   the same with W int8 and a scale per row
+       rows_q4(x, W, scale, b, y, M, N, K, n0, n1)   the same with W 4-bit and an fp16 scale per block of 32
        dot_bf16(a, b, D) -> float               sum of a[i] * b[i] over D bf16 pairs, in fp32
        axpy_bf16(acc, weight, v, D)             acc[d] += weight * v[d] for D bf16 values, fp32 accumulators
 
@@ -17,6 +18,7 @@
 #include <string.h>
 
 #define MAX_ROWS 4  /* rows (sequences) one call takes */
+#define Q4_BLOCK 32 /* elements per scale of a 4-bit weight */
 
 typedef uint16_t bf16;
 
@@ -42,6 +44,9 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
 KERNEL static inline __attribute__((always_inline)) void
 rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1);
+KERNEL static inline __attribute__((always_inline)) void
+rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
+        int64_t n0, int64_t n1);
 KERNEL static inline float dot_bf16(const bf16 *a, const bf16 *b, int64_t D);
 KERNEL static inline void axpy_bf16(float *acc, float weight, const bf16 *v, int64_t D);
 
@@ -59,12 +64,20 @@ static inline bf16 finish_q8(float sum, const bf16 *scale, const bf16 *b, int64_
     return b ? to_bf16(round_bf16(scaled) + to_f32(b[n])) : to_bf16(scaled);
 }
 
-/* This thread's contiguous band of rows of W (int8 when it has scales), so that each thread streams its own part
+/* 4-bit weights (kernels/cpu_linear.Int4Linear), llama.cpp's Q4_0 layout: row n is K/32 blocks of 16 bytes, byte j
+   of a block holding its element j in the low nibble and element j + 16 in the high one; a nibble q stands for
+   (q - 8) * d, d the block's fp16 scale (scale[n * K/32 + block]). A row's sum over its blocks of d times the block's
+   exact sum of (q - 8) * x is rounded to bf16; a bias is added after that rounding, as for int8. K % 32 == 0. */
+static inline bf16 finish_q4(float sum, const bf16 *b, int64_t n) {
+    return b ? to_bf16(round_bf16(sum) + to_f32(b[n])) : to_bf16(sum);
+}
+
+/* This thread's contiguous band of rows of W (int8 when it has scales, 4-bit when q4 is set too), so that each thread streams its own part
    of the weight: in one pass for up to MAX_ROWS rows of x, else in tiles of 16 rows, over each of which the rows
    of x (a batch of decode steps) go in groups of MAX_ROWS while the tile stays in L1, so W is still read from
    memory once. */
-KERNEL static void gemv_band(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
-                             int64_t N, int64_t K) {
+KERNEL static void gemv_band(const bf16 *x, const void *W, const void *scale, int q4, const bf16 *b, bf16 *y,
+                             int M, int64_t N, int64_t K) {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
     const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads, tile = M <= MAX_ROWS ? n1 - n0 : 16;
     const bf16 *w16 = W;
@@ -74,8 +87,9 @@ KERNEL static void gemv_band(const bf16 *x, const void *W, const bf16 *scale, co
         for (int g = 0; g < M; g += MAX_ROWS) {
             const bf16 *xg = x + g * K;
             bf16 *yg = y + g * N;
-            #define ROWS(m) (scale ? rows_q8(xg, w8, scale, b, yg, m, N, K, n, end) \
-                                   : rows(xg, w16, b, yg, m, N, K, n, end))
+            #define ROWS(m) (q4 ? rows_q4(xg, (const uint8_t *)W, scale, b, yg, m, N, K, n, end) \
+                             : scale ? rows_q8(xg, w8, scale, b, yg, m, N, K, n, end) \
+                                     : rows(xg, w16, b, yg, m, N, K, n, end))
             switch (M - g) {
                 case 1: ROWS(1); break;
                 case 2: ROWS(2); break;
@@ -92,14 +106,22 @@ KERNEL static void gemv_band(const bf16 *x, const void *W, const bf16 *scale, co
    threads are the same runtime and thread count as PyTorch's. */
 KERNEL void palmchat_linear_bf16(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K) {
     #pragma omp parallel
-    gemv_band(x, W, NULL, b, y, M, N, K);
+    gemv_band(x, W, NULL, 0, b, y, M, N, K);
 }
 
 /* y (M, N) = x (M, K) @ (W (N, K) * scale (N,))^T (+ b): Int8Linear's forward for a few rows (cpu_linear.py). */
 KERNEL void palmchat_linear_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M,
                                int64_t N, int64_t K) {
     #pragma omp parallel
-    gemv_band(x, W, scale, b, y, M, N, K);
+    gemv_band(x, W, scale, 0, b, y, M, N, K);
+}
+
+/* y (M, N) = x (M, K) @ W^T (+ b) with W 4-bit (N, K/2 bytes) and scale (N, K/32) fp16: Int4Linear's forward for a
+   few rows (cpu_linear.py). */
+KERNEL void palmchat_linear_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, bf16 *y, int M,
+                               int64_t N, int64_t K) {
+    #pragma omp parallel
+    gemv_band(x, W, scale, 1, b, y, M, N, K);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -115,7 +137,7 @@ typedef struct {  /* mirrored by fused_block.py's BlockCall */
     bf16 *y;             /* (M, C) its output */
     const bf16 *norm;    /* (C,) the pre-norm (parallel) or attention norm (sequential) weight */
     const bf16 *ff_norm; /* (C,) sequential only */
-    /* the linears' weights: bf16, or int8 with a scale per row (s_in ... s_ff_out below) */
+    /* the linears' weights: bf16, or int8 with a scale per row (s_in ... s_ff_out below), or 4-bit (q4 below) */
     const void *w_in;    /* parallel: (H*D + 2*Hkv*D + 2F, C) q, k, v, gate, up; sequential: (H*D + 2*Hkv*D, C) */
     const void *w_gate_up;  /* sequential only: (2F, C) */
     const void *w_attn_out; /* (C, H*D) */
@@ -127,6 +149,8 @@ typedef struct {  /* mirrored by fused_block.py's BlockCall */
     const bf16 *b_in;         /* sequential only: the q, k, v biases (Qwen2), or NULL */
     /* the per-row scales of w_in, w_gate_up, w_attn_out, w_ff_out when that weight is int8; NULL: it is bf16 */
     const bf16 *s_in, *s_gate_up, *s_attn_out, *s_ff_out;
+    /* bit i set: weight i (w_in, w_gate_up, w_attn_out, w_ff_out) is 4-bit and its s_* its fp16 block scales */
+    int64_t q4;
 } Block;
 
 KERNEL static void norm_row(const Block *p, const bf16 *weight, const bf16 *x, bf16 *out) {
@@ -174,8 +198,8 @@ KERNEL static void attend(const Block *p, int64_t m, const bf16 *q, int64_t kv_h
 }
 
 /* y = x @ W^T for this thread's band, y rounded to bf16 (the M rows of x contiguous, K wide); W is int8 when it has
-   scales S. */
-#define GEMV(x, W, S, b, y, N, K) gemv_band((x), (W), (S), (b), (y), (int)M, (N), (K))
+   scales S (4-bit when bit `bit` of p->q4 is set). */
+#define GEMV(x, W, S, bit, b, y, N, K) gemv_band((x), (W), (S), (int)((p->q4 >> (bit)) & 1), (b), (y), (int)M, (N), (K))
 
 /* Returns 0, or 1 when out of memory (nothing written then). */
 KERNEL int palmchat_block_bf16(const Block *p) {
@@ -203,7 +227,7 @@ KERNEL int palmchat_block_bf16(const Block *p) {
 
         #pragma omp for
         for (int64_t m = 0; m < M; m++) norm_row(p, p->norm, p->x + m * C, normed + m * C);
-        GEMV(normed, p->w_in, p->s_in, p->b_in, projected, IN, C);
+        GEMV(normed, p->w_in, p->s_in, 0, p->b_in, projected, IN, C);
         #pragma omp barrier
 
         /* the new keys (rotated) and values into the cache */
@@ -231,20 +255,20 @@ KERNEL int palmchat_block_bf16(const Block *p) {
                 float g = to_f32(*gate);
                 swiglu[i] = to_bf16(round_bf16(g / (1.0f + expf(-g))) * to_f32(*up));
             }
-            GEMV(attn, p->w_attn_out, p->s_attn_out, NULL, attn_proj, C, HD);
-            GEMV(swiglu, p->w_ff_out, p->s_ff_out, NULL, ff_proj, C, F);
+            GEMV(attn, p->w_attn_out, p->s_attn_out, 2, NULL, attn_proj, C, HD);
+            GEMV(swiglu, p->w_ff_out, p->s_ff_out, 3, NULL, ff_proj, C, F);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++)
                 p->y[i] = to_bf16(round_bf16(to_f32(p->x[i]) + to_f32(attn_proj[i])) + to_f32(ff_proj[i]));
         } else {  /* h = x + attn_out(attention); y = h + ff_out(silu(gate) * up) of ff_norm(h) */
-            GEMV(attn, p->w_attn_out, p->s_attn_out, NULL, attn_proj, C, HD);
+            GEMV(attn, p->w_attn_out, p->s_attn_out, 2, NULL, attn_proj, C, HD);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) residual[i] = to_bf16(to_f32(p->x[i]) + to_f32(attn_proj[i]));
             #pragma omp for
             for (int64_t m = 0; m < M; m++) norm_row(p, p->ff_norm, residual + m * C, normed + m * C);
-            GEMV(normed, p->w_gate_up, p->s_gate_up, NULL, gate_up, 2 * F, C);
+            GEMV(normed, p->w_gate_up, p->s_gate_up, 1, NULL, gate_up, 2 * F, C);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * F; i++) {
@@ -252,7 +276,7 @@ KERNEL int palmchat_block_bf16(const Block *p) {
                 float g = to_f32(*gate);
                 swiglu[i] = to_bf16(round_bf16(g / (1.0f + expf(-g))) * to_f32(*up));
             }
-            GEMV(swiglu, p->w_ff_out, p->s_ff_out, NULL, ff_proj, C, F);
+            GEMV(swiglu, p->w_ff_out, p->s_ff_out, 3, NULL, ff_proj, C, F);
             #pragma omp barrier
             #pragma omp for
             for (int64_t i = 0; i < M * C; i++) p->y[i] = to_bf16(to_f32(residual[i]) + to_f32(ff_proj[i]));

@@ -61,8 +61,8 @@ class ServeArgs:
                                      "rest are cancelled and the server exits")
     dtype: str = arg("auto", "decode precision: auto (bf16 where the CPU has it), bf16 or fp32",
                      choices=["auto", "bf16", "fp32"])
-    quantize: str = arg("none", "weights for decoding: none, or int8 (a scale per row: half of bf16's bytes)",
-                       choices=["none", "int8"])
+    quantize: str = arg("none", "weights for decoding: none, int8 (a scale per row: half of bf16's bytes) or "
+                       "int4 (llama.cpp's Q4_0: a scale per 32, ~0.28x bf16's bytes)", choices=["none", "int8", "int4"])
     log_level: str = arg("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
 
