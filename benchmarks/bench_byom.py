@@ -7,7 +7,8 @@ For each model shape (random bf16 weights made here; no download), with 2 thread
 1. batch-1 prefill tokens/s and decode tokens/s: palmchat's Engine on its bf16 inference copy, transformers'
    `generate` in fp32 and in bf16, and llama.cpp (llama-cpp-python) on the model exported by
    palmchat.checkpoint.gguf_export in bf16; then with int8 weights: palmchat's Engine with `quantize="int8"`
-   (a scale per row) against llama.cpp on the Q8_0 export (a scale per 32 weights);
+   (a scale per row) against llama.cpp on the Q8_0 export (a scale per 32 weights); then with 4-bit weights:
+   `quantize="int4"` against llama.cpp on the Q4_0 export (the same blocks);
 2. LoRA SFT training tokens/s and peak memory (RSS): palmchat (add_lora + sft.batch_loss + optimizer_step) against
    transformers + peft in a plain loop, same weights, batch, sequence length, rank and optimizer.
 
@@ -206,13 +207,14 @@ def worker_decode_transformers(folder, config, args, dtype):
     return decode_rates(generate, args.prompt, args.new_tokens, args.reps)
 
 
-def q8_0_gguf(folder: Path) -> Path:
-    """The model as a Q8_0 GGUF (llama.cpp's int8: blocks of 32 weights sharing a scale), written once."""
-    path = folder / "model-q8_0.gguf"
+def quantized_gguf(folder: Path, dtype: str) -> Path:
+    """The model as a GGUF of `dtype` ("q8_0": llama.cpp's int8, "q4_0": its 4-bit, each in blocks of 32 weights
+    sharing a scale), written once."""
+    path = folder / f"model-{dtype}.gguf"
     if not path.is_file():
         from palmchat.checkpoint.gguf_export import export_gguf
 
-        export_gguf(load_palmchat(folder, torch.bfloat16), folder, path, dtype="q8_0", name=folder.name)
+        export_gguf(load_palmchat(folder, torch.bfloat16), folder, path, dtype=dtype, name=folder.name)
     return path
 
 
@@ -306,7 +308,9 @@ WORKERS = {
     "decode transformers bf16": lambda f, c, a: worker_decode_transformers(f, c, a, torch.bfloat16),
     "decode llama.cpp bf16": worker_decode_llama_cpp,
     "decode palmchat int8": lambda f, c, a: worker_decode_palmchat(f, c, a, quantize="int8"),
-    "decode llama.cpp q8_0": lambda f, c, a: worker_decode_llama_cpp(f, c, a, q8_0_gguf(f).name),
+    "decode llama.cpp q8_0": lambda f, c, a: worker_decode_llama_cpp(f, c, a, quantized_gguf(f, "q8_0").name),
+    "decode palmchat int4": lambda f, c, a: worker_decode_palmchat(f, c, a, quantize="int4"),
+    "decode llama.cpp q4_0": lambda f, c, a: worker_decode_llama_cpp(f, c, a, quantized_gguf(f, "q4_0").name),
     "train palmchat LoRA": worker_train_palmchat,
     "train transformers+peft LoRA": worker_train_peft,
 }
@@ -430,6 +434,9 @@ def main():
             f"{shape}: int8 weights: decode tokens/s palmchat int8 / transformers best ({best_hf[7:]}): "
             f"{ratio('decode palmchat int8', best_hf, 'decode')}; / llama.cpp q8_0: "
             f"{ratio('decode palmchat int8', 'decode llama.cpp q8_0', 'decode')}",
+            f"{shape}: int4 weights: decode tokens/s palmchat int4 / transformers best ({best_hf[7:]}): "
+            f"{ratio('decode palmchat int4', best_hf, 'decode')}; / llama.cpp q4_0: "
+            f"{ratio('decode palmchat int4', 'decode llama.cpp q4_0', 'decode')}",
             f"{shape}: prefill tokens/s palmchat / transformers fp32: "
             f"{ratio('decode palmchat bf16', 'decode transformers fp32', 'prefill')}; palmchat / llama.cpp: "
             f"{ratio('decode palmchat bf16', 'decode llama.cpp bf16', 'prefill')}",

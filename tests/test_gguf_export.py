@@ -191,7 +191,9 @@ def test_q4_0_blocks_are_llama_cpps_and_the_int4_engines(tokenizer_dir, tmp_path
     blocks = np.concatenate([scale.numpy().view(np.uint8).reshape(16, 8, 2), qweight.numpy().reshape(16, 8, 16)], -1)
     theirs = quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0)
     assert np.array_equal(blocks.reshape(16, -1), theirs)
-    assert np.array_equal(dequantize_q4_0(qweight, scale).numpy(), quants.dequantize(theirs, GGMLQuantizationType.Q4_0))
+    dequantized = dequantize_q4_0(qweight, scale)  # through the decode kernel where one is built
+    assert np.array_equal(dequantized.numpy(), quants.dequantize(theirs, GGMLQuantizationType.Q4_0))
+    assert torch.equal(dequantize_q4_0(qweight, scale, torch.bfloat16), dequantized.bfloat16())
 
     model = make_model("sequential")
     exported = {t.name: t for t in gguf.GGUFReader(export_gguf(model, tokenizer_dir, tmp_path / "m.gguf",

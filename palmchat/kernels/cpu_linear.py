@@ -60,6 +60,8 @@ def decode_kernel(level: str) -> ctypes.CDLL | None:
     library.palmchat_linear_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.palmchat_linear_q4.restype = None
     library.palmchat_linear_q4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    library.palmchat_dequantize_q4.restype = None
+    library.palmchat_dequantize_q4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     library.palmchat_block_bf16.restype = ctypes.c_int
     library.palmchat_block_bf16.argtypes = [ctypes.c_void_p]  # a pointer to fused_block.BlockCall
     return library
@@ -185,17 +187,18 @@ class PackedLinear(nn.Module):
 BAND_BYTES = 4 << 20  # banded_linear's widened copy of a band of W: fits a core's share of the L3
 
 
-def banded_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) in fp32, rounded once to x's dtype, where `weight_rows(band)` gives rows `band` of W in fp32
-    (widened from bf16, or dequantized from int8). W is widened ~BAND_BYTES of rows at a time, so that each band is
-    still in the cache when the product reads it: widening a large W whole would write the copy to memory and read
-    it back (benchmarks/README.md: prefill below AVX-512)."""
-    xf = x.float()
+def banded_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x @ W^T (+ bias) computed in `dtype` (fp32: rounded once to x's dtype), where `weight_rows(band)` gives rows
+    `band` of W (widened from bf16, or dequantized from int8 or 4 bits). W is widened ~BAND_BYTES of rows at a time,
+    so that each band is still in the cache when the product reads it: widening a large W whole would write the
+    copy to memory and read it back (benchmarks/README.md: prefill below AVX-512)."""
+    xd = x.to(dtype)
     rows = max(16, BAND_BYTES // (4 * x.shape[-1]))
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     for start in range(0, out_features, rows):
         band = slice(start, start + rows)
-        y[..., band] = F.linear(xf, weight_rows(band), None if bias is None else bias[band].float())
+        y[..., band] = F.linear(xd, weight_rows(band).to(dtype), None if bias is None else bias[band].to(dtype))
     return y
 
 
@@ -209,8 +212,8 @@ class Int8Linear(nn.Module):
     through palmchat's C decode kernel (linear_q8) where it is built; without it, up to INT8_KERNEL_ROWS rows run
     PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``, gpt-fast's), which widens the int8 values in
     registers (its CPU kernel reads the input dimension in steps of 16 and returns garbage otherwise, so other
-    layers take the other path); longer inputs (a prefill) widen the whole weight to x's dtype for one matmul
-    (below AVX-512, where PyTorch emulates bf16 matmuls, to fp32 a band of rows at a time: banded_linear). The
+    layers take the other path); longer inputs (a prefill) widen the weight to x's dtype a band of rows at a time
+    (banded_linear; below AVX-512, where PyTorch emulates bf16 matmuls, to fp32). The
     scales are kept in the compute dtype, so every path multiplies by the same numbers."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -238,8 +241,8 @@ class Int8Linear(nn.Module):
             y = y.view(*x.shape[:-1], self.out_features)
         elif x.dtype == torch.bfloat16 and not cpu.cpu_supports("avx512"):  # PyTorch emulates bf16 matmuls there
             y = banded_linear(x, lambda band: self.dequantized(band).float(), self.out_features)
-        else:
-            y = F.linear(x, self.dequantized().to(x.dtype))
+        else:  # a band of rows dequantized at a time, as below AVX-512, but multiplied in x's dtype
+            y = banded_linear(x, self.dequantized, self.out_features, dtype=x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -264,12 +267,20 @@ def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.reshape(rows, cols // 2).contiguous(), d.squeeze(-1).to(torch.float16).contiguous()
 
 
-def dequantize_q4_0(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """quantize_q4_0's (qweight, scale) -> the (N, K) fp32 weight they stand for: (q - 8) * d, exact in fp32."""
+def dequantize_q4_0(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """quantize_q4_0's (qweight, scale) -> the (N, K) weight they stand for, (q - 8) * d: exact in fp32, or that
+    rounded to `dtype` (through the decode kernel where one is built: several times faster than tensor ops)."""
     rows = qweight.shape[0]
+    kernel = bf16_kernel()
+    if (kernel is not None and dtype in (torch.float32, torch.bfloat16) and qweight.is_contiguous()
+            and scale.is_contiguous()):
+        out = torch.empty(rows, 2 * qweight.shape[1], dtype=dtype)
+        kernel.palmchat_dequantize_q4(qweight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows, out.shape[1],
+                                      dtype == torch.bfloat16)
+        return out
     packed = qweight.reshape(rows, -1, Q4_BLOCK // 2)
     q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float() - 8  # (rows, blocks, 32) in element order
-    return (q * scale.float()[..., None]).reshape(rows, -1)
+    return (q * scale.float()[..., None]).reshape(rows, -1).to(dtype)
 
 
 class Int4Linear(nn.Module):
@@ -278,8 +289,8 @@ class Int4Linear(nn.Module):
     its weights from memory reads a quarter as many, for a larger loss of precision than Int8Linear's. A few bf16
     rows (a decode step) go through palmchat's C decode kernel (linear_q4), which sums per block the exact products
     of x's bf16 and q - 8 in fp32 and scales that sum; other inputs (a prefill, or no kernel) multiply the
-    dequantized weight: in x's dtype with AVX-512, in fp32 a band of rows at a time below it (banded_linear). The
-    C kernel and the fp32 path round the same fp32 sum once; a bias is added after that rounding (as Int8Linear's)."""
+    dequantized weight a band of rows at a time (banded_linear): in x's dtype with AVX-512, in fp32 below it. The C
+    kernel and the fp32 path round the same fp32 sum once; a bias is added after that rounding (as Int8Linear's)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -292,18 +303,17 @@ class Int4Linear(nn.Module):
         if weight.dtype == torch.bfloat16 and bf16_kernel() is not None:
             self.kernel_rows = MAX_AVX2_ROWS if decode_kernel_level() == "avx2" else MAX_KERNEL_ROWS
 
-    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The weight these 4-bit values and scales stand for (or those `rows` of it), in fp32."""
-        return dequantize_q4_0(self.qweight[rows], self.scale[rows])
+    def dequantized(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight these 4-bit values and scales stand for (or those `rows` of it), in fp32 (exact) or `dtype`."""
+        return dequantize_q4_0(self.qweight[rows], self.scale[rows], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if 0 < rows <= self.kernel_rows and x.dtype == torch.bfloat16:
             return linear_q4(x, self.qweight, self.scale, self.bias)
-        if x.dtype == torch.bfloat16 and cpu.cpu_supports("avx512"):
-            y = F.linear(x, self.dequantized().to(x.dtype))  # a prefill: oneDNN's bf16 product
-        else:
-            y = banded_linear(x, self.dequantized, self.out_features)
+        native = x.dtype == torch.bfloat16 and cpu.cpu_supports("avx512")  # a prefill: oneDNN's bf16 product
+        dtype = x.dtype if native else torch.float32
+        y = banded_linear(x, lambda band: self.dequantized(band, dtype), self.out_features, dtype=dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 

@@ -124,6 +124,30 @@ KERNEL void palmchat_linear_q4(const bf16 *x, const uint8_t *W, const uint16_t *
     gemv_band(x, W, scale, 1, b, y, M, N, K);
 }
 
+/* out (rows, K) = the 4-bit W's rows (N, K/2 bytes) with their fp16 scales (N, K/32), dequantized: (q - 8) * d, exact
+   in fp32 (out_bf16 0: float *out) or rounded to bf16 (1: bf16 *out, as torch rounds). For the products of many rows
+   at once (a prefill), which multiply the dequantized weight a band of rows at a time (cpu_linear.banded_linear). */
+KERNEL void palmchat_dequantize_q4(const uint8_t *W, const uint16_t *scale, void *out, int64_t rows, int64_t K,
+                                   int out_bf16) {
+    const int64_t blocks = K / Q4_BLOCK;
+    #pragma omp parallel for
+    for (int64_t n = 0; n < rows; n++)
+        for (int64_t i = 0; i < blocks; i++) {
+            const float d = _cvtsh_ss(scale[n * blocks + i]);
+            const uint8_t *w = W + n * (K / 2) + 16 * i;
+            float v[Q4_BLOCK];
+            for (int j = 0; j < 16; j++) {
+                v[j] = (float)((w[j] & 15) - 8) * d;
+                v[j + 16] = (float)((w[j] >> 4) - 8) * d;
+            }
+            const int64_t at = n * K + Q4_BLOCK * i;
+            if (out_bf16)
+                for (int j = 0; j < Q4_BLOCK; j++) ((bf16 *)out)[at + j] = to_bf16(v[j]);
+            else
+                memcpy((float *)out + at, v, sizeof v);
+        }
+}
+
 /* ------------------------------------------------------------------------------------------------------------
    The block. Shapes: M rows, C model dim, H query heads, Hkv key/value heads, D head dim, F SwiGLU hidden size.
    ------------------------------------------------------------------------------------------------------------ */
