@@ -154,7 +154,8 @@ rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *
 BF16_KERNEL static const bf16 *q4_rows(const bf16 *x, int M, int64_t K, const float **offsets) {
     static __thread void *buffer;
     static __thread int64_t capacity;
-    const int64_t blocks = K / Q4_BLOCK, size = M * (K * (int64_t)sizeof(bf16) + blocks * 8 * (int64_t)sizeof(float));
+    const int64_t blocks = K / Q4_BLOCK;
+    const int64_t size = M * (K * (int64_t)sizeof(bf16) + blocks * 8 * (int64_t)sizeof(float));
     if (size > capacity) {
         void *grown = realloc(buffer, (size_t)size);
         if (!grown) return NULL;
@@ -181,7 +182,8 @@ BF16_KERNEL static const bf16 *q4_rows(const bf16 *x, int M, int64_t K, const fl
                                                        offset, (__m512bh)high));
             } else {
                 const __m256bh offset8 = (__m256bh)_mm512_castsi512_si256((__m512i)offset);
-                const __m256i low = _mm256_loadu_si256((const __m256i *)a), high = _mm256_loadu_si256((const __m256i *)(a + 16));
+                const __m256i low = _mm256_loadu_si256((const __m256i *)a);
+                const __m256i high = _mm256_loadu_si256((const __m256i *)(a + 16));
                 _mm256_storeu_si256((__m256i *)out, low);
                 _mm256_storeu_si256((__m256i *)(out + 16), high);
                 _mm256_storeu_ps(sum, _mm256_dpbf16_ps(_mm256_dpbf16_ps(_mm256_setzero_ps(), offset8, (__m256bh)low),
@@ -196,9 +198,10 @@ BF16_KERNEL static const bf16 *q4_rows(const bf16 *x, int M, int64_t K, const fl
    nibble q becomes the bf16 of 128 + q with one OR (0x4300 | q: bf16 steps by 1 between 128 and 256): the 32 bytes
    of two blocks are zero-extended to 16-bit lanes, their low nibbles masked and OR-ed (one VPTERNLOG), their high
    ones shifted and OR-ed; two VDPBF16PS against x's bf16 (in q4_rows' order) sum the exact products (128 + q) * x in
-   fp32, lanes 0-7 for one block and 8-15 for the other; less q4_rows' 136 * x sums that is (q - 8) * x, and one FMA
-   adds it times each block's scale. About ten instructions per 64 weights, so that a core keeps up with memory
-   (the nibbles looked up in a table, or widened to fp32 for FMAs, took twice as many). */
+   fp32, lanes 0-7 for one block and 8-15 for the other; less q4_rows' 136 * x sums that is (q - 8) * x (the two
+   sums ~17x larger than their difference: a few more fp32 roundings than the PyTorch path's, still far below the
+   result's one rounding to bf16), and one FMA adds it times each block's scale. About ten instructions per 64
+   weights (a table lookup per nibble, or nibbles widened to fp32 for FMAs, took more: benchmarks/README.md). */
 BF16_KERNEL static inline __attribute__((always_inline)) void
 rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1) {
@@ -233,8 +236,8 @@ rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, b
             const __m512bh high = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
             uint32_t two;  /* the two blocks' fp16 scales */
             memcpy(&two, d + i, sizeof two);
-            const __m512 block_scales = _mm512_permutexvar_ps(pair_lanes,
-                                                              _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
+            const __m512 block_scales = _mm512_permutexvar_ps(
+                pair_lanes, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
             for (int m = 0; m < M; m++) {
                 const bf16 *xb = xs + m * K + Q4_BLOCK * i;
                 __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), low, (__m512bh)_mm512_loadu_si512(xb));
@@ -249,18 +252,21 @@ rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, b
             const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * i)));
             const __m256bh low = (__m256bh)_mm256_ternarylogic_epi32(bytes, _mm512_castsi512_si256(low_nibble),
                                                                      _mm512_castsi512_si256(bf16_128), 0xea);
-            const __m256bh high = (__m256bh)_mm256_or_si256(_mm256_srli_epi16(bytes, 4), _mm512_castsi512_si256(bf16_128));
+            const __m256bh high = (__m256bh)_mm256_or_si256(_mm256_srli_epi16(bytes, 4),
+                                                             _mm512_castsi512_si256(bf16_128));
             const __m256 block_scale = _mm256_set1_ps(_cvtsh_ss(d[i]));
             for (int m = 0; m < M; m++) {
                 const bf16 *xb = xs + m * K + Q4_BLOCK * i;
-                __m256 sum = _mm256_dpbf16_ps(_mm256_setzero_ps(), low, (__m256bh)_mm256_loadu_si256((const __m256i *)xb));
+                __m256 sum = _mm256_dpbf16_ps(_mm256_setzero_ps(), low,
+                                              (__m256bh)_mm256_loadu_si256((const __m256i *)xb));
                 sum = _mm256_dpbf16_ps(sum, high, (__m256bh)_mm256_loadu_si256((const __m256i *)(xb + 16)));
                 sum = _mm256_sub_ps(sum, _mm256_loadu_ps(offsets + (m * blocks + i) * 8));
                 last[m] = _mm256_mul_ps(sum, block_scale);
             }
         }
         for (int m = 0; m < M; m++)
-            y[m * N + n] = finish_q4(_mm512_reduce_add_ps(_mm512_add_ps(acc[m], _mm512_zextps256_ps512(last[m]))), b, n);
+            y[m * N + n] = finish_q4(_mm512_reduce_add_ps(_mm512_add_ps(acc[m], _mm512_zextps256_ps512(last[m]))),
+                                     b, n);
     }
 }
 

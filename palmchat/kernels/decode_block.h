@@ -72,10 +72,10 @@ static inline bf16 finish_q4(float sum, const bf16 *b, int64_t n) {
     return b ? to_bf16(round_bf16(sum) + to_f32(b[n])) : to_bf16(sum);
 }
 
-/* This thread's contiguous band of rows of W (int8 when it has scales, 4-bit when q4 is set too), so that each thread streams its own part
-   of the weight: in one pass for up to MAX_ROWS rows of x, else in tiles of 16 rows, over each of which the rows
-   of x (a batch of decode steps) go in groups of MAX_ROWS while the tile stays in L1, so W is still read from
-   memory once. */
+/* This thread's contiguous band of rows of W (int8 when it has scales, 4-bit when q4 is set too), so that each
+   thread streams its own part of the weight: in one pass for up to MAX_ROWS rows of x, else in tiles of 16 rows,
+   over each of which the rows of x (a batch of decode steps) go in groups of MAX_ROWS while the tile stays in L1,
+   so W is still read from memory once. */
 KERNEL static void gemv_band(const bf16 *x, const void *W, const void *scale, int q4, const bf16 *b, bf16 *y,
                              int M, int64_t N, int64_t K) {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
