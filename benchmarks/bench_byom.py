@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from palmchat.model.config import ModelConfig
+from palmchat.utils import cpu
 
 THREADS = 2
 SHAPES = {
@@ -323,8 +324,11 @@ def run_worker(name: str, folder: Path, args) -> dict:
         if k in ("prompt", "new_tokens", "reps", "batch", "seq", "steps", "rank")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": tail}
+        died = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        if "llama.cpp" in name and proc.returncode == -11 and cpu.cpu_supports("amx"):
+            died += (" (llama.cpp's AMX backend, ggml-org/llama.cpp#20824: build llama-cpp-python with "
+                     "CMAKE_ARGS=-DGGML_AMX_INT8=OFF)")
+        return {"error": (proc.stderr.strip().splitlines() or [died])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
