@@ -107,26 +107,36 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
+def _quantized_gemv(entry: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    level: str | None, weights_fit: bool, takes: str) -> torch.Tensor:
+    """linear_q8's and linear_q4's call of the C kernel's `entry`: checks (`weights_fit`: the weight and scales are
+    what `takes` says) and the call."""
+    x = x.contiguous()
+    rows, out_features = x.numel() // x.shape[-1], qweight.shape[0]
+    level = level or decode_kernel_level()
+    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    kernel = None if level is None else decode_kernel(level)
+    if (kernel is None or not 1 <= rows <= most or x.dtype != torch.bfloat16 or not weights_fit
+            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
+        raise ValueError(f"{entry}: takes 1..{most} bf16 rows, {takes}, a bf16 bias, and a decode kernel (level "
+                         f"{level}); got {rows} {x.dtype} rows of {x.shape[-1]}, a {qweight.dtype} weight "
+                         f"{tuple(qweight.shape)} and {scale.dtype} scales {tuple(scale.shape)}")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    getattr(kernel, f"palmchat_{entry}")(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                                         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_features,
+                                         x.shape[-1])
+    return y
+
+
 def linear_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               level: str | None = None) -> torch.Tensor:
     """x (..., K) bf16 with at most as many rows as linear_bf16 takes, qweight (N, K) int8, scale (N,) and bias
     (N,) or None bf16 -> (..., N): Int8Linear's forward (F.linear of the dequantized weight, the bias added after
     the product's rounding) through the C decode kernel of `level` (default: this process's)."""
-    x = x.contiguous()
-    rows, (out_features, in_features) = x.numel() // x.shape[-1], qweight.shape
-    level = level or decode_kernel_level()
-    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
-    kernel = None if level is None else decode_kernel(level)
-    if (kernel is None or not 1 <= rows <= most or x.dtype != torch.bfloat16 or qweight.dtype != torch.int8
-            or not qweight.is_contiguous() or scale.dtype != torch.bfloat16 or scale.shape != (out_features,)
-            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
-        raise ValueError(f"linear_q8: takes 1..{most} bf16 rows, a contiguous int8 weight, bf16 scales per row and "
-                         f"a bf16 bias, and a decode kernel (level {level}); got {rows} {x.dtype} rows, a "
-                         f"{qweight.dtype} weight and {scale.dtype} scales")
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    kernel.palmchat_linear_q8(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_features, in_features)
-    return y
+    fit = (qweight.dtype == torch.int8 and qweight.shape[1:] == x.shape[-1:] and qweight.is_contiguous()
+           and scale.dtype == torch.bfloat16 and scale.shape == qweight.shape[:1])
+    return _quantized_gemv("linear_q8", x, qweight, scale, bias, level, fit,
+                           "a contiguous int8 weight and bf16 scales per row")
 
 
 def linear_q4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -134,25 +144,13 @@ def linear_q4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     """x (..., K) bf16 with at most as many rows as linear_bf16 takes, qweight (N, K/2) uint8 and scale (N, K/32)
     fp16 (Int4Linear's) and bias (N,) bf16 or None -> (..., N): Int4Linear's forward through the C decode kernel of
     `level` (default: this process's)."""
-    x = x.contiguous()
-    rows, out_features, in_features = x.numel() // x.shape[-1], qweight.shape[0], x.shape[-1]
-    level = level or decode_kernel_level()
-    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
-    kernel = None if level is None else decode_kernel(level)
-    if (kernel is None or not 1 <= rows <= most or x.dtype != torch.bfloat16 or qweight.dtype != torch.uint8
-            or qweight.shape != (out_features, in_features // 2) or not qweight.is_contiguous()
-            or scale.dtype != torch.float16 or scale.shape != (out_features, in_features // Q4_BLOCK)
-            or not scale.is_contiguous() or in_features % Q4_BLOCK
-            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
-        raise ValueError(f"linear_q4: takes 1..{most} bf16 rows of a multiple of {Q4_BLOCK} features, a contiguous "
-                         f"uint8 weight of half as many columns, fp16 scales per block of {Q4_BLOCK}, a bf16 bias, "
-                         f"and a decode kernel (level {level}); got {rows} {x.dtype} rows of {in_features}, a "
-                         f"{qweight.dtype} weight {tuple(qweight.shape)} and {scale.dtype} scales "
-                         f"{tuple(scale.shape)}")
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    kernel.palmchat_linear_q4(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), rows, out_features, in_features)
-    return y
+    k = x.shape[-1]
+    fit = (k % Q4_BLOCK == 0 and qweight.dtype == torch.uint8 and qweight.shape[1:] == (k // 2,)
+           and qweight.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
+           and scale.shape == (qweight.shape[0], k // Q4_BLOCK))
+    return _quantized_gemv("linear_q4", x, qweight, scale, bias, level, fit,
+                           f"a multiple of {Q4_BLOCK} features, a contiguous uint8 weight of half as many columns and "
+                           f"fp16 scales per block of {Q4_BLOCK}")
 
 
 class PackedLinear(nn.Module):
