@@ -78,22 +78,6 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
     }
 }
 
-/* x's M rows widened to fp32 once per call (exact: a bf16 is the upper half of the fp32 of the same value), in a
-   buffer of this thread's that grows as needed and lives as long as the thread (OpenMP's pool keeps its threads).
-   NULL when out of memory. */
-static float *widened_rows(const bf16 *x, int M, int64_t K) {
-    static __thread float *buffer;
-    static __thread int64_t capacity;
-    if (M * K > capacity) {
-        float *grown = realloc(buffer, (size_t)(M * K) * sizeof(float));
-        if (!grown) return NULL;
-        buffer = grown;
-        capacity = M * K;
-    }
-    for (int64_t i = 0; i < M * K; i++) buffer[i] = to_f32(x[i]);
-    return buffer;
-}
-
 /* How far ahead of its loads rows_q8 asks for the int8 weights: with the hardware prefetchers alone a core read
    them more slowly through this kernel's 16-byte loads than the bf16 gemv reads its weights through 64-byte ones
    (benchmarks/README.md, bench_byom.py); the bf16 gemv did not gain from it. */

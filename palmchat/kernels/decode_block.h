@@ -64,6 +64,22 @@ static inline bf16 finish_q8(float sum, const bf16 *scale, const bf16 *b, int64_
     return b ? to_bf16(round_bf16(scaled) + to_f32(b[n])) : to_bf16(scaled);
 }
 
+/* x's M rows widened to fp32 once per call (exact: a bf16 is the upper half of the fp32 of the same value), in a
+   buffer of this thread's that grows as needed and lives as long as the thread (OpenMP's pool keeps its threads).
+   NULL when out of memory. */
+static float *widened_rows(const bf16 *x, int M, int64_t K) {
+    static __thread float *buffer;
+    static __thread int64_t capacity;
+    if (M * K > capacity) {
+        float *grown = realloc(buffer, (size_t)(M * K) * sizeof(float));
+        if (!grown) return NULL;
+        buffer = grown;
+        capacity = M * K;
+    }
+    for (int64_t i = 0; i < M * K; i++) buffer[i] = to_f32(x[i]);
+    return buffer;
+}
+
 /* 4-bit weights (kernels/cpu_linear.Int4Linear), llama.cpp's Q4_0 layout: row n is K/32 blocks of 16 bytes, byte j
    of a block holding its element j in the low nibble and element j + 16 in the high one; a nibble q stands for
    (q - 8) * d, d the block's fp16 scale (scale[n * K/32 + block]). A row's sum over its blocks of d times the block's
