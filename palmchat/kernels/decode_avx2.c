@@ -174,41 +174,42 @@ rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *
     }
 }
 
-/* Rows n0..n1-1 of y = x @ W^T (+ b) with 4-bit W (decode_block.h's 4-bit section). Per block of 32: the low and
-   the high nibbles of its 16 bytes, 8 at a time zero-extended to 32 bits, converted to fp32 and less 8 (exact),
-   meet x's bf16 widened alike in fp32 FMAs; the block's sum times its scale joins the row's accumulator. */
+/* Rows n0..n1-1 of y = x @ W^T (+ b) with 4-bit W (decode_block.h's 4-bit section). x is widened to fp32 once per
+   call (widened_rows). Per block of 32: the low and the high nibbles of its 16 bytes, masked and shifted out, less 8
+   as bytes (q - 8, exact), 8 at a time sign-extended to 32 bits and converted to fp32; fp32 FMAs sum the exact
+   products with x, and one more adds the block's sum times its scale. */
 AVX2_KERNEL static inline __attribute__((always_inline)) void
 rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1) {
     const int64_t blocks = K / Q4_BLOCK;
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    const __m256 eight = _mm256_set1_ps(8.0f);
+    const float *xf = widened_rows(x, M, K);
+    const __m128i low_nibble = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = W + n * (K / 2);
-        __m256 acc[MAX_ROWS];
-        for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        __m256 acc[MAX_ROWS][2];
+        for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
         for (int64_t i = 0; i < blocks; i++) {
+            if ((i & 3) == 0) _mm_prefetch((const char *)(w + 16 * i) + Q8_PREFETCH_BYTES, _MM_HINT_T0);
             const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + 16 * i));
-            const __m128i halves[2] = {_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)};
-            __m256 q[4];  /* elements 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles) as q - 8 */
-            for (int h = 0; h < 2; h++) {
-                q[2 * h] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(halves[h])), eight);
-                q[2 * h + 1] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8))),
-                                             eight);
-            }
+            const __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, low_nibble), eight);
+            const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble), eight);
+            const __m256 q[4] = {  /* elements 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles) as q - 8 */
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8))),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)))};
             const __m256 block_scale = _mm256_set1_ps(_cvtsh_ss(scale[n * blocks + i]));
             for (int m = 0; m < M; m++) {
-                const bf16 *xb = x + m * K + Q4_BLOCK * i;
+                const float *xb = xf ? xf + m * K + Q4_BLOCK * i : NULL;
                 __m256 sum = _mm256_setzero_ps();
-                for (int g = 0; g < 4; g++) {
-                    const __m256 xs = _mm256_castsi256_ps(_mm256_slli_epi32(
-                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(xb + 8 * g))), 16));
-                    sum = _mm256_fmadd_ps(q[g], xs, sum);
-                }
-                acc[m] = _mm256_fmadd_ps(sum, block_scale, acc[m]);
+                for (int g = 0; g < 4; g++)
+                    sum = _mm256_fmadd_ps(q[g], xb ? _mm256_loadu_ps(xb + 8 * g) : _mm256_castsi256_ps(
+                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                            (const __m128i *)(x + m * K + Q4_BLOCK * i + 8 * g))), 16)), sum);
+                acc[m][i & 1] = _mm256_fmadd_ps(sum, block_scale, acc[m][i & 1]);
             }
         }
-        for (int m = 0; m < M; m++) y[m * N + n] = finish_q4(sum8(acc[m]), b, n);
+        for (int m = 0; m < M; m++) y[m * N + n] = finish_q4(sum8(_mm256_add_ps(acc[m][0], acc[m][1])), b, n);
     }
 }
 
