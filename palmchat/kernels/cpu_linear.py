@@ -83,6 +83,17 @@ def bf16_kernel() -> ctypes.CDLL | None:
     return None if level is None else decode_kernel(level)
 
 
+def kernel_rows(level: str | None) -> int:
+    """The most rows the decode kernel of `level` takes in one call."""
+    return MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+
+
+def quantized_kernel_rows(dtype: torch.dtype) -> int:
+    """The most rows an Int8Linear or Int4Linear of compute `dtype` sends to this process's decode kernel: none
+    unless the weights are bf16 and a kernel is built."""
+    return kernel_rows(decode_kernel_level()) if dtype == torch.bfloat16 and bf16_kernel() is not None else 0
+
+
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 level: str | None = None) -> torch.Tensor:
     """x (..., K) with at most MAX_KERNEL_ROWS rows (MAX_AVX2_ROWS for decode_avx2.c), weight (N, K) and bias (N,)
@@ -92,7 +103,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x = x.contiguous()
     rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
     level = level or decode_kernel_level()
-    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    most = kernel_rows(level)
     if not 1 <= rows <= most or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or (
             bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous())):
         raise ValueError(f"linear_bf16: takes 1..{most} rows and a contiguous bf16 weight and bias, got "
@@ -114,7 +125,7 @@ def _quantized_gemv(entry: str, x: torch.Tensor, qweight: torch.Tensor, scale: t
     x = x.contiguous()
     rows, out_features = x.numel() // x.shape[-1], qweight.shape[0]
     level = level or decode_kernel_level()
-    most = MAX_AVX2_ROWS if level == "avx2" else MAX_KERNEL_ROWS
+    most = kernel_rows(level)
     kernel = None if level is None else decode_kernel(level)
     if (kernel is None or not 1 <= rows <= most or x.dtype != torch.bfloat16 or not weights_fit
             or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
@@ -222,9 +233,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
-        self.kernel_rows = 0  # rows linear_q8 takes here: none unless the weights are bf16 and a kernel is built
-        if weight.dtype == torch.bfloat16 and bf16_kernel() is not None:
-            self.kernel_rows = MAX_AVX2_ROWS if decode_kernel_level() == "avx2" else MAX_KERNEL_ROWS
+        self.kernel_rows = quantized_kernel_rows(weight.dtype)  # rows linear_q8 takes here
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         """The weight these int8 values and scales stand for (or those `rows` of it), in the scales' dtype."""
@@ -297,9 +306,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
-        self.kernel_rows = 0  # rows linear_q4 takes here: none unless the weights are bf16 and a kernel is built
-        if weight.dtype == torch.bfloat16 and bf16_kernel() is not None:
-            self.kernel_rows = MAX_AVX2_ROWS if decode_kernel_level() == "avx2" else MAX_KERNEL_ROWS
+        self.kernel_rows = quantized_kernel_rows(weight.dtype)  # rows linear_q4 takes here
 
     def dequantized(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight these 4-bit values and scales stand for (or those `rows` of it), in fp32 (exact) or `dtype`."""

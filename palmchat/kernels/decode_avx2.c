@@ -52,48 +52,27 @@ AVX2_KERNEL static inline float sum8(__m256 v) {
    The gemv
    ------------------------------------------------------------------------------------------------------------ */
 
-/* 16 int8 -> their even and odd elements as 8 fp32 each, paired as widen() pairs bf16: sign-extended to 16 bits,
-   each 32-bit lane holds elements 2i (low half) and 2i+1 (high half); arithmetic shifts take each half out with
-   its sign. One lane-crossing op per 16 weights. */
-AVX2_KERNEL static inline void widen_q8(const int8_t *p, __m256 *even, __m256 *odd) {
-    const __m256i pairs = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-    *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(pairs, 16), 16));
-    *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(pairs, 16));
-}
-
-/* Weight elements i..i+15 of W (bf16, or int8 when q8) as even and odd fp32, paired as widen() pairs x's. */
+/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T + b (N,) (b may be NULL), W bf16. Inlined with M a constant,
+   so the accumulators stay in registers: two per input row and 16-element chunk (even and odd elements), and two
+   chunks per step when there are 1 or 2 rows, so that at least four FMA chains are in flight (an FMA waits ~4
+   cycles for the one before it in its chain). The last K % 16 elements go through zero-padded copies. */
 AVX2_KERNEL static inline __attribute__((always_inline)) void
-widen_weights(const void *W, int q8, int64_t i, __m256 *even, __m256 *odd) {
-    if (q8)
-        widen_q8((const int8_t *)W + i, even, odd);
-    else
-        widen((const bf16 *)W + i, even, odd);
-}
-
-/* Rows n0..n1-1 of y (M, N) = x (M, K) @ W (N, K)^T + b (N,) (b may be NULL), W bf16 or (q8) int8 with a scale per
-   row (decode_block.h's gemv section has both roundings). Inlined with M and q8 constants, so the accumulators
-   stay in registers: two per input row and 16-element chunk (even and odd elements), and two chunks per step when
-   there are 1 or 2 rows, so that at least four FMA chains are in flight (an FMA waits ~4 cycles for the one
-   before it in its chain). The last K % 16 elements go through zero-padded copies. */
-AVX2_KERNEL static inline __attribute__((always_inline)) void
-weight_rows(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
-            int64_t n0, int64_t n1, const int q8) {
+rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     const int chunks = M <= 2 ? 2 : 1;
-    const int64_t size = q8 ? 1 : sizeof(bf16);  /* bytes per weight */
     const int64_t step = 16 * chunks, stepped = K / step * step, full = K / 16 * 16, left = K - full;
-    bf16 x_tail[MAX_ROWS][16], w_tail[16];  /* w_tail: 16 bf16 or (the first half) 16 int8 */
+    bf16 x_tail[MAX_ROWS][16], w_tail[16];
     memset(x_tail, 0, sizeof x_tail);
     memset(w_tail, 0, sizeof w_tail);
     for (int m = 0; m < M; m++) memcpy(x_tail[m], x + m * K + full, sizeof(bf16) * left);
     for (int64_t n = n0; n < n1; n++) {
-        const char *w = (const char *)W + n * K * size;
+        const bf16 *w = W + n * K;
         __m256 acc[MAX_ROWS][4], w_even, w_odd, x_even, x_odd;
         for (int m = 0; m < M; m++)
             for (int a = 0; a < 4; a++) acc[m][a] = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k < stepped; k += step)
             for (int c = 0; c < chunks; c++) {
-                widen_weights(w, q8, k + 16 * c, &w_even, &w_odd);
+                widen(w + k + 16 * c, &w_even, &w_odd);
                 for (int m = 0; m < M; m++) {
                     widen(x + m * K + k + 16 * c, &x_even, &x_odd);
                     acc[m][2 * c] = _mm256_fmadd_ps(w_even, x_even, acc[m][2 * c]);
@@ -101,7 +80,7 @@ weight_rows(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16
                 }
             }
         for (; k < full; k += 16) {  /* a last whole chunk after the steps */
-            widen_weights(w, q8, k, &w_even, &w_odd);
+            widen(w + k, &w_even, &w_odd);
             for (int m = 0; m < M; m++) {
                 widen(x + m * K + k, &x_even, &x_odd);
                 acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
@@ -109,8 +88,8 @@ weight_rows(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16
             }
         }
         if (left) {
-            memcpy(w_tail, w + full * size, size * left);
-            widen_weights(w_tail, q8, 0, &w_even, &w_odd);
+            memcpy(w_tail, w + full, sizeof(bf16) * left);
+            widen(w_tail, &w_even, &w_odd);
             for (int m = 0; m < M; m++) {
                 widen(x_tail[m], &x_even, &x_odd);
                 acc[m][0] = _mm256_fmadd_ps(w_even, x_even, acc[m][0]);
@@ -120,14 +99,9 @@ weight_rows(const bf16 *x, const void *W, const bf16 *scale, const bf16 *b, bf16
         for (int m = 0; m < M; m++) {
             __m256 sum = _mm256_add_ps(acc[m][0], acc[m][1]);
             if (chunks == 2) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[m][2], acc[m][3]));
-            y[m * N + n] = q8 ? finish_q8(sum8(sum), scale, b, n) : to_bf16(sum8(sum) + (b ? to_f32(b[n]) : 0.0f));
+            y[m * N + n] = to_bf16(sum8(sum) + (b ? to_f32(b[n]) : 0.0f));
         }
     }
-}
-
-AVX2_KERNEL static inline __attribute__((always_inline)) void
-rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-    weight_rows(x, W, NULL, b, y, M, N, K, n0, n1, 0);
 }
 
 /* Rows n0..n1-1 of y = x @ (W * scale)^T (+ b) with int8 W (decode_block.h's int8 section), as decode_bf16.c's
@@ -135,14 +109,12 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
    fp32 (exact), fp32 FMAs summing the exact products, four chains per row; three instructions per 8 weights
    (widening both operands per weight, as the bf16 path does, kept an Intel core below its share of memory
    bandwidth). The last K % 8 elements one at a time. */
-#define Q8_PREFETCH_BYTES 2048  /* as decode_bf16.c's */
-
 AVX2_KERNEL static inline __attribute__((always_inline)) void
 rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1) {
     const float *xf = widened_rows(x, M, K);
-    if (!xf) {  /* out of memory: the bf16 path's widening, which reads x as it goes */
-        weight_rows(x, W, scale, b, y, M, N, K, n0, n1, 1);
+    if (!xf) {
+        rows_q8_unbuffered(x, W, scale, b, y, M, N, K, n0, n1);
         return;
     }
     const int64_t full = K / 8 * 8;
@@ -183,13 +155,17 @@ rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, b
         int64_t n0, int64_t n1) {
     const int64_t blocks = K / Q4_BLOCK;
     const float *xf = widened_rows(x, M, K);
+    if (!xf) {
+        rows_q4_unbuffered(x, W, scale, b, y, M, N, K, n0, n1);
+        return;
+    }
     const __m128i low_nibble = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = W + n * (K / 2);
         __m256 acc[MAX_ROWS][2];
         for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
         for (int64_t i = 0; i < blocks; i++) {
-            if ((i & 3) == 0) _mm_prefetch((const char *)(w + 16 * i) + Q8_PREFETCH_BYTES, _MM_HINT_T0);
+            if ((i & 3) == 0) _mm_prefetch((const char *)(w + 16 * i) + Q4_PREFETCH_BYTES, _MM_HINT_T0);
             const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + 16 * i));
             const __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, low_nibble), eight);
             const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble), eight);
@@ -200,12 +176,9 @@ rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, b
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)))};
             const __m256 block_scale = _mm256_set1_ps(_cvtsh_ss(scale[n * blocks + i]));
             for (int m = 0; m < M; m++) {
-                const float *xb = xf ? xf + m * K + Q4_BLOCK * i : NULL;
+                const float *xb = xf + m * K + Q4_BLOCK * i;
                 __m256 sum = _mm256_setzero_ps();
-                for (int g = 0; g < 4; g++)
-                    sum = _mm256_fmadd_ps(q[g], xb ? _mm256_loadu_ps(xb + 8 * g) : _mm256_castsi256_ps(
-                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                            (const __m128i *)(x + m * K + Q4_BLOCK * i + 8 * g))), 16)), sum);
+                for (int g = 0; g < 4; g++) sum = _mm256_fmadd_ps(q[g], _mm256_loadu_ps(xb + 8 * g), sum);
                 acc[m][i & 1] = _mm256_fmadd_ps(sum, block_scale, acc[m][i & 1]);
             }
         }

@@ -78,12 +78,6 @@ rows(const bf16 *x, const bf16 *W, const bf16 *b, bf16 *y, int M, int64_t N, int
     }
 }
 
-/* How far ahead of its loads rows_q8 asks for the int8 weights: with the hardware prefetchers alone a core read
-   them more slowly through this kernel's 16-byte loads than the bf16 gemv reads its weights through 64-byte ones
-   (benchmarks/README.md, bench_byom.py); the bf16 gemv did not gain from it. */
-#define Q8_PREFETCH_BYTES 2048
-#define Q4_PREFETCH_BYTES 4096  /* the same for rows_q4, measured likewise */
-
 /* Rows n0..n1-1 of y = x @ (W * scale)^T (+ b) with int8 W (decode_block.h's int8 section). x is widened to fp32
    once per call; each 16 int8 are sign-extended to 32 bits and converted to fp32 (exact), and fp32 FMAs sum the
    exact products, four chains in flight per row. Three vector instructions per 16 weights, so that on a core that
@@ -93,13 +87,8 @@ BF16_KERNEL static inline __attribute__((always_inline)) void
 rows_q8(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y, int M, int64_t N, int64_t K,
         int64_t n0, int64_t n1) {
     const float *xf = widened_rows(x, M, K);
-    if (!xf) {  /* out of memory: the same sums, widening x as they go */
-        for (int64_t n = n0; n < n1; n++)
-            for (int m = 0; m < M; m++) {
-                float sum = 0.0f;
-                for (int64_t k = 0; k < K; k++) sum = fmaf((float)W[n * K + k], to_f32(x[m * K + k]), sum);
-                y[m * N + n] = finish_q8(sum, scale, b, n);
-            }
+    if (!xf) {
+        rows_q8_unbuffered(x, W, scale, b, y, M, N, K, n0, n1);
         return;
     }
     const int64_t full = K / 16 * 16;
@@ -192,17 +181,8 @@ rows_q4(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b, b
     const int64_t blocks = K / Q4_BLOCK;
     const float *offsets;
     const bf16 *xs = q4_rows(x, M, K, &offsets);
-    if (!xs) {  /* out of memory: the same sums, one product at a time */
-        for (int64_t n = n0; n < n1; n++)
-            for (int m = 0; m < M; m++) {
-                float sum = 0.0f;
-                for (int64_t k = 0; k < K; k++) {
-                    const uint8_t byte = W[n * (K / 2) + k / Q4_BLOCK * 16 + k % 16];
-                    const int q = (k % Q4_BLOCK < 16 ? byte & 15 : byte >> 4) - 8;
-                    sum = fmaf((float)q * _cvtsh_ss(scale[n * blocks + k / Q4_BLOCK]), to_f32(x[m * K + k]), sum);
-                }
-                y[m * N + n] = finish_q4(sum, b, n);
-            }
+    if (!xs) {
+        rows_q4_unbuffered(x, W, scale, b, y, M, N, K, n0, n1);
         return;
     }
     const __m512i low_nibble = _mm512_set1_epi16(0x0f), bf16_128 = _mm512_set1_epi16(0x4300);

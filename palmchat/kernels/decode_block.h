@@ -80,12 +80,45 @@ static float *widened_rows(const bf16 *x, int M, int64_t K) {
     return buffer;
 }
 
+/* rows_q8 without a buffer for x (out of memory): the same sums, one product at a time */
+KERNEL static void rows_q8_unbuffered(const bf16 *x, const int8_t *W, const bf16 *scale, const bf16 *b, bf16 *y,
+                                      int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int m = 0; m < M; m++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; k++) sum = fmaf((float)W[n * K + k], to_f32(x[m * K + k]), sum);
+            y[m * N + n] = finish_q8(sum, scale, b, n);
+        }
+}
+
+/* How far ahead of their loads the quantized gemvs ask for their weights: with the hardware prefetchers alone a core
+   read int8 weights more slowly through 16-byte loads than the bf16 gemv reads its weights through 64-byte ones
+   (benchmarks/README.md, bench_byom.py); the bf16 gemv did not gain from it. */
+#define Q8_PREFETCH_BYTES 2048
+#define Q4_PREFETCH_BYTES 4096  /* the same for rows_q4, measured likewise */
+
 /* 4-bit weights (kernels/cpu_linear.Int4Linear), llama.cpp's Q4_0 layout: row n is K/32 blocks of 16 bytes, byte j
    of a block holding its element j in the low nibble and element j + 16 in the high one; a nibble q stands for
    (q - 8) * d, d the block's fp16 scale (scale[n * K/32 + block]). A row's sum over its blocks of d times the block's
    exact sum of (q - 8) * x is rounded to bf16; a bias is added after that rounding, as for int8. K % 32 == 0. */
 static inline bf16 finish_q4(float sum, const bf16 *b, int64_t n) {
     return b ? to_bf16(round_bf16(sum) + to_f32(b[n])) : to_bf16(sum);
+}
+
+/* rows_q4 without a buffer for x (out of memory): the same sums, one product at a time */
+KERNEL static void rows_q4_unbuffered(const bf16 *x, const uint8_t *W, const uint16_t *scale, const bf16 *b,
+                                      bf16 *y, int M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t blocks = K / Q4_BLOCK;
+    for (int64_t n = n0; n < n1; n++)
+        for (int m = 0; m < M; m++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                const uint8_t byte = W[n * (K / 2) + k / Q4_BLOCK * 16 + k % 16];
+                const int q = (k % Q4_BLOCK < 16 ? byte & 15 : byte >> 4) - 8;
+                sum = fmaf((float)q * _cvtsh_ss(scale[n * blocks + k / Q4_BLOCK]), to_f32(x[m * K + k]), sum);
+            }
+            y[m * N + n] = finish_q4(sum, b, n);
+        }
 }
 
 /* This thread's contiguous band of rows of W (int8 when it has scales, 4-bit when q4 is set too), so that each
